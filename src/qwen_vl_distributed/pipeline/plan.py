@@ -1,0 +1,359 @@
+"""Stage planning: which contiguous decoder layers each pipeline stage owns, and what each stage costs in memory.
+
+A pure function of the config and a few limits (no torch, no devices), so every rank computes the same plan and the
+start-up agreement can compare fingerprints.
+
+Ownership rules (docs/distributed_design.md):
+- stage 0 holds the vision tower and the token embedding, and owns decoder layers 0 .. num_deepstack-1, the layers
+  that receive DeepStack features, so those tensors never cross a stage boundary;
+- the last stage holds the final norm and lm_head; every stage owns at least one layer; with one stage it holds all.
+
+Memory per stage (bytes, all conservative):
+- weights: its layers, plus vision + embedding on stage 0, plus final norm + lm_head on the last stage
+  (``model.param_counts``);
+- KV cache: layers x 2 (k, v) x kv_heads x head_dim x dtype bytes x max_seq_len x max_batch (one slot per sequence);
+- activation / workspace (``_workspace_bytes``): one prefill chunk through one layer, the vision tower on a largest
+  image (stage 0), sampling logits (last stage), and a fixed runtime overhead.
+
+Balancing: decode is memory-bound, so a stage's time per decode step is taken as proportional to the weight bytes it
+reads per token: attention + router + norms + the top-k experts per layer, plus lm_head on the last stage (~2.8 layers
+of the 235B in bf16, ~5.5 in fp8). Vision and embedding cost ~nothing at decode. The balancer minimises the slowest
+stage subject to the memory budgets, then evens out the other stages (smallest sum of squared stage times).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+from ..errors import UserError
+from ..model.config import ModelConfig
+from ..model.param_counts import DTYPES, ComponentBytes, component_bytes
+
+GB = 10**9  # budgets and reports are in decimal GB, as GPU memory is sold
+DEFAULT_MAX_SEQ_LEN = 32768
+DEFAULT_MAX_BATCH = 4
+DEFAULT_MAX_IMAGE_TOKENS = 16384  # merged tokens of the processor's largest image (4096x4096 pixels)
+RUNTIME_OVERHEAD_BYTES = 2 * GB  # CUDA context, cuBLAS/NCCL workspaces, allocator fragmentation
+
+
+class PlanError(UserError, ValueError):
+    """A stage plan that cannot be built or does not fit; the message says which stage / argument and why."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    start: int  # first decoder layer (global index)
+    stop: int  # one past the last
+    holds_vision: bool
+    holds_embed: bool
+    holds_head: bool  # final norm + lm_head
+    weights_bytes: int
+    kv_bytes: int
+    act_bytes: int  # activation / workspace estimate, runtime overhead included
+    decode_bytes: int  # weight bytes read per decode token: the balancing cost
+    budget_bytes: int | None
+
+    @property
+    def num_layers(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.act_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        """None when no budget was given."""
+        return None if self.budget_bytes is None else self.total_bytes <= self.budget_bytes
+
+    @property
+    def layers_label(self) -> str:
+        """Inclusive range, e.g. '0-23'."""
+        return f"{self.start}-{self.stop - 1}"
+
+    @property
+    def holds_label(self) -> str:
+        parts = (["vision", "embed"] if self.holds_vision else []) + (["norm", "head"] if self.holds_head else [])
+        return "+".join(parts) or "-"
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stages: tuple[Stage, ...]
+    num_layers: int
+    dtype: str
+    max_seq_len: int
+    max_batch: int
+    prefill_chunk: int
+    max_image_tokens: int
+    balanced: bool  # False when the layer counts were given explicitly
+
+    @property
+    def layer_ranges(self) -> tuple[tuple[int, int], ...]:
+        return tuple((s.start, s.stop) for s in self.stages)
+
+    @property
+    def fits(self) -> bool | None:
+        flags = [s.fits for s in self.stages]
+        return None if all(f is None for f in flags) else all(f is not False for f in flags)
+
+    def stage_of_layer(self, layer: int) -> int:
+        for s in self.stages:
+            if s.start <= layer < s.stop:
+                return s.index
+        raise IndexError(f"decoder layer {layer} is outside [0, {self.num_layers})")
+
+    def check_fits(self) -> None:
+        """Raise PlanError naming the first stage over its budget."""
+        for s in self.stages:
+            if s.fits is False:
+                prefix = "no split fits the memory budgets: " if self.balanced else ""
+                raise PlanError(f"{prefix}stage {s.index} (layers {s.layers_label}) needs "
+                                f"{format_gb(s.total_bytes)} GB > {s.budget_bytes / GB:g} GB budget")
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the layer ranges: ranks compare it before the first step."""
+        key = json.dumps({"num_layers": self.num_layers, "ranges": [list(r) for r in self.layer_ranges]},
+                         separators=(",", ":"))
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "stages"}
+        d["fingerprint"] = self.fingerprint()
+        d["stages"] = [{**asdict(s), "total_bytes": s.total_bytes, "fits": s.fits} for s in self.stages]
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def format_gb(nbytes: int) -> str:
+    """Bytes as GB rounded *up* to 0.1, so a reported need is never below the real one."""
+    return f"{math.ceil(nbytes / (GB // 10)) / 10:.1f}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cost model
+
+
+@dataclass(frozen=True)
+class _Costs:
+    """Per-stage bytes as a function of (is first, is last, number of layers); every layer has the same shapes."""
+
+    weights: ComponentBytes
+    tied: bool  # lm_head is the embedding matrix: one copy when one stage holds both
+    kv_per_layer: int
+    layer_workspace: int
+    vision_workspace: int
+    head_workspace: int
+
+    def stage(self, first: bool, last: bool, n: int) -> tuple[int, int, int, int]:
+        """(weights, kv, act/workspace, decode read) bytes."""
+        w = self.weights
+        weights = n * w.layer
+        act = self.layer_workspace + RUNTIME_OVERHEAD_BYTES
+        decode = n * w.layer_active
+        if first:
+            weights += w.vision + w.embed
+            act += self.vision_workspace
+        if last:
+            weights += w.final_norm + (0 if first and self.tied else w.lm_head)
+            act += self.head_workspace
+            decode += w.final_norm + w.lm_head
+        return weights, n * self.kv_per_layer, act, decode
+
+
+def _act_dtype_bytes(dtype: str) -> int:
+    return 4 if dtype == "fp32" else 2  # fp8 weights still compute and cache in bf16
+
+
+def _workspace_bytes(cfg: ModelConfig, dtype: str, chunk: int, image_tokens: int, max_batch: int) -> tuple[int, int, int]:
+    """(per decoder pass, vision tower on stage 0, sampling on the last stage) activation bytes.
+
+    Decoder, T = prefill chunk tokens, live at once inside one layer: 4 [T, H] hidden buffers (residual, normed,
+    attention out, MoE out); q, k, v before and after norm + rotary and the attention output; per (token, expert)
+    gathered input, gate_up, activation and down output; fp32 router logits and probabilities. Attention is a fused
+    kernel (no [T, T] scores).
+    Vision, N = 4 x image tokens patches: fp32 pixel rows; per block 2 [N, D] hidden, qkv [N, 3D], attention out,
+    2 [N, I_v] MLP buffers; merged and DeepStack features [image tokens, H] kept through the decoder pass.
+    Sampling: 3 fp32 [max_batch, vocab] (logits, probabilities, a sorted copy for top-p).
+    """
+    t, v, b = cfg.text, cfg.vision, _act_dtype_bytes(dtype)
+    h, i, k = t.hidden_size, t.moe_intermediate_size, t.num_experts_per_tok
+    per_token = 4 * h + 2 * (t.q_dim + 2 * t.kv_dim) + t.q_dim + k * (2 * h + 3 * i)
+    decoder = chunk * (b * per_token + 2 * 4 * t.num_experts)
+    patches = image_tokens * v.spatial_merge_size**2
+    d = v.hidden_size
+    vision = (patches * 4 * v.patch_dim + patches * b * (2 * d + 3 * d + d + 2 * v.intermediate_size)
+              + (1 + cfg.num_deepstack) * image_tokens * b * v.out_hidden_size)
+    head = 3 * 4 * max_batch * t.vocab_size
+    return decoder, vision, head
+
+
+def _costs(cfg: ModelConfig, dtype: str, max_seq_len: int, max_batch: int, chunk: int, image_tokens: int) -> _Costs:
+    t = cfg.text
+    kv = 2 * t.kv_dim * _act_dtype_bytes(dtype) * max_seq_len * max_batch
+    layer_ws, vision_ws, head_ws = _workspace_bytes(cfg, dtype, chunk, image_tokens, max_batch)
+    return _Costs(component_bytes(cfg, dtype), cfg.tie_word_embeddings, kv, layer_ws, vision_ws, head_ws)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Splitting
+
+
+def _dp(num_layers: int, num_stages: int, choices: Callable[[int], Sequence[int]],
+        value: Callable[[int, int], float], combine: Callable[[float, float], float]) -> tuple[int, ...] | None:
+    """Layer counts per stage minimising the fold of value(stage, count) with combine (max or +); None if none.
+
+    best maps layers covered so far -> (score, counts); costs are >= 0, so 0 is neutral for both folds. Ties keep
+    the first found (deterministic order).
+    """
+    best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0, ())}
+    for s in range(num_stages):
+        nxt: dict[int, tuple[float, tuple[int, ...]]] = {}
+        for j in sorted(best):
+            score, counts = best[j]
+            for n in choices(s):
+                k = j + n
+                if k > num_layers or (s == num_stages - 1 and k != num_layers):
+                    continue
+                new = combine(score, value(s, n))
+                if k not in nxt or new < nxt[k][0]:
+                    nxt[k] = (new, counts + (n,))
+        best = nxt
+    return best[num_layers][1] if num_layers in best else None
+
+
+def _minimax_split(num_layers: int, num_stages: int, min_first: int, cost: Callable[[int, int], float],
+                   allowed: Callable[[int, int], bool]) -> tuple[int, ...] | None:
+    """Smallest peak cost over stages, then the smallest sum of squared costs among splits with that peak."""
+    def choices(s: int) -> list[int]:
+        lo = min_first if s == 0 else 1
+        return [n for n in range(lo, num_layers + 1) if allowed(s, n)]
+
+    peak_split = _dp(num_layers, num_stages, choices, cost, max)
+    if peak_split is None:
+        return None
+    peak = max(cost(s, n) for s, n in enumerate(peak_split))
+    even = _dp(num_layers, num_stages, lambda s: [n for n in choices(s) if cost(s, n) <= peak],
+               lambda s, n: cost(s, n) ** 2, lambda a, b: a + b)
+    return even or peak_split
+
+
+def _balanced_counts(costs: _Costs, num_layers: int, num_stages: int, min_first: int,
+                     budgets: list[int] | None) -> tuple[int, ...]:
+    last = num_stages - 1
+
+    def bytes_of(s: int, n: int) -> tuple[int, int, int, int]:
+        return costs.stage(s == 0, s == last, n)
+
+    def decode(s: int, n: int) -> float:
+        return bytes_of(s, n)[3]
+
+    def fits(s: int, n: int) -> bool:
+        return budgets is None or sum(bytes_of(s, n)[:3]) <= budgets[s]
+
+    counts = _minimax_split(num_layers, num_stages, min_first, decode, fits)
+    if counts is None:  # nothing fits: show the split closest to fitting (smallest need / budget)
+        counts = _minimax_split(num_layers, num_stages, min_first,
+                                lambda s, n: sum(bytes_of(s, n)[:3]) / budgets[s], lambda s, n: True)
+    assert counts is not None  # feasible without budgets: stage counts were validated
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation and entry point
+
+
+def _check_shape(num_layers: int, num_stages: int, num_deepstack: int) -> None:
+    if num_stages < 1:
+        raise PlanError(f"number of stages must be at least 1, got {num_stages}")
+    if num_stages > num_layers:
+        raise PlanError(f"cannot split {num_layers} decoder layers into {num_stages} stages "
+                        "(each stage needs at least one layer)")
+    if num_stages > 1 and num_layers - num_deepstack < num_stages - 1:
+        raise PlanError(f"cannot split {num_layers} decoder layers into {num_stages} stages: stage 0 must own the "
+                        f"{num_deepstack} DeepStack layers and every other stage at least one layer "
+                        f"(at most {num_layers - num_deepstack + 1} stages)")
+
+
+def _check_counts(counts: Sequence[int], num_layers: int, num_stages: int, num_deepstack: int) -> tuple[int, ...]:
+    counts = tuple(counts)
+    if len(counts) != num_stages:
+        raise PlanError(f"layers per stage lists {len(counts)} entries for {num_stages} stages")
+    for i, n in enumerate(counts):
+        if n < 1:
+            raise PlanError(f"layers per stage: stage {i} gets {n} layers (each stage needs at least 1)")
+    if sum(counts) != num_layers:
+        raise PlanError(f"layers per stage sum to {sum(counts)} but the model has {num_layers} decoder layers")
+    if counts[0] < num_deepstack:
+        raise PlanError(f"layers per stage: stage 0 gets {counts[0]} layers but must own the {num_deepstack} "
+                        f"DeepStack layers 0-{num_deepstack - 1}")
+    return counts
+
+
+def _budgets(gpu_mem_gb: float | Sequence[float] | None, num_stages: int) -> list[int] | None:
+    if gpu_mem_gb is None:
+        return None
+    values = [gpu_mem_gb] * num_stages if isinstance(gpu_mem_gb, (int, float)) else list(gpu_mem_gb)
+    if len(values) != num_stages:
+        raise PlanError(f"GPU memory budgets list {len(values)} values for {num_stages} stages")
+    for i, gb in enumerate(values):
+        if not gb > 0:
+            raise PlanError(f"GPU memory budget of stage {i} must be positive, got {gb:g} GB")
+    return [int(gb * GB) for gb in values]
+
+
+def _check_limits(dtype: str, max_seq_len: int, max_batch: int, prefill_chunk: int, max_image_tokens: int) -> None:
+    if dtype not in DTYPES:
+        raise PlanError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    for name, value in (("max_seq_len", max_seq_len), ("max_batch", max_batch), ("prefill_chunk", prefill_chunk),
+                        ("max_image_tokens", max_image_tokens)):
+        if value < 1:
+            raise PlanError(f"{name} must be at least 1, got {value}")
+
+
+def plan_stages(cfg: ModelConfig, num_stages: int, *, layers_per_stage: Sequence[int] | None = None,
+                gpu_mem_gb: float | Sequence[float] | None = None, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+                max_batch: int = DEFAULT_MAX_BATCH, dtype: str = "bf16", prefill_chunk: int | None = None,
+                max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS, require_fit: bool = True) -> StagePlan:
+    """Split the decoder layers of ``cfg`` into ``num_stages`` contiguous stages.
+
+    ``layers_per_stage`` fixes the counts; otherwise they are balanced on decode bytes within ``gpu_mem_gb`` (one
+    budget for all stages or one per stage, decimal GB). ``prefill_chunk`` defaults to ``max_seq_len`` (a whole
+    prompt in one pass); the largest image is capped at ``max_seq_len`` tokens. With ``require_fit`` a stage over its
+    budget raises PlanError; otherwise the plan is returned with ``fits`` False on that stage.
+    """
+    num_layers, num_ds = cfg.text.num_hidden_layers, cfg.num_deepstack
+    chunk = max_seq_len if prefill_chunk is None else prefill_chunk
+    _check_limits(dtype, max_seq_len, max_batch, chunk, max_image_tokens)
+    _check_shape(num_layers, num_stages, num_ds)
+    budgets = _budgets(gpu_mem_gb, num_stages)
+    image_tokens = min(max_image_tokens, max_seq_len)
+    costs = _costs(cfg, dtype, max_seq_len, max_batch, min(chunk, max_seq_len), image_tokens)
+    if layers_per_stage is not None:
+        counts = _check_counts(layers_per_stage, num_layers, num_stages, num_ds)
+    else:
+        counts = _balanced_counts(costs, num_layers, num_stages, num_ds, budgets)
+    plan = StagePlan(stages=_build_stages(costs, counts, budgets), num_layers=num_layers, dtype=dtype,
+                     max_seq_len=max_seq_len, max_batch=max_batch, prefill_chunk=min(chunk, max_seq_len),
+                     max_image_tokens=image_tokens, balanced=layers_per_stage is None)
+    if require_fit:
+        plan.check_fits()
+    return plan
+
+
+def _build_stages(costs: _Costs, counts: Sequence[int], budgets: list[int] | None) -> tuple[Stage, ...]:
+    stages, start, last = [], 0, len(counts) - 1
+    for i, n in enumerate(counts):
+        weights, kv, act, decode = costs.stage(i == 0, i == last, n)
+        stages.append(Stage(index=i, start=start, stop=start + n, holds_vision=i == 0, holds_embed=i == 0,
+                            holds_head=i == last, weights_bytes=weights, kv_bytes=kv, act_bytes=act,
+                            decode_bytes=decode, budget_bytes=None if budgets is None else budgets[i]))
+        start += n
+    return tuple(stages)
