@@ -1,0 +1,233 @@
+"""The driver: admits requests into KV slots, groups sequences into micro-batches, builds each step's payload,
+hands it to the executor (S = 1 local, or the pipeline), and turns sampled tokens into per-sequence events.
+
+Continuous batching: sequences join (prefill) and leave (stop, length, abort) between steps. With S stages the
+running sequences are split into up to S micro-batch groups, each with at most one step in flight, so every stage
+can be busy at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..model.batch import SeqLayout
+from ..model.config import ModelConfig
+from ..model.positions import IMAGE, VIDEO, rope_positions, token_types
+from ..model.qwen3_vl import VisualInputs
+from ..pipeline.payload import StepPayload
+
+# Sampling fields that travel to the last stage (the sampler there needs nothing else).
+SAMPLER_FIELDS = ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
+                  "repetition_penalty")
+
+
+@dataclass
+class Prompt:
+    """A tokenised prompt with its media (what the processor produces)."""
+
+    input_ids: list[int]
+    token_types: list[int] | None = None  # 0 text / 1 image / 2 video per token; derived from ids when None
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: list[tuple[int, int, int]] | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: list[tuple[int, int, int]] | None = None
+
+
+@dataclass
+class Sequence:
+    id: int
+    prompt: Prompt
+    params: Any  # SamplingParams
+    max_new_tokens: int
+    stop_ids: frozenset[int]
+    slot: int = -1
+    group: int = -1
+    positions: torch.Tensor | None = None  # [3, L] prompt positions
+    rope_delta: int = 0
+    output: list[int] = field(default_factory=list)
+    prefilled: bool = False
+    finish_reason: str | None = None
+    t_submit: float = 0.0
+    t_first_token: float | None = None
+    t_done: float | None = None
+
+    @property
+    def num_cached(self) -> int:
+        return len(self.prompt.input_ids) + len(self.output) - 1 if self.prefilled else 0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class TokenEvent:
+    seq: Sequence
+    token: int
+    finished: bool
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class Engine:
+    def __init__(self, cfg: ModelConfig, executor, num_slots: int, max_len: int, eos_ids: list[int],
+                 num_groups: int | None = None):
+        self.cfg = cfg
+        self.executor = executor
+        self.max_len = max_len
+        self.eos_ids = frozenset(eos_ids)
+        self.num_groups = num_groups or executor.num_stages
+        self.free_slots = deque(range(num_slots))
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}
+        self.in_flight: dict[int, tuple[list[Sequence], StepPayload]] = {}  # group -> step
+        self.order: deque[int] = deque()  # groups in submission order (the pipeline is FIFO)
+        self._ids = itertools.count()
+        self._step = itertools.count()
+
+    # -- requests ---------------------------------------------------------------------------------------------------
+    def add(self, prompt: Prompt, params: Any) -> Sequence:
+        if not prompt.input_ids:
+            raise ValueError("empty prompt")
+        limit = self.max_len - len(prompt.input_ids)
+        if limit < 1:
+            raise ValueError(f"prompt of {len(prompt.input_ids)} tokens does not fit the context of {self.max_len}")
+        stop = set(self.eos_ids) | set(getattr(params, "stop_token_ids", None) or ())
+        seq = Sequence(next(self._ids), prompt, params, min(params.max_new_tokens, limit), frozenset(stop),
+                       t_submit=time.perf_counter())
+        types = prompt.token_types or token_types(prompt.input_ids, self.cfg.image_token_id, self.cfg.video_token_id)
+        prompt.token_types = types
+        seq.positions, seq.rope_delta = rope_positions(types, prompt.image_grid_thw, prompt.video_grid_thw,
+                                                       self.cfg.vision.spatial_merge_size)
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop a sequence (client gone); its slot is freed once no step of it is in flight."""
+        if seq.done:
+            return
+        seq.finish_reason = "abort"
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif not any(seq in seqs for seqs, _ in self.in_flight.values()):
+            self._release(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.in_flight)
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        """Admit, submit a step for every idle group, then collect one finished step's tokens."""
+        self._admit()
+        for g in range(self.num_groups):
+            if g not in self.in_flight:
+                self._submit(g)
+        if not self.in_flight:
+            self.executor.idle()
+            return []
+        return self._collect()
+
+    def run_until_done(self) -> None:
+        while self.has_work():
+            self.step()
+
+    def _admit(self) -> None:
+        while self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            seq.slot = self.free_slots.popleft()
+            sizes = [0] * self.num_groups
+            for s in self.running.values():
+                sizes[s.group] += 1
+            seq.group = min(range(self.num_groups), key=lambda g: (sizes[g], g))
+            self.running[seq.id] = seq
+
+    def _submit(self, group: int) -> None:
+        seqs = [s for s in self.running.values() if s.group == group and not s.done]
+        if not seqs:
+            return
+        payload = self._build_step(group, seqs)
+        self.in_flight[group] = (seqs, payload)
+        self.order.append(group)
+        self.executor.submit(payload)
+
+    def _build_step(self, group: int, seqs: list[Sequence]) -> StepPayload:
+        ids, pos, types, slots, starts, lens, new = [], [], [], [], [], [], {}
+        vis = {"img": [], "img_grid": [], "vid": [], "vid_grid": []}
+        for s in seqs:
+            slots.append(s.slot)
+            if not s.prefilled:
+                p = s.prompt
+                ids += p.input_ids
+                pos.append(s.positions)
+                types += p.token_types
+                starts.append(0)
+                lens.append(len(p.input_ids))
+                new[s.slot] = {k: getattr(s.params, k, None) for k in SAMPLER_FIELDS}
+                if p.pixel_values is not None:
+                    vis["img"].append(p.pixel_values)
+                    vis["img_grid"] += p.image_grid_thw
+                if p.pixel_values_videos is not None:
+                    vis["vid"].append(p.pixel_values_videos)
+                    vis["vid_grid"] += p.video_grid_thw
+            else:
+                n = s.num_cached
+                ids.append(s.output[-1])
+                pos.append(torch.full((3, 1), n + s.rope_delta, dtype=torch.long))
+                types.append(0)  # a generated token is just a token, even if its id is <|image_pad|>
+                starts.append(n)
+                lens.append(1)
+        visual = None
+        if vis["img"] or vis["vid"]:
+            tt = torch.tensor(types)
+            visual = VisualInputs(
+                pixel_values=torch.cat(vis["img"]) if vis["img"] else None, image_grid_thw=vis["img_grid"] or None,
+                pixel_values_videos=torch.cat(vis["vid"]) if vis["vid"] else None,
+                video_grid_thw=vis["vid_grid"] or None, image_mask=tt == IMAGE, video_mask=tt == VIDEO)
+        return StepPayload("step", group, next(self._step), SeqLayout(slots, starts, lens), torch.cat(pos, dim=1),
+                           torch.tensor(ids, dtype=torch.long), None, new, visual)
+
+    def _collect(self) -> list[TokenEvent]:
+        result = self.executor.collect()
+        group = self.order.popleft()
+        if result.mb != group:
+            raise EngineError(f"pipeline returned micro-batch {result.mb}, expected {group}")
+        seqs, _ = self.in_flight.pop(group)
+        now = time.perf_counter()
+        events = []
+        for s, tok in zip(seqs, result.tokens.tolist()):
+            if s.done:  # aborted while in flight
+                self._release(s)
+                continue
+            s.prefilled = True
+            s.output.append(tok)
+            if s.t_first_token is None:
+                s.t_first_token = now
+            if tok in s.stop_ids:
+                s.finish_reason = "stop"
+            elif len(s.output) >= s.max_new_tokens:
+                s.finish_reason = "length"
+            events.append(TokenEvent(s, tok, s.done))
+            if s.done:
+                s.t_done = now
+                self._release(s)
+        return events
+
+    def _release(self, seq: Sequence) -> None:
+        if self.running.pop(seq.id, None) is not None:
+            self.free_slots.append(seq.slot)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence for a reason found outside the engine (a stop string matched in its text)."""
+        if not seq.done:
+            seq.finish_reason = reason
+            if not any(seq in seqs for seqs, _ in self.in_flight.values()):
+                self._release(seq)

@@ -1,0 +1,59 @@
+"""What crosses a stage boundary: one typed payload per step, and the sampled tokens going back to stage 0.
+
+StepPayload (stage s -> stage s+1), for T packed tokens of B sequences:
+  kind        "step" | "heartbeat" | "stop"
+  mb          micro-batch id (sequences are grouped; one step per group in flight)
+  step        running step counter (diagnostics)
+  layout      SeqLayout: per sequence its KV slot, cached length before the step, new-token count
+  positions   [3, T] int64  M-RoPE positions
+  input_ids   [T] int64     the step's token ids (the last stage uses them for repetition penalties)
+  hidden      [T, H] model dtype; absent on the way into stage 0
+  new_seqs    {slot: sampling parameters} for sequences whose first step this is (the last stage resets its
+              per-slot sampler state); JSON-serialisable
+  visual      images/videos of the step (stage 0 only: DeepStack layers live there, so visual data never crosses)
+TokenPayload (last stage -> stage 0): mb, tokens [B] int64 in layout order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..model.batch import SeqLayout
+from ..model.qwen3_vl import VisualInputs
+
+
+@dataclass
+class StepPayload:
+    kind: str
+    mb: int = -1
+    step: int = -1
+    layout: SeqLayout | None = None
+    positions: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    new_seqs: dict[int, dict[str, Any]] = field(default_factory=dict)
+    visual: VisualInputs | None = None
+
+    def header(self) -> dict[str, Any]:
+        """The small JSON part of the payload (everything but the tensors)."""
+        h: dict[str, Any] = {"kind": self.kind, "mb": self.mb, "step": self.step}
+        if self.layout is not None:
+            h.update(slots=self.layout.slots, starts=self.layout.starts, lens=self.layout.lens,
+                     new_seqs={str(k): v for k, v in self.new_seqs.items()},
+                     hidden=list(self.hidden.shape) if self.hidden is not None else None,
+                     dtype=str(self.hidden.dtype).removeprefix("torch.") if self.hidden is not None else None)
+        return h
+
+    @staticmethod
+    def control(kind: str) -> "StepPayload":
+        return StepPayload(kind=kind)
+
+
+@dataclass
+class TokenPayload:
+    kind: str
+    mb: int = -1
+    tokens: torch.Tensor | None = None  # [B] int64

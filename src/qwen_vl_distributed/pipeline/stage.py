@@ -1,0 +1,65 @@
+"""The stage runtime: one process's model (a range of layers), its KV cache, and -- on the last stage -- the sampler.
+
+``StageRuntime.run`` takes the payload that arrives at this stage and returns what leaves it: hidden states for the
+next stage, or the sampled tokens (last stage). With S = 1 the one stage is both first and last.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+import torch
+
+from ..model.kv_cache import KVCache
+from ..model.qwen3_vl import Qwen3VLMoe
+from .payload import StepPayload, TokenPayload
+
+
+class Sampler(Protocol):
+    """Per-slot sampling state lives on the last stage (seeded generators, penalty counts)."""
+
+    def start(self, slot: int, params: dict[str, Any], prompt_ids: list[int]) -> None: ...
+
+    def sample(self, slots: list[int], logits: torch.Tensor) -> torch.Tensor: ...
+
+
+class StageRuntime:
+    def __init__(self, model: Qwen3VLMoe, cache: KVCache, sampler: Sampler | None, device: torch.device):
+        if model.has_head and sampler is None:
+            raise ValueError("the last stage needs a sampler")
+        self.model = model
+        self.cache = cache
+        self.sampler = sampler
+        self.device = torch.device(device)
+        self.busy_s = 0.0  # time spent computing steps
+        self.steps = 0
+
+    def run(self, p: StepPayload) -> StepPayload | TokenPayload:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model(
+                positions=p.positions.to(self.device),
+                layout=p.layout,
+                cache=self.cache,
+                input_ids=p.input_ids.to(self.device) if self.model.has_embed else None,
+                hidden=p.hidden,
+                visual=p.visual,
+            )
+            if self.model.has_head:
+                result = TokenPayload("tokens", p.mb, self._sample(p, out))
+            else:
+                result = StepPayload("step", p.mb, p.step, p.layout, p.positions, p.input_ids, out, p.new_seqs)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+        self.busy_s += time.perf_counter() - t0
+        self.steps += 1
+        return result
+
+    def _sample(self, p: StepPayload, logits: torch.Tensor) -> torch.Tensor:
+        ids = p.input_ids.tolist()
+        offsets = p.layout.offsets()
+        for i, slot in enumerate(p.layout.slots):
+            if slot in p.new_seqs:
+                self.sampler.start(slot, p.new_seqs[slot], ids[offsets[i]:offsets[i + 1]])
+        return self.sampler.sample(p.layout.slots, logits).cpu()
