@@ -306,7 +306,7 @@ def _budgets(gpu_mem_gb: float | Sequence[float] | None, num_stages: int) -> lis
     for i, gb in enumerate(values):
         if not gb > 0:
             raise PlanError(f"GPU memory budget of stage {i} must be positive, got {gb:g} GB")
-    return [int(gb * GB) for gb in values]
+    return [round(gb * GB) for gb in values]
 
 
 def _check_limits(dtype: str, max_seq_len: int, max_batch: int, prefill_chunk: int, max_image_tokens: int) -> None:
