@@ -3,9 +3,10 @@
 The real Qwen tokenizer cannot be downloaded here, so we build a stand-in offline with the ``tokenizers`` library.
 What matters for the engine is kept exact: the special tokens sit at their real ids (151643..151668), the
 pre-tokenizer / normalizer / decoder are Qwen2's, ``<think>`` / ``</think>`` encode as single ids, and the image and
-video processor settings are Qwen3-VL's. The ordinary vocabulary is synthetic: the 256 byte symbols, merges for a
-few common English words, and unreachable filler entries so that the base vocabulary ends exactly at id 151642
-(transformers re-adds the special tokens after it in id order, so the base size fixes their ids).
+video processor settings are Qwen3-VL's. The ordinary vocabulary is synthetic: the 256 byte symbols in Qwen's id
+order, merges for a few common English words, the role names and ' seconds' at their real ids, and unreachable
+filler entries so that the base vocabulary ends exactly at id 151642 (transformers re-adds the special tokens after
+it in id order, so the base size fixes their ids).
 
 ``AutoProcessor.from_pretrained(dir)`` (transformers 5.17) loads the result as ``Qwen3VLProcessor``.
 """
@@ -54,7 +55,7 @@ _PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# Words that get real merges, so ordinary English encodes to a handful of ids (nicer to read in tests and logs).
+# Words that get merges (space-prefixed form), so ordinary English encodes to a handful of ids.
 _WORDS = (
     "the of and to in is it you that he was for on are with as his they be at one have this from or had by "
     "what word but not all were we when your can said there use an each which she do how their if will up "
@@ -62,6 +63,11 @@ _WORDS = (
     "go see number no way could people my than first water been call who its now find long down day did get "
     "come made may part describe image video picture frame seconds hello world answer think yes"
 ).split()
+# Role names appear without a leading space (after <|im_start|>), so they also get bare-word merges.
+_BARE_WORDS = ("user", "assistant", "system")
+# Tokens placed at their ids in the real Qwen vocabulary, so chat scaffolding and video timestamps
+# ('<0.5 seconds>' -> 27 15 13 20 6486 29) encode to the same ids as with the released tokenizer.
+PINNED_IDS = {"user": 872, "assistant": 77091, "system": 8948, "\u0120seconds": 6486}
 
 CHAT_TEMPLATE = """\
 {#- Qwen3-VL Thinking style ChatML. Media parts render inline as vision_start + pad + vision_end; earlier assistant
@@ -135,52 +141,51 @@ VIDEO_PROCESSOR_CONFIG = {
 
 
 def byte_symbols() -> list[str]:
-    """The byte-level alphabet: byte b -> one printable character (GPT-2 scheme), listed in byte order."""
-    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    out, shifted = [], 0
-    for b in range(256):
-        if b in keep:
-            out.append(chr(b))
-        else:
-            out.append(chr(256 + shifted))
-            shifted += 1
-    return out
+    """The byte-level alphabet in GPT-2 / Qwen id order: printable bytes stand for themselves and come first, the
+    other bytes map to U+0100.. in byte order (so b'\\n' -> id 198 'Ċ' and b' ' -> id 220 'Ġ', as in Qwen)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in set(printable)]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+def _chain(form: str) -> list[tuple[str, str]]:
+    """Left-to-right merges that build ``form`` from its characters."""
+    return [(form[: i - 1], form[i - 1]) for i in range(2, len(form) + 1)]
 
 
 def _word_merges() -> list[tuple[str, str]]:
-    """Left-to-right merge chains for each word and its space-prefixed form ('Ġ' is the byte symbol of ' ')."""
-    space = byte_symbols()[ord(" ")]
+    """Space-prefixed chains first: each of their steps extends the leftmost piece of a ' word' pre-token, so no
+    other merge can win against them and every listed word becomes one token. Bare chains (role names) after."""
+    space = chr(256 + 32)  # 'Ġ', the byte symbol of ' '
     merges: dict[tuple[str, str], None] = {}
     for word in _WORDS:
-        for form in (word, space + word):
-            for i in range(2, len(form) + 1):
-                merges[(form[: i - 1], form[i - 1])] = None
+        merges.update(dict.fromkeys(_chain(space + word)))
+    for word in _BARE_WORDS:
+        merges.update(dict.fromkeys(_chain(word)))
     return list(merges)
 
 
-def _fillers(taken: set[str], count: int):
-    """Short lowercase strings never produced by any merge (so BPE cannot emit them), skipping ``taken``."""
-    made = 0
+def _fillers(taken: set[str]):
+    """Short lowercase strings that no merge produces (so BPE never emits them), skipping ``taken``."""
     for length in itertools.count(3):
         for letters in itertools.product(string.ascii_lowercase, repeat=length):
             s = "".join(letters)
-            if s in taken:
-                continue
-            yield s
-            made += 1
-            if made == count:
-                return
+            if s not in taken:
+                yield s
 
 
 def build_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Base vocabulary of exactly FIRST_SPECIAL_ID entries (ids 0..151642) and its merges."""
-    symbols = byte_symbols()
     merges = _word_merges()
-    vocab_list = symbols + [a + b for a, b in merges]
-    taken = set(vocab_list)
-    vocab_list += _fillers(taken, FIRST_SPECIAL_ID - len(vocab_list))
-    assert len(vocab_list) == len(set(vocab_list)) == FIRST_SPECIAL_ID
-    return {tok: i for i, tok in enumerate(vocab_list)}, merges
+    slots: list[str | None] = [None] * FIRST_SPECIAL_ID
+    slots[:256] = byte_symbols()
+    for tok, i in PINNED_IDS.items():
+        slots[i] = tok
+    merged = list(dict.fromkeys(a + b for a, b in merges if a + b not in PINNED_IDS))
+    rest = itertools.chain(merged, _fillers(set(slots[:256]) | set(merged) | set(PINNED_IDS)))
+    slots = [tok if tok is not None else next(rest) for tok in slots]
+    assert len(set(slots)) == FIRST_SPECIAL_ID
+    return {tok: i for i, tok in enumerate(slots)}, merges
 
 
 def build_tokenizer():
@@ -200,6 +205,7 @@ def build_tokenizer():
     # add_tokens assigns consecutive ids after the base vocab, in list order.
     tok.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in SPECIAL_TOKENS])
     assert tok.token_to_id("</think>") == FIRST_SPECIAL_ID + len(SPECIAL_TOKENS) - 1
+    assert tok.encode("<|im_start|>assistant\n<0.5 seconds>").ids == [151644, 77091, 198, 27, 15, 13, 20, 6486, 29]
     return tok
 
 
@@ -225,9 +231,9 @@ def _tokenizer_config() -> dict:
     }
 
 
-def _write_json(path: str, obj: dict, indent: int | None = 2) -> None:
+def _write_json(path: str, obj: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent, ensure_ascii=False)
+        json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
 
 
@@ -239,7 +245,7 @@ def write_processor_files(model_dir: str | os.PathLike) -> None:
     """
     model_dir = os.fspath(model_dir)
     os.makedirs(model_dir, exist_ok=True)
-    # Compact JSON: tokenizer.json is the only large file (~2.5 MB, dominated by the 151k vocab entries).
+    # Compact JSON: tokenizer.json is the only large file (~2 MB, dominated by the 151k vocab entries).
     with open(os.path.join(model_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
         f.write(json.dumps(json.loads(build_tokenizer().to_str()), ensure_ascii=False, separators=(",", ":")))
     _write_json(os.path.join(model_dir, "tokenizer_config.json"), _tokenizer_config())

@@ -1,54 +1,49 @@
-"""The last stage's sampler: per-slot state (seeded generator, token counts for penalties) and the next-token draw.
+"""The last stage's sampler: per-slot state (the request's seeded generator, its token history for penalties).
 
 Lives in the engine layer and is handed to the last stage's runtime at start-up (the pipeline layer only knows the
-``Sampler`` protocol). Temperature 0 (or None) is greedy.
+``Sampler`` protocol). Each row draws with its own generator, so a seeded request samples the same tokens whatever
+else shares its batch. The draw itself is ``sampling.sample``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .sampling import SamplingParams, TokenHistory, make_generator, sample
+
 
 @dataclass
 class _SlotState:
-    params: dict[str, Any]
+    params: SamplingParams
     generator: torch.Generator | None
-    prompt_ids: list[int]
-    output_counts: dict[int, int] = field(default_factory=dict)
+    history: TokenHistory | None
 
 
 class SlotSampler:
     def __init__(self):
         self.slots: dict[int, _SlotState] = {}
+        self._prompts: dict[int, list[int]] = {}
 
     def start(self, slot: int, params: dict[str, Any], prompt_ids: list[int]) -> None:
-        gen = None
-        if params.get("temperature"):
-            gen = torch.Generator()
-            gen.manual_seed(params["seed"] if params.get("seed") is not None else torch.seed())
-        self.slots[slot] = _SlotState(dict(params), gen, list(prompt_ids))
+        p = SamplingParams(**{k: v for k, v in params.items() if v is not None})
+        self.slots[slot] = _SlotState(p, None, None)  # generator made on the logits' device at the first draw
+        if p.needs_history:
+            self._prompts[slot] = list(prompt_ids)  # the history is built once the vocabulary size is known
 
     def sample(self, slots: list[int], logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float().cpu()
-        out = torch.empty(len(slots), dtype=torch.long)
-        for i, slot in enumerate(slots):
-            st = self.slots[slot]
-            out[i] = self._draw(st, logits[i])
-            tok = int(out[i])
-            st.output_counts[tok] = st.output_counts.get(tok, 0) + 1
+        logits = logits.float()
+        states = [self.slots[s] for s in slots]
+        for s, st in zip(slots, states):
+            if not st.params.greedy and st.generator is None:
+                st.generator = make_generator(st.params.seed, logits.device)
+            if st.params.needs_history and st.history is None:
+                st.history = TokenHistory(self._prompts.pop(s), logits.shape[-1], logits.device)
+        out = sample(logits, [st.params for st in states], [st.generator for st in states],
+                     [st.history for st in states])
+        for st, tok in zip(states, out):
+            if st.history is not None:
+                st.history.append(tok)
         return out
-
-    def _draw(self, st: _SlotState, row: torch.Tensor) -> int:
-        if not st.params.get("temperature") and not _has_penalty(st.params):
-            return int(row.argmax())
-        from .sampling import sample_row  # the filters and penalties
-
-        return sample_row(row, st.params, st.generator, st.prompt_ids, st.output_counts)
-
-
-def _has_penalty(p: dict[str, Any]) -> bool:
-    return bool(p.get("presence_penalty") or p.get("frequency_penalty")
-                or p.get("repetition_penalty") not in (None, 1.0))

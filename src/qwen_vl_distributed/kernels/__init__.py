@@ -1,0 +1,49 @@
+"""Fast implementations behind the model's kernel interfaces; the plain PyTorch references stay in ``model/``.
+
+``register()`` adds the impl name 'fast' to each registry:
+- experts (model.moe.EXPERTS_IMPLS): fused Triton kernel for decode sizes on CUDA, grouped GEMM for prefill
+  (kernels.grouped.fast_experts); also 'grouped' and 'triton' to force one path;
+- cache attention (model.attention.CACHE_ATTENTION_IMPLS): split-KV Triton decode, SDPA (cuDNN first) for prompts
+  (kernels.attention.fast_cache_attention);
+- vision segment attention (model.vision.SEGMENT_ATTENTION_IMPLS): one SDPA / varlen flash
+  (kernels.vision_attention.fast_segment_attention).
+``enable_fast_paths(model)`` registers them and selects them on a model. Importing this package imports no Triton
+and touches no GPU: the Triton modules load on first use on a CUDA tensor, so CPU runs and CI never need either.
+"""
+
+from __future__ import annotations
+
+from ..model.attention import register_cache_attention
+from ..model.moe import register_experts_impl
+from ..model.vision import SEGMENT_ATTENTION_IMPLS
+
+
+def _triton_experts(x, topk_ids, topk_w, gate_up, down):
+    from .moe_triton import fused_experts
+
+    return fused_experts(x, topk_ids, topk_w, gate_up, down)
+
+
+def register() -> None:
+    from .attention import fast_cache_attention
+    from .grouped import fast_experts, grouped_experts
+    from .vision_attention import fast_segment_attention
+
+    register_experts_impl("fast", fast_experts)
+    register_experts_impl("grouped", grouped_experts)
+    register_experts_impl("triton", _triton_experts)
+    register_cache_attention("fast", fast_cache_attention)
+    SEGMENT_ATTENTION_IMPLS["fast"] = fast_segment_attention
+
+
+def enable_fast_paths(model, experts: str = "fast", attention: str = "fast", vision_attention: str = "fast"):
+    """Register the fast implementations and select them on ``model`` (a Qwen3VLMoe stage). Returns the model."""
+    register()
+    model.set_impl(experts=experts, attention=attention, vision_attention=vision_attention)
+    return model
+
+
+def use_reference(model):
+    """Select the plain PyTorch references again (what the parity tests hold the fast paths against)."""
+    model.set_impl(experts="reference", attention="reference", vision_attention="reference")
+    return model

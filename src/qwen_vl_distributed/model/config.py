@@ -382,6 +382,9 @@ def config_to_dict(cfg: ModelConfig, spelling: str = "released") -> dict[str, An
         "vision_end_token_id": cfg.vision_end_token_id,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "dtype": cfg.torch_dtype,
+        # transformers decides tokenizer fix-ups from the version that wrote the checkpoint; the released
+        # Qwen3-VL checkpoints were written by 4.57
+        "transformers_version": "4.57.0",
     }
     if cfg.quantization is not None:
         q = cfg.quantization
@@ -411,7 +414,7 @@ def _preset_30b() -> ModelConfig:
 def _preset_tiny() -> ModelConfig:
     """A small random-weight test model with the real vocabulary and token ids (so the real tokenizer fits)."""
     return ModelConfig(
-        text=TextConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        text=TextConfig(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
                         head_dim=16, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
                         mrope_section=(4, 2, 2), intermediate_size=128, max_position_embeddings=32768),
         vision=VisionConfig(depth=4, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,

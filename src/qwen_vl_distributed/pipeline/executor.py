@@ -6,6 +6,7 @@ stage 0 here and sends the step on; tokens come back from the last stage in subm
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from .payload import StepPayload, TokenPayload
@@ -22,16 +23,61 @@ class LocalExecutor:
     def submit(self, p: StepPayload) -> None:
         out = self.runtime.run(p)
         assert isinstance(out, TokenPayload), "a single stage must hold the whole model"
+        out.stats = [self.runtime.stats()]
         self._done.append(out)
 
     def collect(self) -> TokenPayload:
         return self._done.popleft()
 
     def stage_stats(self) -> list[dict]:
-        return [{"stage": 0, "busy_s": self.runtime.busy_s, "steps": self.runtime.steps}]
+        return [self.runtime.stats()]
 
     def idle(self) -> None:
         """Called when the driver has nothing to do (lets a pipeline send heartbeats)."""
 
     def shutdown(self) -> None:
         pass
+
+
+class PipelineExecutor:
+    """Stage 0 of an S-stage pipeline, driven by the engine in this process."""
+
+    def __init__(self, runtime: StageRuntime, transport, heartbeat_s: float):
+        self.runtime = runtime
+        self.transport = transport
+        self.num_stages = transport.world
+        self.heartbeat_s = heartbeat_s
+        self._last_traffic = time.monotonic()
+        self._stats: list[dict] = []
+
+    def submit(self, p: StepPayload) -> None:
+        out = self.runtime.run(p)
+        out.stats = [self.runtime.stats()]
+        self.transport.send_step(out)
+        self._last_traffic = time.monotonic()
+
+    def collect(self) -> TokenPayload:
+        out = self.transport.recv_tokens()
+        self._stats = out.stats
+        self._last_traffic = time.monotonic()
+        return out
+
+    def stage_stats(self) -> list[dict]:
+        return self._stats or [self.runtime.stats()]
+
+    def idle(self) -> None:
+        """With nothing in flight, prove every stage alive every ``heartbeat_s`` (and keep their waits bounded)."""
+        if time.monotonic() - self._last_traffic < self.heartbeat_s:
+            return
+        self.transport.send_step(StepPayload(kind="heartbeat"))
+        back = self.transport.recv_tokens()
+        if back.kind != "heartbeat":
+            raise RuntimeError(f"pipeline out of order: expected a heartbeat, got {back.kind}")
+        self._last_traffic = time.monotonic()
+
+    def shutdown(self) -> None:
+        """Send 'stop' round the ring and wait for it to come back, so every stage has left its loop."""
+        self.transport.send_step(StepPayload(kind="stop"))
+        while self.transport.recv_tokens().kind != "stop":
+            pass
+        self.transport.flush()

@@ -11,7 +11,7 @@ StepPayload (stage s -> stage s+1), for T packed tokens of B sequences:
   new_seqs    {slot: sampling parameters} for sequences whose first step this is (the last stage resets its
               per-slot sampler state); JSON-serialisable
   visual      images/videos of the step (stage 0 only: DeepStack layers live there, so visual data never crosses)
-TokenPayload (last stage -> stage 0): mb, tokens [B] int64 in layout order.
+TokenPayload (last stage -> stage 0): mb, tokens [B] int64 in layout order, and every stage's busy-time stats.
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ class StepPayload:
     hidden: torch.Tensor | None = None
     new_seqs: dict[int, dict[str, Any]] = field(default_factory=dict)
     visual: VisualInputs | None = None
+    stats: list[dict[str, Any]] = field(default_factory=list)  # each stage appends its busy time (JSON)
 
     def header(self) -> dict[str, Any]:
         """The small JSON part of the payload (everything but the tensors)."""
-        h: dict[str, Any] = {"kind": self.kind, "mb": self.mb, "step": self.step}
+        h: dict[str, Any] = {"kind": self.kind, "mb": self.mb, "step": self.step, "stats": self.stats}
         if self.layout is not None:
             h.update(slots=self.layout.slots, starts=self.layout.starts, lens=self.layout.lens,
                      new_seqs={str(k): v for k, v in self.new_seqs.items()},
@@ -57,3 +58,4 @@ class TokenPayload:
     kind: str
     mb: int = -1
     tokens: torch.Tensor | None = None  # [B] int64
+    stats: list[dict[str, Any]] = field(default_factory=list)  # per-stage busy time, stage order

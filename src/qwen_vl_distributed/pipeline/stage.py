@@ -25,13 +25,15 @@ class Sampler(Protocol):
 
 
 class StageRuntime:
-    def __init__(self, model: Qwen3VLMoe, cache: KVCache, sampler: Sampler | None, device: torch.device):
+    def __init__(self, model: Qwen3VLMoe, cache: KVCache, sampler: Sampler | None, device: torch.device,
+                 stage_index: int = 0):
         if model.has_head and sampler is None:
             raise ValueError("the last stage needs a sampler")
         self.model = model
         self.cache = cache
         self.sampler = sampler
         self.device = torch.device(device)
+        self.stage_index = stage_index
         self.busy_s = 0.0  # time spent computing steps
         self.steps = 0
 
@@ -55,6 +57,9 @@ class StageRuntime:
         self.busy_s += time.perf_counter() - t0
         self.steps += 1
         return result
+
+    def stats(self) -> dict:
+        return {"stage": self.stage_index, "busy_s": round(self.busy_s, 6), "steps": self.steps}
 
     def _sample(self, p: StepPayload, logits: torch.Tensor) -> torch.Tensor:
         ids = p.input_ids.tolist()

@@ -1,0 +1,144 @@
+"""Load one pipeline stage's parameters from a checkpoint, strictly, one tensor at a time.
+
+Order of work: plan from headers (every check that needs no tensor data, raising the first problem), then read each
+stored tensor through its shard's memmap, convert it on the way to the target device and dtype, and write it into its
+parameter. At most one stored tensor (plus, for fp8, its fp32 dequantised copy) is held on the host at a time, so a
+stage never materialises more than its own parameters.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+import torch
+from torch import nn
+
+from .fp8 import Fp8Dequantize, dequantize_blockwise
+from .index import Checkpoint
+from .matching import Item, StagePlan, plan_stage
+from .safetensors_io import ShardReader
+from .spec import parts_of
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    stage_name: str
+    bytes: int            # bytes read from the checkpoint (weights + fp8 scales)
+    seconds: float
+    files: list[str]      # shards this stage read, sorted
+    tensors: int          # stored tensors read
+    params: int           # parameters filled
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / max(self.seconds, 1e-9)
+
+
+class Progress:
+    """A one-line progress bar on stderr: bytes done / total and MB/s, redrawn at most ~10 times a second."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True, stream: TextIO | None = None):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.stream = stream or sys.stderr
+        self.done = 0
+        self.t0 = self._last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and now - self._last >= 0.1:  # the final state is drawn by close()
+            self._last = now
+            self._draw(now, end="")
+
+    def close(self) -> None:
+        if self.enabled:
+            self._draw(time.monotonic(), end="\n")
+
+    def _draw(self, now: float, end: str) -> None:
+        rate = self.done / 1e6 / max(now - self.t0, 1e-9)
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        print(f"\rloading {self.label}: {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB {pct:5.1f}% "
+              f"{rate:8.1f} MB/s", end=end, file=self.stream, flush=True)
+
+
+def _destination(param: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Reuse the parameter's storage when it already is on the target device and dtype, else allocate."""
+    if not param.is_meta and param.device == device and param.dtype == dtype:
+        return param.data
+    return torch.empty(param.shape, dtype=dtype, device=device)
+
+
+def _install(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    mod = module.get_submodule(owner) if owner else module
+    old = mod._parameters[leaf]
+    if old is not None and old.data is value:
+        old.requires_grad_(False)
+    else:
+        mod._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def _fill(dst: torch.Tensor, item: Item, reader: ShardReader, scale_reader: ShardReader | None,
+          block: tuple[int, int] | None, dequantize: Fp8Dequantize) -> None:
+    """Read one stored tensor and write it into its place in ``dst`` (transposed / dequantised as the key map says)."""
+    piece = item.piece
+    src = reader.read(item.info)
+    if item.scale is not None:
+        scale = scale_reader.read(item.scale)
+        src = dequantize(src.to(dst.device), scale.to(dst.device), block, dst.dtype)
+    if piece.transpose:
+        src = src.transpose(-2, -1)
+    dst[piece.index].copy_(src)
+
+
+def _run(module: nn.Module, ckpt: Checkpoint, plan: StagePlan, device: torch.device, dtype: torch.dtype,
+         bar: Progress, dequantize: Fp8Dequantize) -> int:
+    params = dict(module.named_parameters())
+    readers: dict[str, ShardReader] = {}
+
+    def reader(file: str) -> ShardReader:
+        if file not in readers:
+            readers[file] = ckpt.reader(file)
+        return readers[file]
+
+    count = 0
+    try:
+        for name, items in plan.items.items():
+            dst = _destination(params[name], device, dtype)
+            for item in items:
+                scale_reader = reader(item.scale.file) if item.scale else None
+                _fill(dst, item, reader(item.info.file), scale_reader, plan.fp8_block, dequantize)
+                bar.update(item.nbytes)
+                count += 1
+            _install(module, name, dst)
+    finally:
+        for r in readers.values():
+            r.close()
+    return count
+
+
+def load_stage(module: nn.Module, ckpt: Checkpoint, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None, stage_name: str | None = None, progress: bool = True,
+               fp8_dequantize: Fp8Dequantize = dequantize_blockwise) -> LoadReport:
+    """Fill every parameter of ``module`` (a stage: a contiguous range of decoder layers and optional vision tower,
+    embedding, head, parameters named by their HF keys) from ``ckpt``, on ``device`` in ``dtype``.
+
+    ``dtype`` defaults to the checkpoint's config dtype. Parameters may start on any device, including meta: they are
+    replaced by loaded tensors (requires_grad off). Buffers are not touched. Raises a CheckpointError subclass, before
+    reading any tensor data, for any missing, unexpected, mis-shaped or unconvertible tensor or config mismatch.
+    """
+    device = torch.device(device)
+    dtype = dtype or getattr(torch, ckpt.cfg.torch_dtype)
+    shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
+    parts = parts_of(shapes)
+    name = stage_name or f"stage ({parts.describe()})"
+    plan = plan_stage(ckpt, shapes, parts, name)
+    plan.check()
+    t0 = time.monotonic()
+    bar = Progress(plan.nbytes, name, enabled=progress)
+    count = _run(module, ckpt, plan, device, dtype, bar, fp8_dequantize)
+    bar.close()
+    return LoadReport(name, plan.nbytes, time.monotonic() - t0, plan.files, count, len(plan.items))

@@ -1,0 +1,108 @@
+"""``qwen-vl generate``: one request through the engine (any number of stages), streamed or as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..engine.build import run_worker, start_engine
+from ..engine.media import MediaOptions
+from ..engine.processor import Processor
+from ..engine.sampling import SamplingParams
+from ..engine.session import TextStream, result_dict, to_prompt
+from ..errors import UserError
+from ..pipeline.launch import torchrun_rank, under_torchrun
+from ..pipeline.transport import StageFailure
+from .options import add_run_args, run_options
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate a reply for one prompt")
+    add_run_args(p, max_batch=1)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="user text (images/videos given with --image/--video come before it)")
+    src.add_argument("--messages", help="JSON file with an OpenAI-style chat messages list")
+    p.add_argument("--image", action="append", default=[], help="image path (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="video path (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: generation_config)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    p.set_defaults(run=run)
+
+
+def read_messages(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--messages {path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"--messages {path}: not valid JSON ({e})") from None
+    if isinstance(data, dict) and "messages" in data:
+        data = data["messages"]
+    if not isinstance(data, list):
+        raise UserError(f"--messages {path}: expected a JSON list of messages (or an object with 'messages')")
+    return data
+
+
+def sampling_params(args, model_dir: str) -> SamplingParams:
+    gen = {}
+    try:
+        with open(f"{model_dir}/generation_config.json", encoding="utf-8") as f:
+            gen = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        pass
+    return SamplingParams.from_generation_config(gen, temperature=args.temperature, top_p=args.top_p,
+                                                 top_k=args.top_k, seed=args.seed, max_new_tokens=args.max_new_tokens)
+
+
+def run(args) -> int:
+    opts = run_options(args)
+    if under_torchrun() and torchrun_rank()[0] != 0:
+        rank, world, local_rank = torchrun_rank()
+        return run_worker(opts, rank, world, "env://", local_rank)
+    handle = None
+    try:
+        handle = start_engine(opts)
+        processor = Processor.from_pretrained(opts.model, handle.cfg, MediaOptions())
+        inputs = (processor.build_inputs(read_messages(args.messages)) if args.messages
+                  else processor.build_from_prompt(args.prompt, args.image, args.video))
+        params = sampling_params(args, opts.model)
+        result = generate_one(handle.engine, processor, inputs, params, stream=not args.json)
+    except StageFailure as e:
+        raise UserError(str(e)) from None
+    finally:
+        if handle is not None:
+            handle.close()
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def generate_one(engine, processor, inputs, params, stream: bool) -> dict:
+    """Run one request to the end; stream reasoning (dim) and answer to the terminal if asked."""
+    seq = engine.add(to_prompt(inputs), params)
+    text = TextStream(processor.detokenizer())
+    tty = sys.stdout.isatty()
+    shown_answer = False
+    if stream:
+        print("[thinking] " if not tty else "\033[2m", end="", flush=True)
+    while not seq.done:
+        for ev in engine.step():
+            if ev.seq is not seq or not stream:
+                continue
+            r, c = text.feed(ev.token, ev.finished)
+            if r:
+                print(r, end="", flush=True)
+            if c:
+                if not shown_answer:
+                    print("\033[0m\n\n" if tty else "\n[answer] ", end="")
+                    shown_answer = True
+                print(c, end="", flush=True)
+    if stream:
+        print("\033[0m" if tty else "", flush=True)
+    full = processor.decode(seq.output)
+    return result_dict(seq, list(inputs.input_ids), full, engine.executor.stage_stats())

@@ -1,0 +1,40 @@
+"""Arguments shared by the commands that run the model (generate, serve, worker, demo)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..engine.build import RunOptions
+from ..errors import UserError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_run_args(p: argparse.ArgumentParser, max_batch: int = 8) -> None:
+    p.add_argument("--model", required=True, help="HF checkpoint directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--stages", type=int, default=1, help="pipeline stages, one process each (default 1)")
+    p.add_argument("--layers-per-stage", type=_int_list, default=None, help="explicit split, e.g. 22,24,24,24")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--max-batch", type=int, default=max_batch, help="concurrent sequences (KV-cache slots)")
+    p.add_argument("--max-len", type=int, default=4096, help="tokens per sequence, prompt + output")
+    p.add_argument("--stage-timeout", type=float, default=60.0,
+                   help="seconds of silence after which a stage is declared hung and every process stops")
+    p.add_argument("--quiet", action="store_true", help="no loading progress bar")
+
+
+def run_options(args) -> RunOptions:
+    if args.stages < 1:
+        raise UserError(f"--stages {args.stages}: must be at least 1")
+    if args.max_batch < 1 or args.max_len < 2:
+        raise UserError("--max-batch must be >= 1 and --max-len >= 2")
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    return RunOptions(model=args.model, stages=args.stages, device=args.device, dtype=dtype,
+                      max_batch=args.max_batch, max_len=args.max_len, layers_per_stage=args.layers_per_stage,
+                      stage_timeout_s=args.stage_timeout, quiet=args.quiet)

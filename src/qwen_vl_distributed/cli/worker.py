@@ -1,0 +1,29 @@
+"""``qwen-vl worker``: one pipeline stage other than 0 (started by the driver's supervisor, not by hand)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from ..engine.build import run_worker
+from ..pipeline.transport import StageFailure
+from .options import add_run_args, run_options
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("worker", help=argparse.SUPPRESS)
+    add_run_args(p)
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--init-method", required=True)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))  # Ctrl-C reaches the whole process group: leave quietly
+    try:
+        return run_worker(run_options(args), args.rank, args.world_size, args.init_method)
+    except StageFailure as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3

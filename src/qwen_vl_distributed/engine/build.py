@@ -1,0 +1,201 @@
+"""Assemble a running system from a model directory: plan, stage processes, weights, engine.
+
+One code path for every S: ``start_engine`` builds stage 0 here (S = 1: the whole model, local executor);
+for S > 1 it starts (or, under torchrun, joins) the other stage processes, which run ``run_worker`` with the same
+options. Every rank builds only its own modules and loads only its own tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from ..checkpoint.index import open_checkpoint
+from ..checkpoint.loader import load_stage
+from ..errors import UserError
+from ..model.config import ModelConfig
+from ..model.qwen3_vl import Qwen3VLMoe
+from ..pipeline import distributed as pd
+from ..pipeline.executor import LocalExecutor, PipelineExecutor
+from ..pipeline.launch import Supervisor, free_port, torchrun_rank, under_torchrun
+from ..pipeline.plan import StagePlan, plan_stages
+from ..pipeline.stage import StageRuntime
+from ..pipeline.transport import Transport
+from ..pipeline.worker import serve_stage
+from .engine import Engine
+from .sampler import SlotSampler
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RunOptions:
+    model: str
+    stages: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch: int = 8  # sequence slots (concurrent sequences)
+    max_len: int = 4096  # tokens per sequence (prompt + output)
+    layers_per_stage: list[int] | None = None
+    stage_timeout_s: float = 60.0  # a stage silent for this long is declared hung
+    startup_timeout_s: float = 1800.0  # loading a 235B stage can take minutes
+    quiet: bool = False
+    experts_impl: str | None = None
+
+    def worker_argv(self, rank: int, world: int, init_method: str) -> list[str]:
+        argv = ["worker", "--model", self.model, "--stages", str(self.stages), "--device", self.device,
+                "--dtype", self.dtype, "--max-batch", str(self.max_batch), "--max-len", str(self.max_len),
+                "--stage-timeout", str(self.stage_timeout_s), "--rank", str(rank), "--world-size", str(world),
+                "--init-method", init_method]
+        if self.layers_per_stage:
+            argv += ["--layers-per-stage", ",".join(map(str, self.layers_per_stage))]
+        if self.quiet:
+            argv.append("--quiet")
+        return argv
+
+
+@dataclass
+class EngineHandle:
+    engine: Engine
+    cfg: ModelConfig
+    plan: StagePlan
+    eos_ids: list[int]
+    close: callable = field(repr=False, default=lambda: None)
+
+
+def read_eos_ids(model_dir: str) -> list[int]:
+    """Stop tokens from generation_config.json (int or list); none there is an error, not a silent never-stop."""
+    path = os.path.join(model_dir, "generation_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing (needed for the stop tokens)") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if eos is None:
+        raise UserError(f"{path}: no eos_token_id")
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def make_plan(cfg: ModelConfig, opts: RunOptions) -> StagePlan:
+    return plan_stages(cfg, opts.stages, layers_per_stage=opts.layers_per_stage, max_seq_len=opts.max_len,
+                       max_batch=opts.max_batch, require_fit=False)
+
+
+def fingerprint(ckpt, plan: StagePlan, opts: RunOptions) -> dict[str, str]:
+    """What all ranks must agree on before the first step (cheap: config, index and shard sizes, not the data)."""
+    h = hashlib.sha256()
+    for name in sorted(["config.json", os.path.basename(ckpt.source)]):
+        with open(os.path.join(ckpt.dir, name), "rb") as f:
+            h.update(f.read() if name.endswith(".json") else f.read(8 + 65536))
+    for file in ckpt.files():
+        h.update(f"{file}:{os.path.getsize(ckpt.path(file))}".encode())
+    from .. import __version__
+
+    return {"checkpoint": h.hexdigest()[:16], "plan": plan.fingerprint(), "dtype": opts.dtype,
+            "max_len": str(opts.max_len), "max_batch": str(opts.max_batch), "version": __version__}
+
+
+def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: RunOptions) -> StageRuntime:
+    """This rank's stage: build its modules on the meta device, load exactly its tensors, allocate its KV cache."""
+    st = plan.stages[rank]
+    with torch.device("meta"):
+        model = Qwen3VLMoe(ckpt.cfg, layers=(st.start, st.stop), vision=st.holds_vision, embed=st.holds_embed,
+                           head=st.holds_head)
+    name = f"stage {rank} (layers {st.start}-{st.stop - 1})"
+    load_stage(model, ckpt, device, DTYPES[opts.dtype], stage_name=name, progress=not opts.quiet)
+    model.eval()
+    if opts.experts_impl:
+        model.set_impl(experts=opts.experts_impl)
+    elif device.type == "cuda":
+        from ..kernels import enable_fast_paths
+
+        enable_fast_paths(model)
+    cache = model.new_cache(opts.max_batch, opts.max_len, DTYPES[opts.dtype], device)
+    return StageRuntime(model, cache, SlotSampler() if st.holds_head else None, device, stage_index=rank)
+
+
+def start_engine(opts: RunOptions) -> EngineHandle:
+    if opts.dtype not in DTYPES:
+        raise UserError(f"--dtype {opts.dtype!r}: choose float32 or bfloat16")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    ckpt = open_checkpoint(opts.model)
+    eos = read_eos_ids(opts.model)
+    plan = make_plan(ckpt.cfg, opts)
+    if opts.stages == 1 and not under_torchrun():
+        device = pd.stage_device(opts.device, 0)
+        runtime = build_runtime(ckpt, plan, 0, device, opts)
+        engine = Engine(ckpt.cfg, LocalExecutor(runtime), opts.max_batch, opts.max_len, eos)
+        return EngineHandle(engine, ckpt.cfg, plan, eos)
+    return _start_pipeline(opts, ckpt, plan, eos)
+
+
+def _start_pipeline(opts: RunOptions, ckpt, plan: StagePlan, eos: list[int]) -> EngineHandle:
+    supervisor = None
+    if under_torchrun():
+        rank, world, local_rank = torchrun_rank()
+        init_method, local_world = "env://", int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if world != opts.stages:
+            raise UserError(f"--stages {opts.stages} but torchrun started {world} processes (one per stage)")
+    else:
+        rank, world, local_rank, local_world = 0, opts.stages, 0, opts.stages
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        supervisor = Supervisor(lambda r: opts.worker_argv(r, world, init_method), world)
+    try:
+        runtime, transport, ctx = _join(opts, ckpt, plan, rank, world, local_rank, local_world, init_method)
+    except BaseException:
+        if supervisor:
+            supervisor.kill_all()
+        raise
+    executor = PipelineExecutor(runtime, transport, heartbeat_s=opts.stage_timeout_s / 4)
+    engine = Engine(ckpt.cfg, executor, opts.max_batch, opts.max_len, eos)
+
+    def close():
+        try:
+            executor.shutdown()
+        finally:
+            if supervisor:
+                supervisor.stop()
+            pd.shutdown()
+
+    return EngineHandle(engine, ckpt.cfg, plan, eos, close)
+
+
+def _join(opts, ckpt, plan, rank, world, local_rank, local_world, init_method):
+    """Common to every rank: process group, agreement, load own stage, ready check, transport."""
+    backend = pd.choose_backend(opts.device, local_world)
+    device = pd.stage_device(opts.device, local_rank)
+    if device.type == "cpu":  # the stages of one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    ctx = pd.init_distributed(rank, world, init_method, backend, device, opts.startup_timeout_s)
+    pd.agree(ctx, fingerprint(ckpt, plan, opts))
+    runtime, error = None, None
+    try:
+        runtime = build_runtime(ckpt, plan, rank, device, opts)
+    except UserError as e:
+        error = str(e)
+    pd.report_ready(ctx, error)
+    transport = Transport(rank, world, backend, device, opts.stage_timeout_s, ctx.peers, DTYPES[opts.dtype])
+    return runtime, transport, ctx
+
+
+def run_worker(opts: RunOptions, rank: int, world: int, init_method: str, local_rank: int | None = None,
+               local_world: int | None = None) -> int:
+    """A stage other than 0: join, then serve steps until stage 0 sends 'stop'."""
+    ckpt = open_checkpoint(opts.model)
+    plan = make_plan(ckpt.cfg, opts)
+    local_rank = rank if local_rank is None else local_rank
+    runtime, transport, ctx = _join(opts, ckpt, plan, rank, world, local_rank, local_world or world, init_method)
+    try:
+        serve_stage(runtime, transport, is_last=ctx.is_last)
+    finally:
+        pd.shutdown()
+    return 0

@@ -1,0 +1,247 @@
+"""Loading images and videos named by request URLs: data URLs, file:// URLs and plain local paths.
+
+There is no network here, so http(s) URLs are refused with a message that says so. Every error is a
+``RequestError`` whose one-line message starts with ``where`` (e.g. ``messages[0].content[1].image_url``), so the
+server can answer 400 and the CLI can print it as is.
+
+Videos are decoded with PyAV and sampled the way Qwen3-VL's video processor does (§7.3 of the reference):
+n = int(total / video_fps * fps) clamped to [min_frames, max_frames] and to total, indices
+round(linspace(0, total - 1, n)), then padded to an even count by repeating the last frame.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import urllib.parse
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+
+class RequestError(UserError, ValueError):
+    """A request (chat messages, media, sampling parameters) that cannot be served as sent."""
+
+
+class MessageFormatError(RequestError):
+    """Messages that are not OpenAI-style chat messages."""
+
+
+class MediaURLError(RequestError):
+    """A media URL that is malformed or uses a scheme we cannot fetch."""
+
+
+class MediaAccessError(RequestError):
+    """A local media file that is missing or outside the allowed directories."""
+
+
+class MediaDecodeError(RequestError):
+    """Media bytes that are not a decodable image / video."""
+
+
+class MediaLimitError(RequestError):
+    """A request over a media limit (count or size)."""
+
+
+@dataclass(frozen=True)
+class MediaOptions:
+    """Limits on request media. ``None`` means unlimited / any local path (the CLI); the server sets them."""
+
+    max_images: int | None = None
+    max_videos: int | None = None
+    max_media_bytes: int | None = None
+    # Local files may only be read from inside these directories; None: anywhere, (): no local files at all.
+    allowed_local_dirs: tuple[str, ...] | None = None
+
+
+@dataclass
+class VideoClip:
+    """Sampled frames of one video. frames: uint8 [T, 3, H, W] with T even; indices: source frame of each row."""
+
+    frames: torch.Tensor
+    indices: list[int]
+    video_fps: float
+    total_frames: int
+
+    def timestamps(self, temporal_patch: int = 2) -> list[float]:
+        """Seconds of each temporal patch: the mean time of its first and last frame."""
+        idx = self.indices
+        return [(idx[k] + idx[k + temporal_patch - 1]) / 2 / self.video_fps for k in range(0, len(idx), temporal_patch)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# URLs -> bytes or a local path
+
+
+def _data_url_bytes(url: str, kind: str, where: str, opts: MediaOptions) -> bytes:
+    """Decode ``data:<kind>/<fmt>;base64,<payload>``; ``kind`` is 'image' or 'video'."""
+    header, sep, payload = url[len("data:"):].partition(",")
+    params = header.split(";")
+    if not sep or params[-1].strip().lower() != "base64":
+        raise MediaURLError(f"{where}: not a valid base64 data URL")
+    mediatype = params[0].strip().lower()
+    if mediatype and not mediatype.startswith(kind + "/") and mediatype != "application/octet-stream":
+        raise MediaURLError(f"{where}: expected a data URL of type {kind}/*, got {mediatype!r}")
+    if opts.max_media_bytes is not None and len(payload) * 3 // 4 > opts.max_media_bytes:
+        raise MediaLimitError(f"{where}: media is larger than the limit of {opts.max_media_bytes} bytes")
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise MediaURLError(f"{where}: not a valid base64 data URL") from None
+
+
+def _check_local_path(path: str, where: str, opts: MediaOptions) -> str:
+    real = os.path.realpath(path)
+    if opts.allowed_local_dirs is not None:
+        if not opts.allowed_local_dirs:
+            raise MediaAccessError(f"{where}: local files are not allowed; send the media as a base64 data URL")
+        roots = [os.path.realpath(d) for d in opts.allowed_local_dirs]
+        # Checked before existence, so that files outside the allowed directories cannot be probed.
+        if not any(os.path.commonpath([real, root]) == root for root in roots):
+            raise MediaAccessError(f"{where}: local path {path!r} is outside the allowed directories")
+    if not os.path.isfile(real):
+        raise MediaAccessError(f"{where}: file not found: {path!r}")
+    if opts.max_media_bytes is not None and os.path.getsize(real) > opts.max_media_bytes:
+        raise MediaLimitError(f"{where}: media is larger than the limit of {opts.max_media_bytes} bytes")
+    return real
+
+
+def resolve_media(url: object, kind: str, where: str, opts: MediaOptions) -> bytes | str:
+    """The media's bytes (data URL) or a checked local file path (file:// URL or plain path)."""
+    if not isinstance(url, str) or not url.strip():
+        raise MediaURLError(f"{where}: expected a non-empty URL string")
+    url = url.strip()
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if url[:5].lower() == "data:":
+        return _data_url_bytes(url, kind, where, opts)
+    if scheme in ("http", "https"):
+        raise MediaURLError(f"{where}: remote URLs cannot be fetched (this server has no network access); "
+                            f"send the {kind} as a base64 data URL or a file:// path")
+    if scheme == "file":
+        parts = urllib.parse.urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise MediaURLError(f"{where}: file URL with a remote host {parts.netloc!r} is not supported")
+        return _check_local_path(urllib.parse.unquote(parts.path), where, opts)
+    # A one-letter "scheme" is a Windows drive, i.e. a plain path.
+    if scheme and len(scheme) > 1:
+        raise MediaURLError(f"{where}: unsupported URL scheme {scheme!r} (use a data URL, file:// URL or local path)")
+    return _check_local_path(url, where, opts)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Images
+
+
+def sample_image_path() -> str:
+    """A small bundled test image (64x48 PNG) for demos and tests."""
+    from importlib.resources import files
+
+    return str(files("qwen_vl_distributed") / "assets" / "sample.png")
+
+
+MAX_ASPECT_RATIO = 200  # Qwen's smart_resize refuses anything more elongated
+
+
+def _check_aspect(width: int, height: int, where: str) -> None:
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise MediaLimitError(f"{where}: aspect ratio of {width}x{height} is over {MAX_ASPECT_RATIO}:1")
+
+
+def load_image(source: bytes | str, where: str):
+    """A fully decoded PIL image (mode conversion is left to the checkpoint's image processor, as in HF)."""
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise MediaDecodeError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
+    _check_aspect(img.width, img.height, where)
+    return img
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Videos
+
+
+def sample_frame_indices(total: int, video_fps: float, fps: float = 2, min_frames: int = 4,
+                         max_frames: int = 768) -> list[int]:
+    """Qwen3-VL's uniform fps sampling (before padding to an even count)."""
+    n = int(total / video_fps * fps)
+    n = min(max(n, min_frames), max_frames, total)
+    return np.linspace(0, total - 1, n).round().astype(int).tolist()
+
+
+def pad_to_multiple(indices: list[int], multiple: int = 2) -> list[int]:
+    """Repeat the last index until the count is a multiple of the temporal patch."""
+    return indices + [indices[-1]] * (-len(indices) % multiple)
+
+
+def _open_container(source: bytes | str):
+    import av
+
+    return av.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def _probe(source: bytes | str, where: str) -> tuple[int, float]:
+    """(total frames, frames per second). Falls back to counting packets when the container has no count."""
+    with _open_container(source) as container:
+        if not container.streams.video:
+            raise MediaDecodeError(f"{where}: no video stream in the file")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        if not rate:
+            raise MediaDecodeError(f"{where}: cannot determine the video's frame rate")
+        total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+    return int(total), float(rate)
+
+
+def _read_frames(source: bytes | str, wanted: list[int]) -> tuple[dict[int, np.ndarray], int]:
+    """Decode up to the last wanted frame; returns {index: uint8 [H, W, 3]} and how many frames were decoded."""
+    wanted_set, last = set(wanted), max(wanted)
+    out: dict[int, np.ndarray] = {}
+    size = None
+    count = 0
+    with _open_container(source) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for i, frame in enumerate(container.decode(stream)):
+            count = i + 1
+            if i in wanted_set:
+                # Reformat to the first kept frame's size so a mid-stream resolution change still stacks.
+                size = size or (frame.width, frame.height)
+                out[i] = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+            if i >= last:
+                break
+    return out, count
+
+
+def load_video(source: bytes | str, where: str, fps: float = 2, min_frames: int = 4, max_frames: int = 768,
+               temporal_patch: int = 2) -> VideoClip:
+    """Decode and sample a video; frames padded to a multiple of ``temporal_patch``."""
+    import av
+
+    try:
+        total, rate = _probe(source, where)
+        if total < 1:
+            raise MediaDecodeError(f"{where}: the video has no frames")
+        indices = sample_frame_indices(total, rate, fps, min_frames, max_frames)
+        frames, decoded = _read_frames(source, indices)
+        if len(frames) < len(set(indices)):
+            # The container over-stated its frame count: sample again from the frames that really exist.
+            if decoded < 1:
+                raise MediaDecodeError(f"{where}: the video has no decodable frames")
+            total = decoded
+            indices = sample_frame_indices(total, rate, fps, min_frames, max_frames)
+            frames, _ = _read_frames(source, indices)
+    except av.FFmpegError as e:
+        raise MediaDecodeError(f"{where}: cannot decode video ({type(e).__name__}: {e})") from None
+    indices = pad_to_multiple(indices, temporal_patch)
+    _check_aspect(frames[indices[0]].shape[1], frames[indices[0]].shape[0], where)
+    stacked = torch.from_numpy(np.stack([frames[i] for i in indices])).permute(0, 3, 1, 2).contiguous()
+    return VideoClip(frames=stacked, indices=indices, video_fps=rate, total_frames=total)

@@ -1,0 +1,343 @@
+"""Chat messages -> model inputs, with the checkpoint's own tokenizer, chat template, image and video processor.
+
+Images follow transformers exactly (same template text, same placeholder expansion, same tokenizer call), so the
+ids and pixel values equal ``AutoProcessor.apply_chat_template(..., tokenize=True, return_dict=True)``.
+
+Videos use the *release* prompt format (transformers 4.57 / qwen-vl-utils / vLLM, what the model was trained on):
+the template's whole ``<|vision_start|><|video_pad|><|vision_end|>`` triple becomes, per temporal patch k,
+``<{t_k:.1f} seconds><|vision_start|>`` + ``<|video_pad|>`` x (gh*gw/4) + ``<|vision_end|>``. transformers 5.x keeps
+an extra outer start/end pair around that, which we do not. We decode and sample frames ourselves (PyAV) and give
+the checkpoint's video processor the sampled frames only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from ..errors import UserError
+from .media import (MediaLimitError, MediaOptions, MessageFormatError, VideoClip, load_image, load_video,
+                    resolve_media)
+
+ROLES = ("system", "user", "assistant")
+TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values (same as transformers)
+
+
+class ProcessorFilesError(UserError):
+    """The checkpoint's processor files are missing or disagree with config.json."""
+
+
+@dataclass
+class PromptInputs:
+    """One request's prompt. Legend: N_img / N_vid = patches (rows of 1536 = C*Tp*P*P pixel values)."""
+
+    input_ids: list[int]
+    mm_token_type_ids: list[int]  # per token: 0 text, 1 <|image_pad|>, 2 <|video_pad|>
+    pixel_values: torch.Tensor | None = None  # [N_img, 1536] float32, images in prompt order
+    image_grid_thw: torch.Tensor | None = None  # [n_images, 3] int64 (1, gh, gw)
+    pixel_values_videos: torch.Tensor | None = None  # [N_vid, 1536] float32
+    video_grid_thw: torch.Tensor | None = None  # [n_videos, 3] int64 (gt, gh, gw), one row per whole video
+    video_timestamps: list[list[float]] = field(default_factory=list)  # seconds per temporal patch, per video
+    prompt: str = ""  # the rendered template, placeholders not yet expanded
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class MediaRef:
+    kind: str  # 'image' | 'video'
+    url: Any
+    where: str  # names the part in error messages, e.g. messages[0].content[1].image_url
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Messages
+
+
+def _part(part: Any, where: str, reserved: Sequence[str]) -> tuple[dict, MediaRef | None]:
+    """One OpenAI content part -> (template part, media reference or None)."""
+    if not isinstance(part, dict):
+        raise MessageFormatError(f"{where}: expected an object with a 'type'")
+    kind = part.get("type")
+    if kind == "text":
+        return {"type": "text", "text": _text(part.get("text"), f"{where}.text", reserved)}, None
+    if kind in ("image_url", "video_url"):
+        media = part.get(kind)
+        url = media.get("url") if isinstance(media, dict) else media
+        if not isinstance(url, str):
+            raise MessageFormatError(f"{where}.{kind}: expected an object with a 'url' string")
+        short = kind[: -len("_url")]
+        return {"type": short}, MediaRef(short, url, f"{where}.{kind}")
+    raise MessageFormatError(f"{where}.type: expected 'text', 'image_url' or 'video_url', got {kind!r}")
+
+
+def _text(value: Any, where: str, reserved: Sequence[str]) -> str:
+    if not isinstance(value, str):
+        raise MessageFormatError(f"{where}: expected a string")
+    # A literal vision token in user text would desynchronise placeholders and pixel values.
+    for token in reserved:
+        if token in value:
+            raise MessageFormatError(f"{where}: contains the reserved token {token!r}")
+    return value
+
+
+def normalize_messages(messages: Any, reserved: Sequence[str] = ()) -> tuple[list[dict], list[MediaRef]]:
+    """Validate OpenAI-style messages; return template messages (parts typed text/image/video) and media in order."""
+    if not isinstance(messages, list) or not messages:
+        raise MessageFormatError("messages: expected a non-empty list of messages")
+    out, refs = [], []
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise MessageFormatError(f"{where}: expected an object with 'role' and 'content'")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise MessageFormatError(f"{where}.role: expected one of {', '.join(ROLES)}, got {role!r}")
+        content = msg.get("content")
+        if isinstance(content, str):
+            out.append({"role": role, "content": _text(content, f"{where}.content", reserved)})
+            continue
+        if not isinstance(content, list):
+            raise MessageFormatError(f"{where}.content: expected a string or a list of content parts")
+        parts = []
+        for j, p in enumerate(content):
+            part, ref = _part(p, f"{where}.content[{j}]", reserved)
+            if ref is not None:
+                if role == "system":
+                    raise MessageFormatError(f"{ref.where}: images and videos are not allowed in system messages")
+                refs.append(ref)
+            parts.append(part)
+        out.append({"role": role, "content": parts})
+    return out, refs
+
+
+def _short(url: str, limit: int = 60) -> str:
+    """A URL shortened for error messages (data URLs can be megabytes)."""
+    return url if len(url) <= limit else url[: limit - 3] + "..."
+
+
+def _check_counts(refs: Sequence[MediaRef], opts: MediaOptions) -> None:
+    for kind, limit in (("image", opts.max_images), ("video", opts.max_videos)):
+        n = sum(r.kind == kind for r in refs)
+        if limit is not None and n > limit:
+            raise MediaLimitError(f"messages: {n} {kind}s in the request; the limit is {limit}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Processor
+
+
+class Processor:
+    """Messages -> ``PromptInputs`` and token ids -> text, using the checkpoint's processor files."""
+
+    def __init__(self, hf_processor: Any, cfg: Any, media: MediaOptions | None = None):
+        self.hf = hf_processor
+        self.tokenizer = hf_processor.tokenizer
+        self.media = media or MediaOptions()
+        tok = self.tokenizer.convert_ids_to_tokens
+        self.image_token = tok(cfg.image_token_id)
+        self.video_token = tok(cfg.video_token_id)
+        self.vision_start = tok(cfg.vision_start_token_id)
+        self.vision_end = tok(cfg.vision_end_token_id)
+        self.image_token_id, self.video_token_id = cfg.image_token_id, cfg.video_token_id
+        vp = hf_processor.video_processor
+        self.merge = vp.merge_size**2
+        self.temporal_patch = vp.temporal_patch_size
+        self.video_sampling = dict(fps=vp.fps, min_frames=vp.min_frames, max_frames=vp.max_frames)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike, cfg: Any, media: MediaOptions | None = None) -> Processor:
+        import transformers
+
+        model_dir = os.fspath(model_dir)
+        _check_files(model_dir)
+        try:
+            hf = transformers.AutoProcessor.from_pretrained(model_dir)
+        except (OSError, ValueError, KeyError) as e:
+            first_line = str(e).splitlines()[0] if str(e) else ""
+            raise ProcessorFilesError(f"{model_dir}: cannot load the tokenizer / processor files "
+                                      f"({type(e).__name__}: {first_line})") from None
+        if not getattr(hf, "chat_template", None):
+            raise ProcessorFilesError(f"{model_dir}: no chat template (chat_template.jinja or chat_template.json)")
+        _check_against_config(hf, cfg, model_dir)
+        return cls(hf, cfg, media)
+
+    # ---- prompts
+
+    def render(self, messages: list[dict]) -> str:
+        """The chat template applied to normalized messages, with the Thinking generation prompt."""
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def build_inputs(self, messages: Any) -> PromptInputs:
+        """OpenAI-style chat messages -> prompt ids and pixel values. Raises RequestError subclasses."""
+        normalized, refs = normalize_messages(messages, self._reserved())
+        return self._build(normalized, refs)
+
+    def build_from_prompt(self, text: str, images: Iterable[str] = (), videos: Iterable[str] = (),
+                          system: str | None = None) -> PromptInputs:
+        """The CLI's --prompt/--image/--video: one user turn, images then videos then the text."""
+        refs = [MediaRef("image", u, f"--image {_short(u)}") for u in images]
+        refs += [MediaRef("video", u, f"--video {_short(u)}") for u in videos]
+        text = _text(text, "--prompt", self._reserved())
+        content = [{"type": r.kind} for r in refs] + [{"type": "text", "text": text}]
+        normalized = ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
+                                                                                     "content": content}]
+        return self._build(normalized, refs)
+
+    def _reserved(self) -> tuple[str, ...]:
+        return (self.image_token, self.video_token, self.vision_start, self.vision_end)
+
+    def _build(self, normalized: list[dict], refs: list[MediaRef]) -> PromptInputs:
+        _check_counts(refs, self.media)
+        images = [load_image(resolve_media(r.url, "image", r.where, self.media), r.where)
+                  for r in refs if r.kind == "image"]
+        clips = [load_video(resolve_media(r.url, "video", r.where, self.media), r.where,
+                            temporal_patch=self.temporal_patch, **self.video_sampling)
+                 for r in refs if r.kind == "video"]
+        prompt = self.render(normalized)
+        out = PromptInputs(input_ids=[], mm_token_type_ids=[], prompt=prompt)
+        if images:
+            feats = self.hf.image_processor(images=images, return_tensors="pt")
+            out.pixel_values, out.image_grid_thw = feats["pixel_values"], feats["image_grid_thw"]
+        if clips:
+            out.pixel_values_videos, out.video_grid_thw = self._process_videos(clips)
+            out.video_timestamps = [c.timestamps(self.temporal_patch) for c in clips]
+        text = self._expand(prompt, out)
+        out.input_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        out.mm_token_type_ids = [IMAGE if t == self.image_token_id else VIDEO if t == self.video_token_id else TEXT
+                                 for t in out.input_ids]
+        return out
+
+    def _process_videos(self, clips: list[VideoClip]) -> tuple[torch.Tensor, torch.Tensor]:
+        # Frames are already sampled; cap_pixels_per_frame=False is the release behaviour and silences
+        # transformers' deprecation warning about its future default.
+        feats = self.hf.video_processor(videos=[c.frames for c in clips], do_sample_frames=False,
+                                        cap_pixels_per_frame=False, input_data_format="channels_first",
+                                        return_tensors="pt")
+        grid = feats["video_grid_thw"]
+        for clip, row in zip(clips, grid.tolist()):
+            assert row[0] * self.temporal_patch == len(clip.indices), (row, len(clip.indices))
+        return feats["pixel_values_videos"], grid
+
+    def _expand(self, prompt: str, inp: PromptInputs) -> str:
+        """Replace each image pad by its run of pads and each video triple by the release per-frame format."""
+        triple = self.vision_start + self.video_token + self.vision_end
+        pieces = re.split(f"({re.escape(self.image_token)}|{re.escape(triple)})", prompt)
+        n_img = 0 if inp.image_grid_thw is None else len(inp.image_grid_thw)
+        n_vid = 0 if inp.video_grid_thw is None else len(inp.video_grid_thw)
+        found = (pieces[1::2].count(self.image_token), pieces[1::2].count(triple))
+        if found != (n_img, n_vid):
+            raise ProcessorFilesError(f"chat template: rendered {found[0]} image and {found[1]} video placeholders "
+                                      f"for {n_img} images and {n_vid} videos")
+        img_iter, vid_iter = iter(range(n_img)), iter(range(n_vid))
+        for k in range(1, len(pieces), 2):
+            if pieces[k] == self.image_token:
+                i = next(img_iter)
+                pieces[k] = self.image_token * (int(inp.image_grid_thw[i].prod()) // self.merge)
+            else:
+                pieces[k] = self._video_text(inp, next(vid_iter))
+        return "".join(pieces)
+
+    def _video_text(self, inp: PromptInputs, v: int) -> str:
+        _, gh, gw = inp.video_grid_thw[v].tolist()
+        frame = self.vision_start + self.video_token * (gh * gw // self.merge) + self.vision_end
+        return "".join(f"<{t:.1f} seconds>" + frame for t in inp.video_timestamps[v])
+
+    # ---- text
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def detokenizer(self, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.tokenizer, skip_special_tokens)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """``<|im_end|>`` and ``<|endoftext|>`` (the Thinking model's stop tokens), those the tokenizer has."""
+        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        return [i for i in ids if isinstance(i, int) and i != self.tokenizer.unk_token_id]
+
+
+def _check_files(model_dir: str) -> None:
+    if not os.path.isdir(model_dir):
+        raise ProcessorFilesError(f"{model_dir}: model directory not found")
+    has = set(os.listdir(model_dir))
+    missing = [f for f in ("tokenizer_config.json", "preprocessor_config.json") if f not in has]
+    if "tokenizer.json" not in has and not {"vocab.json", "merges.txt"} <= has:
+        missing.insert(0, "tokenizer.json")
+    if missing:
+        raise ProcessorFilesError(f"{model_dir}: missing processor file(s): {', '.join(missing)}")
+
+
+def _check_against_config(hf: Any, cfg: Any, model_dir: str) -> None:
+    """The processor files must agree with config.json on vision geometry and the vision token ids."""
+    tok = hf.tokenizer
+    for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        want = getattr(cfg, name)
+        token = tok.convert_ids_to_tokens(want)
+        if token is None or tok.convert_tokens_to_ids(token) != want:
+            raise ProcessorFilesError(f"{model_dir}/tokenizer.json: has no token with id {want} "
+                                      f"(config.json {name})")
+    v = cfg.vision
+    for proc, fname in ((hf.image_processor, "preprocessor_config.json"),
+                        (hf.video_processor, "video_preprocessor_config.json")):
+        for key, want in (("patch_size", v.patch_size), ("merge_size", v.spatial_merge_size),
+                          ("temporal_patch_size", v.temporal_patch_size)):
+            got = getattr(proc, key)
+            if got != want:
+                raise ProcessorFilesError(f"{model_dir}/{fname}: {key} {got} does not match config.json "
+                                          f"vision_config ({want})")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Streaming detokenization
+
+
+class IncrementalDetokenizer:
+    """Token ids in, text deltas out, never splitting a multi-byte UTF-8 character.
+
+    Decodes a short window: ``prefix`` marks where the last complete text began, ``read`` where new tokens begin.
+    A delta is released only when the window's text no longer ends in U+FFFD (an incomplete byte sequence);
+    ``finish`` flushes whatever is left (a genuine U+FFFD included).
+    """
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+        self.text = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, ids: int | Sequence[int]) -> str:
+        """Append token id(s); return the newly completed text (possibly empty)."""
+        self.ids.extend([ids] if isinstance(ids, int) else ids)
+        done = self._decode(self.ids[self.prefix:self.read])
+        now = self._decode(self.ids[self.prefix:])
+        if len(now) <= len(done) or now.endswith("\ufffd"):
+            return ""
+        delta = now[len(done):]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.text += delta
+        return delta
+
+    def finish(self) -> str:
+        """The text not yet returned (an incomplete character becomes U+FFFD)."""
+        done = self._decode(self.ids[self.prefix:self.read])
+        now = self._decode(self.ids[self.prefix:])
+        delta = now[len(done):]
+        self.prefix = self.read = len(self.ids)
+        self.text += delta
+        return delta

@@ -1,0 +1,260 @@
+"""Sampling parameters and next-token sampling for a batch of requests.
+
+Legend: B batch rows (one request each), V vocabulary (logits width).
+
+Semantics follow OpenAI / vLLM / HF:
+- temperature 0: greedy argmax (after penalties);
+- repetition_penalty (HF): logits of tokens in prompt + output are divided by it when positive, multiplied when not;
+- presence / frequency penalty (OpenAI): subtract presence * [count > 0] + frequency * count over *output* tokens;
+- then temperature, top-k (ties with the k-th value are kept), top-p over the top-k renormalized distribution
+  (the smallest prefix of the sorted distribution whose mass reaches top_p; the top token always survives).
+
+Reproducibility: each request owns a ``torch.Generator`` seeded by its ``seed`` and draws its own noise, so a seed
+gives the same tokens whatever else shares the batch. The draw is an exponential race, argmax(p / q) with
+q ~ Exp(1) i.i.d., which picks token j with probability p_j.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .media import RequestError
+
+
+class SamplingParamError(RequestError):
+    """A sampling parameter out of range; the message starts with the parameter's name."""
+
+
+def _number(name: str, value: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SamplingParamError(f"{name}: expected a finite number, got {value!r}")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise SamplingParamError(f"{name}: must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise SamplingParamError(f"{name}: must be <= {hi}, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value: Any, lo: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SamplingParamError(f"{name}: expected an integer, got {value!r}")
+    if lo is not None and value < lo:
+        raise SamplingParamError(f"{name}: must be >= {lo}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings, validated at construction. top_k 0 or -1 and top_p 1 disable the filters."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_new_tokens: int = 1024
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        _number("temperature", self.temperature, lo=0.0)
+        _number("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
+        if _integer("top_k", self.top_k, lo=-1) == -1:
+            object.__setattr__(self, "top_k", 0)
+        if self.seed is not None:
+            _integer("seed", self.seed)
+        _integer("max_new_tokens", self.max_new_tokens, lo=1)
+        _number("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
+        _number("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
+        _number("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
+        object.__setattr__(self, "stop_token_ids", self._stop_ids(self.stop_token_ids))
+        object.__setattr__(self, "stop", self._stop_strings(self.stop))
+
+    @staticmethod
+    def _stop_ids(ids: Any) -> tuple[int, ...]:
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple)):
+            raise SamplingParamError(f"stop_token_ids: expected a list of integers, got {ids!r}")
+        return tuple(_integer(f"stop_token_ids[{i}]", t, lo=0) for i, t in enumerate(ids))
+
+    @staticmethod
+    def _stop_strings(stop: Any) -> tuple[str, ...]:
+        if stop is None:
+            return ()
+        if isinstance(stop, str):  # OpenAI accepts a single string
+            stop = [stop]
+        if not isinstance(stop, (list, tuple)):
+            raise SamplingParamError(f"stop: expected a string or a list of strings, got {stop!r}")
+        for i, s in enumerate(stop):
+            if not isinstance(s, str) or not s:
+                raise SamplingParamError(f"stop[{i}]: expected a non-empty string, got {s!r}")
+        return tuple(stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether sampling this request needs a ``TokenHistory`` (any penalty active)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @classmethod
+    def from_generation_config(cls, gen: Mapping[str, Any], **overrides: Any) -> SamplingParams:
+        """Defaults from a checkpoint's generation_config.json (do_sample false -> greedy), then ``overrides``."""
+        keys = {f.name for f in fields(cls)}
+        base = {k: gen[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if gen.get(k) is not None}
+        if gen.get("do_sample") is False:
+            base["temperature"] = 0.0
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(base) - keys
+        if unknown:
+            raise SamplingParamError(f"{sorted(unknown)[0]}: unknown sampling parameter")
+        return cls(**base)
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A request's own generator; without a seed it is seeded from the OS so requests still differ."""
+    g = torch.Generator(device=device)
+    g.manual_seed((secrets.randbits(63) if seed is None else seed) % 2**64)
+    return g
+
+
+class TokenHistory:
+    """One request's token statistics for penalties. counts: int32 [V] over output; seen: bool [V] prompt + output."""
+
+    def __init__(self, prompt_ids: Sequence[int], vocab_size: int, device: torch.device | str = "cpu"):
+        self.counts = torch.zeros(vocab_size, dtype=torch.int32, device=device)
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=device)
+        self.seen[ids[ids < vocab_size]] = True
+
+    def append(self, token: int | torch.Tensor) -> None:
+        """Record a sampled token (an int or a 0-d / 1-element tensor, no host sync needed)."""
+        t = torch.as_tensor(token, dtype=torch.long, device=self.counts.device).reshape(1)
+        self.counts.index_add_(0, t, torch.ones(1, dtype=torch.int32, device=t.device))
+        self.seen[t] = True
+
+
+def _col(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)  # [B, 1]
+
+
+def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
+                    histories: Sequence[TokenHistory | None]) -> torch.Tensor:
+    """Penalized copy of logits [B, V]; rows without an active penalty are unchanged."""
+    rows = [i for i, p in enumerate(params) if p.needs_history]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        h = histories[i]
+        if h is None:
+            raise ValueError(f"row {i}: penalties requested but no TokenHistory given")
+        p, row = params[i], logits[i]
+        if p.repetition_penalty != 1.0:
+            scaled = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+            row = torch.where(h.seen, scaled, row)
+        counts = h.counts.to(row.dtype)
+        row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
+        logits[i] = row
+    return logits
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]) -> torch.Tensor:
+    """Logits [B, V] with tokens outside each row's top-k / top-p set at -inf (k 0 and p 1 disable)."""
+    B, V = logits.shape
+    if all(k == 0 or k >= V for k in top_k) and all(p >= 1.0 for p in top_p):
+        return logits
+    sorted_vals, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    ks = torch.tensor([k if 0 < k < V else V for k in top_k], device=logits.device)
+    kth = sorted_vals.gather(1, (ks - 1).unsqueeze(1))  # [B, 1]
+    sorted_vals = sorted_vals.masked_fill(sorted_vals < kth, float("-inf"))
+    probs = sorted_vals.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly better-ranked tokens
+    # top_p 1 keeps everything (a float32 cumsum can pass 1.0 before the tail).
+    drop = mass_before >= _col([p if p < 1.0 else math.inf for p in top_p], probs)
+    drop[:, 0] = False
+    sorted_vals = sorted_vals.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_vals)
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+           histories: Sequence[TokenHistory | None] | None = None) -> torch.Tensor:
+    """Next token per row: logits [B, V] (float32) -> int64 [B] on the same device.
+
+    ``generators[i]`` is row i's own generator (unused for greedy rows); ``histories[i]`` is needed only when row i
+    has a penalty. The caller appends the chosen tokens to the histories.
+    """
+    B, V = logits.shape
+    if len(params) != B or len(generators) != B:
+        raise ValueError(f"{B} rows of logits but {len(params)} params and {len(generators)} generators")
+    logits = apply_penalties(logits.float(), params, histories or [None] * B)
+    out = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return out
+    sel = torch.tensor(rows, device=logits.device)
+    scaled = logits[sel] / _col([params[i].temperature for i in rows], logits)
+    scaled = filter_top_k_top_p(scaled, [params[i].top_k for i in rows], [params[i].top_p for i in rows])
+    probs = scaled.softmax(dim=-1)
+    noise = torch.stack([_exponential(V, generators[i], logits.device) for i in rows])
+    out[sel] = (probs / noise).argmax(dim=-1)
+    return out
+
+
+def _exponential(n: int, gen: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    if gen is None:
+        raise ValueError("a sampled (temperature > 0) row needs a generator")
+    return torch.empty(n, dtype=torch.float32, device=device).exponential_(generator=gen)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Stop strings on streamed text
+
+
+class StopStringMatcher:
+    """Streams text while watching for stop strings; holds back a tail that could still start one.
+
+    ``feed(delta) -> (text to emit, stopped)``; after a stop the emitted text ends just before the stop string
+    (OpenAI semantics: the stop string is not returned). ``flush()`` releases the held tail at the end.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.held = ""
+        self.stopped = False
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        if not self.stops:
+            return delta, False
+        text = self.held + delta
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held, self.stopped = "", True
+            return text[: min(hits)], True
+        keep = self._partial_suffix(text)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep], False
+
+    def _partial_suffix(self, text: str) -> int:
+        """Length of the longest tail of ``text`` that is a proper prefix of some stop string."""
+        best = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if s.startswith(text[-n:]):
+                    best = n
+                    break
+        return best
+
+    def flush(self) -> str:
+        out, self.held = ("" if self.stopped else self.held), ""
+        return out

@@ -1,0 +1,91 @@
+"""Process-group set-up, the start-up agreement, and the ready check.
+
+``DistContext`` is the one object that carries parallel state (rank, world, backend, device, peers); it is created
+once at start-up and passed in -- nothing reaches for globals.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .transport import PeerInfo, StageFailure
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world: int
+    backend: str
+    device: torch.device
+    peers: list[PeerInfo]
+    control: Any  # process group for control messages (gloo); None means the default group
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.world - 1
+
+
+def choose_backend(device: str, local_world: int) -> str:
+    """NCCL when every local stage has a GPU of its own; gloo on CPU or when stages share a GPU."""
+    if device == "cuda" and torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
+        return "nccl"
+    return "gloo"
+
+
+def stage_device(device: str, local_rank: int) -> torch.device:
+    if device == "cuda":
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
+def init_distributed(rank: int, world: int, init_method: str, backend: str, device: torch.device,
+                     startup_timeout_s: float) -> DistContext:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    kw = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=startup_timeout_s), **kw)
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=startup_timeout_s)) if backend == "nccl" else None
+    me = PeerInfo(rank, socket.gethostname(), os.getpid())
+    peers: list[Any] = [None] * world
+    dist.all_gather_object(peers, me, group=control)
+    return DistContext(rank, world, backend, device, peers, control)
+
+
+def agree(ctx: DistContext, fingerprint: dict[str, str]) -> None:
+    """Every rank must hold the same config, checkpoint, plan and code; otherwise all ranks refuse to start."""
+    everyone: list[Any] = [None] * ctx.world
+    dist.all_gather_object(everyone, fingerprint, group=ctx.control)
+    for key in sorted(fingerprint):
+        values = {r: fp.get(key) for r, fp in enumerate(everyone)}
+        if len(set(values.values())) > 1:
+            detail = "; ".join(f"{ctx.peers[r].describe()}: {v}" for r, v in values.items())
+            raise StageFailure(f"start-up agreement failed: the ranks disagree on {key} ({detail})")
+
+
+def report_ready(ctx: DistContext, error: str | None) -> None:
+    """After loading: all ranks learn whether every stage is ready; any stage's error stops all of them."""
+    everyone: list[Any] = [None] * ctx.world
+    dist.all_gather_object(everyone, error, group=ctx.control)
+    for r, err in enumerate(everyone):
+        if err is not None:
+            raise StageFailure(f"{ctx.peers[r].describe()} failed to start: {err}")
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # best effort at exit
+            pass

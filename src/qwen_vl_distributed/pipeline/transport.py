@@ -1,0 +1,155 @@
+"""Payloads over torch.distributed point-to-point, around the ring stage 0 -> 1 -> ... -> S-1 -> 0.
+
+Each message is: a length (int64 [1]), a JSON header (uint8 [n]), then the tensors the header announces:
+ids_pos int64 [4, T] (input ids and the 3 M-RoPE rows) and hidden [T, H] for a step; tokens int64 [B] back to
+stage 0. Tags keep the two directions apart (0: steps, 1: tokens). With NCCL all tensors live on the GPU; with gloo
+(CPU, or stages sharing a GPU) on the host.
+
+Every wait is bounded by ``timeout_s``: a peer that sends nothing for that long is declared hung, and a closed
+connection (a peer died) is reported at once -- both as a StageFailure naming the stage, rank and host.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..model.batch import SeqLayout
+from .payload import StepPayload, TokenPayload
+
+STEP_TAG, TOKEN_TAG = 0, 1
+
+
+class StageFailure(RuntimeError):
+    """Another stage died, hung or refused to start; the message names it."""
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    rank: int
+    host: str
+    pid: int
+
+    def describe(self) -> str:
+        return f"stage {self.rank} (rank {self.rank}, pid {self.pid} on {self.host})"
+
+
+class Transport:
+    def __init__(self, rank: int, world: int, backend: str, device: torch.device, timeout_s: float,
+                 peers: list[PeerInfo], hidden_dtype: torch.dtype):
+        self.rank, self.world, self.backend = rank, world, backend
+        self.device = device if backend == "nccl" else torch.device("cpu")
+        self.timeout_s = timeout_s
+        self.peers = peers
+        self.hidden_dtype = hidden_dtype
+        self._pending: list[tuple[int, list, list[torch.Tensor]]] = []  # sends in flight (keep tensors alive)
+
+    @property
+    def next_rank(self) -> int:
+        return (self.rank + 1) % self.world
+
+    @property
+    def prev_rank(self) -> int:
+        return (self.rank - 1) % self.world
+
+    # -- steps ------------------------------------------------------------------------------------------------------
+    def send_step(self, p: StepPayload) -> None:
+        tensors = []
+        if p.layout is not None:
+            tensors.append(torch.cat([p.input_ids.view(1, -1).cpu(), p.positions.cpu()]).to(self.device))
+            if p.hidden is not None:
+                tensors.append(p.hidden.to(self.device, self.hidden_dtype))
+        self._send(p.header(), tensors, self.next_rank, STEP_TAG)
+
+    def recv_step(self) -> StepPayload:
+        h = self._recv_header(self.prev_rank, STEP_TAG)
+        if h["kind"] != "step":
+            return StepPayload(kind=h["kind"], stats=h["stats"])
+        t = sum(h["lens"])
+        ids_pos = self._recv_tensor((4, t), torch.long, self.prev_rank, STEP_TAG)
+        hidden = None
+        if h["hidden"] is not None:
+            hidden = self._recv_tensor(tuple(h["hidden"]), getattr(torch, h["dtype"]), self.prev_rank, STEP_TAG)
+        layout = SeqLayout(h["slots"], h["starts"], h["lens"])
+        new = {int(k): v for k, v in h["new_seqs"].items()}
+        return StepPayload("step", h["mb"], h["step"], layout, ids_pos[1:].cpu(), ids_pos[0].cpu(), hidden, new,
+                           stats=h["stats"])
+
+    # -- tokens back to stage 0 ---------------------------------------------------------------------------------
+    def send_tokens(self, p: TokenPayload) -> None:
+        header = {"kind": p.kind, "mb": p.mb, "n": 0 if p.tokens is None else int(p.tokens.numel()),
+                  "stats": p.stats}
+        tensors = [] if p.tokens is None else [p.tokens.to(self.device, torch.long)]
+        self._send(header, tensors, 0, TOKEN_TAG)
+
+    def recv_tokens(self) -> TokenPayload:
+        src = self.world - 1
+        h = self._recv_header(src, TOKEN_TAG)
+        tokens = self._recv_tensor((h["n"],), torch.long, src, TOKEN_TAG).cpu() if h["n"] else None
+        return TokenPayload(h["kind"], h["mb"], tokens, h["stats"])
+
+    # -- plumbing -------------------------------------------------------------------------------------------------
+    def _send(self, header: dict, tensors: list[torch.Tensor], dst: int, tag: int) -> None:
+        raw = torch.frombuffer(bytearray(json.dumps(header).encode()), dtype=torch.uint8)
+        msgs = [torch.tensor([raw.numel()], dtype=torch.long), raw] + tensors
+        msgs = [m.to(self.device) for m in msgs]
+        self._reap()
+        try:
+            works = [dist.isend(m, dst=dst, tag=tag) for m in msgs]
+        except RuntimeError as e:
+            raise self._failure(dst, e) from None
+        self._pending.append((dst, works, msgs))
+
+    def _reap(self, keep: int | None = None) -> None:
+        """Finish old sends so their buffers can go; keep at most ``keep`` (default: the world size) in flight."""
+        keep = self.world if keep is None else keep
+        while len(self._pending) > keep:
+            dst, works, _ = self._pending.pop(0)
+            for w in works:
+                self._wait(w, dst, "send")
+
+    def flush(self) -> None:
+        self._reap(keep=0)
+
+    def _recv_header(self, src: int, tag: int) -> dict:
+        n = int(self._recv_tensor((1,), torch.long, src, tag).item())
+        raw = self._recv_tensor((n,), torch.uint8, src, tag).cpu()
+        return json.loads(bytes(raw.tolist()).decode())
+
+    def _recv_tensor(self, shape, dtype, src: int, tag: int) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        try:
+            w = dist.irecv(t, src=src, tag=tag)
+        except RuntimeError as e:
+            raise self._failure(src, e) from None
+        self._wait(w, src, "recv")
+        return t
+
+    def _wait(self, work, peer: int | None, what: str) -> None:
+        try:
+            if self.backend == "gloo":
+                work.wait(timeout=timedelta(seconds=self.timeout_s))
+                return
+            deadline = time.monotonic() + self.timeout_s
+            while not work.is_completed():  # NCCL: poll, so a hung peer cannot block us forever
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"timed out after {self.timeout_s:.0f} s")
+                time.sleep(0.0002)
+            work.wait()
+        except (RuntimeError, TimeoutError) as e:
+            raise self._failure(peer, e) from None
+
+    def _failure(self, peer: int | None, e: Exception) -> StageFailure:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        who = self.peers[peer].describe() if peer is not None else "a neighbouring stage"
+        me = self.peers[self.rank].describe()
+        if "timed out" in msg.lower() or "timeout" in msg.lower():
+            why = f"sent nothing for {self.timeout_s:.0f} s (hung or dead)"
+        else:
+            why = f"connection lost ({msg}): it died"
+        return StageFailure(f"{who} {why}; seen by {me}")

@@ -1,0 +1,60 @@
+"""The pipeline in separate processes (gloo on CPU) equals one process, token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mm_inputs import chat, image_tokens, pixels, video_tokens
+from qwen_vl_distributed.engine.build import RunOptions, start_engine
+from qwen_vl_distributed.engine.engine import Prompt
+from qwen_vl_distributed.engine.sampling import SamplingParams
+from synth_model import tiny_model_dir
+
+PATCH = 1536
+
+
+def _requests():
+    """Text, several images, a video, and prompts of different lengths, all sent at once."""
+    imgs = [(1, 4, 4), (1, 6, 10)]
+    toks = [100] + image_tokens(4, 4) + [200] + image_tokens(6, 10) + [300]
+    vid = [(2, 4, 6)]
+    return [
+        Prompt(chat([100, 2000, 30000, 400, 5])),
+        Prompt(chat(toks), None, pixels(16 + 60, PATCH, 1), imgs),
+        Prompt(chat(video_tokens(2, 4, 6) + [7]), None, None, None, pixels(48, PATCH, 2), vid),
+        Prompt(chat([9] * 40)),
+        Prompt(chat([11, 12])),
+    ]
+
+
+def _run(model_dir: str, stages: int, layers=None) -> list[list[int]]:
+    opts = RunOptions(model=model_dir, stages=stages, max_batch=8, max_len=256, quiet=True, layers_per_stage=layers,
+                      stage_timeout_s=30)
+    handle = start_engine(opts)
+    try:
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+        seeded = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7, max_new_tokens=12)
+        seqs = [handle.engine.add(p, greedy if i % 2 == 0 else seeded) for i, p in enumerate(_requests())]
+        handle.engine.run_until_done()
+        stats = handle.engine.executor.stage_stats()
+        assert [s["stage"] for s in stats] == list(range(stages))
+        assert all(s["busy_s"] > 0 for s in stats)
+        return [s.output for s in seqs]
+    finally:
+        handle.close()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def single(model_dir):
+    return _run(model_dir, 1)
+
+
+@pytest.mark.parametrize("stages,layers", [(2, None), (3, None), (4, None), (2, [5, 1])])
+def test_pipeline_equals_single_process(model_dir, single, stages, layers):
+    assert _run(model_dir, stages, layers) == single
