@@ -64,19 +64,24 @@ def run(args) -> int:
     if under_torchrun() and torchrun_rank()[0] != 0:
         rank, world, local_rank = torchrun_rank()
         return run_worker(opts, rank, world, "env://", local_rank)
-    handle = None
+    # Everything a user can get wrong is checked before any process starts.
+    from ..model.config import load_config
+
+    cfg = load_config(opts.model)
+    processor = Processor.from_pretrained(opts.model, cfg, MediaOptions())
+    inputs = (processor.build_inputs(read_messages(args.messages)) if args.messages
+              else processor.build_from_prompt(args.prompt, args.image, args.video))
+    params = sampling_params(args, opts.model)
+    handle = start_engine(opts)
     try:
-        handle = start_engine(opts)
-        processor = Processor.from_pretrained(opts.model, handle.cfg, MediaOptions())
-        inputs = (processor.build_inputs(read_messages(args.messages)) if args.messages
-                  else processor.build_from_prompt(args.prompt, args.image, args.video))
-        params = sampling_params(args, opts.model)
         result = generate_one(handle.engine, processor, inputs, params, stream=not args.json)
     except StageFailure as e:
+        handle.abort()
         raise UserError(str(e)) from None
-    finally:
-        if handle is not None:
-            handle.close()
+    except BaseException:
+        handle.abort()
+        raise
+    handle.close()
     if args.json:
         print(json.dumps(result))
     return 0

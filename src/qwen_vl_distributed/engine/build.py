@@ -66,7 +66,8 @@ class EngineHandle:
     cfg: ModelConfig
     plan: StagePlan
     eos_ids: list[int]
-    close: callable = field(repr=False, default=lambda: None)
+    close: callable = field(repr=False, default=lambda: None)  # orderly: 'stop' round the ring, wait for workers
+    abort: callable = field(repr=False, default=lambda: None)  # after a failure: kill the workers of this machine
 
 
 def read_eos_ids(model_dir: str) -> list[int]:
@@ -90,13 +91,22 @@ def make_plan(cfg: ModelConfig, opts: RunOptions) -> StagePlan:
 
 
 def fingerprint(ckpt, plan: StagePlan, opts: RunOptions) -> dict[str, str]:
-    """What all ranks must agree on before the first step (cheap: config, index and shard sizes, not the data)."""
+    """What all ranks must agree on before the first step. Cheap: config.json, the index, and per shard its size,
+    header and a 64 KiB sample of its data (so two copies with different weights disagree too). Each machine is
+    expected to hold the whole checkpoint directory at the same path."""
     h = hashlib.sha256()
-    for name in sorted(["config.json", os.path.basename(ckpt.source)]):
-        with open(os.path.join(ckpt.dir, name), "rb") as f:
-            h.update(f.read() if name.endswith(".json") else f.read(8 + 65536))
+    for name in ("config.json", "model.safetensors.index.json"):
+        path = os.path.join(ckpt.dir, name)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                h.update(f.read())
     for file in ckpt.files():
-        h.update(f"{file}:{os.path.getsize(ckpt.path(file))}".encode())
+        path = ckpt.path(file)
+        h.update(f"{file}:{os.path.getsize(path)}".encode())
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(n, 1 << 24)))  # header
+            h.update(f.read(1 << 16))  # the first bytes of tensor data
     from .. import __version__
 
     return {"checkpoint": h.hexdigest()[:16], "plan": plan.fingerprint(), "dtype": opts.dtype,
@@ -166,7 +176,14 @@ def _start_pipeline(opts: RunOptions, ckpt, plan: StagePlan, eos: list[int]) -> 
                 supervisor.stop()
             pd.shutdown()
 
-    return EngineHandle(engine, ckpt.cfg, plan, eos, close)
+    def abort():
+        """After a failure the other workers stop on their own within moments (their peers are gone), printing
+        what they saw; give them that moment, then kill whatever is left."""
+        if supervisor:
+            supervisor.stop(timeout_s=3.0)
+        pd.shutdown()
+
+    return EngineHandle(engine, ckpt.cfg, plan, eos, close, abort)
 
 
 def _join(opts, ckpt, plan, rank, world, local_rank, local_world, init_method):

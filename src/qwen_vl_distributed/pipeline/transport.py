@@ -19,14 +19,17 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
 from ..model.batch import SeqLayout
 from .payload import StepPayload, TokenPayload
 
 STEP_TAG, TOKEN_TAG = 0, 1
 
 
-class StageFailure(RuntimeError):
-    """Another stage died, hung or refused to start; the message names it."""
+class StageFailure(UserError, RuntimeError):
+    """Another stage died, hung or refused to start; the message names it. Printed as one line, exit code 3."""
+
+    exit_code = 3
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,8 @@ class Transport:
         me = self.peers[self.rank].describe()
         if "timed out" in msg.lower() or "timeout" in msg.lower():
             why = f"sent nothing for {self.timeout_s:.0f} s (hung or dead)"
+        elif "closed" in msg.lower() or "reset" in msg.lower():
+            why = "closed its connection (it died, or stopped on an error of its own)"
         else:
-            why = f"connection lost ({msg}): it died"
+            why = f"failed: {msg[:200]}"
         return StageFailure(f"{who} {why}; seen by {me}")
