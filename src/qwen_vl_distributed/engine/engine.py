@@ -229,5 +229,7 @@ class Engine:
         """End a sequence for a reason found outside the engine (a stop string matched in its text)."""
         if not seq.done:
             seq.finish_reason = reason
-            if not any(seq in seqs for seqs, _ in self.in_flight.values()):
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            elif not any(seq in seqs for seqs, _ in self.in_flight.values()):
                 self._release(seq)

@@ -1,0 +1,76 @@
+"""The CLI contract: `generate --json` fields, streaming, and one-line errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+
+import pytest
+
+from procs import CLI
+from synth_model import tiny_model_dir
+from qwen_vl_distributed.engine.media import sample_image_path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=300)
+
+
+def test_generate_json_fields(model_dir):
+    r = _run("generate", "--model", model_dir, "--prompt", "What is shown?", "--image", sample_image_path(),
+             "--max-new-tokens", "6", "--temperature", "0", "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("prompt_token_ids", "token_ids", "text", "reasoning", "content", "finish_reason", "timings"):
+        assert key in out
+    assert out["finish_reason"] in ("stop", "length")
+    assert 1 <= len(out["token_ids"]) <= 6
+    assert 151655 in out["prompt_token_ids"]  # the image placeholders
+    assert out["prompt_token_ids"][-2:] == [151667, 198]  # the template opened <think>
+    assert {"prefill_ms", "decode_ms_per_token"} <= set(out["timings"])
+
+
+def test_messages_file_with_data_url_equals_prompt_and_image(model_dir, tmp_path):
+    with open(sample_image_path(), "rb") as f:
+        url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What is shown?"}]}]
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(msgs))
+    a = _run("generate", "--model", model_dir, "--messages", str(path), "--max-new-tokens", "5", "--temperature", "0",
+             "--json", "--quiet")
+    b = _run("generate", "--model", model_dir, "--prompt", "What is shown?", "--image", sample_image_path(),
+             "--max-new-tokens", "5", "--temperature", "0", "--json", "--quiet")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    ja, jb = (json.loads(x.stdout.strip().splitlines()[-1]) for x in (a, b))
+    assert ja["prompt_token_ids"] == jb["prompt_token_ids"] and ja["token_ids"] == jb["token_ids"]
+
+
+def test_streaming_shows_reasoning_apart(model_dir):
+    r = _run("generate", "--model", model_dir, "--prompt", "hi", "--max-new-tokens", "4", "--temperature", "0",
+             "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("[thinking] ")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--image", "/nonexistent.png"], "error: --image /nonexistent.png: file not found"),
+    (["--stages", "0"], "error: --stages 0: must be at least 1"),
+    (["--temperature", "-1"], "error: temperature"),
+])
+def test_bad_input_is_one_line_error(model_dir, args, message):
+    r = _run("generate", "--model", model_dir, "--prompt", "hi", "--quiet", *args)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith(message), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_not_a_checkpoint(tmp_path):
+    r = _run("generate", "--model", str(tmp_path), "--prompt", "hi")
+    assert r.returncode == 2 and "no config.json" in r.stderr and "Traceback" not in r.stderr
