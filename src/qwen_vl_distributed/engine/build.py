@@ -86,8 +86,9 @@ def read_eos_ids(model_dir: str) -> list[int]:
 
 
 def make_plan(cfg: ModelConfig, opts: RunOptions) -> StagePlan:
+    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}[opts.dtype]
     return plan_stages(cfg, opts.stages, layers_per_stage=opts.layers_per_stage, max_seq_len=opts.max_len,
-                       max_batch=opts.max_batch, require_fit=False)
+                       max_batch=opts.max_batch, dtype=dtype, require_fit=False)
 
 
 def fingerprint(ckpt, plan: StagePlan, opts: RunOptions) -> dict[str, str]:
