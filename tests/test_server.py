@@ -26,6 +26,7 @@ from qwen_vl_distributed.engine.engine import Engine
 from qwen_vl_distributed.engine.media import MediaOptions
 from qwen_vl_distributed.engine.processor import Processor
 from qwen_vl_distributed.model.config import preset
+from qwen_vl_distributed.server.background import wait_until
 from qwen_vl_distributed.pipeline.payload import TokenPayload
 from qwen_vl_distributed.server.app import ServerSettings, create_app
 from qwen_vl_distributed.server.background import ServerThread
@@ -174,12 +175,7 @@ def ask_stream(client, messages, **kw):
 
 
 def wait_for(cond, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+    return wait_until(cond, timeout)
 
 
 def metric(server, line_prefix: str) -> float:

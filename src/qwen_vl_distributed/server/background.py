@@ -31,7 +31,7 @@ class ServerThread:
 
     def start(self) -> ServerThread:
         self._thread.start()
-        ok = _wait_until(lambda: self.server.started or not self._thread.is_alive(), START_TIMEOUT_S)
+        ok = wait_until(lambda: self.server.started or not self._thread.is_alive(), START_TIMEOUT_S)
         if not ok or not self.server.started:
             raise RuntimeError("the server did not start (see the log above)")
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
@@ -48,7 +48,7 @@ class ServerThread:
         self.stop()
 
 
-def _wait_until(cond, timeout: float) -> bool:
+def wait_until(cond, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
