@@ -167,3 +167,19 @@ def write_header_only_checkpoint(directory: str | os.PathLike, cfg: ModelConfig,
     """Like write_synthetic_weights, but every shard's data region is a sparse hole: real headers and file sizes,
     no bytes on disk. For testing ``inspect`` and planning on full-size (235B) checkpoints."""
     return _write(os.fspath(directory), cfg, 0, layout, fp8, shard_bytes, data=False)
+
+
+def randomize_module(module: torch.nn.Module, seed: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every parameter of ``module`` (e.g. a stage built on the meta device) a random value made directly on
+    ``device``, with the scales of ``synthetic_param``. For benchmarks of real-size models, where writing and reading
+    a checkpoint would cost more than the run; deterministic per (seed, name, device type)."""
+    for name, p in list(module.named_parameters()):
+        g = torch.Generator(device=device).manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
+        x = torch.empty(p.shape, dtype=dtype, device=device)
+        x.normal_(generator=g)
+        if _NORM_RE.search(name):
+            x.mul_(0.1).add_(1.0)
+        else:
+            x.mul_(0.5 if _ROUTER_RE.search(name) else 0.02)
+        owner, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(owner), leaf, torch.nn.Parameter(x, requires_grad=False))

@@ -16,6 +16,7 @@ COMMANDS = {
     "inspect": "inspect_cmd",
     "synth": "synth",
     "bench": "bench",
+    "bench-pipeline": "bench_pipeline",
     "demo": "demo",
     "worker": "worker",
 }

@@ -17,13 +17,17 @@ def add_parser(sub) -> None:
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--init-method", required=True)
+    p.add_argument("--random-preset", default=None)
+    p.add_argument("--random-layers", type=int, default=None)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))  # Ctrl-C reaches the whole process group: leave quietly
     try:
-        return run_worker(run_options(args), args.rank, args.world_size, args.init_method)
+        opts = run_options(args)
+        opts.random_preset, opts.random_layers = args.random_preset, args.random_layers
+        return run_worker(opts, args.rank, args.world_size, args.init_method)
     except StageFailure as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3

@@ -47,9 +47,12 @@ class RunOptions:
     startup_timeout_s: float = 1800.0  # loading a 235B stage can take minutes
     quiet: bool = False
     experts_impl: str | None = None
+    # Benchmarks only: no checkpoint; a preset with this many layers and random weights made on each stage's device.
+    random_preset: str | None = None
+    random_layers: int | None = None
 
     def worker_argv(self, rank: int, world: int, init_method: str) -> list[str]:
-        argv = ["worker", "--model", self.model, "--stages", str(self.stages), "--device", self.device,
+        argv = ["worker", "--model", self.model or "-", "--stages", str(self.stages), "--device", self.device,
                 "--dtype", self.dtype, "--max-batch", str(self.max_batch), "--max-len", str(self.max_len),
                 "--stage-timeout", str(self.stage_timeout_s), "--rank", str(rank), "--world-size", str(world),
                 "--init-method", init_method]
@@ -57,6 +60,8 @@ class RunOptions:
             argv += ["--layers-per-stage", ",".join(map(str, self.layers_per_stage))]
         if self.quiet:
             argv.append("--quiet")
+        if self.random_preset:
+            argv += ["--random-preset", self.random_preset, "--random-layers", str(self.random_layers)]
         return argv
 
 
@@ -68,6 +73,26 @@ class EngineHandle:
     eos_ids: list[int]
     close: callable = field(repr=False, default=lambda: None)  # orderly: 'stop' round the ring, wait for workers
     abort: callable = field(repr=False, default=lambda: None)  # after a failure: kill the workers of this machine
+
+
+@dataclass
+class RandomWeights:
+    """Stands in for a checkpoint in benchmarks: a config and a seed, nothing on disk."""
+
+    cfg: ModelConfig
+    seed: int = 0
+
+
+def open_source(opts: RunOptions):
+    """The checkpoint directory, or (benchmarks) a random-weight stand-in for a preset with ``random_layers``."""
+    if opts.random_preset:
+        from ..model.config import preset
+
+        cfg = preset(opts.random_preset)
+        layers = opts.random_layers or cfg.text.num_hidden_layers
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_hidden_layers=layers))
+        return RandomWeights(cfg)
+    return open_checkpoint(opts.model)
 
 
 def read_eos_ids(model_dir: str) -> list[int]:
@@ -96,12 +121,14 @@ def fingerprint(ckpt, plan: StagePlan, opts: RunOptions) -> dict[str, str]:
     header and a 64 KiB sample of its data (so two copies with different weights disagree too). Each machine is
     expected to hold the whole checkpoint directory at the same path."""
     h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors.index.json"):
+    if isinstance(ckpt, RandomWeights):
+        h.update(repr((ckpt.cfg, ckpt.seed)).encode())
+    for name in ("config.json", "model.safetensors.index.json") if not isinstance(ckpt, RandomWeights) else ():
         path = os.path.join(ckpt.dir, name)
         if os.path.exists(path):
             with open(path, "rb") as f:
                 h.update(f.read())
-    for file in ckpt.files():
+    for file in ckpt.files() if not isinstance(ckpt, RandomWeights) else ():
         path = ckpt.path(file)
         h.update(f"{file}:{os.path.getsize(path)}".encode())
         with open(path, "rb") as f:
@@ -121,7 +148,12 @@ def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: 
         model = Qwen3VLMoe(ckpt.cfg, layers=(st.start, st.stop), vision=st.holds_vision, embed=st.holds_embed,
                            head=st.holds_head)
     name = f"stage {rank} (layers {st.start}-{st.stop - 1})"
-    load_stage(model, ckpt, device, DTYPES[opts.dtype], stage_name=name, progress=not opts.quiet)
+    if isinstance(ckpt, RandomWeights):
+        from ..checkpoint.synth_weights import randomize_module
+
+        randomize_module(model, ckpt.seed, device, DTYPES[opts.dtype])
+    else:
+        load_stage(model, ckpt, device, DTYPES[opts.dtype], stage_name=name, progress=not opts.quiet)
     model.eval()
     if opts.experts_impl:
         model.set_impl(experts=opts.experts_impl)
@@ -138,8 +170,8 @@ def start_engine(opts: RunOptions) -> EngineHandle:
         raise UserError(f"--dtype {opts.dtype!r}: choose float32 or bfloat16")
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
-    ckpt = open_checkpoint(opts.model)
-    eos = read_eos_ids(opts.model)
+    ckpt = open_source(opts)
+    eos = [151645, 151643] if isinstance(ckpt, RandomWeights) else read_eos_ids(opts.model)
     plan = make_plan(ckpt.cfg, opts)
     if opts.stages == 1 and not under_torchrun():
         device = pd.stage_device(opts.device, 0)
@@ -208,7 +240,7 @@ def _join(opts, ckpt, plan, rank, world, local_rank, local_world, init_method):
 def run_worker(opts: RunOptions, rank: int, world: int, init_method: str, local_rank: int | None = None,
                local_world: int | None = None) -> int:
     """A stage other than 0: join, then serve steps until stage 0 sends 'stop'."""
-    ckpt = open_checkpoint(opts.model)
+    ckpt = open_source(opts)
     plan = make_plan(ckpt.cfg, opts)
     local_rank = rank if local_rank is None else local_rank
     runtime, transport, ctx = _join(opts, ckpt, plan, rank, world, local_rank, local_world or world, init_method)

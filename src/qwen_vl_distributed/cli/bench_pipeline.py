@@ -1,0 +1,74 @@
+"""``qwen-vl bench-pipeline``: the S-stage pipeline end to end (engine, processes, transport) on random weights of
+real dimensions: per-token latency of one sequence, and throughput with several sequences in flight."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from ..engine.build import RunOptions, start_engine
+from ..engine.engine import Prompt
+from ..engine.sampling import SamplingParams
+from ..model.config import PRESETS
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench-pipeline", help="benchmark the multi-process pipeline on random real-size weights")
+    p.add_argument("--preset", default="235b-a22b", choices=sorted(PRESETS))
+    p.add_argument("--layers", type=int, default=8, help="decoder layers in all (split over the stages)")
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--sequences", type=int, default=0, help="concurrent sequences for throughput (default 4*S)")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.set_defaults(run=run)
+
+
+def _run_batch(engine, n: int, prompt_len: int, new: int) -> tuple[float, list]:
+    g = torch.Generator().manual_seed(n)
+    params = SamplingParams(temperature=0.0, max_new_tokens=new, stop_token_ids=())
+    seqs = [engine.add(Prompt(torch.randint(1000, 100000, (prompt_len,), generator=g).tolist()), params)
+            for _ in range(n)]
+    t0 = time.perf_counter()
+    engine.run_until_done()
+    return time.perf_counter() - t0, seqs
+
+
+def run(args) -> int:
+    n_seq = args.sequences or 4 * args.stages
+    opts = RunOptions(model=None, stages=args.stages, device=args.device,
+                      dtype="bfloat16" if args.device == "cuda" else "float32", max_batch=max(n_seq, 1),
+                      max_len=args.prompt_len + args.new_tokens + 8, quiet=True, random_preset=args.preset,
+                      random_layers=args.layers)
+    handle = start_engine(opts)
+    try:
+        engine = handle.engine
+        engine.eos_ids = frozenset()  # random weights: never stop early
+        _run_batch(engine, 1, 16, 4)  # warm-up (kernels, allocator, NCCL)
+        _, (one,) = _run_batch(engine, 1, args.prompt_len, args.new_tokens)
+        per_token = (one.t_done - one.t_first_token) / (len(one.output) - 1)
+        elapsed, seqs = _run_batch(engine, n_seq, args.prompt_len, args.new_tokens)
+        tokens = sum(len(s.output) for s in seqs)
+        stats = engine.executor.stage_stats()
+    finally:
+        handle.close()
+    result = {
+        "preset": args.preset, "layers": args.layers, "stages": args.stages, "plan": [list(r) for r in
+                                                                                      handle.plan.layer_ranges],
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "single_sequence": {"prefill_ms": round((one.t_first_token - one.t_submit) * 1e3, 2),
+                            "decode_ms_per_token": round(per_token * 1e3, 3),
+                            "decode_ms_per_layer": round(per_token * 1e3 / args.layers, 4)},
+        "throughput": {"sequences": n_seq, "new_tokens_each": args.new_tokens, "seconds": round(elapsed, 3),
+                       "tokens_per_s": round(tokens / elapsed, 1)},
+        "stage_busy_s": stats,
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
