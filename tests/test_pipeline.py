@@ -58,3 +58,21 @@ def single(model_dir):
 @pytest.mark.parametrize("stages,layers", [(2, None), (3, None), (4, None), (2, [5, 1])])
 def test_pipeline_equals_single_process(model_dir, single, stages, layers):
     assert _run(model_dir, stages, layers) == single
+
+
+def test_idle_pipeline_stays_up_past_the_stage_timeout(model_dir):
+    """Heartbeats keep idle stages' waits bounded without declaring anyone dead."""
+    import time
+
+    handle = start_engine(RunOptions(model=model_dir, stages=2, max_batch=2, max_len=64, quiet=True,
+                                     stage_timeout_s=2))
+    try:
+        t_end = time.monotonic() + 6
+        while time.monotonic() < t_end:
+            handle.engine.step()  # nothing to do: the executor sends heartbeats
+            time.sleep(0.05)
+        seq = handle.engine.add(Prompt(chat([5, 6])), SamplingParams(temperature=0.0, max_new_tokens=3))
+        handle.engine.run_until_done()
+        assert len(seq.output) == 3
+    finally:
+        handle.close()

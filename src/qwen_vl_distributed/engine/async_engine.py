@@ -153,6 +153,8 @@ class AsyncEngine:
                 busy = self.engine.has_work()
                 if busy:
                     self._dispatch(self.engine.step())
+                else:
+                    self.engine.executor.idle()  # lets a pipeline prove its stages alive while no request runs
                 # Fresh figures whenever the engine falls idle, so a scrape after a burst sees all of it.
                 self._publish_stats(force=busy and not self.engine.has_work())
         except Exception as e:  # a failed step leaves the engine in an unknown state: stop serving
