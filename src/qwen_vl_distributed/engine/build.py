@@ -155,13 +155,20 @@ def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: 
     else:
         load_stage(model, ckpt, device, DTYPES[opts.dtype], stage_name=name, progress=not opts.quiet)
     model.eval()
+    slots = opts.max_batch
     if opts.experts_impl:
         model.set_impl(experts=opts.experts_impl)
     elif device.type == "cuda":
         from ..kernels import enable_fast_paths
+        from ..kernels.cuda_graph import DEFAULT_BUCKETS, GraphedStage
 
         enable_fast_paths(model)
-    cache = model.new_cache(opts.max_batch, opts.max_len, DTYPES[opts.dtype], device)
+        # one extra KV slot that no sequence owns: the decode graphs pad their batch-size buckets into it
+        cache = model.new_cache(slots + 1, opts.max_len, DTYPES[opts.dtype], device)
+        top = next(b for b in DEFAULT_BUCKETS + (slots,) if b >= slots)
+        stage = GraphedStage(model, cache, buckets=tuple(b for b in DEFAULT_BUCKETS if b < top) + (top,))
+        return StageRuntime(stage, cache, SlotSampler() if st.holds_head else None, device, stage_index=rank)
+    cache = model.new_cache(slots, opts.max_len, DTYPES[opts.dtype], device)
     return StageRuntime(model, cache, SlotSampler() if st.holds_head else None, device, stage_index=rank)
 
 

@@ -50,8 +50,9 @@ class StageRuntime:
             )
             if self.model.has_head:
                 result = TokenPayload("tokens", p.mb, self._sample(p, out))
-            else:
-                result = StepPayload("step", p.mb, p.step, p.layout, p.positions, p.input_ids, out, p.new_seqs)
+            else:  # a copy: the stage may reuse its output buffer (CUDA-graph replay) while the send is in flight
+                result = StepPayload("step", p.mb, p.step, p.layout, p.positions, p.input_ids, out.clone(),
+                                     p.new_seqs)
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
         self.busy_s += time.perf_counter() - t0

@@ -1,0 +1,61 @@
+"""``qwen-vl bench``: our fast paths and HF transformers side by side, on identical random weights, on one GPU.
+
+Sections (``--sections``): ceilings (copy bandwidth, bf16 matmul rate), parity (kernels vs references, logits vs
+HF, greedy tokens vs HF), decode (ms per layer and GB/s at each batch; ours under CUDA-graph replay), prefill (ms
+per layer and MFU), vision (one image). A section that fails records its error and the others still run. Prints a
+table and writes the same numbers as JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import traceback
+
+from ..errors import UserError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="GPU benchmark of the fast paths against HF transformers",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="235b-a22b", help="model dimensions (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers to build (default: %(default)s)")
+    p.add_argument("--batches", default="1,8,32", help="decode batch sizes (default: %(default)s)")
+    p.add_argument("--context", type=int, default=512, help="cached tokens per sequence at decode")
+    p.add_argument("--prefill", default="2048,8192", help="prompt lengths for prefill (default: %(default)s)")
+    p.add_argument("--image", type=int, default=1024, help="side of the square test image in pixels")
+    p.add_argument("--greedy-tokens", type=int, default=16, help="greedy tokens compared with HF")
+    p.add_argument("--sections", default="ceilings,parity,decode,prefill,vision")
+    p.add_argument("--skip-hf", action="store_true", help="time only our paths (no HF model is run)")
+    p.add_argument("--no-tune", action="store_true", help="use the built-in MoE tile table, do not time variants")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the results here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda", help="torch device to run on (default: %(default)s)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("qwen-vl bench needs a CUDA GPU (none is visible)")
+    if args.layers < 1:
+        raise UserError("--layers must be at least 1")
+    from ..kernels.bench_runner import Bench
+
+    bench = Bench(args)
+    for name in args.sections.split(","):
+        name = name.strip()
+        if not hasattr(bench, f"section_{name}"):
+            raise UserError(f"unknown section {name!r}")
+        try:
+            getattr(bench, f"section_{name}")()
+        except Exception as e:  # keep the other sections' numbers
+            bench.results.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+    bench.finish()
+    print(bench.table())
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(bench.results, f, indent=2)
+    return 1 if bench.results.get("errors") else 0

@@ -1,0 +1,68 @@
+"""Cache attention impl 'fast': split-KV Triton decode, SDPA (cuDNN first on Hopper) for prompts and chunks.
+
+Shapes: T packed new tokens, NH query heads, KVH kv heads, D head_dim, S slots, L cache length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ..model.batch import SeqLayout
+
+
+def fast_sdpa_backends():
+    """SDPA backend priority: cuDNN (fastest on Hopper for causal GQA), then flash, then the rest."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # a torch without set_priority: plain allow-list
+        return sdpa_kernel(order)
+
+
+def _backends_for(q: torch.Tensor):
+    return fast_sdpa_backends() if q.is_cuda else contextlib.nullcontext()
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: SeqLayout,
+                      scale: float) -> torch.Tensor:
+    """One SDPA per sequence with GQA left to the kernel (no repeat of k/v); a mask only for continued chunks."""
+    out = torch.empty_like(q)
+    offsets = layout.offsets()
+    with _backends_for(q):
+        for i, (slot, start, n) in enumerate(zip(layout.slots, layout.starts, layout.lens)):
+            total = start + n
+            qi = q[offsets[i]:offsets[i + 1]].transpose(0, 1).unsqueeze(0)  # [1, NH, n, D]
+            ki = k_cache[slot, :, :total].unsqueeze(0)  # [1, KVH, total, D]
+            vi = v_cache[slot, :, :total].unsqueeze(0)
+            mask, causal = None, False
+            if n > 1 and start == 0:
+                causal = True
+            elif n > 1:  # a chunk continuing a cached prefix: query r sees keys [0, start + r]
+                rows = torch.arange(n, device=q.device)[:, None] + start
+                mask = torch.arange(total, device=q.device)[None, :] <= rows
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=causal, scale=scale,
+                                               enable_gqa=True)
+            out[offsets[i]:offsets[i + 1]] = o[0].transpose(0, 1)
+    return out
+
+
+def _triton_decode_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    d = q.shape[-1]
+    return (q.is_cuda and d >= 16 and d & (d - 1) == 0 and q.stride(-1) == 1 and k_cache.stride(-1) == 1
+            and q.shape[1] % k_cache.shape[1] == 0)
+
+
+def fast_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: SeqLayout,
+                         scale: float) -> torch.Tensor:
+    if layout.is_decode and _triton_decode_ok(q, k_cache):
+        from .decode_attention import decode_attention  # Triton only where a GPU runs it
+
+        return decode_attention(q, k_cache, v_cache, layout.tensor("slots", q.device),
+                                layout.tensor("starts", q.device), scale)
+    return prefill_attention(q, k_cache, v_cache, layout, scale)

@@ -1,0 +1,82 @@
+"""Plain-text table of ``qwen-vl bench`` results (the JSON holds the same numbers and more)."""
+
+from __future__ import annotations
+
+
+def _f(x, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _decode(rows: dict, n_layers: int) -> list[str]:
+    out = [f"decode (ours: ms per layer of a {n_layers}-layer stage, CUDA-graph replay; HF ms/L: its whole "
+           f"{n_layers}-layer step incl. embedding + lm_head / {n_layers}; full = whole-model step ms)",
+           f"{'B':>4} {'ours ms/L':>10} {'GB/s':>7} {'%copy':>6} {'experts':>8} {'HF ms/L':>8} {'x HF':>6} "
+           f"{'ours full':>10} {'HF full':>8} {'tok/s 94L':>10}"]
+    for b, r in rows.items():
+        out.append(f"{b:>4} {_f(r.get('ours_ms_layer'), '.4f'):>10} {_f(r.get('ours_gbs'), '.0f'):>7} "
+                   f"{_f(100 * r.get('ours_frac_copy_bw', 0), '.1f'):>6} {_f(r.get('unique_experts'), '.1f'):>8} "
+                   f"{_f(r.get('hf_ms_layer')):>8} {_f(r.get('speedup'), '.1f'):>6} "
+                   f"{_f(r.get('ours_full_step_ms')):>10} {_f(r.get('hf_full_step_ms')):>8} "
+                   f"{_f(r.get('ours_whole_model_tok_s_extrapolated'), '.0f'):>10}")
+    return out
+
+
+def _prefill(rows: dict) -> list[str]:
+    out = ["prefill (one prompt, ms per layer, ours = fused layer kernels (module path with fast impls in "
+           "brackets); MFU = model matmul FLOPs / time / measured bf16 peak)",
+           f"{'T':>6} {'ours ms/L':>10} {'(module)':>9} {'TFLOP/s':>8} {'MFU':>6} {'HF ms/L':>8} {'HF MFU':>7} "
+           f"{'x HF':>6}"]
+    for n, r in rows.items():
+        out.append(f"{n:>6} {_f(r.get('ours_ms_layer')):>10} {_f(r.get('ours_module_path_ms_layer')):>9} "
+                   f"{_f(r.get('ours_tflops'), '.0f'):>8} "
+                   f"{_f(100 * r.get('ours_mfu', 0), '.1f'):>5}% {_f(r.get('hf_ms_layer')):>8} "
+                   f"{_f(100 * r['hf_mfu'] if 'hf_mfu' in r else None, '.1f'):>6}% {_f(r.get('speedup'), '.1f'):>6}")
+    return out
+
+
+def render(res: dict) -> str:
+    v = res.get("versions", {})
+    lines = [f"device {v.get('device')} | torch {v.get('torch')} | triton {v.get('triton')} | "
+             f"transformers {v.get('transformers')} | cuda {v.get('cuda')} | cudnn {v.get('cudnn')}",
+             f"command: {res.get('command')}"]
+    c = res.get("ceilings")
+    if c:
+        lines.append(f"ceilings: copy {c['copy_gbs']:.0f} GB/s, bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s")
+    if "decode" in res:
+        lines += _decode(res["decode"], res.get("layers", 0))
+    for b, parts in res.get("decode_breakdown", {}).items():
+        lines.append(f"  B={b} us/layer by launch group: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+    if "prefill" in res:
+        lines += _prefill(res["prefill"])
+    for use, t in res.get("gemv_tuning", {}).items():
+        lines.append(f"  gemv {use}: chosen {t['chosen']} | " + ", ".join(
+            f"{k} {v:.1f}us" if isinstance(v, float) else f"{k} {v}" for k, v in t["us_per_layer"].items()))
+    vis = res.get("vision")
+    if vis:
+        lines.append(f"vision {vis['grid']}: ours {_f(vis.get('ours_fast_ms'))} ms "
+                     f"(reference attention {_f(vis.get('ours_reference_ms'))} ms, "
+                     f"{_f(vis.get('ours_tflops'), '.0f')} TFLOP/s), HF {_f(vis.get('hf_ms'))} ms, "
+                     f"rel vs HF {_f(vis.get('rel_fast_vs_hf'), '.2e')}")
+    par = res.get("parity", {})
+    if "kernels" in par:
+        k = par["kernels"]
+        lines.append("kernels vs reference (rel L2): " + ", ".join(
+            f"{name} {val:.2e}" for name, val in k.items() if isinstance(val, float) and name != "tolerance")
+            + f" -> {'pass' if k.get('pass') else 'FAIL'}")
+    if "logits" in par:
+        lg = par["logits"]
+        lines.append(f"logits vs HF (rel L2): fast {lg['rel_fast_vs_hf']:.2e}, fused forward "
+                     f"{lg.get('rel_fused_forward_vs_hf', float('nan')):.2e}, reference {lg['rel_ref_vs_hf']:.2e}, "
+                     f"HF eager vs grouped {lg['rel_hf_eager_vs_grouped']:.2e}; tolerance {lg['tolerance']:.2e}; "
+                     f"top-1 agree {lg['top1_agree']:.3f} -> {'pass' if lg['pass'] else 'FAIL'}")
+    if "greedy" in par:
+        g = par["greedy"]
+        lines.append(f"greedy {len(g['hf'])} tokens identical to HF: {g['identical']}; decode-step logits vs HF "
+                     f"(rel L2) mean {g.get('decode_logits_rel_vs_hf_mean', 0):.2e} "
+                     f"max {g.get('decode_logits_rel_vs_hf_max', 0):.2e} (reference path: mean "
+                     f"{g.get('reference_decode_rel_vs_hf_mean', 0):.2e} "
+                     f"max {g.get('reference_decode_rel_vs_hf_max', 0):.2e})"
+                     f" -> {'pass' if g.get('pass') else 'FAIL'}")
+    for name, err in res.get("errors", {}).items():
+        lines.append(f"ERROR in {name}: {err}")
+    return "\n".join(lines)

@@ -1,0 +1,590 @@
+"""The sections of ``qwen-vl bench`` (see cli/bench.py): each fills ``Bench.results`` and never asserts timings.
+
+Shapes: B decode batch, T prompt tokens, ctx cached tokens per sequence, H hidden, V vocab, N decoder layers built.
+Our decode runs under CUDA-graph replay (kernels.cuda_graph); HF runs as a user would call it (eager, dynamic
+cache, grouped_mm experts, sdpa attention). "Per layer" numbers come from a layers-only stage (no embedding, no
+head) on both sides; the whole-model step (embedding + layers + lm_head) is timed too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+
+import torch
+
+from ..model.attention import reference_cache_attention
+from ..model.batch import SeqLayout
+from ..model.config import preset
+from ..model.moe import reference_experts, route
+from ..model.qwen3_vl import Qwen3VLMoe
+from . import enable_fast_paths, register, use_reference
+from .bench_models import (build_pair, decode_layer_bytes, default_dtype, ours_from, prefill_layer_flops, randomize_,
+                           set_hf_experts, vision_flops)
+from .cuda_graph import DecodeGraphs
+from .fast_forward import fused_forward
+from .timing import copy_bandwidth_gbs, cuda_time, matmul_tflops, step_times
+
+BF16 = torch.bfloat16
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def versions() -> dict:
+    import transformers
+    import triton
+
+    p = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"device": p.name, "sms": p.multi_processor_count, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(), "triton": triton.__version__,
+            "transformers": transformers.__version__}
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        base = preset(args.preset)
+        self.full_layers = base.text.num_hidden_layers
+        self.cfg = dataclasses.replace(base, text=dataclasses.replace(base.text, num_hidden_layers=args.layers))
+        self.n = args.layers
+        self.dev = torch.device(args.device)
+        if self.dev.type == "cuda" and self.dev.index is None:
+            self.dev = torch.device("cuda", torch.cuda.current_device())
+        self.batches = sorted({int(b) for b in args.batches.split(",") if b})
+        self.results: dict = {"command": "qwen-vl " + " ".join(sys.argv[1:]), "versions": versions(),
+                              "preset": args.preset, "layers": self.n, "context": args.context}
+        torch.manual_seed(args.seed)
+        torch.set_grad_enabled(False)
+        self._build()
+
+    def _build(self):
+        register()
+        if self.args.skip_hf:
+            self.hf = None
+            with default_dtype(BF16), torch.device(self.dev):
+                self.ours = Qwen3VLMoe(self.cfg).eval()
+            randomize_(self.ours, self.args.seed, self.cfg.text.hidden_size)
+        else:
+            self.hf, self.ours = build_pair(self.cfg, self.dev, self.args.seed)
+        enable_fast_paths(self.ours)
+        self.mid = enable_fast_paths(ours_from(self.cfg, self.ours.state_dict(), layers=(0, self.n), vision=False,
+                                               embed=False, head=False))
+
+    # -- ceilings -------------------------------------------------------------------------------------------------
+    def section_ceilings(self):
+        """Measured at the start and again at the end of the run (``finish``); the larger value is the ceiling,
+        so fractions of it are never flattered by a slow moment."""
+        c = self.results.setdefault("ceilings", {"copy_gbs_samples": [], "matmul_tflops_samples": []})
+        c["copy_gbs_samples"].append(copy_bandwidth_gbs(4.0))
+        c["matmul_tflops_samples"].append(matmul_tflops(8192))
+        c["copy_gbs"] = max(c["copy_gbs_samples"])
+        c["matmul_tflops"] = max(c["matmul_tflops_samples"])
+
+    def finish(self):
+        if "ceilings" in self.results:
+            self.section_ceilings()
+            for row in self.results.get("decode", {}).values():
+                row["ours_frac_copy_bw"] = row["ours_gbs"] / self.results["ceilings"]["copy_gbs"]
+            for row in self.results.get("prefill", {}).values():
+                peak = self.results["ceilings"]["matmul_tflops"]
+                row["ours_mfu"] = row["ours_tflops"] / peak
+                if "hf_tflops" in row:
+                    row["hf_mfu"] = row["hf_tflops"] / peak
+
+    def _ceilings(self) -> dict:
+        if "ceilings" not in self.results:
+            self.section_ceilings()
+        return self.results["ceilings"]
+
+    # -- parity ---------------------------------------------------------------------------------------------------
+    def section_parity(self):
+        par = self.results.setdefault("parity", {})
+        par["kernels"] = self._kernel_checks()
+        if self.hf is not None:
+            par["logits"] = self._logits_parity()
+            par["greedy"] = self._greedy_parity()
+
+    def _kernel_checks(self) -> dict:
+        """Each fast kernel against its reference on real shapes, bf16, layer 0's weights."""
+        from .decode_attention import decode_attention
+        from .grouped import grouped_experts
+        from .moe_triton import fused_experts
+
+        t = self.cfg.text
+        layer = self.mid.model.language_model.layers["0"]
+        gu, dn = layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj
+        out = {}
+        for n in self.batches + [2048]:
+            x = torch.randn(n, t.hidden_size, device=self.dev, dtype=BF16)
+            w, ids = route(layer.mlp.gate(x), t.num_experts_per_tok, t.norm_topk_prob)
+            ref = reference_experts(x, ids, w, gu, dn)
+            for fast in (fused_experts, grouped_experts) if n == 2048 else (fused_experts,):
+                out[f"moe_{fast.__name__}_T{n}"] = rel(fast(x, ids, w, gu, dn), ref)
+        kc = torch.randn(5, t.num_key_value_heads, 1024, t.head_dim, device=self.dev, dtype=BF16)
+        vc = torch.randn_like(kc)
+        layout = SeqLayout(slots=[4, 0, 2, 1], starts=[0, 100, 511, 1023], lens=[1, 1, 1, 1])
+        q = torch.randn(4, t.num_attention_heads, t.head_dim, device=self.dev, dtype=BF16)
+        s = t.head_dim**-0.5
+        got = decode_attention(q, kc, vc, layout.tensor("slots", self.dev), layout.tensor("starts", self.dev), s)
+        out["decode_attention"] = rel(got, reference_cache_attention(q, kc, vc, layout, s))
+        out.update(self._decode_layer_checks())
+        out["tolerance"] = 1e-2
+        out["pass"] = all(v < 1e-2 for k, v in out.items() if k != "tolerance" and "rows_over" not in k
+                          and "mismatch" not in k)
+        return out
+
+    def _decode_layer_checks(self) -> dict:
+        """kernels.decode_layer (the fused decode step) against the module's forward, same inputs and cache."""
+        from .decode_layer import decode_layer, rmsnorm
+
+        t = self.cfg.text
+        layer = self.mid.model.language_model.layers["0"]
+        out = {}
+        for b in self.batches:
+            cache = self._random_cache(self.mid, b + 1, 1024)
+            fused_cache = self._random_cache(self.mid, b + 1, 1024)
+            fused_cache.k[0].copy_(cache.k[0])
+            fused_cache.v[0].copy_(cache.v[0])
+            starts = torch.randint(0, 1000, (b,)).tolist()
+            layout = SeqLayout(list(range(b)), starts, [1] * b)
+            pos = torch.tensor(starts, device=self.dev).expand(3, b)
+            rope = DecodeGraphs(self.mid, cache, buckets=(b,))._rope(pos)
+            h = torch.randn(b, t.hidden_size, device=self.dev, dtype=BF16)
+            ref = layer(h, rope, cache.layer(0), layout)
+            got = decode_layer(layer, h, *rope, fused_cache.layer(0), layout.tensor("slots", self.dev),
+                               layout.tensor("starts", self.dev))
+            rows = ((got.double() - ref.double()).norm(dim=1) / ref.double().norm(dim=1)).tolist()
+            out[f"decode_layer_B{b}"] = statistics.median(rows)  # per-row median: a near-tie in routing can
+            out[f"decode_layer_B{b}_rows_over_1e-2"] = float(sum(r > 1e-2 for r in rows))  # flip one row's experts
+            out[f"decode_layer_kcache_B{b}"] = rel(fused_cache.k[0], cache.k[0])
+        norm = layer.input_layernorm
+        x = torch.randn(8, t.hidden_size, device=self.dev, dtype=BF16)
+        out["rmsnorm_mismatch_frac"] = float((rmsnorm(x, norm.weight, norm.eps) != norm(x)).float().mean())
+        return out
+
+    def _prompt(self, n: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.args.seed + 7)
+        return torch.randint(0, 150000, (n,), generator=g).to(self.dev)  # below the special/vision token ids
+
+    def _ours_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        n = ids.numel()
+        pos = torch.arange(n, device=self.dev).expand(3, n)
+        cache = self.ours.new_cache(1, n)
+        return self.ours(positions=pos, layout=SeqLayout([0], [0], [n]), cache=cache, input_ids=ids,
+                         logits_rows=list(range(n)))
+
+    def _logits_parity(self, n: int = 64) -> dict:
+        """Logits of a 64-token prompt at every position: ours (fast and reference) vs HF (grouped_mm and eager).
+        bf16 noise is what two valid bf16 implementations disagree by: HF eager vs HF grouped_mm, and our
+        reference vs HF. Tolerance: our fast path within 2x the larger of the two, and never below 2^-8 (one bf16
+        rounding of the logits), so that two near-identical references do not make the bar unreachably low."""
+        ids = self._prompt(n)
+        hf_g = self.hf(input_ids=ids[None]).logits[0].float()
+        set_hf_experts(self.hf, "eager")
+        hf_e = self.hf(input_ids=ids[None]).logits[0].float()
+        set_hf_experts(self.hf, "grouped_mm")
+        use_reference(self.ours)
+        ours_ref = self._ours_logits(ids)
+        enable_fast_paths(self.ours)
+        ours_fast = self._ours_logits(ids)
+        ours_fused = fused_forward(self.ours, positions=torch.arange(n, device=self.dev).expand(3, n),
+                                   layout=SeqLayout([0], [0], [n]), cache=self.ours.new_cache(1, n), input_ids=ids,
+                                   logits_rows=list(range(n)))
+        noise = max(rel(hf_e, hf_g), rel(ours_ref, hf_g))
+        res = {"rel_fast_vs_hf": rel(ours_fast, hf_g), "rel_ref_vs_hf": rel(ours_ref, hf_g),
+               "rel_fused_forward_vs_hf": rel(ours_fused, hf_g),
+               "rel_hf_eager_vs_grouped": rel(hf_e, hf_g), "rel_fast_vs_ref": rel(ours_fast, ours_ref),
+               "max_abs_fast_vs_hf": float((ours_fast - hf_g).abs().max()),
+               "logit_std": float(hf_g.std()),
+               "top1_agree": float((ours_fast.argmax(-1) == hf_g.argmax(-1)).float().mean()),
+               "tolerance": max(2 * noise, 2.0**-8)}
+        res["pass"] = res["rel_fast_vs_hf"] <= res["tolerance"] and res["rel_fused_forward_vs_hf"] <= res["tolerance"]
+        return res
+
+    def _greedy_parity(self, n: int = 64) -> dict:
+        """Greedy tokens after a 64-token prompt: HF (its forward in a loop, dynamic cache) vs ours (fast prefill,
+        then decode steps replayed from a CUDA graph of the whole model)."""
+        steps = self.args.greedy_tokens
+        ids = self._prompt(n)
+        out = self.hf(input_ids=ids[None], use_cache=True)
+        pkv, hf_tokens = out.past_key_values, [int(out.logits[0, -1].argmax())]
+        hf_logits = []
+        for _ in range(steps - 1):
+            out = self.hf(input_ids=torch.tensor([[hf_tokens[-1]]], device=self.dev), past_key_values=pkv,
+                          use_cache=True)
+            hf_tokens.append(int(out.logits[0, -1].argmax()))
+            hf_logits.append(out.logits[0, -1].float())
+        cache = self.ours.new_cache(2, n + steps + 1)  # slot 1: the graphs' scratch slot
+        logits = self.ours(positions=torch.arange(n, device=self.dev).expand(3, n), layout=SeqLayout([0], [0], [n]),
+                           cache=cache, input_ids=ids)
+        ours_tokens = [int(logits[0].argmax())]
+        graphs = DecodeGraphs(self.ours, cache, scratch_slot=1, buckets=(1,))
+        graphs.capture()
+        step_rel = []
+        for i in range(steps - 1):
+            pos = n + i
+            step = graphs.run(positions=torch.full((3, 1), pos), layout=SeqLayout([0], [pos], [1]),
+                              input_ids=torch.tensor([hf_tokens[i]]))  # teacher-forced: same inputs as HF
+            ours_tokens.append(int(step[0].argmax()))
+            step_rel.append(rel(step[0], hf_logits[i]))
+        ref_rel = self._reference_decode_rel(ids, hf_tokens, hf_logits)
+        res = {"hf": hf_tokens, "ours": ours_tokens, "identical": hf_tokens == ours_tokens,
+               "decode_logits_rel_vs_hf_max": max(step_rel, default=0.0),
+               "decode_logits_rel_vs_hf_mean": statistics.mean(step_rel) if step_rel else 0.0,
+               "reference_decode_rel_vs_hf_max": max(ref_rel, default=0.0),
+               "reference_decode_rel_vs_hf_mean": statistics.mean(ref_rel) if ref_rel else 0.0}
+        res["tolerance_mean"] = max(2 * res["reference_decode_rel_vs_hf_mean"], 2.0**-8)
+        res["pass"] = res["identical"] and res["decode_logits_rel_vs_hf_mean"] <= res["tolerance_mean"]
+        return res
+
+    def _reference_decode_rel(self, ids: torch.Tensor, tokens: list[int], hf_logits: list[torch.Tensor]):
+        """The bf16 noise of a decode step: our plain reference path (module forward, reference impls, no graph)
+        teacher-forced on HF's tokens, each step's logits against HF's."""
+        n = ids.numel()
+        use_reference(self.ours)
+        try:
+            cache = self.ours.new_cache(1, n + len(tokens) + 1)
+            self.ours(positions=torch.arange(n, device=self.dev).expand(3, n), layout=SeqLayout([0], [0], [n]),
+                      cache=cache, input_ids=ids)
+            out = []
+            for i, want in enumerate(hf_logits):
+                pos = n + i
+                got = self.ours(positions=torch.full((3, 1), pos, device=self.dev), layout=SeqLayout([0], [pos], [1]),
+                                cache=cache, input_ids=torch.tensor([tokens[i]], device=self.dev))
+                out.append(rel(got[0], want))
+            return out
+        finally:
+            enable_fast_paths(self.ours)
+
+    # -- decode ---------------------------------------------------------------------------------------------------
+    def section_decode(self):
+        ctx, maxb = self.args.context, max(self.batches)
+        cache = self._random_cache(self.mid, maxb + 1, ctx + 8)
+        graphs = DecodeGraphs(self.mid, cache, scratch_slot=maxb, buckets=tuple(self.batches))
+        if not self.args.no_tune:
+            self._tune_moe()
+            self.results["gemv_tuning"] = self._tune_gemv(self.batches[0])
+        unique = {b: self._unique_experts(graphs, b, ctx) for b in self.batches}
+        graphs.capture()
+        rows = {}
+        for b in self.batches:
+            self._load(graphs, b, ctx)
+            ms = cuda_time(lambda: graphs.replay(b), iters=20, reps=5)
+            by = decode_layer_bytes(self.cfg, unique[b], b, ctx)
+            r = {"ours_step_ms": ms, "ours_ms_layer": ms / self.n, "unique_experts": unique[b],
+                 "bytes_layer": by, "ours_gbs": by / (ms / self.n * 1e-3) / 1e9}
+            r["ours_frac_copy_bw"] = r["ours_gbs"] / self._ceilings()["copy_gbs"]
+            if self.hf is not None:
+                r["hf_text_model_direct_step_ms"] = self._hf_decode_layers(b, ctx)
+            rows[b] = r
+        self.results["decode_breakdown"] = {b: self._decode_breakdown(graphs, b, ctx)
+                                            for b in (self.batches[0], self.batches[-1])}
+        graphs = cache = None  # free this stage's graphs before the whole-model ones are captured
+        self._full_decode(rows, ctx)
+        self.results["decode"] = rows
+
+    def _decode_breakdown(self, graphs: DecodeGraphs, b: int, ctx: int) -> dict:
+        """Microseconds per layer of each launch group of the fused decode step, each captured alone in a CUDA
+        graph over all N layers (weights rotate past L2); the sum against the whole step shows the gaps."""
+        from .decode_attention import decode_attention
+        from .decode_layer import project, qkv_post, rmsnorm, route as fused_route, sum_residual
+        from .moe_triton import expert_pairs
+        import torch.nn.functional as F
+
+        t = self.cfg.text
+        layers = [self.mid.model.language_model.layers[str(i)] for i in self.mid.layer_ids]
+        kvs = [graphs.cache.layer(i) for i in self.mid.layer_ids]
+        h = torch.randn(b, t.hidden_size, device=self.dev, dtype=BF16)
+        slots = torch.arange(b, device=self.dev)
+        starts = torch.full((b,), ctx, device=self.dev)
+        cos, sin = graphs._rope(torch.full((3, b), ctx, device=self.dev))
+        eps = layers[0].input_layernorm.eps
+        a0 = layers[0].self_attn
+        q = F.linear(h, a0.q_proj.weight)
+        k = F.linear(h, a0.k_proj.weight)
+        v = F.linear(h, a0.v_proj.weight)
+        qo = qkv_post(q, k, v, a0, cos, sin, kvs[0], slots, starts)
+        o = qo.view(b, -1)
+        w, ids = fused_route(F.linear(h, layers[0].mlp.gate.weight), t.num_experts_per_tok, t.norm_topk_prob)
+        y = expert_pairs(h, ids, w, layers[0].mlp.experts.gate_up_proj, layers[0].mlp.experts.down_proj)
+        kk = t.num_experts_per_tok
+        pieces = {
+            "rmsnorm": lambda l, kv: rmsnorm(h, l.input_layernorm.weight, eps),
+            "qkv_gemv": lambda l, kv: project("qkv", h, l.self_attn.q_proj.weight, l.self_attn.k_proj.weight,
+                                              l.self_attn.v_proj.weight),
+            "qk_norm_rope_write": lambda l, kv: qkv_post(q, k, v, l.self_attn, cos, sin, kv, slots, starts),
+            "attention": lambda l, kv: decode_attention(qo, kv[0], kv[1], slots, starts, a0.scale),
+            "o_gemv": lambda l, kv: project("o", o, l.self_attn.o_proj.weight),
+            "add_rmsnorm": lambda l, kv: rmsnorm(h, l.post_attention_layernorm.weight, eps, residual=h),
+            "router": lambda l, kv: fused_route(project("router", h, l.mlp.gate.weight)[0], kk, t.norm_topk_prob),
+            "experts": lambda l, kv: expert_pairs(h, ids, w, l.mlp.experts.gate_up_proj, l.mlp.experts.down_proj),
+            "sum_residual": lambda l, kv: sum_residual(y, h, kk),
+        }
+        res = {}
+        for name, fn in pieces.items():
+            res[name] = 1e3 * self._graph_ms(lambda: [fn(l, kv) for l, kv in zip(layers, kvs)]) / self.n
+        res["sum_of_pieces"] = sum(res.values())
+        return res
+
+    def _tune_gemv(self, b: int) -> dict:
+        """cuBLAS (one launch per weight) vs the one-launch Triton GEMV for each decode projection at batch b, over
+        all N layers in a CUDA graph; the faster goes into decode_layer.GEMV."""
+        from . import decode_layer as dl
+
+        t = self.cfg.text
+        layers = [self.mid.model.language_model.layers[str(i)] for i in self.mid.layer_ids]
+        x = torch.randn(b, t.hidden_size, device=self.dev, dtype=BF16)
+        o = torch.randn(b, t.q_dim, device=self.dev, dtype=BF16)
+        uses = {"qkv": (x, lambda l: (l.self_attn.q_proj.weight, l.self_attn.k_proj.weight,
+                                      l.self_attn.v_proj.weight)),
+                "o": (o, lambda l: (l.self_attn.o_proj.weight,)),
+                "router": (x, lambda l: (l.mlp.gate.weight,))}
+        tiles = {"qkv": [(32, 256), (16, 256), (64, 128), (16, 512)], "o": [(16, 256), (32, 256), (16, 512)],
+                 "router": [(16, 256), (16, 512)]}
+        res = {}
+        for use, (inp, weights) in uses.items():
+            times = {}
+            for tile in [None] + tiles[use]:
+                dl.GEMV[use] = tile
+                try:
+                    times[str(tile)] = 1e3 * self._graph_ms(
+                        lambda: [dl.project(use, inp, *weights(l)) for l in layers]) / self.n
+                except Exception as e:  # a tile this GPU rejects
+                    times[str(tile)] = f"failed: {type(e).__name__}"
+            best = min((tl_ for tl_ in [None] + tiles[use] if isinstance(times[str(tl_)], float)),
+                       key=lambda tl_: times[str(tl_)])
+            dl.GEMV[use] = best
+            res[use] = {"us_per_layer": times, "chosen": str(best)}
+        return res
+
+    def _graph_ms(self, fn) -> float:
+        fn()
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return cuda_time(g.replay, iters=20, reps=5)
+
+    def _random_cache(self, model, slots: int, length: int):
+        cache = model.new_cache(slots, length)
+        for i in model.layer_ids:  # random keys/values: attention reads real-looking data, never zeros
+            cache.k[i].normal_()
+            cache.v[i].normal_()
+        return cache
+
+    def _load(self, graphs: DecodeGraphs, b: int, ctx: int) -> None:
+        t = self.cfg.text
+        kw = {"input_ids": torch.randint(0, 150000, (b,))} if graphs.model.has_embed else \
+            {"hidden": torch.randn(b, t.hidden_size, device=self.dev, dtype=BF16)}
+        graphs.load(list(range(b)), [ctx] * b, torch.full((3, b), ctx), **kw)
+
+    def _unique_experts(self, graphs: DecodeGraphs, b: int, ctx: int) -> float:
+        """Experts hit per layer in one eager step on random inputs (what the step must read)."""
+        k = self.cfg.text.num_experts_per_tok
+        counts: list[int] = []
+        hook = lambda m, i, o: counts.append(int(torch.topk(o.float(), k).indices.unique().numel()))  # noqa: E731
+        layers = graphs.model.model.language_model.layers.values()
+        handles = [layer.mlp.gate.register_forward_hook(hook) for layer in layers]
+        fused, graphs.fused = graphs.fused, False  # the module path calls the router module (hooks fire)
+        try:
+            self._load(graphs, b, ctx)
+            with torch.inference_mode():
+                graphs.step(b)
+        finally:
+            graphs.fused = fused
+            for h in handles:
+                h.remove()
+        return statistics.mean(counts)
+
+    def _tune_moe(self):
+        from .grouped import FUSED_MAX_PAIRS
+        from .moe_triton import tune
+
+        t = self.cfg.text
+        layer = self.mid.model.language_model.layers["0"]
+        res = {}
+        for b in self.batches:
+            if b * t.num_experts_per_tok > FUSED_MAX_PAIRS:
+                continue
+            x = torch.randn(b, t.hidden_size, device=self.dev, dtype=BF16)
+            w, ids = route(layer.mlp.gate(x), t.num_experts_per_tok, t.norm_topk_prob)
+            best, times = tune(x, ids, w, layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj)
+            res[b] = {"best": repr(best), "times_ms": times}
+        self.results["moe_tuning"] = res
+
+    def _hf_decode_layers(self, b: int, ctx: int) -> float:
+        """HF's decoder layers (+ final norm) for one decode step after a ctx-token prefill, median of 10 steps."""
+        lm = self.hf.model.language_model
+        h = self.cfg.text.hidden_size
+        pkv = lm(inputs_embeds=0.02 * torch.randn(b, ctx, h, device=self.dev, dtype=BF16), use_cache=True
+                 ).past_key_values
+        x = 0.02 * torch.randn(b, 1, h, device=self.dev, dtype=BF16)
+        step = lambda: lm(inputs_embeds=x, past_key_values=pkv, use_cache=True)  # noqa: E731
+        # HF's first steps at a new shape are slow (seen at 5-10x the steady state): warm up well, report steady
+        self.results.setdefault("hf_decode_warmup_ms", {})[b] = step_times(step, 20)
+        return statistics.median(step_times(step, 10))
+
+    def _full_decode(self, rows: dict, ctx: int) -> None:
+        """Whole-model step (embedding + layers + final norm + lm_head), and the 94-layer extrapolation."""
+        maxb = max(self.batches)
+        cache = self._random_cache(self.ours, maxb + 1, ctx + 8)
+        graphs = DecodeGraphs(self.ours, cache, scratch_slot=maxb, buckets=tuple(self.batches))
+        graphs.capture()
+        for b in self.batches:
+            self._load(graphs, b, ctx)
+            ms = cuda_time(lambda: graphs.replay(b), iters=20, reps=5)
+            r = rows[b]
+            r["ours_full_step_ms"] = ms
+            whole = self.full_layers * r["ours_ms_layer"] + (ms - r["ours_step_ms"])
+            r["ours_whole_model_ms_extrapolated"] = whole
+            r["ours_whole_model_tok_s_extrapolated"] = b / (whole * 1e-3)
+            if self.hf is not None:
+                # HF as a user calls it (whole model, embedding and lm_head included) -- its per-layer cost is
+                # taken from this step (an upper bound, as in docs/benchmarks.md); calling HF's inner text model
+                # directly measured 6-10x slower per step on the same shapes, so it is only kept in the JSON
+                hf = self._hf_full_step(b, ctx)
+                r.update(hf_full_step_ms=hf, hf_ms_layer=hf / self.n, speedup=hf / self.n / r["ours_ms_layer"],
+                         full_step_speedup=hf / ms)
+
+    def _hf_full_step(self, b: int, ctx: int) -> float:
+        ids = torch.randint(0, 150000, (b, ctx), device=self.dev)
+        pkv = self.hf(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        nxt = torch.randint(0, 150000, (b, 1), device=self.dev)
+        step = lambda: self.hf(input_ids=nxt, past_key_values=pkv, use_cache=True)  # noqa: E731
+        step_times(step, 10)
+        return statistics.median(step_times(step, 10))
+
+    # -- prefill --------------------------------------------------------------------------------------------------
+    def section_prefill(self):
+        peak = self._ceilings()["matmul_tflops"]
+        h = self.cfg.text.hidden_size
+        lengths = [int(x) for x in self.args.prefill.split(",") if x]
+        if not self.args.no_tune:
+            self.results["prefill_moe_tuning"] = {n: self._tune_prefill_moe(n) for n in sorted(lengths)}
+        self.results["prefill_attention"] = {n: self._prefill_attention_backends(n) for n in lengths}
+        rows = {}
+        for n in lengths:
+            cache = self.mid.new_cache(1, n)
+            x = 0.02 * torch.randn(n, h, device=self.dev, dtype=BF16)
+            pos = torch.arange(n, device=self.dev).expand(3, n)
+            layout = SeqLayout([0], [0], [n])
+            run = lambda: self.mid(positions=pos, layout=layout, cache=cache, hidden=x)  # noqa: E731
+            fused = lambda: fused_forward(self.mid, positions=pos, layout=layout, cache=cache, hidden=x)  # noqa: E731
+            module_ms = cuda_time(run, iters=1, reps=3, warmup=1)
+            ms = cuda_time(fused, iters=1, reps=3, warmup=1)
+            tf = self.n * prefill_layer_flops(self.cfg, n) / (ms * 1e-3) / 1e12
+            r = {"ours_ms_layer": ms / self.n, "ours_tflops": tf, "ours_mfu": tf / peak,
+                 "ours_module_path_ms_layer": module_ms / self.n}
+            if n == 2048:  # the fused path and the module path with fast impls against the reference impls
+                fast, module = fused(), run()
+                use_reference(self.mid)
+                ref = run()
+                enable_fast_paths(self.mid)
+                r.update(rel_fused_vs_reference=rel(fast, ref), rel_module_fast_vs_reference=rel(module, ref))
+            if self.hf is not None:
+                lm = self.hf.model.language_model
+                hf_ms = cuda_time(lambda: lm(inputs_embeds=x[None], use_cache=False), iters=1, reps=3, warmup=1)
+                hf_tf = self.n * prefill_layer_flops(self.cfg, n) / (hf_ms * 1e-3) / 1e12
+                r.update(hf_ms_layer=hf_ms / self.n, hf_tflops=hf_tf, hf_mfu=hf_tf / peak, speedup=hf_ms / ms)
+            rows[n] = r
+        self.results["prefill"] = rows
+
+    def _tune_prefill_moe(self, n: int) -> dict:
+        """Grouped GEMM vs the fused Triton kernel (prefill tiles) on one layer's experts for an n-token prompt;
+        where Triton wins, the 'fast' experts impl uses it up to this size (grouped.FUSED_MAX_PAIRS)."""
+        from . import grouped
+        from .moe_triton import PREFILL_CANDIDATES, tune
+
+        t = self.cfg.text
+        layer = self.mid.model.language_model.layers["0"]
+        gu, dn = layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj
+        x = torch.randn(n, t.hidden_size, device=self.dev, dtype=BF16)
+        w, ids = route(layer.mlp.gate(x), t.num_experts_per_tok, t.norm_topk_prob)
+        grouped_ms = cuda_time(lambda: grouped.grouped_experts(x, ids, w, gu, dn), iters=2, reps=5)
+        best, times = tune(x, ids, w, gu, dn, PREFILL_CANDIDATES, reps=5, calls=2)
+        triton_ms = times.get(repr(best), float("inf"))
+        if triton_ms < grouped_ms:  # (lengths are tuned in increasing order)
+            grouped.FUSED_MAX_PAIRS = max(grouped.FUSED_MAX_PAIRS, ids.numel())
+        else:
+            grouped.FUSED_MAX_PAIRS = min(grouped.FUSED_MAX_PAIRS, ids.numel() - 1)
+        return {"grouped_ms": grouped_ms, "triton_best": repr(best), "triton_ms": times,
+                "flops": 2.0 * n * t.num_experts_per_tok * 3 * t.hidden_size * t.moe_intermediate_size,
+                "chosen": "triton" if triton_ms < grouped_ms else "grouped"}
+
+    def _prefill_attention_backends(self, n: int) -> dict:
+        """Causal GQA SDPA over an n-token prompt with each backend first (ms per call)."""
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        t = self.cfg.text
+        q = torch.randn(1, t.num_attention_heads, n, t.head_dim, device=self.dev, dtype=BF16)
+        k = torch.randn(1, t.num_key_value_heads, n, t.head_dim, device=self.dev, dtype=BF16)
+        v = torch.randn_like(k)
+        res = {}
+        for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+            try:
+                with sdpa_kernel([getattr(SDPBackend, name)]):
+                    res[name] = cuda_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                 enable_gqa=True), iters=3, reps=3)
+            except RuntimeError as e:  # this backend cannot run these inputs
+                res[name] = f"unsupported: {str(e)[:120]}"
+        return res
+
+    # -- vision ---------------------------------------------------------------------------------------------------
+    def section_vision(self):
+        v = self.cfg.vision
+        side = self.args.image // v.patch_size
+        grid = (1, side, side)
+        pixels = torch.randn(side * side, v.patch_dim, device=self.dev, dtype=BF16)
+        vis = self.ours.model.visual
+        from . import vision_attention as va
+
+        res = {"grid": list(grid), "backend_orders_ms": {}, "attention_only_ms": self._vision_attention_only(side)}
+        self.ours.set_impl(vision_attention="fast")
+        names = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+        orders = {"default": None, **{f: [f] + [b for b in names if b != f] for f in names[:2]}}
+        for label, order in orders.items():
+            va.BACKEND_ORDER = order
+            res["backend_orders_ms"][label] = cuda_time(lambda: vis(pixels, [grid]), iters=3, reps=5)
+        best = min(res["backend_orders_ms"], key=res["backend_orders_ms"].get)
+        va.BACKEND_ORDER = orders[best]
+        res["ours_fast_ms"] = res["backend_orders_ms"][best]
+        res["fast_backend_first"] = best
+        self.ours.set_impl(vision_attention="reference")
+        res["ours_reference_ms"] = cuda_time(lambda: vis(pixels, [grid]), iters=3, reps=5)
+        self.ours.set_impl(vision_attention="fast")
+        res["ours_tflops"] = vision_flops(self.cfg, side * side) / (res["ours_fast_ms"] * 1e-3) / 1e12
+        if self.hf is not None:
+            thw = torch.tensor([grid], device=self.dev)
+            res["hf_ms"] = cuda_time(lambda: self.hf.model.visual(pixels, grid_thw=thw), iters=3, reps=5)
+            hf_out = self.hf.model.visual(pixels, grid_thw=thw).pooler_output
+            res["rel_fast_vs_hf"] = rel(vis(pixels, [grid])[0], hf_out)
+            res["speedup"] = res["hf_ms"] / res["ours_fast_ms"]
+        self.results["vision"] = res
+
+    def _vision_attention_only(self, side: int) -> dict:
+        """One image's attention (all heads, one segment) with each SDPA backend forced, ms per call."""
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        v = self.cfg.vision
+        q, k, w = (torch.randn(1, v.num_heads, side * side, v.head_dim, device=self.dev, dtype=BF16) for _ in range(3))
+        res = {}
+        for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+            try:
+                with sdpa_kernel([getattr(SDPBackend, name)]):
+                    res[name] = cuda_time(lambda: F.scaled_dot_product_attention(q, k, w), iters=3, reps=3)
+            except RuntimeError as e:
+                res[name] = f"unsupported: {str(e)[:120]}"
+        return res
+
+    # -- report ---------------------------------------------------------------------------------------------------
+    def table(self) -> str:
+        from .bench_report import render
+
+        return render(self.results)

@@ -1,0 +1,188 @@
+"""CUDA-graph replay of one stage's decode step, one graph per batch-size bucket, over the static KV cache.
+
+Shapes: B sequences decoding one token each, Bb the bucket (smallest captured size >= B), H hidden, V vocab.
+
+A decode step is ~100 small kernels per layer: launched from Python they cost more host time than the GPU needs
+(see docs/benchmarks.md), so the step is captured once per bucket and replayed. What the graph reads lives in
+static buffers: input_ids or hidden, positions [3, Bb], slots and starts [Bb]. Rows B..Bb-1 are padding: they
+decode token 0 at position 0 into ``scratch_slot``, a KV slot no sequence owns, so they never touch real caches.
+
+The captured step is the text-only decode path of ``Qwen3VLMoe.forward`` (embedding or incoming hidden, the
+stage's layers, final norm + lm_head) written without host work: rotary tables from device-resident index tables,
+the layout's device tensors pre-filled with the static buffers, and every row's logits (all rows are last rows).
+Implementations behind the kernel interfaces must be graph-safe: use 'fast' (Triton experts at decode sizes,
+split-KV attention), not 'reference' (host loops over python lists) or grouped GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.batch import SeqLayout
+from ..model.kv_cache import KVCache
+from ..model.qwen3_vl import Qwen3VLMoe
+from ..model.rope import mrope_axis_map, text_inv_freq
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+class DecodeGraphs:
+    def __init__(self, model: Qwen3VLMoe, cache: KVCache, scratch_slot: int | None = None,
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, fused: bool | None = None):
+        """``fused``: run each layer through kernels.decode_layer (16 launches) rather than the module's eager
+        forward; default: on CUDA."""
+        self.model = model
+        self.cache = cache
+        self.scratch_slot = cache.num_slots - 1 if scratch_slot is None else scratch_slot
+        if not 0 <= self.scratch_slot < cache.num_slots:
+            raise ValueError(f"scratch slot {self.scratch_slot} is outside the cache's {cache.num_slots} slots")
+        self.buckets = tuple(sorted(set(buckets)))
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        d = model.cfg.text.head_dim  # the fused kernels take power-of-two head dims (128 in the released models)
+        self.fused = (self.device.type == "cuda" and d >= 16 and d & (d - 1) == 0) if fused is None else fused
+        t = model.cfg.text
+        n = self.buckets[-1]
+        dev = self.device
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.hidden = torch.zeros(n, t.hidden_size, dtype=self.dtype, device=dev)
+        self.positions = torch.zeros(3, n, dtype=torch.long, device=dev)
+        self.slots = torch.full((n,), self.scratch_slot, dtype=torch.long, device=dev)
+        self.starts = torch.zeros(n, dtype=torch.long, device=dev)
+        # rotary index tables built once (text_rope_tables builds them per call from python tuples)
+        self._axis = torch.tensor(mrope_axis_map(t.head_dim // 2, tuple(t.mrope_section)), device=dev)
+        self._inv = text_inv_freq(t.head_dim, t.rope_theta, dev)
+        self._host: tuple[list[int], list[int]] = ([], [])  # padded slots, starts of the last load
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    # -- the step ----------------------------------------------------------------------------------------------
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same arithmetic as model.rope.text_rope_tables, on precomputed device tables."""
+        freqs = positions.float()[self._axis].transpose(0, 1) * self._inv  # [B, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def _layout(self, b: int) -> SeqLayout:
+        # The python lists are the last loaded step's (eager paths read them); captured kernels read only the
+        # device tensors, which are the static buffers themselves.
+        slots, starts = self._host
+        slots = (slots + [self.scratch_slot] * b)[:b]
+        starts = (starts + [0] * b)[:b]
+        layout = SeqLayout(slots=slots, starts=starts, lens=[1] * b)
+        layout._cache[("slots", str(self.device))] = self.slots[:b]
+        layout._cache[("starts", str(self.device))] = self.starts[:b]
+        return layout
+
+    def step(self, b: int) -> torch.Tensor:
+        """The eager decode step on the first b rows of the static buffers."""
+        m = self.model
+        lm = m.model.language_model
+        h = lm.embed_tokens(self.input_ids[:b]) if m.has_embed else self.hidden[:b]
+        rope = self._rope(self.positions[:, :b])
+        if self.fused:
+            from .decode_layer import decode_layer, rmsnorm
+
+            for idx in m.layer_ids:
+                h = decode_layer(lm.layers[str(idx)], h, *rope, self.cache.layer(idx), self.slots[:b],
+                                 self.starts[:b])
+            if not m.has_head:
+                return h
+            return m.lm_head(rmsnorm(h, lm.norm.weight, lm.norm.eps)).float()
+        layout = self._layout(b)
+        for idx in m.layer_ids:
+            h = lm.layers[str(idx)](h, rope, self.cache.layer(idx), layout)
+        if not m.has_head:
+            return h
+        return m.lm_head(lm.norm(h)).float()
+
+    # -- capture and replay ------------------------------------------------------------------------------------
+    def capture(self, warmup: int = 2) -> None:
+        """Capture every bucket (largest first, sharing one memory pool). Kernels compile in the warm-up runs."""
+        if self.device.type != "cuda":
+            return  # CPU: ``run`` executes the eager step (tests exercise the padding logic there)
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.inference_mode():
+            for b in reversed(self.buckets):
+                with torch.cuda.stream(side):
+                    for _ in range(warmup):
+                        self.step(b)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[b] = self.step(b)
+                self.graphs[b] = graph
+        torch.cuda.synchronize(self.device)
+
+    def bucket(self, n: int) -> int:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"decode batch {n} is larger than the largest captured bucket {self.buckets[-1]}")
+
+    def load(self, slots: list[int], starts: list[int], positions: torch.Tensor,
+             input_ids: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> int:
+        """Copy one step's inputs into the static buffers, padding to the bucket; returns the bucket."""
+        n = len(slots)
+        b = self.bucket(n)
+        pad = b - n
+        self._host = (list(slots) + [self.scratch_slot] * pad, list(starts) + [0] * pad)
+        self.slots[:b].copy_(torch.tensor(self._host[0]), non_blocking=True)
+        self.starts[:b].copy_(torch.tensor(self._host[1]), non_blocking=True)
+        self.positions[:, :n].copy_(positions, non_blocking=True)
+        self.positions[:, n:b].zero_()
+        if self.model.has_embed:
+            self.input_ids[:n].copy_(input_ids, non_blocking=True)
+            self.input_ids[n:b].zero_()
+        else:
+            self.hidden[:n].copy_(hidden, non_blocking=True)
+            self.hidden[n:b].zero_()
+        return b
+
+    def replay(self, b: int) -> torch.Tensor:
+        if b in self.graphs:
+            self.graphs[b].replay()
+            return self.outputs[b]
+        with torch.inference_mode():
+            return self.step(b)
+
+    def run(self, *, positions: torch.Tensor, layout: SeqLayout, input_ids: torch.Tensor | None = None,
+            hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """A decode step, as ``Qwen3VLMoe.forward`` would return it for this layout (rows [:B] of the bucket).
+
+        The returned tensor is the graph's output buffer: read or copy it before the next replay."""
+        if not layout.is_decode:
+            raise ValueError("DecodeGraphs runs decode steps only (every sequence brings one token)")
+        b = self.load(layout.slots, layout.starts, positions, input_ids, hidden)
+        return self.replay(b)[:len(layout.slots)]
+
+
+class GraphedStage:
+    """Drop-in for a stage model's forward: decode steps that fit a bucket replay a graph; other text-only steps
+    run eagerly through the fused layer kernels (kernels.fast_forward); steps with images or videos run the
+    model's own forward."""
+
+    def __init__(self, model: Qwen3VLMoe, cache: KVCache, scratch_slot: int | None = None,
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, fused: bool | None = None):
+        self.model = model
+        self.graphs = DecodeGraphs(model, cache, scratch_slot, buckets, fused)
+        self.graphs.capture()
+        self.fused = self.graphs.fused
+
+    def __getattr__(self, name):  # has_head, has_embed, layer_ids, ... come from the model
+        return getattr(self.model, name)
+
+    def __call__(self, *, positions, layout, cache, input_ids=None, hidden=None, visual=None, logits_rows=None):
+        if (cache is self.graphs.cache and layout.is_decode and visual is None and logits_rows is None
+                and len(layout.slots) <= self.graphs.buckets[-1]):
+            return self.graphs.run(positions=positions, layout=layout, input_ids=input_ids, hidden=hidden)
+        if self.fused and visual is None:
+            from .fast_forward import fused_forward
+
+            with torch.inference_mode():
+                return fused_forward(self.model, positions=positions, layout=layout, cache=cache, input_ids=input_ids,
+                                     hidden=hidden, logits_rows=logits_rows)
+        return self.model(positions=positions, layout=layout, cache=cache, input_ids=input_ids, hidden=hidden,
+                          visual=visual, logits_rows=logits_rows)

@@ -1,0 +1,218 @@
+"""One decoder layer's decode step (one new token per sequence) in 16 launches instead of ~60.
+
+Same math as ``DecoderLayer.forward`` with the 'fast' implementations, for a decode layout, reading the layer's own
+parameters; tests and ``qwen-vl bench`` hold it equal to the module. Why: at batch 1 a layer moves ~446 MB
+(~0.1 ms at HBM speed) but the module's eager math is ~60 kernels (norms in fp32, rotary, router), and under
+CUDA-graph replay each costs ~2 us of launch latency and tail -- more than the attention projections.
+
+Shapes: B sequences (rows), H hidden, NH/KVH query/kv heads, D head_dim, E experts, K per token, P = B*K pairs.
+Launches: rmsnorm | q, k, v GEMV (cuBLAS) | q/k norm + rotary + cache write | split-KV attention (2) | o GEMV |
+residual + rmsnorm | router GEMV | softmax + top-k | align + gate/up + down (3) | K-sum + residual.
+
+Rounding follows the reference op by op: every place the module rounds a product or sum to the activation dtype
+(bf16), the kernels round too (``.to(dt).to(tl.float32)``), so results differ only by reduction order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import grouped
+from .decode_attention import decode_attention
+from .gemv import linear_small
+from .moe_triton import expert_pairs
+
+# Which projections use the one-launch Triton GEMV (kernels.gemv) and its (BN, BK) tile; None: cuBLAS per weight.
+# ``qwen-vl bench`` times both on the device and keeps the faster for its process.
+# Defaults: the faster on an H200 at the 235B shapes, batch 1 (docs/benchmarks.md).
+GEMV: dict[str, tuple[int, int] | None] = {"qkv": (64, 128), "o": (32, 256), "router": None}
+
+
+def project(use: str, x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """x @ W^T for each weight (bias-free), through the GEMV kernel or cuBLAS as ``GEMV[use]`` says."""
+    tile = GEMV.get(use)
+    if tile is None or x.shape[0] > 64:  # the GEMV kernel is for decode-sized row counts
+        return tuple(F.linear(x, w) for w in weights)
+    return linear_small(x, *weights, bn=tile[0], bk=tile[1])
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, H, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    # one row per program: [h = x + res (stored)]; y = w * round(h * rsqrt(mean(h^2) + eps))
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    m = c < H
+    dt = y_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * H + c, mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
+        x = (x + tl.load(res_ptr + row * H + c, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        tl.store(h_ptr + row * H + c, x.to(dt), mask=m)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / H + eps)
+    n = (x * rstd).to(dt).to(tl.float32)
+    w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * H + c, (w * n).to(dt), mask=m)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """x [B, H] -> norm(x); with ``residual``: (h = x + residual, norm(h))."""
+    b, h = x.shape
+    y = torch.empty_like(x)
+    hsum = torch.empty_like(x) if residual is not None else y
+    _rmsnorm_kernel[(b,)](x, residual if residual is not None else x, weight, y, hsum, h, eps,
+                          HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h), num_warps=8)
+    return (hsum, y) if residual is not None else y
+
+
+@triton.jit
+def _norm_rope(a, b, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, HALF: tl.constexpr, dt: tl.constexpr):
+    """Per-head RMSNorm then rotary on the two halves (a, b) of one head (fp32 values of bf16 numbers)."""
+    i = tl.arange(0, HALF)
+    rstd = 1.0 / tl.sqrt((tl.sum(a * a, 0) + tl.sum(b * b, 0)) / D + eps)
+    a = (tl.load(w_ptr + i).to(tl.float32) * (a * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    b = (tl.load(w_ptr + HALF + i).to(tl.float32) * (b * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    c1 = tl.load(cos_ptr + i).to(tl.float32)
+    c2 = tl.load(cos_ptr + HALF + i).to(tl.float32)
+    s1 = tl.load(sin_ptr + i).to(tl.float32)
+    s2 = tl.load(sin_ptr + HALF + i).to(tl.float32)
+    # x * cos + rotate_half(x) * sin, rotate_half(a, b) = (-b, a); each product and the sum rounded
+    oa = ((a * c1).to(dt).to(tl.float32) + (-b * s1).to(dt).to(tl.float32)).to(dt)
+    ob = ((b * c2).to(dt).to(tl.float32) + (a * s2).to(dt).to(tl.float32)).to(dt)
+    return oa, ob
+
+
+@triton.jit
+def _qkv_post_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slots_ptr, starts_ptr,
+                     qo_ptr, kc_ptr, vc_ptr, eps, sc_s, sc_h, sc_l,
+                     NH: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr):
+    # program (b, j): j < NH: query head j -> qo [B, NH, D]; else kv head j - NH -> k/v caches at (slot, start)
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    HALF: tl.constexpr = D // 2
+    i = tl.arange(0, HALF)
+    dt = qo_ptr.dtype.element_ty
+    cos_row = cos_ptr + b * D
+    sin_row = sin_ptr + b * D
+    if j < NH:
+        src = q_ptr + b * NH * D + j * D
+        a = tl.load(src + i).to(tl.float32)
+        bb = tl.load(src + HALF + i).to(tl.float32)
+        oa, ob = _norm_rope(a, bb, qw_ptr, cos_row, sin_row, eps, D, HALF, dt)
+        dst = qo_ptr + b * NH * D + j * D
+        tl.store(dst + i, oa)
+        tl.store(dst + HALF + i, ob)
+    else:
+        kh = j - NH
+        slot = tl.load(slots_ptr + b).to(tl.int64)
+        pos = tl.load(starts_ptr + b).to(tl.int64)
+        src = k_ptr + b * KVH * D + kh * D
+        a = tl.load(src + i).to(tl.float32)
+        bb = tl.load(src + HALF + i).to(tl.float32)
+        oa, ob = _norm_rope(a, bb, kw_ptr, cos_row, sin_row, eps, D, HALF, dt)
+        off = slot * sc_s + kh * sc_h + pos * sc_l
+        tl.store(kc_ptr + off + i, oa)
+        tl.store(kc_ptr + off + HALF + i, ob)
+        vsrc = v_ptr + b * KVH * D + kh * D
+        tl.store(vc_ptr + off + i, tl.load(vsrc + i))
+        tl.store(vc_ptr + off + HALF + i, tl.load(vsrc + HALF + i))
+
+
+@triton.jit
+def _route_kernel(logits_ptr, ids_ptr, w_ptr, E: tl.constexpr, K: tl.constexpr, EB: tl.constexpr,
+                  KB: tl.constexpr, NORMALIZE: tl.constexpr):
+    # one row per program: softmax (fp32) -> top-K (descending, lowest index on ties) -> renormalise -> dtype
+    row = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, EB)
+    logits = tl.load(logits_ptr + row * E + e, mask=e < E, other=float("-inf")).to(tl.float32)
+    p = tl.exp(logits - tl.max(logits, 0))
+    p = p / tl.sum(p, 0)
+    kk = tl.arange(0, KB)
+    top_w = tl.zeros((KB,), tl.float32)
+    top_i = tl.zeros((KB,), tl.int32)
+    for k in tl.static_range(K):
+        best = tl.max(p, 0)
+        idx = tl.min(tl.where(p == best, e, EB), 0)
+        top_w = tl.where(kk == k, best, top_w)
+        top_i = tl.where(kk == k, idx, top_i)
+        p = tl.where(e == idx, -1.0, p)
+    if NORMALIZE:
+        top_w = top_w / tl.sum(top_w, 0)
+    tl.store(w_ptr + row * K + kk, top_w.to(w_ptr.dtype.element_ty), mask=kk < K)
+    tl.store(ids_ptr + row * K + kk, top_i, mask=kk < K)
+
+
+@triton.jit
+def _sum_residual_kernel(y_ptr, h_ptr, out_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr):
+    # out[t] = h[t] + round(sum_k y[t*K + k]): the experts' output rounded once, then the residual add rounded
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < H
+    dt = out_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for k in tl.static_range(K):
+        acc += tl.load(y_ptr + (t * K + k) * H + c, mask=m, other=0.0).to(tl.float32)
+    h = tl.load(h_ptr + t * H + c, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + c, (h + acc.to(dt).to(tl.float32)).to(dt), mask=m)
+
+
+def route(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, E] -> (weights [B, K] in logits' dtype, ids [B, K] int32), as model.moe.route."""
+    b, e = logits.shape
+    w = torch.empty(b, k, dtype=logits.dtype, device=logits.device)
+    ids = torch.empty(b, k, dtype=torch.int32, device=logits.device)
+    _route_kernel[(b,)](logits, ids, w, E=e, K=k, EB=triton.next_power_of_2(e), KB=max(2, triton.next_power_of_2(k)),
+                        NORMALIZE=normalize, num_warps=4)
+    return w, ids
+
+
+def qkv_post(q, k, v, attn, cos, sin, kv, slots, starts) -> torch.Tensor:
+    """q [B, NH*D], k/v [B, KVH*D] raw projections -> normed, rotated q [B, NH, D]; k, v written to the cache."""
+    k_cache, v_cache = kv
+    b = q.shape[0]
+    nh, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    qo = torch.empty(b, nh, d, dtype=q.dtype, device=q.device)
+    _qkv_post_kernel[(b, nh + kvh)](q, k, v, attn.q_norm.weight, attn.k_norm.weight, cos, sin, slots, starts, qo,
+                                    k_cache, v_cache, attn.q_norm.eps, k_cache.stride(0), k_cache.stride(1),
+                                    k_cache.stride(2), NH=nh, KVH=kvh, D=d, num_warps=1)
+    return qo
+
+
+def decode_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                 slots: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """``layer`` (a DecoderLayer) on h [B, H] for one token per sequence; cos/sin [B, D] in h's dtype;
+    slots/starts [B] device tensors (starts = tokens cached before this one)."""
+    scale = layer.self_attn.scale
+    return fused_layer(layer, h, cos, sin, kv, slots, starts,
+                       lambda q: decode_attention(q, kv[0], kv[1], slots, starts, scale))
+
+
+def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                row_slots: torch.Tensor, row_pos: torch.Tensor, attend) -> torch.Tensor:
+    """``layer`` on T rows h [T, H]: row t's k/v go to cache slot row_slots[t], position row_pos[t] (device
+    tensors [T]); ``attend(q [T, NH, D]) -> [T, NH, D]`` reads the cache after that write."""
+    attn, mlp = layer.self_attn, layer.mlp
+    t = h.shape[0]
+    x = rmsnorm(h, layer.input_layernorm.weight, layer.input_layernorm.eps)
+    if attn.q_proj.bias is None:
+        q, k, v = project("qkv", x, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    o = attend(qkv_post(q, k, v, attn, cos, sin, kv, row_slots, row_pos)).view(t, -1)
+    o = project("o", o, attn.o_proj.weight)[0] if attn.o_proj.bias is None else attn.o_proj(o)
+    h, x = rmsnorm(o, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps, residual=h)
+    w, ids = route(project("router", x, mlp.gate.weight)[0], mlp.top_k, mlp.normalize)
+    gate_up, down = mlp.experts.gate_up_proj, mlp.experts.down_proj
+    if ids.numel() > grouped.FUSED_MAX_PAIRS:  # large prefill chunks: grouped GEMM (returns the K-sum)
+        return h + grouped.grouped_experts(x, ids.long(), w, gate_up, down)
+    return sum_residual(expert_pairs(x, ids, w, gate_up, down), h, mlp.top_k)
+
+
+def sum_residual(y: torch.Tensor, h: torch.Tensor, k: int) -> torch.Tensor:
+    """y [B*K, H] pair outputs, h [B, H] -> h + round(fp32 sum over each row's K pairs)."""
+    b, hidden = h.shape
+    out = torch.empty_like(h)
+    block = 1024
+    _sum_residual_kernel[(b, triton.cdiv(hidden, block))](y, h, out, hidden, K=k, BLOCK=block, num_warps=4)
+    return out

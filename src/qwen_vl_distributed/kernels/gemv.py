@@ -1,0 +1,66 @@
+"""Skinny linear layers for decode (B <= 32 rows): up to three weights that share an input in ONE launch.
+
+Shapes: x [B, K]; weights W_i [N_i, K] (nn.Linear layout); outputs y_i [B, N_i] = x @ W_i^T, fp32 accumulation,
+rounded once to x's dtype (as cuBLAS does). Why: the q, k and v projections of a decode step are three GEMVs of
+very different sizes (8192, 512, 512 rows); three cuBLAS launches leave the GPU part-idle in each, one launch over
+the stacked rows keeps every SM streaming weights. Program j owns BN consecutive rows of the stack [W_0; W_1; W_2].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BN, BK, WARPS, STAGES = 32, 256, 4, 4
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w0, w1, w2, y0, y1, y2, B, K, N0, N1, N2,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    pid = tl.program_id(0)
+    nb0 = tl.cdiv(N0, BN)
+    nb1 = tl.cdiv(N1, BN)
+    # pick the weight this row block belongs to (all three share dtype, so the branches agree on types)
+    w, y, n, blk = w0, y0, N0, pid
+    if pid >= nb0:
+        w, y, n, blk = w1, y1, N1, pid - nb0
+    if pid >= nb0 + nb1:
+        w, y, n, blk = w2, y2, N2, pid - nb0 - nb1
+    rows = blk * BN + tl.arange(0, BN)
+    rmask = rows < n
+    b = tl.arange(0, BM)
+    bmask = b < B
+    kk = tl.arange(0, BK)
+    x_ptrs = x_ptr + b[:, None] * K + kk[None, :]
+    w_ptrs = w + rows[:, None].to(tl.int64) * K + kk[None, :]
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=bmask[:, None], other=0.0)
+            wt = tl.load(w_ptrs, mask=rmask[:, None], other=0.0)
+        else:
+            km = (k0 + kk) < K
+            a = tl.load(x_ptrs, mask=bmask[:, None] & km[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(wt), acc)
+        x_ptrs += BK
+        w_ptrs += BK
+    tl.store(y + b[:, None] * n + rows[None, :], acc.to(y.dtype.element_ty), mask=bmask[:, None] & rmask[None, :])
+
+
+def linear_small(x: torch.Tensor, *weights: torch.Tensor, bn: int = BN, bk: int = BK, warps: int = WARPS,
+                 stages: int = STAGES) -> tuple[torch.Tensor, ...]:
+    """(x @ W_0^T, x @ W_1^T, ...) for 1 to 3 bias-free weights of equal K, in one launch. x [B, K], B <= 64."""
+    if not 1 <= len(weights) <= 3:
+        raise ValueError("linear_small takes one to three weights")
+    b, k = x.shape
+    x = x.contiguous()
+    outs = [torch.empty(b, w.shape[0], dtype=x.dtype, device=x.device) for w in weights]
+    ws = list(weights) + [weights[0]] * (3 - len(weights))
+    ys = outs + [outs[0]] * (3 - len(outs))
+    ns = [w.shape[0] for w in weights] + [0] * (3 - len(weights))
+    grid = (sum(triton.cdiv(n, bn) for n in ns),)
+    _gemv_kernel[grid](x, *ws, *ys, b, k, *ns, BM=max(16, triton.next_power_of_2(b)), BN=bn, BK=bk,
+                       EVEN_K=k % bk == 0, num_warps=warps, num_stages=stages)
+    return tuple(outs)

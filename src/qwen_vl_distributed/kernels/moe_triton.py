@@ -1,0 +1,315 @@
+"""Fused MoE experts for decode-sized batches: Triton kernels that read only the selected experts' weights.
+
+Shapes: T tokens, H hidden, E experts, K experts per token, I expert width, P = T*K (token, expert) pairs; pair
+p = t*K + k is token t's k-th choice. BM rows of one block all belong to one expert.
+
+The design (the one public engines use for fused MoE, re-written here):
+1. ``align``: sort the P pairs by expert and pad each expert's run to a multiple of BM, so that a block of BM rows
+   reads one expert's weights once however many tokens chose it. Output: ``rows`` [NB*BM] (pair index, P = padding)
+   and ``block_expert`` [NB] (E = unused block). NB is a bound known from the shapes alone
+   (cdiv(P, BM) + min(P, E)), so the grid is static: no host sync, and the whole thing can be captured in a CUDA graph.
+2. ``_gate_up_kernel``: per (block, column tile) z = x[token] @ gate_up[e]^T for the gate and up halves, then
+   h = silu(gate) * up, stored per pair [P, I].
+3. ``_down_kernel``: y = h @ down[e]^T times the pair's routed weight (epilogue), stored per pair [P, H], rounded to
+   the activation dtype as the reference rounds it; a token's K pairs are summed in fp32 and rounded once
+   (deterministic, no atomics).
+
+Rounding follows the reference (model.moe.reference_experts): the gate/up and down products are rounded to the
+activation dtype before the activation and before the routed weight, as ``F.linear`` in bf16 would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# The single-program align kernel holds all pairs in one block (a sort of next_pow2(P) keys); above this, the
+# torch-op alignment (also graph-safe) is used.
+ALIGN_KERNEL_MAX_PAIRS = 4096
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Tile shape of the two expert kernels (BM rows of one expert, BN output columns, BK reduction step)."""
+
+    bm: int = 16
+    bn: int = 64
+    bk: int = 128
+    warps: int = 4
+    stages: int = 4
+    down_bn: int = 64
+    down_bk: int = 128
+    down_warps: int = 4
+    down_stages: int = 4
+
+
+# chosen per P (pairs) bucket: the smallest bucket >= P wins; tune() may overwrite entries in-process
+# Defaults: the fastest of ``CANDIDATES`` / ``PREFILL_CANDIDATES`` on an H200 at the 235B shapes
+# (docs/benchmarks.md); at decode sizes the top few were within 2% of each other.
+CONFIGS: dict[int, MoeConfig] = {
+    64: MoeConfig(bn=64, bk=128, warps=4, stages=3, down_bn=64, down_bk=128, down_stages=3),  # B = 1..8 at K = 8
+    256: MoeConfig(bn=32, bk=256, warps=4, stages=3, down_bn=64, down_bk=256, down_stages=3),  # B = 32
+    1 << 30: MoeConfig(bm=128, bn=128, bk=64, warps=8, stages=4, down_bn=256, down_bk=64, down_warps=8,
+                       down_stages=4),  # prefill: 128 tokens of one expert per tile
+}
+
+
+def config_for(pairs: int) -> MoeConfig:
+    return CONFIGS[min(b for b in CONFIGS if b >= pairs)]
+
+
+def num_blocks(pairs: int, experts: int, bm: int) -> int:
+    """Upper bound on padded blocks: every non-empty expert adds < BM padding rows, and at most min(P, E) are hit."""
+    return triton.cdiv(pairs, bm) + min(pairs, experts)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Alignment
+
+
+@triton.jit
+def _align_kernel(ids_ptr, rows_ptr, block_expert_ptr, offset_ptr, P,
+                  E: tl.constexpr, BM: tl.constexpr, PB: tl.constexpr, EB: tl.constexpr, NB: tl.constexpr,
+                  FILL: tl.constexpr):
+    # One program. ids [P] expert of each pair; offset_ptr [EB] int32 scratch.
+    p = tl.arange(0, PB)
+    ids = tl.load(ids_ptr + p, mask=p < P, other=E).to(tl.int32)  # padding pairs go to bin E (EB > E)
+    # Stable sort of pairs by expert: sort the unique keys expert*PB + pair.
+    keys = tl.sort(ids * PB + p)
+    s_exp = keys // PB
+    s_pair = keys % PB
+    valid = s_exp < E
+    counts = tl.histogram(ids, EB)
+    e = tl.arange(0, EB)
+    counts = tl.where(e < E, counts, 0)
+    padded = (counts + BM - 1) // BM * BM
+    # sorted position i of expert x lands on row i + (padded_start[x] - count_start[x])
+    shift = (tl.cumsum(padded, 0) - padded) - (tl.cumsum(counts, 0) - counts)
+    tl.store(offset_ptr + e, shift)
+    # padding everywhere first; the barrier orders these stores before the scatter below (one CTA)
+    for i in tl.static_range(0, NB * BM, FILL):
+        f = i + tl.arange(0, FILL)
+        tl.store(rows_ptr + f, P, mask=f < NB * BM)
+    for i in tl.static_range(0, NB, FILL):
+        f = i + tl.arange(0, FILL)
+        tl.store(block_expert_ptr + f, E, mask=f < NB)
+    tl.debug_barrier()
+    row = p + tl.load(offset_ptr + s_exp, mask=valid, other=0)
+    tl.store(rows_ptr + row, s_pair, mask=valid)
+    # every used block holds at least one real pair, so writing each pair's expert to its block covers them all
+    tl.store(block_expert_ptr + row // BM, s_exp, mask=valid)
+
+
+def align_triton(flat_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    p = flat_ids.numel()
+    nb = num_blocks(p, experts, bm)
+    rows = torch.empty(nb * bm, dtype=torch.int32, device=flat_ids.device)
+    block_expert = torch.empty(nb, dtype=torch.int32, device=flat_ids.device)
+    eb = triton.next_power_of_2(experts + 1)
+    scratch = torch.empty(eb, dtype=torch.int32, device=flat_ids.device)
+    pb = max(16, triton.next_power_of_2(p))
+    _align_kernel[(1,)](flat_ids, rows, block_expert, scratch, p, E=experts, BM=bm, PB=pb, EB=eb, NB=nb,
+                        FILL=1024, num_warps=4 if pb <= 1024 else 8)
+    return rows, block_expert
+
+
+def align_torch(flat_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same layout as ``align_triton`` from torch ops (no host sync; used for large P and as its test oracle)."""
+    p, dev = flat_ids.numel(), flat_ids.device
+    nb = num_blocks(p, experts, bm)
+    ids = flat_ids.long()
+    order = torch.sort(ids, stable=True).indices  # pairs by expert, ties in pair order
+    counts = torch.zeros(experts, dtype=torch.long, device=dev).scatter_add_(0, ids, torch.ones_like(ids))
+    padded = (counts + bm - 1) // bm * bm
+    shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)
+    s_exp = ids[order]
+    row = torch.arange(p, device=dev) + shift[s_exp]
+    rows = torch.full((nb * bm,), p, dtype=torch.int32, device=dev)
+    rows[row] = order.int()
+    block_expert = torch.full((nb,), experts, dtype=torch.int32, device=dev)
+    block_expert[row // bm] = s_exp.int()
+    return rows, block_expert
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Expert kernels
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, h_ptr, rows_ptr, block_expert_ptr, P, H, I,
+                    K: tl.constexpr, E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    EVEN_K: tl.constexpr):
+    # x [T, H]; w = gate_up [E, 2I, H] (gate rows [0, I), up rows [I, 2I)); h [P, I]
+    blk = tl.program_id(0)
+    e = tl.load(block_expert_ptr + blk).to(tl.int64)
+    if e >= E:
+        return
+    rows = tl.load(rows_ptr + blk * BM + tl.arange(0, BM))
+    rmask = rows < P
+    tok = (rows // K).to(tl.int64)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cmask = cols < I
+    kk = tl.arange(0, BK)
+    a_ptrs = x_ptr + tok[:, None] * H + kk[None, :]
+    g_ptrs = w_ptr + e * (2 * I) * H + cols[:, None].to(tl.int64) * H + kk[None, :]  # [BN, BK], k contiguous
+    u_ptrs = g_ptrs + I * H
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            wg = tl.load(g_ptrs, mask=cmask[:, None], other=0.0)
+            wu = tl.load(u_ptrs, mask=cmask[:, None], other=0.0)
+        else:
+            km = (k0 + kk) < H
+            a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+            wg = tl.load(g_ptrs, mask=cmask[:, None] & km[None, :], other=0.0)
+            wu = tl.load(u_ptrs, mask=cmask[:, None] & km[None, :], other=0.0)
+        acc_g = tl.dot(a, tl.trans(wg), acc_g)
+        acc_u = tl.dot(a, tl.trans(wu), acc_u)
+        a_ptrs += BK
+        g_ptrs += BK
+        u_ptrs += BK
+    dt = h_ptr.dtype.element_ty
+    g = acc_g.to(dt).to(tl.float32)  # round as the reference's bf16 linear output
+    u = acc_u.to(dt).to(tl.float32)
+    act = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
+    h = (act * u).to(dt)
+    tl.store(h_ptr + rows[:, None].to(tl.int64) * I + cols[None, :], h, mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, w_ptr, y_ptr, topk_w_ptr, rows_ptr, block_expert_ptr, P, H, I,
+                 E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    # h [P, I]; w = down [E, H, I]; y [P, H] = round(round(h @ w^T) * routed weight of the pair)
+    blk = tl.program_id(0)
+    e = tl.load(block_expert_ptr + blk).to(tl.int64)
+    if e >= E:
+        return
+    rows = tl.load(rows_ptr + blk * BM + tl.arange(0, BM))
+    rmask = rows < P
+    rows64 = rows.to(tl.int64)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cmask = cols < H
+    kk = tl.arange(0, BK)
+    a_ptrs = h_ptr + rows64[:, None] * I + kk[None, :]
+    w_ptrs = w_ptr + e * H * I + cols[:, None].to(tl.int64) * I + kk[None, :]  # [BN, BK]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, I, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=cmask[:, None], other=0.0)
+        else:
+            km = (k0 + kk) < I
+            a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=cmask[:, None] & km[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(w), acc)
+        a_ptrs += BK
+        w_ptrs += BK
+    dt = h_ptr.dtype.element_ty
+    rw = tl.load(topk_w_ptr + rows64, mask=rmask, other=0.0)
+    y = (acc.to(dt) * rw[:, None]).to(dt)  # routed weight in the epilogue, rounded as the reference
+    tl.store(y_ptr + rows64[:, None] * H + cols[None, :], y, mask=rmask[:, None] & cmask[None, :])
+
+
+def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
+                  down: torch.Tensor, config: MoeConfig | None = None) -> torch.Tensor:
+    """x [T, H], topk_ids/topk_w [T, K], gate_up [E, 2I, H], down [E, H, I] -> [T, H] in x's dtype."""
+    t, k = topk_ids.shape
+    y = expert_pairs(x, topk_ids, topk_w, gate_up, down, config)
+    return y.view(t, k, -1).sum(1)  # torch accumulates a bf16 sum in fp32 and rounds once
+
+
+def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
+                 down: torch.Tensor, config: MoeConfig | None = None) -> torch.Tensor:
+    """Each (token, expert) pair's weighted expert output, y [P, H] in x's dtype (pair p = t*K + k), before the
+    K-sum."""
+    t, k = topk_ids.shape
+    e, h_dim, inter = down.shape
+    p = t * k
+    cfg = config or config_for(p)
+    x = x.contiguous()
+    flat = topk_ids.reshape(-1)
+    if p <= ALIGN_KERNEL_MAX_PAIRS:
+        rows, block_expert = align_triton(flat, e, cfg.bm)
+    else:
+        rows, block_expert = align_torch(flat, e, cfg.bm)
+    nb = block_expert.numel()
+    h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
+    _gate_up_kernel[(nb, triton.cdiv(inter, cfg.bn))](
+        x, gate_up, h, rows, block_expert, p, h_dim, inter, K=k, E=e, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
+        EVEN_K=h_dim % cfg.bk == 0, num_warps=cfg.warps, num_stages=cfg.stages)
+    y = torch.empty(p, h_dim, dtype=x.dtype, device=x.device)
+    w = topk_w.reshape(-1).to(x.dtype)
+    _down_kernel[(nb, triton.cdiv(h_dim, cfg.down_bn))](
+        h, down, y, w, rows, block_expert, p, h_dim, inter, E=e, BM=cfg.bm, BN=cfg.down_bn, BK=cfg.down_bk,
+        EVEN_K=inter % cfg.down_bk == 0, num_warps=cfg.down_warps, num_stages=cfg.down_stages)
+    return y
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# In-process tuning (before graph capture; never inside one)
+
+CANDIDATES = [
+    MoeConfig(bn=64, bk=128, warps=4, stages=4, down_bn=64, down_bk=128, down_warps=4, down_stages=4),
+    MoeConfig(bn=64, bk=128, warps=4, stages=3, down_bn=64, down_bk=128, down_warps=4, down_stages=3),
+    MoeConfig(bn=32, bk=128, warps=4, stages=4, down_bn=32, down_bk=128, down_warps=4, down_stages=4),
+    MoeConfig(bn=32, bk=256, warps=4, stages=3, down_bn=64, down_bk=256, down_warps=4, down_stages=3),
+    MoeConfig(bn=128, bk=128, warps=8, stages=3, down_bn=128, down_bk=128, down_warps=8, down_stages=3),
+    MoeConfig(bn=64, bk=256, warps=8, stages=3, down_bn=64, down_bk=256, down_warps=8, down_stages=3),
+    MoeConfig(bn=128, bk=64, warps=4, stages=5, down_bn=64, down_bk=128, down_warps=4, down_stages=4),
+]
+
+# prefill-sized P: tensor-core tiles of 64-128 tokens of one expert
+PREFILL_CANDIDATES = [
+    MoeConfig(bm=64, bn=64, bk=64, warps=4, stages=4, down_bn=128, down_bk=64, down_warps=4, down_stages=4),
+    MoeConfig(bm=128, bn=64, bk=64, warps=8, stages=3, down_bn=128, down_bk=64, down_warps=8, down_stages=3),
+    MoeConfig(bm=64, bn=128, bk=64, warps=8, stages=3, down_bn=128, down_bk=64, down_warps=8, down_stages=3),
+    MoeConfig(bm=128, bn=128, bk=64, warps=8, stages=3, down_bn=256, down_bk=64, down_warps=8, down_stages=3),
+    MoeConfig(bm=128, bn=128, bk=64, warps=8, stages=4, down_bn=256, down_bk=64, down_warps=8, down_stages=4),
+    MoeConfig(bm=128, bn=128, bk=128, warps=8, stages=2, down_bn=128, down_bk=128, down_warps=8, down_stages=2),
+    MoeConfig(bm=64, bn=128, bk=128, warps=4, stages=3, down_bn=128, down_bk=128, down_warps=4, down_stages=3),
+    MoeConfig(bm=128, bn=64, bk=128, warps=4, stages=3, down_bn=256, down_bk=64, down_warps=8, down_stages=4),
+]
+
+
+def tune(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
+         down: torch.Tensor, candidates=CANDIDATES, reps: int = 20, calls: int = 10
+         ) -> tuple[MoeConfig, dict[str, float]]:
+    """Time each candidate on these inputs and install the fastest for this P (median of ``reps`` samples of
+    ``calls`` back-to-back calls). Decode sizes are timed as decode runs them, replayed from a CUDA graph (no
+    launch gaps); prefill sizes eagerly (launch cost is noise there)."""
+    times = {}
+    args = (x, topk_ids, topk_w, gate_up, down)
+    for cfg in candidates:
+        try:
+            times[repr(cfg)] = _time_config(args, cfg, reps, calls, topk_ids.numel() <= ALIGN_KERNEL_MAX_PAIRS)
+        except Exception:  # a tile shape this GPU or Triton rejects (e.g. shared memory): skip it
+            continue
+    best = min(candidates, key=lambda c: times.get(repr(c), float("inf")))
+    CONFIGS[topk_ids.numel()] = best  # a bucket of its own: P in (next smaller bucket, this P] uses it
+    return best, times
+
+
+def _time_config(args, cfg: MoeConfig, reps: int, calls: int, graphed: bool) -> float:
+    fused_experts(*args, cfg)
+    torch.cuda.synchronize()
+    run = lambda: [fused_experts(*args, cfg) for _ in range(calls)]  # noqa: E731
+    if graphed:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        run = graph.replay
+    run()
+    samples = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        samples.append(a.elapsed_time(b) / calls)
+    return sorted(samples)[len(samples) // 2]

@@ -1,0 +1,73 @@
+"""Vision segment attention impl 'fast': bidirectional attention inside each segment, never a dense block mask.
+
+Shapes: N patches (all segments packed), heads, d head_dim; cu_seqlens [n_segments + 1] segment bounds.
+
+One segment (one image): a single SDPA call with the fastest Hopper backend first. Several segments: varlen flash
+attention (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.10) over the packed patches when it exists and runs
+here, else one SDPA per segment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+
+# SDPA backend priority for vision (non-causal, head_dim 72); None: torch's own choice, which measured fastest on
+# the H200 (docs/benchmarks.md). ``qwen-vl bench`` times the orders and keeps the fastest for its process.
+BACKEND_ORDER: list[str] | None = None
+
+
+def _backends():
+    if BACKEND_ORDER is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [getattr(SDPBackend, name) for name in BACKEND_ORDER]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # a torch without set_priority: plain allow-list
+        return sdpa_kernel(order)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q, k, v [n, heads, d] -> [n, heads, d]."""
+    qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    return F.scaled_dot_product_attention(qs, ks, vs, scale=scale)[0].transpose(0, 1)
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], scale: float):
+    """Packed varlen attention, or None where this torch has no usable varlen_attn."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    if abs(scale - q.shape[-1] ** -0.5) > 1e-12 or q.dtype not in (torch.float16, torch.bfloat16):
+        return None  # only the default scale is passed positionally on every torch version
+    cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
+    longest = max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+    try:
+        return varlen_attn(q, k, v, cu, cu, longest, longest)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def fast_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
+                           scale: float) -> torch.Tensor:
+    if not q.is_cuda:
+        return per_segment_attention(q, k, v, cu_seqlens, scale)
+    with _backends():
+        if len(cu_seqlens) == 2:
+            return _sdpa(q, k, v, scale)
+        out = _varlen(q, k, v, cu_seqlens, scale)
+        return out if out is not None else per_segment_attention(q, k, v, cu_seqlens, scale)
+
+
+def per_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
+                          scale: float) -> torch.Tensor:
+    out = torch.empty_like(q)
+    for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        out[a:b] = _sdpa(q[a:b], k[a:b], v[a:b], scale)
+    return out

@@ -1,0 +1,322 @@
+"""The fast paths (kernels/) against the plain PyTorch references, on CPU.
+
+Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here when no GPU is present) in fp32 and
+fp16: the interpreter's tl.dot mishandles bf16 operands, so bf16 is checked on the GPU by ``qwen-vl bench``.
+Tolerances: fp32 paths agree to ~1e-6 relative (accumulation order only); fp16 to ~1e-3.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from qwen_vl_distributed.kernels import enable_fast_paths, register
+from qwen_vl_distributed.kernels.attention import prefill_attention
+from qwen_vl_distributed.kernels.cuda_graph import DecodeGraphs, GraphedStage
+from qwen_vl_distributed.kernels.grouped import grouped_experts, has_grouped_mm
+from qwen_vl_distributed.kernels.vision_attention import fast_segment_attention
+from qwen_vl_distributed.model.attention import reference_cache_attention
+from qwen_vl_distributed.model.batch import SeqLayout
+from qwen_vl_distributed.model.config import preset
+from qwen_vl_distributed.model.moe import reference_experts
+from qwen_vl_distributed.model.qwen3_vl import Qwen3VLMoe
+from qwen_vl_distributed.model.vision import reference_segment_attention
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of a Triton kernel module
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not importable here")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def moe_inputs(t, k, e, h, i, dtype, seed=0, crowd=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    if crowd:  # one expert chosen by every token: several BM blocks for it, and some experts idle
+        ids[:, 0] = 1
+        ids[:, 1:] = torch.where(ids[:, 1:] == 1, 0, ids[:, 1:])
+    w = torch.softmax(torch.randn(t, k, generator=g), -1).to(dtype)
+    gate_up = (torch.randn(e, 2 * i, h, generator=g) * 0.2).to(dtype)
+    down = (torch.randn(e, h, i, generator=g) * 0.2).to(dtype)
+    return x, ids, w, gate_up, down
+
+
+# -- MoE --------------------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("t,k,e,crowd", [(1, 2, 8, False), (5, 3, 6, False), (40, 2, 4, True), (9, 4, 32, True)])
+def test_align_kernel_matches_torch_alignment(t, k, e, crowd):
+    from qwen_vl_distributed.kernels import moe_triton as mt
+
+    ids = moe_inputs(t, k, e, 8, 8, torch.float32, seed=t, crowd=crowd)[1].reshape(-1)
+    rows_t, blocks_t = mt.align_torch(ids, e, 16)
+    rows_k, blocks_k = mt.align_triton(ids, e, 16)
+    assert torch.equal(rows_t, rows_k) and torch.equal(blocks_t, blocks_k)
+    # every pair appears exactly once, inside a block of its own expert
+    p = ids.numel()
+    real = rows_t[rows_t < p].long()
+    assert sorted(real.tolist()) == list(range(p))
+    block_of_row = torch.arange(rows_t.numel()) // 16
+    assert torch.equal(blocks_t[block_of_row[rows_t < p]].long(), ids[real])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t,k,e,crowd", [(1, 2, 8, False), (7, 3, 6, False), (40, 2, 4, True)])
+def test_fused_experts_match_reference(dtype, t, k, e, crowd):
+    from qwen_vl_distributed.kernels.moe_triton import MoeConfig, fused_experts
+
+    x, ids, w, gate_up, down = moe_inputs(t, k, e, 64, 48, dtype, seed=3, crowd=crowd)
+    small = MoeConfig(bm=16, bn=16, bk=32, down_bn=16, down_bk=16)  # several column and K tiles, uneven I/BN
+    out = fused_experts(x, ids, w, gate_up, down, small)
+    ref = reference_experts(x.float(), ids, w.float(), gate_up.float(), down.float())
+    assert out.dtype == dtype and out.shape == x.shape
+    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
+
+
+@pytest.mark.skipif(not has_grouped_mm(), reason="this torch has no grouped_mm")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_experts_match_reference(dtype):
+    x, ids, w, gate_up, down = moe_inputs(37, 3, 8, 64, 24, dtype, seed=5, crowd=True)
+    out = grouped_experts(x, ids, w, gate_up, down)
+    ref = reference_experts(x.float(), ids, w.float(), gate_up.float(), down.float())
+    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+# -- attention ----------------------------------------------------------------------------------------------------
+
+
+def cache_inputs(dtype, s=5, kvh=2, length=300, d=16, nh=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(s, kvh, length, d, generator=g).to(dtype)
+    v_cache = torch.randn(s, kvh, length, d, generator=g).to(dtype)
+    return k_cache, v_cache, nh
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_kv_decode_matches_reference(dtype):
+    from qwen_vl_distributed.kernels.decode_attention import decode_attention, num_splits
+
+    k_cache, v_cache, nh = cache_inputs(dtype)
+    layout = SeqLayout(slots=[3, 0, 4], starts=[0, 137, 299], lens=[1, 1, 1])  # 1 key, many, the whole cache
+    assert num_splits(3, 2, 300) > 1  # several splits, some empty for the short sequence
+    q = torch.randn(3, nh, 16).to(dtype)
+    out = decode_attention(q, k_cache, v_cache, layout.tensor("slots", "cpu"), layout.tensor("starts", "cpu"),
+                           0.25)
+    ref = reference_cache_attention(q.float(), k_cache.float(), v_cache.float(), layout, 0.25)
+    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_prefill_attention_matches_reference():
+    k_cache, v_cache, nh = cache_inputs(torch.float32, length=64)
+    # a prompt from 0, a continued chunk, and a decode row in one packed step
+    layout = SeqLayout(slots=[1, 2, 0], starts=[0, 20, 40], lens=[9, 5, 1])
+    q = torch.randn(layout.num_tokens, nh, 16)
+    out = prefill_attention(q, k_cache, v_cache, layout, 0.25)
+    ref = reference_cache_attention(q, k_cache, v_cache, layout, 0.25)
+    assert rel(out, ref) < 1e-5
+
+
+def test_segment_attention_matches_reference():
+    q, k, v = (torch.randn(50, 2, 8) for _ in range(3))
+    cu = [0, 16, 20, 50]
+    assert rel(fast_segment_attention(q, k, v, cu, 8**-0.5), reference_segment_attention(q, k, v, cu, 8**-0.5)) < 1e-5
+
+
+# -- a whole (tiny) model -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    model = Qwen3VLMoe(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape) * (0.5 if name.endswith("mlp.gate.weight") else 0.1)
+                    + (1.0 if "norm" in name else 0.0))
+    return cfg, model
+
+
+def prefill(model, cache, prompts: dict[int, list[int]]):
+    """Run the prompts (slot -> ids) in one packed step; returns the step's logits."""
+    ids = [t for p in prompts.values() for t in p]
+    pos = torch.cat([torch.arange(len(p)) for p in prompts.values()]).expand(3, -1)
+    layout = SeqLayout(slots=list(prompts), starts=[0] * len(prompts), lens=[len(p) for p in prompts.values()])
+    with torch.no_grad():
+        return model(positions=pos, layout=layout, cache=cache, input_ids=torch.tensor(ids))
+
+
+def test_fast_paths_equal_reference_on_tiny_model(tiny):
+    cfg, model = tiny
+    prompts = {0: [5, 6, 7, 8, 9], 2: [100, 200, 300]}
+    ref = prefill(model, model.new_cache(3, 16), prompts)
+    fast_model = enable_fast_paths(copy.deepcopy(model))
+    out = prefill(fast_model, fast_model.new_cache(3, 16), prompts)
+    assert rel(out, ref) < 1e-5
+
+
+@needs_triton
+def test_triton_experts_impl_in_tiny_model_decode(tiny):
+    cfg, model = tiny
+    register()
+    m = copy.deepcopy(model)
+    cache = m.new_cache(2, 16)
+    prefill(m, cache, {0: [1, 2, 3], 1: [4, 5]})
+    layout = SeqLayout(slots=[0, 1], starts=[3, 2], lens=[1, 1])
+    pos = torch.tensor([3, 2]).expand(3, -1)
+    outs = {}
+    for impl in ("reference", "triton"):
+        m.set_impl(experts=impl)
+        with torch.no_grad():
+            outs[impl] = m(positions=pos, layout=layout, cache=copy.deepcopy(cache), input_ids=torch.tensor([7, 8]))
+    assert rel(outs["triton"], outs["reference"]) < 1e-5
+
+
+def test_decode_graph_step_equals_forward_and_pads_into_scratch(tiny):
+    cfg, model = tiny
+    m = enable_fast_paths(copy.deepcopy(model))
+    cache = m.new_cache(4, 16)  # slot 3 is the scratch slot
+    prefill(m, cache, {0: [1, 2, 3, 4], 1: [9, 8], 2: [7, 7, 7]})
+    layout = SeqLayout(slots=[2, 0, 1], starts=[3, 4, 2], lens=[1, 1, 1])
+    pos = torch.tensor([3, 4, 2]).expand(3, -1)
+    ids = torch.tensor([11, 12, 13])
+    ref_cache = copy.deepcopy(cache)
+    with torch.no_grad():
+        ref = m(positions=pos, layout=layout, cache=ref_cache, input_ids=ids)
+    graphs = DecodeGraphs(m, cache, buckets=(1, 4))
+    out = graphs.run(positions=pos, layout=layout, input_ids=ids)  # bucket 4: one padding row
+    assert out.shape == ref.shape and rel(out, ref) < 1e-6
+    for i in m.layer_ids:  # the real slots got what forward wrote (up to matmul row-count rounding); padding
+        assert rel(cache.k[i][:3], ref_cache.k[i][:3]) < 1e-6  # went to scratch slot 3 only
+        assert rel(cache.v[i][:3], ref_cache.v[i][:3]) < 1e-6
+        assert cache.k[i][3].abs().sum() > 0 and ref_cache.k[i][3].abs().sum() == 0
+
+
+def test_graphed_stage_middle_stage_hidden_in_hidden_out(tiny):
+    cfg, model = tiny
+    mid = Qwen3VLMoe(cfg, layers=(1, 3), vision=False, embed=False, head=False).eval()
+    mid.load_state_dict({k: v for k, v in model.state_dict().items() if k in mid.state_dict()}, strict=True)
+    enable_fast_paths(mid)
+    cache = mid.new_cache(3, 8)
+    stage = GraphedStage(mid, cache, buckets=(2,))
+    layout = SeqLayout(slots=[1], starts=[0], lens=[1])
+    hidden = torch.randn(1, cfg.text.hidden_size)
+    pos = torch.zeros(3, 1, dtype=torch.long)
+    ref_cache = copy.deepcopy(cache)
+    with torch.no_grad():
+        ref = mid(positions=pos, layout=layout, cache=ref_cache, hidden=hidden)
+    out = stage(positions=pos, layout=layout, cache=cache, hidden=hidden)
+    assert stage.has_head is False and rel(out, ref) < 1e-6
+    with pytest.raises(ValueError):
+        stage.graphs.bucket(3)
+
+
+# -- the fused decode layer -----------------------------------------------------------------------------------------
+
+
+def _decode_case(model, dtype):
+    """A model cast to dtype, a random cache and one decode step of 3 sequences (one at position 0)."""
+    from qwen_vl_distributed.model.rope import text_rope_tables
+
+    m = enable_fast_paths(copy.deepcopy(model).to(dtype))
+    cache = m.new_cache(4, 16)
+    for i in m.layer_ids:
+        cache.k[i].normal_()
+        cache.v[i].normal_()
+    layout = SeqLayout(slots=[2, 0, 1], starts=[3, 7, 0], lens=[1, 1, 1])
+    pos = torch.tensor([3, 7, 0]).expand(3, -1)
+    t = m.cfg.text
+    rope = text_rope_tables(pos, t.head_dim, t.rope_theta, t.mrope_section, dtype)
+    return m, cache, layout, pos, rope
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_layer_matches_module(tiny, dtype):
+    """(bf16 is checked on the GPU: the interpreter truncates fp32 -> bf16 instead of rounding to nearest.)"""
+    from qwen_vl_distributed.kernels.decode_layer import decode_layer
+
+    m, cache, layout, _, rope = _decode_case(tiny[1], dtype)
+    layer = m.model.language_model.layers["1"]
+    h = torch.randn(3, m.cfg.text.hidden_size).to(dtype)
+    fused_cache = copy.deepcopy(cache)
+    with torch.no_grad():
+        ref = layer(h, rope, cache.layer(1), layout)
+        out = decode_layer(layer, h, *rope, fused_cache.layer(1), layout.tensor("slots", "cpu"),
+                           layout.tensor("starts", "cpu"))
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert rel(out, ref) < tol
+    assert rel(fused_cache.k[1], cache.k[1]) < tol and rel(fused_cache.v[1], cache.v[1]) < tol
+
+
+@needs_triton
+def test_route_kernel_matches_reference():
+    from qwen_vl_distributed.kernels.decode_layer import route as fused_route
+    from qwen_vl_distributed.model.moe import route
+
+    logits = torch.randn(5, 128)
+    for normalize in (True, False):
+        w, ids = fused_route(logits, 8, normalize)
+        w_ref, ids_ref = route(logits, 8, normalize)
+        assert torch.equal(ids.long(), ids_ref) and rel(w, w_ref) < 1e-6
+
+
+@needs_triton
+def test_fused_decode_graph_step_equals_forward(tiny):
+    m, cache, layout, pos, _ = _decode_case(tiny[1], torch.float32)
+    ids = torch.tensor([11, 12, 13])
+    ref_cache = copy.deepcopy(cache)
+    with torch.no_grad():
+        ref = m(positions=pos, layout=layout, cache=ref_cache, input_ids=ids)
+    graphs = DecodeGraphs(m, cache, buckets=(4,), fused=True)
+    out = graphs.run(positions=pos, layout=layout, input_ids=ids)
+    assert rel(out, ref) < 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b", [1, 5])
+def test_one_launch_gemv_matches_linear(dtype, b):
+    from qwen_vl_distributed.kernels.gemv import linear_small
+
+    x = torch.randn(b, 96).to(dtype)
+    weights = [torch.randn(n, 96).to(dtype) for n in (80, 16, 40)]  # uneven row counts, K not a tile multiple
+    for ws in (weights, weights[:1]):
+        outs = linear_small(x, *ws, bn=16, bk=64)
+        for out, w in zip(outs, ws):
+            ref = x.double() @ w.double().T
+            assert out.shape == ref.shape and rel(out, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
+
+
+@needs_triton
+def test_fused_forward_equals_model_forward_on_mixed_step(tiny):
+    """A prompt, a continued chunk and a decode row in one step; logits of every row and the cache writes."""
+    from qwen_vl_distributed.kernels.fast_forward import fused_forward
+
+    m, cache, _, _, _ = _decode_case(tiny[1], torch.float32)
+    layout = SeqLayout(slots=[0, 1, 2], starts=[0, 4, 9], lens=[5, 3, 1])
+    pos = torch.cat([torch.arange(0, 5), torch.arange(4, 7), torch.tensor([9])]).expand(3, -1)
+    ids = torch.randint(0, 1000, (9,))
+    rows = list(range(9))
+    ref_cache = copy.deepcopy(cache)
+    with torch.no_grad():
+        ref = m(positions=pos, layout=layout, cache=ref_cache, input_ids=ids, logits_rows=rows)
+        out = fused_forward(m, positions=pos, layout=layout, cache=cache, input_ids=ids, logits_rows=rows)
+    assert rel(out, ref) < 1e-5
+    for i in m.layer_ids:
+        assert rel(cache.k[i], ref_cache.k[i]) < 1e-5 and rel(cache.v[i], ref_cache.v[i]) < 1e-5
