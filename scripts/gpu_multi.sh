@@ -10,5 +10,5 @@ python3 -m qwen_vl_distributed synth /tmp/tiny > /dev/null
 python3 scripts/gpu_pipeline_check.py /tmp/tiny --stages 2 2>&1 | tail -n 3 | tee "$OUT/check.txt"
 python3 -m qwen_vl_distributed generate --model /tmp/tiny --stages 2 --device cuda --prompt "hi" --image src/qwen_vl_distributed/assets/sample.png --max-new-tokens 8 --temperature 0 --json --quiet 2>&1 | tail -n 1 | cut -c1-400
 for S in 1 2; do
-  timeout 240 python3 -m qwen_vl_distributed bench-pipeline --preset 235b-a22b --layers ${LAYERS:-16} --stages $S --device cuda --json "$OUT/pipeline_s$S.json" 2>&1 | tail -n 25
+  timeout 240 python3 -m qwen_vl_distributed bench-pipeline --preset 235b-a22b --layers ${LAYERS:-16} --stages $S --sequences 8 --device cuda --json "$OUT/pipeline_s$S.json" 2>&1 | tail -n 25
 done

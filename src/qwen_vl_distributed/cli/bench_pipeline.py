@@ -47,7 +47,7 @@ def run(args) -> int:
     try:
         engine = handle.engine
         engine.eos_ids = frozenset()  # random weights: never stop early
-        _run_batch(engine, 1, 16, 4)  # warm-up (kernels, allocator, NCCL)
+        _run_batch(engine, n_seq, args.prompt_len, 4)  # warm-up at the measured shapes (Triton compiles, NCCL)
         _, (one,) = _run_batch(engine, 1, args.prompt_len, args.new_tokens)
         per_token = (one.t_done - one.t_first_token) / (len(one.output) - 1)
         elapsed, seqs = _run_batch(engine, n_seq, args.prompt_len, args.new_tokens)

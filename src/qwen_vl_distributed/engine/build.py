@@ -240,7 +240,8 @@ def _join(opts, ckpt, plan, rank, world, local_rank, local_world, init_method):
     except UserError as e:
         error = str(e)
     pd.report_ready(ctx, error)
-    transport = Transport(rank, world, backend, device, opts.stage_timeout_s, ctx.peers, DTYPES[opts.dtype])
+    transport = Transport(rank, world, backend, device, opts.stage_timeout_s, ctx.peers, DTYPES[opts.dtype],
+                          ctx.control)
     return runtime, transport, ctx
 
 

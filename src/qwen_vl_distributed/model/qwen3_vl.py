@@ -36,6 +36,11 @@ class VisualInputs:
     image_mask: torch.Tensor | None = None  # [T] bool: rows that take image features
     video_mask: torch.Tensor | None = None  # [T] bool: rows that take video features
 
+    def to(self, device) -> "VisualInputs":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return VisualInputs(move(self.pixel_values), self.image_grid_thw, move(self.pixel_values_videos),
+                            self.video_grid_thw, move(self.image_mask), move(self.video_mask))
+
 
 class LanguageModel(nn.Module):
     """Holds what a stage owns of the text model; ``layers`` is keyed by the global layer index."""

@@ -46,7 +46,7 @@ class StageRuntime:
                 cache=self.cache,
                 input_ids=p.input_ids.to(self.device) if self.model.has_embed else None,
                 hidden=p.hidden,
-                visual=p.visual,
+                visual=p.visual.to(self.device) if p.visual is not None else None,
             )
             if self.model.has_head:
                 result = TokenPayload("tokens", p.mb, self._sample(p, out))

@@ -1,9 +1,11 @@
 """Payloads over torch.distributed point-to-point, around the ring stage 0 -> 1 -> ... -> S-1 -> 0.
 
-Each message is: a length (int64 [1]), a JSON header (uint8 [n]), then the tensors the header announces:
-ids_pos int64 [4, T] (input ids and the 3 M-RoPE rows) and hidden [T, H] for a step; tokens int64 [B] back to
-stage 0. Tags keep the two directions apart (0: steps, 1: tokens). With NCCL all tensors live on the GPU; with gloo
-(CPU, or stages sharing a GPU) on the host.
+Two planes. The control plane always runs on a gloo group (host memory, TCP): a length (int64 [1]) and a JSON
+header holding everything small -- kind, micro-batch, layout, new sequences' sampling parameters, per-stage stats,
+and the step's token ids and M-RoPE positions (or, on the way back to stage 0, the sampled tokens). The data plane
+carries the one large tensor, hidden [T, H], on the main backend: NCCL GPU to GPU, or gloo. So a hop costs one small
+TCP exchange and one device-to-device transfer, and reading the header never forces a GPU sync. Tags keep the two
+directions apart (0: steps, 1: tokens).
 
 Every wait is bounded by ``timeout_s``: a peer that sends nothing for that long is declared hung, and a closed
 connection (a peer died) is reported at once -- both as a StageFailure naming the stage, rank and host.
@@ -44,8 +46,9 @@ class PeerInfo:
 
 class Transport:
     def __init__(self, rank: int, world: int, backend: str, device: torch.device, timeout_s: float,
-                 peers: list[PeerInfo], hidden_dtype: torch.dtype):
+                 peers: list[PeerInfo], hidden_dtype: torch.dtype, control=None):
         self.rank, self.world, self.backend = rank, world, backend
+        self.control = control  # gloo group for headers; None: the default group (already gloo)
         self.device = device if backend == "nccl" else torch.device("cpu")
         self.timeout_s = timeout_s
         self.peers = peers
@@ -62,80 +65,82 @@ class Transport:
 
     # -- steps ------------------------------------------------------------------------------------------------------
     def send_step(self, p: StepPayload) -> None:
-        tensors = []
+        header = p.header()
+        data = []
         if p.layout is not None:
-            tensors.append(torch.cat([p.input_ids.view(1, -1).cpu(), p.positions.cpu()]).to(self.device))
+            header["ids"] = p.input_ids.tolist()
+            header["pos"] = p.positions.tolist()
             if p.hidden is not None:
-                tensors.append(p.hidden.to(self.device, self.hidden_dtype))
-        self._send(p.header(), tensors, self.next_rank, STEP_TAG)
+                data.append(p.hidden.to(self.device, self.hidden_dtype))
+        self._send(header, data, self.next_rank, STEP_TAG)
 
     def recv_step(self) -> StepPayload:
         h = self._recv_header(self.prev_rank, STEP_TAG)
         if h["kind"] != "step":
             return StepPayload(kind=h["kind"], stats=h["stats"])
-        t = sum(h["lens"])
-        ids_pos = self._recv_tensor((4, t), torch.long, self.prev_rank, STEP_TAG)
         hidden = None
         if h["hidden"] is not None:
             hidden = self._recv_tensor(tuple(h["hidden"]), getattr(torch, h["dtype"]), self.prev_rank, STEP_TAG)
         layout = SeqLayout(h["slots"], h["starts"], h["lens"])
         new = {int(k): v for k, v in h["new_seqs"].items()}
-        return StepPayload("step", h["mb"], h["step"], layout, ids_pos[1:].cpu(), ids_pos[0].cpu(), hidden, new,
-                           stats=h["stats"])
+        return StepPayload("step", h["mb"], h["step"], layout, torch.tensor(h["pos"], dtype=torch.long),
+                           torch.tensor(h["ids"], dtype=torch.long), hidden, new, stats=h["stats"])
 
     # -- tokens back to stage 0 ---------------------------------------------------------------------------------
     def send_tokens(self, p: TokenPayload) -> None:
-        header = {"kind": p.kind, "mb": p.mb, "n": 0 if p.tokens is None else int(p.tokens.numel()),
-                  "stats": p.stats}
-        tensors = [] if p.tokens is None else [p.tokens.to(self.device, torch.long)]
-        self._send(header, tensors, 0, TOKEN_TAG)
+        header = {"kind": p.kind, "mb": p.mb, "stats": p.stats,
+                  "tokens": None if p.tokens is None else p.tokens.tolist()}
+        self._send(header, [], 0, TOKEN_TAG)
 
     def recv_tokens(self) -> TokenPayload:
-        src = self.world - 1
-        h = self._recv_header(src, TOKEN_TAG)
-        tokens = self._recv_tensor((h["n"],), torch.long, src, TOKEN_TAG).cpu() if h["n"] else None
+        h = self._recv_header(self.world - 1, TOKEN_TAG)
+        tokens = None if h["tokens"] is None else torch.tensor(h["tokens"], dtype=torch.long)
         return TokenPayload(h["kind"], h["mb"], tokens, h["stats"])
 
     # -- plumbing -------------------------------------------------------------------------------------------------
-    def _send(self, header: dict, tensors: list[torch.Tensor], dst: int, tag: int) -> None:
+    def _send(self, header: dict, data: list[torch.Tensor], dst: int, tag: int) -> None:
         raw = torch.frombuffer(bytearray(json.dumps(header).encode()), dtype=torch.uint8)
-        msgs = [torch.tensor([raw.numel()], dtype=torch.long), raw] + tensors
-        msgs = [m.to(self.device) for m in msgs]
+        control = [torch.tensor([raw.numel()], dtype=torch.long), raw]
         self._reap()
         try:
-            works = [dist.isend(m, dst=dst, tag=tag) for m in msgs]
+            works = [(dist.isend(m, dst=dst, tag=tag, group=self.control), True) for m in control]
+            works += [(dist.isend(m, dst=dst, tag=tag), False) for m in data]
         except RuntimeError as e:
             raise self._failure(dst, e) from None
-        self._pending.append((dst, works, msgs))
+        self._pending.append((dst, works, control + data))
 
     def _reap(self, keep: int | None = None) -> None:
         """Finish old sends so their buffers can go; keep at most ``keep`` (default: the world size) in flight."""
         keep = self.world if keep is None else keep
         while len(self._pending) > keep:
             dst, works, _ = self._pending.pop(0)
-            for w in works:
-                self._wait(w, dst, "send")
+            for w, control in works:
+                self._wait(w, dst, "send", control=control)
 
     def flush(self) -> None:
         self._reap(keep=0)
 
     def _recv_header(self, src: int, tag: int) -> dict:
-        n = int(self._recv_tensor((1,), torch.long, src, tag).item())
-        raw = self._recv_tensor((n,), torch.uint8, src, tag).cpu()
-        return json.loads(bytes(raw.tolist()).decode())
+        n = torch.empty(1, dtype=torch.long)
+        self._wait(self._irecv(n, src, tag, self.control), src, "recv", control=True)
+        raw = torch.empty(int(n.item()), dtype=torch.uint8)
+        self._wait(self._irecv(raw, src, tag, self.control), src, "recv", control=True)
+        return json.loads(raw.numpy().tobytes().decode())
 
     def _recv_tensor(self, shape, dtype, src: int, tag: int) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.device)
-        try:
-            w = dist.irecv(t, src=src, tag=tag)
-        except RuntimeError as e:
-            raise self._failure(src, e) from None
-        self._wait(w, src, "recv")
+        self._wait(self._irecv(t, src, tag, None), src, "recv")
         return t
 
-    def _wait(self, work, peer: int | None, what: str) -> None:
+    def _irecv(self, t: torch.Tensor, src: int, tag: int, group):
         try:
-            if self.backend == "gloo":
+            return dist.irecv(t, src=src, tag=tag, group=group)
+        except RuntimeError as e:
+            raise self._failure(src, e) from None
+
+    def _wait(self, work, peer: int | None, what: str, control: bool = False) -> None:
+        try:
+            if self.backend == "gloo" or control:
                 work.wait(timeout=timedelta(seconds=self.timeout_s))
                 return
             deadline = time.monotonic() + self.timeout_s
