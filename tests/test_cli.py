@@ -74,3 +74,9 @@ def test_bad_input_is_one_line_error(model_dir, args, message):
 def test_not_a_checkpoint(tmp_path):
     r = _run("generate", "--model", str(tmp_path), "--prompt", "hi")
     assert r.returncode == 2 and "no config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prompt_longer_than_context_is_refused_before_any_stage_starts(model_dir):
+    r = _run("generate", "--model", model_dir, "--prompt", "hello " * 20, "--max-len", "16", "--stages", "2")
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: the prompt is") and "--max-len 16" in r.stderr

@@ -72,6 +72,9 @@ def run(args) -> int:
     inputs = (processor.build_inputs(read_messages(args.messages)) if args.messages
               else processor.build_from_prompt(args.prompt, args.image, args.video))
     params = sampling_params(args, opts.model)
+    if len(inputs.input_ids) >= opts.max_len:
+        raise UserError(f"the prompt is {len(inputs.input_ids)} tokens; --max-len {opts.max_len} leaves no room "
+                        "for output")
     handle = start_engine(opts)
     try:
         result = generate_one(handle.engine, processor, inputs, params, stream=not args.json)

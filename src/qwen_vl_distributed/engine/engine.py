@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..model.batch import SeqLayout
 from ..model.config import ModelConfig
 from ..model.positions import IMAGE, VIDEO, rope_positions, token_types
@@ -78,6 +79,10 @@ class EngineError(RuntimeError):
     pass
 
 
+class PromptError(UserError, ValueError):
+    """A prompt the engine cannot take (empty, or longer than the context); the message says why."""
+
+
 class Engine:
     def __init__(self, cfg: ModelConfig, executor, num_slots: int, max_len: int, eos_ids: list[int],
                  num_groups: int | None = None):
@@ -97,10 +102,11 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------------------------------
     def add(self, prompt: Prompt, params: Any) -> Sequence:
         if not prompt.input_ids:
-            raise ValueError("empty prompt")
+            raise PromptError("the prompt is empty")
         limit = self.max_len - len(prompt.input_ids)
         if limit < 1:
-            raise ValueError(f"prompt of {len(prompt.input_ids)} tokens does not fit the context of {self.max_len}")
+            raise PromptError(f"the prompt is {len(prompt.input_ids)} tokens; the context is {self.max_len} tokens "
+                              "(prompt plus at least one new token; raise --max-len)")
         stop = set(self.eos_ids) | set(getattr(params, "stop_token_ids", None) or ())
         seq = Sequence(next(self._ids), prompt, params, min(params.max_new_tokens, limit), frozenset(stop),
                        t_submit=time.perf_counter())
