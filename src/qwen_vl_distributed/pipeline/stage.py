@@ -34,11 +34,13 @@ class StageRuntime:
         self.sampler = sampler
         self.device = torch.device(device)
         self.stage_index = stage_index
-        self.busy_s = 0.0  # time spent computing steps
+        self.busy_s = 0.0  # time spent computing steps (GPU time on CUDA)
         self.steps = 0
+        self._timers: list[_GpuTimer] = []
 
     def run(self, p: StepPayload) -> StepPayload | TokenPayload:
         t0 = time.perf_counter()
+        timer = _GpuTimer(self.device) if self.device.type == "cuda" else None
         with torch.inference_mode():
             out = self.model(
                 positions=p.positions.to(self.device),
@@ -53,13 +55,17 @@ class StageRuntime:
             else:  # a copy: the stage may reuse its output buffer (CUDA-graph replay) while the send is in flight
                 result = StepPayload("step", p.mb, p.step, p.layout, p.positions, p.input_ids, out.clone(),
                                      p.new_seqs)
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
-        self.busy_s += time.perf_counter() - t0
+        if timer is None:
+            self.busy_s += time.perf_counter() - t0
+        else:  # no host sync: the next stage's NCCL receive waits for this stream; read the events later
+            timer.stop()
+            self._timers.append(timer)
         self.steps += 1
         return result
 
     def stats(self) -> dict:
+        while self._timers and self._timers[0].done():
+            self.busy_s += self._timers.pop(0).seconds()
         return {"stage": self.stage_index, "busy_s": round(self.busy_s, 6), "steps": self.steps}
 
     def _sample(self, p: StepPayload, logits: torch.Tensor) -> torch.Tensor:
@@ -69,3 +75,22 @@ class StageRuntime:
             if slot in p.new_seqs:
                 self.sampler.start(slot, p.new_seqs[slot], ids[offsets[i]:offsets[i + 1]])
         return self.sampler.sample(p.layout.slots, logits).cpu()
+
+
+class _GpuTimer:
+    """Elapsed GPU time of one step from CUDA events, read once the step has finished."""
+
+    def __init__(self, device: torch.device):
+        self.begin = torch.cuda.Event(enable_timing=True)
+        self.end = torch.cuda.Event(enable_timing=True)
+        self.begin.record(torch.cuda.current_stream(device))
+        self.device = device
+
+    def stop(self) -> None:
+        self.end.record(torch.cuda.current_stream(self.device))
+
+    def done(self) -> bool:
+        return self.end.query()
+
+    def seconds(self) -> float:
+        return self.begin.elapsed_time(self.end) / 1000.0

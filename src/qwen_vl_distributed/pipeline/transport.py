@@ -26,6 +26,8 @@ from ..model.batch import SeqLayout
 from .payload import StepPayload, TokenPayload
 
 STEP_TAG, TOKEN_TAG = 0, 1
+HEADER_BYTES = 4096  # the first control message of every payload: 8-byte length, then JSON (rest follows if longer)
+SPIN_S = 0.002  # NCCL waits spin this long before they start sleeping between polls
 
 
 class StageFailure(UserError, RuntimeError):
@@ -99,8 +101,14 @@ class Transport:
 
     # -- plumbing -------------------------------------------------------------------------------------------------
     def _send(self, header: dict, data: list[torch.Tensor], dst: int, tag: int) -> None:
-        raw = torch.frombuffer(bytearray(json.dumps(header).encode()), dtype=torch.uint8)
-        control = [torch.tensor([raw.numel()], dtype=torch.long), raw]
+        body = json.dumps(header).encode()
+        first = bytearray(HEADER_BYTES)
+        first[:8] = len(body).to_bytes(8, "little")
+        head = body[:HEADER_BYTES - 8]
+        first[8:8 + len(head)] = head
+        control = [torch.frombuffer(first, dtype=torch.uint8)]
+        if len(body) > len(head):  # long prompts: ids and positions of thousands of tokens
+            control.append(torch.frombuffer(bytearray(body[len(head):]), dtype=torch.uint8))
         self._reap()
         try:
             works = [(dist.isend(m, dst=dst, tag=tag, group=self.control), True) for m in control]
@@ -121,11 +129,16 @@ class Transport:
         self._reap(keep=0)
 
     def _recv_header(self, src: int, tag: int) -> dict:
-        n = torch.empty(1, dtype=torch.long)
-        self._wait(self._irecv(n, src, tag, self.control), src, "recv", control=True)
-        raw = torch.empty(int(n.item()), dtype=torch.uint8)
-        self._wait(self._irecv(raw, src, tag, self.control), src, "recv", control=True)
-        return json.loads(raw.numpy().tobytes().decode())
+        first = torch.empty(HEADER_BYTES, dtype=torch.uint8)
+        self._wait(self._irecv(first, src, tag, self.control), src, "recv", control=True)
+        raw = first.numpy().tobytes()
+        n = int.from_bytes(raw[:8], "little")
+        body = raw[8:8 + min(n, HEADER_BYTES - 8)]
+        if n > len(body):
+            rest = torch.empty(n - len(body), dtype=torch.uint8)
+            self._wait(self._irecv(rest, src, tag, self.control), src, "recv", control=True)
+            body += rest.numpy().tobytes()
+        return json.loads(body.decode())
 
     def _recv_tensor(self, shape, dtype, src: int, tag: int) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.device)
@@ -143,11 +156,13 @@ class Transport:
             if self.backend == "gloo" or control:
                 work.wait(timeout=timedelta(seconds=self.timeout_s))
                 return
-            deadline = time.monotonic() + self.timeout_s
+            start = time.monotonic()
             while not work.is_completed():  # NCCL: poll, so a hung peer cannot block us forever
-                if time.monotonic() > deadline:
+                waited = time.monotonic() - start
+                if waited > self.timeout_s:
                     raise TimeoutError(f"timed out after {self.timeout_s:.0f} s")
-                time.sleep(0.0002)
+                if waited > SPIN_S:  # a hop normally lands within microseconds of its header: spin first
+                    time.sleep(0.0002)
             work.wait()
         except (RuntimeError, TimeoutError) as e:
             raise self._failure(peer, e) from None
