@@ -36,14 +36,22 @@ def register() -> None:
     SEGMENT_ATTENTION_IMPLS["fast"] = fast_segment_attention
 
 
-def enable_fast_paths(model, experts: str = "fast", attention: str = "fast", vision_attention: str = "fast"):
-    """Register the fast implementations and select them on ``model`` (a Qwen3VLMoe stage). Returns the model."""
+def enable_fast_paths(model, experts: str = "fast", attention: str = "fast", vision_attention: str = "fast",
+                      vision_graphs: bool = True):
+    """Register the fast implementations and select them on ``model`` (a Qwen3VLMoe stage), and (on CUDA) replay
+    its vision tower from per-shape CUDA graphs. Returns the model."""
     register()
     model.set_impl(experts=experts, attention=attention, vision_attention=vision_attention)
+    if vision_graphs and next(model.parameters()).is_cuda:
+        from .vision_graph import enable_vision_graphs
+
+        enable_vision_graphs(model)
     return model
 
 
 def use_reference(model):
     """Select the plain PyTorch references again (what the parity tests hold the fast paths against)."""
     model.set_impl(experts="reference", attention="reference", vision_attention="reference")
+    if model.has_vision:
+        model.model.visual.runner = None
     return model

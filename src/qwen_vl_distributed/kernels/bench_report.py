@@ -54,7 +54,9 @@ def render(res: dict) -> str:
     vis = res.get("vision")
     if vis:
         lines.append(f"vision {vis['grid']}: ours {_f(vis.get('ours_fast_ms'))} ms "
-                     f"(reference attention {_f(vis.get('ours_reference_ms'))} ms, "
+                     f"(graph {_f(vis.get('ours_graph_ms'))}, eager {_f(vis.get('ours_eager_fast_ms'))}, "
+                     f"graph vs eager rel {_f(vis.get('rel_graph_vs_eager'), '.1e')}; "
+                     f"reference attention {_f(vis.get('ours_reference_ms'))} ms, "
                      f"{_f(vis.get('ours_tflops'), '.0f')} TFLOP/s), HF {_f(vis.get('hf_ms'))} ms, "
                      f"rel vs HF {_f(vis.get('rel_fast_vs_hf'), '.2e')}")
     par = res.get("parity", {})

@@ -56,7 +56,8 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[
 
 def fast_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
                            scale: float) -> torch.Tensor:
-    if not q.is_cuda:
+    if not q.is_cuda or torch.cuda.is_current_stream_capturing():
+        # (varlen needs cu_seqlens copied to the device: not allowed while a CUDA graph is being captured)
         return per_segment_attention(q, k, v, cu_seqlens, scale)
     with _backends():
         if len(cu_seqlens) == 2:

@@ -161,6 +161,8 @@ class VisionTower(nn.Module):
         self.merger = PatchMerger(cfg, post_shuffle=False)
         self.deepstack_merger_list = nn.ModuleList(PatchMerger(cfg, post_shuffle=True)
                                                    for _ in cfg.deepstack_visual_indexes)
+        # Optional replacement of forward (kernels/: CUDA-graph replay per image shape); it calls run_layers.
+        self.runner = None
 
     def position_tables(self, grid_thw: list[tuple[int, int, int]], device):
         """Bilinear taps/weights into pos_embed and rotary (row, col) per patch, all items packed."""
@@ -178,6 +180,12 @@ class VisionTower(nn.Module):
     def forward(self, pixels: torch.Tensor, grid_thw: list[tuple[int, int, int]]
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """pixels [N, C] -> merged tokens [M, O] and one [M, O] tensor per DeepStack tap (in block order)."""
+        self.check_inputs(pixels, grid_thw)
+        if self.runner is not None:
+            return self.runner(pixels, grid_thw)
+        return self.run_layers(pixels, grid_thw)
+
+    def check_inputs(self, pixels: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> None:
         for t, h, w in grid_thw:
             if h % self.cfg.spatial_merge_size or w % self.cfg.spatial_merge_size:
                 raise ValueError(f"vision grid {h}x{w} is not a multiple of spatial_merge_size")
@@ -185,6 +193,10 @@ class VisionTower(nn.Module):
         if pixels.shape != (expected, self.cfg.patch_dim):
             raise ValueError(f"pixel_values shape {tuple(pixels.shape)} does not match grid_thw "
                              f"({expected} patches of {self.cfg.patch_dim})")
+
+    def run_layers(self, pixels: torch.Tensor, grid_thw: list[tuple[int, int, int]]
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The computation itself: no host synchronisation, so it can be captured in a CUDA graph."""
         x = self.patch_embed(pixels)
         idx, wts, rows, cols = self.position_tables(grid_thw, x.device)
         # weighted sum of the 4 taps in fp32, one cast to the hidden dtype (as the reference does)

@@ -1,0 +1,58 @@
+"""CUDA-graph replay of the vision tower, one graph per image/video shape.
+
+The tower's 27 blocks launch ~800 small kernels for one image; launched from Python that host time exceeds the GPU
+time of the elementwise work (docs/benchmarks.md). A request's grid list (t, h, w per item) fixes every shape, so
+the tower is captured once per grid list and replayed: the pixels are copied into the graph's static input, the
+outputs are cloned out. Shapes past ``max_patches`` run eagerly (launch overhead matters little there, and each
+graph keeps its own activation memory); at most ``max_graphs`` shapes are kept, least recently used first out.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from ..model.vision import VisionTower
+
+
+class GraphedVision:
+    def __init__(self, tower: VisionTower, max_graphs: int = 4, max_patches: int = 16384):
+        self.tower = tower
+        self.max_graphs = max_graphs
+        self.max_patches = max_patches
+        self.graphs: OrderedDict = OrderedDict()
+
+    def __call__(self, pixels: torch.Tensor, grid_thw: list[tuple[int, int, int]]):
+        if not pixels.is_cuda or pixels.shape[0] > self.max_patches:
+            return self.tower.run_layers(pixels, grid_thw)
+        key = (tuple(tuple(g) for g in grid_thw), pixels.dtype, pixels.device)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(pixels, grid_thw)
+            self.graphs[key] = entry
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        graph, static_in, (merged, taps) = entry
+        static_in.copy_(pixels)
+        graph.replay()
+        return merged.clone(), [t.clone() for t in taps]
+
+    def _capture(self, pixels: torch.Tensor, grid_thw):
+        static_in = pixels.clone()
+        side = torch.cuda.Stream(pixels.device)
+        side.wait_stream(torch.cuda.current_stream(pixels.device))
+        with torch.cuda.stream(side), torch.inference_mode():  # warm-up: lazy inits, cuBLAS/cuDNN plans
+            self.tower.run_layers(static_in, grid_thw)
+        torch.cuda.current_stream(pixels.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            out = self.tower.run_layers(static_in, grid_thw)
+        return graph, static_in, out
+
+
+def enable_vision_graphs(model) -> None:
+    """Replay the vision tower of ``model`` (a Qwen3VLMoe stage holding it) from CUDA graphs."""
+    if model.has_vision:
+        model.model.visual.runner = GraphedVision(model.model.visual)
