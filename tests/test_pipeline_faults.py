@@ -91,7 +91,9 @@ def test_ctrl_c_stops_all_workers(model_dir):
 
 def test_ranks_with_different_checkpoints_refuse_to_start(tmp_path_factory, model_dir):
     other = tiny_model_dir(tmp_path_factory, name="tiny-seed1", seed=1)
-    port = 29000 + os.getpid() % 1000
+    from qwen_vl_distributed.pipeline.launch import free_port
+
+    port = free_port()
     procs = []
     for rank, d in enumerate([model_dir, other]):
         env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",

@@ -14,7 +14,7 @@ from PIL import Image
 
 from qwen_vl_distributed.checkpoint.synth_processor import SPECIAL_TOKENS, write_processor_files
 from qwen_vl_distributed.engine.media import (MediaAccessError, MediaDecodeError, MediaLimitError, MediaOptions,
-                                              MediaURLError, MessageFormatError, RequestError, load_video,
+                                              MediaURLError, MessageFormatError, RequestError, load_video, resolve_media,
                                               pad_to_multiple, sample_frame_indices, sample_image_path)
 from qwen_vl_distributed.engine.processor import IncrementalDetokenizer, Processor, ProcessorFilesError
 from qwen_vl_distributed.model.config import config_to_dict, preset
@@ -380,3 +380,37 @@ def test_missing_processor_files(tmp_path, model_dir):
     (tmp_path / "config.json").write_text((model_dir / "config.json").read_text())
     with pytest.raises(ProcessorFilesError, match="missing processor file.*tokenizer.json, tokenizer_config.json"):
         Processor.from_pretrained(tmp_path, preset("tiny"))
+
+
+def test_playlist_cannot_reach_files_outside_the_allowed_dir(tmp_path):
+    """A playlist (HLS) inside the allowed directory naming a video outside it must not be followed."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    write_video(outside / "secret.mp4", 8, 4)
+    (allowed / "clip.m3u8").write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:2.0,\n{outside}/secret.mp4\n"
+                                       "#EXT-X-ENDLIST\n")
+    opts = MediaOptions(allowed_local_dirs=(str(allowed),))
+    path = resolve_media(str(allowed / "clip.m3u8"), "video", "v", opts)
+    with pytest.raises(MediaDecodeError):
+        load_video(path, "v")
+
+
+def test_nul_byte_in_a_path_is_a_url_error():
+    with pytest.raises(MediaURLError, match="NUL byte"):
+        resolve_media("/tmp/a\x00.png", "image", "img", MediaOptions())
+
+
+def test_long_high_resolution_video_is_decoded_small():
+    from qwen_vl_distributed.engine.media import MAX_DECODED_PIXELS, _frame_size
+
+    w, h = _frame_size(3840, 2160, 768)
+    assert w * h * 768 <= MAX_DECODED_PIXELS and abs(w / h - 3840 / 2160) < 0.02
+    assert _frame_size(64, 48, 4) == (64, 48)
+
+
+def test_a_template_refusal_is_a_message_error(model_dir):
+    p = Processor.from_pretrained(model_dir, preset("tiny"))
+    p.hf.chat_template = "{{ raise_exception('No user query found in messages.') }}"
+    with pytest.raises(MessageFormatError, match="the chat template refused them: No user query found"):
+        p.build_inputs([{"role": "assistant", "content": "hi"}])

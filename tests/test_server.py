@@ -339,7 +339,7 @@ def strict(processor, media_dir):
     """API key, 1 image per request, 96 tokens of context, local media only from media_dir."""
     proc = Processor(processor.hf, preset("tiny"), MediaOptions(max_images=1, allowed_local_dirs=(str(media_dir),)))
     engine = scripted_engine(processor.encode("yes") + [IM_END], max_len=96)
-    with serve(engine, proc, api_key=KEY) as (server, client):
+    with serve(engine, proc, api_key=KEY, max_body_bytes=64 * 1024) as (server, client):
         yield server, client
 
 
@@ -404,6 +404,8 @@ def test_bad_json_and_auth(strict):
         bad.chat.completions.create(model=MODEL, messages=user("hi"))
     r = httpx.get(server.url + "/v1/nowhere", headers=auth)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.post(url, json={"model": MODEL, "messages": user("x" * 100_000)}, headers=auth)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     # /health and /metrics need no key; the server still serves after all of the above.
     assert httpx.get(server.url + "/health").status_code == 200
     assert metric(server, 'qwen_vl_requests_total{status="401"}') >= 3

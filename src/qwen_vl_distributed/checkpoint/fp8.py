@@ -29,6 +29,8 @@ def scale_key(weight_key: str) -> str:
 
 def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
     """Shape of the scale of a weight of ``shape`` (block-wise over the last two dims)."""
+    if len(shape) < 2:
+        raise ValueError(f"a block-quantised weight needs at least 2 dims, got shape {list(shape)}")
     *lead, rows, cols = shape
     return (*lead, math.ceil(rows / block[0]), math.ceil(cols / block[1]))
 

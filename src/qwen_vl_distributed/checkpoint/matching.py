@@ -161,6 +161,10 @@ def _check_dtype(ckpt: Checkpoint, plan: StagePlan, info: TensorInfo, infos: Map
                                         f"the checkpoint, so it cannot be dequantised"))
         return None
     consumed.add(skey)
+    if len(info.shape) < 2:
+        plan.problems.append(DtypeError(f"{info.name} in {path} is {info.dtype} with shape {list(info.shape)}; "
+                                        f"only matrices can be block-quantised"))
+        return None
     want = scale_shape(info.shape, plan.fp8_block)
     if scale.shape != want:
         plan.problems.append(ShapeMismatchError(

@@ -83,6 +83,8 @@ def _read_json_header(path: str) -> tuple[dict, int]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _corrupt(path, f"header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise _corrupt(path, "header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "header is not a JSON object")
     return header, 8 + n
@@ -93,7 +95,7 @@ def _entry(path: str, file: str, name: str, e: object, data_start: int, size: in
     if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
         raise _corrupt(path, f"tensor {name}: header entry lacks dtype/shape/data_offsets")
     dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _corrupt(path, f"tensor {name}: unknown dtype {dtype!r}")
     ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
     if not ints(shape) or not ints(offs) or len(offs) != 2 or offs[0] > offs[1]:
@@ -118,7 +120,17 @@ def read_header(path: str | os.PathLike, file: str | None = None) -> dict[str, T
     header, data_start = _read_json_header(path)
     size = os.path.getsize(path)
     header.pop("__metadata__", None)
-    return {name: _entry(path, file, name, e, data_start, size) for name, e in header.items()}
+    infos = {name: _entry(path, file, name, e, data_start, size) for name, e in header.items()}
+    _check_no_overlap(path, infos)
+    return infos
+
+
+def _check_no_overlap(path: str, infos: dict[str, TensorInfo]) -> None:
+    """Two tensors must never share bytes (a forged or corrupt header could alias them)."""
+    spans = sorted((i.start, i.end, i.name) for i in infos.values() if i.end > i.start)
+    for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise _corrupt(path, f"tensors {an} and {bn} overlap in the data region")
 
 
 class ShardReader:

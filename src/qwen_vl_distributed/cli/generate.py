@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import sys
 
-from ..engine.build import run_worker, start_engine
+from ..engine.build import start_engine, torchrun_worker
 from ..engine.media import MediaOptions
 from ..engine.processor import Processor
 from ..engine.sampling import SamplingParams
 from ..engine.session import TextStream, result_dict, to_prompt
 from ..errors import UserError
-from ..pipeline.launch import torchrun_rank, under_torchrun
-from ..pipeline.transport import StageFailure
 from .options import add_run_args, run_options
 
 
@@ -61,9 +59,9 @@ def sampling_params(args, model_dir: str) -> SamplingParams:
 
 def run(args) -> int:
     opts = run_options(args)
-    if under_torchrun() and torchrun_rank()[0] != 0:
-        rank, world, local_rank = torchrun_rank()
-        return run_worker(opts, rank, world, "env://", local_rank)
+    status = torchrun_worker(opts)
+    if status is not None:  # a stage other than 0, started by torchrun
+        return status
     # Everything a user can get wrong is checked before any process starts.
     from ..model.config import load_config
 
@@ -78,9 +76,9 @@ def run(args) -> int:
     handle = start_engine(opts)
     try:
         result = generate_one(handle.engine, processor, inputs, params, stream=not args.json)
-    except StageFailure as e:
-        handle.abort()
-        raise UserError(str(e)) from None
+    except KeyboardInterrupt:
+        _stop_after_interrupt(handle)
+        raise
     except BaseException:
         handle.abort()
         raise
@@ -88,6 +86,15 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def _stop_after_interrupt(handle) -> None:
+    """Ctrl-C: let the steps in flight finish and 'stop' go round, so every worker leaves quietly; if the pipeline
+    is broken as well, fall back to killing the workers."""
+    try:
+        handle.close()
+    except BaseException:
+        handle.abort()
 
 
 def generate_one(engine, processor, inputs, params, stream: bool) -> dict:

@@ -61,36 +61,45 @@ def read_generation_config(model_dir: str) -> dict:
 
 
 def run(args) -> int:
-    from ..engine.build import run_worker, start_engine
-    from ..pipeline.launch import torchrun_rank, under_torchrun
+    from ..engine.build import start_engine, torchrun_worker
 
     opts = run_options(args)
-    if under_torchrun() and torchrun_rank()[0] != 0:  # a stage other than 0: no HTTP here
-        rank, world, local_rank = torchrun_rank()
-        return run_worker(opts, rank, world, "env://", local_rank)
+    status = torchrun_worker(opts)
+    if status is not None:  # a stage other than 0, started by torchrun: no HTTP here
+        return status
     media = _media_options(args)
     if args.host not in LOOPBACK and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
+    from ..engine.processor import Processor
+    from ..model.config import load_config
+
+    processor = Processor.from_pretrained(opts.model, load_config(opts.model), media)  # before any process starts
     handle = start_engine(opts)
     try:
-        _serve(args, opts, handle, media)
-    finally:
+        app = _serve(args, opts, handle, processor)
+    except BaseException:
+        handle.abort()
+        raise
+    if app.state.server.engine.thread_running:  # stuck in a step: an orderly 'stop' could race it
+        handle.abort()
+    else:
         handle.close()
     return 0
 
 
-def _serve(args, opts, handle, media) -> None:
+def _serve(args, opts, handle, processor):
     import uvicorn
 
-    from ..engine.processor import Processor
     from ..server.app import ServerSettings, create_app
 
-    processor = Processor.from_pretrained(opts.model, handle.cfg, media)
     name = args.served_model_name or os.path.basename(os.path.normpath(opts.model))
+    # room for every allowed image and video as base64 (4/3 of its bytes), plus the text
+    body_limit = int((args.max_images + args.max_videos) * args.max_media_mb * 1e6 * 4 / 3) + 16 * 2**20
     settings = ServerSettings(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                              generation_config=read_generation_config(opts.model))
+                              generation_config=read_generation_config(opts.model), max_body_bytes=body_limit)
     app = create_app(handle.engine, processor, settings)
     print(f"serving {name!r} ({opts.stages} stage(s)) on http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return app

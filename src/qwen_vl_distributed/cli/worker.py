@@ -7,6 +7,7 @@ import signal
 import sys
 
 from ..engine.build import run_worker
+from ..pipeline.launch import Placement
 from ..pipeline.transport import StageFailure
 from .options import add_run_args, run_options
 
@@ -23,11 +24,15 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))  # Ctrl-C reaches the whole process group: leave quietly
+    # Ctrl-C reaches the whole process group; the driver decides: it sends 'stop' round the ring (or, if the
+    # pipeline is broken, kills us). Exiting here at once would make a clean shutdown look like a failed stage.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         opts = run_options(args)
         opts.random_preset, opts.random_layers = args.random_preset, args.random_layers
-        return run_worker(opts, args.rank, args.world_size, args.init_method)
+        where = Placement(args.rank, args.world_size, args.rank, args.world_size, args.init_method)
+        return run_worker(opts, where)
     except StageFailure as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3

@@ -113,6 +113,11 @@ class AsyncEngine:
             self._thread.join(timeout)
 
     @property
+    def thread_running(self) -> bool:
+        """The engine thread has not returned (it may still be inside a step after shutdown's join timed out)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 

@@ -23,7 +23,7 @@ from ..model.config import ModelConfig
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..pipeline import distributed as pd
 from ..pipeline.executor import LocalExecutor, PipelineExecutor
-from ..pipeline.launch import Supervisor, free_port, torchrun_rank, under_torchrun
+from ..pipeline.launch import Placement, Supervisor, free_port, torchrun_placement, under_torchrun
 from ..pipeline.plan import StagePlan, plan_stages
 from ..pipeline.stage import StageRuntime
 from ..pipeline.transport import Transport
@@ -180,7 +180,10 @@ def start_engine(opts: RunOptions) -> EngineHandle:
     ckpt = open_source(opts)
     eos = [151645, 151643] if isinstance(ckpt, RandomWeights) else read_eos_ids(opts.model)
     plan = make_plan(ckpt.cfg, opts)
-    if opts.stages == 1 and not under_torchrun():
+    if opts.stages == 1:
+        if under_torchrun() and torchrun_placement().world != 1:
+            raise UserError(f"--stages 1 but torchrun started {torchrun_placement().world} processes "
+                            "(one per stage)")
         device = pd.stage_device(opts.device, 0)
         runtime = build_runtime(ckpt, plan, 0, device, opts)
         engine = Engine(ckpt.cfg, LocalExecutor(runtime), opts.max_batch, opts.max_len, eos)
@@ -191,16 +194,12 @@ def start_engine(opts: RunOptions) -> EngineHandle:
 def _start_pipeline(opts: RunOptions, ckpt, plan: StagePlan, eos: list[int]) -> EngineHandle:
     supervisor = None
     if under_torchrun():
-        rank, world, local_rank = torchrun_rank()
-        init_method, local_world = "env://", int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        if world != opts.stages:
-            raise UserError(f"--stages {opts.stages} but torchrun started {world} processes (one per stage)")
+        where = _checked_placement(opts)
     else:
-        rank, world, local_rank, local_world = 0, opts.stages, 0, opts.stages
-        init_method = f"tcp://127.0.0.1:{free_port()}"
-        supervisor = Supervisor(lambda r: opts.worker_argv(r, world, init_method), world)
+        where = Placement(0, opts.stages, 0, opts.stages, f"tcp://127.0.0.1:{free_port()}")
+        supervisor = Supervisor(lambda r: opts.worker_argv(r, where.world, where.init_method), where.world)
     try:
-        runtime, transport, ctx = _join(opts, ckpt, plan, rank, world, local_rank, local_world, init_method)
+        runtime, transport, ctx = _join(opts, ckpt, plan, where)
     except BaseException:
         if supervisor:
             supervisor.kill_all()
@@ -226,34 +225,48 @@ def _start_pipeline(opts: RunOptions, ckpt, plan: StagePlan, eos: list[int]) -> 
     return EngineHandle(engine, ckpt.cfg, plan, eos, close, abort)
 
 
-def _join(opts, ckpt, plan, rank, world, local_rank, local_world, init_method):
+def _checked_placement(opts: RunOptions) -> Placement:
+    where = torchrun_placement()
+    if where.world != opts.stages:
+        raise UserError(f"--stages {opts.stages} but torchrun started {where.world} processes (one per stage)")
+    return where
+
+
+def _join(opts: RunOptions, ckpt, plan: StagePlan, where: Placement):
     """Common to every rank: process group, agreement, load own stage, ready check, transport."""
-    backend = pd.choose_backend(opts.device, local_world)
-    device = pd.stage_device(opts.device, local_rank)
+    backend = pd.choose_backend(opts.device, where.local_world)
+    device = pd.stage_device(opts.device, where.local_rank)
     if device.type == "cpu":  # the stages of one machine share its cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    ctx = pd.init_distributed(rank, world, init_method, backend, device, opts.startup_timeout_s)
-    pd.agree(ctx, fingerprint(ckpt, plan, opts))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // where.local_world))
+    ctx = pd.init_distributed(where.rank, where.world, where.init_method, backend, device,
+                              connect_timeout_s=opts.stage_timeout_s + 120, startup_timeout_s=opts.startup_timeout_s)
+    pd.agree(ctx, {**fingerprint(ckpt, plan, opts), "backend": backend})
     runtime, error = None, None
     try:
-        runtime = build_runtime(ckpt, plan, rank, device, opts)
-    except UserError as e:
-        error = str(e)
+        runtime = build_runtime(ckpt, plan, where.rank, device, opts)
+    except Exception as e:  # out of memory, a bad tensor, ...: every rank must hear of it, not hang
+        error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     pd.report_ready(ctx, error)
-    transport = Transport(rank, world, backend, device, opts.stage_timeout_s, ctx.peers, DTYPES[opts.dtype],
-                          ctx.control)
+    transport = Transport(where.rank, where.world, backend, device, opts.stage_timeout_s, ctx.peers,
+                          DTYPES[opts.dtype], ctx.control)
     return runtime, transport, ctx
 
 
-def run_worker(opts: RunOptions, rank: int, world: int, init_method: str, local_rank: int | None = None,
-               local_world: int | None = None) -> int:
+def run_worker(opts: RunOptions, where: Placement) -> int:
     """A stage other than 0: join, then serve steps until stage 0 sends 'stop'."""
     ckpt = open_source(opts)
     plan = make_plan(ckpt.cfg, opts)
-    local_rank = rank if local_rank is None else local_rank
-    runtime, transport, ctx = _join(opts, ckpt, plan, rank, world, local_rank, local_world or world, init_method)
+    runtime, transport, ctx = _join(opts, ckpt, plan, where)
     try:
         serve_stage(runtime, transport, is_last=ctx.is_last)
     finally:
         pd.shutdown()
     return 0
+
+
+def torchrun_worker(opts: RunOptions) -> int | None:
+    """Under torchrun every rank runs the same command: ranks other than 0 serve their stage here and return an
+    exit status; rank 0 (the driver) gets None and goes on."""
+    if not under_torchrun() or torchrun_placement().rank == 0:
+        return None
+    return run_worker(opts, _checked_placement(opts))

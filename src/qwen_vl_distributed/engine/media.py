@@ -96,6 +96,8 @@ def _data_url_bytes(url: str, kind: str, where: str, opts: MediaOptions) -> byte
 
 
 def _check_local_path(path: str, where: str, opts: MediaOptions) -> str:
+    if "\x00" in path:
+        raise MediaURLError(f"{where}: the path contains a NUL byte")
     real = os.path.realpath(path)
     if opts.allowed_local_dirs is not None:
         if not opts.allowed_local_dirs:
@@ -182,15 +184,30 @@ def pad_to_multiple(indices: list[int], multiple: int = 2) -> list[int]:
     return indices + [indices[-1]] * (-len(indices) % multiple)
 
 
-def _open_container(source: bytes | str):
+# Container formats that name other files or URLs (playlists, concatenation lists): following them would read
+# outside the allowed directories (or, on a networked host, fetch URLs), so they are refused.
+_REFERENCING_FORMATS = ("hls", "concat", "ffconcat", "dash", "tee")
+# Frames are decoded straight to at most this many pixels in all (uint8 RGB: 3 bytes each): the video processor
+# shrinks them far below that anyway, and full-resolution frames of a long 4K video would not fit in memory.
+MAX_DECODED_PIXELS = 4 * 25_165_824
+
+
+def _open_container(source: bytes | str, where: str):
     import av
 
-    return av.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    # A Python file object, never a path: FFmpeg then cannot resolve names inside the file relative to it.
+    container = av.open(io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb"))
+    names = set(container.format.name.split(","))
+    if names & set(_REFERENCING_FORMATS):
+        container.close()
+        raise MediaDecodeError(f"{where}: container format {container.format.name!r} refers to other files; "
+                               "send the video itself")
+    return container
 
 
 def _probe(source: bytes | str, where: str) -> tuple[int, float]:
     """(total frames, frames per second). Falls back to counting packets when the container has no count."""
-    with _open_container(source) as container:
+    with _open_container(source, where) as container:
         if not container.streams.video:
             raise MediaDecodeError(f"{where}: no video stream in the file")
         stream = container.streams.video[0]
@@ -201,20 +218,29 @@ def _probe(source: bytes | str, where: str) -> tuple[int, float]:
     return int(total), float(rate)
 
 
-def _read_frames(source: bytes | str, wanted: list[int]) -> tuple[dict[int, np.ndarray], int]:
+def _frame_size(width: int, height: int, n_frames: int) -> tuple[int, int]:
+    """The decode size: the original, shrunk (aspect kept) so that all frames fit MAX_DECODED_PIXELS."""
+    cap = MAX_DECODED_PIXELS // max(n_frames, 1)
+    if width * height <= cap:
+        return width, height
+    scale = (cap / (width * height)) ** 0.5
+    return max(2, int(width * scale)), max(2, int(height * scale))
+
+
+def _read_frames(source: bytes | str, wanted: list[int], where: str) -> tuple[dict[int, np.ndarray], int]:
     """Decode up to the last wanted frame; returns {index: uint8 [H, W, 3]} and how many frames were decoded."""
     wanted_set, last = set(wanted), max(wanted)
     out: dict[int, np.ndarray] = {}
     size = None
     count = 0
-    with _open_container(source) as container:
+    with _open_container(source, where) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for i, frame in enumerate(container.decode(stream)):
             count = i + 1
             if i in wanted_set:
                 # Reformat to the first kept frame's size so a mid-stream resolution change still stacks.
-                size = size or (frame.width, frame.height)
+                size = size or _frame_size(frame.width, frame.height, len(wanted_set))
                 out[i] = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
             if i >= last:
                 break
@@ -231,14 +257,14 @@ def load_video(source: bytes | str, where: str, fps: float = 2, min_frames: int 
         if total < 1:
             raise MediaDecodeError(f"{where}: the video has no frames")
         indices = sample_frame_indices(total, rate, fps, min_frames, max_frames)
-        frames, decoded = _read_frames(source, indices)
+        frames, decoded = _read_frames(source, indices, where)
         if len(frames) < len(set(indices)):
             # The container over-stated its frame count: sample again from the frames that really exist.
             if decoded < 1:
                 raise MediaDecodeError(f"{where}: the video has no decodable frames")
             total = decoded
             indices = sample_frame_indices(total, rate, fps, min_frames, max_frames)
-            frames, _ = _read_frames(source, indices)
+            frames, _ = _read_frames(source, indices, where)
     except av.FFmpegError as e:
         raise MediaDecodeError(f"{where}: cannot decode video ({type(e).__name__}: {e})") from None
     indices = pad_to_multiple(indices, temporal_patch)

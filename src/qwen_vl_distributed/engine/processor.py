@@ -172,7 +172,12 @@ class Processor:
 
     def render(self, messages: list[dict]) -> str:
         """The chat template applied to normalized messages, with the Thinking generation prompt."""
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        import jinja2
+
+        try:
+            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except jinja2.TemplateError as e:  # the checkpoint's template refuses these messages (raise_exception)
+            raise MessageFormatError(f"messages: the chat template refused them: {e}") from None
 
     def build_inputs(self, messages: Any) -> PromptInputs:
         """OpenAI-style chat messages -> prompt ids and pixel values. Raises RequestError subclasses."""

@@ -48,6 +48,9 @@ def _integer(name: str, value: Any, lo: int | None = None) -> int:
     return value
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding settings, validated at construction. top_k 0 or -1 and top_p 1 disable the filters."""
@@ -98,7 +101,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below this, logits / temperature overflows float32; the distribution is a point mass anyway
+        return self.temperature < GREEDY_BELOW
 
     @property
     def needs_history(self) -> bool:

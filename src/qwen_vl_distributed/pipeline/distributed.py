@@ -50,13 +50,15 @@ def stage_device(device: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(rank: int, world: int, init_method: str, backend: str, device: torch.device,
-                     startup_timeout_s: float) -> DistContext:
+                     connect_timeout_s: float, startup_timeout_s: float) -> DistContext:
+    """The main group (data plane) with a short timeout, so a rank whose peers never come gives up within
+    ``connect_timeout_s``; the gloo control group with the long one, since loading a big stage takes minutes."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     kw = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=startup_timeout_s), **kw)
-    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=startup_timeout_s)) if backend == "nccl" else None
+                            timeout=timedelta(seconds=connect_timeout_s), **kw)
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=startup_timeout_s))
     me = PeerInfo(rank, socket.gethostname(), os.getpid())
     peers: list[Any] = [None] * world
     dist.all_gather_object(peers, me, group=control)

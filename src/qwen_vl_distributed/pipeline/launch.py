@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 from .transport import StageFailure
 
@@ -27,8 +28,21 @@ def under_torchrun() -> bool:
     return all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def torchrun_rank() -> tuple[int, int, int]:
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+@dataclass(frozen=True)
+class Placement:
+    """Where this process sits: global rank and world, and its rank and count among the processes of its machine."""
+
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    init_method: str
+
+
+def torchrun_placement() -> Placement:
+    world = int(os.environ["WORLD_SIZE"])
+    return Placement(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
+                     int(os.environ.get("LOCAL_WORLD_SIZE", world)), "env://")
 
 
 def free_port() -> int:

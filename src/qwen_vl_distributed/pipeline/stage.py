@@ -47,7 +47,7 @@ class StageRuntime:
                 layout=p.layout,
                 cache=self.cache,
                 input_ids=p.input_ids.to(self.device) if self.model.has_embed else None,
-                hidden=p.hidden,
+                hidden=p.hidden.to(self.device, non_blocking=True) if p.hidden is not None else None,
                 visual=p.visual.to(self.device) if p.visual is not None else None,
             )
             if self.model.has_head:

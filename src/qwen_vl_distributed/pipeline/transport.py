@@ -74,6 +74,7 @@ class Transport:
             header["pos"] = p.positions.tolist()
             if p.hidden is not None:
                 data.append(p.hidden.to(self.device, self.hidden_dtype))
+                header["dtype"] = str(self.hidden_dtype).removeprefix("torch.")  # what is actually sent
         self._send(header, data, self.next_rank, STEP_TAG)
 
     def recv_step(self) -> StepPayload:

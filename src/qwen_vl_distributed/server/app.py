@@ -50,6 +50,7 @@ class ServerSettings:
     retry_after_s: int = 1
     # Request defaults from the checkpoint's generation_config.json (temperature, top_p, top_k, ...).
     generation_config: dict[str, Any] = field(default_factory=dict)
+    max_body_bytes: int = 256 * 2**20  # larger requests get 413 before they are read in full
 
 
 class ServerState:
@@ -117,7 +118,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions", dependencies=[auth])
     async def chat_completions(request: Request) -> Response:
         t_arrival = time.perf_counter()
-        req = await _parse(request)
+        req = await _parse(request, state.settings.max_body_bytes)
         _check_request(req, state)
         params = _sampling_params(req, state.settings.generation_config)
         inputs = await asyncio.get_running_loop().run_in_executor(state.prep, state.processor.build_inputs,
@@ -148,8 +149,22 @@ def _api_key_check(key: str | None):
 # -- request -> prompt and sampling parameters -----------------------------------------------------------------------
 
 
-async def _parse(request: Request) -> ChatCompletionRequest:
-    body = await request.body()
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes (never held whole in memory first)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body passes the limit of {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse(request: Request, max_body_bytes: int) -> ChatCompletionRequest:
+    body = await _read_body(request, max_body_bytes)
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
