@@ -109,3 +109,26 @@ def test_ranks_with_different_checkpoints_refuse_to_start(tmp_path_factory, mode
     for err in errs:
         assert "start-up agreement failed: the ranks disagree on checkpoint" in err
         assert "stage 0 (rank 0" in err and "stage 1 (rank 1" in err
+
+
+def test_a_stage_that_cannot_load_stops_every_rank_before_serving(tmp_path_factory):
+    """Only the last stage's layer has a bad tensor: every rank must stop at the ready check, naming that stage."""
+    import shutil
+
+    import torch
+
+    from checkpoint_testlib import edit_shard
+
+    src = tiny_model_dir(tmp_path_factory)
+    bad = str(tmp_path_factory.mktemp("bad") / "m")
+    shutil.copytree(src, bad)
+    key = "model.language_model.layers.5.self_attn.q_norm.weight"
+    edit_shard(bad, key, lambda t: t.__setitem__(key, torch.ones(3)))
+    proc = subprocess.Popen(CLI + ["generate", "--model", bad, "--stages", "2", "--prompt", "hi", "--quiet",
+                                   "--max-new-tokens", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+                            start_new_session=True)
+    rc, err, left = _finish(proc, bound_s=120)
+    assert rc == 3, err
+    assert "stage 1 (rank 1" in err and "failed to start" in err and f"{key} in " in err and "has shape [3]" in err
+    assert "Traceback" not in err
+    assert left == []
