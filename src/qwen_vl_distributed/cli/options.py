@@ -15,10 +15,19 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def add_run_args(p: argparse.ArgumentParser, max_batch: int = 8) -> None:
     p.add_argument("--model", required=True, help="HF checkpoint directory (config.json, safetensors, tokenizer)")
     p.add_argument("--stages", type=int, default=1, help="pipeline stages, one process each (default 1)")
     p.add_argument("--layers-per-stage", type=_int_list, default=None, help="explicit split, e.g. 22,24,24,24")
+    p.add_argument("--gpu-mem", type=_float_list, default=None, metavar="GB[,GB...]",
+                   help="GPU memory per stage in GB for the plan (default on cuda: this machine's GPU size)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: bfloat16 on cuda, float32 on cpu")
@@ -37,4 +46,5 @@ def run_options(args) -> RunOptions:
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     return RunOptions(model=args.model, stages=args.stages, device=args.device, dtype=dtype,
                       max_batch=args.max_batch, max_len=args.max_len, layers_per_stage=args.layers_per_stage,
+                      gpu_mem_gb=args.gpu_mem,
                       stage_timeout_s=args.stage_timeout, quiet=args.quiet)

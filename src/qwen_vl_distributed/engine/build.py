@@ -43,6 +43,7 @@ class RunOptions:
     max_batch: int = 8  # sequence slots (concurrent sequences)
     max_len: int = 4096  # tokens per sequence (prompt + output)
     layers_per_stage: list[int] | None = None
+    gpu_mem_gb: list[float] | None = None  # per-stage budgets; default on CUDA: this machine's GPU memory
     stage_timeout_s: float = 60.0  # a stage silent for this long is declared hung
     startup_timeout_s: float = 1800.0  # loading a 235B stage can take minutes
     quiet: bool = False
@@ -58,6 +59,8 @@ class RunOptions:
                 "--init-method", init_method]
         if self.layers_per_stage:
             argv += ["--layers-per-stage", ",".join(map(str, self.layers_per_stage))]
+        if self.gpu_mem_gb:
+            argv += ["--gpu-mem", ",".join(map(str, self.gpu_mem_gb))]
         if self.quiet:
             argv.append("--quiet")
         if self.random_preset:
@@ -111,9 +114,18 @@ def read_eos_ids(model_dir: str) -> list[int]:
 
 
 def make_plan(cfg: ModelConfig, opts: RunOptions) -> StagePlan:
+    """The stage plan every rank computes alike. On CUDA it must fit the GPUs (``--gpu-mem``, else the memory of
+    this machine's smallest GPU): a plan that cannot fit is refused before any weight is read."""
     dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}[opts.dtype]
-    return plan_stages(cfg, opts.stages, layers_per_stage=opts.layers_per_stage, max_seq_len=opts.max_len,
-                       max_batch=opts.max_batch, dtype=dtype, require_fit=False)
+    budget = opts.gpu_mem_gb
+    if budget is None and opts.device == "cuda" and torch.cuda.is_available():
+        budget = [min(torch.cuda.get_device_properties(i).total_memory
+                      for i in range(torch.cuda.device_count())) / 1e9]
+    if budget is not None and len(budget) == 1:
+        budget = budget[0]
+    return plan_stages(cfg, opts.stages, layers_per_stage=opts.layers_per_stage, gpu_mem_gb=budget,
+                       max_seq_len=opts.max_len, max_batch=opts.max_batch, dtype=dtype,
+                       require_fit=budget is not None)
 
 
 def fingerprint(ckpt, plan: StagePlan, opts: RunOptions) -> dict[str, str]:
