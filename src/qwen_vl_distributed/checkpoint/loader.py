@@ -86,6 +86,8 @@ def _fill(dst: torch.Tensor, item: Item, reader: ShardReader, scale_reader: Shar
     """Read one stored tensor and write it into its place in ``dst`` (transposed / dequantised as the key map says)."""
     piece = item.piece
     src = reader.read(item.info)
+    if dst.device.type != "cpu":  # copy the contiguous bytes over first; transpose and convert on the device
+        src = src.to(dst.device)
     if item.scale is not None:
         scale = scale_reader.read(item.scale)
         src = dequantize(src.to(dst.device), scale.to(dst.device), block, dst.dtype)
