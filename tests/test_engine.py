@@ -81,3 +81,16 @@ def test_abort_frees_the_slot():
     b = eng.add(Prompt([3]), SamplingParams(temperature=0, max_new_tokens=2))
     eng.run_until_done()
     assert a.finish_reason == "abort" and b.output == [7, 7]
+
+
+def test_a_step_carries_at_most_max_step_tokens_of_prompts():
+    ex = ScriptedPipeline(1)
+    eng = Engine(preset("tiny"), ex, 8, 256, eos_ids=[151645], max_step_tokens=100)
+    seqs = [eng.add(Prompt(list(range(1, 41))), SamplingParams(temperature=0, max_new_tokens=3)) for _ in range(4)]
+    eng.run_until_done()
+    assert all(p.layout.num_tokens <= 100 for p in ex.steps)
+    assert [sum(1 for n in p.layout.lens if n == 40) for p in ex.steps[:2]] == [2, 2]
+    assert all(s.output == [7, 7, 7] for s in seqs)
+    big = eng.add(Prompt(list(range(1, 151))), SamplingParams(temperature=0, max_new_tokens=1))
+    eng.run_until_done()  # a prompt over the budget still goes, alone
+    assert big.output == [7]

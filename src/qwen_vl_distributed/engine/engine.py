@@ -85,8 +85,11 @@ class PromptError(UserError, ValueError):
 
 class Engine:
     def __init__(self, cfg: ModelConfig, executor, num_slots: int, max_len: int, eos_ids: list[int],
-                 num_groups: int | None = None):
+                 num_groups: int | None = None, max_step_tokens: int | None = None):
         self.cfg = cfg
+        # Tokens one step may carry (decodes plus prompts): bounds activation memory when many prompts arrive at
+        # once; the stage plan's workspace estimate assumes a whole prompt of max_len tokens in one pass.
+        self.max_step_tokens = max_step_tokens or max_len
         self.executor = executor
         self.max_len = max_len
         self.eos_ids = frozenset(eos_ids)
@@ -157,13 +160,28 @@ class Engine:
             self.running[seq.id] = seq
 
     def _submit(self, group: int) -> None:
-        seqs = [s for s in self.running.values() if s.group == group and not s.done]
+        seqs = self._step_members(group)
         if not seqs:
             return
         payload = self._build_step(group, seqs)
         self.in_flight[group] = (seqs, payload)
         self.order.append(group)
         self.executor.submit(payload)
+
+    def _step_members(self, group: int) -> list[Sequence]:
+        """Every decoding sequence of the group, then its waiting prompts in arrival order while the step stays
+        within max_step_tokens (one prompt always goes, so a long prompt is never starved)."""
+        members = [s for s in self.running.values() if s.group == group and not s.done]
+        step = [s for s in members if s.prefilled]
+        budget = self.max_step_tokens - len(step)
+        for s in members:
+            if not s.prefilled:
+                n = len(s.prompt.input_ids)
+                if n > budget and any(not m.prefilled for m in step):
+                    break
+                step.append(s)
+                budget -= n
+        return step
 
     def _build_step(self, group: int, seqs: list[Sequence]) -> StepPayload:
         ids, pos, types, slots, starts, lens, new = [], [], [], [], [], [], {}
