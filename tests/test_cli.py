@@ -80,3 +80,20 @@ def test_prompt_longer_than_context_is_refused_before_any_stage_starts(model_dir
     r = _run("generate", "--model", model_dir, "--prompt", "hello " * 20, "--max-len", "16", "--stages", "2")
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: the prompt is") and "--max-len 16" in r.stderr
+
+
+def test_generate_with_a_video_file_uses_the_release_prompt_format(model_dir, tmp_path):
+    from test_processor import write_video
+
+    path = tmp_path / "clip.mp4"
+    write_video(path, 8, 4)
+    r = _run("generate", "--model", model_dir, "--prompt", "What happens?", "--video", str(path),
+             "--max-new-tokens", "4", "--temperature", "0", "--json", "--quiet", "--stages", "2")
+    assert r.returncode == 0, r.stderr
+    ids = json.loads(r.stdout.strip().splitlines()[-1])["prompt_token_ids"]
+    vstart, vpad, vend = 151652, 151656, 151653
+    assert ids.count(vpad) > 0
+    # one <|vision_start|> per temporal patch, each right after its timestamp text, never nested
+    starts = [i for i, t in enumerate(ids) if t == vstart]
+    assert len(starts) == 2 and all(ids[i - 1] != vend and ids[i - 1] != vstart for i in starts)
+    assert ids.count(vend) == 2
