@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 from qwen_vl_distributed.cli.synth import synthesize
 

@@ -16,7 +16,7 @@ from mm_inputs import IMG, VID, chat, image_tokens, pixels, video_tokens
 from qwen_vl_distributed.engine.engine import Engine, Prompt
 from qwen_vl_distributed.engine.sampler import SlotSampler
 from qwen_vl_distributed.model.batch import SeqLayout
-from qwen_vl_distributed.model.config import TextConfig, VisionConfig, preset
+from qwen_vl_distributed.model.config import preset
 from qwen_vl_distributed.model.positions import rope_positions, token_types
 from qwen_vl_distributed.model.qwen3_vl import Qwen3VLMoe, VisualInputs
 from qwen_vl_distributed.pipeline.executor import LocalExecutor

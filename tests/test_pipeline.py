@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mm_inputs import chat, image_tokens, pixels, video_tokens
 from qwen_vl_distributed.engine.build import RunOptions, start_engine

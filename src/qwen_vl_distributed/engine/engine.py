@@ -8,7 +8,6 @@ can be busy at once.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from collections import deque
