@@ -100,10 +100,18 @@ def test_fp8_error_bound_vs_original_weights(fp8_dir):
             assert torch.equal(p, orig), name
 
 
-def test_fp8_without_scale(fp8_dir, tmp_path):
+@pytest.fixture
+def fp8_copy(fp8_dir, tmp_path):
+    """A private copy of the FP8 checkpoint that a test may break."""
     import shutil
+
     d = tmp_path / "ck"
     shutil.copytree(fp8_dir, d)
+    return d
+
+
+def test_fp8_without_scale(fp8_copy):
+    d = fp8_copy
     key = L + "0.self_attn.q_proj.weight"
     edit_shard(d, key + "_scale_inv", lambda t: t.pop(key + "_scale_inv"))
     ckpt = open_checkpoint(d)
@@ -113,10 +121,8 @@ def test_fp8_without_scale(fp8_dir, tmp_path):
                             f"checkpoint, so it cannot be dequantised")
 
 
-def test_fp8_scale_of_wrong_shape(fp8_dir, tmp_path):
-    import shutil
-    d = tmp_path / "ck"
-    shutil.copytree(fp8_dir, d)
+def test_fp8_scale_of_wrong_shape(fp8_copy):
+    d = fp8_copy
     key = L + "0.mlp.experts.2.down_proj.weight_scale_inv"
     path = edit_shard(d, key, lambda t: t.update({key: torch.ones(4, 1)}))
     ckpt = open_checkpoint(d)
@@ -126,10 +132,8 @@ def test_fp8_scale_of_wrong_shape(fp8_dir, tmp_path):
                             f"found [4, 1]")
 
 
-def test_fp8_tensors_without_quantization_config(fp8_dir, tmp_path):
-    import shutil
-    d = tmp_path / "ck"
-    shutil.copytree(fp8_dir, d)
+def test_fp8_tensors_without_quantization_config(fp8_copy):
+    d = fp8_copy
     cfg_path = edit_config(d, lambda c: c.pop("quantization_config"))
     ckpt = open_checkpoint(d)
     key = L + "3.self_attn.q_proj.weight"

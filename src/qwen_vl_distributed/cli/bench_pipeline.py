@@ -46,7 +46,6 @@ def run(args) -> int:
     handle = start_engine(opts)
     try:
         engine = handle.engine
-        engine.eos_ids = frozenset()  # random weights: never stop early
         _run_batch(engine, n_seq, args.prompt_len, 4)  # warm-up at the measured shapes (Triton compiles, NCCL)
         _, (one,) = _run_batch(engine, 1, args.prompt_len, args.new_tokens)
         per_token = (one.t_done - one.t_first_token) / (len(one.output) - 1)

@@ -15,7 +15,7 @@ import os
 import time
 import urllib.request
 
-from ..engine.build import RunOptions, start_engine
+from ..engine.build import RunOptions, read_generation_config, start_engine
 from ..engine.media import MediaOptions, sample_image_path
 from ..engine.processor import Processor
 from ..model.param_counts import total_weight_bytes
@@ -66,7 +66,7 @@ def run(args) -> int:
     finally:
         handle.close()
     if not args.no_parity:
-        _parity(model, handle.cfg, inputs, ours)
+        _parity(model, handle.cfg, inputs, ours, handle.eos_ids)
     _say(f"\ndone in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -124,7 +124,7 @@ def _greedy_tokens(engine, inputs) -> list[int]:
     return seq.output
 
 
-def _parity(model: str, cfg, inputs, ours: list[int]) -> None:
+def _parity(model: str, cfg, inputs, ours: list[int], eos_ids: list[int]) -> None:
     """The same prompt, greedy, through HF transformers' Qwen3VLMoeForConditionalGeneration on the same weights."""
     _say("\n== parity with HF transformers (same checkpoint, same prompt, greedy)")
     if total_weight_bytes(cfg, "fp32") > 4e9:
@@ -140,7 +140,7 @@ def _parity(model: str, cfg, inputs, ours: list[int]) -> None:
         kw.update(pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw)
     with torch.no_grad():
         ref = hf.generate(**kw, max_new_tokens=len(ours), do_sample=False,
-                          eos_token_id=[151645, 151643], pad_token_id=151643)[0, ids.shape[1]:].tolist()
+                          eos_token_id=eos_ids, pad_token_id=read_generation_config(model).get("pad_token_id"))[0, ids.shape[1]:].tolist()
     same = sum(a == b for a, b in zip(ours, ref))
     verdict = "IDENTICAL" if ours == ref else "DIFFERENT"
     _say(f"{same}/{len(ours)} generated tokens equal -> {verdict} to HF transformers "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..engine.build import start_engine, torchrun_worker
+from ..engine.build import read_generation_config, start_engine, torchrun_worker
 from ..engine.media import MediaOptions
 from ..engine.processor import Processor
 from ..engine.sampling import SamplingParams
@@ -47,13 +47,7 @@ def read_messages(path: str):
 
 
 def sampling_params(args, model_dir: str) -> SamplingParams:
-    gen = {}
-    try:
-        with open(f"{model_dir}/generation_config.json", encoding="utf-8") as f:
-            gen = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        pass
-    return SamplingParams.from_generation_config(gen, temperature=args.temperature, top_p=args.top_p,
+    return SamplingParams.from_generation_config(read_generation_config(model_dir), temperature=args.temperature, top_p=args.top_p,
                                                  top_k=args.top_k, seed=args.seed, max_new_tokens=args.max_new_tokens)
 
 

@@ -7,7 +7,6 @@ Binds to 127.0.0.1 unless --host says otherwise. Local media files are refused u
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -50,16 +49,6 @@ def _media_options(args):
                         allowed_local_dirs=tuple(os.path.abspath(d) for d in args.allowed_local_media))
 
 
-def read_generation_config(model_dir: str) -> dict:
-    """Request defaults (temperature, top_p, top_k, ...) from generation_config.json; {} when absent."""
-    try:
-        with open(os.path.join(model_dir, "generation_config.json"), encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def run(args) -> int:
     from ..engine.build import start_engine, torchrun_worker
 
@@ -91,6 +80,7 @@ def run(args) -> int:
 def _serve(args, opts, handle, processor):
     import uvicorn
 
+    from ..engine.build import read_generation_config
     from ..server.app import ServerSettings, create_app
 
     name = args.served_model_name or os.path.basename(os.path.normpath(opts.model))

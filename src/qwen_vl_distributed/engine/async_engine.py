@@ -156,10 +156,8 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self._drain_commands(block=not self.engine.has_work())
                 busy = self.engine.has_work()
-                if busy:
-                    self._dispatch(self.engine.step())
-                else:
-                    self.engine.executor.idle()  # lets a pipeline prove its stages alive while no request runs
+                # with no work a step only lets the executor idle (a pipeline sends its heartbeats)
+                self._dispatch(self.engine.step())
                 # Fresh figures whenever the engine falls idle, so a scrape after a burst sees all of it.
                 self._publish_stats(force=busy and not self.engine.has_work())
         except Exception as e:  # a failed step leaves the engine in an unknown state: stop serving

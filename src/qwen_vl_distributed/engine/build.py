@@ -46,7 +46,6 @@ class RunOptions:
     stage_timeout_s: float = 60.0  # a stage silent for this long is declared hung
     startup_timeout_s: float = 1800.0  # loading a 235B stage can take minutes
     quiet: bool = False
-    experts_impl: str | None = None
     # Benchmarks only: no checkpoint; a preset with this many layers and random weights made on each stage's device.
     random_preset: str | None = None
     random_layers: int | None = None
@@ -97,18 +96,29 @@ def open_source(opts: RunOptions):
     return open_checkpoint(opts.model)
 
 
-def read_eos_ids(model_dir: str) -> list[int]:
-    """Stop tokens from generation_config.json (int or list); none there is an error, not a silent never-stop."""
+def read_generation_config(model_dir: str, required: bool = False) -> dict:
+    """generation_config.json as a dict. ``required``: a missing or unreadable file is a UserError; otherwise it
+    gives {} (request defaults are optional, stop tokens are not)."""
     path = os.path.join(model_dir, "generation_config.json")
     try:
         with open(path, encoding="utf-8") as f:
-            eos = json.load(f).get("eos_token_id")
+            data = json.load(f)
     except FileNotFoundError:
-        raise UserError(f"{path}: missing (needed for the stop tokens)") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+        if required:
+            raise UserError(f"{path}: missing (needed for the stop tokens)") from None
+        return {}
+    except (OSError, json.JSONDecodeError) as e:
+        if required:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_eos_ids(model_dir: str) -> list[int]:
+    """Stop tokens from generation_config.json (int or list); none there is an error, not a silent never-stop."""
+    eos = read_generation_config(model_dir, required=True).get("eos_token_id")
     if eos is None:
-        raise UserError(f"{path}: no eos_token_id")
+        raise UserError(f"{os.path.join(model_dir, 'generation_config.json')}: no eos_token_id")
     return [eos] if isinstance(eos, int) else list(eos)
 
 
@@ -127,28 +137,34 @@ def make_plan(cfg: ModelConfig, opts: RunOptions) -> StagePlan:
                        require_fit=budget is not None)
 
 
-def fingerprint(ckpt, plan: StagePlan, opts: RunOptions) -> dict[str, str]:
-    """What all ranks must agree on before the first step. Cheap: config.json, the index, and per shard its size,
-    header and a 64 KiB sample of its data (so two copies with different weights disagree too). Each machine is
-    expected to hold the whole checkpoint directory at the same path."""
+def checkpoint_digest(ckpt) -> str:
+    """A cheap digest of the weights: config.json, the index, and per shard its size, header and a 64 KiB sample
+    of its data (so two copies with different weights differ too). A random-weight stand-in: its config and seed."""
     h = hashlib.sha256()
     if isinstance(ckpt, RandomWeights):
         h.update(repr((ckpt.cfg, ckpt.seed)).encode())
-    for name in ("config.json", "model.safetensors.index.json") if not isinstance(ckpt, RandomWeights) else ():
+        return h.hexdigest()[:16]
+    for name in ("config.json", "model.safetensors.index.json"):
         path = os.path.join(ckpt.dir, name)
         if os.path.exists(path):
             with open(path, "rb") as f:
                 h.update(f.read())
-    for file in ckpt.files() if not isinstance(ckpt, RandomWeights) else ():
+    for file in ckpt.files():
         path = ckpt.path(file)
         h.update(f"{file}:{os.path.getsize(path)}".encode())
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             h.update(f.read(min(n, 1 << 24)))  # header
             h.update(f.read(1 << 16))  # the first bytes of tensor data
+    return h.hexdigest()[:16]
+
+
+def fingerprint(ckpt, plan: StagePlan, opts: RunOptions) -> dict[str, str]:
+    """What all ranks must agree on before the first step. Each machine is expected to hold the whole checkpoint
+    directory at the same path."""
     from .. import __version__
 
-    return {"checkpoint": h.hexdigest()[:16], "plan": plan.fingerprint(), "dtype": opts.dtype,
+    return {"checkpoint": checkpoint_digest(ckpt), "plan": plan.fingerprint(), "dtype": opts.dtype,
             "max_len": str(opts.max_len), "max_batch": str(opts.max_batch), "version": __version__}
 
 
@@ -166,21 +182,19 @@ def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: 
     else:
         load_stage(model, ckpt, device, DTYPES[opts.dtype], stage_name=name, progress=not opts.quiet)
     model.eval()
-    slots = opts.max_batch
-    if opts.experts_impl:
-        model.set_impl(experts=opts.experts_impl)
-    elif device.type == "cuda":
-        from ..kernels import enable_fast_paths
-        from ..kernels.cuda_graph import DEFAULT_BUCKETS, GraphedStage
+    dtype, slots = DTYPES[opts.dtype], opts.max_batch
+    sampler = SlotSampler() if st.holds_head else None
+    if device.type != "cuda":
+        return StageRuntime(model, model.new_cache(slots, opts.max_len, dtype, device), sampler, device, rank)
+    from ..kernels import enable_fast_paths
+    from ..kernels.cuda_graph import DEFAULT_BUCKETS, GraphedStage
 
-        enable_fast_paths(model)
-        # one extra KV slot that no sequence owns: the decode graphs pad their batch-size buckets into it
-        cache = model.new_cache(slots + 1, opts.max_len, DTYPES[opts.dtype], device)
-        top = next(b for b in DEFAULT_BUCKETS + (slots,) if b >= slots)
-        stage = GraphedStage(model, cache, buckets=tuple(b for b in DEFAULT_BUCKETS if b < top) + (top,))
-        return StageRuntime(stage, cache, SlotSampler() if st.holds_head else None, device, stage_index=rank)
-    cache = model.new_cache(slots, opts.max_len, DTYPES[opts.dtype], device)
-    return StageRuntime(model, cache, SlotSampler() if st.holds_head else None, device, stage_index=rank)
+    enable_fast_paths(model)
+    # one extra KV slot that no sequence owns: the decode graphs pad their batch-size buckets into it
+    cache = model.new_cache(slots + 1, opts.max_len, dtype, device)
+    top = next(b for b in DEFAULT_BUCKETS + (slots,) if b >= slots)
+    stage = GraphedStage(model, cache, buckets=tuple(b for b in DEFAULT_BUCKETS if b < top) + (top,))
+    return StageRuntime(stage, cache, sampler, device, rank)
 
 
 def start_engine(opts: RunOptions) -> EngineHandle:
@@ -189,7 +203,7 @@ def start_engine(opts: RunOptions) -> EngineHandle:
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
     ckpt = open_source(opts)
-    eos = [151645, 151643] if isinstance(ckpt, RandomWeights) else read_eos_ids(opts.model)
+    eos = [] if isinstance(ckpt, RandomWeights) else read_eos_ids(opts.model)  # random weights: never stop early
     plan = make_plan(ckpt.cfg, opts)
     if opts.stages == 1:
         if under_torchrun() and torchrun_placement().world != 1:

@@ -96,7 +96,7 @@ class Engine:
         self.free_slots = deque(range(num_slots))
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
-        self.in_flight: dict[int, tuple[list[Sequence], StepPayload]] = {}  # group -> step
+        self.in_flight: dict[int, list[Sequence]] = {}  # group -> the sequences of its step in flight
         self.order: deque[int] = deque()  # groups in submission order (the pipeline is FIFO)
         self._ids = itertools.count()
         self._step = itertools.count()
@@ -121,13 +121,7 @@ class Engine:
 
     def abort(self, seq: Sequence) -> None:
         """Stop a sequence (client gone); its slot is freed once no step of it is in flight."""
-        if seq.done:
-            return
-        seq.finish_reason = "abort"
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        elif not any(seq in seqs for seqs, _ in self.in_flight.values()):
-            self._release(seq)
+        self.finish(seq, "abort")
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.in_flight)
@@ -163,7 +157,7 @@ class Engine:
         if not seqs:
             return
         payload = self._build_step(group, seqs)
-        self.in_flight[group] = (seqs, payload)
+        self.in_flight[group] = seqs
         self.order.append(group)
         self.executor.submit(payload)
 
@@ -223,7 +217,7 @@ class Engine:
         group = self.order.popleft()
         if result.mb != group:
             raise EngineError(f"pipeline returned micro-batch {result.mb}, expected {group}")
-        seqs, _ = self.in_flight.pop(group)
+        seqs = self.in_flight.pop(group)
         now = time.perf_counter()
         events = []
         for s, tok in zip(seqs, result.tokens.tolist()):
@@ -249,10 +243,12 @@ class Engine:
             self.free_slots.append(seq.slot)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """End a sequence for a reason found outside the engine (a stop string matched in its text)."""
-        if not seq.done:
-            seq.finish_reason = reason
-            if seq in self.waiting:
-                self.waiting.remove(seq)
-            elif not any(seq in seqs for seqs, _ in self.in_flight.values()):
-                self._release(seq)
+        """End a sequence for a reason found outside the engine (a stop string matched in its text, a client
+        gone); its slot is freed at once, or when the step it is in comes back."""
+        if seq.done:
+            return
+        seq.finish_reason = reason
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif not any(seq in seqs for seqs in self.in_flight.values()):
+            self._release(seq)

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .timing import cuda_time
+
 # The single-program align kernel holds all pairs in one block (a sort of next_pow2(P) keys); above this, the
 # torch-op alignment (also graph-safe) is used.
 ALIGN_KERNEL_MAX_PAIRS = 4096
@@ -303,13 +305,4 @@ def _time_config(args, cfg: MoeConfig, reps: int, calls: int, graphed: bool) -> 
         with torch.cuda.graph(graph):
             run()
         run = graph.replay
-    run()
-    samples = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        samples.append(a.elapsed_time(b) / calls)
-    return sorted(samples)[len(samples) // 2]
+    return cuda_time(run, iters=1, reps=reps, warmup=1) / calls

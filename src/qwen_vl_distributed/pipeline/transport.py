@@ -124,26 +124,26 @@ class Transport:
         while len(self._pending) > keep:
             dst, works, _ = self._pending.pop(0)
             for w, control in works:
-                self._wait(w, dst, "send", control=control)
+                self._wait(w, dst, control=control)
 
     def flush(self) -> None:
         self._reap(keep=0)
 
     def _recv_header(self, src: int, tag: int) -> dict:
         first = torch.empty(HEADER_BYTES, dtype=torch.uint8)
-        self._wait(self._irecv(first, src, tag, self.control), src, "recv", control=True)
+        self._wait(self._irecv(first, src, tag, self.control), src, control=True)
         raw = first.numpy().tobytes()
         n = int.from_bytes(raw[:8], "little")
         body = raw[8:8 + min(n, HEADER_BYTES - 8)]
         if n > len(body):
             rest = torch.empty(n - len(body), dtype=torch.uint8)
-            self._wait(self._irecv(rest, src, tag, self.control), src, "recv", control=True)
+            self._wait(self._irecv(rest, src, tag, self.control), src, control=True)
             body += rest.numpy().tobytes()
         return json.loads(body.decode())
 
     def _recv_tensor(self, shape, dtype, src: int, tag: int) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.device)
-        self._wait(self._irecv(t, src, tag, None), src, "recv")
+        self._wait(self._irecv(t, src, tag, None), src)
         return t
 
     def _irecv(self, t: torch.Tensor, src: int, tag: int, group):
@@ -152,7 +152,7 @@ class Transport:
         except RuntimeError as e:
             raise self._failure(src, e) from None
 
-    def _wait(self, work, peer: int | None, what: str, control: bool = False) -> None:
+    def _wait(self, work, peer: int, control: bool = False) -> None:
         try:
             if self.backend == "gloo" or control:
                 work.wait(timeout=timedelta(seconds=self.timeout_s))
@@ -168,9 +168,9 @@ class Transport:
         except (RuntimeError, TimeoutError) as e:
             raise self._failure(peer, e) from None
 
-    def _failure(self, peer: int | None, e: Exception) -> StageFailure:
+    def _failure(self, peer: int, e: Exception) -> StageFailure:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        who = self.peers[peer].describe() if peer is not None else "a neighbouring stage"
+        who = self.peers[peer].describe()
         me = self.peers[self.rank].describe()
         if "timed out" in msg.lower() or "timeout" in msg.lower():
             why = f"sent nothing for {self.timeout_s:.0f} s (hung or dead)"
