@@ -3,7 +3,6 @@ replayed from a CUDA graph. One 1024x1024 image, real 235B vision dims, random w
 
 import torch
 
-from qwen_vl_distributed.kernels import enable_fast_paths, use_reference
 from qwen_vl_distributed.kernels.timing import cuda_time
 from qwen_vl_distributed.kernels.vision_graph import GraphedVision
 from qwen_vl_distributed.model.config import preset

@@ -17,13 +17,13 @@ from qwen_vl_distributed.kernels import enable_fast_paths, register
 from qwen_vl_distributed.kernels.attention import prefill_attention
 from qwen_vl_distributed.kernels.cuda_graph import DecodeGraphs, GraphedStage
 from qwen_vl_distributed.kernels.grouped import grouped_experts, has_grouped_mm
-from qwen_vl_distributed.kernels.vision_attention import fast_segment_attention
+from qwen_vl_distributed.kernels.vision_attention import segment_attention
 from qwen_vl_distributed.model.attention import reference_cache_attention
 from qwen_vl_distributed.model.batch import SeqLayout
 from qwen_vl_distributed.model.config import preset
 from qwen_vl_distributed.model.moe import reference_experts
 from qwen_vl_distributed.model.qwen3_vl import Qwen3VLMoe
-from qwen_vl_distributed.model.vision import reference_segment_attention
+from qwen_vl_distributed.model.vision import reference_segment_attention, vision_rotary
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of a Triton kernel module
@@ -75,12 +75,18 @@ def test_align_kernel_matches_torch_alignment(t, k, e, crowd):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("t,k,e,crowd", [(1, 2, 8, False), (7, 3, 6, False), (40, 2, 4, True)])
-def test_fused_experts_match_reference(dtype, t, k, e, crowd):
+@pytest.mark.parametrize("t,k,e,crowd,order", [(1, 2, 8, False, {}), (7, 3, 6, False, {}), (40, 2, 4, True, {}),
+                                               (40, 2, 4, True, {"cols_first": True}),
+                                               (90, 2, 8, True, {"bm": 64, "split": True}),
+                                               (90, 2, 8, True, {"bm": 64, "split": True, "tma": True})])
+def test_fused_experts_match_reference(dtype, t, k, e, crowd, order):
     from qwen_vl_distributed.kernels.moe_triton import MoeConfig, fused_experts
 
     x, ids, w, gate_up, down = moe_inputs(t, k, e, 64, 48, dtype, seed=3, crowd=crowd)
-    small = MoeConfig(bm=16, bn=16, bk=32, down_bn=16, down_bk=16)  # several column and K tiles, uneven I/BN
+    # several column and K tiles, uneven I/BN; both launch orders; partial tiles (the crowded expert's 90 rows
+    # fill one 64-row block and 26 rows of a second, which runs on its top half; the other experts' ~13 rows run on
+    # a quarter block)
+    small = MoeConfig(**{"bm": 16, "bn": 16, "bk": 32, "down_bn": 16, "down_bk": 16, **order})
     out = fused_experts(x, ids, w, gate_up, down, small)
     ref = reference_experts(x.float(), ids, w.float(), gate_up.float(), down.float())
     assert out.dtype == dtype and out.shape == x.shape
@@ -134,7 +140,38 @@ def test_prefill_attention_matches_reference():
 def test_segment_attention_matches_reference():
     q, k, v = (torch.randn(50, 2, 8) for _ in range(3))
     cu = [0, 16, 20, 50]
-    assert rel(fast_segment_attention(q, k, v, cu, 8**-0.5), reference_segment_attention(q, k, v, cu, 8**-0.5)) < 1e-5
+    assert rel(segment_attention(q, k, v, cu, 8**-0.5), reference_segment_attention(q, k, v, cu, 8**-0.5)) < 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_vision_rotary_kernel_matches_reference(dtype):
+    from qwen_vl_distributed.kernels.vision_rotary import rotate_qk
+    from qwen_vl_distributed.model.rope import vision_rope_tables
+
+    n, heads, d = 70, 3, 12  # d/2 = 6 is not a power of two; 70 tokens leave a partial token block
+    qkv = torch.randn(n, 3 * heads * d).to(dtype)
+    rope = vision_rope_tables(torch.arange(n) // 7, torch.arange(n) % 7, d, 10000.0)
+    q, k = rotate_qk(qkv, rope, heads)
+    ref_q, ref_k, _ = qkv.view(n, 3, heads, d).unbind(1)
+    assert q.shape == (n, heads, d) and q.is_contiguous() and q.dtype == dtype
+    assert rel(q, vision_rotary(ref_q, rope)) < 1e-6 and rel(k, vision_rotary(ref_k, rope)) < 1e-6
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_layer_norm_kernel_matches_torch(dtype):
+    from qwen_vl_distributed.kernels.vision_block import layer_norm
+
+    norm = torch.nn.LayerNorm(40, eps=1e-6).to(dtype)  # 40: a partial column block; 7 rows: a partial row block
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x, r = torch.randn(7, 40).to(dtype), torch.randn(7, 40).to(dtype)
+    with torch.no_grad():
+        s, y = layer_norm(x, norm)
+        assert s is x and rel(y, norm(x)) < (1e-6 if dtype == torch.float32 else 1e-3)
+        s, y = layer_norm(x, norm, residual=r)
+        assert torch.equal(s, x + r) and rel(y, norm(x + r)) < (1e-6 if dtype == torch.float32 else 1e-3)
 
 
 # -- a whole (tiny) model -----------------------------------------------------------------------------------------

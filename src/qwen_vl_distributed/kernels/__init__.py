@@ -5,8 +5,8 @@
   (kernels.grouped.fast_experts); also 'grouped' and 'triton' to force one path;
 - cache attention (model.attention.CACHE_ATTENTION_IMPLS): split-KV Triton decode, SDPA (cuDNN first) for prompts
   (kernels.attention.fast_cache_attention);
-- vision segment attention (model.vision.SEGMENT_ATTENTION_IMPLS): one SDPA / varlen flash
-  (kernels.vision_attention.fast_segment_attention).
+- vision attention (model.vision.VISION_ATTENTION_IMPLS): the 2-D rotary as one Triton kernel, then one SDPA /
+  varlen flash per image (kernels.vision_attention.fast_vision_attention).
 ``enable_fast_paths(model)`` registers them and selects them on a model. Importing this package imports no Triton
 and touches no GPU: the Triton modules load on first use on a CUDA tensor, so CPU runs and CI never need either.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ..model.attention import register_cache_attention
 from ..model.moe import register_experts_impl
-from ..model.vision import SEGMENT_ATTENTION_IMPLS
+from ..model.vision import VISION_ATTENTION_IMPLS
 
 
 def _triton_experts(x, topk_ids, topk_w, gate_up, down):
@@ -27,13 +27,13 @@ def _triton_experts(x, topk_ids, topk_w, gate_up, down):
 def register() -> None:
     from .attention import fast_cache_attention
     from .grouped import fast_experts, grouped_experts
-    from .vision_attention import fast_segment_attention
+    from .vision_attention import fast_vision_attention
 
     register_experts_impl("fast", fast_experts)
     register_experts_impl("grouped", grouped_experts)
     register_experts_impl("triton", _triton_experts)
     register_cache_attention("fast", fast_cache_attention)
-    SEGMENT_ATTENTION_IMPLS["fast"] = fast_segment_attention
+    VISION_ATTENTION_IMPLS["fast"] = fast_vision_attention
 
 
 def enable_fast_paths(model, experts: str = "fast", attention: str = "fast", vision_attention: str = "fast",

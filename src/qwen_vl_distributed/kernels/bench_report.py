@@ -48,14 +48,19 @@ def render(res: dict) -> str:
         lines.append(f"  B={b} us/layer by launch group: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     if "prefill" in res:
         lines += _prefill(res["prefill"])
+    for n, t in res.get("prefill_moe_tuning", {}).items():
+        ms = t["triton_ms"].get(t["triton_best"])
+        lines.append(f"  experts at {n} tokens: grouped_mm {_f(t['grouped_ms'])} ms, Triton {_f(ms)} ms "
+                     f"({t['triton_best']}) -> {t['chosen']}")
     for use, t in res.get("gemv_tuning", {}).items():
         lines.append(f"  gemv {use}: chosen {t['chosen']} | " + ", ".join(
             f"{k} {v:.1f}us" if isinstance(v, float) else f"{k} {v}" for k, v in t["us_per_layer"].items()))
     vis = res.get("vision")
     if vis:
         lines.append(f"vision {vis['grid']}: ours {_f(vis.get('ours_fast_ms'))} ms "
-                     f"(graph {_f(vis.get('ours_graph_ms'))}, eager {_f(vis.get('ours_eager_fast_ms'))}, "
-                     f"graph vs eager rel {_f(vis.get('rel_graph_vs_eager'), '.1e')}; "
+                     f"(graph, fused blocks {_f(vis.get('ours_graph_ms'))}, graph, module blocks "
+                     f"{_f(vis.get('ours_graph_unfused_ms'))}, eager {_f(vis.get('ours_eager_fast_ms'))}, "
+                     f"fused graph vs eager rel {_f(vis.get('rel_graph_vs_eager'), '.1e')}; "
                      f"reference attention {_f(vis.get('ours_reference_ms'))} ms, "
                      f"{_f(vis.get('ours_tflops'), '.0f')} TFLOP/s), HF {_f(vis.get('hf_ms'))} ms, "
                      f"rel vs HF {_f(vis.get('rel_fast_vs_hf'), '.2e')}")

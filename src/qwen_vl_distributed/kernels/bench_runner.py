@@ -132,6 +132,7 @@ class Bench:
         got = decode_attention(q, kc, vc, layout.tensor("slots", self.dev), layout.tensor("starts", self.dev), s)
         out["decode_attention"] = rel(got, reference_cache_attention(q, kc, vc, layout, s))
         out.update(self._decode_layer_checks())
+        out.update(self._vision_attention_checks())
         out["tolerance"] = 1e-2
         out["pass"] = all(v < 1e-2 for k, v in out.items() if k != "tolerance" and "rows_over" not in k
                           and "mismatch" not in k)
@@ -165,6 +166,30 @@ class Bench:
         x = torch.randn(8, t.hidden_size, device=self.dev, dtype=BF16)
         out["rmsnorm_mismatch_frac"] = float((rmsnorm(x, norm.weight, norm.eps) != norm(x)).float().mean())
         return out
+
+    def _vision_attention_checks(self) -> dict:
+        """The fused rotary (bit for bit) and the 'fast' vision attention core against the references."""
+        from ..model.rope import vision_rope_tables
+        from ..model.vision import reference_vision_attention, vision_rotary
+        from .vision_attention import fast_vision_attention
+        from .vision_block import fused_vision_block
+        from .vision_rotary import rotate_qk
+
+        v, n = self.cfg.vision, 1024
+        heads, s = v.num_heads, v.head_dim**-0.5
+        qkv = torch.randn(n, 3 * v.hidden_size, device=self.dev, dtype=BF16)
+        idx = torch.arange(n, device=self.dev)
+        rope = vision_rope_tables(idx // 32, idx % 32, v.head_dim, v.rope_theta)
+        q, k = rotate_qk(qkv, rope, heads)
+        ref_q, ref_k, _ = qkv.view(n, 3, heads, -1).unbind(1)
+        mismatch = (q != vision_rotary(ref_q, rope)).sum() + (k != vision_rotary(ref_k, rope)).sum()
+        cu = [0, 256, 1024]  # two segments
+        block = self.ours.model.visual.blocks[0]
+        x = torch.randn(n, v.hidden_size, device=self.dev, dtype=BF16)
+        return {"vision_rotary_mismatch_frac": float(mismatch) / (2 * q.numel()),
+                "vision_attention": rel(fast_vision_attention(qkv, rope, cu, heads, s),
+                                        reference_vision_attention(qkv, rope, cu, heads, s)),
+                "vision_fused_block": rel(fused_vision_block(block, x, rope, cu), block(x, rope, cu))}
 
     def _prompt(self, n: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.args.seed + 7)
@@ -562,8 +587,10 @@ class Bench:
         eager_out = vis(pixels, [grid])[0]
         from .vision_graph import GraphedVision
 
-        vis.runner = GraphedVision(vis)  # what serving uses: the tower replayed from a CUDA graph per shape
         res["ours_eager_fast_ms"] = res["ours_fast_ms"]
+        vis.runner = GraphedVision(vis, fused_blocks=False)
+        res["ours_graph_unfused_ms"] = cuda_time(lambda: vis(pixels, [grid]), iters=3, reps=5)
+        vis.runner = GraphedVision(vis)  # what serving uses: fused blocks replayed from a CUDA graph per shape
         res["ours_graph_ms"] = cuda_time(lambda: vis(pixels, [grid]), iters=3, reps=5)
         res["rel_graph_vs_eager"] = rel(vis(pixels, [grid])[0], eager_out)
         res["ours_fast_ms"] = min(res["ours_fast_ms"], res["ours_graph_ms"])

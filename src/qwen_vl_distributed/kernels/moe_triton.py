@@ -20,6 +20,7 @@ activation dtype before the activation and before the routed weight, as ``F.line
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,20 @@ class MoeConfig:
     down_bk: int = 128
     down_warps: int = 4
     down_stages: int = 4
+    # Launch order. False: program_id(0) walks the row blocks, so the programs in flight share one column tile and
+    # each reads a different expert's weights (decode: few rows, weights dominate). True: the column tiles of one
+    # row block are launched together, so a block's gathered activation rows are read from HBM once and then hit
+    # in L2, and the blocks of one expert run together and share its weight tiles in L2 (prefill).
+    cols_first: bool = False
+    # Partial tiles: a block whose real rows fit in its first BM/4 or BM/2 rows multiplies only those (more
+    # tl.dot shapes in the same kernel). Each expert is then padded to BM/4 rows of compute while its weight
+    # tiles are still read once per BM rows: at ~BM tokens per expert (a 2048-token prompt at E = 128, K = 8)
+    # most experts' second block is a sliver. Needs BM >= 64 (tl.dot takes 16 rows at least).
+    split: bool = False
+    # Weight tiles through TMA (a host-side tensor descriptor over the [E * rows, K] weight matrix) instead of
+    # pointer loads; activation rows stay gathered by pointer. Needs the output width to be a multiple of the
+    # column tile (so a tile never crosses into the next expert's rows); otherwise the pointer path runs.
+    tma: bool = False
 
 
 # chosen per P (pairs) bucket: the smallest bucket >= P wins; tune() may overwrite entries in-process
@@ -54,8 +69,9 @@ class MoeConfig:
 CONFIGS: dict[int, MoeConfig] = {
     64: MoeConfig(bn=64, bk=128, warps=4, stages=3, down_bn=64, down_bk=128, down_stages=3),  # B = 1..8 at K = 8
     256: MoeConfig(bn=32, bk=256, warps=4, stages=3, down_bn=64, down_bk=256, down_stages=3),  # B = 32
+    # prefill: 128 tokens of one expert per tile, column tiles first, half tiles, TMA weight loads
     1 << 30: MoeConfig(bm=128, bn=128, bk=64, warps=8, stages=4, down_bn=256, down_bk=64, down_warps=8,
-                       down_stages=4),  # prefill: 128 tokens of one expert per tile
+                       down_stages=4, cols_first=True, split=True, tma=True),
 }
 
 
@@ -141,40 +157,54 @@ def align_torch(flat_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Te
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, h_ptr, rows_ptr, block_expert_ptr, P, H, I,
-                    K: tl.constexpr, E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    EVEN_K: tl.constexpr):
-    # x [T, H]; w = gate_up [E, 2I, H] (gate rows [0, I), up rows [I, 2I)); h [P, I]
-    blk = tl.program_id(0)
-    e = tl.load(block_expert_ptr + blk).to(tl.int64)
-    if e >= E:
-        return
-    rows = tl.load(rows_ptr + blk * BM + tl.arange(0, BM))
+def _block_and_column(COLS_FIRST: tl.constexpr):
+    """(row block, column tile) of this program; the grid is (column tiles, blocks) when COLS_FIRST."""
+    if COLS_FIRST:
+        return tl.program_id(1), tl.program_id(0)
+    return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
+def _gate_up_tile(x_ptr, w_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, K: tl.constexpr, BM: tl.constexpr,
+                  ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr):
+    # the first ROWS rows of block blk against columns [col*BN, col*BN + BN) of expert e's gate and up halves
+    rows = tl.load(rows_ptr + blk * BM + tl.arange(0, ROWS))
     rmask = rows < P
     tok = (rows // K).to(tl.int64)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cols = col * BN + tl.arange(0, BN)
     cmask = cols < I
     kk = tl.arange(0, BK)
     a_ptrs = x_ptr + tok[:, None] * H + kk[None, :]
-    g_ptrs = w_ptr + e * (2 * I) * H + cols[:, None].to(tl.int64) * H + kk[None, :]  # [BN, BK], k contiguous
-    u_ptrs = g_ptrs + I * H
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, H, BK):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-            wg = tl.load(g_ptrs, mask=cmask[:, None], other=0.0)
-            wu = tl.load(u_ptrs, mask=cmask[:, None], other=0.0)
-        else:
-            km = (k0 + kk) < H
-            a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
-            wg = tl.load(g_ptrs, mask=cmask[:, None] & km[None, :], other=0.0)
-            wu = tl.load(u_ptrs, mask=cmask[:, None] & km[None, :], other=0.0)
-        acc_g = tl.dot(a, tl.trans(wg), acc_g)
-        acc_u = tl.dot(a, tl.trans(wu), acc_u)
-        a_ptrs += BK
-        g_ptrs += BK
-        u_ptrs += BK
+    acc_g = tl.zeros((ROWS, BN), dtype=tl.float32)
+    acc_u = tl.zeros((ROWS, BN), dtype=tl.float32)
+    if TMA:  # w_ptr: descriptor over gate_up as [E * 2I, H], block [BN, BK]
+        g_row = (e * (2 * I) + col * BN).to(tl.int32)
+        for k0 in range(0, H, BK):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=rmask[:, None] & ((k0 + kk) < H)[None, :], other=0.0)
+            acc_g = tl.dot(a, tl.trans(w_ptr.load([g_row, k0])), acc_g)
+            acc_u = tl.dot(a, tl.trans(w_ptr.load([g_row + I, k0])), acc_u)
+            a_ptrs += BK
+    else:
+        g_ptrs = w_ptr + e * (2 * I) * H + cols[:, None].to(tl.int64) * H + kk[None, :]  # [BN, BK], k contiguous
+        u_ptrs = g_ptrs + I * H
+        for k0 in range(0, H, BK):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+                wg = tl.load(g_ptrs, mask=cmask[:, None], other=0.0)
+                wu = tl.load(u_ptrs, mask=cmask[:, None], other=0.0)
+            else:
+                km = (k0 + kk) < H
+                a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+                wg = tl.load(g_ptrs, mask=cmask[:, None] & km[None, :], other=0.0)
+                wu = tl.load(u_ptrs, mask=cmask[:, None] & km[None, :], other=0.0)
+            acc_g = tl.dot(a, tl.trans(wg), acc_g)
+            acc_u = tl.dot(a, tl.trans(wu), acc_u)
+            a_ptrs += BK
+            g_ptrs += BK
+            u_ptrs += BK
     dt = h_ptr.dtype.element_ty
     g = acc_g.to(dt).to(tl.float32)  # round as the reference's bf16 linear output
     u = acc_u.to(dt).to(tl.float32)
@@ -184,37 +214,86 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, rows_ptr, block_expert_ptr, P, H, I,
 
 
 @triton.jit
-def _down_kernel(h_ptr, w_ptr, y_ptr, topk_w_ptr, rows_ptr, block_expert_ptr, P, H, I,
-                 E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
-    # h [P, I]; w = down [E, H, I]; y [P, H] = round(round(h @ w^T) * routed weight of the pair)
-    blk = tl.program_id(0)
+def _gate_up_kernel(x_ptr, w_ptr, h_ptr, rows_ptr, block_expert_ptr, P, H, I,
+                    K: tl.constexpr, E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    EVEN_K: tl.constexpr, COLS_FIRST: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr):
+    # x [T, H]; w = gate_up [E, 2I, H] (gate rows [0, I), up rows [I, 2I)); h [P, I]
+    blk, col = _block_and_column(COLS_FIRST)
     e = tl.load(block_expert_ptr + blk).to(tl.int64)
     if e >= E:
         return
-    rows = tl.load(rows_ptr + blk * BM + tl.arange(0, BM))
+    # SPLIT: multiply only the first quarter or half of the block when the rest is padding (an expert's real rows
+    # come first in its run, so the first row past the quarter / half decides)
+    if SPLIT:
+        if tl.load(rows_ptr + blk * BM + BM // 4) >= P:
+            _gate_up_tile(x_ptr, w_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, K, BM, BM // 4, BN, BK, EVEN_K, TMA)
+        elif tl.load(rows_ptr + blk * BM + BM // 2) >= P:
+            _gate_up_tile(x_ptr, w_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, K, BM, BM // 2, BN, BK, EVEN_K, TMA)
+        else:
+            _gate_up_tile(x_ptr, w_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, K, BM, BM, BN, BK, EVEN_K, TMA)
+    else:
+        _gate_up_tile(x_ptr, w_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, K, BM, BM, BN, BK, EVEN_K, TMA)
+
+
+@triton.jit
+def _down_tile(h_ptr, w_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, BM: tl.constexpr,
+               ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr):
+    rows = tl.load(rows_ptr + blk * BM + tl.arange(0, ROWS))
     rmask = rows < P
     rows64 = rows.to(tl.int64)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cols = col * BN + tl.arange(0, BN)
     cmask = cols < H
     kk = tl.arange(0, BK)
     a_ptrs = h_ptr + rows64[:, None] * I + kk[None, :]
-    w_ptrs = w_ptr + e * H * I + cols[:, None].to(tl.int64) * I + kk[None, :]  # [BN, BK]
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, I, BK):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=cmask[:, None], other=0.0)
-        else:
-            km = (k0 + kk) < I
-            a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=cmask[:, None] & km[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(w), acc)
-        a_ptrs += BK
-        w_ptrs += BK
+    acc = tl.zeros((ROWS, BN), dtype=tl.float32)
+    if TMA:  # w_ptr: descriptor over down as [E * H, I], block [BN, BK]
+        w_row = (e * H + col * BN).to(tl.int32)
+        for k0 in range(0, I, BK):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=rmask[:, None] & ((k0 + kk) < I)[None, :], other=0.0)
+            acc = tl.dot(a, tl.trans(w_ptr.load([w_row, k0])), acc)
+            a_ptrs += BK
+    else:
+        w_ptrs = w_ptr + e * H * I + cols[:, None].to(tl.int64) * I + kk[None, :]  # [BN, BK]
+        for k0 in range(0, I, BK):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+                w = tl.load(w_ptrs, mask=cmask[:, None], other=0.0)
+            else:
+                km = (k0 + kk) < I
+                a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=cmask[:, None] & km[None, :], other=0.0)
+            acc = tl.dot(a, tl.trans(w), acc)
+            a_ptrs += BK
+            w_ptrs += BK
     dt = h_ptr.dtype.element_ty
     rw = tl.load(topk_w_ptr + rows64, mask=rmask, other=0.0)
     y = (acc.to(dt) * rw[:, None]).to(dt)  # routed weight in the epilogue, rounded as the reference
     tl.store(y_ptr + rows64[:, None] * H + cols[None, :], y, mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, w_ptr, y_ptr, topk_w_ptr, rows_ptr, block_expert_ptr, P, H, I,
+                 E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+                 COLS_FIRST: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr):
+    # h [P, I]; w = down [E, H, I]; y [P, H] = round(round(h @ w^T) * routed weight of the pair)
+    blk, col = _block_and_column(COLS_FIRST)
+    e = tl.load(block_expert_ptr + blk).to(tl.int64)
+    if e >= E:
+        return
+    if SPLIT:  # as in _gate_up_kernel
+        if tl.load(rows_ptr + blk * BM + BM // 4) >= P:
+            _down_tile(h_ptr, w_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, BM, BM // 4, BN, BK,
+                       EVEN_K, TMA)
+        elif tl.load(rows_ptr + blk * BM + BM // 2) >= P:
+            _down_tile(h_ptr, w_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, BM, BM // 2, BN, BK,
+                       EVEN_K, TMA)
+        else:
+            _down_tile(h_ptr, w_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, BM, BM, BN, BK, EVEN_K, TMA)
+    else:
+        _down_tile(h_ptr, w_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, BM, BM, BN, BK, EVEN_K, TMA)
 
 
 def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
@@ -241,15 +320,35 @@ def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, 
         rows, block_expert = align_torch(flat, e, cfg.bm)
     nb = block_expert.numel()
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
-    _gate_up_kernel[(nb, triton.cdiv(inter, cfg.bn))](
-        x, gate_up, h, rows, block_expert, p, h_dim, inter, K=k, E=e, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
-        EVEN_K=h_dim % cfg.bk == 0, num_warps=cfg.warps, num_stages=cfg.stages)
+    gu_arg, gu_tma = _weight_arg(gate_up, cfg.tma, inter, cfg.bn, cfg.bk)
+    _gate_up_kernel[_grid(nb, triton.cdiv(inter, cfg.bn), cfg.cols_first)](
+        x, gu_arg, h, rows, block_expert, p, h_dim, inter, K=k, E=e, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
+        EVEN_K=h_dim % cfg.bk == 0, COLS_FIRST=cfg.cols_first, SPLIT=cfg.split, TMA=gu_tma, num_warps=cfg.warps,
+        num_stages=cfg.stages)
     y = torch.empty(p, h_dim, dtype=x.dtype, device=x.device)
     w = topk_w.reshape(-1).to(x.dtype)
-    _down_kernel[(nb, triton.cdiv(h_dim, cfg.down_bn))](
-        h, down, y, w, rows, block_expert, p, h_dim, inter, E=e, BM=cfg.bm, BN=cfg.down_bn, BK=cfg.down_bk,
-        EVEN_K=inter % cfg.down_bk == 0, num_warps=cfg.down_warps, num_stages=cfg.down_stages)
+    dn_arg, dn_tma = _weight_arg(down, cfg.tma, h_dim, cfg.down_bn, cfg.down_bk)
+    _down_kernel[_grid(nb, triton.cdiv(h_dim, cfg.down_bn), cfg.cols_first)](
+        h, dn_arg, y, w, rows, block_expert, p, h_dim, inter, E=e, BM=cfg.bm, BN=cfg.down_bn, BK=cfg.down_bk,
+        EVEN_K=inter % cfg.down_bk == 0, COLS_FIRST=cfg.cols_first, SPLIT=cfg.split, TMA=dn_tma,
+        num_warps=cfg.down_warps, num_stages=cfg.down_stages)
     return y
+
+
+def _weight_arg(w: torch.Tensor, tma: bool, out_rows: int, bn: int, bk: int):
+    """The expert weight [E, R, K] as the kernel takes it: a TMA descriptor over [E * R, K] with [bn, bk] blocks
+    where asked and possible (tiles of ``bn`` rows never cross an expert's ``out_rows``-row boundary), else the
+    tensor itself for pointer loads. Returns (argument, whether it is a descriptor)."""
+    if not (tma and w.is_contiguous() and out_rows % bn == 0):
+        return w, False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    e, r, kd = w.shape
+    return TensorDescriptor(w, [e * r, kd], [kd, 1], [bn, bk]), True
+
+
+def _grid(blocks: int, col_tiles: int, cols_first: bool) -> tuple[int, int]:
+    return (col_tiles, blocks) if cols_first else (blocks, col_tiles)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -263,19 +362,22 @@ CANDIDATES = [
     MoeConfig(bn=128, bk=128, warps=8, stages=3, down_bn=128, down_bk=128, down_warps=8, down_stages=3),
     MoeConfig(bn=64, bk=256, warps=8, stages=3, down_bn=64, down_bk=256, down_warps=8, down_stages=3),
     MoeConfig(bn=128, bk=64, warps=4, stages=5, down_bn=64, down_bk=128, down_warps=4, down_stages=4),
+    MoeConfig(bn=64, bk=128, warps=4, stages=3, down_bn=64, down_bk=128, down_warps=4, down_stages=3, tma=True),
+    MoeConfig(bn=32, bk=256, warps=4, stages=3, down_bn=64, down_bk=256, down_warps=4, down_stages=3, tma=True),
 ]
 
-# prefill-sized P: tensor-core tiles of 64-128 tokens of one expert
-PREFILL_CANDIDATES = [
-    MoeConfig(bm=64, bn=64, bk=64, warps=4, stages=4, down_bn=128, down_bk=64, down_warps=4, down_stages=4),
-    MoeConfig(bm=128, bn=64, bk=64, warps=8, stages=3, down_bn=128, down_bk=64, down_warps=8, down_stages=3),
-    MoeConfig(bm=64, bn=128, bk=64, warps=8, stages=3, down_bn=128, down_bk=64, down_warps=8, down_stages=3),
-    MoeConfig(bm=128, bn=128, bk=64, warps=8, stages=3, down_bn=256, down_bk=64, down_warps=8, down_stages=3),
+# prefill-sized P: tensor-core tiles of 64-128 tokens of one expert. The tile shapes are the ones that led on an
+# H200 at 2048 and 8192 tokens among 9 measured (BM 64 and BK 128 lost by 5-30%: docs/benchmarks.md); each is
+# tried in the column-first launch order with and without half tiles and TMA weight loads.
+_PREFILL_TILES = [
     MoeConfig(bm=128, bn=128, bk=64, warps=8, stages=4, down_bn=256, down_bk=64, down_warps=8, down_stages=4),
-    MoeConfig(bm=128, bn=128, bk=128, warps=8, stages=2, down_bn=128, down_bk=128, down_warps=8, down_stages=2),
-    MoeConfig(bm=64, bn=128, bk=128, warps=4, stages=3, down_bn=128, down_bk=128, down_warps=4, down_stages=3),
-    MoeConfig(bm=128, bn=64, bk=128, warps=4, stages=3, down_bn=256, down_bk=64, down_warps=8, down_stages=4),
+    MoeConfig(bm=128, bn=128, bk=64, warps=8, stages=3, down_bn=256, down_bk=64, down_warps=8, down_stages=3),
+    MoeConfig(bm=128, bn=64, bk=64, warps=8, stages=3, down_bn=128, down_bk=64, down_warps=8, down_stages=3),
+    MoeConfig(bm=64, bn=64, bk=64, warps=4, stages=4, down_bn=128, down_bk=64, down_warps=4, down_stages=4),
 ]
+PREFILL_CANDIDATES = [_PREFILL_TILES[0]] + [
+    dataclasses.replace(c, cols_first=True, split=split, tma=tma)
+    for c in _PREFILL_TILES for split in ((False, True) if c.bm >= 128 else (False,)) for tma in (False, True)]
 
 
 def tune(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
@@ -284,14 +386,17 @@ def tune(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up:
     """Time each candidate on these inputs and install the fastest for this P (median of ``reps`` samples of
     ``calls`` back-to-back calls). Decode sizes are timed as decode runs them, replayed from a CUDA graph (no
     launch gaps); prefill sizes eagerly (launch cost is noise there)."""
-    times = {}
+    times: dict = {}
     args = (x, topk_ids, topk_w, gate_up, down)
     for cfg in candidates:
         try:
             times[repr(cfg)] = _time_config(args, cfg, reps, calls, topk_ids.numel() <= ALIGN_KERNEL_MAX_PAIRS)
-        except Exception:  # a tile shape this GPU or Triton rejects (e.g. shared memory): skip it
-            continue
-    best = min(candidates, key=lambda c: times.get(repr(c), float("inf")))
+        except Exception as e:  # a tile shape this GPU or Triton rejects (e.g. shared memory): skip it
+            times[repr(cfg)] = f"failed: {type(e).__name__}: {str(e)[:160]}"
+    ran = [c for c in candidates if isinstance(times[repr(c)], float)]
+    if not ran:
+        raise RuntimeError(f"no MoE tile configuration ran here: {times}")
+    best = min(ran, key=lambda c: times[repr(c)])
     CONFIGS[topk_ids.numel()] = best  # a bucket of its own: P in (next smaller bucket, this P] uses it
     return best, times
 

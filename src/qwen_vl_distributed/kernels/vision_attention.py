@@ -1,10 +1,13 @@
-"""Vision segment attention impl 'fast': bidirectional attention inside each segment, never a dense block mask.
+"""Vision attention impl 'fast': the rotary and the per-segment attention of a vision block, never a dense block
+mask.
 
 Shapes: N patches (all segments packed), heads, d head_dim; cu_seqlens [n_segments + 1] segment bounds.
 
-One segment (one image): a single SDPA call with the fastest Hopper backend first. Several segments: varlen flash
-attention (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.10) over the packed patches when it exists and runs
-here, else one SDPA per segment.
+On CUDA the rotary is one Triton kernel (``kernels.vision_rotary``) writing q and k in the layout SDPA reads without
+a copy; v is read in place from the qkv projection's output. Then one image is a single SDPA call with the fastest
+Hopper backend first, and several segments go through varlen flash attention
+(``torch.nn.attention.varlen.varlen_attn``, torch >= 2.10) over the packed patches when it exists and runs here,
+else one SDPA per segment. On CPU it is the reference.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from ..model.vision import reference_vision_attention
 
 # SDPA backend priority for vision (non-causal, head_dim 72); None: torch's own choice, which measured fastest on
 # the H200 (docs/benchmarks.md). ``qwen-vl bench`` times the orders and keeps the fastest for its process.
@@ -33,7 +37,7 @@ def _backends():
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q, k, v [n, heads, d] -> [n, heads, d]."""
+    """q, k, v [n, heads, d] -> [n, heads, d] (SDPA's batch, seq, heads, d memory order: no copies)."""
     qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     return F.scaled_dot_product_attention(qs, ks, vs, scale=scale)[0].transpose(0, 1)
 
@@ -54,8 +58,9 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[
         return None
 
 
-def fast_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
-                           scale: float) -> torch.Tensor:
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
+                      scale: float) -> torch.Tensor:
+    """q, k, v [N, heads, d] -> [N, heads, d], attention inside each segment."""
     if not q.is_cuda or torch.cuda.is_current_stream_capturing():
         # (varlen needs cu_seqlens copied to the device: not allowed while a CUDA graph is being captured)
         return per_segment_attention(q, k, v, cu_seqlens, scale)
@@ -69,6 +74,20 @@ def fast_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
 def per_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
                           scale: float) -> torch.Tensor:
     out = torch.empty_like(q)
-    for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        out[a:b] = _sdpa(q[a:b], k[a:b], v[a:b], scale)
+    with _backends():
+        for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+            out[a:b] = _sdpa(q[a:b], k[a:b], v[a:b], scale)
     return out
+
+
+def fast_vision_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cu_seqlens: list[int],
+                          heads: int, scale: float) -> torch.Tensor:
+    """Same function as ``model.vision.reference_vision_attention``: qkv [N, 3*heads*d] -> [N, heads*d]."""
+    if not qkv.is_cuda:
+        return reference_vision_attention(qkv, rope, cu_seqlens, heads, scale)
+    from .vision_rotary import rotate_qk  # Triton only where a GPU runs it
+
+    n = qkv.shape[0]
+    q, k = rotate_qk(qkv, rope, heads)
+    v = qkv.view(n, 3, heads, -1)[:, 2]
+    return segment_attention(q, k, v, cu_seqlens, scale).reshape(n, -1)

@@ -3,8 +3,9 @@
 The tower's 27 blocks launch ~800 small kernels for one image; launched from Python that host time exceeds the GPU
 time of the elementwise work (docs/benchmarks.md). A request's grid list (t, h, w per item) fixes every shape, so
 the tower is captured once per grid list and replayed: the pixels are copied into the graph's static input, the
-outputs are cloned out. Shapes past ``max_patches`` run eagerly (launch overhead matters little there, and each
-graph keeps its own activation memory); at most ``max_graphs`` shapes are kept, least recently used first out.
+outputs are cloned out. The blocks run fused (``kernels.vision_block``) unless ``fused_blocks=False``. Shapes
+past ``max_patches`` run eagerly (launch overhead matters little there, and each graph keeps its own activation
+memory); at most ``max_graphs`` shapes are kept, least recently used first out.
 """
 
 from __future__ import annotations
@@ -17,15 +18,20 @@ from ..model.vision import VisionTower
 
 
 class GraphedVision:
-    def __init__(self, tower: VisionTower, max_graphs: int = 4, max_patches: int = 16384):
+    def __init__(self, tower: VisionTower, max_graphs: int = 4, max_patches: int = 16384, fused_blocks: bool = True):
         self.tower = tower
+        self.block_fn = None
+        if fused_blocks:
+            from .vision_block import fused_vision_block  # Triton: only built where the tower runs on a GPU
+
+            self.block_fn = fused_vision_block
         self.max_graphs = max_graphs
         self.max_patches = max_patches
         self.graphs: OrderedDict = OrderedDict()
 
     def __call__(self, pixels: torch.Tensor, grid_thw: list[tuple[int, int, int]]):
         if not pixels.is_cuda or pixels.shape[0] > self.max_patches:
-            return self.tower.run_layers(pixels, grid_thw)
+            return self.tower.run_layers(pixels, grid_thw, self.block_fn)
         key = (tuple(tuple(g) for g in grid_thw), pixels.dtype, pixels.device)
         entry = self.graphs.get(key)
         if entry is None:
@@ -44,11 +50,11 @@ class GraphedVision:
         side = torch.cuda.Stream(pixels.device)
         side.wait_stream(torch.cuda.current_stream(pixels.device))
         with torch.cuda.stream(side), torch.inference_mode():  # warm-up: lazy inits, cuBLAS/cuDNN plans
-            self.tower.run_layers(static_in, grid_thw)
+            self.tower.run_layers(static_in, grid_thw, self.block_fn)
         torch.cuda.current_stream(pixels.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.inference_mode():
-            out = self.tower.run_layers(static_in, grid_thw)
+            out = self.tower.run_layers(static_in, grid_thw, self.block_fn)
         return graph, static_in, out
 
 

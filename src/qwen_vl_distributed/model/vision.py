@@ -17,14 +17,24 @@ from .config import VisionConfig
 from .layers import rotate_half
 from .rope import vision_rope_tables
 
-# name -> fn(q, k, v [N, heads, d], cu_seqlens list[int], scale) -> [N, heads, d]
-SegmentAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[int], float], torch.Tensor]
-SEGMENT_ATTENTION_IMPLS: dict[str, SegmentAttentionFn] = {}
+# The attention core of a vision block, between the qkv and output projections: 2-D rotary on q and k, then
+# bidirectional attention inside each segment (one image, or one temporal slice of a video).
+# name -> fn(qkv [N, 3*heads*d] (the qkv projection's output), rope (cos, sin [N, d] fp32), cu_seqlens list[int],
+#            heads, scale) -> [N, heads*d]
+VisionAttentionFn = Callable[[torch.Tensor, tuple[torch.Tensor, torch.Tensor], list[int], int, float], torch.Tensor]
+VISION_ATTENTION_IMPLS: dict[str, VisionAttentionFn] = {}
+
+
+def vision_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [N, heads, d] rotated in fp32 like the reference, rounded once to x's dtype."""
+    cos, sin = (t[:, None, :] for t in rope)
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
 def reference_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
                                 scale: float) -> torch.Tensor:
-    """Bidirectional attention inside each segment (one image, or one temporal slice of a video); one SDPA each."""
+    """q, k, v [N, heads, d] -> [N, heads, d]: one SDPA per segment."""
     out = torch.empty_like(q)
     for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         qs, ks, vs = (x[a:b].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
@@ -32,7 +42,15 @@ def reference_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return out
 
 
-SEGMENT_ATTENTION_IMPLS["reference"] = reference_segment_attention
+def reference_vision_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cu_seqlens: list[int],
+                               heads: int, scale: float) -> torch.Tensor:
+    n = qkv.shape[0]
+    q, k, v = qkv.view(n, 3, heads, -1).unbind(1)
+    o = reference_segment_attention(vision_rotary(q, rope), vision_rotary(k, rope), v, cu_seqlens, scale)
+    return o.reshape(n, -1)
+
+
+VISION_ATTENTION_IMPLS["reference"] = reference_vision_attention
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -101,13 +119,8 @@ class VisionAttention(nn.Module):
         self.impl = "reference"
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cu_seqlens: list[int]) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        cos, sin = (t[:, None, :] for t in rope)  # fp32; the rotation is done in fp32 like the reference
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
-        o = SEGMENT_ATTENTION_IMPLS[self.impl](q, k, v, cu_seqlens, self.head_dim**-0.5)
-        return self.proj(o.reshape(n, -1))
+        o = VISION_ATTENTION_IMPLS[self.impl](self.qkv(x), rope, cu_seqlens, self.num_heads, self.head_dim**-0.5)
+        return self.proj(o)
 
 
 class VisionMLP(nn.Module):
@@ -149,6 +162,9 @@ class PatchMerger(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x.view(-1, self.merged)) if self.post_shuffle else self.norm(x).view(-1, self.merged)
         return self.linear_fc2(F.gelu(self.linear_fc1(x)))
+
+
+BlockFn = Callable[[VisionBlock, torch.Tensor, tuple[torch.Tensor, torch.Tensor], list[int]], torch.Tensor]
 
 
 class VisionTower(nn.Module):
@@ -194,9 +210,10 @@ class VisionTower(nn.Module):
             raise ValueError(f"pixel_values shape {tuple(pixels.shape)} does not match grid_thw "
                              f"({expected} patches of {self.cfg.patch_dim})")
 
-    def run_layers(self, pixels: torch.Tensor, grid_thw: list[tuple[int, int, int]]
+    def run_layers(self, pixels: torch.Tensor, grid_thw: list[tuple[int, int, int]], block_fn: BlockFn | None = None
                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The computation itself: no host synchronisation, so it can be captured in a CUDA graph."""
+        """The computation itself: no host synchronisation, so it can be captured in a CUDA graph. ``block_fn``
+        (block, x, rope, cu_seqlens) -> x replaces the blocks' own forward (kernels/: a fused block)."""
         x = self.patch_embed(pixels)
         idx, wts, rows, cols = self.position_tables(grid_thw, x.device)
         # weighted sum of the 4 taps in fp32, one cast to the hidden dtype (as the reference does)
@@ -207,7 +224,7 @@ class VisionTower(nn.Module):
         taps = list(self.cfg.deepstack_visual_indexes)
         deepstack: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cu)
+            x = block_fn(block, x, rope, cu) if block_fn is not None else block(x, rope, cu)
             if i in taps:
                 deepstack.append(self.deepstack_merger_list[taps.index(i)](x))
         return self.merger(x), deepstack
