@@ -500,8 +500,9 @@ class Bench:
             layout = SeqLayout([0], [0], [n])
             run = lambda: self.mid(positions=pos, layout=layout, cache=cache, hidden=x)  # noqa: E731
             fused = lambda: fused_forward(self.mid, positions=pos, layout=layout, cache=cache, hidden=x)  # noqa: E731
-            module_ms = cuda_time(run, iters=1, reps=3, warmup=1)
-            ms = cuda_time(fused, iters=1, reps=3, warmup=1)
+            # (several samples: single prefill samples moved by up to 8% between back-to-back runs)
+            module_ms = cuda_time(run, iters=2, reps=7, warmup=2)
+            ms = cuda_time(fused, iters=2, reps=7, warmup=2)
             tf = self.n * prefill_layer_flops(self.cfg, n) / (ms * 1e-3) / 1e12
             r = {"ours_ms_layer": ms / self.n, "ours_tflops": tf, "ours_mfu": tf / peak,
                  "ours_module_path_ms_layer": module_ms / self.n}
@@ -513,7 +514,7 @@ class Bench:
                 r.update(rel_fused_vs_reference=rel(fast, ref), rel_module_fast_vs_reference=rel(module, ref))
             if self.hf is not None:
                 lm = self.hf.model.language_model
-                hf_ms = cuda_time(lambda: lm(inputs_embeds=x[None], use_cache=False), iters=1, reps=3, warmup=1)
+                hf_ms = cuda_time(lambda: lm(inputs_embeds=x[None], use_cache=False), iters=2, reps=7, warmup=2)
                 hf_tf = self.n * prefill_layer_flops(self.cfg, n) / (hf_ms * 1e-3) / 1e12
                 r.update(hf_ms_layer=hf_ms / self.n, hf_tflops=hf_tf, hf_mfu=hf_tf / peak, speedup=hf_ms / ms)
             rows[n] = r
