@@ -58,11 +58,28 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[
         return None
 
 
+# >0 inside ``graph_safe()``: the calls a CUDA graph will hold (and their warm-up) take the per-segment path
+_graph_safe_depth = 0
+
+
+@contextlib.contextmanager
+def graph_safe():
+    """Run segment attention as it can be captured: one SDPA per segment (varlen needs cu_seqlens copied to the
+    device, which a capture does not allow). The warm-up before a capture must run inside it too, so that the
+    attention backends build their plans (cuDNN compiles and loads kernels, which allocates memory) for exactly
+    the calls the capture records: a plan built during a capture invalidates it."""
+    global _graph_safe_depth
+    _graph_safe_depth += 1
+    try:
+        yield
+    finally:
+        _graph_safe_depth -= 1
+
+
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
                       scale: float) -> torch.Tensor:
     """q, k, v [N, heads, d] -> [N, heads, d], attention inside each segment."""
-    if not q.is_cuda or torch.cuda.is_current_stream_capturing():
-        # (varlen needs cu_seqlens copied to the device: not allowed while a CUDA graph is being captured)
+    if not q.is_cuda or _graph_safe_depth or torch.cuda.is_current_stream_capturing():
         return per_segment_attention(q, k, v, cu_seqlens, scale)
     with _backends():
         if len(cu_seqlens) == 2:

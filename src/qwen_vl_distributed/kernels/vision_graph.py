@@ -15,6 +15,7 @@ from collections import OrderedDict
 import torch
 
 from ..model.vision import VisionTower
+from .vision_attention import graph_safe
 
 
 class GraphedVision:
@@ -49,11 +50,12 @@ class GraphedVision:
         static_in = pixels.clone()
         side = torch.cuda.Stream(pixels.device)
         side.wait_stream(torch.cuda.current_stream(pixels.device))
-        with torch.cuda.stream(side), torch.inference_mode():  # warm-up: lazy inits, cuBLAS/cuDNN plans
+        # warm-up: lazy inits, Triton compiles, cuBLAS/cuDNN plans -- for the very calls the capture records
+        with torch.cuda.stream(side), torch.inference_mode(), graph_safe():
             self.tower.run_layers(static_in, grid_thw, self.block_fn)
         torch.cuda.current_stream(pixels.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode():
+        with torch.cuda.graph(graph), torch.inference_mode(), graph_safe():
             out = self.tower.run_layers(static_in, grid_thw, self.block_fn)
         return graph, static_in, out
 
