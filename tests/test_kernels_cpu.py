@@ -93,6 +93,21 @@ def test_fused_experts_match_reference(dtype, t, k, e, crowd, order):
     assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
 
 
+@needs_triton
+def test_moe_config_guards():
+    from qwen_vl_distributed.kernels import moe_triton as mt
+
+    with pytest.raises(ValueError, match="split needs bm >= 64"):
+        mt.MoeConfig(bm=32, split=True)
+    # TMA only where a descriptor is legal: rows 16-byte aligned, tiles inside one expert, some weights at all
+    ok = torch.zeros(2, 32, 16, dtype=torch.float16)
+    assert mt._weight_arg(ok, True, 32, 16, 16)[1]
+    assert not mt._weight_arg(ok, False, 32, 16, 16)[1]
+    assert not mt._weight_arg(torch.zeros(2, 32, 12, dtype=torch.float16), True, 32, 16, 16)[1]  # 24-byte rows
+    assert not mt._weight_arg(ok, True, 24, 16, 16)[1]  # a 16-row tile would cross an expert's 24 rows
+    assert not mt._weight_arg(torch.zeros(0, 32, 16, dtype=torch.float16), True, 32, 16, 16)[1]
+
+
 @pytest.mark.skipif(not has_grouped_mm(), reason="this torch has no grouped_mm")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_experts_match_reference(dtype):

@@ -45,7 +45,7 @@ def enable_fast_paths(model, experts: str = "fast", attention: str = "fast", vis
     if vision_graphs and next(model.parameters()).is_cuda:
         from .vision_graph import enable_vision_graphs
 
-        enable_vision_graphs(model)
+        enable_vision_graphs(model, fused_blocks=vision_attention != "reference")  # reference: module blocks
     return model
 
 

@@ -32,6 +32,7 @@ from .timing import cuda_time
 # The single-program align kernel holds all pairs in one block (a sort of next_pow2(P) keys); above this, the
 # torch-op alignment (also graph-safe) is used.
 ALIGN_KERNEL_MAX_PAIRS = 4096
+MAX_GRID_Y = 65535  # CUDA's limit on the grid's second dimension (the row blocks' when cols_first)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,10 @@ class MoeConfig:
     # pointer loads; activation rows stay gathered by pointer. Needs the output width to be a multiple of the
     # column tile (so a tile never crosses into the next expert's rows); otherwise the pointer path runs.
     tma: bool = False
+
+    def __post_init__(self):
+        if self.split and self.bm < 64:
+            raise ValueError(f"MoeConfig: split needs bm >= 64 (a quarter tile of at least 16 rows), got bm={self.bm}")
 
 
 # chosen per P (pairs) bucket: the smallest bucket >= P wins; tune() may overwrite entries in-process
@@ -320,17 +325,18 @@ def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, 
         rows, block_expert = align_torch(flat, e, cfg.bm)
     nb = block_expert.numel()
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
+    cols_first = cfg.cols_first and nb <= MAX_GRID_Y
     gu_arg, gu_tma = _weight_arg(gate_up, cfg.tma, inter, cfg.bn, cfg.bk)
-    _gate_up_kernel[_grid(nb, triton.cdiv(inter, cfg.bn), cfg.cols_first)](
+    _gate_up_kernel[_grid(nb, triton.cdiv(inter, cfg.bn), cols_first)](
         x, gu_arg, h, rows, block_expert, p, h_dim, inter, K=k, E=e, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
-        EVEN_K=h_dim % cfg.bk == 0, COLS_FIRST=cfg.cols_first, SPLIT=cfg.split, TMA=gu_tma, num_warps=cfg.warps,
+        EVEN_K=h_dim % cfg.bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split, TMA=gu_tma, num_warps=cfg.warps,
         num_stages=cfg.stages)
     y = torch.empty(p, h_dim, dtype=x.dtype, device=x.device)
     w = topk_w.reshape(-1).to(x.dtype)
     dn_arg, dn_tma = _weight_arg(down, cfg.tma, h_dim, cfg.down_bn, cfg.down_bk)
-    _down_kernel[_grid(nb, triton.cdiv(h_dim, cfg.down_bn), cfg.cols_first)](
+    _down_kernel[_grid(nb, triton.cdiv(h_dim, cfg.down_bn), cols_first)](
         h, dn_arg, y, w, rows, block_expert, p, h_dim, inter, E=e, BM=cfg.bm, BN=cfg.down_bn, BK=cfg.down_bk,
-        EVEN_K=inter % cfg.down_bk == 0, COLS_FIRST=cfg.cols_first, SPLIT=cfg.split, TMA=dn_tma,
+        EVEN_K=inter % cfg.down_bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split, TMA=dn_tma,
         num_warps=cfg.down_warps, num_stages=cfg.down_stages)
     return y
 
@@ -339,16 +345,18 @@ def _weight_arg(w: torch.Tensor, tma: bool, out_rows: int, bn: int, bk: int):
     """The expert weight [E, R, K] as the kernel takes it: a TMA descriptor over [E * R, K] with [bn, bk] blocks
     where asked and possible (tiles of ``bn`` rows never cross an expert's ``out_rows``-row boundary), else the
     tensor itself for pointer loads. Returns (argument, whether it is a descriptor)."""
-    if not (tma and w.is_contiguous() and out_rows % bn == 0):
+    e, r, kd = w.shape
+    aligned = w.data_ptr() % 16 == 0 and (kd * w.element_size()) % 16 == 0  # TMA's base and row alignment
+    if not (tma and w.is_contiguous() and w.numel() > 0 and aligned and out_rows % bn == 0):
         return w, False
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    e, r, kd = w.shape
     return TensorDescriptor(w, [e * r, kd], [kd, 1], [bn, bk]), True
 
 
 def _grid(blocks: int, col_tiles: int, cols_first: bool) -> tuple[int, int]:
     return (col_tiles, blocks) if cols_first else (blocks, col_tiles)
+
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ else one SDPA per segment. On CPU it is the reference.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -58,8 +59,9 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[
         return None
 
 
-# >0 inside ``graph_safe()``: the calls a CUDA graph will hold (and their warm-up) take the per-segment path
-_graph_safe_depth = 0
+# depth > 0 inside ``graph_safe()`` (per thread): the calls a CUDA graph will hold, and their warm-up, take the
+# per-segment path
+_graph_safe = threading.local()
 
 
 @contextlib.contextmanager
@@ -68,18 +70,17 @@ def graph_safe():
     device, which a capture does not allow). The warm-up before a capture must run inside it too, so that the
     attention backends build their plans (cuDNN compiles and loads kernels, which allocates memory) for exactly
     the calls the capture records: a plan built during a capture invalidates it."""
-    global _graph_safe_depth
-    _graph_safe_depth += 1
+    _graph_safe.depth = getattr(_graph_safe, "depth", 0) + 1
     try:
         yield
     finally:
-        _graph_safe_depth -= 1
+        _graph_safe.depth -= 1
 
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
                       scale: float) -> torch.Tensor:
     """q, k, v [N, heads, d] -> [N, heads, d], attention inside each segment."""
-    if not q.is_cuda or _graph_safe_depth or torch.cuda.is_current_stream_capturing():
+    if not q.is_cuda or getattr(_graph_safe, "depth", 0) or torch.cuda.is_current_stream_capturing():
         return per_segment_attention(q, k, v, cu_seqlens, scale)
     with _backends():
         if len(cu_seqlens) == 2:
@@ -91,7 +92,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
 def per_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
                           scale: float) -> torch.Tensor:
     out = torch.empty_like(q)
-    with _backends():
+    with _backends() if q.is_cuda else contextlib.nullcontext():
         for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
             out[a:b] = _sdpa(q[a:b], k[a:b], v[a:b], scale)
     return out

@@ -60,7 +60,7 @@ class GraphedVision:
         return graph, static_in, out
 
 
-def enable_vision_graphs(model) -> None:
+def enable_vision_graphs(model, fused_blocks: bool = True) -> None:
     """Replay the vision tower of ``model`` (a Qwen3VLMoe stage holding it) from CUDA graphs."""
     if model.has_vision:
-        model.model.visual.runner = GraphedVision(model.model.visual)
+        model.model.visual.runner = GraphedVision(model.model.visual, fused_blocks=fused_blocks)

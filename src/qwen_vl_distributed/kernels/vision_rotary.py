@@ -34,7 +34,7 @@ def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, out_ptr, N, HEADS: tl.constexpr, D
         src = qkv_ptr + row * (3 * HEADS * D) + which * HEADS * D + h * D + j[None, :]
         a = tl.load(src, mask=m, other=0.0).to(tl.float32)
         b = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
-        dst = out_ptr + which * N * HEADS * D + row * (HEADS * D) + h * D + j[None, :]
+        dst = out_ptr + (which * N).to(tl.int64) * (HEADS * D) + row * (HEADS * D) + h * D + j[None, :]
         tl.store(dst, (a * c1 - b * s1).to(dt), mask=m)  # rotate_half: (-b, a)
         tl.store(dst + HALF, (b * c2 + a * s2).to(dt), mask=m)
 
