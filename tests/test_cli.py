@@ -62,6 +62,7 @@ def test_streaming_shows_reasoning_apart(model_dir):
 @pytest.mark.parametrize("args,message", [
     (["--image", "/nonexistent.png"], "error: --image /nonexistent.png: file not found"),
     (["--stages", "0"], "error: --stages 0: must be at least 1"),
+    (["--prefill-chunk", "0"], "error: --prefill-chunk 0: must be at least 1"),
     (["--temperature", "-1"], "error: temperature"),
 ])
 def test_bad_input_is_one_line_error(model_dir, args, message):

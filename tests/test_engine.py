@@ -83,14 +83,52 @@ def test_abort_frees_the_slot():
     assert a.finish_reason == "abort" and b.output == [7, 7]
 
 
-def test_a_step_carries_at_most_max_step_tokens_of_prompts():
+def test_a_step_carries_at_most_max_step_tokens_prompts_go_in_chunks():
     ex = ScriptedPipeline(1)
     eng = Engine(preset("tiny"), ex, 8, 256, eos_ids=[151645], max_step_tokens=100)
     seqs = [eng.add(Prompt(list(range(1, 41))), SamplingParams(temperature=0, max_new_tokens=3)) for _ in range(4)]
     eng.run_until_done()
     assert all(p.layout.num_tokens <= 100 for p in ex.steps)
-    assert [sum(1 for n in p.layout.lens if n == 40) for p in ex.steps[:2]] == [2, 2]
-    assert all(s.output == [7, 7, 7] for s in seqs)
+    # step 1: two whole prompts and the first 20 tokens of the third; step 2: two decodes, its last 20, the fourth
+    assert (ex.steps[0].layout.starts, ex.steps[0].layout.lens) == ([0, 0, 0], [40, 40, 20])
+    assert ex.steps[0].open_prompts == [seqs[2].slot] and ex.steps[0].continued == []
+    assert (ex.steps[1].layout.starts, ex.steps[1].layout.lens) == ([40, 40, 20, 0], [1, 1, 20, 40])
+    assert ex.steps[1].continued == [seqs[2].slot] and ex.steps[1].open_prompts == []
+    assert list(ex.steps[1].new_seqs) == [seqs[3].slot]  # sampler state starts with a prompt's first chunk
+    assert all(s.output == [7, 7, 7] for s in seqs)  # nothing is taken from a chunk short of the prompt's end
     big = eng.add(Prompt(list(range(1, 151))), SamplingParams(temperature=0, max_new_tokens=1))
-    eng.run_until_done()  # a prompt over the budget still goes, alone
-    assert big.output == [7]
+    eng.run_until_done()
+    assert [p.layout.lens for p in ex.steps[-2:]] == [[100], [50]] and big.output == [7]
+
+
+def test_chunks_never_split_an_image_or_a_video():
+    from mm_inputs import chat, image_tokens, pixels, video_tokens
+
+    cfg = preset("tiny")
+    ex = ScriptedPipeline(1)
+    eng = Engine(cfg, ex, 4, 256, eos_ids=[151645], max_step_tokens=8)
+    imgs, vid = [(1, 4, 4), (1, 6, 10)], [(2, 4, 6)]
+    ids = chat([100] + image_tokens(4, 4) + [200] + image_tokens(6, 10) + video_tokens(2, 4, 6) + [300])
+    patch = cfg.vision.patch_dim
+    s = eng.add(Prompt(ids, None, pixels(76, patch, 1), imgs, pixels(48, patch, 2), vid),
+                SamplingParams(temperature=0, max_new_tokens=2))
+    eng.run_until_done()
+    prompt_steps = [p for p in ex.steps if p.layout.starts[0] < len(ids)]
+    assert sum(p.layout.num_tokens for p in prompt_steps) == len(ids) and s.output == [7, 7]
+    seen = {"img": [], "vid": []}
+    for p in prompt_steps:
+        v = p.visual
+        if v is None:
+            assert p.layout.num_tokens <= 8
+            continue
+        # every item whose placeholders are in the step comes whole: its pixels, its grid, all its tokens
+        for pix, grids, mask, key in ((v.pixel_values, v.image_grid_thw, v.image_mask, "img"),
+                                      (v.pixel_values_videos, v.video_grid_thw, v.video_mask, "vid")):
+            if pix is None:
+                assert mask is None or not mask.any()
+                continue
+            assert pix.shape[0] == sum(t * h * w for t, h, w in grids)
+            assert int(mask.sum()) == sum(t * h * w // 4 for t, h, w in grids)
+            seen[key] += grids
+    assert seen == {"img": imgs, "vid": vid}
+    assert len(prompt_steps) > 4  # the prompt did go in chunks

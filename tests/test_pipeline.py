@@ -27,14 +27,16 @@ def _requests():
     ]
 
 
-def _run(model_dir: str, stages: int, layers=None) -> list[list[int]]:
+def _run(model_dir: str, stages: int, layers=None, prefill_chunk=None) -> list[list[int]]:
     opts = RunOptions(model=model_dir, stages=stages, max_batch=8, max_len=256, quiet=True, layers_per_stage=layers,
-                      stage_timeout_s=30)
+                      stage_timeout_s=30, prefill_chunk=prefill_chunk)
     handle = start_engine(opts)
     try:
         greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
         seeded = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7, max_new_tokens=12)
-        seqs = [handle.engine.add(p, greedy if i % 2 == 0 else seeded) for i, p in enumerate(_requests())]
+        penalized = SamplingParams(temperature=0.0, repetition_penalty=2.0, max_new_tokens=12)  # prompt history
+        params = [greedy, seeded, penalized, seeded, greedy]
+        seqs = [handle.engine.add(p, params[i]) for i, p in enumerate(_requests())]
         handle.engine.run_until_done()
         stats = handle.engine.executor.stage_stats()
         assert [s["stage"] for s in stats] == list(range(stages))
@@ -57,6 +59,13 @@ def single(model_dir):
 @pytest.mark.parametrize("stages,layers", [(2, None), (3, None), (4, None), (2, [5, 1])])
 def test_pipeline_equals_single_process(model_dir, single, stages, layers):
     assert _run(model_dir, stages, layers) == single
+
+
+@pytest.mark.parametrize("stages,chunk", [(1, 16), (2, 16), (1, 5)])
+def test_chunked_prefill_equals_whole_prompts(model_dir, single, stages, chunk):
+    """Prompts prefilled over several steps (chunks of a few tokens; images and the video whole, never split) give
+    the tokens of whole-prompt steps: greedy, seeded and with a repetition penalty over the prompt."""
+    assert _run(model_dir, stages, prefill_chunk=chunk) == single
 
 
 def test_idle_pipeline_stays_up_past_the_stage_timeout(model_dir):

@@ -78,12 +78,22 @@ def test_235b_s4_unbudgeted_last_stage_lighter():
 
 
 def test_235b_s4_h200_first_and_last_lighter():
-    # with 141 GB, a 24-layer stage 0 (vision + embedding + vision workspace) no longer fits
-    plan = plan_stages(BIG, 4, gpu_mem_gb=141)
+    # with 141 GB and whole 32k-token prompts in one pass, a 24-layer stage 0 (vision + embedding + vision
+    # workspace) no longer fits
+    plan = plan_stages(BIG, 4, gpu_mem_gb=141, prefill_chunk=32768)
     assert counts(plan) == [23, 24, 24, 23]
     assert all(s.fits for s in plan.stages)
     middle = min(counts(plan)[1:-1])
     assert counts(plan)[0] < middle and counts(plan)[-1] < middle
+
+
+def test_235b_s4_h200_default_chunks_leave_room():
+    # the default 8192-token prefill chunks need a quarter of that workspace: the unbudgeted split fits as it is
+    plan = plan_stages(BIG, 4, gpu_mem_gb=141)
+    assert plan.prefill_chunk == 8192
+    assert counts(plan) == [24, 24, 24, 22] and all(s.fits for s in plan.stages)
+    whole = plan_stages(BIG, 4, gpu_mem_gb=141, prefill_chunk=32768)
+    assert plan.stages[1].act_bytes < whole.stages[1].act_bytes
 
 
 def test_235b_fp8_last_stage_pays_for_bf16_head():
@@ -241,12 +251,12 @@ def test_error_bad_dtype_and_limits():
 
 def test_error_explicit_split_does_not_fit():
     assert error(BIG, 4, layers_per_stage=[20, 20, 20, 34], gpu_mem_gb=141) == \
-        "stage 3 (layers 60-93) needs 191.2 GB > 141 GB budget"
+        "stage 3 (layers 60-93) needs 184.0 GB > 141 GB budget"
 
 
 def test_error_no_balanced_split_fits():
     assert error(BIG, 2, gpu_mem_gb=141) == \
-        "no split fits the memory budgets: stage 0 (layers 0-46) needs 263.4 GB > 141 GB budget"
+        "no split fits the memory budgets: stage 0 (layers 0-46) needs 256.3 GB > 141 GB budget"
 
 
 def test_misfit_plan_returned_without_require_fit():
@@ -263,8 +273,8 @@ def test_cli_table(capsys):
     assert main(["plan", "--preset", "235b-a22b", "--stages", "4", "--gpu-mem", "141"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:3] == ["stage", "layers", "holds"]
-    assert lines[2].split()[:4] == ["0", "0-22", "vision+embed", "116.9"]
-    assert lines[5].split()[:3] == ["3", "71-93", "norm+head"]
+    assert lines[2].split()[:4] == ["0", "0-23", "vision+embed", "121.9"]
+    assert lines[5].split()[:3] == ["3", "72-93", "norm+head"]
     assert lines[6].split()[0] == "total" and lines[6].split()[-2] == "yes"
     assert len(lines) == 7
 
@@ -274,7 +284,7 @@ def test_cli_misfit_prints_table_then_fails(capsys):
     out, err = capsys.readouterr()
     assert rc == 2
     assert "NO" in out.splitlines()[2]
-    assert err == "error: no split fits the memory budgets: stage 0 (layers 0-46) needs 263.4 GB > 141 GB budget\n"
+    assert err == "error: no split fits the memory budgets: stage 0 (layers 0-46) needs 256.3 GB > 141 GB budget\n"
 
 
 def test_cli_layers_per_stage_and_json(capsys):

@@ -161,3 +161,19 @@ def test_params_are_immutable_and_hashable():
     with pytest.raises(Exception):
         p.temperature = 2.0  # type: ignore[misc]
     assert hash(p) == hash(SamplingParams(stop=("a",), stop_token_ids=(1,)))
+
+
+def test_slot_sampler_history_spans_every_prefill_chunk():
+    """A prompt that arrives in chunks (start, then extend) is penalised as a whole: its token from the last chunk
+    loses its lead under a repetition penalty, as it does when the prompt arrives at once."""
+    from qwen_vl_distributed.engine.sampler import SlotSampler
+
+    logits = torch.zeros(1, 10)
+    logits[0, 7] = 2.0  # the favourite, a token of the prompt's last chunk
+    logits[0, 3] = 1.5
+    params = {"temperature": 0.0, "repetition_penalty": 2.0}
+    whole, chunked = SlotSampler(), SlotSampler()
+    whole.start(0, params, [1, 2, 7])
+    chunked.start(0, params, [1, 2])
+    chunked.extend(0, [7])
+    assert whole.sample([0], logits).tolist() == chunked.sample([0], logits).tolist() == [3]

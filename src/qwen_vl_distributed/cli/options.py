@@ -33,6 +33,9 @@ def add_run_args(p: argparse.ArgumentParser, max_batch: int = 8) -> None:
                    help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--max-batch", type=int, default=max_batch, help="concurrent sequences (KV-cache slots)")
     p.add_argument("--max-len", type=int, default=4096, help="tokens per sequence, prompt + output")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="tokens one step carries (decodes plus prompt chunks); longer prompts are prefilled in "
+                        "chunks over several steps (default: max-len up to 8192)")
     p.add_argument("--stage-timeout", type=float, default=60.0,
                    help="seconds of silence after which a stage is declared hung and every process stops")
     p.add_argument("--quiet", action="store_true", help="no loading progress bar")
@@ -43,8 +46,11 @@ def run_options(args) -> RunOptions:
         raise UserError(f"--stages {args.stages}: must be at least 1")
     if args.max_batch < 1 or args.max_len < 2:
         raise UserError("--max-batch must be >= 1 and --max-len >= 2")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise UserError(f"--prefill-chunk {args.prefill_chunk}: must be at least 1")
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     return RunOptions(model=args.model, stages=args.stages, device=args.device, dtype=dtype,
-                      max_batch=args.max_batch, max_len=args.max_len, layers_per_stage=args.layers_per_stage,
+                      max_batch=args.max_batch, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
+                      layers_per_stage=args.layers_per_stage,
                       gpu_mem_gb=args.gpu_mem,
                       stage_timeout_s=args.stage_timeout, quiet=args.quiet)

@@ -36,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="B",
                    help=f"sequences with a KV-cache slot (default {DEFAULT_MAX_BATCH})")
     p.add_argument("--prefill-chunk", type=int, metavar="N",
-                   help="tokens per prefill pass (default: max-seq-len, a whole prompt at once)")
+                   help="prompt tokens per step (default: max-seq-len up to 8192; longer prompts go in chunks)")
     p.add_argument("--dtype", choices=DTYPES,
                    help="weights: default fp8 for an fp8-quantised model, fp32 for a float32 one, else bf16")
     p.add_argument("--layers-per-stage", type=_number_list(int, "integers"), metavar="A,B,...",

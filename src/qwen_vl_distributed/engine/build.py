@@ -41,6 +41,7 @@ class RunOptions:
     dtype: str = "float32"
     max_batch: int = 8  # sequence slots (concurrent sequences)
     max_len: int = 4096  # tokens per sequence (prompt + output)
+    prefill_chunk: int | None = None  # tokens per step; None: plan.default_prefill_chunk(max_len)
     layers_per_stage: list[int] | None = None
     gpu_mem_gb: list[float] | None = None  # per-stage budgets; default on CUDA: this machine's GPU memory
     stage_timeout_s: float = 60.0  # a stage silent for this long is declared hung
@@ -55,6 +56,8 @@ class RunOptions:
                 "--dtype", self.dtype, "--max-batch", str(self.max_batch), "--max-len", str(self.max_len),
                 "--stage-timeout", str(self.stage_timeout_s), "--rank", str(rank), "--world-size", str(world),
                 "--init-method", init_method]
+        if self.prefill_chunk is not None:
+            argv += ["--prefill-chunk", str(self.prefill_chunk)]
         if self.layers_per_stage:
             argv += ["--layers-per-stage", ",".join(map(str, self.layers_per_stage))]
         if self.gpu_mem_gb:
@@ -134,7 +137,7 @@ def make_plan(cfg: ModelConfig, opts: RunOptions) -> StagePlan:
         budget = budget[0]
     return plan_stages(cfg, opts.stages, layers_per_stage=opts.layers_per_stage, gpu_mem_gb=budget,
                        max_seq_len=opts.max_len, max_batch=opts.max_batch, dtype=dtype,
-                       require_fit=budget is not None)
+                       prefill_chunk=opts.prefill_chunk, require_fit=budget is not None)
 
 
 def checkpoint_digest(ckpt) -> str:
@@ -211,7 +214,8 @@ def start_engine(opts: RunOptions) -> EngineHandle:
                             "(one per stage)")
         device = pd.stage_device(opts.device, 0)
         runtime = build_runtime(ckpt, plan, 0, device, opts)
-        engine = Engine(ckpt.cfg, LocalExecutor(runtime), opts.max_batch, opts.max_len, eos)
+        engine = Engine(ckpt.cfg, LocalExecutor(runtime), opts.max_batch, opts.max_len, eos,
+                        max_step_tokens=plan.prefill_chunk)
         return EngineHandle(engine, ckpt.cfg, plan, eos)
     return _start_pipeline(opts, ckpt, plan, eos)
 
@@ -230,7 +234,7 @@ def _start_pipeline(opts: RunOptions, ckpt, plan: StagePlan, eos: list[int]) -> 
             supervisor.kill_all()
         raise
     executor = PipelineExecutor(runtime, transport, heartbeat_s=opts.stage_timeout_s / 4)
-    engine = Engine(ckpt.cfg, executor, opts.max_batch, opts.max_len, eos)
+    engine = Engine(ckpt.cfg, executor, opts.max_batch, opts.max_len, eos, max_step_tokens=plan.prefill_chunk)
 
     def close():
         try:

@@ -4,6 +4,11 @@ hands it to the executor (S = 1 local, or the pipeline), and turns sampled token
 Continuous batching: sequences join (prefill) and leave (stop, length, abort) between steps. With S stages the
 running sequences are split into up to S micro-batch groups, each with at most one step in flight, so every stage
 can be busy at once.
+
+Chunked prefill: a step carries at most ``max_step_tokens`` tokens -- one per decoding sequence, then prompt
+tokens. A prompt that does not fit goes in chunks over several steps, each chunk writing its KV at the prompt's
+next offset; only the step with a prompt's last chunk samples its first token. Chunks never split an image or a
+video (the vision tower sees whole items), so a chunk may run past the budget by the rest of one item.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 from ..errors import UserError
 from ..model.batch import SeqLayout
 from ..model.config import ModelConfig
-from ..model.positions import IMAGE, VIDEO, rope_positions, token_types
+from ..model.positions import IMAGE, VIDEO, rope_positions, token_types, visual_items
 from ..model.qwen3_vl import VisualInputs
 from ..pipeline.payload import StepPayload
 
@@ -51,8 +56,10 @@ class Sequence:
     group: int = -1
     positions: torch.Tensor | None = None  # [3, L] prompt positions
     rope_delta: int = 0
+    items: list = field(default_factory=list)  # positions.visual_items of the prompt
     output: list[int] = field(default_factory=list)
-    prefilled: bool = False
+    prefilled: bool = False  # the whole prompt is cached and its first token sampled
+    n_prefilled: int = 0  # prompt tokens cached by finished steps (chunked prefill)
     finish_reason: str | None = None
     t_submit: float = 0.0
     t_first_token: float | None = None
@@ -116,6 +123,7 @@ class Engine:
         prompt.token_types = types
         seq.positions, seq.rope_delta = rope_positions(types, prompt.image_grid_thw, prompt.video_grid_thw,
                                                        self.cfg.vision.spatial_merge_size)
+        seq.items = visual_items(types, prompt.image_grid_thw, prompt.video_grid_thw)
         self.waiting.append(seq)
         return seq
 
@@ -153,48 +161,66 @@ class Engine:
             self.running[seq.id] = seq
 
     def _submit(self, group: int) -> None:
-        seqs = self._step_members(group)
-        if not seqs:
+        members = self._step_members(group)
+        if not members:
             return
-        payload = self._build_step(group, seqs)
-        self.in_flight[group] = seqs
+        payload = self._build_step(group, members)
+        self.in_flight[group] = members
         self.order.append(group)
         self.executor.submit(payload)
 
-    def _step_members(self, group: int) -> list[Sequence]:
-        """Every decoding sequence of the group, then its waiting prompts in arrival order while the step stays
-        within max_step_tokens (one prompt always goes, so a long prompt is never starved)."""
+    def _step_members(self, group: int) -> list[tuple[Sequence, int]]:
+        """(sequence, end) for the group's next step: every decoding sequence (end -1), then waiting prompts in
+        arrival order, each with its next chunk [n_prefilled, end), while the step stays within max_step_tokens.
+        The first prompt chunk always goes (at least one token, or one whole image/video), so no prompt starves."""
         members = [s for s in self.running.values() if s.group == group and not s.done]
-        step = [s for s in members if s.prefilled]
+        step: list[tuple[Sequence, int]] = [(s, -1) for s in members if s.prefilled]
         budget = self.max_step_tokens - len(step)
+        first = True
         for s in members:
-            if not s.prefilled:
-                n = len(s.prompt.input_ids)
-                if n > budget and any(not m.prefilled for m in step):
-                    break
-                step.append(s)
-                budget -= n
+            if s.prefilled:
+                continue
+            if budget < 1 and not first:
+                break
+            end = self._chunk_end(s, max(budget, 1))
+            if end - s.n_prefilled > budget and not first:
+                break
+            step.append((s, end))
+            budget -= end - s.n_prefilled
+            first = False
         return step
 
-    def _build_step(self, group: int, seqs: list[Sequence]) -> StepPayload:
+    @staticmethod
+    def _chunk_end(s: Sequence, budget: int) -> int:
+        """End of the prompt chunk starting at s.n_prefilled with about ``budget`` tokens: cut before an image or
+        video the budget would split, or after it when the chunk starts with it."""
+        a, n = s.n_prefilled, len(s.prompt.input_ids)
+        b = min(n, a + budget)
+        for _, start, stop, _, _ in s.items:
+            if start < b < stop:
+                return start if start > a else stop
+        return b
+
+    def _build_step(self, group: int, members: list[tuple[Sequence, int]]) -> StepPayload:
         ids, pos, types, slots, starts, lens, new = [], [], [], [], [], [], {}
+        continued, open_prompts = [], []
         vis = {"img": [], "img_grid": [], "vid": [], "vid_grid": []}
-        for s in seqs:
+        for s, end in members:
             slots.append(s.slot)
             if not s.prefilled:
-                p = s.prompt
-                ids += p.input_ids
-                pos.append(s.positions)
-                types += p.token_types
-                starts.append(0)
-                lens.append(len(p.input_ids))
-                new[s.slot] = {k: getattr(s.params, k, None) for k in SAMPLER_FIELDS}
-                if p.pixel_values is not None:
-                    vis["img"].append(p.pixel_values)
-                    vis["img_grid"] += p.image_grid_thw
-                if p.pixel_values_videos is not None:
-                    vis["vid"].append(p.pixel_values_videos)
-                    vis["vid_grid"] += p.video_grid_thw
+                p, a = s.prompt, s.n_prefilled
+                ids += p.input_ids[a:end]
+                pos.append(s.positions[:, a:end])
+                types += p.token_types[a:end]
+                starts.append(a)
+                lens.append(end - a)
+                if a == 0:
+                    new[s.slot] = {k: getattr(s.params, k, None) for k in SAMPLER_FIELDS}
+                else:
+                    continued.append(s.slot)
+                if end < len(p.input_ids):
+                    open_prompts.append(s.slot)
+                self._chunk_media(s, a, end, vis)
             else:
                 n = s.num_cached
                 ids.append(s.output[-1])
@@ -210,19 +236,39 @@ class Engine:
                 pixel_values_videos=torch.cat(vis["vid"]) if vis["vid"] else None,
                 video_grid_thw=vis["vid_grid"] or None, image_mask=tt == IMAGE, video_mask=tt == VIDEO)
         return StepPayload("step", group, next(self._step), SeqLayout(slots, starts, lens), torch.cat(pos, dim=1),
-                           torch.tensor(ids, dtype=torch.long), None, new, visual)
+                           torch.tensor(ids, dtype=torch.long), None, new, visual, continued=continued,
+                           open_prompts=open_prompts)
+
+    @staticmethod
+    def _chunk_media(s: Sequence, a: int, end: int, vis: dict) -> None:
+        """The pixels and grids of the images/videos whose placeholders lie in the chunk [a, end)."""
+        p = s.prompt
+        for kind, start, _, index, row in s.items:
+            if not a <= start < end:
+                continue
+            if kind == IMAGE:
+                t, h, w = p.image_grid_thw[index]
+                vis["img"].append(p.pixel_values[row:row + t * h * w])
+                vis["img_grid"].append(p.image_grid_thw[index])
+            else:
+                t, h, w = p.video_grid_thw[index]
+                vis["vid"].append(p.pixel_values_videos[row:row + t * h * w])
+                vis["vid_grid"].append(p.video_grid_thw[index])
 
     def _collect(self) -> list[TokenEvent]:
         result = self.executor.collect()
         group = self.order.popleft()
         if result.mb != group:
             raise EngineError(f"pipeline returned micro-batch {result.mb}, expected {group}")
-        seqs = self.in_flight.pop(group)
+        members = self.in_flight.pop(group)
         now = time.perf_counter()
         events = []
-        for s, tok in zip(seqs, result.tokens.tolist()):
+        for (s, end), tok in zip(members, result.tokens.tolist()):
             if s.done:  # aborted while in flight
                 self._release(s)
+                continue
+            if end != -1 and end < len(s.prompt.input_ids):  # a prompt chunk short of the end: nothing sampled
+                s.n_prefilled = end
                 continue
             s.prefilled = True
             s.output.append(tok)
@@ -250,5 +296,5 @@ class Engine:
         seq.finish_reason = reason
         if seq in self.waiting:
             self.waiting.remove(seq)
-        elif not any(seq in seqs for seqs in self.in_flight.values()):
+        elif not any(seq is s for members in self.in_flight.values() for s, _ in members):
             self._release(seq)

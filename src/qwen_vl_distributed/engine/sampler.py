@@ -33,6 +33,11 @@ class SlotSampler:
         if p.needs_history:
             self._prompts[slot] = list(prompt_ids)  # the history is built once the vocabulary size is known
 
+    def extend(self, slot: int, prompt_ids: list[int]) -> None:
+        """More of the slot's prompt (a later prefill chunk): part of the history the penalties see."""
+        if slot in self._prompts:
+            self._prompts[slot] += prompt_ids
+
     def sample(self, slots: list[int], logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         states = [self.slots[s] for s in slots]

@@ -94,6 +94,29 @@ def batch_rope_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor |
     return out, torch.tensor(deltas)
 
 
+def visual_items(types: Sequence[int], image_grid_thw: Sequence[Sequence[int]] | None,
+                 video_grid_thw: Sequence[Sequence[int]] | None) -> list[tuple[int, int, int, int, int]]:
+    """Each image and each video of one prompt, in prompt order, as (kind, token start, token end, index among its
+    kind, first pixel row): the tokens [start, end) hold the item's placeholders (for a video: from its first frame
+    to its last, with the timestamp text between frames), so a prompt cut outside these spans never splits an item.
+    Pixel rows: an item's patches start at that row of pixel_values (images) or pixel_values_videos (videos)."""
+    runs = [(kind, a, b) for kind, a, b in _runs(types) if kind != TEXT]
+    items, rows = [], {IMAGE: 0, VIDEO: 0}
+    queues = {IMAGE: [tuple(g) for g in image_grid_thw or []], VIDEO: [tuple(g) for g in video_grid_thw or []]}
+    count = {IMAGE: 0, VIDEO: 0}
+    i = 0
+    while i < len(runs):
+        kind, a, b = runs[i]
+        t, h, w = queues[kind][count[kind]]
+        frames = 1 if kind == IMAGE else t  # a video is t frame runs
+        b = runs[i + frames - 1][2]
+        items.append((kind, a, b, count[kind], rows[kind]))
+        rows[kind] += t * h * w
+        count[kind] += 1
+        i += frames
+    return items
+
+
 def decode_positions(abs_index: int, rope_delta: int, n: int = 1) -> torch.Tensor:
     """Positions [3, n] for tokens at absolute indices abs_index .. abs_index+n-1 after the prompt."""
     return (torch.arange(abs_index, abs_index + n) + rope_delta).expand(3, n).clone()

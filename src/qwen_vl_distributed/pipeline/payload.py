@@ -10,8 +10,12 @@ StepPayload (stage s -> stage s+1), for T packed tokens of B sequences:
   hidden      [T, H] model dtype; absent on the way into stage 0
   new_seqs    {slot: sampling parameters} for sequences whose first step this is (the last stage resets its
               per-slot sampler state); JSON-serialisable
+  continued   slots whose rows continue a prompt begun in an earlier step (chunked prefill: the sampler adds
+              these prompt tokens to the slot's history)
+  open_prompts  slots whose prompt is not finished after this step: no token is sampled for them
   visual      images/videos of the step (stage 0 only: DeepStack layers live there, so visual data never crosses)
-TokenPayload (last stage -> stage 0): mb, tokens [B] int64 in layout order, and every stage's busy-time stats.
+TokenPayload (last stage -> stage 0): mb, tokens [B] int64 in layout order (-1 for open prompts), and every stage's
+busy-time stats.
 """
 
 from __future__ import annotations
@@ -37,13 +41,16 @@ class StepPayload:
     new_seqs: dict[int, dict[str, Any]] = field(default_factory=dict)
     visual: VisualInputs | None = None
     stats: list[dict[str, Any]] = field(default_factory=list)  # each stage appends its busy time (JSON)
+    continued: list[int] = field(default_factory=list)
+    open_prompts: list[int] = field(default_factory=list)
 
     def header(self) -> dict[str, Any]:
         """The small JSON part of the payload (everything but the tensors)."""
         h: dict[str, Any] = {"kind": self.kind, "mb": self.mb, "step": self.step, "stats": self.stats}
         if self.layout is not None:
             h.update(slots=self.layout.slots, starts=self.layout.starts, lens=self.layout.lens,
-                     new_seqs={str(k): v for k, v in self.new_seqs.items()},
+                     new_seqs={str(k): v for k, v in self.new_seqs.items()}, continued=self.continued,
+                     open_prompts=self.open_prompts,
                      hidden=list(self.hidden.shape) if self.hidden is not None else None,
                      dtype=str(self.hidden.dtype).removeprefix("torch.") if self.hidden is not None else None)
         return h

@@ -35,6 +35,7 @@ from ..model.param_counts import DTYPES, ComponentBytes, component_bytes
 
 GB = 10**9  # budgets and reports are in decimal GB, as GPU memory is sold
 DEFAULT_MAX_SEQ_LEN = 32768
+DEFAULT_PREFILL_CHUNK = 8192
 DEFAULT_MAX_BATCH = 4
 DEFAULT_MAX_IMAGE_TOKENS = 16384  # merged tokens of the processor's largest image (4096x4096 pixels)
 RUNTIME_OVERHEAD_BYTES = 2 * GB  # CUDA context, cuBLAS/NCCL workspaces, allocator fragmentation
@@ -318,6 +319,13 @@ def _check_limits(dtype: str, max_seq_len: int, max_batch: int, prefill_chunk: i
             raise PlanError(f"{name} must be at least 1, got {value}")
 
 
+def default_prefill_chunk(max_seq_len: int) -> int:
+    """Prompt tokens one step carries unless told otherwise: a whole prompt up to DEFAULT_PREFILL_CHUNK tokens,
+    longer prompts in chunks of that size (so one long prompt neither stalls the running sequences' decoding for
+    its whole length nor needs workspace for all of it at once)."""
+    return min(max_seq_len, DEFAULT_PREFILL_CHUNK)
+
+
 def plan_stages(cfg: ModelConfig, num_stages: int, *, layers_per_stage: Sequence[int] | None = None,
                 gpu_mem_gb: float | Sequence[float] | None = None, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
                 max_batch: int = DEFAULT_MAX_BATCH, dtype: str = "bf16", prefill_chunk: int | None = None,
@@ -325,12 +333,12 @@ def plan_stages(cfg: ModelConfig, num_stages: int, *, layers_per_stage: Sequence
     """Split the decoder layers of ``cfg`` into ``num_stages`` contiguous stages.
 
     ``layers_per_stage`` fixes the counts; otherwise they are balanced on decode bytes within ``gpu_mem_gb`` (one
-    budget for all stages or one per stage, decimal GB). ``prefill_chunk`` defaults to ``max_seq_len`` (a whole
-    prompt in one pass); the largest image is capped at ``max_seq_len`` tokens. With ``require_fit`` a stage over its
+    budget for all stages or one per stage, decimal GB). ``prefill_chunk`` defaults to ``default_prefill_chunk``
+    (what the engine uses when not told); the largest image is capped at ``max_seq_len`` tokens. With ``require_fit`` a stage over its
     budget raises PlanError; otherwise the plan is returned with ``fits`` False on that stage.
     """
     num_layers, num_ds = cfg.text.num_hidden_layers, cfg.num_deepstack
-    chunk = max_seq_len if prefill_chunk is None else prefill_chunk
+    chunk = default_prefill_chunk(max_seq_len) if prefill_chunk is None else prefill_chunk
     _check_limits(dtype, max_seq_len, max_batch, chunk, max_image_tokens)
     _check_shape(num_layers, num_stages, num_ds)
     budgets = _budgets(gpu_mem_gb, num_stages)

@@ -21,6 +21,8 @@ class Sampler(Protocol):
 
     def start(self, slot: int, params: dict[str, Any], prompt_ids: list[int]) -> None: ...
 
+    def extend(self, slot: int, prompt_ids: list[int]) -> None: ...
+
     def sample(self, slots: list[int], logits: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -54,7 +56,7 @@ class StageRuntime:
                 result = TokenPayload("tokens", p.mb, self._sample(p, out))
             else:  # a copy: the stage may reuse its output buffer (CUDA-graph replay) while the send is in flight
                 result = StepPayload("step", p.mb, p.step, p.layout, p.positions, p.input_ids, out.clone(),
-                                     p.new_seqs)
+                                     p.new_seqs, continued=p.continued, open_prompts=p.open_prompts)
         if timer is None:
             self.busy_s += time.perf_counter() - t0
         else:  # no host sync: the next stage's NCCL receive waits for this stream; read the events later
@@ -69,12 +71,22 @@ class StageRuntime:
         return {"stage": self.stage_index, "busy_s": round(self.busy_s, 6), "steps": self.steps}
 
     def _sample(self, p: StepPayload, logits: torch.Tensor) -> torch.Tensor:
+        """Tokens [B] in layout order: sampled for decoding sequences and finished prompts, -1 for open prompts
+        (a chunk short of the prompt's end: its logits row is dropped)."""
         ids = p.input_ids.tolist()
         offsets = p.layout.offsets()
         for i, slot in enumerate(p.layout.slots):
             if slot in p.new_seqs:
                 self.sampler.start(slot, p.new_seqs[slot], ids[offsets[i]:offsets[i + 1]])
-        return self.sampler.sample(p.layout.slots, logits).cpu()
+            elif slot in p.continued:
+                self.sampler.extend(slot, ids[offsets[i]:offsets[i + 1]])
+        if not p.open_prompts:
+            return self.sampler.sample(p.layout.slots, logits).cpu()
+        rows = [i for i, slot in enumerate(p.layout.slots) if slot not in p.open_prompts]
+        tokens = torch.full((len(p.layout.slots),), -1, dtype=torch.long)
+        if rows:
+            tokens[rows] = self.sampler.sample([p.layout.slots[i] for i in rows], logits[rows]).cpu()
+        return tokens
 
 
 class _GpuTimer:

@@ -87,7 +87,8 @@ class Transport:
         layout = SeqLayout(h["slots"], h["starts"], h["lens"])
         new = {int(k): v for k, v in h["new_seqs"].items()}
         return StepPayload("step", h["mb"], h["step"], layout, torch.tensor(h["pos"], dtype=torch.long),
-                           torch.tensor(h["ids"], dtype=torch.long), hidden, new, stats=h["stats"])
+                           torch.tensor(h["ids"], dtype=torch.long), hidden, new, stats=h["stats"],
+                           continued=h["continued"], open_prompts=h["open_prompts"])
 
     # -- tokens back to stage 0 ---------------------------------------------------------------------------------
     def send_tokens(self, p: TokenPayload) -> None:
