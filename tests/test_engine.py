@@ -101,7 +101,7 @@ def test_a_step_carries_at_most_max_step_tokens_prompts_go_in_chunks():
     assert [p.layout.lens for p in ex.steps[-2:]] == [[100], [50]] and big.output == [7]
 
 
-def test_chunks_never_split_an_image_or_a_video():
+def test_chunks_never_split_an_image_or_a_video_frame():
     from mm_inputs import chat, image_tokens, pixels, video_tokens
 
     cfg = preset("tiny")
@@ -121,7 +121,7 @@ def test_chunks_never_split_an_image_or_a_video():
         if v is None:
             assert p.layout.num_tokens <= 8
             continue
-        # every item whose placeholders are in the step comes whole: its pixels, its grid, all its tokens
+        # every image / video frame whose placeholders are in the step comes whole: pixels, grid, all its tokens
         for pix, grids, mask, key in ((v.pixel_values, v.image_grid_thw, v.image_mask, "img"),
                                       (v.pixel_values_videos, v.video_grid_thw, v.video_mask, "vid")):
             if pix is None:
@@ -130,5 +130,5 @@ def test_chunks_never_split_an_image_or_a_video():
             assert pix.shape[0] == sum(t * h * w for t, h, w in grids)
             assert int(mask.sum()) == sum(t * h * w // 4 for t, h, w in grids)
             seen[key] += grids
-    assert seen == {"img": imgs, "vid": vid}
+    assert seen == {"img": imgs, "vid": [(1, 4, 6), (1, 4, 6)]}  # the video's two frames, each whole
     assert len(prompt_steps) > 4  # the prompt did go in chunks

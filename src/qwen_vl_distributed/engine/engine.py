@@ -8,7 +8,7 @@ can be busy at once.
 Chunked prefill: a step carries at most ``max_step_tokens`` tokens -- one per decoding sequence, then prompt
 tokens. A prompt that does not fit goes in chunks over several steps, each chunk writing its KV at the prompt's
 next offset; only the step with a prompt's last chunk samples its first token. Chunks never split an image or a
-video (the vision tower sees whole items), so a chunk may run past the budget by the rest of one item.
+video frame (the vision tower sees whole ones), so a chunk may run past the budget by the rest of one image.
 """
 
 from __future__ import annotations
@@ -93,8 +93,9 @@ class Engine:
     def __init__(self, cfg: ModelConfig, executor, num_slots: int, max_len: int, eos_ids: list[int],
                  num_groups: int | None = None, max_step_tokens: int | None = None):
         self.cfg = cfg
-        # Tokens one step may carry (decodes plus prompts): bounds activation memory when many prompts arrive at
-        # once; the stage plan's workspace estimate assumes a whole prompt of max_len tokens in one pass.
+        # Tokens one step may carry (decodes plus prompt chunks): bounds activation memory and how long a prompt
+        # holds up the running sequences; the stage plan's workspace estimate uses the same number (its
+        # prefill_chunk), or the largest image plus the decodes when that is more.
         self.max_step_tokens = max_step_tokens or max_len
         self.executor = executor
         self.max_len = max_len
@@ -193,7 +194,7 @@ class Engine:
     @staticmethod
     def _chunk_end(s: Sequence, budget: int) -> int:
         """End of the prompt chunk starting at s.n_prefilled with about ``budget`` tokens: cut before an image or
-        video the budget would split, or after it when the chunk starts with it."""
+        video frame the budget would split, or after it when the chunk starts with it."""
         a, n = s.n_prefilled, len(s.prompt.input_ids)
         b = min(n, a + budget)
         for _, start, stop, _, _ in s.items:
@@ -241,19 +242,14 @@ class Engine:
 
     @staticmethod
     def _chunk_media(s: Sequence, a: int, end: int, vis: dict) -> None:
-        """The pixels and grids of the images/videos whose placeholders lie in the chunk [a, end)."""
+        """The pixels and grids of the images / video frames whose placeholders lie in the chunk [a, end)."""
         p = s.prompt
-        for kind, start, _, index, row in s.items:
+        for kind, start, _, (t, h, w), row in s.items:
             if not a <= start < end:
                 continue
-            if kind == IMAGE:
-                t, h, w = p.image_grid_thw[index]
-                vis["img"].append(p.pixel_values[row:row + t * h * w])
-                vis["img_grid"].append(p.image_grid_thw[index])
-            else:
-                t, h, w = p.video_grid_thw[index]
-                vis["vid"].append(p.pixel_values_videos[row:row + t * h * w])
-                vis["vid_grid"].append(p.video_grid_thw[index])
+            pixels, key = (p.pixel_values, "img") if kind == IMAGE else (p.pixel_values_videos, "vid")
+            vis[key].append(pixels[row:row + t * h * w])
+            vis[key + "_grid"].append((t, h, w))
 
     def _collect(self) -> list[TokenEvent]:
         result = self.executor.collect()

@@ -30,6 +30,7 @@ class SlotSampler:
     def start(self, slot: int, params: dict[str, Any], prompt_ids: list[int]) -> None:
         p = SamplingParams(**{k: v for k, v in params.items() if v is not None})
         self.slots[slot] = _SlotState(p, None, None)  # generator made on the logits' device at the first draw
+        self._prompts.pop(slot, None)  # a previous request's, if it ended before its first draw (aborted in prefill)
         if p.needs_history:
             self._prompts[slot] = list(prompt_ids)  # the history is built once the vocabulary size is known
 

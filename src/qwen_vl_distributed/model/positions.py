@@ -95,25 +95,22 @@ def batch_rope_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor |
 
 
 def visual_items(types: Sequence[int], image_grid_thw: Sequence[Sequence[int]] | None,
-                 video_grid_thw: Sequence[Sequence[int]] | None) -> list[tuple[int, int, int, int, int]]:
-    """Each image and each video of one prompt, in prompt order, as (kind, token start, token end, index among its
-    kind, first pixel row): the tokens [start, end) hold the item's placeholders (for a video: from its first frame
-    to its last, with the timestamp text between frames), so a prompt cut outside these spans never splits an item.
-    Pixel rows: an item's patches start at that row of pixel_values (images) or pixel_values_videos (videos)."""
-    runs = [(kind, a, b) for kind, a, b in _runs(types) if kind != TEXT]
-    items, rows = [], {IMAGE: 0, VIDEO: 0}
-    queues = {IMAGE: [tuple(g) for g in image_grid_thw or []], VIDEO: [tuple(g) for g in video_grid_thw or []]}
-    count = {IMAGE: 0, VIDEO: 0}
-    i = 0
-    while i < len(runs):
-        kind, a, b = runs[i]
-        t, h, w = queues[kind][count[kind]]
-        frames = 1 if kind == IMAGE else t  # a video is t frame runs
-        b = runs[i + frames - 1][2]
-        items.append((kind, a, b, count[kind], rows[kind]))
-        rows[kind] += t * h * w
-        count[kind] += 1
-        i += frames
+                 video_grid_thw: Sequence[Sequence[int]] | None) -> list[tuple[int, int, int, tuple, int]]:
+    """The units a prompt may not be cut inside, in prompt order: each image, and each temporal frame of a video,
+    as (kind, token start, token end, grid (t, h, w), first pixel row). The tokens [start, end) are the unit's
+    placeholders; its patches are rows [row, row + t*h*w) of pixel_values (images) or pixel_values_videos (videos).
+    A video frame is a unit of its own: the vision tower attends within one frame and adds no temporal position,
+    so a video's frames encoded in separate steps give the same features as the whole video at once."""
+    grids = {IMAGE: iter([tuple(g) for g in image_grid_thw or []]),
+             VIDEO: iter([(1, h, w) for t, h, w in (video_grid_thw or []) for _ in range(t)])}
+    rows = {IMAGE: 0, VIDEO: 0}
+    items = []
+    for kind, a, b in _runs(types):
+        if kind == TEXT:
+            continue
+        grid = next(grids[kind])
+        items.append((kind, a, b, grid, rows[kind]))
+        rows[kind] += grid[0] * grid[1] * grid[2]
     return items
 
 

@@ -176,7 +176,8 @@ def _act_dtype_bytes(dtype: str) -> int:
 def _workspace_bytes(cfg: ModelConfig, dtype: str, chunk: int, image_tokens: int, max_batch: int) -> tuple[int, int, int]:
     """(per decoder pass, vision tower on stage 0, sampling on the last stage) activation bytes.
 
-    Decoder, T = prefill chunk tokens, live at once inside one layer: 4 [T, H] hidden buffers (residual, normed,
+    Decoder, T = the most tokens one step carries (max(prefill chunk, largest image + max_batch decode rows)), live
+    at once inside one layer: 4 [T, H] hidden buffers (residual, normed,
     attention out, MoE out); q, k, v before and after norm + rotary and the attention output; per (token, expert)
     gathered input, gate_up, activation and down output; fp32 router logits and probabilities. Attention is a fused
     kernel (no [T, T] scores).
@@ -187,7 +188,10 @@ def _workspace_bytes(cfg: ModelConfig, dtype: str, chunk: int, image_tokens: int
     t, v, b = cfg.text, cfg.vision, _act_dtype_bytes(dtype)
     h, i, k = t.hidden_size, t.moe_intermediate_size, t.num_experts_per_tok
     per_token = 4 * h + 2 * (t.q_dim + 2 * t.kv_dim) + t.q_dim + k * (2 * h + 3 * i)
-    decoder = chunk * (b * per_token + 2 * 4 * t.num_experts)
+    # the most tokens one step carries: a chunk, or -- the engine never splits an image -- the largest image
+    # beside every sequence's decode token
+    step = max(chunk, image_tokens + max_batch)
+    decoder = step * (b * per_token + 2 * 4 * t.num_experts)
     patches = image_tokens * v.spatial_merge_size**2
     d = v.hidden_size
     vision = (patches * 4 * v.patch_dim + patches * b * (2 * d + 3 * d + d + 2 * v.intermediate_size)
