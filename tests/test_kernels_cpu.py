@@ -189,6 +189,30 @@ def test_layer_norm_kernel_matches_torch(dtype):
         assert torch.equal(s, x + r) and rel(y, norm(x + r)) < (1e-6 if dtype == torch.float32 else 1e-3)
 
 
+@needs_triton
+def test_fused_vision_blocks_match_the_modules():
+    """The whole (tiny) vision tower through kernels.vision_block's fused blocks (Triton LayerNorms, the fast
+    attention core) equals the modules' blocks, fp32: two images, so two attention segments."""
+    from qwen_vl_distributed.checkpoint.synth_weights import randomize_module
+    from qwen_vl_distributed.kernels.vision_block import fused_block_forward
+    from qwen_vl_distributed.model.vision import VisionTower
+
+    register()
+    cfg = preset("tiny").vision
+    with torch.device("meta"):
+        tower = VisionTower(cfg)
+    randomize_module(tower, 0, torch.device("cpu"), torch.float32)
+    for m in tower.modules():
+        if type(m).__name__ == "VisionAttention":
+            m.impl = "fast"
+    grid = [(1, 4, 4), (1, 6, 10)]
+    px = torch.randn(16 + 60, cfg.patch_dim)
+    with torch.no_grad():
+        ref, ref_taps = tower.run_layers(px, grid)
+        out, taps = tower.run_layers(px, grid, fused_block_forward)
+    assert rel(out, ref) < 1e-5 and all(rel(a, b) < 1e-5 for a, b in zip(taps, ref_taps))
+
+
 # -- a whole (tiny) model -----------------------------------------------------------------------------------------
 
 

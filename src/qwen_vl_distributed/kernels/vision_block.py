@@ -65,13 +65,20 @@ def fused_vision_block(block: VisionBlock, x: torch.Tensor, rope: tuple[torch.Te
     """``block(x, rope, cu_seqlens)`` on CUDA with the fusions above; the module's forward elsewhere."""
     if not x.is_cuda:
         return block(x, rope, cu_seqlens)
+    return fused_block_forward(block, x, rope, cu_seqlens)
+
+
+def fused_block_forward(block: VisionBlock, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                        cu_seqlens: list[int]) -> torch.Tensor:
+    """The fused computation itself (on CPU only under Triton's interpreter, as the tests run it)."""
     attn, mlp = block.attn, block.mlp
     x = x.contiguous()
     _, h = layer_norm(x, block.norm1)
-    a = attn.proj(VISION_ATTENTION_IMPLS[attn.impl](attn.qkv(h), rope, cu_seqlens, attn.num_heads, attn.head_dim**-0.5))
+    core = VISION_ATTENTION_IMPLS[attn.impl]
+    a = attn.proj(core(attn.qkv(h), rope, cu_seqlens, attn.num_heads, attn.head_dim**-0.5))
     x, h = layer_norm(a, block.norm2, residual=x)  # (a + x: the same sum as x + a)
     fc1 = mlp.linear_fc1
-    if mlp.approximate == "tanh":
+    if mlp.approximate == "tanh" and h.is_cuda:  # cuBLASLt's GELU epilogue is the tanh form (CPU's op is erf)
         m = torch._addmm_activation(fc1.bias, h, fc1.weight.t(), use_gelu=True)
     else:
         m = F.gelu(fc1(h), approximate=mlp.approximate)
