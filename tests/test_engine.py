@@ -96,7 +96,7 @@ def test_a_step_carries_at_most_max_step_tokens_prompts_go_in_chunks():
     assert ex.steps[1].continued == [seqs[2].slot] and ex.steps[1].open_prompts == []
     assert list(ex.steps[1].new_seqs) == [seqs[3].slot]  # sampler state starts with a prompt's first chunk
     assert all(s.output == [7, 7, 7] for s in seqs)  # nothing is taken from a chunk short of the prompt's end
-    big = eng.add(Prompt(list(range(1, 151))), SamplingParams(temperature=0, max_new_tokens=1))
+    big = eng.add(Prompt(list(range(1001, 1151))), SamplingParams(temperature=0, max_new_tokens=1))  # no shared prefix
     eng.run_until_done()
     assert [p.layout.lens for p in ex.steps[-2:]] == [[100], [50]] and big.output == [7]
 
@@ -132,3 +132,50 @@ def test_chunks_never_split_an_image_or_a_video_frame():
             seen[key] += grids
     assert seen == {"img": imgs, "vid": [(1, 4, 6), (1, 4, 6)]}  # the video's two frames, each whole
     assert len(prompt_steps) > 4  # the prompt did go in chunks
+
+
+def test_a_freed_slot_s_cached_prefix_is_reused():
+    eng, ex = _engine(1, slots=2)
+    first = list(range(1, 11))
+    a = eng.add(Prompt(first), SamplingParams(temperature=0, max_new_tokens=3))
+    eng.run_until_done()
+    assert a.output == [7, 7, 7]  # its slot now caches first + [7, 7] (the last token's KV was never written)
+    n = len(ex.steps)
+    b = eng.add(Prompt(first + [7, 7, 7, 50, 51]), SamplingParams(temperature=0, max_new_tokens=1))
+    eng.run_until_done()
+    step = ex.steps[n]
+    assert b.slot == a.slot and b.reused == 12
+    assert (step.layout.starts, step.layout.lens) == ([12], [3]) and list(step.new_seqs) == [b.slot]
+    assert step.input_ids.tolist() == [7, 50, 51] and step.positions[0].tolist() == [12, 13, 14]
+    # the same prompt again: all but its last token come from the cache
+    c = eng.add(Prompt(first + [7, 7, 7, 50, 51]), SamplingParams(temperature=0, max_new_tokens=1))
+    eng.run_until_done()
+    assert c.reused == 14 and ex.steps[-1].layout.lens == [1]
+    # penalties count the reused prefix too: it travels to the sampler with the request's first step
+    e = eng.add(Prompt(first + [8]), SamplingParams(temperature=0, max_new_tokens=1, repetition_penalty=1.5))
+    eng.run_until_done()
+    assert e.reused == 10 and ex.steps[-1].new_seqs[e.slot]["history_prefix"] == first
+    # a prompt sharing nothing takes the least recently freed slot and starts from 0
+    d = eng.add(Prompt([99, 98]), SamplingParams(temperature=0, max_new_tokens=1))
+    eng.run_until_done()
+    assert d.reused == 0 and ex.steps[-1].layout.starts == [0]
+
+
+def test_prefix_reuse_stops_at_an_image_with_other_pixels():
+    from mm_inputs import chat, image_tokens, pixels
+
+    cfg = preset("tiny")
+    eng, ex = _engine(1, slots=1)
+    ids = chat([5] + image_tokens(4, 4) + [6])
+    start = ids.index(151655)  # the image's first placeholder
+    a = eng.add(Prompt(ids, None, pixels(16, cfg.vision.patch_dim, 1), [(1, 4, 4)]),
+                SamplingParams(temperature=0, max_new_tokens=1))
+    eng.run_until_done()
+    same = eng.add(Prompt(ids, None, pixels(16, cfg.vision.patch_dim, 1), [(1, 4, 4)]),
+                   SamplingParams(temperature=0, max_new_tokens=1))
+    eng.run_until_done()
+    other = eng.add(Prompt(ids, None, pixels(16, cfg.vision.patch_dim, 2), [(1, 4, 4)]),
+                    SamplingParams(temperature=0, max_new_tokens=1))
+    eng.run_until_done()
+    assert a.reused == 0 and same.reused == len(ids) - 1 and other.reused == start
+    assert ex.steps[-1].visual is not None and ex.steps[-1].visual.image_grid_thw == [(1, 4, 4)]

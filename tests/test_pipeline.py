@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mm_inputs import chat, image_tokens, pixels, video_tokens
 from qwen_vl_distributed.engine.build import RunOptions, start_engine
@@ -84,3 +85,37 @@ def test_idle_pipeline_stays_up_past_the_stage_timeout(model_dir):
         assert len(seq.output) == 3
     finally:
         handle.close()
+
+
+def _turn_two(model_dir: str, stages: int, params: SamplingParams, warm: bool) -> tuple[list[int], int]:
+    """A two-turn chat with an image: the second prompt re-sends the first turn and its answer, then adds a new
+    user turn with a second image. ``warm``: the first turn ran in the same engine just before, so its slot's cache
+    holds the shared prefix; else the second prompt runs alone in a fresh engine. Returns its tokens and how many
+    prompt tokens came from the cache."""
+    handle = start_engine(RunOptions(model=model_dir, stages=stages, max_batch=2, max_len=256, quiet=True,
+                                     stage_timeout_s=30))
+    try:
+        eng = handle.engine
+        first = chat([100] + image_tokens(4, 4) + [200])
+        answer = [151667, 11, 151668, 13, 14]  # a fixed first answer, so both runs build the same second prompt
+        second = first + answer + [151645, 198] + chat([300] + image_tokens(6, 10) + [301])[0:]
+        img1, img2 = pixels(16, PATCH, 1), pixels(60, PATCH, 3)
+        if warm:
+            eng.add(Prompt(first + answer, None, img1, [(1, 4, 4)]), SamplingParams(temperature=0, max_new_tokens=1))
+            eng.run_until_done()  # the slot now caches first + answer (its sampled token's KV is never written)
+        s = eng.add(Prompt(second, None, torch.cat([img1, img2]), [(1, 4, 4), (1, 6, 10)]), params)
+        eng.run_until_done()
+        return s.output, s.reused
+    finally:
+        handle.close()
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0, max_new_tokens=10),
+                                    SamplingParams(temperature=0.0, repetition_penalty=2.0, max_new_tokens=10)])
+def test_a_second_turn_reusing_the_cached_prefix_equals_a_fresh_run(model_dir, stages, params):
+    warm, reused = _turn_two(model_dir, stages, params, warm=True)
+    cold, none = _turn_two(model_dir, stages, params, warm=False)
+    first_len = len(chat([100] + image_tokens(4, 4) + [200])) + 5
+    assert reused == first_len and none == 0  # the whole first turn, its image included, came from the cache
+    assert warm == cold

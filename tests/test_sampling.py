@@ -177,3 +177,18 @@ def test_slot_sampler_history_spans_every_prefill_chunk():
     chunked.start(0, params, [1, 2])
     chunked.extend(0, [7])
     assert whole.sample([0], logits).tolist() == chunked.sample([0], logits).tolist() == [3]
+
+
+def test_slot_sampler_history_includes_a_reused_prefix():
+    """With prefix reuse the first step brings only the prompt's tail; the cached head arrives as history_prefix
+    and is penalised like the rest of the prompt."""
+    from qwen_vl_distributed.engine.sampler import SlotSampler
+
+    logits = torch.zeros(1, 10)
+    logits[0, 7] = 2.0  # the favourite, a token of the reused prefix only
+    logits[0, 3] = 1.5
+    params = {"temperature": 0.0, "repetition_penalty": 2.0}
+    whole, reused = SlotSampler(), SlotSampler()
+    whole.start(0, params, [7, 1, 2])
+    reused.start(0, {**params, "history_prefix": [7]}, [1, 2])
+    assert whole.sample([0], logits).tolist() == reused.sample([0], logits).tolist() == [3]

@@ -9,6 +9,12 @@ Chunked prefill: a step carries at most ``max_step_tokens`` tokens -- one per de
 tokens. A prompt that does not fit goes in chunks over several steps, each chunk writing its KV at the prompt's
 next offset; only the step with a prompt's last chunk samples its first token. Chunks never split an image or a
 video frame (the vision tower sees whole ones), so a chunk may run past the budget by the rest of one image.
+
+Prefix reuse: a freed slot keeps its KV cache, and the engine remembers which tokens (and which images and video
+frames) it holds. A new prompt is admitted into the free slot that holds the longest prefix of it, and its prefill
+starts after that prefix -- a multi-turn chat re-sends its history, and only the new turn is computed. Tokens
+must match and so must the pixels of every image / video frame in the prefix; at least the prompt's last token is
+always computed (its logits give the first new token).
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     prefilled: bool = False  # the whole prompt is cached and its first token sampled
     n_prefilled: int = 0  # prompt tokens cached by finished steps (chunked prefill)
+    reused: int = 0  # prompt tokens found in the slot's cache at admission (prefix reuse)
     finish_reason: str | None = None
     t_submit: float = 0.0
     t_first_token: float | None = None
@@ -72,6 +79,15 @@ class Sequence:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class _SlotCache:
+    """What a free slot's KV cache holds: the first len(ids) tokens of its last sequence, and the pixels of the
+    images / video frames among them (kind, token start, token end, grid, pixel rows)."""
+
+    ids: list[int]
+    media: list[tuple[int, int, int, tuple, torch.Tensor]]
 
 
 @dataclass
@@ -101,7 +117,8 @@ class Engine:
         self.max_len = max_len
         self.eos_ids = frozenset(eos_ids)
         self.num_groups = num_groups or executor.num_stages
-        self.free_slots = deque(range(num_slots))
+        self.free_slots = deque(range(num_slots))  # least recently freed first
+        self.slot_cache: dict[int, _SlotCache] = {}  # free slots' cached prefixes
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
         self.in_flight: dict[int, list[Sequence]] = {}  # group -> the sequences of its step in flight
@@ -154,12 +171,61 @@ class Engine:
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
-            seq.slot = self.free_slots.popleft()
+            seq.slot, seq.reused = self._pick_slot(seq)
+            seq.n_prefilled = seq.reused
             sizes = [0] * self.num_groups
             for s in self.running.values():
                 sizes[s.group] += 1
             seq.group = min(range(self.num_groups), key=lambda g: (sizes[g], g))
             self.running[seq.id] = seq
+
+    def _pick_slot(self, seq: Sequence) -> tuple[int, int]:
+        """The free slot whose cache holds the longest usable prefix of seq's prompt (the least recently freed
+        one when none does), and that prefix's length."""
+        best, best_n = self.free_slots[0], 0
+        for slot in self.free_slots:
+            cached = self.slot_cache.get(slot)
+            n = self._reusable(seq, cached) if cached is not None else 0
+            if n > best_n:
+                best, best_n = slot, n
+        self.free_slots.remove(best)
+        self.slot_cache.pop(best, None)
+        return best, best_n
+
+    @staticmethod
+    def _reusable(seq: Sequence, cached: _SlotCache) -> int:
+        """Prompt tokens of seq whose KV the cached prefix already holds: the common prefix of the token ids, cut
+        before the first image / video frame whose pixels differ (their placeholders are the same ids) and before
+        any one it would split; never the prompt's last token."""
+        ids = seq.prompt.input_ids
+        limit = min(len(ids) - 1, len(cached.ids))
+        n = 0
+        while n < limit and ids[n] == cached.ids[n]:
+            n += 1
+        p = seq.prompt
+        theirs = {(start, stop): (grid, pix) for _, start, stop, grid, pix in cached.media}
+        for kind, start, stop, (t, h, w), row in seq.items:
+            if start >= n:
+                break
+            other = theirs.get((start, stop))
+            pixels = p.pixel_values if kind == IMAGE else p.pixel_values_videos
+            if stop > n or other is None or other[0] != (t, h, w) or not torch.equal(
+                    other[1], pixels[row:row + t * h * w]):
+                return start
+        return n
+
+    def _remember(self, seq: Sequence) -> None:
+        """Record what seq leaves in its slot's cache: every token whose KV a finished step wrote."""
+        n = seq.num_cached if seq.prefilled else seq.n_prefilled
+        if n < 1:
+            return
+        p = seq.prompt
+        media = []
+        for kind, start, stop, (t, h, w), row in seq.items:
+            if stop <= n:
+                pixels = p.pixel_values if kind == IMAGE else p.pixel_values_videos
+                media.append((kind, start, stop, (t, h, w), pixels[row:row + t * h * w]))
+        self.slot_cache[seq.slot] = _SlotCache((p.input_ids + seq.output)[:n], media)
 
     def _submit(self, group: int) -> None:
         members = self._step_members(group)
@@ -215,8 +281,10 @@ class Engine:
                 types += p.token_types[a:end]
                 starts.append(a)
                 lens.append(end - a)
-                if a == 0:
+                if a == s.reused:  # the request's first step
                     new[s.slot] = {k: getattr(s.params, k, None) for k in SAMPLER_FIELDS}
+                    if a and getattr(s.params, "needs_history", False):
+                        new[s.slot]["history_prefix"] = p.input_ids[:a]  # penalties see the reused prefix too
                 else:
                     continued.append(s.slot)
                 if end < len(p.input_ids):
@@ -282,6 +350,7 @@ class Engine:
 
     def _release(self, seq: Sequence) -> None:
         if self.running.pop(seq.id, None) is not None:
+            self._remember(seq)
             self.free_slots.append(seq.slot)
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -28,11 +28,14 @@ class SlotSampler:
         self._prompts: dict[int, list[int]] = {}
 
     def start(self, slot: int, params: dict[str, Any], prompt_ids: list[int]) -> None:
-        p = SamplingParams(**{k: v for k, v in params.items() if v is not None})
+        """A new request in ``slot``; ``params`` may carry ``history_prefix``, the prompt tokens before
+        ``prompt_ids`` that were already cached (prefix reuse) and that the penalties still count."""
+        prefix = params.get("history_prefix") or []
+        p = SamplingParams(**{k: v for k, v in params.items() if v is not None and k != "history_prefix"})
         self.slots[slot] = _SlotState(p, None, None)  # generator made on the logits' device at the first draw
         self._prompts.pop(slot, None)  # a previous request's, if it ended before its first draw (aborted in prefill)
         if p.needs_history:
-            self._prompts[slot] = list(prompt_ids)  # the history is built once the vocabulary size is known
+            self._prompts[slot] = list(prefix) + list(prompt_ids)  # built into a history at the first draw
 
     def extend(self, slot: int, prompt_ids: list[int]) -> None:
         """More of the slot's prompt (a later prefill chunk): part of the history the penalties see."""
