@@ -179,3 +179,17 @@ def test_prefix_reuse_stops_at_an_image_with_other_pixels():
     eng.run_until_done()
     assert a.reused == 0 and same.reused == len(ids) - 1 and other.reused == start
     assert ex.steps[-1].visual is not None and ex.steps[-1].visual.image_grid_thw == [(1, 4, 4)]
+
+
+def test_a_short_shared_prefix_takes_an_empty_slot_not_a_long_cache():
+    eng, ex = _engine(1, slots=2)
+    system = [1, 2, 3]
+    long_chat = eng.add(Prompt(system + list(range(100, 140))), SamplingParams(temperature=0, max_new_tokens=2))
+    eng.run_until_done()
+    new_chat = eng.add(Prompt(system + [9, 9]), SamplingParams(temperature=0, max_new_tokens=1))
+    eng.run_until_done()
+    assert new_chat.slot != long_chat.slot and new_chat.reused == 0  # the 41-token cache survives
+    follow_up = eng.add(Prompt(system + list(range(100, 140)) + [7, 5]),
+                        SamplingParams(temperature=0, max_new_tokens=1))
+    eng.run_until_done()
+    assert follow_up.slot == long_chat.slot and follow_up.reused == 44

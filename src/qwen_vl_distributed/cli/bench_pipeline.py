@@ -27,8 +27,9 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _run_batch(engine, n: int, prompt_len: int, new: int) -> tuple[float, list]:
-    g = torch.Generator().manual_seed(n)
+def _run_batch(engine, n: int, prompt_len: int, new: int, seed: int) -> tuple[float, list]:
+    # each batch its own prompts: a prompt seen before would start from its cached prefix (prefix reuse)
+    g = torch.Generator().manual_seed(seed)
     params = SamplingParams(temperature=0.0, max_new_tokens=new, stop_token_ids=())
     seqs = [engine.add(Prompt(torch.randint(1000, 100000, (prompt_len,), generator=g).tolist()), params)
             for _ in range(n)]
@@ -46,10 +47,10 @@ def run(args) -> int:
     handle = start_engine(opts)
     try:
         engine = handle.engine
-        _run_batch(engine, n_seq, args.prompt_len, 4)  # warm-up at the measured shapes (Triton compiles, NCCL)
-        _, (one,) = _run_batch(engine, 1, args.prompt_len, args.new_tokens)
+        _run_batch(engine, n_seq, args.prompt_len, 4, seed=1)  # warm-up at the measured shapes (Triton, NCCL)
+        _, (one,) = _run_batch(engine, 1, args.prompt_len, args.new_tokens, seed=2)
         per_token = (one.t_done - one.t_first_token) / (len(one.output) - 1)
-        elapsed, seqs = _run_batch(engine, n_seq, args.prompt_len, args.new_tokens)
+        elapsed, seqs = _run_batch(engine, n_seq, args.prompt_len, args.new_tokens, seed=3)
         tokens = sum(len(s.output) for s in seqs)
         stats = engine.executor.stage_stats()
     finally:

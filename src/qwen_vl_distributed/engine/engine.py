@@ -19,6 +19,7 @@ always computed (its logits give the first new token).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from collections import deque
@@ -63,6 +64,7 @@ class Sequence:
     positions: torch.Tensor | None = None  # [3, L] prompt positions
     rope_delta: int = 0
     items: list = field(default_factory=list)  # positions.visual_items of the prompt
+    digests: list[bytes] = field(default_factory=list)  # per item: its grid and pixels, hashed (prefix reuse)
     output: list[int] = field(default_factory=list)
     prefilled: bool = False  # the whole prompt is cached and its first token sampled
     n_prefilled: int = 0  # prompt tokens cached by finished steps (chunked prefill)
@@ -83,11 +85,11 @@ class Sequence:
 
 @dataclass
 class _SlotCache:
-    """What a free slot's KV cache holds: the first len(ids) tokens of its last sequence, and the pixels of the
-    images / video frames among them (kind, token start, token end, grid, pixel rows)."""
+    """What a free slot's KV cache holds: the first len(ids) tokens of its last sequence, and a digest of each
+    image / video frame among them by its token span: {(start, end): digest}."""
 
     ids: list[int]
-    media: list[tuple[int, int, int, tuple, torch.Tensor]]
+    media: dict[tuple[int, int], bytes]
 
 
 @dataclass
@@ -103,6 +105,16 @@ class EngineError(RuntimeError):
 
 class PromptError(UserError, ValueError):
     """A prompt the engine cannot take (empty, or longer than the context); the message says why."""
+
+
+def _digest(prompt: Prompt, item: tuple) -> bytes:
+    """An image's / video frame's identity for prefix reuse: its grid and pixel bytes, hashed once at add()."""
+    kind, _, _, (t, h, w), row = item
+    pixels = prompt.pixel_values if kind == IMAGE else prompt.pixel_values_videos
+    rows = pixels[row:row + t * h * w].detach().to("cpu").contiguous()
+    digest = hashlib.blake2b(f"{kind}:{t}x{h}x{w}:{rows.dtype}".encode(), digest_size=16)
+    digest.update(rows.view(torch.uint8).numpy().data if rows.numel() else b"")
+    return digest.digest()
 
 
 class Engine:
@@ -142,6 +154,7 @@ class Engine:
         seq.positions, seq.rope_delta = rope_positions(types, prompt.image_grid_thw, prompt.video_grid_thw,
                                                        self.cfg.vision.spatial_merge_size)
         seq.items = visual_items(types, prompt.image_grid_thw, prompt.video_grid_thw)
+        seq.digests = [_digest(prompt, item) for item in seq.items]
         self.waiting.append(seq)
         return seq
 
@@ -180,14 +193,19 @@ class Engine:
             self.running[seq.id] = seq
 
     def _pick_slot(self, seq: Sequence) -> tuple[int, int]:
-        """The free slot whose cache holds the longest usable prefix of seq's prompt (the least recently freed
-        one when none does), and that prefix's length."""
-        best, best_n = self.free_slots[0], 0
+        """A free slot for seq and how many of its prompt tokens that slot's cache already holds. The slot with the
+        longest usable prefix, if that prefix is at least half of what the slot caches; otherwise an empty slot
+        when there is one (a short shared prefix, say a system prompt, is not worth a long conversation's cache);
+        otherwise the best match or, with none, the least recently freed slot."""
+        best, best_n = None, 0
         for slot in self.free_slots:
             cached = self.slot_cache.get(slot)
             n = self._reusable(seq, cached) if cached is not None else 0
             if n > best_n:
                 best, best_n = slot, n
+        empty = next((s for s in self.free_slots if s not in self.slot_cache), None)
+        if best is None or (2 * best_n < len(self.slot_cache[best].ids) and empty is not None):
+            best, best_n = (empty if empty is not None else self.free_slots[0]), 0
         self.free_slots.remove(best)
         self.slot_cache.pop(best, None)
         return best, best_n
@@ -202,15 +220,10 @@ class Engine:
         n = 0
         while n < limit and ids[n] == cached.ids[n]:
             n += 1
-        p = seq.prompt
-        theirs = {(start, stop): (grid, pix) for _, start, stop, grid, pix in cached.media}
-        for kind, start, stop, (t, h, w), row in seq.items:
+        for (_, start, stop, _, _), digest in zip(seq.items, seq.digests):
             if start >= n:
                 break
-            other = theirs.get((start, stop))
-            pixels = p.pixel_values if kind == IMAGE else p.pixel_values_videos
-            if stop > n or other is None or other[0] != (t, h, w) or not torch.equal(
-                    other[1], pixels[row:row + t * h * w]):
+            if stop > n or cached.media.get((start, stop)) != digest:
                 return start
         return n
 
@@ -219,13 +232,8 @@ class Engine:
         n = seq.num_cached if seq.prefilled else seq.n_prefilled
         if n < 1:
             return
-        p = seq.prompt
-        media = []
-        for kind, start, stop, (t, h, w), row in seq.items:
-            if stop <= n:
-                pixels = p.pixel_values if kind == IMAGE else p.pixel_values_videos
-                media.append((kind, start, stop, (t, h, w), pixels[row:row + t * h * w]))
-        self.slot_cache[seq.slot] = _SlotCache((p.input_ids + seq.output)[:n], media)
+        media = {(start, stop): d for (_, start, stop, _, _), d in zip(seq.items, seq.digests) if stop <= n}
+        self.slot_cache[seq.slot] = _SlotCache((seq.prompt.input_ids + seq.output)[:n], media)
 
     def _submit(self, group: int) -> None:
         members = self._step_members(group)
