@@ -152,12 +152,22 @@ def user(text: str, *urls: str) -> list[dict]:
     return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
 
 
+def _usage(u) -> tuple[dict, int]:
+    """(usage without prompt_tokens_details, cached prompt tokens): how much of a prompt came from the KV cache
+    depends on what ran before, so results are compared without it."""
+    d = u.model_dump(exclude_none=True)
+    return d, d.pop("prompt_tokens_details")["cached_tokens"]
+
+
 def ask(client, messages, **kw):
-    """Non-streaming and streaming results as comparable dicts (streamed deltas concatenated)."""
+    """Non-streaming and streaming results as comparable dicts (streamed deltas concatenated); the cached prompt
+    tokens apart, in ``cached``."""
     r = client.chat.completions.create(model=MODEL, messages=messages, **kw)
     msg = r.choices[0].message
+    usage, cached = _usage(r.usage)
+    ask.cached = cached
     return {"reasoning": getattr(msg, "reasoning_content", None) or "", "content": msg.content or "",
-            "finish_reason": r.choices[0].finish_reason, "usage": r.usage.model_dump(exclude_none=True)}
+            "finish_reason": r.choices[0].finish_reason, "usage": usage}
 
 
 def ask_stream(client, messages, **kw):
@@ -166,7 +176,7 @@ def ask_stream(client, messages, **kw):
                                                 stream_options={"include_usage": True}, **kw):
         out["chunks"] += 1
         if chunk.usage is not None:
-            out["usage"] = chunk.usage.model_dump(exclude_none=True)
+            out["usage"], ask_stream.cached = _usage(chunk.usage)
         for ch in chunk.choices:
             out["reasoning"] += getattr(ch.delta, "reasoning_content", None) or ""
             out["content"] += ch.delta.content or ""
@@ -236,6 +246,17 @@ def test_image_input_data_url_and_local_file(real, media_dir):
     streamed = ask_stream(client, user("what is in the picture", data_url(png_bytes())), **GREEDY)
     streamed.pop("chunks")
     assert streamed == with_image
+
+
+def test_a_repeated_prompt_comes_from_the_cache_with_the_same_answer(real):
+    server, client, _ = real
+    msgs = [{"role": "user", "content": " ".join(f"word{i}" for i in range(40))}]
+    first = ask(client, msgs, temperature=0, max_tokens=4)
+    before = metric(server, "qwen_vl_prompt_tokens_cached_total")
+    again = ask(client, msgs, temperature=0, max_tokens=4)
+    # the slot the first request left holds all of this prompt but its last token (computed for its logits)
+    assert ask.cached == again["usage"]["prompt_tokens"] - 1 and again == first
+    assert wait_for(lambda: metric(server, "qwen_vl_prompt_tokens_cached_total") == before + ask.cached)
 
 
 def test_models_health_metrics(real):

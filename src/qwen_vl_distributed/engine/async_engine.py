@@ -47,6 +47,7 @@ class Output:
     token: int | None
     finish_reason: str | None = None
     error: str | None = None
+    cached: int | None = None  # with the first token: prompt tokens taken from a slot's cache (prefix reuse)
 
     @property
     def finished(self) -> bool:
@@ -205,7 +206,8 @@ class AsyncEngine:
             handle = self._handles.get(ev.seq.id)
             if handle is None or handle.closed:
                 continue
-            out = Output(ev.token, ev.seq.finish_reason if ev.finished else None)
+            out = Output(ev.token, ev.seq.finish_reason if ev.finished else None,
+                         cached=ev.seq.reused if len(ev.seq.output) == 1 else None)
             if ev.finished:
                 self._close(handle, out)
             else:

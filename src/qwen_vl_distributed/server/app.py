@@ -245,7 +245,7 @@ async def _complete(request: Request, gen: Generation, state: ServerState, cid: 
     msg = ChatMessage(content=content, reasoning_content=reasoning or None)
     body = ChatCompletion(id=cid, created=created, model=state.settings.model_name,
                           choices=[Choice(message=msg, finish_reason=gen.finish_reason)],
-                          usage=Usage.of(gen.prompt_tokens, gen.completion_tokens))
+                          usage=Usage.of(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens))
     return JSONResponse(body.model_dump())
 
 
@@ -271,7 +271,7 @@ async def _sse(gen: Generation, req: ChatCompletionRequest, state: ServerState, 
             yield chunk([ChunkChoice(delta=Delta(reasoning_content=r or None, content=c or None))])
         yield chunk([ChunkChoice(finish_reason=gen.finish_reason)])
         if usage_field:
-            yield chunk([], Usage.of(gen.prompt_tokens, gen.completion_tokens))
+            yield chunk([], Usage.of(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens))
     except EngineFailure as e:
         # Headers are gone already: report in-band, the way OpenAI streams report errors.
         yield f"data: {json.dumps(APIError(500, str(e), 'server_error', None, 'engine_failure').body())}\n\n"

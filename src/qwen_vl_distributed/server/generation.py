@@ -54,6 +54,7 @@ class Generation:
         self.text = text
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens served from the KV cache (prefix reuse)
         self.finish_reason: str | None = None
         self.t_arrival = t_arrival
         self.metrics = metrics
@@ -70,6 +71,8 @@ class Generation:
                     self.finish_reason = "error"
                     raise EngineFailure(out.error)
                 r = c = ""
+                if out.cached is not None:
+                    self.cached_tokens = out.cached
                 if out.token is not None:
                     r, c, stopped = self._token(out.token)
                     if stopped:
@@ -106,4 +109,5 @@ class Generation:
         if self.finish_reason is None:
             self.engine.abort(self.handle)
             self.finish_reason = "abort"
-        self.metrics.generation_done(self.finish_reason, self.prompt_tokens, self.completion_tokens)
+        self.metrics.generation_done(self.finish_reason, self.prompt_tokens, self.completion_tokens,
+                                     self.cached_tokens)

@@ -43,15 +43,18 @@ class Metrics:
         self.requests: dict[str, int] = defaultdict(int)  # HTTP status of chat completion requests
         self.finished: dict[str, int] = defaultdict(int)  # finish_reason of generations
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.completion_tokens = 0
         self.ttft = Histogram(TTFT_BUCKETS)
 
     def request_done(self, status: int) -> None:
         self.requests[str(status)] += 1
 
-    def generation_done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def generation_done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+                        cached_tokens: int = 0) -> None:
         self.finished[finish_reason] += 1
         self.prompt_tokens += prompt_tokens
+        self.cached_tokens += cached_tokens
         self.completion_tokens += completion_tokens
 
     def render(self, stats: EngineStats) -> str:
@@ -62,6 +65,9 @@ class Metrics:
         lines += [f"# HELP {p}_finished_total Generations by finish reason.", f"# TYPE {p}_finished_total counter"]
         lines += [f'{p}_finished_total{{reason="{r}"}} {n}' for r, n in sorted(self.finished.items())]
         lines += _counter(f"{p}_prompt_tokens_total", "Prompt tokens of finished generations.", self.prompt_tokens)
+        lines += _counter(f"{p}_prompt_tokens_cached_total",
+                          "Prompt tokens taken from the KV cache of an earlier sequence (prefix reuse).",
+                          self.cached_tokens)
         lines += _counter(f"{p}_completion_tokens_total", "Generated tokens.", self.completion_tokens)
         lines += [f"# HELP {p}_time_to_first_token_seconds From request arrival to the first generated token.",
                   f"# TYPE {p}_time_to_first_token_seconds histogram"]
