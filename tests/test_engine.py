@@ -193,3 +193,15 @@ def test_a_short_shared_prefix_takes_an_empty_slot_not_a_long_cache():
                         SamplingParams(temperature=0, max_new_tokens=1))
     eng.run_until_done()
     assert follow_up.slot == long_chat.slot and follow_up.reused == 44
+
+
+def test_prompts_admitted_together_let_the_matching_one_choose_first():
+    eng, ex = _engine(1, slots=2)
+    a = eng.add(Prompt(list(range(10, 30))), SamplingParams(temperature=0, max_new_tokens=1))
+    b = eng.add(Prompt(list(range(40, 60))), SamplingParams(temperature=0, max_new_tokens=3))
+    eng.run_until_done()  # a's slot was freed first: the least recently freed one
+    stranger = eng.add(Prompt([99, 98, 97]), SamplingParams(temperature=0, max_new_tokens=1))
+    a2 = eng.add(Prompt(list(range(10, 30)) + [7, 5]), SamplingParams(temperature=0, max_new_tokens=1))
+    eng.run_until_done()
+    assert a2.slot == a.slot and a2.reused == 20 and stranger.slot == b.slot
+    assert ex.steps[-1].layout.slots == [stranger.slot, a2.slot]  # still scheduled in arrival order

@@ -182,10 +182,16 @@ class Engine:
             self.step()
 
     def _admit(self) -> None:
-        while self.waiting and self.free_slots:
-            seq = self.waiting.popleft()
+        """Admit waiting sequences in arrival order while slots are free. Among those admitted together, the ones
+        that can reuse a slot's cache choose first, so one that matches nothing never takes the slot holding
+        another's prefix."""
+        batch = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(self.free_slots)))]
+        matches = {s.id: max((self._reusable(s, c) for slot, c in self.slot_cache.items()
+                              if slot in self.free_slots), default=0) for s in batch}
+        for seq in sorted(batch, key=lambda s: -matches[s.id]):  # (stable: arrival order among equals)
             seq.slot, seq.reused = self._pick_slot(seq)
             seq.n_prefilled = seq.reused
+        for seq in batch:
             sizes = [0] * self.num_groups
             for s in self.running.values():
                 sizes[s.group] += 1
