@@ -133,7 +133,8 @@ class Engine:
         self.slot_cache: dict[int, _SlotCache] = {}  # free slots' cached prefixes
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
-        self.in_flight: dict[int, list[Sequence]] = {}  # group -> the sequences of its step in flight
+        # group -> its step in flight: (sequence, end of its prompt chunk, or -1 for a decode row)
+        self.in_flight: dict[int, list[tuple[Sequence, int]]] = {}
         self.order: deque[int] = deque()  # groups in submission order (the pipeline is FIFO)
         self._ids = itertools.count()
         self._step = itertools.count()
@@ -186,10 +187,10 @@ class Engine:
         that can reuse a slot's cache choose first, so one that matches nothing never takes the slot holding
         another's prefix."""
         batch = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(self.free_slots)))]
-        matches = {s.id: max((self._reusable(s, c) for slot, c in self.slot_cache.items()
-                              if slot in self.free_slots), default=0) for s in batch}
-        for seq in sorted(batch, key=lambda s: -matches[s.id]):  # (stable: arrival order among equals)
-            seq.slot, seq.reused = self._pick_slot(seq)
+        # usable prefix of each admitted prompt in each cached free slot (slot_cache holds free slots only)
+        reuse = {s.id: {slot: self._reusable(s, c) for slot, c in self.slot_cache.items()} for s in batch}
+        for seq in sorted(batch, key=lambda s: -max(reuse[s.id].values(), default=0)):  # (stable among equals)
+            seq.slot, seq.reused = self._pick_slot(reuse[seq.id])
             seq.n_prefilled = seq.reused
         for seq in batch:
             sizes = [0] * self.num_groups
@@ -198,15 +199,15 @@ class Engine:
             seq.group = min(range(self.num_groups), key=lambda g: (sizes[g], g))
             self.running[seq.id] = seq
 
-    def _pick_slot(self, seq: Sequence) -> tuple[int, int]:
-        """A free slot for seq and how many of its prompt tokens that slot's cache already holds. The slot with the
-        longest usable prefix, if that prefix is at least half of what the slot caches; otherwise an empty slot
-        when there is one (a short shared prefix, say a system prompt, is not worth a long conversation's cache);
-        otherwise the best match or, with none, the least recently freed slot."""
+    def _pick_slot(self, reuse: dict[int, int]) -> tuple[int, int]:
+        """A free slot for a prompt whose usable prefix in each cached slot is ``reuse`` (slot -> tokens), and how
+        many of its tokens that slot's cache already holds. The slot with the longest usable prefix, if that prefix
+        is at least half of what the slot caches; otherwise an empty slot when there is one (a short shared prefix,
+        say a system prompt, is not worth a long conversation's cache); otherwise the best match or, with none, the
+        least recently freed slot."""
         best, best_n = None, 0
         for slot in self.free_slots:
-            cached = self.slot_cache.get(slot)
-            n = self._reusable(seq, cached) if cached is not None else 0
+            n = reuse.get(slot, 0)  # (a slot another admitted prompt took is no longer free)
             if n > best_n:
                 best, best_n = slot, n
         empty = next((s for s in self.free_slots if s not in self.slot_cache), None)

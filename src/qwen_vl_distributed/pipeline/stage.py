@@ -80,8 +80,6 @@ class StageRuntime:
                 self.sampler.start(slot, p.new_seqs[slot], ids[offsets[i]:offsets[i + 1]])
             elif slot in p.continued:
                 self.sampler.extend(slot, ids[offsets[i]:offsets[i + 1]])
-        if not p.open_prompts:
-            return self.sampler.sample(p.layout.slots, logits).cpu()
         rows = [i for i, slot in enumerate(p.layout.slots) if slot not in p.open_prompts]
         tokens = torch.full((len(p.layout.slots),), -1, dtype=torch.long)
         if rows:
