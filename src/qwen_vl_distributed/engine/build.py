@@ -269,15 +269,23 @@ def _join(opts: RunOptions, ckpt, plan: StagePlan, where: Placement):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // where.local_world))
     ctx = pd.init_distributed(where.rank, where.world, where.init_method, backend, device,
                               connect_timeout_s=opts.stage_timeout_s + 120, startup_timeout_s=opts.startup_timeout_s)
-    pd.agree(ctx, {**fingerprint(ckpt, plan, opts), "backend": backend})
-    runtime, error = None, None
     try:
-        runtime = build_runtime(ckpt, plan, where.rank, device, opts)
-    except Exception as e:  # out of memory, a bad tensor, ...: every rank must hear of it, not hang
-        error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    pd.report_ready(ctx, error)
-    transport = Transport(where.rank, where.world, backend, device, opts.stage_timeout_s, ctx.peers,
-                          DTYPES[opts.dtype], ctx.control)
+        pd.agree(ctx, {**fingerprint(ckpt, plan, opts), "backend": backend})
+        runtime, error = None, None
+        try:
+            runtime = build_runtime(ckpt, plan, where.rank, device, opts)
+        except Exception as e:  # out of memory, a bad tensor, ...: every rank must hear of it, not hang
+            error = (str(e) if isinstance(e, UserError)
+                     else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        pd.report_ready(ctx, error)
+        transport = Transport(where.rank, where.world, backend, device, opts.stage_timeout_s, ctx.peers,
+                              DTYPES[opts.dtype], ctx.control)
+    except BaseException:
+        # a start-up that fails after the process group exists tears it down before the error ends the process:
+        # left to interpreter exit, its background threads can abort the process (SIGABRT, "terminate called
+        # without an active exception") instead of the named error's exit status
+        pd.shutdown()
+        raise
     return runtime, transport, ctx
 
 
