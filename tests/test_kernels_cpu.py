@@ -57,13 +57,17 @@ def moe_inputs(t, k, e, h, i, dtype, seed=0, crowd=False):
 
 
 @needs_triton
-@pytest.mark.parametrize("t,k,e,crowd", [(1, 2, 8, False), (5, 3, 6, False), (40, 2, 4, True), (9, 4, 32, True)])
-def test_align_kernel_matches_torch_alignment(t, k, e, crowd):
+@pytest.mark.parametrize("kernel", ["align_triton", "align_wide"])
+@pytest.mark.parametrize("t,k,e,crowd", [(1, 2, 8, False), (5, 3, 6, False), (40, 2, 4, True), (9, 4, 32, True),
+                                         (700, 8, 16, False), (600, 4, 12, True)])  # several 2048-pair chunks
+def test_align_kernels_match_torch_alignment(kernel, t, k, e, crowd):
     from qwen_vl_distributed.kernels import moe_triton as mt
 
+    if kernel == "align_triton" and t * k > mt.ALIGN_KERNEL_MAX_PAIRS:
+        pytest.skip("above the single-program kernel's limit")
     ids = moe_inputs(t, k, e, 8, 8, torch.float32, seed=t, crowd=crowd)[1].reshape(-1)
     rows_t, blocks_t = mt.align_torch(ids, e, 16)
-    rows_k, blocks_k = mt.align_triton(ids, e, 16)
+    rows_k, blocks_k = getattr(mt, kernel)(ids, e, 16)
     assert torch.equal(rows_t, rows_k) and torch.equal(blocks_t, blocks_k)
     # every pair appears exactly once, inside a block of its own expert
     p = ids.numel()

@@ -30,7 +30,7 @@ import triton.language as tl
 from .timing import cuda_time
 
 # The single-program align kernel holds all pairs in one block (a sort of next_pow2(P) keys); above this, the
-# torch-op alignment (also graph-safe) is used.
+# one-program-per-expert kernel (align_wide) runs.
 ALIGN_KERNEL_MAX_PAIRS = 4096
 MAX_GRID_Y = 65535  # CUDA's limit on the grid's second dimension (the row blocks' when cols_first)
 
@@ -136,6 +136,56 @@ def align_triton(flat_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.T
     pb = max(16, triton.next_power_of_2(p))
     _align_kernel[(1,)](flat_ids, rows, block_expert, scratch, p, E=experts, BM=bm, PB=pb, EB=eb, NB=nb,
                         FILL=1024, num_warps=4 if pb <= 1024 else 8)
+    return rows, block_expert
+
+
+@triton.jit
+def _align_wide_kernel(ids_ptr, rows_ptr, block_expert_ptr, P, E: tl.constexpr, BM: tl.constexpr, EB: tl.constexpr,
+                       CH: tl.constexpr, NB: tl.constexpr, FILL: tl.constexpr):
+    # Program e < E lays out expert e's run; program E pads the unused tail. Every program histograms all P pairs
+    # itself (P reads from L2, no cross-program sync), so one launch does the whole alignment.
+    e = tl.program_id(0)
+    counts = tl.zeros((EB,), dtype=tl.int32)
+    for c0 in range(0, P, CH):
+        i = c0 + tl.arange(0, CH)
+        counts += tl.histogram(tl.load(ids_ptr + i, mask=i < P, other=E).to(tl.int32), EB)  # padding: bin E
+    b = tl.arange(0, EB)
+    counts = tl.where(b < E, counts, 0)
+    padded = (counts + BM - 1) // BM * BM
+    start = tl.sum(tl.where(b < e, padded, 0))  # program E: the end of all runs
+    if e < E:
+        count = tl.sum(tl.where(b == e, counts, 0))
+        run_end = start + tl.sum(tl.where(b == e, padded, 0))
+        if count > 0:
+            seen = 0
+            for c0 in range(0, P, CH):  # this expert's pairs in pair order (a stable sort)
+                i = c0 + tl.arange(0, CH)
+                hit = (tl.load(ids_ptr + i, mask=i < P, other=E).to(tl.int32) == e).to(tl.int32)
+                tl.store(rows_ptr + start + seen + tl.cumsum(hit, 0) - 1, i, mask=hit > 0)
+                seen += tl.sum(hit)
+            j = tl.arange(0, BM)
+            tl.store(rows_ptr + start + count + j, P, mask=start + count + j < run_end)  # the run's padding
+            for f0 in range(start // BM, run_end // BM, FILL):
+                f = f0 + tl.arange(0, FILL)
+                tl.store(block_expert_ptr + f, e, mask=f < run_end // BM)
+    else:
+        for f0 in range(start, NB * BM, FILL):
+            f = f0 + tl.arange(0, FILL)
+            tl.store(rows_ptr + f, P, mask=f < NB * BM)
+        for f0 in range(start // BM, NB, FILL):
+            f = f0 + tl.arange(0, FILL)
+            tl.store(block_expert_ptr + f, E, mask=f < NB)
+
+
+def align_wide(flat_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same layout as ``align_triton`` for any P: one program per expert (used above ALIGN_KERNEL_MAX_PAIRS)."""
+    p = flat_ids.numel()
+    nb = num_blocks(p, experts, bm)
+    rows = torch.empty(nb * bm, dtype=torch.int32, device=flat_ids.device)
+    block_expert = torch.empty(nb, dtype=torch.int32, device=flat_ids.device)
+    _align_wide_kernel[(experts + 1,)](flat_ids, rows, block_expert, p, E=experts, BM=bm,
+                                       EB=triton.next_power_of_2(experts + 1), CH=2048, NB=nb, FILL=1024,
+                                       num_warps=8)
     return rows, block_expert
 
 
@@ -313,31 +363,52 @@ def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, 
                  down: torch.Tensor, config: MoeConfig | None = None) -> torch.Tensor:
     """Each (token, expert) pair's weighted expert output, y [P, H] in x's dtype (pair p = t*K + k), before the
     K-sum."""
-    t, k = topk_ids.shape
-    e, h_dim, inter = down.shape
-    p = t * k
-    cfg = config or config_for(p)
+    cfg = config or config_for(topk_ids.numel())
+    if x.element_size() > 2:  # the tiles were sized for 16-bit operands: fewer stages keep fp32 in shared memory
+        cfg = dataclasses.replace(cfg, stages=min(cfg.stages, 2), down_stages=min(cfg.down_stages, 2))
     x = x.contiguous()
+    rows, block_expert = align(topk_ids, gate_up.shape[0], cfg.bm)
+    h = gate_up_pairs(x, topk_ids.shape, rows, block_expert, gate_up, cfg)
+    return down_pairs(h, topk_w, rows, block_expert, down, cfg)
+
+
+def align(topk_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, block_expert) for these routing choices (see the module docstring)."""
     flat = topk_ids.reshape(-1)
-    if p <= ALIGN_KERNEL_MAX_PAIRS:
-        rows, block_expert = align_triton(flat, e, cfg.bm)
-    else:
-        rows, block_expert = align_torch(flat, e, cfg.bm)
-    nb = block_expert.numel()
+    if flat.numel() <= ALIGN_KERNEL_MAX_PAIRS:
+        return align_triton(flat, experts, bm)
+    return align_wide(flat, experts, bm)
+
+
+def gate_up_pairs(x: torch.Tensor, routed: torch.Size, rows: torch.Tensor, block_expert: torch.Tensor,
+                  gate_up: torch.Tensor, cfg: MoeConfig) -> torch.Tensor:
+    """h [P, I] = silu(x[token] @ gate^T) * (x[token] @ up^T) per pair, for aligned rows; x contiguous [>= T, H],
+    routed = (T, K) the routing's shape."""
+    e, two_i, h_dim = gate_up.shape
+    (t, k), inter, nb = routed, two_i // 2, block_expert.numel()
+    p = t * k
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
     cols_first = cfg.cols_first and nb <= MAX_GRID_Y
-    gu_arg, gu_tma = _weight_arg(gate_up, cfg.tma, inter, cfg.bn, cfg.bk)
+    arg, tma = _weight_arg(gate_up, cfg.tma, inter, cfg.bn, cfg.bk)
     _gate_up_kernel[_grid(nb, triton.cdiv(inter, cfg.bn), cols_first)](
-        x, gu_arg, h, rows, block_expert, p, h_dim, inter, K=k, E=e, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
-        EVEN_K=h_dim % cfg.bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split, TMA=gu_tma, num_warps=cfg.warps,
+        x, arg, h, rows, block_expert, p, h_dim, inter, K=k, E=e, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
+        EVEN_K=h_dim % cfg.bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split, TMA=tma, num_warps=cfg.warps,
         num_stages=cfg.stages)
-    y = torch.empty(p, h_dim, dtype=x.dtype, device=x.device)
-    w = topk_w.reshape(-1).to(x.dtype)
-    dn_arg, dn_tma = _weight_arg(down, cfg.tma, h_dim, cfg.down_bn, cfg.down_bk)
+    return h
+
+
+def down_pairs(h: torch.Tensor, topk_w: torch.Tensor, rows: torch.Tensor, block_expert: torch.Tensor,
+               down: torch.Tensor, cfg: MoeConfig) -> torch.Tensor:
+    """y [P, H] = round(h @ down^T) times each pair's routed weight, for aligned rows."""
+    e, h_dim, inter = down.shape
+    p, nb = h.shape[0], block_expert.numel()
+    y = torch.empty(p, h_dim, dtype=h.dtype, device=h.device)
+    cols_first = cfg.cols_first and nb <= MAX_GRID_Y
+    arg, tma = _weight_arg(down, cfg.tma, h_dim, cfg.down_bn, cfg.down_bk)
     _down_kernel[_grid(nb, triton.cdiv(h_dim, cfg.down_bn), cols_first)](
-        h, dn_arg, y, w, rows, block_expert, p, h_dim, inter, E=e, BM=cfg.bm, BN=cfg.down_bn, BK=cfg.down_bk,
-        EVEN_K=inter % cfg.down_bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split, TMA=dn_tma,
-        num_warps=cfg.down_warps, num_stages=cfg.down_stages)
+        h, arg, y, topk_w.reshape(-1).to(h.dtype), rows, block_expert, p, h_dim, inter, E=e, BM=cfg.bm,
+        BN=cfg.down_bn, BK=cfg.down_bk, EVEN_K=inter % cfg.down_bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split,
+        TMA=tma, num_warps=cfg.down_warps, num_stages=cfg.down_stages)
     return y
 
 
