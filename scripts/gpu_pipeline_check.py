@@ -81,7 +81,7 @@ if __name__ == "__main__":
     (warm, reused), (cold, _) = second_turn(a.model, a.stages, True), second_turn(a.model, a.stages, False)
     ok = one == many and reused > 0 and ((chunked == one and warm == cold) or DTYPE != "float32")
     print(json.dumps({"stages": a.stages, "identical": one == many, "chunked_identical": chunked == one,
-                      "second_turn_identical": warm == cold, "second_turn_reused": reused, "chunked_equal_per_prompt": [x == y for x, y in zip(chunked, one)],
-                      "chunked": chunked, "single": one,
-                      "pipeline": many, "stage_stats": stats}))
+                      "chunked_equal_per_prompt": [x == y for x, y in zip(chunked, one)],
+                      "second_turn_identical": warm == cold, "second_turn_reused": reused, "single": one,
+                      "pipeline": many, "chunked": chunked, "stage_stats": stats}))
     sys.exit(0 if ok else 1)

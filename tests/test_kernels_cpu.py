@@ -58,22 +58,24 @@ def moe_inputs(t, k, e, h, i, dtype, seed=0, crowd=False):
 
 @needs_triton
 @pytest.mark.parametrize("kernel", ["align_triton", "align_wide"])
-@pytest.mark.parametrize("t,k,e,crowd", [(1, 2, 8, False), (5, 3, 6, False), (40, 2, 4, True), (9, 4, 32, True),
-                                         (700, 8, 16, False), (600, 4, 12, True)])  # several 2048-pair chunks
-def test_align_kernels_match_torch_alignment(kernel, t, k, e, crowd):
+@pytest.mark.parametrize("t,k,e,crowd,bm", [(1, 2, 8, False, 16), (5, 3, 6, False, 16), (40, 2, 4, True, 16),
+                                            (9, 4, 32, True, 16), (600, 4, 12, True, 16),
+                                            (700, 8, 16, False, 16),  # several 2048-pair chunks
+                                            (700, 8, 128, True, 128)])  # the 235B's experts and prefill block
+def test_align_kernels_match_torch_alignment(kernel, t, k, e, crowd, bm):
     from qwen_vl_distributed.kernels import moe_triton as mt
 
     if kernel == "align_triton" and t * k > mt.ALIGN_KERNEL_MAX_PAIRS:
         pytest.skip("above the single-program kernel's limit")
     ids = moe_inputs(t, k, e, 8, 8, torch.float32, seed=t, crowd=crowd)[1].reshape(-1)
-    rows_t, blocks_t = mt.align_torch(ids, e, 16)
-    rows_k, blocks_k = getattr(mt, kernel)(ids, e, 16)
+    rows_t, blocks_t = mt.align_torch(ids, e, bm)
+    rows_k, blocks_k = getattr(mt, kernel)(ids, e, bm)
     assert torch.equal(rows_t, rows_k) and torch.equal(blocks_t, blocks_k)
     # every pair appears exactly once, inside a block of its own expert
     p = ids.numel()
     real = rows_t[rows_t < p].long()
     assert sorted(real.tolist()) == list(range(p))
-    block_of_row = torch.arange(rows_t.numel()) // 16
+    block_of_row = torch.arange(rows_t.numel()) // bm
     assert torch.equal(blocks_t[block_of_row[rows_t < p]].long(), ids[real])
 
 

@@ -190,7 +190,7 @@ def align_wide(flat_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Ten
 
 
 def align_torch(flat_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same layout as ``align_triton`` from torch ops (no host sync; used for large P and as its test oracle)."""
+    """Same layout as ``align_triton`` from torch ops (no host sync): the kernels' test oracle."""
     p, dev = flat_ids.numel(), flat_ids.device
     nb = num_blocks(p, experts, bm)
     ids = flat_ids.long()
