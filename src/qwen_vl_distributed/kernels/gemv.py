@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import load_k_tile
+
 BN, BK, WARPS, STAGES = 32, 256, 4, 4
 
 
@@ -36,13 +38,8 @@ def _gemv_kernel(x_ptr, w0, w1, w2, y0, y1, y2, B, K, N0, N1, N2,
     w_ptrs = w + rows[:, None].to(tl.int64) * K + kk[None, :]
     acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
-        if EVEN_K:
-            a = tl.load(x_ptrs, mask=bmask[:, None], other=0.0)
-            wt = tl.load(w_ptrs, mask=rmask[:, None], other=0.0)
-        else:
-            km = (k0 + kk) < K
-            a = tl.load(x_ptrs, mask=bmask[:, None] & km[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+        a = load_k_tile(x_ptrs, bmask, k0, kk, K, EVEN_K)
+        wt = load_k_tile(w_ptrs, rmask, k0, kk, K, EVEN_K)
         acc = tl.dot(a, tl.trans(wt), acc)
         x_ptrs += BK
         w_ptrs += BK

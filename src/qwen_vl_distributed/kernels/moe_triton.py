@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import load_k_tile
 from .timing import cuda_time
 
 # The single-program align kernel holds all pairs in one block (a sort of next_pow2(P) keys); above this, the
@@ -235,10 +236,7 @@ def _gate_up_tile(x_ptr, w_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, K: tl.con
     if TMA:  # w_ptr: descriptor over gate_up as [E * 2I, H], block [BN, BK]
         g_row = (e * (2 * I) + col * BN).to(tl.int32)
         for k0 in range(0, H, BK):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=rmask[:, None] & ((k0 + kk) < H)[None, :], other=0.0)
+            a = load_k_tile(a_ptrs, rmask, k0, kk, H, EVEN_K)
             acc_g = tl.dot(a, tl.trans(w_ptr.load([g_row, k0])), acc_g)
             acc_u = tl.dot(a, tl.trans(w_ptr.load([g_row + I, k0])), acc_u)
             a_ptrs += BK
@@ -246,15 +244,9 @@ def _gate_up_tile(x_ptr, w_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, K: tl.con
         g_ptrs = w_ptr + e * (2 * I) * H + cols[:, None].to(tl.int64) * H + kk[None, :]  # [BN, BK], k contiguous
         u_ptrs = g_ptrs + I * H
         for k0 in range(0, H, BK):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-                wg = tl.load(g_ptrs, mask=cmask[:, None], other=0.0)
-                wu = tl.load(u_ptrs, mask=cmask[:, None], other=0.0)
-            else:
-                km = (k0 + kk) < H
-                a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
-                wg = tl.load(g_ptrs, mask=cmask[:, None] & km[None, :], other=0.0)
-                wu = tl.load(u_ptrs, mask=cmask[:, None] & km[None, :], other=0.0)
+            a = load_k_tile(a_ptrs, rmask, k0, kk, H, EVEN_K)
+            wg = load_k_tile(g_ptrs, cmask, k0, kk, H, EVEN_K)
+            wu = load_k_tile(u_ptrs, cmask, k0, kk, H, EVEN_K)
             acc_g = tl.dot(a, tl.trans(wg), acc_g)
             acc_u = tl.dot(a, tl.trans(wu), acc_u)
             a_ptrs += BK
@@ -304,22 +296,14 @@ def _down_tile(h_ptr, w_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, 
     if TMA:  # w_ptr: descriptor over down as [E * H, I], block [BN, BK]
         w_row = (e * H + col * BN).to(tl.int32)
         for k0 in range(0, I, BK):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=rmask[:, None] & ((k0 + kk) < I)[None, :], other=0.0)
+            a = load_k_tile(a_ptrs, rmask, k0, kk, I, EVEN_K)
             acc = tl.dot(a, tl.trans(w_ptr.load([w_row, k0])), acc)
             a_ptrs += BK
     else:
         w_ptrs = w_ptr + e * H * I + cols[:, None].to(tl.int64) * I + kk[None, :]  # [BN, BK]
         for k0 in range(0, I, BK):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-                w = tl.load(w_ptrs, mask=cmask[:, None], other=0.0)
-            else:
-                km = (k0 + kk) < I
-                a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=cmask[:, None] & km[None, :], other=0.0)
+            a = load_k_tile(a_ptrs, rmask, k0, kk, I, EVEN_K)
+            w = load_k_tile(w_ptrs, cmask, k0, kk, I, EVEN_K)
             acc = tl.dot(a, tl.trans(w), acc)
             a_ptrs += BK
             w_ptrs += BK
@@ -364,8 +348,6 @@ def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, 
     """Each (token, expert) pair's weighted expert output, y [P, H] in x's dtype (pair p = t*K + k), before the
     K-sum."""
     cfg = config or config_for(topk_ids.numel())
-    if x.element_size() > 2:  # the tiles were sized for 16-bit operands: fewer stages keep fp32 in shared memory
-        cfg = dataclasses.replace(cfg, stages=min(cfg.stages, 2), down_stages=min(cfg.down_stages, 2))
     x = x.contiguous()
     rows, block_expert = align(topk_ids, gate_up.shape[0], cfg.bm)
     h = gate_up_pairs(x, topk_ids.shape, rows, block_expert, gate_up, cfg)
@@ -388,12 +370,12 @@ def gate_up_pairs(x: torch.Tensor, routed: torch.Size, rows: torch.Tensor, block
     (t, k), inter, nb = routed, two_i // 2, block_expert.numel()
     p = t * k
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
-    cols_first = cfg.cols_first and nb <= MAX_GRID_Y
+    grid, cols_first = _grid(nb, triton.cdiv(inter, cfg.bn), cfg)
     arg, tma = _weight_arg(gate_up, cfg.tma, inter, cfg.bn, cfg.bk)
-    _gate_up_kernel[_grid(nb, triton.cdiv(inter, cfg.bn), cols_first)](
+    _gate_up_kernel[grid](
         x, arg, h, rows, block_expert, p, h_dim, inter, K=k, E=e, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
         EVEN_K=h_dim % cfg.bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split, TMA=tma, num_warps=cfg.warps,
-        num_stages=cfg.stages)
+        num_stages=_stages(cfg.stages, x))
     return h
 
 
@@ -403,12 +385,12 @@ def down_pairs(h: torch.Tensor, topk_w: torch.Tensor, rows: torch.Tensor, block_
     e, h_dim, inter = down.shape
     p, nb = h.shape[0], block_expert.numel()
     y = torch.empty(p, h_dim, dtype=h.dtype, device=h.device)
-    cols_first = cfg.cols_first and nb <= MAX_GRID_Y
+    grid, cols_first = _grid(nb, triton.cdiv(h_dim, cfg.down_bn), cfg)
     arg, tma = _weight_arg(down, cfg.tma, h_dim, cfg.down_bn, cfg.down_bk)
-    _down_kernel[_grid(nb, triton.cdiv(h_dim, cfg.down_bn), cols_first)](
+    _down_kernel[grid](
         h, arg, y, topk_w.reshape(-1).to(h.dtype), rows, block_expert, p, h_dim, inter, E=e, BM=cfg.bm,
         BN=cfg.down_bn, BK=cfg.down_bk, EVEN_K=inter % cfg.down_bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split,
-        TMA=tma, num_warps=cfg.down_warps, num_stages=cfg.down_stages)
+        TMA=tma, num_warps=cfg.down_warps, num_stages=_stages(cfg.down_stages, h))
     return y
 
 
@@ -425,8 +407,15 @@ def _weight_arg(w: torch.Tensor, tma: bool, out_rows: int, bn: int, bk: int):
     return TensorDescriptor(w, [e * r, kd], [kd, 1], [bn, bk]), True
 
 
-def _grid(blocks: int, col_tiles: int, cols_first: bool) -> tuple[int, int]:
-    return (col_tiles, blocks) if cols_first else (blocks, col_tiles)
+def _grid(blocks: int, col_tiles: int, cfg: MoeConfig) -> tuple[tuple[int, int], bool]:
+    """(launch grid, whether it is column-first): cfg's order, unless the blocks exceed the grid's y limit."""
+    cols_first = cfg.cols_first and blocks <= MAX_GRID_Y
+    return ((col_tiles, blocks) if cols_first else (blocks, col_tiles)), cols_first
+
+
+def _stages(stages: int, x: torch.Tensor) -> int:
+    """The tiles were sized for 16-bit operands: 4-byte ones get at most 2 stages to fit in shared memory."""
+    return min(stages, 2) if x.element_size() > 2 else stages
 
 
 
