@@ -139,8 +139,9 @@ def _parity(model: str, cfg, inputs, ours: list[int], eos_ids: list[int]) -> Non
     if inputs.pixel_values is not None:
         kw.update(pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw)
     with torch.no_grad():
-        ref = hf.generate(**kw, max_new_tokens=len(ours), do_sample=False,
-                          eos_token_id=eos_ids, pad_token_id=read_generation_config(model).get("pad_token_id"))[0, ids.shape[1]:].tolist()
+        pad = read_generation_config(model).get("pad_token_id")
+        ref = hf.generate(**kw, max_new_tokens=len(ours), do_sample=False, eos_token_id=eos_ids,
+                          pad_token_id=pad)[0, ids.shape[1]:].tolist()
     same = sum(a == b for a, b in zip(ours, ref))
     verdict = "IDENTICAL" if ours == ref else "DIFFERENT"
     _say(f"{same}/{len(ours)} generated tokens equal -> {verdict} to HF transformers "

@@ -47,8 +47,9 @@ def read_messages(path: str):
 
 
 def sampling_params(args, model_dir: str) -> SamplingParams:
-    return SamplingParams.from_generation_config(read_generation_config(model_dir), temperature=args.temperature, top_p=args.top_p,
-                                                 top_k=args.top_k, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    return SamplingParams.from_generation_config(read_generation_config(model_dir), temperature=args.temperature,
+                                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                                 max_new_tokens=args.max_new_tokens)
 
 
 def run(args) -> int:

@@ -112,7 +112,8 @@ def read_generation_config(model_dir: str, required: bool = False) -> dict:
         return {}
     except (OSError, json.JSONDecodeError) as e:
         if required:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
+            what = "not valid JSON" if isinstance(e, json.JSONDecodeError) else "unreadable"
+            raise UserError(f"{path}: {what} ({e})") from None
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -107,11 +107,17 @@ class PromptError(UserError, ValueError):
     """A prompt the engine cannot take (empty, or longer than the context); the message says why."""
 
 
-def _digest(prompt: Prompt, item: tuple) -> bytes:
-    """An image's / video frame's identity for prefix reuse: its grid and pixel bytes, hashed once at add()."""
+def _item_pixels(prompt: Prompt, item: tuple) -> torch.Tensor:
+    """The patch rows of one positions.visual_items item (an image, or one video frame)."""
     kind, _, _, (t, h, w), row = item
     pixels = prompt.pixel_values if kind == IMAGE else prompt.pixel_values_videos
-    rows = pixels[row:row + t * h * w].detach().to("cpu").contiguous()
+    return pixels[row:row + t * h * w]
+
+
+def _digest(prompt: Prompt, item: tuple) -> bytes:
+    """An image's / video frame's identity for prefix reuse: its grid and pixel bytes, hashed once at add()."""
+    kind, _, _, (t, h, w), _ = item
+    rows = _item_pixels(prompt, item).detach().to("cpu").contiguous()
     digest = hashlib.blake2b(f"{kind}:{t}x{h}x{w}:{rows.dtype}".encode(), digest_size=16)
     digest.update(rows.view(torch.uint8).numpy().data if rows.numel() else b"")
     return digest.digest()
@@ -326,13 +332,12 @@ class Engine:
     @staticmethod
     def _chunk_media(s: Sequence, a: int, end: int, vis: dict) -> None:
         """The pixels and grids of the images / video frames whose placeholders lie in the chunk [a, end)."""
-        p = s.prompt
-        for kind, start, _, (t, h, w), row in s.items:
-            if not a <= start < end:
-                continue
-            pixels, key = (p.pixel_values, "img") if kind == IMAGE else (p.pixel_values_videos, "vid")
-            vis[key].append(pixels[row:row + t * h * w])
-            vis[key + "_grid"].append((t, h, w))
+        for item in s.items:
+            kind, start, _, grid, _ = item
+            if a <= start < end:
+                key = "img" if kind == IMAGE else "vid"
+                vis[key].append(_item_pixels(s.prompt, item))
+                vis[key + "_grid"].append(grid)
 
     def _collect(self) -> list[TokenEvent]:
         result = self.executor.collect()

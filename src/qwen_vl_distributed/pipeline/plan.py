@@ -338,8 +338,9 @@ def plan_stages(cfg: ModelConfig, num_stages: int, *, layers_per_stage: Sequence
 
     ``layers_per_stage`` fixes the counts; otherwise they are balanced on decode bytes within ``gpu_mem_gb`` (one
     budget for all stages or one per stage, decimal GB). ``prefill_chunk`` defaults to ``default_prefill_chunk``
-    (what the engine uses when not told); the largest image is capped at ``max_seq_len`` tokens. With ``require_fit`` a stage over its
-    budget raises PlanError; otherwise the plan is returned with ``fits`` False on that stage.
+    (what the engine uses when not told); the largest image is capped at ``max_seq_len`` tokens. With
+    ``require_fit`` a stage over its budget raises PlanError; otherwise the plan is returned with ``fits`` False on
+    that stage.
     """
     num_layers, num_ds = cfg.text.num_hidden_layers, cfg.num_deepstack
     chunk = default_prefill_chunk(max_seq_len) if prefill_chunk is None else prefill_chunk
