@@ -30,6 +30,10 @@ VARIANTS = {
     "down_w4_bn128": dataclasses.replace(BASE, down_bn=128, down_warps=4, down_stages=4),
     "down_s3": dataclasses.replace(BASE, down_stages=3),
     "gate_up_bn64_bk128": dataclasses.replace(BASE, bn=64, bk=128, stages=3),
+    # ~96 KB of shared memory per program: two programs per SM, one's epilogue under the other's loads
+    "bk32_s4": dataclasses.replace(BASE, bk=32, down_bk=32),
+    "s2": dataclasses.replace(BASE, stages=2, down_stages=2),
+    "bk32_s4_w4": dataclasses.replace(BASE, bk=32, down_bk=32, warps=4, down_warps=4),
 }
 
 

@@ -11,14 +11,12 @@ bf16), and what the candidate changes would buy.
     PYTHONPATH=src python3 scripts/vision_profile.py
 """
 
-import collections
-
 import torch
 import torch.nn.functional as F
 
 from qwen_vl_distributed.checkpoint.synth_weights import randomize_module
 from qwen_vl_distributed.kernels import register
-from qwen_vl_distributed.kernels.timing import cuda_time
+from qwen_vl_distributed.kernels.timing import cuda_time, print_kernel_table
 from qwen_vl_distributed.model.config import preset
 from qwen_vl_distributed.model.vision import VisionTower
 
@@ -43,21 +41,7 @@ with torch.inference_mode():
     print("tower eager fast ms", cuda_time(lambda: tower(px, grid), iters=3, reps=5))
     fused = lambda: tower.run_layers(px, grid, fused_vision_block)  # noqa: E731
     print("tower eager fused blocks ms", cuda_time(fused, iters=3, reps=5))
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fused()
-        torch.cuda.synchronize()
-    per = collections.Counter()
-    calls = collections.Counter()
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            per[e.name[:90]] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-            calls[e.name[:90]] += 1
-    total = sum(per.values())
-    print(f"kernel time total {total / 1e3:.2f} ms")
-    for name, us in per.most_common(25):
-        print(f"{us / 1e3:8.3f} ms {calls[name]:5d}x  {name}")
+    print_kernel_table(fused)
 
     heads, d = cfg.num_heads, cfg.head_dim
     qkv = torch.randn(n, 3 * heads * d, device=dev, dtype=BF16)

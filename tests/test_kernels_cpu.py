@@ -311,12 +311,12 @@ def test_graphed_stage_middle_stage_hidden_in_hidden_out(tiny):
 # -- the fused decode layer -----------------------------------------------------------------------------------------
 
 
-def _decode_case(model, dtype):
+def _decode_case(model, dtype, max_len: int = 16):
     """A model cast to dtype, a random cache and one decode step of 3 sequences (one at position 0)."""
     from qwen_vl_distributed.model.rope import text_rope_tables
 
     m = enable_fast_paths(copy.deepcopy(model).to(dtype))
-    cache = m.new_cache(4, 16)
+    cache = m.new_cache(4, max_len)
     for i in m.layer_ids:
         cache.k[i].normal_()
         cache.v[i].normal_()
@@ -388,13 +388,17 @@ def test_one_launch_gemv_matches_linear(dtype, b):
 @needs_triton
 def test_fused_forward_equals_model_forward_on_mixed_step(tiny):
     """A prompt, a continued chunk and a decode row in one step; logits of every row and the cache writes."""
-    from qwen_vl_distributed.kernels.fast_forward import fused_forward
-
     m, cache, _, _, _ = _decode_case(tiny[1], torch.float32)
     layout = SeqLayout(slots=[0, 1, 2], starts=[0, 4, 9], lens=[5, 3, 1])
     pos = torch.cat([torch.arange(0, 5), torch.arange(4, 7), torch.tensor([9])]).expand(3, -1)
-    ids = torch.randint(0, 1000, (9,))
-    rows = list(range(9))
+    _assert_fused_step_equals_model(m, cache, layout, pos, rows=list(range(9)))
+
+
+def _assert_fused_step_equals_model(m, cache, layout, pos, rows):
+    """fused_forward against the model's forward on one step: logits of ``rows`` and every layer's cache writes."""
+    from qwen_vl_distributed.kernels.fast_forward import fused_forward
+
+    ids = torch.randint(0, 1000, (layout.num_tokens,))
     ref_cache = copy.deepcopy(cache)
     with torch.no_grad():
         ref = m(positions=pos, layout=layout, cache=ref_cache, input_ids=ids, logits_rows=rows)
@@ -402,3 +406,54 @@ def test_fused_forward_equals_model_forward_on_mixed_step(tiny):
     assert rel(out, ref) < 1e-5
     for i in m.layer_ids:
         assert rel(cache.k[i], ref_cache.k[i]) < 1e-5 and rel(cache.v[i], ref_cache.v[i]) < 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("heads", [(1, 1), (2, 1), (8, 4)])
+def test_fused_forward_prompt_rows_packed_qkv_and_heads_per_program(tiny, heads, monkeypatch):
+    """Rows past the GEMV limit: one GEMM over the packed q/k/v weight, then the q/k norm + rotary kernel taking
+    1, 2 or 8 heads per program (more than the tiny model has: masked heads) on its strided q/k/v views."""
+    from qwen_vl_distributed.kernels import decode_layer
+    from qwen_vl_distributed.kernels.packing import packed_qkv
+
+    monkeypatch.setitem(decode_layer.QKV_POST_HEADS, 1 << 30, heads)
+    monkeypatch.setitem(decode_layer.QKV_POST_HEADS, 64, heads)
+    m, cache, _, _, _ = _decode_case(tiny[1], torch.float32, max_len=96)
+    attn = m.model.language_model.layers["1"].self_attn
+    packed = packed_qkv(attn)
+    assert packed is not None and torch.equal(packed[:attn.q_proj.out_features], attn.q_proj.weight)
+    assert torch.equal(packed[-attn.v_proj.out_features:], attn.v_proj.weight)
+    n = decode_layer.GEMV_MAX_ROWS + 6
+    layout = SeqLayout(slots=[0, 1], starts=[0, 4], lens=[n, 3])
+    pos = torch.cat([torch.arange(0, n), torch.arange(4, 7)]).expand(3, -1)
+    _assert_fused_step_equals_model(m, cache, layout, pos, rows=[0, n - 1, n + 2])
+
+
+def test_pack_qkv_keeps_values_and_state_dict_and_notices_reassignment(tiny):
+    from qwen_vl_distributed.kernels.packing import pack_qkv, packed_qkv
+
+    m = copy.deepcopy(tiny[1])
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    pack_qkv(m)
+    after = m.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    attn = m.model.language_model.layers["0"].self_attn
+    assert packed_qkv(attn) is not None
+    attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.clone())  # e.g. load_state_dict(assign=True)
+    assert packed_qkv(attn) is None
+
+
+def test_packed_qkv_recognises_only_views_of_one_buffer():
+    """Separate weights are not a packed q/k/v (on a GPU they can still sit back to back in one segment)."""
+    from qwen_vl_distributed.kernels.packing import packed_qkv
+    from qwen_vl_distributed.model.attention import TextAttention
+
+    attn = TextAttention(preset("tiny").text)
+    buf = torch.randn(attn.q_proj.out_features + 2 * attn.k_proj.out_features, attn.q_proj.in_features)
+    parts = buf.split([attn.q_proj.out_features, attn.k_proj.out_features, attn.k_proj.out_features])
+    for lin, part in zip((attn.q_proj, attn.k_proj, attn.v_proj), parts):
+        lin.weight = torch.nn.Parameter(part.clone())  # own storages
+    assert packed_qkv(attn) is None
+    for lin, part in zip((attn.q_proj, attn.k_proj, attn.v_proj), parts):
+        lin.weight = torch.nn.Parameter(part)  # views of one buffer
+    assert torch.equal(packed_qkv(attn), buf)

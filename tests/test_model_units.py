@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from hf_oracle import hf_model
 from mm_inputs import IMG, VID, chat, image_tokens, video_tokens
+from qwen_vl_distributed.model.batch import SeqLayout
 from qwen_vl_distributed.model.config import preset
 from qwen_vl_distributed.model.moe import EXPERTS_IMPLS, route
 from qwen_vl_distributed.model.positions import batch_rope_positions, decode_positions, rope_positions, token_types
@@ -56,6 +57,13 @@ def test_generated_image_pad_is_just_a_token():
     """Token types come from the prompt; a decoded <|image_pad|> gets a plain decode position."""
     assert token_types([IMG, 5], IMG, VID) == [1, 0]
     assert decode_positions(40, -10).tolist() == [[30], [30], [30]]
+
+
+def test_row_tables_give_each_rows_slot_and_cache_position():
+    layout = SeqLayout(slots=[2, 0, 5], starts=[3, 0, 9], lens=[2, 3, 1])  # a chunk, a prompt, a decode row
+    slots, pos = layout.row_tables("cpu")
+    assert slots.tolist() == [2, 2, 0, 0, 0, 5] and pos.tolist() == [3, 4, 0, 1, 2, 9]
+    assert layout.row_tables("cpu")[0] is slots  # built once per step
 
 
 def test_interleaved_mrope_axis_map():

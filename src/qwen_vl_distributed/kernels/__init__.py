@@ -7,7 +7,8 @@
   (kernels.attention.fast_cache_attention);
 - vision attention (model.vision.VISION_ATTENTION_IMPLS): the 2-D rotary as one Triton kernel, then one SDPA /
   varlen flash per image (kernels.vision_attention.fast_vision_attention).
-``enable_fast_paths(model)`` registers them and selects them on a model. Importing this package imports no Triton
+``enable_fast_paths(model)`` registers them, selects them on a model and packs each layer's q/k/v weights into one
+buffer (kernels.packing). Importing this package imports no Triton
 and touches no GPU: the Triton modules load on first use on a CUDA tensor, so CPU runs and CI never need either.
 """
 
@@ -40,8 +41,11 @@ def enable_fast_paths(model, experts: str = "fast", attention: str = "fast", vis
                       vision_graphs: bool = True):
     """Register the fast implementations and select them on ``model`` (a Qwen3VLMoe stage), and (on CUDA) replay
     its vision tower from per-shape CUDA graphs. Returns the model."""
+    from .packing import pack_qkv
+
     register()
     model.set_impl(experts=experts, attention=attention, vision_attention=vision_attention)
+    pack_qkv(model)  # one q/k/v GEMM for prompts (the parameters become views of one buffer)
     if vision_graphs and next(model.parameters()).is_cuda:
         from .vision_graph import enable_vision_graphs
 

@@ -31,9 +31,10 @@ def _backends_for(q: torch.Tensor):
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: SeqLayout,
                       scale: float) -> torch.Tensor:
-    """One SDPA per sequence with GQA left to the kernel (no repeat of k/v); a mask only for continued chunks."""
-    out = torch.empty_like(q)
+    """One SDPA per sequence with GQA left to the kernel (no repeat of k/v); a mask only for continued chunks.
+    Returns [T, NH, D], possibly strided (a single sequence's output is SDPA's own, not copied)."""
     offsets = layout.offsets()
+    outs = []
     with _backends_for(q):
         for i, (slot, start, n) in enumerate(zip(layout.slots, layout.starts, layout.lens)):
             total = start + n
@@ -48,8 +49,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                 mask = torch.arange(total, device=q.device)[None, :] <= rows
             o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=causal, scale=scale,
                                                enable_gqa=True)
-            out[offsets[i]:offsets[i + 1]] = o[0].transpose(0, 1)
-    return out
+            outs.append(o[0].transpose(0, 1))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _triton_decode_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:

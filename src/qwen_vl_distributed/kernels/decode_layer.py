@@ -24,6 +24,7 @@ from . import grouped
 from .decode_attention import decode_attention
 from .gemv import linear_small
 from .moe_triton import expert_pairs
+from .packing import packed_qkv
 
 # Which projections use the one-launch Triton GEMV (kernels.gemv) and its (BN, BK) tile; None: cuBLAS per weight.
 # ``qwen-vl bench`` times both on the device and keeps the faster for its process.
@@ -31,10 +32,18 @@ from .moe_triton import expert_pairs
 GEMV: dict[str, tuple[int, int] | None] = {"qkv": (64, 128), "o": (32, 256), "router": None}
 
 
+GEMV_MAX_ROWS = 64  # the GEMV kernel is for decode-sized row counts; cuBLAS above
+
+
+def gemv_tile(use: str, rows: int) -> tuple[int, int] | None:
+    """The GEMV kernel's tile for projection ``use`` at this row count, or None where cuBLAS runs it."""
+    return GEMV.get(use) if rows <= GEMV_MAX_ROWS else None
+
+
 def project(use: str, x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """x @ W^T for each weight (bias-free), through the GEMV kernel or cuBLAS as ``GEMV[use]`` says."""
-    tile = GEMV.get(use)
-    if tile is None or x.shape[0] > 64:  # the GEMV kernel is for decode-sized row counts
+    tile = gemv_tile(use, x.shape[0])
+    if tile is None:
         return tuple(F.linear(x, w) for w in weights)
     return linear_small(x, *weights, bn=tile[0], bk=tile[1])
 
@@ -68,9 +77,10 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
 
 @triton.jit
 def _norm_rope(a, b, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, HALF: tl.constexpr, dt: tl.constexpr):
-    """Per-head RMSNorm then rotary on the two halves (a, b) of one head (fp32 values of bf16 numbers)."""
-    i = tl.arange(0, HALF)
-    rstd = 1.0 / tl.sqrt((tl.sum(a * a, 0) + tl.sum(b * b, 0)) / D + eps)
+    """Per-head RMSNorm then rotary on the two halves (a, b) [HB, HALF] of HB heads of one row (fp32 values of
+    bf16 numbers)."""
+    i = tl.arange(0, HALF)[None, :]
+    rstd = 1.0 / tl.sqrt((tl.sum(a * a, 1) + tl.sum(b * b, 1)) / D + eps)[:, None]
     a = (tl.load(w_ptr + i).to(tl.float32) * (a * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
     b = (tl.load(w_ptr + HALF + i).to(tl.float32) * (b * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
     c1 = tl.load(cos_ptr + i).to(tl.float32)
@@ -85,38 +95,43 @@ def _norm_rope(a, b, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, HALF: tl.con
 
 @triton.jit
 def _qkv_post_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slots_ptr, starts_ptr,
-                     qo_ptr, kc_ptr, vc_ptr, eps, sc_s, sc_h, sc_l,
-                     NH: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr):
-    # program (b, j): j < NH: query head j -> qo [B, NH, D]; else kv head j - NH -> k/v caches at (slot, start)
+                     qo_ptr, kc_ptr, vc_ptr, eps, sq, skv, sc_s, sc_h, sc_l,
+                     NH: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HB: tl.constexpr):
+    # program (b, j) takes HB heads of row b: j < cdiv(NH, HB): query heads from j*HB -> qo [B, NH, D]; else kv
+    # heads from (j - cdiv(NH, HB))*HB -> k/v caches at (slot, start). Row b of q / k / v starts at b*sq / b*skv.
     b = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     HALF: tl.constexpr = D // 2
-    i = tl.arange(0, HALF)
+    QB: tl.constexpr = (NH + HB - 1) // HB
+    i = tl.arange(0, HALF)[None, :]
     dt = qo_ptr.dtype.element_ty
     cos_row = cos_ptr + b * D
     sin_row = sin_ptr + b * D
-    if j < NH:
-        src = q_ptr + b * NH * D + j * D
-        a = tl.load(src + i).to(tl.float32)
-        bb = tl.load(src + HALF + i).to(tl.float32)
+    if j < QB:
+        hd = j * HB + tl.arange(0, HB)[:, None]
+        m = (hd < NH) & (i < HALF)
+        src = q_ptr + b * sq + hd * D + i
+        a = tl.load(src, mask=m, other=0.0).to(tl.float32)
+        bb = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
         oa, ob = _norm_rope(a, bb, qw_ptr, cos_row, sin_row, eps, D, HALF, dt)
-        dst = qo_ptr + b * NH * D + j * D
-        tl.store(dst + i, oa)
-        tl.store(dst + HALF + i, ob)
+        dst = qo_ptr + b * NH * D + hd * D + i
+        tl.store(dst, oa, mask=m)
+        tl.store(dst + HALF, ob, mask=m)
     else:
-        kh = j - NH
+        hd = (j - QB) * HB + tl.arange(0, HB)[:, None]
+        m = (hd < KVH) & (i < HALF)
         slot = tl.load(slots_ptr + b).to(tl.int64)
         pos = tl.load(starts_ptr + b).to(tl.int64)
-        src = k_ptr + b * KVH * D + kh * D
-        a = tl.load(src + i).to(tl.float32)
-        bb = tl.load(src + HALF + i).to(tl.float32)
+        src = k_ptr + b * skv + hd * D + i
+        a = tl.load(src, mask=m, other=0.0).to(tl.float32)
+        bb = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
         oa, ob = _norm_rope(a, bb, kw_ptr, cos_row, sin_row, eps, D, HALF, dt)
-        off = slot * sc_s + kh * sc_h + pos * sc_l
-        tl.store(kc_ptr + off + i, oa)
-        tl.store(kc_ptr + off + HALF + i, ob)
-        vsrc = v_ptr + b * KVH * D + kh * D
-        tl.store(vc_ptr + off + i, tl.load(vsrc + i))
-        tl.store(vc_ptr + off + HALF + i, tl.load(vsrc + HALF + i))
+        off = slot * sc_s + hd * sc_h + pos * sc_l + i
+        tl.store(kc_ptr + off, oa, mask=m)
+        tl.store(kc_ptr + off + HALF, ob, mask=m)
+        vsrc = v_ptr + b * skv + hd * D + i
+        tl.store(vc_ptr + off, tl.load(vsrc, mask=m), mask=m)
+        tl.store(vc_ptr + off + HALF, tl.load(vsrc + HALF, mask=m), mask=m)
 
 
 @triton.jit
@@ -167,15 +182,25 @@ def route(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, 
     return w, ids
 
 
+# Heads per program of the q/k norm + rotary kernel, and its warps, by row count: decode rows spread one head
+# per program over the SMs; prompt rows take 8 heads per program (H200, 2048 rows of the 235B: one head per
+# program 95 us, 8 heads with 4 warps 35-57 us; 8192 rows: 350 us against 95 us).
+QKV_POST_HEADS = {64: (1, 1), 1 << 30: (8, 4)}
+
+
 def qkv_post(q, k, v, attn, cos, sin, kv, slots, starts) -> torch.Tensor:
-    """q [B, NH*D], k/v [B, KVH*D] raw projections -> normed, rotated q [B, NH, D]; k, v written to the cache."""
+    """q [B, NH*D], k/v [B, KVH*D] raw projections (rows may be strided, e.g. views into one packed q/k/v
+    output) -> normed, rotated q [B, NH, D]; k, v written to the cache."""
     k_cache, v_cache = kv
     b = q.shape[0]
     nh, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and k.stride(0) == v.stride(0)
+    hb, warps = QKV_POST_HEADS[min(n for n in QKV_POST_HEADS if n >= b)]
     qo = torch.empty(b, nh, d, dtype=q.dtype, device=q.device)
-    _qkv_post_kernel[(b, nh + kvh)](q, k, v, attn.q_norm.weight, attn.k_norm.weight, cos, sin, slots, starts, qo,
-                                    k_cache, v_cache, attn.q_norm.eps, k_cache.stride(0), k_cache.stride(1),
-                                    k_cache.stride(2), NH=nh, KVH=kvh, D=d, num_warps=1)
+    grid = (b, triton.cdiv(nh, hb) + triton.cdiv(kvh, hb))
+    _qkv_post_kernel[grid](q, k, v, attn.q_norm.weight, attn.k_norm.weight, cos, sin, slots, starts, qo,
+                           k_cache, v_cache, attn.q_norm.eps, q.stride(0), k.stride(0), k_cache.stride(0),
+                           k_cache.stride(1), k_cache.stride(2), NH=nh, KVH=kvh, D=d, HB=hb, num_warps=warps)
     return qo
 
 
@@ -195,11 +220,16 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
     attn, mlp = layer.self_attn, layer.mlp
     t = h.shape[0]
     x = rmsnorm(h, layer.input_layernorm.weight, layer.input_layernorm.eps)
-    if attn.q_proj.bias is None:
+    # where cuBLAS projects (prompt rows): one GEMM for q, k and v over the packed weight (kernels.packing)
+    packed = packed_qkv(attn) if gemv_tile("qkv", t) is None else None
+    if packed is not None:
+        q, k, v = F.linear(x, packed).split([attn.q_proj.out_features, attn.k_proj.out_features,
+                                             attn.v_proj.out_features], dim=1)
+    elif attn.q_proj.bias is None:
         q, k, v = project("qkv", x, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
     else:
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    o = attend(qkv_post(q, k, v, attn, cos, sin, kv, row_slots, row_pos)).view(t, -1)
+    o = attend(qkv_post(q, k, v, attn, cos, sin, kv, row_slots, row_pos)).reshape(t, -1)
     o = project("o", o, attn.o_proj.weight)[0] if attn.o_proj.bias is None else attn.o_proj(o)
     h, x = rmsnorm(o, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps, residual=h)
     w, ids = route(project("router", x, mlp.gate.weight)[0], mlp.top_k, mlp.normalize)

@@ -19,16 +19,6 @@ from .attention import fast_cache_attention
 from .decode_layer import fused_layer, rmsnorm
 
 
-def row_tables(layout: SeqLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cache slot and cache position of every row of the step, [T] each (one host-to-device copy per step)."""
-    slots, pos = [], []
-    for slot, start, n in zip(layout.slots, layout.starts, layout.lens):
-        slots += [slot] * n
-        pos += range(start, start + n)
-    both = torch.tensor([slots, pos], dtype=torch.long).to(device, non_blocking=True)
-    return both[0], both[1]
-
-
 def _attend(kv: tuple[torch.Tensor, torch.Tensor], layout: SeqLayout, scale: float):
     return lambda q: fast_cache_attention(q, kv[0], kv[1], layout, scale)
 
@@ -41,7 +31,7 @@ def fused_forward(model, *, positions: torch.Tensor, layout: SeqLayout, cache: K
     t = model.cfg.text
     h = lm.embed_tokens(input_ids) if model.has_embed else hidden
     cos, sin = text_rope_tables(positions, t.head_dim, t.rope_theta, t.mrope_section, h.dtype)
-    row_slots, row_pos = row_tables(layout, h.device)
+    row_slots, row_pos = layout.row_tables(h.device)
     for idx in model.layer_ids:
         layer, kv = lm.layers[str(idx)], cache.layer(idx)
         h = fused_layer(layer, h, cos, sin, kv, row_slots, row_pos, _attend(kv, layout, layer.self_attn.scale))

@@ -43,6 +43,60 @@ def step_times(fn: Callable[[], object], steps: int) -> list[float]:
     return out
 
 
+def kernel_table(fn: Callable[[], object], top: int = 25, width: int = 90) -> tuple[float, list[tuple]]:
+    """CUDA kernel time of one call of ``fn`` by kernel name (torch.profiler): (total ms, [(ms, calls, name)]
+    for the ``top`` names by time). For probes on the GPU machine, never for tests."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    per, calls = collections.Counter(), collections.Counter()
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            name = e.name[:width]
+            per[name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            calls[name] += 1
+    return sum(per.values()) / 1e3, [(us / 1e3, calls[n], n) for n, us in per.most_common(top)]
+
+
+def kernel_gaps(fn: Callable[[], object], calls: int = 4, top: int = 8) -> dict:
+    """Run ``fn`` ``calls`` times back to back under torch.profiler: the GPU's busy time (sum of kernel times) against
+    the span from the first kernel's start to the last one's end, and the idle time between consecutive kernels
+    summed by the pair of kernels on either side, ``top`` pairs (total us, count, before, after): where the GPU
+    waits for the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    ev = sorted(((e.time_range.start, e.time_range.end, e.name[:60]) for e in prof.events()
+                 if e.device_type.name == "CUDA"), key=lambda x: x[0])
+    busy = sum(end - start for start, end, _ in ev)
+    by_pair: dict = {}
+    for a, b in zip(ev, ev[1:]):
+        total, n = by_pair.get((a[2], b[2]), (0.0, 0))
+        by_pair[(a[2], b[2])] = (total + max(0.0, b[0] - a[1]), n + 1)
+    gaps = sorted(by_pair.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"busy_ms": busy / 1e3, "span_ms": (ev[-1][1] - ev[0][0]) / 1e3,
+            "gaps_us": [(round(total, 1), n, before, after) for (before, after), (total, n) in gaps]}
+
+
+def print_kernel_table(fn: Callable[[], object], top: int = 25) -> float:
+    total, rows = kernel_table(fn, top)
+    print(f"kernel time total {total:.3f} ms")
+    for ms, n, name in rows:
+        print(f"{ms:8.3f} ms {n:5d}x  {name}")
+    return total
+
+
 def copy_bandwidth_gbs(gib: float = 4.0) -> float:
     """Device-to-device copy of a ``gib`` GiB buffer: (bytes read + bytes written) / time, in GB/s."""
     n = int(gib * 2**30)

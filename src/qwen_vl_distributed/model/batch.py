@@ -46,5 +46,27 @@ class SeqLayout:
         """Device copies of the per-sequence lists, built once per step and shared by every layer."""
         key = (name, str(device))
         if key not in self._cache:
-            self._cache[key] = torch.tensor(getattr(self, name), dtype=torch.long, device=device)
+            self._cache[key] = to_device(torch.tensor(getattr(self, name), dtype=torch.long), device)
         return self._cache[key]
+
+    def row_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache slot and cache position of every row of the step, [T] each, built once per step (vectorised: a
+        Python list of an 8k prompt's rows took ~2 ms of host time while the GPU waited)."""
+        key = ("rows", str(device))
+        if key not in self._cache:
+            lens = torch.tensor(self.lens, dtype=torch.long)
+            shift = torch.tensor(self.starts, dtype=torch.long) - torch.tensor(self.offsets()[:-1], dtype=torch.long)
+            both = torch.stack([torch.tensor(self.slots, dtype=torch.long).repeat_interleave(lens),
+                                torch.arange(int(lens.sum())) + shift.repeat_interleave(lens)])
+            both = to_device(both, device)
+            self._cache[key] = (both[0], both[1])
+        return self._cache[key]
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device`` without a stream sync: a copy from pageable memory waits for the GPU to drain,
+    a copy from pinned memory does not (torch's caching host allocator reuses the pinned block once the copy has
+    run)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -24,6 +24,12 @@ def mrope_axis_map(half_dim: int, section: tuple[int, int, int]) -> tuple[int, .
     return tuple(axis)
 
 
+@functools.lru_cache(maxsize=16)
+def _axis_tensor(half_dim: int, section: tuple[int, int, int], device: str) -> torch.Tensor:
+    """``mrope_axis_map`` on the device, made once (a copy per step would wait for the GPU to drain)."""
+    return torch.tensor(mrope_axis_map(half_dim, section), device=device)
+
+
 def text_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
 
@@ -32,7 +38,7 @@ def text_rope_tables(positions: torch.Tensor, head_dim: int, theta: float, secti
                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [3, T] (long) -> cos, sin [T, head_dim] in ``dtype`` (computed in fp32, cast like the reference)."""
     inv = text_inv_freq(head_dim, theta, positions.device)  # [D/2]
-    axis = torch.tensor(mrope_axis_map(head_dim // 2, tuple(section)), device=positions.device)
+    axis = _axis_tensor(head_dim // 2, tuple(section), str(positions.device))
     # angle[t, j] = positions[axis[j], t] * inv[j]
     pos = positions.float()[axis]  # [D/2, T]
     freqs = pos.transpose(0, 1) * inv  # [T, D/2]
