@@ -1,5 +1,5 @@
 """On a GPU machine: where a prefill layer's time goes (real 235B text dims, random weights, bf16), through the
-fused text step that 'fast' runs (kernels.fast_forward): wall time per layer and MFU, CUDA kernel time by kernel
+model's forward with the 'fused' layer impl (kernels.fast_forward): wall time per layer and MFU, CUDA kernel time by kernel
 name, and the q/k/v stage's options (packed q/k/v GEMM; heads per program of the q/k norm + rotary kernel).
 
     PYTHONPATH=src python3 scripts/prefill_profile.py [--tokens 2048 8192] [--layers 2]
@@ -14,7 +14,6 @@ import torch
 
 from qwen_vl_distributed.kernels import decode_layer, enable_fast_paths
 from qwen_vl_distributed.kernels.bench_models import default_dtype, prefill_layer_flops, randomize_
-from qwen_vl_distributed.kernels.fast_forward import fused_forward
 from qwen_vl_distributed.kernels.timing import cuda_time, kernel_gaps, matmul_tflops, print_kernel_table
 from qwen_vl_distributed.model.batch import SeqLayout
 from qwen_vl_distributed.model.config import preset
@@ -48,7 +47,7 @@ def main():
         x = 0.02 * torch.randn(n, t.hidden_size, device="cuda", dtype=BF16)
         pos = torch.arange(n, device="cuda").expand(3, n)
         layout = SeqLayout([0], [0], [n])
-        step = lambda: fused_forward(model, positions=pos, layout=layout, cache=cache, hidden=x)  # noqa: E731
+        step = lambda: model(positions=pos, layout=layout, cache=cache, hidden=x)  # noqa: E731
 
         def wall(label):
             ms = cuda_time(step, iters=2, reps=7, warmup=3) / a.layers

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from qwen_vl_distributed.kernels import enable_fast_paths, register
+from qwen_vl_distributed.kernels import enable_fast_paths, module_layers, register
 from qwen_vl_distributed.kernels.attention import prefill_attention
 from qwen_vl_distributed.kernels.cuda_graph import DecodeGraphs, GraphedStage
 from qwen_vl_distributed.kernels.grouped import grouped_experts, has_grouped_mm
@@ -394,18 +394,39 @@ def test_fused_forward_equals_model_forward_on_mixed_step(tiny):
     _assert_fused_step_equals_model(m, cache, layout, pos, rows=list(range(9)))
 
 
-def _assert_fused_step_equals_model(m, cache, layout, pos, rows):
-    """fused_forward against the model's forward on one step: logits of ``rows`` and every layer's cache writes."""
-    from qwen_vl_distributed.kernels.fast_forward import fused_forward
-
-    ids = torch.randint(0, 1000, (layout.num_tokens,))
+def _assert_fused_step_equals_model(m, cache, layout, pos, rows, ids=None, visual=None):
+    """The 'fused' layer impl against the modules' layers on one step: logits of ``rows`` and every layer's
+    cache writes."""
+    ids = torch.randint(0, 1000, (layout.num_tokens,)) if ids is None else ids
     ref_cache = copy.deepcopy(cache)
+    m.set_impl(layer="fused")
     with torch.no_grad():
-        ref = m(positions=pos, layout=layout, cache=ref_cache, input_ids=ids, logits_rows=rows)
-        out = fused_forward(m, positions=pos, layout=layout, cache=cache, input_ids=ids, logits_rows=rows)
+        with module_layers(m):
+            ref = m(positions=pos, layout=layout, cache=ref_cache, input_ids=ids, visual=visual, logits_rows=rows)
+        out = m(positions=pos, layout=layout, cache=cache, input_ids=ids, visual=visual, logits_rows=rows)
     assert rel(out, ref) < 1e-5
     for i in m.layer_ids:
         assert rel(cache.k[i], ref_cache.k[i]) < 1e-5 and rel(cache.v[i], ref_cache.v[i]) < 1e-5
+
+
+@needs_triton
+def test_fused_layers_on_a_prompt_with_an_image_and_a_video(tiny):
+    """Steps with images and videos run the fused layers too: the features written over the placeholder rows and
+    the DeepStack additions happen in the model's forward around them."""
+    from mm_inputs import IMG, VID, chat, image_tokens, pixels, video_tokens
+    from qwen_vl_distributed.model.positions import rope_positions, token_types
+    from qwen_vl_distributed.model.qwen3_vl import VisualInputs
+
+    cfg = tiny[0]
+    m, cache, _, _, _ = _decode_case(tiny[1], torch.float32, max_len=160)
+    ids = chat([100] + image_tokens(8, 12) + [200] + video_tokens(2, 4, 6) + [300])
+    types = token_types(ids, cfg.image_token_id, cfg.video_token_id)
+    pos, _ = rope_positions(types, [(1, 8, 12)], [(2, 4, 6)], cfg.vision.spatial_merge_size)
+    tt = torch.tensor(ids)
+    visual = VisualInputs(pixels(96, cfg.vision.patch_dim, 1), [(1, 8, 12)], pixels(48, cfg.vision.patch_dim, 2),
+                          [(2, 4, 6)], tt == IMG, tt == VID)
+    layout = SeqLayout(slots=[0], starts=[0], lens=[len(ids)])
+    _assert_fused_step_equals_model(m, cache, layout, pos, list(range(len(ids))), tt, visual)
 
 
 @needs_triton

@@ -6,15 +6,20 @@
 - cache attention (model.attention.CACHE_ATTENTION_IMPLS): split-KV Triton decode, SDPA (cuDNN first) for prompts
   (kernels.attention.fast_cache_attention);
 - vision attention (model.vision.VISION_ATTENTION_IMPLS): the 2-D rotary as one Triton kernel, then one SDPA /
-  varlen flash per image (kernels.vision_attention.fast_vision_attention).
+  varlen flash per image (kernels.vision_attention.fast_vision_attention);
+and the name 'fused' to the decoder-layer registry (model.decoder.DECODER_LAYER_IMPLS): the whole layer step through
+the fused layer kernels (kernels.fast_forward), for every step the decode graphs do not replay.
 ``enable_fast_paths(model)`` registers them, selects them on a model and packs each layer's q/k/v weights into one
-buffer (kernels.packing). Importing this package imports no Triton
-and touches no GPU: the Triton modules load on first use on a CUDA tensor, so CPU runs and CI never need either.
+buffer (kernels.packing). Importing this package imports no Triton and touches no GPU: the Triton modules load on
+first use on a CUDA tensor, so CPU runs and CI never need either.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 from ..model.attention import register_cache_attention
+from ..model.decoder import register_decoder_layer_impl
 from ..model.moe import register_experts_impl
 from ..model.vision import VISION_ATTENTION_IMPLS
 
@@ -23,6 +28,19 @@ def _triton_experts(x, topk_ids, topk_w, gate_up, down):
     from .moe_triton import fused_experts
 
     return fused_experts(x, topk_ids, topk_w, gate_up, down)
+
+
+def _fused_layer(layer, h, rope, kv, layout):
+    from .fast_forward import fused_decoder_layer
+
+    return fused_decoder_layer(layer, h, rope, kv, layout)
+
+
+def fused_layers_fit(model) -> bool:
+    """Whether the fused layer kernels take this model: on CUDA, with a power-of-two head_dim >= 16 (128 in the
+    released models)."""
+    d = model.cfg.text.head_dim
+    return next(model.parameters()).is_cuda and d >= 16 and d & (d - 1) == 0
 
 
 def register() -> None:
@@ -35,16 +53,20 @@ def register() -> None:
     register_experts_impl("triton", _triton_experts)
     register_cache_attention("fast", fast_cache_attention)
     VISION_ATTENTION_IMPLS["fast"] = fast_vision_attention
+    register_decoder_layer_impl("fused", _fused_layer)
 
 
 def enable_fast_paths(model, experts: str = "fast", attention: str = "fast", vision_attention: str = "fast",
-                      vision_graphs: bool = True):
+                      vision_graphs: bool = True, layer: str | None = None):
     """Register the fast implementations and select them on ``model`` (a Qwen3VLMoe stage), and (on CUDA) replay
-    its vision tower from per-shape CUDA graphs. Returns the model."""
+    its vision tower from per-shape CUDA graphs. ``layer``: the decoder-layer impl, by default 'fused' where
+    ``fused_layers_fit`` (else the module's own forward around the fast attention and experts). Returns the model."""
     from .packing import pack_qkv
 
     register()
-    model.set_impl(experts=experts, attention=attention, vision_attention=vision_attention)
+    if layer is None:
+        layer = "fused" if fused_layers_fit(model) else "reference"
+    model.set_impl(experts=experts, attention=attention, vision_attention=vision_attention, layer=layer)
     pack_qkv(model)  # one q/k/v GEMM for prompts (the parameters become views of one buffer)
     if vision_graphs and next(model.parameters()).is_cuda:
         from .vision_graph import enable_vision_graphs
@@ -53,9 +75,24 @@ def enable_fast_paths(model, experts: str = "fast", attention: str = "fast", vis
     return model
 
 
+@contextlib.contextmanager
+def module_layers(model):
+    """Inside the block, ``model``'s decoder layers run the modules' own forward (around whichever attention and
+    experts impls are selected): what the fused layers are held against."""
+    layers = [m for m in model.modules() if type(m).__name__ == "DecoderLayer"]
+    before = [layer.impl for layer in layers]
+    for layer in layers:
+        layer.impl = "reference"
+    try:
+        yield model
+    finally:
+        for layer, impl in zip(layers, before):
+            layer.impl = impl
+
+
 def use_reference(model):
     """Select the plain PyTorch references again (what the parity tests hold the fast paths against)."""
-    model.set_impl(experts="reference", attention="reference", vision_attention="reference")
+    model.set_impl(experts="reference", attention="reference", vision_attention="reference", layer="reference")
     if model.has_vision:
         model.model.visual.runner = None
     return model

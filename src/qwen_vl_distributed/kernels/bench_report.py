@@ -72,8 +72,8 @@ def render(res: dict) -> str:
             + f" -> {'pass' if k.get('pass') else 'FAIL'}")
     if "logits" in par:
         lg = par["logits"]
-        lines.append(f"logits vs HF (rel L2): fast {lg['rel_fast_vs_hf']:.2e}, fused forward "
-                     f"{lg.get('rel_fused_forward_vs_hf', float('nan')):.2e}, reference {lg['rel_ref_vs_hf']:.2e}, "
+        lines.append(f"logits vs HF (rel L2): fast {lg['rel_fast_vs_hf']:.2e}, module layers with fast impls "
+                     f"{lg.get('rel_module_fast_vs_hf', float('nan')):.2e}, reference {lg['rel_ref_vs_hf']:.2e}, "
                      f"HF eager vs grouped {lg['rel_hf_eager_vs_grouped']:.2e}; tolerance {lg['tolerance']:.2e}; "
                      f"top-1 agree {lg['top1_agree']:.3f} -> {'pass' if lg['pass'] else 'FAIL'}")
     if "greedy" in par:

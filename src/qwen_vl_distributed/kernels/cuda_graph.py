@@ -22,6 +22,7 @@ from ..model.batch import SeqLayout
 from ..model.kv_cache import KVCache
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..model.rope import mrope_axis_map, text_inv_freq
+from . import fused_layers_fit
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 
@@ -39,8 +40,7 @@ class DecodeGraphs:
         self.buckets = tuple(sorted(set(buckets)))
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        d = model.cfg.text.head_dim  # the fused kernels take power-of-two head dims (128 in the released models)
-        self.fused = (self.device.type == "cuda" and d >= 16 and d & (d - 1) == 0) if fused is None else fused
+        self.fused = fused_layers_fit(model) if fused is None else fused
         t = model.cfg.text
         n = self.buckets[-1]
         dev = self.device
@@ -160,16 +160,14 @@ class DecodeGraphs:
 
 
 class GraphedStage:
-    """Drop-in for a stage model's forward: decode steps that fit a bucket replay a graph; other text-only steps
-    run eagerly through the fused layer kernels (kernels.fast_forward); steps with images or videos run the
-    model's own forward."""
+    """Drop-in for a stage model's forward: decode steps that fit a bucket replay a graph; every other step runs
+    the model's own forward (with ``enable_fast_paths``, its layers run the 'fused' layer impl)."""
 
     def __init__(self, model: Qwen3VLMoe, cache: KVCache, scratch_slot: int | None = None,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS, fused: bool | None = None):
         self.model = model
         self.graphs = DecodeGraphs(model, cache, scratch_slot, buckets, fused)
         self.graphs.capture()
-        self.fused = self.graphs.fused
 
     def __getattr__(self, name):  # has_head, has_embed, layer_ids, ... come from the model
         return getattr(self.model, name)
@@ -178,11 +176,5 @@ class GraphedStage:
         if (cache is self.graphs.cache and layout.is_decode and visual is None and logits_rows is None
                 and len(layout.slots) <= self.graphs.buckets[-1]):
             return self.graphs.run(positions=positions, layout=layout, input_ids=input_ids, hidden=hidden)
-        if self.fused and visual is None:
-            from .fast_forward import fused_forward
-
-            with torch.inference_mode():
-                return fused_forward(self.model, positions=positions, layout=layout, cache=cache, input_ids=input_ids,
-                                     hidden=hidden, logits_rows=logits_rows)
         return self.model(positions=positions, layout=layout, cache=cache, input_ids=input_ids, hidden=hidden,
                           visual=visual, logits_rows=logits_rows)

@@ -99,9 +99,13 @@ class Qwen3VLMoe(nn.Module):
         p = next(self.parameters())
         return KVCache(self.cfg.text, self.layer_ids, num_slots, max_len, dtype or p.dtype, device or p.device)
 
-    def set_impl(self, experts: str | None = None, attention: str | None = None, vision_attention: str | None = None):
-        """Choose the implementation behind each kernel interface (see model.moe / model.attention / model.vision)."""
+    def set_impl(self, experts: str | None = None, attention: str | None = None, vision_attention: str | None = None,
+                 layer: str | None = None):
+        """Choose the implementation behind each kernel interface (see model.moe / model.attention / model.vision /
+        model.decoder)."""
         for m in self.modules():
+            if layer and type(m).__name__ == "DecoderLayer":
+                m.impl = layer
             if experts and type(m).__name__ == "Experts":
                 m.impl = experts
             if attention and type(m).__name__ == "TextAttention":

@@ -6,7 +6,9 @@ once at start-up and passed in -- nothing reaches for globals.
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -55,6 +57,8 @@ def init_distributed(rank: int, world: int, init_method: str, backend: str, devi
     ``connect_timeout_s``; the gloo control group with the long one, since loading a big stage takes minutes."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack of this stage (a hang's where)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     kw = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=timedelta(seconds=connect_timeout_s), **kw)

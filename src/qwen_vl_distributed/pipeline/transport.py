@@ -178,5 +178,5 @@ class Transport:
         elif "closed" in msg.lower() or "reset" in msg.lower():
             why = "closed its connection (it died, or stopped on an error of its own)"
         else:
-            why = f"failed: {msg[:200]}"
-        return StageFailure(f"{who} {why}; seen by {me}")
+            return StageFailure(f"{who} failed: {msg[:200]}; seen by {me}")
+        return StageFailure(f"{who} {why}; seen by {me} ({msg[:160]})")  # (the transport's own words)
