@@ -478,3 +478,17 @@ def test_packed_qkv_recognises_only_views_of_one_buffer():
     for lin, part in zip((attn.q_proj, attn.k_proj, attn.v_proj), parts):
         lin.weight = torch.nn.Parameter(part)  # views of one buffer
     assert torch.equal(packed_qkv(attn), buf)
+
+
+def test_fit_stages_keeps_the_bf16_tiles_and_shrinks_float32_ones_into_shared_memory():
+    """The tuned tiles keep their stages in bf16; float32 (twice the bytes) drops stages to fit, e.g. a 64-row
+    GEMV (BM 64, BN 64, BK 128: 256 KB at 4 stages, which the H200 refused) and the prefill expert tiles."""
+    from qwen_vl_distributed.kernels import moe_triton as mt
+    from qwen_vl_distributed.kernels.tiles import STAGE_BUDGET_BYTES, fit_stages
+
+    for c in [*mt.CONFIGS.values(), *mt.CANDIDATES, *mt.PREFILL_CANDIDATES]:
+        assert fit_stages(c.stages, (c.bm + 2 * c.bn) * c.bk, 2) == c.stages
+        assert fit_stages(c.down_stages, (c.bm + c.down_bn) * c.down_bk, 2) == c.down_stages
+        s = fit_stages(c.stages, (c.bm + 2 * c.bn) * c.bk, 4)
+        assert 1 <= s < c.stages or s == c.stages and s * (c.bm + 2 * c.bn) * c.bk * 4 <= STAGE_BUDGET_BYTES
+    assert fit_stages(4, (64 + 64) * 128, 4) == 3 and fit_stages(4, (64 + 64) * 128, 2) == 4

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import load_k_tile
+from .tiles import fit_stages, load_k_tile
 
 BN, BK, WARPS, STAGES = 32, 256, 4, 4
 
@@ -58,6 +58,7 @@ def linear_small(x: torch.Tensor, *weights: torch.Tensor, bn: int = BN, bk: int 
     ys = outs + [outs[0]] * (3 - len(outs))
     ns = [w.shape[0] for w in weights] + [0] * (3 - len(weights))
     grid = (sum(triton.cdiv(n, bn) for n in ns),)
-    _gemv_kernel[grid](x, *ws, *ys, b, k, *ns, BM=max(16, triton.next_power_of_2(b)), BN=bn, BK=bk,
-                       EVEN_K=k % bk == 0, num_warps=warps, num_stages=stages)
+    bm = max(16, triton.next_power_of_2(b))
+    _gemv_kernel[grid](x, *ws, *ys, b, k, *ns, BM=bm, BN=bn, BK=bk, EVEN_K=k % bk == 0, num_warps=warps,
+                       num_stages=fit_stages(stages, (bm + bn) * bk, x.element_size()))
     return tuple(outs)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import load_k_tile
+from .tiles import fit_stages, load_k_tile
 from .timing import cuda_time
 
 # The single-program align kernel holds all pairs in one block (a sort of next_pow2(P) keys); above this, the
@@ -375,7 +375,7 @@ def gate_up_pairs(x: torch.Tensor, routed: torch.Size, rows: torch.Tensor, block
     _gate_up_kernel[grid](
         x, arg, h, rows, block_expert, p, h_dim, inter, K=k, E=e, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
         EVEN_K=h_dim % cfg.bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split, TMA=tma, num_warps=cfg.warps,
-        num_stages=_stages(cfg.stages, x))
+        num_stages=fit_stages(cfg.stages, (cfg.bm + 2 * cfg.bn) * cfg.bk, x.element_size()))  # x; gate, up
     return h
 
 
@@ -390,7 +390,8 @@ def down_pairs(h: torch.Tensor, topk_w: torch.Tensor, rows: torch.Tensor, block_
     _down_kernel[grid](
         h, arg, y, topk_w.reshape(-1).to(h.dtype), rows, block_expert, p, h_dim, inter, E=e, BM=cfg.bm,
         BN=cfg.down_bn, BK=cfg.down_bk, EVEN_K=inter % cfg.down_bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split,
-        TMA=tma, num_warps=cfg.down_warps, num_stages=_stages(cfg.down_stages, h))
+        TMA=tma, num_warps=cfg.down_warps,
+        num_stages=fit_stages(cfg.down_stages, (cfg.bm + cfg.down_bn) * cfg.down_bk, h.element_size()))
     return y
 
 
@@ -411,11 +412,6 @@ def _grid(blocks: int, col_tiles: int, cfg: MoeConfig) -> tuple[tuple[int, int],
     """(launch grid, whether it is column-first): cfg's order, unless the blocks exceed the grid's y limit."""
     cols_first = cfg.cols_first and blocks <= MAX_GRID_Y
     return ((col_tiles, blocks) if cols_first else (blocks, col_tiles)), cols_first
-
-
-def _stages(stages: int, x: torch.Tensor) -> int:
-    """The tiles were sized for 16-bit operands: 4-byte ones get at most 2 stages to fit in shared memory."""
-    return min(stages, 2) if x.element_size() > 2 else stages
 
 
 

@@ -1,4 +1,5 @@
-"""Triton pieces the matmul kernels share (inlined into each kernel that calls them)."""
+"""Triton pieces the matmul kernels share (inlined into each kernel that calls them), and the host-side rule for
+how many pipeline stages of operand tiles fit in shared memory."""
 
 from __future__ import annotations
 
@@ -15,3 +16,15 @@ def load_k_tile(ptrs, row_mask, k0, kk, KD, EVEN_K: tl.constexpr):
     else:
         tile = tl.load(ptrs, mask=row_mask[:, None] & ((k0 + kk) < KD)[None, :], other=0.0)
     return tile
+
+
+# Shared memory the pipelined operand tiles may take (an H200 block gets 227 KB; the rest is left to the epilogue):
+# the largest bf16 tile set that runs on the H200, the decode expert candidate BN 64 / BK 256 with 3 stages.
+STAGE_BUDGET_BYTES = 216 * 1024
+
+
+def fit_stages(stages: int, tile_elems_per_stage: int, element_size: int) -> int:
+    """``stages``, lowered until that many stages of the operand tiles fit the budget (at least 1). The tile
+    shapes were tuned for 16-bit operands; float32 runs the same tiles with fewer stages."""
+    per_stage = tile_elems_per_stage * element_size
+    return max(1, min(stages, STAGE_BUDGET_BYTES // per_stage))
