@@ -98,3 +98,19 @@ def test_generate_with_a_video_file_uses_the_release_prompt_format(model_dir, tm
     starts = [i for i, t in enumerate(ids) if t == vstart]
     assert len(starts) == 2 and all(ids[i - 1] != vend and ids[i - 1] != vstart for i in starts)
     assert ids.count(vend) == 2
+
+
+def test_bench_pipeline_on_cpu_reports_each_phase(tmp_path):
+    """The pipeline benchmark end to end on CPU (tiny random model, 2 stage processes): latency, throughput, and
+    each stage's busy time split into warm-up, one-sequence and throughput phases."""
+    out = tmp_path / "b.json"
+    r = _run("bench-pipeline", "--preset", "tiny", "--layers", "4", "--stages", "2", "--device", "cpu",
+             "--sequences", "2", "--prompt-len", "16", "--new-tokens", "4", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert len(res["plan"]) == 2 and res["plan"][0][0] == 0 and res["plan"][-1][1] == 4
+    assert res["throughput"]["sequences"] == 2 and res["throughput"]["tokens_per_s"] > 0
+    for stage in res["stage_busy_s"]:
+        # one sequence, 4 new tokens: its prompt step and 3 decode steps
+        assert stage["single"]["steps"] == 4 and stage["warmup"]["steps"] > 0 and stage["throughput"]["steps"] > 0
+        assert all(stage[p]["busy_s"] > 0 for p in ("warmup", "single", "throughput"))

@@ -38,6 +38,22 @@ def _run_batch(engine, n: int, prompt_len: int, new: int, seed: int) -> tuple[fl
     return time.perf_counter() - t0, seqs
 
 
+def _phases(snaps: list[list[dict]]) -> list[dict]:
+    """Per stage: busy seconds and steps of the warm-up (with compiling), the one-sequence run and the throughput
+    run, from cumulative stats taken after each. A step's GPU time is read once its events have completed, so a
+    phase's last steps may count in the next phase."""
+    out = []
+    for stage in range(len(snaps[-1])):
+        row = {"stage": snaps[-1][stage]["stage"]}
+        prev = {"busy_s": 0.0, "steps": 0}
+        for name, snap in zip(("warmup", "single", "throughput"), snaps):
+            cur = snap[stage] if stage < len(snap) else prev
+            row[name] = {"busy_s": round(cur["busy_s"] - prev["busy_s"], 4), "steps": cur["steps"] - prev["steps"]}
+            prev = cur
+        out.append(row)
+    return out
+
+
 def run(args) -> int:
     n_seq = args.sequences or 4 * args.stages
     opts = RunOptions(model=None, stages=args.stages, device=args.device,
@@ -48,11 +64,13 @@ def run(args) -> int:
     try:
         engine = handle.engine
         _run_batch(engine, n_seq, args.prompt_len, 4, seed=1)  # warm-up at the measured shapes (Triton, NCCL)
+        snaps = [engine.executor.stage_stats()]
         _, (one,) = _run_batch(engine, 1, args.prompt_len, args.new_tokens, seed=2)
         per_token = (one.t_done - one.t_first_token) / (len(one.output) - 1)
+        snaps.append(engine.executor.stage_stats())
         elapsed, seqs = _run_batch(engine, n_seq, args.prompt_len, args.new_tokens, seed=3)
         tokens = sum(len(s.output) for s in seqs)
-        stats = engine.executor.stage_stats()
+        snaps.append(engine.executor.stage_stats())
     finally:
         handle.close()
     result = {
@@ -65,7 +83,7 @@ def run(args) -> int:
                             "decode_ms_per_layer": round(per_token * 1e3 / args.layers, 4)},
         "throughput": {"sequences": n_seq, "new_tokens_each": args.new_tokens, "seconds": round(elapsed, 3),
                        "tokens_per_s": round(tokens / elapsed, 1)},
-        "stage_busy_s": stats,
+        "stage_busy_s": _phases(snaps),
     }
     print(json.dumps(result, indent=2))
     if args.json:
