@@ -78,7 +78,7 @@ def main():
         old_packed = decode_layer.packed_qkv
         decode_layer.packed_qkv = lambda _attn: None
         decode_layer.QKV_POST_HEADS[1 << 30] = (1, 1)
-        wall("as session 9 (three q/k/v GEMMs, one head per program)")
+        wall("three q/k/v GEMMs, one head per program")
         decode_layer.packed_qkv = old_packed
         decode_layer.QKV_POST_HEADS.update(heads_default)
         wall("default again")

@@ -338,7 +338,8 @@ def test_decode_layer_matches_module(tiny, dtype):
     h = torch.randn(3, m.cfg.text.hidden_size).to(dtype)
     fused_cache = copy.deepcopy(cache)
     with torch.no_grad():
-        ref = layer(h, rope, cache.layer(1), layout)
+        with module_layers(m):
+            ref = layer(h, rope, cache.layer(1), layout)
         out = decode_layer(layer, h, *rope, fused_cache.layer(1), layout.tensor("slots", "cpu"),
                            layout.tensor("starts", "cpu"))
     tol = 1e-5 if dtype == torch.float32 else 2e-3
@@ -363,7 +364,7 @@ def test_fused_decode_graph_step_equals_forward(tiny):
     m, cache, layout, pos, _ = _decode_case(tiny[1], torch.float32)
     ids = torch.tensor([11, 12, 13])
     ref_cache = copy.deepcopy(cache)
-    with torch.no_grad():
+    with torch.no_grad(), module_layers(m):
         ref = m(positions=pos, layout=layout, cache=ref_cache, input_ids=ids)
     graphs = DecodeGraphs(m, cache, buckets=(4,), fused=True)
     out = graphs.run(positions=pos, layout=layout, input_ids=ids)
@@ -481,14 +482,45 @@ def test_packed_qkv_recognises_only_views_of_one_buffer():
 
 
 def test_fit_stages_keeps_the_bf16_tiles_and_shrinks_float32_ones_into_shared_memory():
-    """The tuned tiles keep their stages in bf16; float32 (twice the bytes) drops stages to fit, e.g. a 64-row
-    GEMV (BM 64, BN 64, BK 128: 256 KB at 4 stages, which the H200 refused) and the prefill expert tiles."""
+    """The tuned tiles keep their stages in bf16; float32 (twice the bytes) drops stages to fit: a 64-row GEMV
+    (BM 64, BN 64, BK 128: 256 KB at 4 stages, which the H200 refused) and the prefill expert tiles."""
     from qwen_vl_distributed.kernels import moe_triton as mt
-    from qwen_vl_distributed.kernels.tiles import STAGE_BUDGET_BYTES, fit_stages
+    from qwen_vl_distributed.kernels.tiles import fit_stages
 
     for c in [*mt.CONFIGS.values(), *mt.CANDIDATES, *mt.PREFILL_CANDIDATES]:
         assert fit_stages(c.stages, (c.bm + 2 * c.bn) * c.bk, 2) == c.stages
         assert fit_stages(c.down_stages, (c.bm + c.down_bn) * c.down_bk, 2) == c.down_stages
-        s = fit_stages(c.stages, (c.bm + 2 * c.bn) * c.bk, 4)
-        assert 1 <= s < c.stages or s == c.stages and s * (c.bm + 2 * c.bn) * c.bk * 4 <= STAGE_BUDGET_BYTES
-    assert fit_stages(4, (64 + 64) * 128, 4) == 3 and fit_stages(4, (64 + 64) * 128, 2) == 4
+    assert fit_stages(4, (64 + 64) * 128, 4) == 3 and fit_stages(4, (64 + 64) * 128, 2) == 4  # GEMV, 64 rows
+    pre = mt.CONFIGS[1 << 30]  # prefill: gate/up 96 KB and down 96 KB per stage in float32
+    assert fit_stages(pre.stages, (pre.bm + 2 * pre.bn) * pre.bk, 4) == 2
+    assert fit_stages(pre.down_stages, (pre.bm + pre.down_bn) * pre.down_bk, 4) == 2
+    assert fit_stages(3, 1 << 20, 2) == 1  # a tile too big for any stage count still gets one
+
+
+def test_unfused_decode_graph_step_runs_the_modules_even_when_the_layers_are_fused(tiny, monkeypatch):
+    """DecodeGraphs(fused=False) means the modules' forward: it must not take the 'fused' layer impl, whose row
+    tables are a host-to-device copy (never inside a graph capture)."""
+    from qwen_vl_distributed.model import batch
+
+    m, cache, layout, pos, _ = _decode_case(tiny[1], torch.float32)
+    m.set_impl(layer="fused")
+    ids = torch.tensor([11, 12, 13])
+    ref_cache = copy.deepcopy(cache)
+    with torch.no_grad(), module_layers(m):
+        ref = m(positions=pos, layout=layout, cache=ref_cache, input_ids=ids)
+    monkeypatch.setattr(batch, "to_device", lambda *a: pytest.fail("row tables built in a graph step"))
+    out = DecodeGraphs(m, cache, buckets=(4,), fused=False).run(positions=pos, layout=layout, input_ids=ids)
+    assert rel(out, ref) < 1e-6
+    assert {layer.impl for layer in m.model.language_model.layers.values()} == {"fused"}
+
+
+def test_fused_layers_are_the_default_only_with_fast_experts_and_attention(tiny, monkeypatch):
+    import qwen_vl_distributed.kernels as kernels
+
+    monkeypatch.setattr(kernels, "fused_layers_fit", lambda model: True)  # as on a GPU
+    m = copy.deepcopy(tiny[1])
+    impls = lambda: {layer.impl for layer in m.model.language_model.layers.values()}  # noqa: E731
+    kernels.enable_fast_paths(m, vision_graphs=False)
+    assert impls() == {"fused"}
+    kernels.enable_fast_paths(m, experts="reference", vision_graphs=False)  # the fused layer has its own experts
+    assert impls() == {"reference"}

@@ -3,6 +3,7 @@ real dimensions: per-token latency of one sequence, and throughput with several 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -28,11 +29,14 @@ def add_parser(sub) -> None:
 
 
 def _run_batch(engine, n: int, prompt_len: int, new: int, seed: int) -> tuple[float, list]:
-    # each batch its own prompts: a prompt seen before would start from its cached prefix (prefix reuse)
+    # Each batch its own prompts: a prompt seen before would start from its cached prefix (prefix reuse). Seeded
+    # sampling at temperature 1, not greedy: greedy decoding of random weights falls into repeating one token, and
+    # how many sequences of a step repeat the same token sets how many experts the step reads -- a code change
+    # that moves a near-tie would change the work measured. Sampled tokens spread over the vocabulary instead.
     g = torch.Generator().manual_seed(seed)
-    params = SamplingParams(temperature=0.0, max_new_tokens=new, stop_token_ids=())
-    seqs = [engine.add(Prompt(torch.randint(1000, 100000, (prompt_len,), generator=g).tolist()), params)
-            for _ in range(n)]
+    seqs = [engine.add(Prompt(torch.randint(1000, 100000, (prompt_len,), generator=g).tolist()),
+                       SamplingParams(temperature=1.0, seed=seed * 1000 + i, max_new_tokens=new, stop_token_ids=()))
+            for i in range(n)]
     t0 = time.perf_counter()
     engine.run_until_done()
     return time.perf_counter() - t0, seqs
@@ -82,7 +86,9 @@ def run(args) -> int:
                             "decode_ms_per_token": round(per_token * 1e3, 3),
                             "decode_ms_per_layer": round(per_token * 1e3 / args.layers, 4)},
         "throughput": {"sequences": n_seq, "new_tokens_each": args.new_tokens, "seconds": round(elapsed, 3),
-                       "tokens_per_s": round(tokens / elapsed, 1)},
+                       "tokens_per_s": round(tokens / elapsed, 1),
+                       "distinct_tokens": len({t for s in seqs for t in s.output}),
+                       "outputs_digest": hashlib.sha256(json.dumps([s.output for s in seqs]).encode()).hexdigest()[:16]},
         "stage_busy_s": _phases(snaps),
     }
     print(json.dumps(result, indent=2))

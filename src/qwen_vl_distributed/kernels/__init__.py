@@ -60,12 +60,15 @@ def enable_fast_paths(model, experts: str = "fast", attention: str = "fast", vis
                       vision_graphs: bool = True, layer: str | None = None):
     """Register the fast implementations and select them on ``model`` (a Qwen3VLMoe stage), and (on CUDA) replay
     its vision tower from per-shape CUDA graphs. ``layer``: the decoder-layer impl, by default 'fused' where
-    ``fused_layers_fit`` (else the module's own forward around the fast attention and experts). Returns the model."""
+    ``fused_layers_fit`` and the experts and attention are 'fast' (the fused layer has those built in); else the
+    modules' own forward around the chosen attention and experts. Moves the q/k/v weights (kernels.packing): call it
+    before capturing graphs. Returns the model."""
     from .packing import pack_qkv
 
     register()
     if layer is None:
-        layer = "fused" if fused_layers_fit(model) else "reference"
+        fast = experts == "fast" and attention == "fast"
+        layer = "fused" if fast and fused_layers_fit(model) else "reference"
     model.set_impl(experts=experts, attention=attention, vision_attention=vision_attention, layer=layer)
     pack_qkv(model)  # one q/k/v GEMM for prompts (the parameters become views of one buffer)
     if vision_graphs and next(model.parameters()).is_cuda:

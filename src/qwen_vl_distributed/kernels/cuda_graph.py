@@ -22,7 +22,7 @@ from ..model.batch import SeqLayout
 from ..model.kv_cache import KVCache
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..model.rope import mrope_axis_map, text_inv_freq
-from . import fused_layers_fit
+from . import fused_layers_fit, module_layers
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 
@@ -90,8 +90,9 @@ class DecodeGraphs:
                 return h
             return m.lm_head(rmsnorm(h, lm.norm.weight, lm.norm.eps)).float()
         layout = self._layout(b)
-        for idx in m.layer_ids:
-            h = lm.layers[str(idx)](h, rope, self.cache.layer(idx), layout)
+        with module_layers(m):  # not fused: the modules' own forward, whatever layer impl the model selects
+            for idx in m.layer_ids:
+                h = lm.layers[str(idx)](h, rope, self.cache.layer(idx), layout)
         if not m.has_head:
             return h
         return m.lm_head(lm.norm(h)).float()
@@ -176,5 +177,6 @@ class GraphedStage:
         if (cache is self.graphs.cache and layout.is_decode and visual is None and logits_rows is None
                 and len(layout.slots) <= self.graphs.buckets[-1]):
             return self.graphs.run(positions=positions, layout=layout, input_ids=input_ids, hidden=hidden)
-        return self.model(positions=positions, layout=layout, cache=cache, input_ids=input_ids, hidden=hidden,
-                          visual=visual, logits_rows=logits_rows)
+        with torch.inference_mode():
+            return self.model(positions=positions, layout=layout, cache=cache, input_ids=input_ids, hidden=hidden,
+                              visual=visual, logits_rows=logits_rows)

@@ -220,7 +220,8 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
     attn, mlp = layer.self_attn, layer.mlp
     t = h.shape[0]
     x = rmsnorm(h, layer.input_layernorm.weight, layer.input_layernorm.eps)
-    # where cuBLAS projects (prompt rows): one GEMM for q, k and v over the packed weight (kernels.packing)
+    # where cuBLAS projects (prompt rows; decode rows too if GEMV["qkv"] is None): one GEMM for q, k and v over the
+    # packed weight (kernels.packing)
     packed = packed_qkv(attn) if gemv_tile("qkv", t) is None else None
     if packed is not None:
         q, k, v = F.linear(x, packed).split([attn.q_proj.out_features, attn.k_proj.out_features,

@@ -32,7 +32,16 @@ def packed_qkv(attn: TextAttention) -> torch.Tensor | None:
 
 
 def pack_qkv(model: nn.Module) -> None:
-    """Lay out every bias-free text attention's q/k/v weights back to back in one buffer (see the module doc)."""
+    """Lay out every bias-free text attention's q/k/v weights back to back in one buffer (see the module doc).
+    Moves weights: call it before anything (a CUDA graph) holds their addresses."""
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, so a later in-place load still works
+        moved = _pack(model)
+    if moved and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # hand the old weights' blocks back (the stage's memory plan does not count them)
+
+
+def _pack(model: nn.Module) -> bool:
+    moved = False
     for attn in model.modules():
         if not isinstance(attn, TextAttention) or attn.q_proj.bias is not None or packed_qkv(attn) is not None:
             continue
@@ -42,3 +51,5 @@ def pack_qkv(model: nn.Module) -> None:
         packed = torch.cat([lin.weight.detach() for lin in linears])
         for lin, part in zip(linears, packed.split([lin.weight.shape[0] for lin in linears])):
             lin.weight = nn.Parameter(part, requires_grad=lin.weight.requires_grad)
+        moved = True
+    return moved

@@ -64,9 +64,9 @@ class SeqLayout:
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on ``device`` without a stream sync: a copy from pageable memory waits for the GPU to drain,
-    a copy from pinned memory does not (torch's caching host allocator reuses the pinned block once the copy has
-    run)."""
+    """A host tensor on ``device`` without a stream sync: the driver may stage a copy from pageable memory through
+    pinned memory and wait for the stream first; a copy from pinned memory is queued (torch's caching host
+    allocator reuses the pinned block once the copy has run). Never during CUDA-graph capture."""
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)

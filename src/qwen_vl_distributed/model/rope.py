@@ -26,7 +26,8 @@ def mrope_axis_map(half_dim: int, section: tuple[int, int, int]) -> tuple[int, .
 
 @functools.lru_cache(maxsize=16)
 def _axis_tensor(half_dim: int, section: tuple[int, int, int], device: str) -> torch.Tensor:
-    """``mrope_axis_map`` on the device, made once (a copy per step would wait for the GPU to drain)."""
+    """``mrope_axis_map`` on the device, made once (``torch.tensor(..., device=cuda)`` per step waited for the GPU
+    to drain). Its first call per device must not run during CUDA-graph capture."""
     return torch.tensor(mrope_axis_map(half_dim, section), device=device)
 
 
