@@ -132,3 +132,27 @@ def test_a_stage_that_cannot_load_stops_every_rank_before_serving(tmp_path_facto
     assert "stage 1 (rank 1" in err and "failed to start" in err and f"{key} in " in err and "has shape [3]" in err
     assert "Traceback" not in err
     assert left == []
+
+
+def test_sigusr1_prints_a_stages_stacks_and_it_keeps_running():
+    """Every stage registers faulthandler on SIGUSR1 when it joins the process group: `kill -USR1 <pid>` shows
+    where a hung stage is without stopping it."""
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (
+        "import os, signal, time, torch\n"
+        "from qwen_vl_distributed.pipeline.distributed import init_distributed, shutdown\n"
+        f"init_distributed(0, 1, 'tcp://127.0.0.1:{port}', 'gloo', torch.device('cpu'), 30, 30)\n"
+        "def waiting_for_a_peer():\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    time.sleep(0.5)\n"
+        "waiting_for_a_peer()\n"
+        "shutdown()\n"
+        "print('still running')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "still running" in r.stdout, r.stderr
+    assert "waiting_for_a_peer" in r.stderr  # the stack, with the function the stage was in
