@@ -21,7 +21,7 @@ import torch
 from ..model.batch import SeqLayout
 from ..model.kv_cache import KVCache
 from ..model.qwen3_vl import Qwen3VLMoe
-from ..model.rope import mrope_axis_map, text_inv_freq
+from ..model.rope import mrope_axis_tensor, text_inv_freq
 from . import fused_layers_fit, module_layers
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
@@ -49,8 +49,9 @@ class DecodeGraphs:
         self.positions = torch.zeros(3, n, dtype=torch.long, device=dev)
         self.slots = torch.full((n,), self.scratch_slot, dtype=torch.long, device=dev)
         self.starts = torch.zeros(n, dtype=torch.long, device=dev)
-        # rotary index tables built once (text_rope_tables builds them per call from python tuples)
-        self._axis = torch.tensor(mrope_axis_map(t.head_dim // 2, tuple(t.mrope_section)), device=dev)
+        # rotary tables made once: the shared device axis map, and the inverse frequencies (text_rope_tables makes
+        # those per call: a few kernels that a captured decode step need not replay)
+        self._axis = mrope_axis_tensor(t.head_dim // 2, tuple(t.mrope_section), str(dev))
         self._inv = text_inv_freq(t.head_dim, t.rope_theta, dev)
         self._host: tuple[list[int], list[int]] = ([], [])  # padded slots, starts of the last load
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}

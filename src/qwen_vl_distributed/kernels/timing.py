@@ -43,32 +43,8 @@ def step_times(fn: Callable[[], object], steps: int) -> list[float]:
     return out
 
 
-def kernel_table(fn: Callable[[], object], top: int = 25, width: int = 90) -> tuple[float, list[tuple]]:
-    """CUDA kernel time of one call of ``fn`` by kernel name (torch.profiler): (total ms, [(ms, calls, name)]
-    for the ``top`` names by time). For probes on the GPU machine, never for tests."""
-    import collections
-
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    per, calls = collections.Counter(), collections.Counter()
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            name = e.name[:width]
-            per[name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-            calls[name] += 1
-    return sum(per.values()) / 1e3, [(us / 1e3, calls[n], n) for n, us in per.most_common(top)]
-
-
-def kernel_gaps(fn: Callable[[], object], calls: int = 4, top: int = 8) -> dict:
-    """Run ``fn`` ``calls`` times back to back under torch.profiler: the GPU's busy time (sum of kernel times) against
-    the span from the first kernel's start to the last one's end, and the idle time between consecutive kernels
-    summed by the pair of kernels on either side, ``top`` pairs (total us, count, before, after): where the GPU
-    waits for the host."""
+def _cuda_kernel_events(fn: Callable[[], object], calls: int) -> list:
+    """torch.profiler's CUDA events of ``calls`` back-to-back calls of ``fn`` (after one unprofiled warm-up call)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -77,8 +53,29 @@ def kernel_gaps(fn: Callable[[], object], calls: int = 4, top: int = 8) -> dict:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    ev = sorted(((e.time_range.start, e.time_range.end, e.name[:60]) for e in prof.events()
-                 if e.device_type.name == "CUDA"), key=lambda x: x[0])
+    return [e for e in prof.events() if e.device_type.name == "CUDA"]
+
+
+def kernel_table(fn: Callable[[], object], top: int = 25, width: int = 90) -> tuple[float, list[tuple]]:
+    """CUDA kernel time of one call of ``fn`` by kernel name (torch.profiler): (total ms, [(ms, calls, name)]
+    for the ``top`` names by time). For probes on the GPU machine, never for tests."""
+    import collections
+
+    per, calls = collections.Counter(), collections.Counter()
+    for e in _cuda_kernel_events(fn, 1):
+        name = e.name[:width]
+        per[name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        calls[name] += 1
+    return sum(per.values()) / 1e3, [(us / 1e3, calls[n], n) for n, us in per.most_common(top)]
+
+
+def kernel_gaps(fn: Callable[[], object], calls: int = 4, top: int = 8) -> dict:
+    """Run ``fn`` ``calls`` times back to back under torch.profiler: the GPU's busy time (sum of kernel times) against
+    the span from the first kernel's start to the last one's end, and the idle time between consecutive kernels
+    summed by the pair of kernels on either side, ``top`` pairs (total us, count, before, after): where the GPU
+    waits for the host."""
+    ev = sorted(((e.time_range.start, e.time_range.end, e.name[:60]) for e in _cuda_kernel_events(fn, calls)),
+                key=lambda x: x[0])
     busy = sum(end - start for start, end, _ in ev)
     by_pair: dict = {}
     for a, b in zip(ev, ev[1:]):

@@ -25,7 +25,7 @@ def mrope_axis_map(half_dim: int, section: tuple[int, int, int]) -> tuple[int, .
 
 
 @functools.lru_cache(maxsize=16)
-def _axis_tensor(half_dim: int, section: tuple[int, int, int], device: str) -> torch.Tensor:
+def mrope_axis_tensor(half_dim: int, section: tuple[int, int, int], device: str) -> torch.Tensor:
     """``mrope_axis_map`` on the device, made once (``torch.tensor(..., device=cuda)`` per step waited for the GPU
     to drain). Its first call per device must not run during CUDA-graph capture."""
     return torch.tensor(mrope_axis_map(half_dim, section), device=device)
@@ -39,7 +39,7 @@ def text_rope_tables(positions: torch.Tensor, head_dim: int, theta: float, secti
                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [3, T] (long) -> cos, sin [T, head_dim] in ``dtype`` (computed in fp32, cast like the reference)."""
     inv = text_inv_freq(head_dim, theta, positions.device)  # [D/2]
-    axis = _axis_tensor(head_dim // 2, tuple(section), str(positions.device))
+    axis = mrope_axis_tensor(head_dim // 2, tuple(section), str(positions.device))
     # angle[t, j] = positions[axis[j], t] * inv[j]
     pos = positions.float()[axis]  # [D/2, T]
     freqs = pos.transpose(0, 1) * inv  # [T, D/2]
