@@ -2,7 +2,9 @@
 prefill (16-token chunks) and a second turn that reuses the first turn's cached prefix are compared with whole
 prompts too; they must be identical in float32 only: in bf16 a chunk or a suffix runs other kernel shapes than the
 whole prompt (attention over the cache, other expert tiles), whose roundings can flip a near-tie of a random
-model's logits.
+model's logits. For an fp8 checkpoint the experts stay fp8 (``--fp8-experts keep``) and the pipeline is also run
+with them dequantised at load: identical tokens required in float32 (in bf16 the two kernels' products differ in
+rounding, not in weights).
 
     PYTHONPATH=src python3 scripts/gpu_pipeline_check.py MODEL_DIR --stages 2
 """
@@ -24,6 +26,7 @@ from qwen_vl_distributed.engine.sampling import SamplingParams  # noqa: E402
 
 
 DTYPE = "bfloat16"
+FP8 = "keep"
 
 
 def requests():
@@ -34,9 +37,9 @@ def requests():
             Prompt(chat([9] * 40)), Prompt(chat([11, 12]))]
 
 
-def run(model: str, stages: int, chunk: int | None = None) -> tuple[list, list]:
+def run(model: str, stages: int, chunk: int | None = None, fp8: str | None = None) -> tuple[list, list]:
     handle = start_engine(RunOptions(model=model, stages=stages, device="cuda", dtype=DTYPE, max_batch=8,
-                                     max_len=256, quiet=True, prefill_chunk=chunk))
+                                     max_len=256, quiet=True, prefill_chunk=chunk, fp8_experts=fp8 or FP8))
     try:
         greedy = SamplingParams(temperature=0.0, max_new_tokens=16)
         seeded = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7, max_new_tokens=16)
@@ -51,7 +54,7 @@ def second_turn(model: str, stages: int, warm: bool) -> tuple[list, int]:
     """A chat's second turn (the first turn's prompt and answer, then a new image): after the first turn ran in the
     same engine (``warm``: its cached prefix is reused) or alone. Returns its tokens and the reused count."""
     handle = start_engine(RunOptions(model=model, stages=stages, device="cuda", dtype=DTYPE, max_batch=2,
-                                     max_len=256, quiet=True))
+                                     max_len=256, quiet=True, fp8_experts=FP8))
     try:
         first = chat([100] + image_tokens(4, 4) + [200]) + [151667, 11, 151668, 13, 14]
         img1, img2 = pixels(16, 1536, 1), pixels(60, 1536, 3)
@@ -73,14 +76,19 @@ if __name__ == "__main__":
     ap.add_argument("model")
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--dtype", default=DTYPE)
+    ap.add_argument("--fp8-experts", default=FP8, choices=["keep", "dequantize"])
     a = ap.parse_args()
-    DTYPE = a.dtype
+    DTYPE, FP8 = a.dtype, a.fp8_experts
+    with open(f"{a.model}/config.json") as f:
+        fp8_ckpt = json.load(f).get("quantization_config", {}).get("quant_method") == "fp8"
     one, _ = run(a.model, 1)
     many, stats = run(a.model, a.stages)
     chunked, _ = run(a.model, a.stages, chunk=16)
     (warm, reused), (cold, _) = second_turn(a.model, a.stages, True), second_turn(a.model, a.stages, False)
-    ok = one == many and reused > 0 and ((chunked == one and warm == cold) or DTYPE != "float32")
+    other = run(a.model, a.stages, fp8="dequantize" if FP8 == "keep" else "keep")[0] if fp8_ckpt else many
+    ok = one == many and reused > 0 and ((chunked == one and warm == cold and other == many) or DTYPE != "float32")
     print(json.dumps({"stages": a.stages, "identical": one == many, "chunked_identical": chunked == one,
+                      "fp8_checkpoint": fp8_ckpt, "fp8_keep_equals_dequantize": other == many,
                       "chunked_equal_per_prompt": [x == y for x, y in zip(chunked, one)],
                       "second_turn_identical": warm == cold, "second_turn_reused": reused, "single": one,
                       "pipeline": many, "chunked": chunked, "stage_stats": stats}))

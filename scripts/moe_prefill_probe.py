@@ -76,7 +76,7 @@ def main():
                 r = {"align": cuda_time(lambda: mt.align(ids, E, cfg.bm), iters=5, reps=7),
                      "gate_up": cuda_time(lambda: mt.gate_up_pairs(x, ids.shape, rows, be, gate_up, cfg), iters=5, reps=7),
                      "down": cuda_time(lambda: mt.down_pairs(h, w, rows, be, down, cfg), iters=5, reps=7),
-                     "total": cuda_time(lambda: mt.fused_experts(x, ids, w, gate_up, down, cfg), iters=5, reps=7)}
+                     "total": cuda_time(lambda: mt.fused_experts(x, ids, w, gate_up, down, config=cfg), iters=5, reps=7)}
                 r["tflops"] = flops / (r["total"] * 1e-3) / 1e12
             except Exception as e:  # a tile this GPU or Triton rejects
                 r = {"failed": f"{type(e).__name__}: {str(e)[:200]}"}

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from checkpoint_testlib import L, edit_config, edit_shard, index, odd_cfg, shard_of, stage_model
 from qwen_vl_distributed.checkpoint import errors as E
-from qwen_vl_distributed.checkpoint.fp8 import dequantize_blockwise, quantize_blockwise
+from qwen_vl_distributed.model.quant import dequantize_blockwise, quantize_blockwise
 from qwen_vl_distributed.checkpoint.index import open_checkpoint
 from qwen_vl_distributed.checkpoint.loader import load_stage
 from qwen_vl_distributed.checkpoint.synth_weights import synthetic_param, write_synthetic_weights

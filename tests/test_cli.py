@@ -101,13 +101,14 @@ def test_generate_with_a_video_file_uses_the_release_prompt_format(model_dir, tm
 
 
 def test_bench_pipeline_on_cpu_reports_each_phase(tmp_path):
-    """The pipeline benchmark end to end on CPU (tiny random model, 2 stage processes): latency, throughput, and
-    each stage's busy time split into warm-up, one-sequence and throughput phases."""
+    """The pipeline benchmark end to end on CPU (tiny random model, 2 stage processes, experts kept in fp8):
+    latency, throughput, and each stage's busy time split into warm-up, one-sequence and throughput phases."""
     out = tmp_path / "b.json"
     r = _run("bench-pipeline", "--preset", "tiny", "--layers", "4", "--stages", "2", "--device", "cpu",
-             "--sequences", "2", "--prompt-len", "16", "--new-tokens", "4", "--json", str(out))
+             "--sequences", "2", "--prompt-len", "16", "--new-tokens", "4", "--fp8", "--json", str(out))
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
+    assert res["fp8_experts"] is True and res["temperature"] == 1.0
     assert len(res["plan"]) == 2 and res["plan"][0][0] == 0 and res["plan"][-1][1] == 4
     assert res["throughput"]["sequences"] == 2 and res["throughput"]["tokens_per_s"] > 0
     for stage in res["stage_busy_s"]:

@@ -84,7 +84,10 @@ def test_align_kernels_match_torch_alignment(kernel, t, k, e, crowd, bm):
 @pytest.mark.parametrize("t,k,e,crowd,order", [(1, 2, 8, False, {}), (7, 3, 6, False, {}), (40, 2, 4, True, {}),
                                                (40, 2, 4, True, {"cols_first": True}),
                                                (90, 2, 8, True, {"bm": 64, "split": True}),
-                                               (90, 2, 8, True, {"bm": 64, "split": True, "tma": True})])
+                                               (90, 2, 8, True, {"bm": 64, "split": True, "tma": True}),
+                                               (40, 2, 4, True, {"swap": True}),
+                                               (90, 2, 8, True, {"bm": 64, "split": True, "tma": True,
+                                                                 "swap": True})])
 def test_fused_experts_match_reference(dtype, t, k, e, crowd, order):
     from qwen_vl_distributed.kernels.moe_triton import MoeConfig, fused_experts
 
@@ -93,10 +96,58 @@ def test_fused_experts_match_reference(dtype, t, k, e, crowd, order):
     # fill one 64-row block and 26 rows of a second, which runs on its top half; the other experts' ~13 rows run on
     # a quarter block)
     small = MoeConfig(**{"bm": 16, "bn": 16, "bk": 32, "down_bn": 16, "down_bk": 16, **order})
-    out = fused_experts(x, ids, w, gate_up, down, small)
+    out = fused_experts(x, ids, w, gate_up, down, config=small)
     ref = reference_experts(x.float(), ids, w.float(), gate_up.float(), down.float())
     assert out.dtype == dtype and out.shape == x.shape
     assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
+
+
+def fp8_experts(gate_up: torch.Tensor, down: torch.Tensor, block):
+    """(gate_up fp8, down fp8, ExpertScales, the dequantised gate_up and down in the weights' dtype)."""
+    from qwen_vl_distributed.model.quant import ExpertScales, dequantize_blockwise, quantize_blockwise
+
+    i = down.shape[-1]
+    (gq, gs), (uq, us), (dq, ds) = (quantize_blockwise(w, block) for w in (gate_up[:, :i], gate_up[:, i:], down))
+    deq = lambda q, s: dequantize_blockwise(q, s, block, gate_up.dtype)  # noqa: E731
+    return (torch.cat([gq, uq], 1), dq, ExpertScales(torch.stack([gs, us], 1), ds, block),
+            torch.cat([deq(gq, gs), deq(uq, us)], 1), deq(dq, ds))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("block,order", [((16, 16), {}), ((16, 32), {"cols_first": True}),
+                                         ((32, 16), {"bm": 64, "split": True}),
+                                         ((16, 16), {"bm": 64, "split": True, "tma": True}),
+                                         ((16, 32), {"swap": True}),
+                                         ((32, 16), {"bm": 64, "split": True, "tma": True, "swap": True})])
+def test_fp8_experts_kernels_compute_with_the_dequantised_weights(dtype, block, order):
+    """fp8 weight tiles times their block scales give, bit for bit, the products of the dequantised weights (the
+    same tiles; the kernel narrows its reduction tile to the block width): I = 48 is not a multiple of 32-row
+    blocks, H = 64 spans several column blocks."""
+    from qwen_vl_distributed.kernels.moe_triton import MoeConfig, fused_experts
+
+    x, ids, w, gate_up, down = moe_inputs(90, 2, 8, 64, 48, dtype, seed=4, crowd=True)
+    gq, dq, scales, gate_up_deq, down_deq = fp8_experts(gate_up, down, block)
+    cfg = MoeConfig(**{"bm": 16, "bn": 16, "bk": 32, "down_bn": 16, "down_bk": 32, **order})
+    narrowed = MoeConfig(**{**cfg.__dict__, "bk": min(32, block[1]), "down_bk": min(32, block[1])})
+    out = fused_experts(x, ids, w, gq, dq, scales, config=cfg)
+    assert torch.equal(out, fused_experts(x, ids, w, gate_up_deq, down_deq, config=narrowed))
+    ref = reference_experts(x.float(), ids, w.float(), gq, dq, scales)
+    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
+
+
+def test_fp8_block_rule_and_the_reference_for_blocks_the_kernels_cannot_tile():
+    """The kernels take blocks of a power-of-two width >= 16 (which path a CUDA tensor then takes shows on the GPU);
+    fast_experts' reference on fp8 experts equals the reference on the dequantised weights; 'grouped' refuses fp8."""
+    from qwen_vl_distributed.kernels import fp8_fits
+    from qwen_vl_distributed.kernels.grouped import fast_experts
+
+    x, ids, w, gate_up, down = moe_inputs(5, 2, 4, 48, 24, torch.float32, seed=1)
+    gq, dq, scales, gate_up_deq, down_deq = fp8_experts(gate_up, down, (24, 24))
+    assert not fp8_fits(scales) and fp8_fits(None) and fp8_fits(scales._replace(block=(24, 128)))
+    assert torch.equal(fast_experts(x, ids, w, gq, dq, scales), reference_experts(x, ids, w, gate_up_deq, down_deq))
+    with pytest.raises(ValueError, match="not fp8 experts"):
+        grouped_experts(x, ids, w, gq, dq, scales)
 
 
 @needs_triton
@@ -328,13 +379,17 @@ def _decode_case(model, dtype, max_len: int = 16):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_decode_layer_matches_module(tiny, dtype):
-    """(bf16 is checked on the GPU: the interpreter truncates fp32 -> bf16 instead of rounding to nearest.)"""
+@pytest.mark.parametrize("dtype,fp8", [(torch.float32, False), (torch.float16, False), (torch.float32, True)])
+def test_decode_layer_matches_module(tiny, dtype, fp8):
+    """(bf16 is checked on the GPU: the interpreter truncates fp32 -> bf16 instead of rounding to nearest.) fp8: the
+    layer's experts quantised in 16x16 blocks and kept fp8 (partial blocks: I = 24)."""
     from qwen_vl_distributed.kernels.decode_layer import decode_layer
 
     m, cache, layout, _, rope = _decode_case(tiny[1], dtype)
     layer = m.model.language_model.layers["1"]
+    if fp8:
+        layer.mlp.experts.quantize_fp8((16, 16))
+        assert layer.mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
     h = torch.randn(3, m.cfg.text.hidden_size).to(dtype)
     fused_cache = copy.deepcopy(cache)
     with torch.no_grad():
@@ -488,13 +543,13 @@ def test_fit_stages_keeps_the_bf16_tiles_and_shrinks_float32_ones_into_shared_me
     from qwen_vl_distributed.kernels.tiles import fit_stages
 
     for c in [*mt.CONFIGS.values(), *mt.CANDIDATES, *mt.PREFILL_CANDIDATES]:
-        assert fit_stages(c.stages, (c.bm + 2 * c.bn) * c.bk, 2) == c.stages
-        assert fit_stages(c.down_stages, (c.bm + c.down_bn) * c.down_bk, 2) == c.down_stages
-    assert fit_stages(4, (64 + 64) * 128, 4) == 3 and fit_stages(4, (64 + 64) * 128, 2) == 4  # GEMV, 64 rows
+        assert fit_stages(c.stages, (c.bm + 2 * c.bn) * c.bk * 2) == c.stages
+        assert fit_stages(c.down_stages, (c.bm + c.down_bn) * c.down_bk * 2) == c.down_stages
+    assert fit_stages(4, (64 + 64) * 128 * 4) == 3 and fit_stages(4, (64 + 64) * 128 * 2) == 4  # GEMV, 64 rows
     pre = mt.CONFIGS[1 << 30]  # prefill: gate/up 96 KB and down 96 KB per stage in float32
-    assert fit_stages(pre.stages, (pre.bm + 2 * pre.bn) * pre.bk, 4) == 2
-    assert fit_stages(pre.down_stages, (pre.bm + pre.down_bn) * pre.down_bk, 4) == 2
-    assert fit_stages(3, 1 << 20, 2) == 1  # a tile too big for any stage count still gets one
+    assert fit_stages(pre.stages, (pre.bm + 2 * pre.bn) * pre.bk * 4) == 2
+    assert fit_stages(pre.down_stages, (pre.bm + pre.down_bn) * pre.down_bk * 4) == 2
+    assert fit_stages(3, 1 << 21) == 1  # a tile too big for any stage count still gets one
 
 
 def test_unfused_decode_graph_step_runs_the_modules_even_when_the_layers_are_fused(tiny, monkeypatch):

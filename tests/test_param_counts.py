@@ -53,14 +53,16 @@ def test_bf16_and_fp32_bytes(big):
 
 def test_fp8_bytes(big):
     b = component_bytes(big, "fp8")
-    # 128x128 blocks: q 64x32, k and v 4x32, o 32x64 scales; per expert gate/up 12x32, down 32x12; fp32 each
-    attention = 71_303_168 + 4 * (64 * 32 + 2 * 4 * 32 + 32 * 64)
+    # as a run holds the release: experts fp8 with 128x128 blocks (per expert gate/up 12x32, down 32x12 fp32
+    # scales); the attention projections dequantised to bf16
+    attention = 2 * 71_303_168
     expert = 18_874_368 + 4 * (2 * 12 * 32 + 32 * 12)
     rest = 2 * (256 + 524_288 + 8_192)
     assert b.layer == attention + 128 * expert + rest
     assert b.layer_active == attention + 8 * expert + rest
     assert b.vision == 2 * 576_388_336 and b.lm_head == 2 * 622_329_856  # kept in bf16
-    assert round(total_weight_bytes(big, "fp8") / 1e9, 1) == 237.6  # the §6 estimate
+    # the §6 estimate of the checkpoint is 237.6 GB; its attention projections take 6.7 GB more in bf16
+    assert round(total_weight_bytes(big, "fp8") / 1e9, 1) == 244.3
 
 
 def test_tied_lm_head_counted_once(big):

@@ -1,24 +1,27 @@
-"""Block-wise FP8 weights (``quant_method: fp8``, e4m3, 128x128 blocks), as in Qwen's FP8 releases.
+"""Block-wise FP8 weights in checkpoints (``quant_method: fp8``, e4m3, 128x128 blocks), as in Qwen's FP8 releases.
 
 A quantised ``<module>.weight`` [out, in] is stored as float8_e4m3fn next to ``<module>.weight_scale_inv`` (fp32,
-[ceil(out/bo), ceil(in/bi)]); the real weight is ``W[r, c] = W_fp8[r, c] * scale_inv[r // bo, c // bi]``. Edge blocks
-are partial when out/in are not multiples of the block.
+[ceil(out/bo), ceil(in/bi)]); the real weight is ``W[r, c] = W_fp8[r, c] * scale_inv[r // bo, c // bi]``
+(``model.quant``). Edge blocks are partial when out/in are not multiples of the block.
 
-What ships now dequantises at load time (the CPU path). The loader takes the dequantiser as an argument
-(``load_stage(..., fp8_dequantize=...)``) so that a GPU path can swap in a fused kernel; keeping fp8 + scales resident
-needs an fp8 linear in model/ and one more placement in the key map, not a rewrite of the loader.
+Two ways to load one:
+- dequantise (every parameter a stage holds in the compute dtype): ``load_stage(..., fp8_dequantize=...)``;
+- resident (the experts of a stage built with ``Qwen3VLMoe.keep_experts_fp8``): the fp8 bytes are copied as stored
+  and each stored scale lands in its slot of the parameter's ``<param>_scale_inv`` (``place_scale``), so the
+  experts take half the memory. Any layout whose scale blocks fall on the same rows in memory can stay resident
+  (``resident_problem`` says which cannot).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3fn value
-SCALE_SUFFIX = "_scale_inv"  # weight key + suffix = scale key
+from ..model.quant import expert_scale_shapes
+from .keymap import Piece
+
+SCALE_SUFFIX = "_scale_inv"  # weight key + suffix = scale key (and fp8-resident parameter + suffix = its scale)
 
 Fp8Dequantize = Callable[[torch.Tensor, torch.Tensor, tuple[int, int], torch.dtype], torch.Tensor]
 
@@ -27,41 +30,39 @@ def scale_key(weight_key: str) -> str:
     return weight_key + SCALE_SUFFIX
 
 
-def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
-    """Shape of the scale of a weight of ``shape`` (block-wise over the last two dims)."""
-    if len(shape) < 2:
-        raise ValueError(f"a block-quantised weight needs at least 2 dims, got shape {list(shape)}")
-    *lead, rows, cols = shape
-    return (*lead, math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+def resident_scale_shape(param: str, shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    """The scale an fp8-resident expert weight ``param`` of ``shape`` has in ``block`` blocks
+    (model.quant.ExpertScales)."""
+    if param.endswith("gate_up_proj"):
+        e, two_i, h = shape
+        return expert_scale_shapes(e, two_i // 2, h, block)[0]
+    e, h, i = shape
+    return expert_scale_shapes(e, i, h, block)[1]
 
 
-def _expand(scale: torch.Tensor, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
-    """Per-element scale [.., rows, cols] from per-block [.., ceil(rows/bo), ceil(cols/bi)]; edge blocks cut short."""
-    s = scale.repeat_interleave(block[0], dim=-2)[..., :rows, :]
-    return s.repeat_interleave(block[1], dim=-1)[..., :cols]
+def resident_problem(piece: Piece, param_shape: tuple[int, ...], block: tuple[int, int]) -> str | None:
+    """Why the stored fp8 ``piece`` cannot be kept resident in its parameter (an expert weight [E, R, C], whose
+    scale is model.quant.ExpertScales'), or None. A piece of one projection of one expert always can; a fused
+    tensor only where its stored blocks become the in-memory blocks: square blocks if stored transposed, and for
+    gate_up an expert width that is a multiple of the block rows (else a block straddles gate and up rows)."""
+    if piece.index != ():
+        return None
+    if piece.transpose and block[0] != block[1]:
+        return (f"its {block[0]}x{block[1]} blocks are not square and the tensor is stored transposed, so they do "
+                f"not map to blocks of the parameter")
+    if piece.param.endswith("gate_up_proj") and (param_shape[1] // 2) % block[0]:
+        return (f"the expert width {param_shape[1] // 2} is not a multiple of the block's {block[0]} rows, so "
+                f"a block of the fused tensor holds both gate and up rows")
+    return None
 
 
-def dequantize_blockwise(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
-                         dtype: torch.dtype) -> torch.Tensor:
-    """W = W_fp8 * scale_inv per block, computed in fp32 on w_fp8's device, returned in ``dtype``."""
-    rows, cols = w_fp8.shape[-2:]
-    w = w_fp8.to(torch.float32)
-    w.mul_(_expand(scale_inv.to(device=w.device, dtype=torch.float32), rows, cols, block))
-    return w.to(dtype)
-
-
-def quantize_blockwise(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W_fp8, scale_inv) with one fp32 scale per block so that the block's absolute max maps to FP8_MAX.
-
-    Used by the synthetic writer to produce release-like FP8 checkpoints.
-    """
-    rows, cols = w.shape[-2:]
-    bo, bi = block
-    pr, pc = -rows % bo, -cols % bi
-    wf = torch.nn.functional.pad(w.to(torch.float32), (0, pc, 0, pr))          # [.., R, C], multiples of the block
-    lead = wf.shape[:-2]
-    blocks = wf.reshape(*lead, (rows + pr) // bo, bo, (cols + pc) // bi, bi)
-    amax = blocks.abs().amax(dim=(-3, -1))                                       # [.., R/bo, C/bi]
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (w.to(torch.float32) / _expand(scale, rows, cols, block)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, scale
+def place_scale(dst: torch.Tensor, piece: Piece, scale: torch.Tensor) -> None:
+    """Write a stored scale into ``dst``, the resident parameter's scale (see resident_problem)."""
+    s = scale.transpose(-2, -1) if piece.transpose else scale
+    if piece.index == ():                      # fused: all experts; gate_up's blocks split into its two halves
+        dst.copy_(s.reshape(dst.shape))
+    elif len(piece.index) == 2:                # (e, rows): expert e's gate (rows from 0) or up projection
+        e, rows = piece.index
+        dst[e, 0 if rows.start == 0 else 1].copy_(s)
+    else:                                      # (e,): expert e's down projection
+        dst[piece.index].copy_(s)

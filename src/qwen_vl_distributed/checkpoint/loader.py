@@ -16,7 +16,8 @@ from typing import TextIO
 import torch
 from torch import nn
 
-from .fp8 import Fp8Dequantize, dequantize_blockwise
+from ..model.quant import FP8_DTYPE, dequantize_blockwise
+from .fp8 import SCALE_SUFFIX, Fp8Dequantize, place_scale
 from .index import Checkpoint
 from .matching import Item, StagePlan, plan_stage
 from .safetensors_io import ShardReader
@@ -82,15 +83,19 @@ def _install(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def _fill(dst: torch.Tensor, item: Item, reader: ShardReader, scale_reader: ShardReader | None,
-          block: tuple[int, int] | None, dequantize: Fp8Dequantize) -> None:
-    """Read one stored tensor and write it into its place in ``dst`` (transposed / dequantised as the key map says)."""
+          block: tuple[int, int] | None, dequantize: Fp8Dequantize, scale_dst: torch.Tensor | None) -> None:
+    """Read one stored tensor and write it into its place in ``dst`` (transposed / dequantised as the key map says;
+    an fp8 parameter, ``scale_dst`` its scale, takes the stored bytes and scale as they are)."""
     piece = item.piece
     src = reader.read(item.info)
     if dst.device.type != "cpu":  # copy the contiguous bytes over first; transpose and convert on the device
         src = src.to(dst.device)
     if item.scale is not None:
-        scale = scale_reader.read(item.scale)
-        src = dequantize(src.to(dst.device), scale.to(dst.device), block, dst.dtype)
+        scale = scale_reader.read(item.scale).to(dst.device)
+        if scale_dst is not None:
+            place_scale(scale_dst, piece, scale)
+        else:
+            src = dequantize(src.to(dst.device), scale, block, dst.dtype)
     if piece.transpose:
         src = src.transpose(-2, -1)
     dst[piece.index].copy_(src)
@@ -109,13 +114,17 @@ def _run(module: nn.Module, ckpt: Checkpoint, plan: StagePlan, device: torch.dev
     count = 0
     try:
         for name, items in plan.items.items():
-            dst = _destination(params[name], device, dtype)
+            resident = name in plan.resident
+            dst = _destination(params[name], device, FP8_DTYPE if resident else dtype)
+            scale_dst = _destination(params[name + SCALE_SUFFIX], device, torch.float32) if resident else None
             for item in items:
                 scale_reader = reader(item.scale.file) if item.scale else None
-                _fill(dst, item, reader(item.info.file), scale_reader, plan.fp8_block, dequantize)
+                _fill(dst, item, reader(item.info.file), scale_reader, plan.fp8_block, dequantize, scale_dst)
                 bar.update(item.nbytes)
                 count += 1
             _install(module, name, dst)
+            if resident:
+                _install(module, name + SCALE_SUFFIX, scale_dst)
     finally:
         for r in readers.values():
             r.close()
@@ -128,16 +137,22 @@ def load_stage(module: nn.Module, ckpt: Checkpoint, device: str | torch.device =
     """Fill every parameter of ``module`` (a stage: a contiguous range of decoder layers and optional vision tower,
     embedding, head, parameters named by their HF keys) from ``ckpt``, on ``device`` in ``dtype``.
 
-    ``dtype`` defaults to the checkpoint's config dtype. Parameters may start on any device, including meta: they are
-    replaced by loaded tensors (requires_grad off). Buffers are not touched. Raises a CheckpointError subclass, before
-    reading any tensor data, for any missing, unexpected, mis-shaped or unconvertible tensor or config mismatch.
+    ``dtype`` defaults to the checkpoint's config dtype; parameters that are fp8 in ``module`` (experts after
+    ``Qwen3VLMoe.keep_experts_fp8``) take the stored fp8 bytes and scales instead of being dequantised. Parameters
+    may start on any device, including meta: they are replaced by loaded tensors (requires_grad off). Buffers are
+    not touched. Raises a CheckpointError subclass, before reading any tensor data, for any missing, unexpected,
+    mis-shaped or unconvertible tensor or config mismatch.
     """
     device = torch.device(device)
     dtype = dtype or getattr(torch, ckpt.cfg.torch_dtype)
-    shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
+    named = dict(module.named_parameters())
+    # Experts.keep_fp8: filled as stored; their scales come with them
+    resident = {n: tuple(named[n + SCALE_SUFFIX].shape) for n, p in named.items() if p.dtype == FP8_DTYPE}
+    scales = {n + SCALE_SUFFIX for n in resident}
+    shapes = {n: tuple(p.shape) for n, p in named.items() if n not in scales}
     parts = parts_of(shapes)
     name = stage_name or f"stage ({parts.describe()})"
-    plan = plan_stage(ckpt, shapes, parts, name)
+    plan = plan_stage(ckpt, shapes, parts, name, resident)
     plan.check()
     t0 = time.monotonic()
     bar = Progress(plan.nbytes, name, enabled=progress)

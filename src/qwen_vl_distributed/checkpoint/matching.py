@@ -17,7 +17,8 @@ from ..model.config import ModelConfig
 from . import keymap
 from .errors import (CheckpointError, ConfigMismatchError, DtypeError, LayoutError, MissingKeyError,
                      ShapeMismatchError, UnexpectedKeyError)
-from .fp8 import scale_key, scale_shape
+from ..model.quant import scale_shape
+from .fp8 import resident_problem, resident_scale_shape, scale_key
 from .index import Checkpoint
 from .safetensors_io import FLOAT_DTYPES, FP8_DTYPES, TensorInfo
 from .spec import EMBED, FINAL_NORM, LAYER, LM_HEAD, VISUAL, Shape, StageParts, layer_of, vision_block_of
@@ -74,6 +75,7 @@ class StagePlan:
     unexpected: list[str] = field(default_factory=list)
     problems: list[CheckpointError] = field(default_factory=list)
     fp8_block: tuple[int, int] | None = None
+    resident: frozenset[str] = frozenset()                      # parameters kept in fp8 (filled as stored)
 
     @property
     def nbytes(self) -> int:
@@ -194,14 +196,50 @@ def _plan_param(ckpt: Checkpoint, plan: StagePlan, name: str, infos: Mapping[str
                 f"shape mismatch for {piece.key} in {ckpt.path(info.file)}: expected {list(piece.stored_shape)}, "
                 f"found {list(info.shape)}"))
             continue
-        items.append(Item(piece, info, _check_dtype(ckpt, plan, info, infos, consumed)))
+        scale = _check_dtype(ckpt, plan, info, infos, consumed)
+        if name in plan.resident:
+            _check_resident(ckpt, plan, piece, info, scale)
+        items.append(Item(piece, info, scale))
     plan.items[name] = items
 
 
-def plan_stage(ckpt: Checkpoint, params: Mapping[str, Shape], parts: StageParts, stage_name: str) -> StagePlan:
-    """Resolve every parameter of a stage to stored tensors and record every problem; reads headers only."""
+def _check_resident(ckpt: Checkpoint, plan: StagePlan, piece: keymap.Piece, info: TensorInfo,
+                    scale: TensorInfo | None) -> None:
+    """A piece of a parameter the stage keeps in fp8 must be stored fp8 (with its scale), in blocks that map."""
+    where = f"{info.name} in {ckpt.path(info.file)}"
+    if info.dtype not in FP8_DTYPES:
+        plan.problems.append(DtypeError(f"{where} is stored as {info.dtype}, but {plan.stage_name} keeps "
+                                        f"{piece.param} in fp8: run with --fp8-experts dequantize"))
+    elif scale is not None and (why := resident_problem(piece, plan.params[piece.param], plan.fp8_block)):
+        plan.problems.append(LayoutError(f"{where} cannot stay fp8 in memory: {why}; run with --fp8-experts "
+                                         f"dequantize"))
+
+
+def _check_resident_blocks(ckpt: Checkpoint, plan: StagePlan, resident: Mapping[str, Shape]) -> None:
+    """The stage's fp8 experts must have been made for the checkpoint's block size (their scales' shapes)."""
+    for name, have in resident.items():
+        if plan.fp8_block is None:
+            plan.problems.append(ConfigMismatchError(
+                f"config mismatch: {plan.stage_name} keeps {name} in fp8, but {ckpt.config_path} has no "
+                f"quantization_config with quant_method 'fp8'"))
+            return
+        want = resident_scale_shape(name, plan.params[name], plan.fp8_block)
+        if tuple(have) != want:
+            plan.problems.append(ConfigMismatchError(
+                f"config mismatch: {plan.stage_name} keeps {name} in fp8 with scales {list(have)}, but "
+                f"{ckpt.config_path}'s weight_block_size {list(plan.fp8_block)} gives {list(want)}"))
+
+
+def plan_stage(ckpt: Checkpoint, params: Mapping[str, Shape], parts: StageParts, stage_name: str,
+               resident: Mapping[str, Shape] | None = None) -> StagePlan:
+    """Resolve every parameter of a stage to stored tensors and record every problem; reads headers only.
+    ``resident``: the parameters the stage keeps in fp8 -> the shapes of their scales (which are not in ``params``:
+    they come with them)."""
     q = ckpt.cfg.quantization
-    plan = StagePlan(stage_name, parts, dict(params), fp8_block=tuple(q.weight_block_size) if q else None)
+    resident = resident or {}
+    plan = StagePlan(stage_name, parts, dict(params), fp8_block=tuple(q.weight_block_size) if q else None,
+                     resident=frozenset(resident))
+    _check_resident_blocks(ckpt, plan, resident)
     _check_layer_counts(ckpt, plan.problems)
     owned = [k for k in ckpt.weight_map if parts.owns(k)]
     infos = {k: ckpt.info(k) for k in owned}        # opens the headers of this stage's shards only

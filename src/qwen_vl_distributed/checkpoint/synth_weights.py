@@ -22,7 +22,8 @@ import torch
 from ..model.config import ModelConfig, QuantizationConfig, config_to_dict
 from . import keymap
 from .errors import CheckpointError
-from .fp8 import quantize_blockwise, scale_key, scale_shape
+from ..model.quant import quantize_blockwise, scale_shape
+from .fp8 import scale_key
 from .index import INDEX_NAME
 from .safetensors_io import DTYPES, TORCH_TO_ST, write_safetensors
 from .spec import EMBED, LAYER, Shape, param_shapes

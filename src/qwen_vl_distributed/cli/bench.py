@@ -2,8 +2,9 @@
 
 Sections (``--sections``): ceilings (copy bandwidth, bf16 matmul rate), parity (kernels vs references, logits vs
 HF, greedy tokens vs HF), decode (ms per layer and GB/s at each batch; ours under CUDA-graph replay), prefill (ms
-per layer and MFU), vision (one image). A section that fails records its error and the others still run. Prints a
-table and writes the same numbers as JSON (``--json``).
+per layer and MFU), vision (one image), fp8 (the layers with fp8-resident experts against the same weights
+dequantised to bf16: bit equality, then decode and prefill timed). A section that fails records its error and
+the others still run. Prints a table and writes the same numbers as JSON (``--json``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prefill", default="2048,8192", help="prompt lengths for prefill (default: %(default)s)")
     p.add_argument("--image", type=int, default=1024, help="side of the square test image in pixels")
     p.add_argument("--greedy-tokens", type=int, default=16, help="greedy tokens compared with HF")
-    p.add_argument("--sections", default="ceilings,parity,decode,prefill,vision")
+    p.add_argument("--sections", default="ceilings,parity,decode,prefill,vision,fp8")
     p.add_argument("--skip-hf", action="store_true", help="time only our paths (no HF model is run)")
     p.add_argument("--no-tune", action="store_true", help="use the built-in MoE tile table, do not time variants")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results here")

@@ -24,18 +24,24 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--sequences", type=int, default=0, help="concurrent sequences for throughput (default 4*S)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature of every sequence (0: greedy, as before session 10; see _run_batch)")
+    p.add_argument("--fp8", action="store_true",
+                   help="experts quantised to fp8 (128x128 blocks) and kept so, as a run of an FP8 release keeps them")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.set_defaults(run=run)
 
 
-def _run_batch(engine, n: int, prompt_len: int, new: int, seed: int) -> tuple[float, list]:
+def _run_batch(engine, n: int, prompt_len: int, new: int, seed: int, temperature: float = 1.0
+               ) -> tuple[float, list]:
     # Each batch its own prompts: a prompt seen before would start from its cached prefix (prefix reuse). Seeded
     # sampling at temperature 1, not greedy: greedy decoding of random weights falls into repeating one token, and
     # how many sequences of a step repeat the same token sets how many experts the step reads -- a code change
     # that moves a near-tie would change the work measured. Sampled tokens spread over the vocabulary instead.
     g = torch.Generator().manual_seed(seed)
     seqs = [engine.add(Prompt(torch.randint(1000, 100000, (prompt_len,), generator=g).tolist()),
-                       SamplingParams(temperature=1.0, seed=seed * 1000 + i, max_new_tokens=new, stop_token_ids=()))
+                       SamplingParams(temperature=temperature, seed=seed * 1000 + i, max_new_tokens=new,
+                                      stop_token_ids=()))
             for i in range(n)]
     t0 = time.perf_counter()
     engine.run_until_done()
@@ -63,21 +69,25 @@ def run(args) -> int:
     opts = RunOptions(model=None, stages=args.stages, device=args.device,
                       dtype="bfloat16" if args.device == "cuda" else "float32", max_batch=max(n_seq, 1),
                       max_len=args.prompt_len + args.new_tokens + 8, quiet=True, random_preset=args.preset,
-                      random_layers=args.layers)
+                      random_layers=args.layers, random_fp8=args.fp8)
     handle = start_engine(opts)
     try:
         engine = handle.engine
-        _run_batch(engine, n_seq, args.prompt_len, 4, seed=1)  # warm-up at the measured shapes (Triton, NCCL)
+        # warm-up at the measured shapes (Triton, NCCL)
+        _run_batch(engine, n_seq, args.prompt_len, 4, seed=1, temperature=args.temperature)
         snaps = [engine.executor.stage_stats()]
-        _, (one,) = _run_batch(engine, 1, args.prompt_len, args.new_tokens, seed=2)
+        _, (one,) = _run_batch(engine, 1, args.prompt_len, args.new_tokens, seed=2, temperature=args.temperature)
         per_token = (one.t_done - one.t_first_token) / (len(one.output) - 1)
         snaps.append(engine.executor.stage_stats())
-        elapsed, seqs = _run_batch(engine, n_seq, args.prompt_len, args.new_tokens, seed=3)
+        elapsed, seqs = _run_batch(engine, n_seq, args.prompt_len, args.new_tokens, seed=3,
+                                   temperature=args.temperature)
         tokens = sum(len(s.output) for s in seqs)
         snaps.append(engine.executor.stage_stats())
     finally:
         handle.close()
     result = {
+        "temperature": args.temperature,
+        "fp8_experts": args.fp8,
         "preset": args.preset, "layers": args.layers, "stages": args.stages, "plan": [list(r) for r in
                                                                                       handle.plan.layer_ranges],
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",

@@ -39,6 +39,10 @@ def add_run_args(p: argparse.ArgumentParser, max_batch: int = 8) -> None:
     p.add_argument("--stage-timeout", type=float, default=60.0,
                    help="seconds of silence after which a stage is declared hung and every process stops")
     p.add_argument("--quiet", action="store_true", help="no loading progress bar")
+    p.add_argument("--fp8-experts", choices=["auto", "keep", "dequantize"], default="auto",
+                   help="an fp8 checkpoint's experts: keep them fp8 in memory (half the memory, the same weights), "
+                        "or dequantize them at load time; auto (default): keep them on GPUs that run the fp8 "
+                        "kernels (compute capability 8.9+), else dequantize")
 
 
 def run_options(args) -> RunOptions:
@@ -53,4 +57,4 @@ def run_options(args) -> RunOptions:
                       max_batch=args.max_batch, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
                       layers_per_stage=args.layers_per_stage,
                       gpu_mem_gb=args.gpu_mem,
-                      stage_timeout_s=args.stage_timeout, quiet=args.quiet)
+                      stage_timeout_s=args.stage_timeout, quiet=args.quiet, fp8_experts=args.fp8_experts)

@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--init-method", required=True)
     p.add_argument("--random-preset", default=None)
     p.add_argument("--random-layers", type=int, default=None)
+    p.add_argument("--random-fp8", action="store_true")
     p.set_defaults(run=run)
 
 
@@ -31,6 +32,7 @@ def run(args) -> int:
     try:
         opts = run_options(args)
         opts.random_preset, opts.random_layers = args.random_preset, args.random_layers
+        opts.random_fp8 = args.random_fp8
         where = Placement(args.rank, args.world_size, args.rank, args.world_size, args.init_method)
         return run_worker(opts, where)
     except StageFailure as e:

@@ -18,7 +18,7 @@ import torch
 from ..checkpoint.index import open_checkpoint
 from ..checkpoint.loader import load_stage
 from ..errors import UserError
-from ..model.config import ModelConfig
+from ..model.config import ModelConfig, QuantizationConfig
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..pipeline import distributed as pd
 from ..pipeline.executor import LocalExecutor, PipelineExecutor
@@ -47,9 +47,13 @@ class RunOptions:
     stage_timeout_s: float = 60.0  # a stage silent for this long is declared hung
     startup_timeout_s: float = 1800.0  # loading a 235B stage can take minutes
     quiet: bool = False
+    # an fp8 checkpoint's experts: "keep" them fp8 in memory (half the bytes), "dequantize" them at load time, or
+    # "auto": keep them where the fp8 kernels run (CUDA GPUs of compute capability 8.9 and up)
+    fp8_experts: str = "auto"
     # Benchmarks only: no checkpoint; a preset with this many layers and random weights made on each stage's device.
     random_preset: str | None = None
     random_layers: int | None = None
+    random_fp8: bool = False  # and its experts quantised to fp8 (128x128 blocks) and kept so, as an fp8 release
 
     def worker_argv(self, rank: int, world: int, init_method: str) -> list[str]:
         argv = ["worker", "--model", self.model or "-", "--stages", str(self.stages), "--device", self.device,
@@ -64,8 +68,11 @@ class RunOptions:
             argv += ["--gpu-mem", ",".join(map(str, self.gpu_mem_gb))]
         if self.quiet:
             argv.append("--quiet")
+        argv += ["--fp8-experts", self.fp8_experts]
         if self.random_preset:
             argv += ["--random-preset", self.random_preset, "--random-layers", str(self.random_layers)]
+            if self.random_fp8:
+                argv.append("--random-fp8")
         return argv
 
 
@@ -94,7 +101,8 @@ def open_source(opts: RunOptions):
 
         cfg = preset(opts.random_preset)
         layers = opts.random_layers or cfg.text.num_hidden_layers
-        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_hidden_layers=layers))
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_hidden_layers=layers),
+                                  quantization=QuantizationConfig() if opts.random_fp8 else None)
         return RandomWeights(cfg)
     return open_checkpoint(opts.model)
 
@@ -126,10 +134,35 @@ def read_eos_ids(model_dir: str) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
+FP8_EXPERTS_MODES = ("auto", "keep", "dequantize")
+
+
+def fp8_kernels_run_here(device: str) -> bool:
+    """Whether this machine's GPUs run the fp8 expert kernels: Triton's e4m3 needs compute capability 8.9 (Ada,
+    Hopper) or newer. On CPU and older GPUs the experts' reference dequantises each expert on every use."""
+    if device != "cuda" or not torch.cuda.is_available():
+        return False
+    return all(torch.cuda.get_device_capability(i) >= (8, 9) for i in range(torch.cuda.device_count()))
+
+
+def fp8_block(cfg: ModelConfig, opts: RunOptions) -> tuple[int, int] | None:
+    """The block of the fp8 experts this run keeps in memory, or None (not an fp8 checkpoint, or dequantised)."""
+    if opts.fp8_experts not in FP8_EXPERTS_MODES:
+        raise UserError(f"--fp8-experts {opts.fp8_experts!r}: choose one of {', '.join(FP8_EXPERTS_MODES)}")
+    q = cfg.quantization
+    if q is None or q.quant_method != "fp8" or opts.fp8_experts == "dequantize":
+        return None
+    if opts.fp8_experts == "auto" and not fp8_kernels_run_here(opts.device):
+        return None
+    return tuple(q.weight_block_size)
+
+
 def make_plan(cfg: ModelConfig, opts: RunOptions) -> StagePlan:
     """The stage plan every rank computes alike. On CUDA it must fit the GPUs (``--gpu-mem``, else the memory of
     this machine's smallest GPU): a plan that cannot fit is refused before any weight is read."""
     dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}[opts.dtype]
+    if dtype == "bf16" and fp8_block(cfg, opts) is not None:
+        dtype = "fp8"  # the experts at one byte (plus scales), the rest in bf16
     budget = opts.gpu_mem_gb
     if budget is None and opts.device == "cuda" and torch.cuda.is_available():
         budget = [min(torch.cuda.get_device_properties(i).total_memory
@@ -169,6 +202,7 @@ def fingerprint(ckpt, plan: StagePlan, opts: RunOptions) -> dict[str, str]:
     from .. import __version__
 
     return {"checkpoint": checkpoint_digest(ckpt), "plan": plan.fingerprint(), "dtype": opts.dtype,
+            "fp8_experts": opts.fp8_experts,
             "max_len": str(opts.max_len), "max_batch": str(opts.max_batch), "version": __version__}
 
 
@@ -179,11 +213,16 @@ def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: 
         model = Qwen3VLMoe(ckpt.cfg, layers=(st.start, st.stop), vision=st.holds_vision, embed=st.holds_embed,
                            head=st.holds_head)
     name = f"stage {rank} (layers {st.start}-{st.stop - 1})"
+    block = fp8_block(ckpt.cfg, opts)
     if isinstance(ckpt, RandomWeights):
         from ..checkpoint.synth_weights import randomize_module
 
         randomize_module(model, ckpt.seed, device, DTYPES[opts.dtype])
+        if block is not None:
+            model.keep_experts_fp8(block, quantize=True)
     else:
+        if block is not None:
+            model.keep_experts_fp8(block)  # the loader copies the stored fp8 experts and their scales as they are
         load_stage(model, ckpt, device, DTYPES[opts.dtype], stage_name=name, progress=not opts.quiet)
     model.eval()
     dtype, slots = DTYPES[opts.dtype], opts.max_batch

@@ -2,7 +2,8 @@
 
 ``register()`` adds the impl name 'fast' to each registry:
 - experts (model.moe.EXPERTS_IMPLS): fused Triton kernel for decode sizes on CUDA, grouped GEMM for prefill
-  (kernels.grouped.fast_experts); also 'grouped' and 'triton' to force one path;
+  (kernels.grouped.fast_experts), the Triton kernel at every size for fp8-resident experts; also 'grouped' and
+  'triton' to force one path;
 - cache attention (model.attention.CACHE_ATTENTION_IMPLS): split-KV Triton decode, SDPA (cuDNN first) for prompts
   (kernels.attention.fast_cache_attention);
 - vision attention (model.vision.VISION_ATTENTION_IMPLS): the 2-D rotary as one Triton kernel, then one SDPA /
@@ -18,16 +19,18 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from ..model.attention import register_cache_attention
 from ..model.decoder import register_decoder_layer_impl
 from ..model.moe import register_experts_impl
 from ..model.vision import VISION_ATTENTION_IMPLS
 
 
-def _triton_experts(x, topk_ids, topk_w, gate_up, down):
+def _triton_experts(x, topk_ids, topk_w, gate_up, down, scales=None):
     from .moe_triton import fused_experts
 
-    return fused_experts(x, topk_ids, topk_w, gate_up, down)
+    return fused_experts(x, topk_ids, topk_w, gate_up, down, scales)
 
 
 def _fused_layer(layer, h, rope, kv, layout):
@@ -36,11 +39,25 @@ def _fused_layer(layer, h, rope, kv, layout):
     return fused_decoder_layer(layer, h, rope, kv, layout)
 
 
+def fp8_fits(scales) -> bool:
+    """Whether the expert kernels take fp8 experts with these scales (model.quant.ExpertScales, or None: no fp8):
+    a reduction tile must lie in one scale block, so the block's width must be a power of two >= 16 (128 in the
+    FP8 releases), and a GPU's Triton needs compute capability 8.9+ for e4m3."""
+    if scales is None:
+        return True
+    bc, dev = scales.block[1], scales.gate_up.device
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
+        return False
+    return bc >= 16 and bc & (bc - 1) == 0
+
+
 def fused_layers_fit(model) -> bool:
     """Whether the fused layer kernels take this model: on CUDA, with a power-of-two head_dim >= 16 (128 in the
-    released models)."""
+    released models), and fp8 experts (if any) in blocks the expert kernels take."""
     d = model.cfg.text.head_dim
-    return next(model.parameters()).is_cuda and d >= 16 and d & (d - 1) == 0
+    experts = [m for m in model.modules() if type(m).__name__ == "Experts"]
+    return (next(model.parameters()).is_cuda and d >= 16 and d & (d - 1) == 0
+            and all(fp8_fits(m.scales) for m in experts))
 
 
 def register() -> None:

@@ -92,13 +92,15 @@ def expert_params(cfg: ModelConfig) -> int:
     return 3 * t.hidden_size * t.moe_intermediate_size
 
 
-def decode_layer_bytes(cfg: ModelConfig, unique_experts: float, batch: int, ctx: int) -> float:
-    """Fewest bytes one decode step must read per layer: attention weights, router, norms, the experts hit, and
-    the sequences' cached k/v (plus writing the new k/v)."""
+def decode_layer_bytes(cfg: ModelConfig, unique_experts: float, batch: int, ctx: int,
+                       expert_bytes: float = 2.0) -> float:
+    """Fewest bytes one decode step must read per layer: attention weights, router, norms, the experts hit (at
+    ``expert_bytes`` per weight: 2 in bf16, 1 + the block scales' share in fp8), and the sequences' cached k/v
+    (plus writing the new k/v)."""
     t = cfg.text
     weights = attention_params(cfg) + t.num_experts * t.hidden_size + 2 * t.hidden_size + 2 * t.head_dim
     kv = batch * (ctx + 1) * 2 * t.num_key_value_heads * t.head_dim
-    return 2.0 * (weights + unique_experts * expert_params(cfg) + kv)
+    return 2.0 * (weights + kv) + expert_bytes * unique_experts * expert_params(cfg)
 
 
 def prefill_layer_flops(cfg: ModelConfig, tokens: int) -> float:

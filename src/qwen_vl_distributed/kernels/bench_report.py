@@ -55,6 +55,24 @@ def render(res: dict) -> str:
     for use, t in res.get("gemv_tuning", {}).items():
         lines.append(f"  gemv {use}: chosen {t['chosen']} | " + ", ".join(
             f"{k} {v:.1f}us" if isinstance(v, float) else f"{k} {v}" for k, v in t["us_per_layer"].items()))
+    f8 = res.get("fp8")
+    if f8:
+        same = ", ".join(f"{k[6:]} {'identical' if v else 'DIFFERENT'}" for k, v in f8.items()
+                         if k.startswith("equal_"))
+        lines.append(f"fp8-resident experts ({f8['block'][0]}x{f8['block'][1]} blocks) vs the same weights "
+                     f"dequantised to bf16: {same}")
+        for k, r in f8.items():
+            if k.startswith("experts_"):
+                lines.append(f"  one experts call, {k[8:]}: rel vs fp32 products fp8 {r['rel_fp8_vs_fp32']:.2e}, "
+                             f"bf16 {r['rel_bf16_vs_fp32']:.2e}; fp8 vs bf16 {r['rel_fp8_vs_bf16']:.2e}, "
+                             f"{100 * r['equal_frac']:.1f}% of elements equal")
+        for b, r in f8.get("decode", {}).items():
+            lines.append(f"  decode B={b}: {_f(r['ms_layer'], '.4f')} ms/L (bf16 {_f(r.get('bf16_ms_layer'), '.4f')}), "
+                         f"{_f(r['gbs'], '.0f')} GB/s, {_f(100 * r['frac_copy_bw'], '.1f')}% copy, "
+                         f"{_f(r['unique_experts'], '.1f')} experts")
+        for t, r in f8.get("prefill", {}).items():
+            lines.append(f"  prefill {t}: {_f(r['ms_layer'])} ms/L (bf16 {_f(r.get('bf16_ms_layer'))}), "
+                         f"MFU {_f(100 * r['mfu'], '.1f')}%")
     vis = res.get("vision")
     if vis:
         lines.append(f"vision {vis['grid']}: ours {_f(vis.get('ours_fast_ms'))} ms "

@@ -620,6 +620,109 @@ class Bench:
                 res[name] = f"unsupported: {str(e)[:120]}"
         return res
 
+    # -- fp8-resident experts --------------------------------------------------------------------------------------
+    def section_fp8(self):
+        """The middle stage's layers with their experts quantised to fp8 in the releases' 128x128 blocks (kept fp8,
+        ``Experts.quantize_fp8``) against a twin holding those same weights dequantised to bf16: outputs
+        compared bit for bit (the fp8 kernels compute with the dequantised weights), then decode and prefill
+        timed on the fp8 layers."""
+        block, n = (128, 128), self.n
+        stage = dict(layers=(0, n), vision=False, embed=False, head=False)
+        fp8 = ours_from(self.cfg, self.mid.state_dict(), **stage)
+        deq = ours_from(self.cfg, self.mid.state_dict(), **stage)
+        for a, b in zip(fp8.model.language_model.layers.values(), deq.model.language_model.layers.values()):
+            a.mlp.experts.quantize_fp8(block)
+            e = a.mlp.experts
+            pairs = [e.scales.dequantize(i, e.gate_up_proj, e.down_proj, BF16) for i in range(e.gate_up_proj.shape[0])]
+            b.mlp.experts.gate_up_proj = torch.nn.Parameter(torch.stack([p[0] for p in pairs]), requires_grad=False)
+            b.mlp.experts.down_proj = torch.nn.Parameter(torch.stack([p[1] for p in pairs]), requires_grad=False)
+            del pairs
+        enable_fast_paths(fp8)
+        enable_fast_paths(deq)
+        res: dict = {"block": list(block)}
+        h, ctx = self.cfg.text.hidden_size, self.args.context
+        # exactness: decode-sized rows (1, 8) and a 2048-token prompt; the tile shapes are the same on both sides
+        # unless this process re-tuned one table and not the other
+        for rows in (1, 8, 2048):
+            x = 0.02 * torch.randn(rows, h, device=self.dev, dtype=BF16)
+            pos = torch.arange(rows, device=self.dev).expand(3, rows)
+            outs = [m(positions=pos, layout=SeqLayout([0], [0], [rows]), cache=m.new_cache(1, rows), hidden=x)
+                    for m in (fp8, deq)]
+            res[f"equal_{rows}_rows"] = bool(torch.equal(*outs))
+            res[f"rel_{rows}_rows"] = rel(*outs)
+            res[f"experts_{rows}_rows"] = self._fp8_experts_call(fp8, deq, x)
+        del deq
+        torch.cuda.empty_cache()
+        if not self.args.no_tune:  # installs the best tiles for the fp8 steps timed below
+            res["moe_tuning"] = self._tune_moe_fp8(fp8)
+        maxb = max(self.batches)
+        cache = self._random_cache(fp8, maxb + 1, ctx + 8)
+        graphs = DecodeGraphs(fp8, cache, scratch_slot=maxb, buckets=tuple(self.batches))
+        unique = {b: self._unique_experts(graphs, b, ctx) for b in self.batches}
+        graphs.capture()
+        per_weight = 1.0 + 4.0 / (block[0] * block[1])  # fp8 byte + its share of the fp32 scale
+        decode = {}
+        for b in self.batches:
+            self._load(graphs, b, ctx)
+            ms = cuda_time(lambda: graphs.replay(b), iters=20, reps=5)
+            by = decode_layer_bytes(self.cfg, unique[b], b, ctx, expert_bytes=per_weight)
+            decode[b] = {"ms_layer": ms / n, "unique_experts": unique[b], "bytes_layer": by,
+                         "gbs": by / (ms / n * 1e-3) / 1e9,
+                         "frac_copy_bw": by / (ms / n * 1e-3) / 1e9 / self._ceilings()["copy_gbs"]}
+            if b in self.results.get("decode", {}):
+                decode[b]["bf16_ms_layer"] = self.results["decode"][b]["ours_ms_layer"]
+        res["decode"] = decode
+        graphs = cache = None
+        torch.cuda.empty_cache()
+        prefill = {}
+        peak = self._ceilings()["matmul_tflops"]
+        for t in [int(x) for x in self.args.prefill.split(",") if x]:
+            cache = fp8.new_cache(1, t)
+            x = 0.02 * torch.randn(t, h, device=self.dev, dtype=BF16)
+            pos = torch.arange(t, device=self.dev).expand(3, t)
+            run = lambda: fp8(positions=pos, layout=SeqLayout([0], [0], [t]), cache=cache, hidden=x)  # noqa: E731
+            ms = cuda_time(run, iters=2, reps=7, warmup=2)
+            tf = n * prefill_layer_flops(self.cfg, t) / (ms * 1e-3) / 1e12
+            prefill[t] = {"ms_layer": ms / n, "tflops": tf, "mfu": tf / peak,
+                          "bf16_ms_layer": self.results.get("prefill", {}).get(t, {}).get("ours_ms_layer")}
+        res["prefill"] = prefill
+        self.results["fp8"] = res
+
+    def _fp8_experts_call(self, fp8, deq, x: torch.Tensor) -> dict:
+        """One experts call of layer 0 on fp8 weights and on their bf16 dequantisation, each against float32
+        products of the dequantised weights: the two kernels' distance from exact, and how often they agree."""
+        from .moe_triton import fused_experts
+
+        t = self.cfg.text
+        a, b = fp8.model.language_model.layers["0"].mlp, deq.model.language_model.layers["0"].mlp
+        w, ids = route(a.gate(x), t.num_experts_per_tok, t.norm_topk_prob)
+        y8 = fused_experts(x, ids, w, a.experts.gate_up_proj, a.experts.down_proj, a.experts.scales)
+        y16 = fused_experts(x, ids, w, b.experts.gate_up_proj, b.experts.down_proj)
+        ref = reference_experts(x.float(), ids, w.float(), b.experts.gate_up_proj.float(),
+                                b.experts.down_proj.float())
+        return {"rel_fp8_vs_fp32": rel(y8, ref), "rel_bf16_vs_fp32": rel(y16, ref), "rel_fp8_vs_bf16": rel(y8, y16),
+                "equal_frac": (y8 == y16).float().mean().item()}
+
+    def _tune_moe_fp8(self, model) -> dict:
+        """The expert tiles timed on fp8 experts (reduction tiles narrowed to the block width), at the decode
+        batches and the prefill lengths; the fastest go into moe_triton.CONFIGS_FP8 for the timings after."""
+        from .moe_triton import FP8_CANDIDATES, FP8_PREFILL_CANDIDATES, tune
+
+        t = self.cfg.text
+        layer = model.model.language_model.layers["0"]
+        e = layer.mlp.experts
+        res = {}
+        prefill = [int(x) for x in self.args.prefill.split(",") if x]
+        for rows in self.batches + prefill:
+            x = torch.randn(rows, t.hidden_size, device=self.dev, dtype=BF16)
+            w, ids = route(layer.mlp.gate(x), t.num_experts_per_tok, t.norm_topk_prob)
+            decode = rows in self.batches
+            best, times = tune(x, ids, w, e.gate_up_proj, e.down_proj, scales=e.scales,
+                               candidates=FP8_CANDIDATES if decode else FP8_PREFILL_CANDIDATES,
+                               **({} if decode else {"reps": 5, "calls": 2}))
+            res[rows] = {"best": repr(best), "times_ms": times}
+        return res
+
     # -- report ---------------------------------------------------------------------------------------------------
     def table(self) -> str:
         from .bench_report import render

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import mma
+
 BLOCK_N = 64  # keys per inner step
 TARGET_PROGRAMS = 264  # ~2 waves on 132 SMs
 
@@ -46,13 +48,13 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, starts_ptr, o_ptr, lse_ptr, sc
         offs = start + tl.arange(0, BN)
         km = offs < hi
         k = tl.load(k_base + offs[:, None].to(tl.int64) * sk_l + d[None, :], mask=km[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale  # [GP, BN] fp32
+        s = mma(q, tl.trans(k), tl.zeros((GP, BN), tl.float32)) * scale  # [GP, BN] fp32
         s = tl.where(km[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
         v = tl.load(v_base + offs[:, None].to(tl.int64) * sv_l + d[None, :], mask=km[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, tl.zeros((GP, D), tl.float32))
         l_sum = l_sum * alpha + tl.sum(p, 1)
         m = m_new
     # an empty split (lo >= hi) reports lse = -inf and weighs nothing in the merge

@@ -234,10 +234,10 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
     o = project("o", o, attn.o_proj.weight)[0] if attn.o_proj.bias is None else attn.o_proj(o)
     h, x = rmsnorm(o, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps, residual=h)
     w, ids = route(project("router", x, mlp.gate.weight)[0], mlp.top_k, mlp.normalize)
-    gate_up, down = mlp.experts.gate_up_proj, mlp.experts.down_proj
-    if ids.numel() > grouped.FUSED_MAX_PAIRS:  # large prefill chunks: grouped GEMM (returns the K-sum)
+    gate_up, down, scales = mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.experts.scales
+    if ids.numel() > grouped.FUSED_MAX_PAIRS and scales is None:  # large chunks: grouped GEMM (returns the K-sum)
         return h + grouped.grouped_experts(x, ids.long(), w, gate_up, down)
-    return sum_residual(expert_pairs(x, ids, w, gate_up, down), h, mlp.top_k)
+    return sum_residual(expert_pairs(x, ids, w, gate_up, down, scales), h, mlp.top_k)
 
 
 def sum_residual(y: torch.Tensor, h: torch.Tensor, k: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import fit_stages, load_k_tile
+from .tiles import fit_stages, load_k_tile, mma
 
 BN, BK, WARPS, STAGES = 32, 256, 4, 4
 
@@ -40,7 +40,7 @@ def _gemv_kernel(x_ptr, w0, w1, w2, y0, y1, y2, B, K, N0, N1, N2,
     for k0 in range(0, K, BK):
         a = load_k_tile(x_ptrs, bmask, k0, kk, K, EVEN_K)
         wt = load_k_tile(w_ptrs, rmask, k0, kk, K, EVEN_K)
-        acc = tl.dot(a, tl.trans(wt), acc)
+        acc = mma(a, tl.trans(wt), acc)
         x_ptrs += BK
         w_ptrs += BK
     tl.store(y + b[:, None] * n + rows[None, :], acc.to(y.dtype.element_ty), mask=bmask[:, None] & rmask[None, :])
@@ -60,5 +60,5 @@ def linear_small(x: torch.Tensor, *weights: torch.Tensor, bn: int = BN, bk: int 
     grid = (sum(triton.cdiv(n, bn) for n in ns),)
     bm = max(16, triton.next_power_of_2(b))
     _gemv_kernel[grid](x, *ws, *ys, b, k, *ns, BM=bm, BN=bn, BK=bk, EVEN_K=k % bk == 0, num_warps=warps,
-                       num_stages=fit_stages(stages, (bm + bn) * bk, x.element_size()))
+                       num_stages=fit_stages(stages, (bm + bn) * bk * x.element_size()))
     return tuple(outs)

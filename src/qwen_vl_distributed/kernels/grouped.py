@@ -33,8 +33,12 @@ def has_grouped_mm() -> bool:
 
 
 def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
-                    down: torch.Tensor) -> torch.Tensor:
-    """Same function as ``reference_experts``: x [T, H], topk [T, K], gate_up [E, 2I, H], down [E, H, I] -> [T, H]."""
+                    down: torch.Tensor, scales=None) -> torch.Tensor:
+    """Same function as ``reference_experts``: x [T, H], topk [T, K], gate_up [E, 2I, H], down [E, H, I] -> [T, H].
+    Weights in x's dtype only: fp8 experts (``scales``) are the Triton kernel's."""
+    if scales is not None:
+        raise ValueError("experts impl 'grouped' takes weights in the activations' dtype, not fp8 experts: "
+                         "use 'fast' or 'triton'")
     t, k = topk_ids.shape
     e, h_dim, inter = down.shape
     flat = topk_ids.reshape(-1)
@@ -53,12 +57,15 @@ def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tenso
 
 
 def fast_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
-                 down: torch.Tensor) -> torch.Tensor:
-    """Fused Triton kernel for decode-sized P on CUDA, grouped GEMM for larger P; the reference elsewhere."""
-    if x.is_cuda and topk_ids.numel() <= FUSED_MAX_PAIRS:
+                 down: torch.Tensor, scales=None) -> torch.Tensor:
+    """Fused Triton kernel for decode-sized P on CUDA (and for every P with fp8 experts), grouped GEMM for larger
+    P; the reference elsewhere."""
+    if x.is_cuda and (topk_ids.numel() <= FUSED_MAX_PAIRS or scales is not None):
+        from . import fp8_fits
         from .moe_triton import fused_experts  # Triton only where a GPU runs it
 
-        return fused_experts(x, topk_ids, topk_w, gate_up, down)
-    if x.is_cuda and x.dtype == torch.bfloat16 and has_grouped_mm():
+        if fp8_fits(scales):
+            return fused_experts(x, topk_ids, topk_w, gate_up, down, scales)
+    elif x.is_cuda and x.dtype == torch.bfloat16 and has_grouped_mm():
         return grouped_experts(x, topk_ids, topk_w, gate_up, down)
-    return reference_experts(x, topk_ids, topk_w, gate_up, down)
+    return reference_experts(x, topk_ids, topk_w, gate_up, down, scales)

@@ -14,6 +14,10 @@ The design (the one public engines use for fused MoE, re-written here):
    the activation dtype as the reference rounds it; a token's K pairs are summed in fp32 and rounded once
    (deterministic, no atomics).
 
+fp8-resident experts (model.quant.ExpertScales): each weight tile is loaded as fp8 and multiplied by its rows'
+block scales in fp32, rounded once to the activations' dtype, before the product: the same bf16 weights that
+dequantising at load time gives, from half the bytes. The reduction tile is then at most one block wide.
+
 Rounding follows the reference (model.moe.reference_experts): the gate/up and down products are rounded to the
 activation dtype before the activation and before the routed weight, as ``F.linear`` in bf16 would.
 """
@@ -27,7 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import fit_stages, load_k_tile
+from ..model.quant import ExpertScales
+from . import fp8_fits
+from .tiles import fit_stages, load_k_tile, mma
 from .timing import cuda_time
 
 # The single-program align kernel holds all pairs in one block (a sort of next_pow2(P) keys); above this, the
@@ -63,6 +69,10 @@ class MoeConfig:
     # pointer loads; activation rows stay gathered by pointer. Needs the output width to be a multiple of the
     # column tile (so a tile never crosses into the next expert's rows); otherwise the pointer path runs.
     tma: bool = False
+    # The product as weights @ activations^T: the weight tile is the MMA's first operand and the output tile is
+    # transposed in registers before the store. Hopper's wgmma takes its first operand from registers, where an
+    # fp8 weight tile is dequantised; the second always comes from shared memory. (Tuned for fp8 experts.)
+    swap: bool = False
 
     def __post_init__(self):
         if self.split and self.bm < 64:
@@ -81,8 +91,20 @@ CONFIGS: dict[int, MoeConfig] = {
 }
 
 
-def config_for(pairs: int) -> MoeConfig:
-    return CONFIGS[min(b for b in CONFIGS if b >= pairs)]
+# fp8 experts (reduction tiles at most one scale block wide): their own table, since dequantising in registers
+# moves the balance between loads and math. The fastest of FP8_CANDIDATES / FP8_PREFILL_CANDIDATES on an H200 at
+# the 235B shapes with 128x128 blocks (docs/benchmarks.md): at B = 1..8 the bf16 decode tile; from B = 32 on, the
+# weights as the MMA's first operand (swap) with TMA loads (2-5% ahead of the next).
+CONFIGS_FP8: dict[int, MoeConfig] = {
+    64: CONFIGS[64],
+    256: MoeConfig(bn=64, bk=128, warps=4, stages=3, down_bn=64, down_bk=128, down_stages=3, tma=True, swap=True),
+    1 << 30: dataclasses.replace(CONFIGS[1 << 30], swap=True),
+}
+
+
+def config_for(pairs: int, fp8: bool = False) -> MoeConfig:
+    table = CONFIGS_FP8 if fp8 else CONFIGS
+    return table[min(b for b in table if b >= pairs)]
 
 
 def num_blocks(pairs: int, experts: int, bm: int) -> int:
@@ -221,8 +243,30 @@ def _block_and_column(COLS_FIRST: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_tile(x_ptr, w_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, K: tl.constexpr, BM: tl.constexpr,
-                  ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr):
+def _dequant(w, s_ptrs, mask, k0, BC: tl.constexpr, FP8: tl.constexpr, dt: tl.constexpr):
+    """An fp8 weight tile [BN, BK] times its rows' block scales (column block k0 // BC: BK divides BC), in fp32,
+    rounded once to the activations' dtype: the loader's dequantisation (model.quant); other tiles as they are."""
+    if FP8:
+        s = tl.load(s_ptrs + k0 // BC, mask=mask, other=0.0)
+        w = (w.to(tl.float32) * s[:, None]).to(dt)
+    return w
+
+
+@triton.jit
+def _product(a, w, acc, SWAP: tl.constexpr):
+    """acc + a @ w^T ([ROWS, BN]: a [ROWS, BK] activations, w [BN, BK] weights), or with SWAP acc + w @ a^T
+    ([BN, ROWS])."""
+    if SWAP:
+        acc = mma(w, tl.trans(a), acc)
+    else:
+        acc = mma(a, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
+def _gate_up_tile(x_ptr, w_ptr, s_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, K: tl.constexpr,
+                  BM: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+                  TMA: tl.constexpr, FP8: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr):
     # the first ROWS rows of block blk against columns [col*BN, col*BN + BN) of expert e's gate and up halves
     rows = tl.load(rows_ptr + blk * BM + tl.arange(0, ROWS))
     rmask = rows < P
@@ -231,40 +275,54 @@ def _gate_up_tile(x_ptr, w_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, K: tl.con
     cmask = cols < I
     kk = tl.arange(0, BK)
     a_ptrs = x_ptr + tok[:, None] * H + kk[None, :]
-    acc_g = tl.zeros((ROWS, BN), dtype=tl.float32)
-    acc_u = tl.zeros((ROWS, BN), dtype=tl.float32)
+    dt = h_ptr.dtype.element_ty
+    # FP8: s_ptr = scales [E, 2, SR, SC] (gate's row blocks, then up's); the row block of a gate / up column
+    sg_ptrs = s_ptr + e * (2 * SR * SC) + (cols // BR) * SC
+    su_ptrs = sg_ptrs + SR * SC
+    if SWAP:
+        acc_g = tl.zeros((BN, ROWS), dtype=tl.float32)
+        acc_u = tl.zeros((BN, ROWS), dtype=tl.float32)
+    else:
+        acc_g = tl.zeros((ROWS, BN), dtype=tl.float32)
+        acc_u = tl.zeros((ROWS, BN), dtype=tl.float32)
     if TMA:  # w_ptr: descriptor over gate_up as [E * 2I, H], block [BN, BK]
         g_row = (e * (2 * I) + col * BN).to(tl.int32)
         for k0 in range(0, H, BK):
             a = load_k_tile(a_ptrs, rmask, k0, kk, H, EVEN_K)
-            acc_g = tl.dot(a, tl.trans(w_ptr.load([g_row, k0])), acc_g)
-            acc_u = tl.dot(a, tl.trans(w_ptr.load([g_row + I, k0])), acc_u)
+            wg = _dequant(w_ptr.load([g_row, k0]), sg_ptrs, cmask, k0, BC, FP8, dt)
+            wu = _dequant(w_ptr.load([g_row + I, k0]), su_ptrs, cmask, k0, BC, FP8, dt)
+            acc_g = _product(a, wg, acc_g, SWAP)
+            acc_u = _product(a, wu, acc_u, SWAP)
             a_ptrs += BK
     else:
         g_ptrs = w_ptr + e * (2 * I) * H + cols[:, None].to(tl.int64) * H + kk[None, :]  # [BN, BK], k contiguous
         u_ptrs = g_ptrs + I * H
         for k0 in range(0, H, BK):
             a = load_k_tile(a_ptrs, rmask, k0, kk, H, EVEN_K)
-            wg = load_k_tile(g_ptrs, cmask, k0, kk, H, EVEN_K)
-            wu = load_k_tile(u_ptrs, cmask, k0, kk, H, EVEN_K)
-            acc_g = tl.dot(a, tl.trans(wg), acc_g)
-            acc_u = tl.dot(a, tl.trans(wu), acc_u)
+            wg = _dequant(load_k_tile(g_ptrs, cmask, k0, kk, H, EVEN_K), sg_ptrs, cmask, k0, BC, FP8, dt)
+            wu = _dequant(load_k_tile(u_ptrs, cmask, k0, kk, H, EVEN_K), su_ptrs, cmask, k0, BC, FP8, dt)
+            acc_g = _product(a, wg, acc_g, SWAP)
+            acc_u = _product(a, wu, acc_u, SWAP)
             a_ptrs += BK
             g_ptrs += BK
             u_ptrs += BK
-    dt = h_ptr.dtype.element_ty
     g = acc_g.to(dt).to(tl.float32)  # round as the reference's bf16 linear output
     u = acc_u.to(dt).to(tl.float32)
     act = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
     h = (act * u).to(dt)
-    tl.store(h_ptr + rows[:, None].to(tl.int64) * I + cols[None, :], h, mask=rmask[:, None] & cmask[None, :])
+    if SWAP:  # h is [BN, ROWS]
+        tl.store(h_ptr + rows[None, :].to(tl.int64) * I + cols[:, None], h, mask=rmask[None, :] & cmask[:, None])
+    else:
+        tl.store(h_ptr + rows[:, None].to(tl.int64) * I + cols[None, :], h, mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, h_ptr, rows_ptr, block_expert_ptr, P, H, I,
+def _gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, rows_ptr, block_expert_ptr, P, H, I, SR, SC,
                     K: tl.constexpr, E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    EVEN_K: tl.constexpr, COLS_FIRST: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr):
-    # x [T, H]; w = gate_up [E, 2I, H] (gate rows [0, I), up rows [I, 2I)); h [P, I]
+                    EVEN_K: tl.constexpr, COLS_FIRST: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr,
+                    FP8: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr):
+    # x [T, H]; w = gate_up [E, 2I, H] (gate rows [0, I), up rows [I, 2I)); h [P, I]; FP8: w is fp8 and s_ptr its
+    # block scales (BR x BC blocks), else s_ptr is unused
     blk, col = _block_and_column(COLS_FIRST)
     e = tl.load(block_expert_ptr + blk).to(tl.int64)
     if e >= E:
@@ -273,18 +331,23 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, rows_ptr, block_expert_ptr, P, H, I,
     # come first in its run, so the first row past the quarter / half decides)
     if SPLIT:
         if tl.load(rows_ptr + blk * BM + BM // 4) >= P:
-            _gate_up_tile(x_ptr, w_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, K, BM, BM // 4, BN, BK, EVEN_K, TMA)
+            _gate_up_tile(x_ptr, w_ptr, s_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, K, BM, BM // 4, BN, BK,
+                          EVEN_K, TMA, FP8, BR, BC, SWAP)
         elif tl.load(rows_ptr + blk * BM + BM // 2) >= P:
-            _gate_up_tile(x_ptr, w_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, K, BM, BM // 2, BN, BK, EVEN_K, TMA)
+            _gate_up_tile(x_ptr, w_ptr, s_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, K, BM, BM // 2, BN, BK,
+                          EVEN_K, TMA, FP8, BR, BC, SWAP)
         else:
-            _gate_up_tile(x_ptr, w_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, K, BM, BM, BN, BK, EVEN_K, TMA)
+            _gate_up_tile(x_ptr, w_ptr, s_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, K, BM, BM, BN, BK,
+                          EVEN_K, TMA, FP8, BR, BC, SWAP)
     else:
-        _gate_up_tile(x_ptr, w_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, K, BM, BM, BN, BK, EVEN_K, TMA)
+        _gate_up_tile(x_ptr, w_ptr, s_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, K, BM, BM, BN, BK, EVEN_K,
+                      TMA, FP8, BR, BC, SWAP)
 
 
 @triton.jit
-def _down_tile(h_ptr, w_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, BM: tl.constexpr,
-               ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr):
+def _down_tile(h_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, BM: tl.constexpr,
+               ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+               FP8: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr):
     rows = tl.load(rows_ptr + blk * BM + tl.arange(0, ROWS))
     rmask = rows < P
     rows64 = rows.to(tl.int64)
@@ -292,31 +355,41 @@ def _down_tile(h_ptr, w_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, 
     cmask = cols < H
     kk = tl.arange(0, BK)
     a_ptrs = h_ptr + rows64[:, None] * I + kk[None, :]
-    acc = tl.zeros((ROWS, BN), dtype=tl.float32)
+    dt = h_ptr.dtype.element_ty
+    s_ptrs = s_ptr + e * (SR * SC) + (cols // BR) * SC  # FP8: scales [E, SR, SC]
+    if SWAP:
+        acc = tl.zeros((BN, ROWS), dtype=tl.float32)
+    else:
+        acc = tl.zeros((ROWS, BN), dtype=tl.float32)
     if TMA:  # w_ptr: descriptor over down as [E * H, I], block [BN, BK]
         w_row = (e * H + col * BN).to(tl.int32)
         for k0 in range(0, I, BK):
             a = load_k_tile(a_ptrs, rmask, k0, kk, I, EVEN_K)
-            acc = tl.dot(a, tl.trans(w_ptr.load([w_row, k0])), acc)
+            w = _dequant(w_ptr.load([w_row, k0]), s_ptrs, cmask, k0, BC, FP8, dt)
+            acc = _product(a, w, acc, SWAP)
             a_ptrs += BK
     else:
         w_ptrs = w_ptr + e * H * I + cols[:, None].to(tl.int64) * I + kk[None, :]  # [BN, BK]
         for k0 in range(0, I, BK):
             a = load_k_tile(a_ptrs, rmask, k0, kk, I, EVEN_K)
-            w = load_k_tile(w_ptrs, cmask, k0, kk, I, EVEN_K)
-            acc = tl.dot(a, tl.trans(w), acc)
+            w = _dequant(load_k_tile(w_ptrs, cmask, k0, kk, I, EVEN_K), s_ptrs, cmask, k0, BC, FP8, dt)
+            acc = _product(a, w, acc, SWAP)
             a_ptrs += BK
             w_ptrs += BK
-    dt = h_ptr.dtype.element_ty
     rw = tl.load(topk_w_ptr + rows64, mask=rmask, other=0.0)
-    y = (acc.to(dt) * rw[:, None]).to(dt)  # routed weight in the epilogue, rounded as the reference
-    tl.store(y_ptr + rows64[:, None] * H + cols[None, :], y, mask=rmask[:, None] & cmask[None, :])
+    if SWAP:  # acc is [BN, ROWS]
+        y = (acc.to(dt) * rw[None, :]).to(dt)  # routed weight in the epilogue, rounded as the reference
+        tl.store(y_ptr + rows64[None, :] * H + cols[:, None], y, mask=rmask[None, :] & cmask[:, None])
+    else:
+        y = (acc.to(dt) * rw[:, None]).to(dt)
+        tl.store(y_ptr + rows64[:, None] * H + cols[None, :], y, mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
-def _down_kernel(h_ptr, w_ptr, y_ptr, topk_w_ptr, rows_ptr, block_expert_ptr, P, H, I,
+def _down_kernel(h_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, rows_ptr, block_expert_ptr, P, H, I, SR, SC,
                  E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-                 COLS_FIRST: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr):
+                 COLS_FIRST: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, FP8: tl.constexpr,
+                 BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr):
     # h [P, I]; w = down [E, H, I]; y [P, H] = round(round(h @ w^T) * routed weight of the pair)
     blk, col = _block_and_column(COLS_FIRST)
     e = tl.load(block_expert_ptr + blk).to(tl.int64)
@@ -324,34 +397,45 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_w_ptr, rows_ptr, block_expert_ptr, P,
         return
     if SPLIT:  # as in _gate_up_kernel
         if tl.load(rows_ptr + blk * BM + BM // 4) >= P:
-            _down_tile(h_ptr, w_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, BM, BM // 4, BN, BK,
-                       EVEN_K, TMA)
+            _down_tile(h_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, BM, BM // 4, BN,
+                       BK, EVEN_K, TMA, FP8, BR, BC, SWAP)
         elif tl.load(rows_ptr + blk * BM + BM // 2) >= P:
-            _down_tile(h_ptr, w_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, BM, BM // 2, BN, BK,
-                       EVEN_K, TMA)
+            _down_tile(h_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, BM, BM // 2, BN,
+                       BK, EVEN_K, TMA, FP8, BR, BC, SWAP)
         else:
-            _down_tile(h_ptr, w_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, BM, BM, BN, BK, EVEN_K, TMA)
+            _down_tile(h_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, BM, BM, BN,
+                       BK, EVEN_K, TMA, FP8, BR, BC, SWAP)
     else:
-        _down_tile(h_ptr, w_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, BM, BM, BN, BK, EVEN_K, TMA)
+        _down_tile(h_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, BM, BM, BN,
+                   BK, EVEN_K, TMA, FP8, BR, BC, SWAP)
 
 
 def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
-                  down: torch.Tensor, config: MoeConfig | None = None) -> torch.Tensor:
-    """x [T, H], topk_ids/topk_w [T, K], gate_up [E, 2I, H], down [E, H, I] -> [T, H] in x's dtype."""
+                  down: torch.Tensor, scales: ExpertScales | None = None, config: MoeConfig | None = None
+                  ) -> torch.Tensor:
+    """x [T, H], topk_ids/topk_w [T, K], gate_up [E, 2I, H], down [E, H, I] (fp8 with ``scales``) -> [T, H] in
+    x's dtype."""
     t, k = topk_ids.shape
-    y = expert_pairs(x, topk_ids, topk_w, gate_up, down, config)
+    y = expert_pairs(x, topk_ids, topk_w, gate_up, down, scales, config)
     return y.view(t, k, -1).sum(1)  # torch accumulates a bf16 sum in fp32 and rounds once
 
 
 def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
-                 down: torch.Tensor, config: MoeConfig | None = None) -> torch.Tensor:
+                 down: torch.Tensor, scales: ExpertScales | None = None, config: MoeConfig | None = None
+                 ) -> torch.Tensor:
     """Each (token, expert) pair's weighted expert output, y [P, H] in x's dtype (pair p = t*K + k), before the
     K-sum."""
-    cfg = config or config_for(topk_ids.numel())
+    cfg = config or config_for(topk_ids.numel(), fp8=scales is not None)
+    if scales is not None:  # a reduction tile within one scale block
+        if not fp8_fits(scales):
+            raise ValueError(f"fp8 experts with {scales.block[0]}x{scales.block[1]} blocks: the expert kernels need "
+                             f"a power-of-two block width >= 16")
+        bc = scales.block[1]
+        cfg = dataclasses.replace(cfg, bk=min(cfg.bk, bc), down_bk=min(cfg.down_bk, bc))
     x = x.contiguous()
     rows, block_expert = align(topk_ids, gate_up.shape[0], cfg.bm)
-    h = gate_up_pairs(x, topk_ids.shape, rows, block_expert, gate_up, cfg)
-    return down_pairs(h, topk_w, rows, block_expert, down, cfg)
+    h = gate_up_pairs(x, topk_ids.shape, rows, block_expert, gate_up, cfg, scales)
+    return down_pairs(h, topk_w, rows, block_expert, down, cfg, scales)
 
 
 def align(topk_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,8 +446,16 @@ def align(topk_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tensor, 
     return align_wide(flat, experts, bm)
 
 
+def _scale_args(scales: torch.Tensor | None, block: tuple[int, int] | None, weight: torch.Tensor) -> dict:
+    """The kernels' fp8 arguments: the scales [.., SR, SC] and block, or (not fp8) placeholders."""
+    if scales is None:
+        return dict(s_ptr=weight, SR=0, SC=0, FP8=False, BR=1, BC=1)
+    return dict(s_ptr=scales.contiguous(), SR=scales.shape[-2], SC=scales.shape[-1], FP8=True, BR=block[0],
+                BC=block[1])
+
+
 def gate_up_pairs(x: torch.Tensor, routed: torch.Size, rows: torch.Tensor, block_expert: torch.Tensor,
-                  gate_up: torch.Tensor, cfg: MoeConfig) -> torch.Tensor:
+                  gate_up: torch.Tensor, cfg: MoeConfig, scales: ExpertScales | None = None) -> torch.Tensor:
     """h [P, I] = silu(x[token] @ gate^T) * (x[token] @ up^T) per pair, for aligned rows; x contiguous [>= T, H],
     routed = (T, K) the routing's shape."""
     e, two_i, h_dim = gate_up.shape
@@ -372,26 +464,31 @@ def gate_up_pairs(x: torch.Tensor, routed: torch.Size, rows: torch.Tensor, block
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
     grid, cols_first = _grid(nb, triton.cdiv(inter, cfg.bn), cfg)
     arg, tma = _weight_arg(gate_up, cfg.tma, inter, cfg.bn, cfg.bk)
+    fp8 = _scale_args(scales.gate_up if scales else None, scales.block if scales else None, gate_up)
     _gate_up_kernel[grid](
-        x, arg, h, rows, block_expert, p, h_dim, inter, K=k, E=e, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
-        EVEN_K=h_dim % cfg.bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split, TMA=tma, num_warps=cfg.warps,
-        num_stages=fit_stages(cfg.stages, (cfg.bm + 2 * cfg.bn) * cfg.bk, x.element_size()))  # x; gate, up
+        x, arg, fp8.pop("s_ptr"), h, rows, block_expert, p, h_dim, inter, fp8.pop("SR"), fp8.pop("SC"), K=k, E=e,
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, EVEN_K=h_dim % cfg.bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split,
+        TMA=tma, SWAP=cfg.swap, **fp8, num_warps=cfg.warps,
+        # x; gate, up -- an fp8 weight tile is dequantised into a tile of x's dtype, so it is counted at that size
+        num_stages=fit_stages(cfg.stages, (cfg.bm + 2 * cfg.bn) * cfg.bk * x.element_size()))
     return h
 
 
 def down_pairs(h: torch.Tensor, topk_w: torch.Tensor, rows: torch.Tensor, block_expert: torch.Tensor,
-               down: torch.Tensor, cfg: MoeConfig) -> torch.Tensor:
+               down: torch.Tensor, cfg: MoeConfig, scales: ExpertScales | None = None) -> torch.Tensor:
     """y [P, H] = round(h @ down^T) times each pair's routed weight, for aligned rows."""
     e, h_dim, inter = down.shape
     p, nb = h.shape[0], block_expert.numel()
     y = torch.empty(p, h_dim, dtype=h.dtype, device=h.device)
     grid, cols_first = _grid(nb, triton.cdiv(h_dim, cfg.down_bn), cfg)
     arg, tma = _weight_arg(down, cfg.tma, h_dim, cfg.down_bn, cfg.down_bk)
+    fp8 = _scale_args(scales.down if scales else None, scales.block if scales else None, down)
     _down_kernel[grid](
-        h, arg, y, topk_w.reshape(-1).to(h.dtype), rows, block_expert, p, h_dim, inter, E=e, BM=cfg.bm,
-        BN=cfg.down_bn, BK=cfg.down_bk, EVEN_K=inter % cfg.down_bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split,
-        TMA=tma, num_warps=cfg.down_warps,
-        num_stages=fit_stages(cfg.down_stages, (cfg.bm + cfg.down_bn) * cfg.down_bk, h.element_size()))
+        h, arg, fp8.pop("s_ptr"), y, topk_w.reshape(-1).to(h.dtype), rows, block_expert, p, h_dim, inter,
+        fp8.pop("SR"), fp8.pop("SC"), E=e, BM=cfg.bm, BN=cfg.down_bn, BK=cfg.down_bk,
+        EVEN_K=inter % cfg.down_bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split, TMA=tma, SWAP=cfg.swap, **fp8,
+        num_warps=cfg.down_warps,
+        num_stages=fit_stages(cfg.down_stages, (cfg.bm + cfg.down_bn) * cfg.down_bk * h.element_size()))
     return y
 
 
@@ -444,14 +541,21 @@ PREFILL_CANDIDATES = [_PREFILL_TILES[0]] + [
     for c in _PREFILL_TILES for split in ((False, True) if c.bm >= 128 else (False,)) for tma in (False, True)]
 
 
+# fp8 experts: the decode candidates as they are and with the weights as the MMA's first operand
+FP8_CANDIDATES = [dataclasses.replace(c, swap=swap) for c in CANDIDATES for swap in (False, True)]
+FP8_PREFILL_CANDIDATES = [dataclasses.replace(CONFIGS[1 << 30], tma=tma, swap=swap, split=split)
+                          for tma in (False, True) for swap in (False, True) for split in (False, True)] + [
+    dataclasses.replace(_PREFILL_TILES[2], cols_first=True, split=True, tma=True, swap=swap) for swap in (False, True)]
+
+
 def tune(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
-         down: torch.Tensor, candidates=CANDIDATES, reps: int = 20, calls: int = 10
-         ) -> tuple[MoeConfig, dict[str, float]]:
-    """Time each candidate on these inputs and install the fastest for this P (median of ``reps`` samples of
-    ``calls`` back-to-back calls). Decode sizes are timed as decode runs them, replayed from a CUDA graph (no
-    launch gaps); prefill sizes eagerly (launch cost is noise there)."""
+         down: torch.Tensor, candidates=CANDIDATES, reps: int = 20, calls: int = 10,
+         scales: ExpertScales | None = None) -> tuple[MoeConfig, dict[str, float]]:
+    """Time each candidate on these inputs and install the fastest for this P, in CONFIGS (or CONFIGS_FP8 with
+    fp8 ``scales``): median of ``reps`` samples of ``calls`` back-to-back calls. Decode sizes are timed as decode
+    runs them, replayed from a CUDA graph (no launch gaps); prefill sizes eagerly (launch cost is noise there)."""
     times: dict = {}
-    args = (x, topk_ids, topk_w, gate_up, down)
+    args = (x, topk_ids, topk_w, gate_up, down, scales)
     for cfg in candidates:
         try:
             times[repr(cfg)] = _time_config(args, cfg, reps, calls, topk_ids.numel() <= ALIGN_KERNEL_MAX_PAIRS)
@@ -461,7 +565,8 @@ def tune(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up:
     if not ran:
         raise RuntimeError(f"no MoE tile configuration ran here: {times}")
     best = min(ran, key=lambda c: times[repr(c)])
-    CONFIGS[topk_ids.numel()] = best  # a bucket of its own: P in (next smaller bucket, this P] uses it
+    # a bucket of its own: P in (next smaller bucket, this P] uses it
+    (CONFIGS if scales is None else CONFIGS_FP8)[topk_ids.numel()] = best
     return best, times
 
 

@@ -18,13 +18,24 @@ def load_k_tile(ptrs, row_mask, k0, kk, KD, EVEN_K: tl.constexpr):
     return tile
 
 
+@triton.jit
+def mma(a, b, acc):
+    """acc + a @ b (fp32 accumulator). float32 operands multiply in full IEEE float32, as torch's float32 matmul
+    does; Triton's default would round them to TF32 (~1e-3 relative). 16-bit operands: the tensor cores as usual."""
+    if a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
 # Shared memory the pipelined operand tiles may take (an H200 block gets 227 KB; the rest is left to the epilogue):
 # the largest bf16 tile set that runs on the H200, the decode expert candidate BN 64 / BK 256 with 3 stages.
 STAGE_BUDGET_BYTES = 216 * 1024
 
 
-def fit_stages(stages: int, tile_elems_per_stage: int, element_size: int) -> int:
-    """``stages``, lowered until that many stages of the operand tiles fit the budget (at least 1). The tile
-    shapes were tuned for 16-bit operands; float32 runs the same tiles with fewer stages."""
-    per_stage = tile_elems_per_stage * element_size
-    return max(1, min(stages, STAGE_BUDGET_BYTES // per_stage))
+def fit_stages(stages: int, stage_bytes: int) -> int:
+    """``stages``, lowered until that many stages of the operand tiles (``stage_bytes`` each: every operand's tile
+    at its size in shared memory) fit the budget (at least 1). The tile shapes were tuned for 16-bit operands;
+    float32 runs the same tiles with fewer stages."""
+    return max(1, min(stages, STAGE_BUDGET_BYTES // stage_bytes))

@@ -3,8 +3,11 @@
 Shapes: T tokens, H hidden, E experts, K experts per token, I expert width.
 Expert weights follow the transformers-5.x in-memory layout (nn.Linear orientation):
   gate_up_proj [E, 2I, H] (gate rows first, then up), down_proj [E, H, I].
+They are in the compute dtype, or (``Experts.keep_fp8``) block-quantised fp8 with fp32 scales as the FP8 releases
+store them: half the memory and half the bytes a decode step reads, computing with exactly the weights that
+dequantising at load time gives (``model.quant``).
 
-``experts_forward`` is the one interface for every implementation: the plain loop over experts here is the
+``EXPERTS_IMPLS`` is the one interface for every implementation: the plain loop over experts here is the
 reference; grouped-GEMM and fused Triton paths register themselves from ``kernels/``.
 """
 
@@ -17,9 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
+from .quant import FP8_DTYPE, ExpertScales, expert_scale_shapes, quantize_blockwise
 
-# name -> fn(x [T, H], topk_ids [T, K], topk_w [T, K], gate_up [E, 2I, H], down [E, H, I]) -> [T, H]
-ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# name -> fn(x [T, H], topk_ids [T, K], topk_w [T, K], gate_up [E, 2I, H], down [E, H, I], scales) -> [T, H];
+# scales: None, or the ExpertScales of fp8 gate_up / down
+ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ExpertScales | None],
+                     torch.Tensor]
 EXPERTS_IMPLS: dict[str, ExpertsFn] = {}
 
 
@@ -28,15 +34,17 @@ def register_experts_impl(name: str, fn: ExpertsFn) -> None:
 
 
 def reference_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
-                      down: torch.Tensor) -> torch.Tensor:
-    """Loop over the experts that were hit, in index order; accumulate weighted outputs into x's dtype."""
+                      down: torch.Tensor, scales: ExpertScales | None = None) -> torch.Tensor:
+    """Loop over the experts that were hit, in index order; accumulate weighted outputs into x's dtype. fp8 experts
+    are dequantised one at a time, as they are used."""
     out = torch.zeros_like(x)
     inter = down.shape[-1]
     for e in torch.unique(topk_ids).tolist():
         tok, slot = torch.where(topk_ids == e)  # tokens routed to e, and which of their K choices it was
-        z = F.linear(x[tok], gate_up[e])  # [n, 2I]
+        w_gu, w_dn = (gate_up[e], down[e]) if scales is None else scales.dequantize(e, gate_up, down, x.dtype)
+        z = F.linear(x[tok], w_gu)  # [n, 2I]
         h = F.silu(z[:, :inter]) * z[:, inter:]
-        y = F.linear(h, down[e]) * topk_w[tok, slot, None]
+        y = F.linear(h, w_dn) * topk_w[tok, slot, None]
         out.index_add_(0, tok, y.to(out.dtype))
     return out
 
@@ -59,10 +67,44 @@ class Experts(nn.Module):
         e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.fp8_block: tuple[int, int] | None = None
         self.impl = "reference"
 
+    def keep_fp8(self, block: tuple[int, int]) -> None:
+        """Hold the weights as block-quantised fp8 (``block`` = rows, cols of one scale's block) plus fp32 scales,
+        ``gate_up_proj_scale_inv`` and ``down_proj_scale_inv`` (shapes: model.quant.ExpertScales). The parameters
+        are replaced by empty ones on the same device: call before loading (the loader fills both)."""
+        e, two_i, h = self.gate_up_proj.shape
+        dev = self.gate_up_proj.device
+        gs, ds = expert_scale_shapes(e, two_i // 2, h, block)
+        new = lambda *shape, dtype: nn.Parameter(torch.empty(*shape, dtype=dtype, device=dev), requires_grad=False)
+        self.gate_up_proj = new(e, two_i, h, dtype=FP8_DTYPE)
+        self.down_proj = new(e, h, two_i // 2, dtype=FP8_DTYPE)
+        self.gate_up_proj_scale_inv = new(*gs, dtype=torch.float32)
+        self.down_proj_scale_inv = new(*ds, dtype=torch.float32)
+        self.fp8_block = tuple(block)
+
+    @torch.no_grad()
+    def quantize_fp8(self, block: tuple[int, int]) -> None:
+        """Quantise the current weights (gate, up and down of each expert apart, as the releases store them) and
+        keep them fp8: for benchmarks and tests of the fp8 paths on weights that were not loaded from fp8."""
+        inter = self.down_proj.shape[-1]
+        pieces = (self.gate_up_proj[:, :inter], self.gate_up_proj[:, inter:], self.down_proj)
+        (gq, gs), (uq, us), (dq, ds) = (quantize_blockwise(w, block) for w in pieces)
+        self.keep_fp8(block)
+        self.gate_up_proj.copy_(torch.cat([gq, uq], 1))
+        self.down_proj.copy_(dq)
+        self.gate_up_proj_scale_inv.copy_(torch.stack([gs, us], 1))
+        self.down_proj_scale_inv.copy_(ds)
+
+    @property
+    def scales(self) -> ExpertScales | None:
+        if self.fp8_block is None:
+            return None
+        return ExpertScales(self.gate_up_proj_scale_inv, self.down_proj_scale_inv, self.fp8_block)
+
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
-        return EXPERTS_IMPLS[self.impl](x, topk_ids, topk_w, self.gate_up_proj, self.down_proj)
+        return EXPERTS_IMPLS[self.impl](x, topk_ids, topk_w, self.gate_up_proj, self.down_proj, self.scales)
 
 
 class SparseMoE(nn.Module):

@@ -5,10 +5,10 @@ stage planner builds its memory and decode-cost model on them.
 
 Weight bytes per dtype:
 - ``bf16`` / ``fp32``: every parameter at 2 / 4 bytes.
-- ``fp8``: the block-quantised release (§6): attention projections (q, k, v, o) and every expert matrix at 1 byte
-  plus one fp32 scale per 128x128 block (``weight_scale_inv`` [ceil(out/128), ceil(in/128)]), experts counted as
-  separate gate / up / down matrices as the FP8 release stores them; everything else (vision tower, embedding,
-  lm_head, norms, routers) stays bf16.
+- ``fp8``: the block-quantised release (§6) as a run holds it (``--fp8-experts keep``): every expert matrix at 1
+  byte plus one fp32 scale per 128x128 block (``weight_scale_inv`` [ceil(out/128), ceil(in/128)]), counted as
+  separate gate / up / down matrices as the release stores them; everything else in bf16, the attention
+  projections included (the release stores them in fp8 too; loading dequantises them, ~3% of the weights).
 """
 
 from __future__ import annotations
@@ -156,16 +156,15 @@ def _fp8_matrix(out_features: int, in_features: int, block: tuple[int, int]) -> 
 
 
 def _quantised_bytes(cfg: ModelConfig, dtype: str) -> tuple[int, int]:
-    """(attention projections, one expert) in bytes: the matrices fp8 quantises."""
+    """(attention projections, one expert) in bytes: the matrices the fp8 release quantises, of which a run keeps
+    the experts in fp8."""
     p = layer_params(cfg)
+    b = _PLAIN_BYTES[dtype]
     if dtype != "fp8":
-        b = _PLAIN_BYTES[dtype]
         return b * p.attention, b * p.expert
     t, blk = cfg.text, _block_size(cfg)
     h, i = t.hidden_size, t.moe_intermediate_size
-    attention = (_fp8_matrix(t.q_dim, h, blk) + 2 * _fp8_matrix(t.kv_dim, h, blk) + _fp8_matrix(h, t.q_dim, blk))
-    expert = 2 * _fp8_matrix(i, h, blk) + _fp8_matrix(h, i, blk)
-    return attention, expert
+    return b * p.attention, 2 * _fp8_matrix(i, h, blk) + _fp8_matrix(h, i, blk)
 
 
 def component_bytes(cfg: ModelConfig, dtype: str) -> ComponentBytes:

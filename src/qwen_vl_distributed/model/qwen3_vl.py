@@ -113,6 +113,16 @@ class Qwen3VLMoe(nn.Module):
             if vision_attention and type(m).__name__ == "VisionAttention":
                 m.impl = vision_attention
 
+    def keep_experts_fp8(self, block: tuple[int, int], quantize: bool = False) -> None:
+        """Hold every expert weight of this stage in block-quantised fp8 (model.moe.Experts.keep_fp8): before
+        loading an fp8 checkpoint, whose experts are then copied as stored instead of dequantised. ``quantize``:
+        quantise the weights the experts hold now instead (random-weight benchmarks)."""
+        for m in self.modules():
+            if type(m).__name__ == "Experts" and quantize:
+                m.quantize_fp8(block)
+            elif type(m).__name__ == "Experts":
+                m.keep_fp8(block)
+
     # -- forward pieces --------------------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, visual: VisualInputs | None
               ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None]:

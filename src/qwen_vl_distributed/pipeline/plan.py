@@ -17,7 +17,7 @@ Memory per stage (bytes, all conservative):
 
 Balancing: decode is memory-bound, so a stage's time per decode step is taken as proportional to the weight bytes it
 reads per token: attention + router + norms + the top-k experts per layer, plus lm_head on the last stage (~2.8 layers
-of the 235B in bf16, ~5.5 in fp8). Vision and embedding cost ~nothing at decode. The balancer minimises the slowest
+of the 235B in bf16, ~4.2 in fp8). Vision and embedding cost ~nothing at decode. The balancer minimises the slowest
 stage subject to the memory budgets, then evens out the other stages (smallest sum of squared stage times).
 """
 

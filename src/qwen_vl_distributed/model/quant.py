@@ -1,0 +1,86 @@
+"""Block-wise FP8 weights (e4m3, one fp32 scale per block), the numerics shared by the loader and the model.
+
+A block-quantised matrix W [rows, cols] is W_fp8 (float8_e4m3fn) with ``scale_inv`` [ceil(rows/br),
+ceil(cols/bc)] (fp32): W[r, c] = W_fp8[r, c] * scale_inv[r // br, c // bc], computed in fp32 and rounded once to
+the compute dtype. Edge blocks are partial when a dimension is not a multiple of the block.
+
+``ExpertScales`` is how fp8-resident experts (``model.moe.Experts.keep_fp8``) carry their scales to the experts
+implementations; ``dequantize_blockwise`` is the one definition of the rounding, so an fp8-resident expert computes
+with exactly the bf16 weights that dequantising at load time would have given.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+
+
+def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    """Shape of the scale of a weight of ``shape`` (block-wise over the last two dims)."""
+    if len(shape) < 2:
+        raise ValueError(f"a block-quantised weight needs at least 2 dims, got shape {list(shape)}")
+    *lead, rows, cols = shape
+    return (*lead, math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+
+
+def _expand(scale: torch.Tensor, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
+    """Per-element scale [.., rows, cols] from per-block [.., ceil(rows/bo), ceil(cols/bi)]; edge blocks cut short."""
+    s = scale.repeat_interleave(block[0], dim=-2)[..., :rows, :]
+    return s.repeat_interleave(block[1], dim=-1)[..., :cols]
+
+
+def dequantize_blockwise(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                         dtype: torch.dtype) -> torch.Tensor:
+    """W = W_fp8 * scale_inv per block, computed in fp32 on w_fp8's device, returned in ``dtype``."""
+    rows, cols = w_fp8.shape[-2:]
+    w = w_fp8.to(torch.float32)
+    w.mul_(_expand(scale_inv.to(device=w.device, dtype=torch.float32), rows, cols, block))
+    return w.to(dtype)
+
+
+def quantize_blockwise(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_fp8, scale_inv) with one fp32 scale per block so that the block's absolute max maps to FP8_MAX.
+
+    Used by the synthetic writer (release-like FP8 checkpoints) and the benchmark (fp8 experts of random weights).
+    """
+    rows, cols = w.shape[-2:]
+    bo, bi = block
+    pr, pc = -rows % bo, -cols % bi
+    wf = torch.nn.functional.pad(w.to(torch.float32), (0, pc, 0, pr))          # [.., R, C], multiples of the block
+    lead = wf.shape[:-2]
+    blocks = wf.reshape(*lead, (rows + pr) // bo, bo, (cols + pc) // bi, bi)
+    amax = blocks.abs().amax(dim=(-3, -1))                                       # [.., R/bo, C/bi]
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (w.to(torch.float32) / _expand(scale, rows, cols, block)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+class ExpertScales(NamedTuple):
+    """The scales of one layer's fp8-resident experts, gate_up_proj [E, 2I, H] and down_proj [E, H, I] in fp8.
+
+    gate_up: [E, 2, ceil(I/br), ceil(H/bc)]: the gate rows' blocks, then the up rows' (each half blocked from its
+    own first row, as the FP8 releases store gate_proj and up_proj apart); down: [E, ceil(H/br), ceil(I/bc)].
+    """
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    block: tuple[int, int]
+
+    def dequantize(self, e: int, gate_up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (gate_up [2I, H], down [H, I]) in ``dtype``: the weights dequantising at load would give."""
+        inter = down.shape[-1]
+        gate = dequantize_blockwise(gate_up[e, :inter], self.gate_up[e, 0], self.block, dtype)
+        up = dequantize_blockwise(gate_up[e, inter:], self.gate_up[e, 1], self.block, dtype)
+        return torch.cat([gate, up]), dequantize_blockwise(down[e], self.down[e], self.block, dtype)
+
+
+def expert_scale_shapes(experts: int, inter: int, hidden: int, block: tuple[int, int]
+                        ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of ExpertScales.gate_up and .down."""
+    return ((experts, 2, *scale_shape((inter, hidden), block)), (experts, *scale_shape((hidden, inter), block)))
