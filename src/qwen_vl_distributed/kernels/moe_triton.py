@@ -446,12 +446,13 @@ def align(topk_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tensor, 
     return align_wide(flat, experts, bm)
 
 
-def _scale_args(scales: torch.Tensor | None, block: tuple[int, int] | None, weight: torch.Tensor) -> dict:
-    """The kernels' fp8 arguments: the scales [.., SR, SC] and block, or (not fp8) placeholders."""
+def _scale_args(scales: torch.Tensor | None, block: tuple[int, int] | None, weight: torch.Tensor
+                ) -> tuple[torch.Tensor, int, int, dict]:
+    """The kernels' fp8 arguments: (scales [.., SR, SC], SR, SC, constexprs FP8 / BR / BC), or (not fp8) a
+    placeholder pointer the kernel never reads."""
     if scales is None:
-        return dict(s_ptr=weight, SR=0, SC=0, FP8=False, BR=1, BC=1)
-    return dict(s_ptr=scales.contiguous(), SR=scales.shape[-2], SC=scales.shape[-1], FP8=True, BR=block[0],
-                BC=block[1])
+        return weight, 0, 0, dict(FP8=False, BR=1, BC=1)
+    return scales.contiguous(), scales.shape[-2], scales.shape[-1], dict(FP8=True, BR=block[0], BC=block[1])
 
 
 def gate_up_pairs(x: torch.Tensor, routed: torch.Size, rows: torch.Tensor, block_expert: torch.Tensor,
@@ -464,9 +465,9 @@ def gate_up_pairs(x: torch.Tensor, routed: torch.Size, rows: torch.Tensor, block
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
     grid, cols_first = _grid(nb, triton.cdiv(inter, cfg.bn), cfg)
     arg, tma = _weight_arg(gate_up, cfg.tma, inter, cfg.bn, cfg.bk)
-    fp8 = _scale_args(scales.gate_up if scales else None, scales.block if scales else None, gate_up)
+    s_ptr, sr, sc, fp8 = _scale_args(scales.gate_up if scales else None, scales.block if scales else None, gate_up)
     _gate_up_kernel[grid](
-        x, arg, fp8.pop("s_ptr"), h, rows, block_expert, p, h_dim, inter, fp8.pop("SR"), fp8.pop("SC"), K=k, E=e,
+        x, arg, s_ptr, h, rows, block_expert, p, h_dim, inter, sr, sc, K=k, E=e,
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, EVEN_K=h_dim % cfg.bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split,
         TMA=tma, SWAP=cfg.swap, **fp8, num_warps=cfg.warps,
         # x; gate, up -- an fp8 weight tile is dequantised into a tile of x's dtype, so it is counted at that size
@@ -482,10 +483,10 @@ def down_pairs(h: torch.Tensor, topk_w: torch.Tensor, rows: torch.Tensor, block_
     y = torch.empty(p, h_dim, dtype=h.dtype, device=h.device)
     grid, cols_first = _grid(nb, triton.cdiv(h_dim, cfg.down_bn), cfg)
     arg, tma = _weight_arg(down, cfg.tma, h_dim, cfg.down_bn, cfg.down_bk)
-    fp8 = _scale_args(scales.down if scales else None, scales.block if scales else None, down)
+    s_ptr, sr, sc, fp8 = _scale_args(scales.down if scales else None, scales.block if scales else None, down)
     _down_kernel[grid](
-        h, arg, fp8.pop("s_ptr"), y, topk_w.reshape(-1).to(h.dtype), rows, block_expert, p, h_dim, inter,
-        fp8.pop("SR"), fp8.pop("SC"), E=e, BM=cfg.bm, BN=cfg.down_bn, BK=cfg.down_bk,
+        h, arg, s_ptr, y, topk_w.reshape(-1).to(h.dtype), rows, block_expert, p, h_dim, inter, sr, sc, E=e,
+        BM=cfg.bm, BN=cfg.down_bn, BK=cfg.down_bk,
         EVEN_K=inter % cfg.down_bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split, TMA=tma, SWAP=cfg.swap, **fp8,
         num_warps=cfg.down_warps,
         num_stages=fit_stages(cfg.down_stages, (cfg.bm + cfg.down_bn) * cfg.down_bk * h.element_size()))
