@@ -122,8 +122,9 @@ def test_a_second_turn_reusing_the_cached_prefix_equals_a_fresh_run(model_dir, s
 
 
 def test_stage_threads_share_cpu_cores_and_keep_gpu_stages_to_one():
-    from qwen_vl_distributed.engine.build import stage_threads
+    from qwen_vl_distributed.engine.threads import stage_threads
 
     assert stage_threads(torch.device("cpu"), 2, 8) == 4
     assert stage_threads(torch.device("cpu"), 16, 8) == 1
     assert stage_threads(torch.device("cuda", 1), 2, 32) == 1
+

@@ -413,3 +413,30 @@ def test_a_template_refusal_is_a_message_error(model_dir):
     p.hf.chat_template = "{{ raise_exception('No user query found in messages.') }}"
     with pytest.raises(MessageFormatError, match="the chat template refused them: No user query found"):
         p.build_inputs([{"role": "assistant", "content": "hi"}])
+
+
+def test_preprocessing_takes_the_process_share_of_cores_where_a_gpu_stage_took_one(proc, media_dir, monkeypatch):
+    """After a GPU stage set one intra-op thread for its steps, the driver's image preprocessing still runs on the
+    process's share of the cores (4 of 8 for 2 local stages), and the steps' setting is back afterwards; without a
+    stage setting, preprocessing leaves torch's threads alone."""
+    from qwen_vl_distributed.engine import threads
+
+    seen = []
+    real = proc.hf.image_processor
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(proc.hf, "image_processor", spy)
+    monkeypatch.setattr(threads, "_preprocess_threads", None)
+    before = torch.get_num_threads()
+    image = str(media_dir / "a.png")
+    try:
+        proc.build_from_prompt("hi", [image])
+        threads.set_stage_threads(torch.device("cuda", 0), 2, 8)
+        assert torch.get_num_threads() == 1
+        proc.build_from_prompt("hi", [image])
+        assert seen == [before, 4] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -29,6 +29,7 @@ from ..pipeline.transport import Transport
 from ..pipeline.worker import serve_stage
 from .engine import Engine
 from .sampler import SlotSampler
+from .threads import set_stage_threads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -301,21 +302,11 @@ def _checked_placement(opts: RunOptions) -> Placement:
     return where
 
 
-def stage_threads(device: torch.device, local_world: int, cores: int) -> int:
-    """torch's intra-op threads for one of ``local_world`` stage processes on a machine of ``cores`` cores.
-
-    CPU stages share the cores. A GPU stage's host work is small tensor ops (a step's row tables, its layout): one
-    thread. Left at torch's default, one thread per core in every process, each op's pool woke and spun on every
-    core, and the stages took turns delaying each other's kernel launches: 8 sequences through two H200 stages
-    made 581-647 tokens/s against 787 with one thread (docs/benchmarks.md)."""
-    return max(1, cores // local_world) if device.type == "cpu" else 1
-
-
 def _join(opts: RunOptions, ckpt, plan: StagePlan, where: Placement):
     """Common to every rank: process group, agreement, load own stage, ready check, transport."""
     backend = pd.choose_backend(opts.device, where.local_world)
     device = pd.stage_device(opts.device, where.local_rank)
-    torch.set_num_threads(stage_threads(device, where.local_world, os.cpu_count() or 1))
+    set_stage_threads(device, where.local_world, os.cpu_count() or 1)  # engine/threads.py
     ctx = pd.init_distributed(where.rank, where.world, where.init_method, backend, device,
                               connect_timeout_s=opts.stage_timeout_s + 120, startup_timeout_s=opts.startup_timeout_s)
     try:

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..errors import UserError
+from .threads import preprocess_threads
 from .media import (MediaLimitError, MediaOptions, MessageFormatError, VideoClip, load_image, load_video,
                     resolve_media)
 
@@ -207,12 +208,13 @@ class Processor:
                  for r in refs if r.kind == "video"]
         prompt = self.render(normalized)
         out = PromptInputs(input_ids=[], mm_token_type_ids=[], prompt=prompt)
-        if images:
-            feats = self.hf.image_processor(images=images, return_tensors="pt")
-            out.pixel_values, out.image_grid_thw = feats["pixel_values"], feats["image_grid_thw"]
-        if clips:
-            out.pixel_values_videos, out.video_grid_thw = self._process_videos(clips)
-            out.video_timestamps = [c.timestamps(self.temporal_patch) for c in clips]
+        with preprocess_threads():  # bulk tensor work: the process's share of the cores (engine/threads.py)
+            if images:
+                feats = self.hf.image_processor(images=images, return_tensors="pt")
+                out.pixel_values, out.image_grid_thw = feats["pixel_values"], feats["image_grid_thw"]
+            if clips:
+                out.pixel_values_videos, out.video_grid_thw = self._process_videos(clips)
+                out.video_timestamps = [c.timestamps(self.temporal_patch) for c in clips]
         text = self._expand(prompt, out)
         out.input_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         out.mm_token_type_ids = [IMAGE if t == self.image_token_id else VIDEO if t == self.video_token_id else TEXT

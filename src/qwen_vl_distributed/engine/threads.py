@@ -1,0 +1,47 @@
+"""How many torch intra-op threads a process uses, for its stage's steps and for the driver's preprocessing.
+
+The stages of one machine share its cores. A CPU stage takes its share. A GPU stage's host work per step is small
+tensor ops (a step's row tables, its layout), so it takes one thread: left at torch's default, one thread per core
+in every process, each op's pool woke and spun on every core, and the stages took turns delaying each other's kernel
+launches (8 sequences through two H200 stages: 581-647 tokens/s, 787 with one thread; docs/benchmarks.md). Image and
+video preprocessing in the driver is bulk tensor work, so it runs with the process's share of the cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
+
+import torch
+
+_preprocess_threads: int | None = None  # None: leave torch's setting as it is
+_lock = threading.Lock()
+
+
+def stage_threads(device: torch.device, local_world: int, cores: int) -> int:
+    """Intra-op threads for the steps of one of ``local_world`` stage processes on a machine of ``cores`` cores."""
+    return max(1, cores // local_world) if device.type == "cpu" else 1
+
+
+def set_stage_threads(device: torch.device, local_world: int, cores: int) -> None:
+    """Set this process's threads for its stage's steps, and keep its share of the cores for preprocessing."""
+    global _preprocess_threads
+    torch.set_num_threads(stage_threads(device, local_world, cores))
+    _preprocess_threads = max(1, cores // local_world)
+
+
+@contextlib.contextmanager
+def preprocess_threads() -> Iterator[None]:
+    """Inside: the process's share of the cores (where a stage set fewer threads for its steps). One block at a
+    time, so that concurrent requests restore the setting in order."""
+    if _preprocess_threads is None:
+        yield
+        return
+    with _lock:
+        before = torch.get_num_threads()
+        torch.set_num_threads(_preprocess_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
