@@ -42,11 +42,12 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_for_output(proc: subprocess.Popen, marker: str, timeout_s: float) -> str:
-    """Read stdout until ``marker`` appears (bytes-level, unbuffered)."""
+def wait_for_output(proc: subprocess.Popen, marker: str, timeout_s: float, then_bytes: int = 0) -> str:
+    """Read stdout until ``marker`` appears, and ``then_bytes`` more bytes after it (bytes-level, unbuffered)."""
     seen = b""
     deadline = time.monotonic() + timeout_s
-    while marker.encode() not in seen:
+    m = marker.encode()
+    while m not in seen or len(seen) - seen.index(m) - len(m) < then_bytes:
         if time.monotonic() > deadline or proc.poll() is not None:
             raise AssertionError(f"{marker!r} not seen; output so far: {seen[-500:]!r}")
         chunk = os.read(proc.stdout.fileno(), 4096)

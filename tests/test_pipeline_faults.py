@@ -64,7 +64,10 @@ def test_killed_stage_ends_every_process_with_named_error(model_dir):
 def test_hung_stage_is_detected_within_the_timeout(model_dir):
     proc = _long_generation(model_dir, 3, timeout=4)
     try:
-        wait_for_output(proc, "[thinking]", 120)
+        # streamed text, not just the header: every stage has left start-up (the header is printed once stage 0
+        # is through the ready check, while the last stage may still be finishing it; stopping stage 1 then
+        # stalls the last stage's start-up, and stage 0 rightly names the last stage)
+        wait_for_output(proc, "[thinking] ", 120, then_bytes=8)
         victim = _worker(proc, 1)
         os.kill(victim, signal.SIGSTOP)  # alive but silent
         rc, err, left = _finish(proc, bound_s=60)
