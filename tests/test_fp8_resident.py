@@ -17,7 +17,7 @@ from qwen_vl_distributed.errors import UserError
 from qwen_vl_distributed.model.batch import SeqLayout
 from qwen_vl_distributed.model.config import QuantizationConfig
 from qwen_vl_distributed.model.moe import reference_experts
-from qwen_vl_distributed.model.quant import FP8_DTYPE, ExpertScales, dequantize_blockwise, quantize_blockwise
+from qwen_vl_distributed.model.quant import FP8_DTYPE, dequantize_blockwise, quantize_blockwise, quantize_experts
 
 BLOCK = (16, 16)
 
@@ -159,17 +159,15 @@ def test_reference_experts_dequantise_each_expert_as_loading_would():
     e, i, h, t, k = 4, 24, 40, 9, 2
     gate_up = torch.randn(e, 2 * i, h, generator=g) * 0.1
     down = torch.randn(e, h, i, generator=g) * 0.1
-    gq, gs = quantize_blockwise(gate_up[:, :i], BLOCK)
-    uq, us = quantize_blockwise(gate_up[:, i:], BLOCK)
-    dq, ds = quantize_blockwise(down, BLOCK)
-    scales = ExpertScales(torch.stack([gs, us], 1), ds, BLOCK)
+    gate_up_fp8, dq, scales = quantize_experts(gate_up, down, BLOCK)
+    (gq, uq), (gs, us), ds = gate_up_fp8.split(i, 1), scales.gate_up.unbind(1), scales.down
     x = torch.randn(t, h, generator=g).to(torch.bfloat16)
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
     w = torch.softmax(torch.randn(t, k, generator=g), -1).to(torch.bfloat16)
     deq_gu = torch.cat([dequantize_blockwise(gq, gs, BLOCK, torch.bfloat16),
                         dequantize_blockwise(uq, us, BLOCK, torch.bfloat16)], 1)
     ref = reference_experts(x, ids, w, deq_gu, dequantize_blockwise(dq, ds, BLOCK, torch.bfloat16))
-    out = reference_experts(x, ids, w, torch.cat([gq, uq], 1), dq, scales)
+    out = reference_experts(x, ids, w, gate_up_fp8, dq, scales)
     assert torch.equal(out, ref)
 
 

@@ -104,13 +104,13 @@ def test_fused_experts_match_reference(dtype, t, k, e, crowd, order):
 
 def fp8_experts(gate_up: torch.Tensor, down: torch.Tensor, block):
     """(gate_up fp8, down fp8, ExpertScales, the dequantised gate_up and down in the weights' dtype)."""
-    from qwen_vl_distributed.model.quant import ExpertScales, dequantize_blockwise, quantize_blockwise
+    from qwen_vl_distributed.model.quant import dequantize_blockwise, quantize_experts
 
     i = down.shape[-1]
-    (gq, gs), (uq, us), (dq, ds) = (quantize_blockwise(w, block) for w in (gate_up[:, :i], gate_up[:, i:], down))
+    gq, dq, scales = quantize_experts(gate_up, down, block)
     deq = lambda q, s: dequantize_blockwise(q, s, block, gate_up.dtype)  # noqa: E731
-    return (torch.cat([gq, uq], 1), dq, ExpertScales(torch.stack([gs, us], 1), ds, block),
-            torch.cat([deq(gq, gs), deq(uq, us)], 1), deq(dq, ds))
+    return (gq, dq, scales, torch.cat([deq(gq[:, :i], scales.gate_up[:, 0]), deq(gq[:, i:], scales.gate_up[:, 1])], 1),
+            deq(dq, scales.down))
 
 
 @needs_triton

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
-from .quant import FP8_DTYPE, ExpertScales, expert_scale_shapes, quantize_blockwise
+from .quant import FP8_DTYPE, ExpertScales, expert_scale_shapes, quantize_experts
 
 # name -> fn(x [T, H], topk_ids [T, K], topk_w [T, K], gate_up [E, 2I, H], down [E, H, I], scales) -> [T, H];
 # scales: None, or the ExpertScales of fp8 gate_up / down
@@ -88,14 +88,12 @@ class Experts(nn.Module):
     def quantize_fp8(self, block: tuple[int, int]) -> None:
         """Quantise the current weights (gate, up and down of each expert apart, as the releases store them) and
         keep them fp8: for benchmarks and tests of the fp8 paths on weights that were not loaded from fp8."""
-        inter = self.down_proj.shape[-1]
-        pieces = (self.gate_up_proj[:, :inter], self.gate_up_proj[:, inter:], self.down_proj)
-        (gq, gs), (uq, us), (dq, ds) = (quantize_blockwise(w, block) for w in pieces)
+        gate_up, down, scales = quantize_experts(self.gate_up_proj, self.down_proj, block)
         self.keep_fp8(block)
-        self.gate_up_proj.copy_(torch.cat([gq, uq], 1))
-        self.down_proj.copy_(dq)
-        self.gate_up_proj_scale_inv.copy_(torch.stack([gs, us], 1))
-        self.down_proj_scale_inv.copy_(ds)
+        self.gate_up_proj.copy_(gate_up)
+        self.down_proj.copy_(down)
+        self.gate_up_proj_scale_inv.copy_(scales.gate_up)
+        self.down_proj_scale_inv.copy_(scales.down)
 
     @property
     def scales(self) -> ExpertScales | None:

@@ -80,6 +80,16 @@ class ExpertScales(NamedTuple):
         return torch.cat([gate, up]), dequantize_blockwise(down[e], self.down[e], self.block, dtype)
 
 
+def quantize_experts(gate_up: torch.Tensor, down: torch.Tensor, block: tuple[int, int]
+                     ) -> tuple[torch.Tensor, torch.Tensor, ExpertScales]:
+    """gate_up [E, 2I, H] and down [E, H, I] quantised as the releases store them (gate, up and down of each
+    expert apart): (gate_up fp8, down fp8, their ExpertScales)."""
+    inter = down.shape[-1]
+    (gq, gs), (uq, us), (dq, ds) = (quantize_blockwise(w, block)
+                                    for w in (gate_up[:, :inter], gate_up[:, inter:], down))
+    return torch.cat([gq, uq], 1), dq, ExpertScales(torch.stack([gs, us], 1), ds, tuple(block))
+
+
 def expert_scale_shapes(experts: int, inter: int, hidden: int, block: tuple[int, int]
                         ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of ExpertScales.gate_up and .down."""

@@ -118,10 +118,8 @@ class Qwen3VLMoe(nn.Module):
         loading an fp8 checkpoint, whose experts are then copied as stored instead of dequantised. ``quantize``:
         quantise the weights the experts hold now instead (random-weight benchmarks)."""
         for m in self.modules():
-            if type(m).__name__ == "Experts" and quantize:
-                m.quantize_fp8(block)
-            elif type(m).__name__ == "Experts":
-                m.keep_fp8(block)
+            if type(m).__name__ == "Experts":
+                (m.quantize_fp8 if quantize else m.keep_fp8)(block)
 
     # -- forward pieces --------------------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, visual: VisualInputs | None
