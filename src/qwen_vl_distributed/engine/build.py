@@ -139,11 +139,13 @@ FP8_EXPERTS_MODES = ("auto", "keep", "dequantize")
 
 
 def fp8_kernels_run_here(device: str) -> bool:
-    """Whether this machine's GPUs run the fp8 expert kernels: Triton's e4m3 needs compute capability 8.9 (Ada,
-    Hopper) or newer. On CPU and older GPUs the experts' reference dequantises each expert on every use."""
+    """Whether every GPU of this machine runs the fp8 expert kernels (kernels.fp8_runs_on). On CPU and older GPUs
+    the experts' reference would dequantise each expert on every use."""
+    from ..kernels import fp8_runs_on  # imports no Triton
+
     if device != "cuda" or not torch.cuda.is_available():
         return False
-    return all(torch.cuda.get_device_capability(i) >= (8, 9) for i in range(torch.cuda.device_count()))
+    return all(fp8_runs_on(torch.device("cuda", i)) for i in range(torch.cuda.device_count()))
 
 
 def fp8_block(cfg: ModelConfig, opts: RunOptions) -> tuple[int, int] | None:

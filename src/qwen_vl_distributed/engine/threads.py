@@ -19,16 +19,23 @@ _preprocess_threads: int | None = None  # None: leave torch's setting as it is
 _lock = threading.Lock()
 
 
+def _share(local_world: int, cores: int) -> int:
+    """One of ``local_world`` processes' share of a machine of ``cores`` cores."""
+    return max(1, cores // local_world)
+
+
 def stage_threads(device: torch.device, local_world: int, cores: int) -> int:
     """Intra-op threads for the steps of one of ``local_world`` stage processes on a machine of ``cores`` cores."""
-    return max(1, cores // local_world) if device.type == "cpu" else 1
+    return _share(local_world, cores) if device.type == "cpu" else 1
 
 
 def set_stage_threads(device: torch.device, local_world: int, cores: int) -> None:
-    """Set this process's threads for its stage's steps, and keep its share of the cores for preprocessing."""
+    """Set this process's threads for its stage's steps; where that is fewer than its share of the cores, keep
+    the share for preprocessing."""
     global _preprocess_threads
-    torch.set_num_threads(stage_threads(device, local_world, cores))
-    _preprocess_threads = max(1, cores // local_world)
+    steps, share = stage_threads(device, local_world, cores), _share(local_world, cores)
+    torch.set_num_threads(steps)
+    _preprocess_threads = share if steps < share else None
 
 
 @contextlib.contextmanager

@@ -39,14 +39,21 @@ def _fused_layer(layer, h, rope, kv, layout):
     return fused_decoder_layer(layer, h, rope, kv, layout)
 
 
+def fp8_runs_on(device) -> bool:
+    """Whether the fp8 expert kernels run on ``device``: a CUDA GPU of compute capability 8.9+ (Ada, Hopper), where
+    Triton has e4m3."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def fp8_fits(scales) -> bool:
     """Whether the expert kernels take fp8 experts with these scales (model.quant.ExpertScales, or None: no fp8):
     a reduction tile must lie in one scale block, so the block's width must be a power of two >= 16 (128 in the
-    FP8 releases), and a GPU's Triton needs compute capability 8.9+ for e4m3."""
+    FP8 releases); and on a GPU, one they run on (``fp8_runs_on``)."""
     if scales is None:
         return True
     bc, dev = scales.block[1], scales.gate_up.device
-    if dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
+    if dev.type == "cuda" and not fp8_runs_on(dev):
         return False
     return bc >= 16 and bc & (bc - 1) == 0
 
