@@ -93,12 +93,15 @@ CONFIGS: dict[int, MoeConfig] = {
 
 # fp8 experts (reduction tiles at most one scale block wide): their own table, since dequantising in registers
 # moves the balance between loads and math. The fastest of FP8_CANDIDATES / FP8_PREFILL_CANDIDATES on an H200 at
-# the 235B shapes with 128x128 blocks (docs/benchmarks.md): at B = 1..8 the bf16 decode tile; from B = 32 on, the
-# weights as the MMA's first operand (swap) with TMA loads (2-5% ahead of the next).
+# the 235B shapes with 128x128 blocks (docs/benchmarks.md): at B = 1..8 the bf16 decode tile; at B = 32 the weights
+# as the MMA's first operand (swap) with TMA loads (2-5% ahead of the next); prompts, the bf16 prompt tile. Not
+# swapped there: that was 5% faster, but on the H200 the 8-warp prompt tile with the dequantised weights as the
+# first operand doubled the error of an experts call (rel 8.7e-3 against float32 products of the dequantised
+# weights, 4.8e-3 unswapped and in bf16; scripts/fp8_swap_check.py), where the decode tiles' swap changes nothing.
 CONFIGS_FP8: dict[int, MoeConfig] = {
     64: CONFIGS[64],
     256: MoeConfig(bn=64, bk=128, warps=4, stages=3, down_bn=64, down_bk=128, down_stages=3, tma=True, swap=True),
-    1 << 30: dataclasses.replace(CONFIGS[1 << 30], swap=True),
+    1 << 30: CONFIGS[1 << 30],
 }
 
 
@@ -542,11 +545,12 @@ PREFILL_CANDIDATES = [_PREFILL_TILES[0]] + [
     for c in _PREFILL_TILES for split in ((False, True) if c.bm >= 128 else (False,)) for tma in (False, True)]
 
 
-# fp8 experts: the decode candidates as they are and with the weights as the MMA's first operand
+# fp8 experts: the decode candidates as they are and with the weights as the MMA's first operand; prompt tiles
+# unswapped (CONFIGS_FP8)
 FP8_CANDIDATES = [dataclasses.replace(c, swap=swap) for c in CANDIDATES for swap in (False, True)]
-FP8_PREFILL_CANDIDATES = [dataclasses.replace(CONFIGS[1 << 30], tma=tma, swap=swap, split=split)
-                          for tma in (False, True) for swap in (False, True) for split in (False, True)] + [
-    dataclasses.replace(_PREFILL_TILES[2], cols_first=True, split=True, tma=True, swap=swap) for swap in (False, True)]
+FP8_PREFILL_CANDIDATES = [dataclasses.replace(CONFIGS[1 << 30], tma=tma, split=split)
+                          for tma in (False, True) for split in (False, True)] + [
+    dataclasses.replace(_PREFILL_TILES[2], cols_first=True, split=True, tma=True)]  # unswapped: see CONFIGS_FP8
 
 
 def tune(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
