@@ -3,8 +3,6 @@ scales, and every path computes with exactly the weights that dequantising at lo
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -154,6 +152,25 @@ def test_resident_experts_made_for_another_block_size_are_refused_before_loading
                             f"{ckpt.config_path}'s weight_block_size [16, 16] gives [8, 2, 2, 4]")
 
 
+def test_w8a8_reference_is_the_scaled_sum_of_exact_fp8_products():
+    """model.quant.w8a8_linear against the same sum in float64 from its definition: inputs rounded per token and
+    group (an all-zero group has scale 1), weights per block (partial blocks: 40 columns in groups of 16)."""
+    from qwen_vl_distributed.model.quant import FP8_MAX, quantize_activations, w8a8_linear
+
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(6, 40, generator=g) * 3, torch.randn(24, 40, generator=g)
+    x[1, 16:32] = 0
+    wq, ws = quantize_blockwise(w, BLOCK)
+    xq, xs = quantize_activations(x, BLOCK[1])
+    assert xs.shape == (6, 3) and xs[1, 1] == 1 and (xq.float().abs().amax(-1) == FP8_MAX).all()
+    expand = lambda s, n: s.double().repeat_interleave(16, -1)[..., :n]  # noqa: E731
+    x_deq = xq.double() * expand(xs, 40)
+    w_deq = wq.double() * expand(ws.repeat_interleave(16, 0)[:24], 40)
+    out = w8a8_linear(x, wq, ws, BLOCK)
+    assert out.dtype == x.dtype and torch.allclose(out.double(), x_deq @ w_deq.T, rtol=1e-5, atol=1e-5)
+    assert (x_deq - x.double()).abs().max() <= (x.abs().amax() / 448 * 16)  # at most one e4m3 step of the max
+
+
 def test_reference_experts_dequantise_each_expert_as_loading_would():
     g = torch.Generator().manual_seed(0)
     e, i, h, t, k = 4, 24, 40, 9, 2
@@ -177,13 +194,17 @@ def test_engine_options_keep_or_dequantize(fp8_dir):
 
     ckpt = open_checkpoint(fp8_dir)
     outs = {}
-    for mode in ("keep", "dequantize"):
+    for mode in ("keep", "w8a8", "dequantize"):
         opts = RunOptions(model=str(fp8_dir), fp8_experts=mode, max_batch=1, max_len=64)
         rt = build_runtime(ckpt, make_plan(ckpt.cfg, opts), 0, torch.device("cpu"), opts)
         experts = rt.model.model.language_model.layers["0"].mlp.experts
-        assert (experts.gate_up_proj.dtype == FP8_DTYPE) == (mode == "keep")
+        assert (experts.gate_up_proj.dtype == FP8_DTYPE) == (mode != "dequantize")
+        assert experts.fp8_act_quant == (mode == "w8a8")
         outs[mode] = _logits(rt.model, [9, 8, 7, 6])
     assert torch.equal(outs["keep"], outs["dequantize"])
+    # W8A8 rounds the experts' inputs to fp8 as well: other logits, near the dequantised weights' ones
+    diff = ((outs["w8a8"] - outs["keep"]).norm() / outs["keep"].norm()).item()
+    assert 1e-4 < diff < 0.1, diff
     bf16 = RunOptions(model=str(fp8_dir), dtype="bfloat16", fp8_experts="keep")
     assert fp8_block(ckpt.cfg, bf16) == BLOCK and make_plan(ckpt.cfg, bf16).dtype == "fp8"
     bf16.fp8_experts = "dequantize"
@@ -191,10 +212,10 @@ def test_engine_options_keep_or_dequantize(fp8_dir):
     bf16.fp8_experts = "auto"  # keep only where the fp8 kernels run: not on a CPU
     assert fp8_block(ckpt.cfg, bf16) is None
     bf16.fp8_experts = "yes"
-    with pytest.raises(UserError, match="--fp8-experts 'yes': choose one of auto, keep, dequantize"):
+    with pytest.raises(UserError, match="--fp8-experts 'yes': choose one of auto, keep, w8a8, dequantize"):
         fp8_block(ckpt.cfg, bf16)
-    assert RunOptions(model="x", fp8_experts="dequantize").worker_argv(1, 2, "tcp://h:1")[-2:] == [
-        "--fp8-experts", "dequantize"]
+    for mode in ("dequantize", "w8a8"):
+        assert RunOptions(model="x", fp8_experts=mode).worker_argv(1, 2, "tcp://h:1")[-2:] == ["--fp8-experts", mode]
 
 
 def test_random_weight_benchmarks_can_keep_their_experts_in_fp8():

@@ -113,13 +113,15 @@ def fp8_experts(gate_up: torch.Tensor, down: torch.Tensor, block):
             deq(dq, scales.down))
 
 
+# fp8 block shapes and tile variants (every launch order, partial tiles, TMA, swap) for the fp8 and W8A8 kernels
+FP8_TILE_CASES = [((16, 16), {}), ((16, 32), {"cols_first": True}), ((32, 16), {"bm": 64, "split": True}),
+                  ((16, 16), {"bm": 64, "split": True, "tma": True}), ((16, 32), {"swap": True}),
+                  ((32, 16), {"bm": 64, "split": True, "tma": True, "swap": True})]
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("block,order", [((16, 16), {}), ((16, 32), {"cols_first": True}),
-                                         ((32, 16), {"bm": 64, "split": True}),
-                                         ((16, 16), {"bm": 64, "split": True, "tma": True}),
-                                         ((16, 32), {"swap": True}),
-                                         ((32, 16), {"bm": 64, "split": True, "tma": True, "swap": True})])
+@pytest.mark.parametrize("block,order", FP8_TILE_CASES)
 def test_fp8_experts_kernels_compute_with_the_dequantised_weights(dtype, block, order):
     """fp8 weight tiles times their block scales give, bit for bit, the products of the dequantised weights (the
     same tiles; the kernel narrows its reduction tile to the block width): I = 48 is not a multiple of 32-row
@@ -134,6 +136,41 @@ def test_fp8_experts_kernels_compute_with_the_dequantised_weights(dtype, block, 
     assert torch.equal(out, fused_experts(x, ids, w, gate_up_deq, down_deq, config=narrowed))
     ref = reference_experts(x.float(), ids, w.float(), gq, dq, scales)
     assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_act_quant_kernel_matches_reference(dtype):
+    """The W8A8 input quantisation in one launch equals model.quant.quantize_activations bit for bit: rows past a
+    16-row tile, a partial last group (K = 80 in groups of 32), an all-zero row."""
+    from qwen_vl_distributed.kernels.moe_triton import act_quant
+    from qwen_vl_distributed.model.quant import quantize_activations
+
+    x = (torch.randn(37, 80, generator=torch.Generator().manual_seed(2)) * 5).to(dtype)
+    x[3] = 0
+    q, s = act_quant(x, 32)
+    q_ref, s_ref = quantize_activations(x, 32)
+    assert s.shape == (37, 3) and torch.equal(s, s_ref) and s[3].eq(1).all()
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("block,order", FP8_TILE_CASES + [((32, 32), {"bm": 64, "bk": 32, "down_bk": 32})])
+def test_w8a8_experts_kernels_match_the_w8a8_reference(dtype, block, order):
+    """W8A8 (scales.act_quant): the kernels quantise each product's inputs per token and group and scale the fp8
+    products by both scales, as model.quant.w8a8_linear does; not what the dequantised weights give."""
+    from qwen_vl_distributed.kernels.moe_triton import MoeConfig, fused_experts
+
+    x, ids, w, gate_up, down = moe_inputs(90, 2, 8, 64, 48, dtype, seed=4, crowd=True)
+    gq, dq, scales, gate_up_deq, down_deq = fp8_experts(gate_up, down, block)
+    w8a8 = scales._replace(act_quant=True)
+    cfg = MoeConfig(**{"bm": 16, "bn": 16, "bk": 32, "down_bn": 16, "down_bk": 32, **order})
+    out = fused_experts(x, ids, w, gq, dq, w8a8, config=cfg)
+    assert out.dtype == dtype and out.shape == x.shape
+    ref = reference_experts(x, ids, w, gq, dq, w8a8)
+    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
+    assert rel(out, reference_experts(x, ids, w, gq, dq, scales)) > 1e-3  # the inputs were rounded to fp8
 
 
 def test_fp8_block_rule_and_the_reference_for_blocks_the_kernels_cannot_tile():

@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
                    help="sampling temperature of every sequence (0: greedy, as before session 10; see _run_batch)")
     p.add_argument("--fp8", action="store_true",
                    help="experts quantised to fp8 (128x128 blocks) and kept so, as a run of an FP8 release keeps them")
+    p.add_argument("--w8a8", action="store_true",
+                   help="as --fp8, and the experts' inputs quantised too (--fp8-experts w8a8)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.set_defaults(run=run)
 
@@ -69,7 +71,8 @@ def run(args) -> int:
     opts = RunOptions(model=None, stages=args.stages, device=args.device,
                       dtype="bfloat16" if args.device == "cuda" else "float32", max_batch=max(n_seq, 1),
                       max_len=args.prompt_len + args.new_tokens + 8, quiet=True, random_preset=args.preset,
-                      random_layers=args.layers, random_fp8=args.fp8)
+                      random_layers=args.layers, random_fp8=args.fp8 or args.w8a8,
+                      fp8_experts="w8a8" if args.w8a8 else "keep")
     handle = start_engine(opts)
     try:
         engine = handle.engine
@@ -87,7 +90,7 @@ def run(args) -> int:
         handle.close()
     result = {
         "temperature": args.temperature,
-        "fp8_experts": args.fp8,
+        "fp8_experts": "w8a8" if args.w8a8 else args.fp8,
         "preset": args.preset, "layers": args.layers, "stages": args.stages, "plan": [list(r) for r in
                                                                                       handle.plan.layer_ranges],
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",

@@ -39,10 +39,12 @@ def add_run_args(p: argparse.ArgumentParser, max_batch: int = 8) -> None:
     p.add_argument("--stage-timeout", type=float, default=60.0,
                    help="seconds of silence after which a stage is declared hung and every process stops")
     p.add_argument("--quiet", action="store_true", help="no loading progress bar")
-    p.add_argument("--fp8-experts", choices=["auto", "keep", "dequantize"], default="auto",
+    p.add_argument("--fp8-experts", choices=["auto", "keep", "w8a8", "dequantize"], default="auto",
                    help="an fp8 checkpoint's experts: keep them fp8 in memory (half the memory, the same weights), "
                         "or dequantize them at load time; auto (default): keep them on GPUs that run the fp8 "
-                        "kernels (compute capability 8.9+), else dequantize")
+                        "kernels (compute capability 8.9+), else dequantize; w8a8: keep them and quantise their "
+                        "inputs to fp8 as well, per token and 128 columns (the release's dynamic activation "
+                        "scheme: faster prompts, fp8 rounding of the inputs)")
 
 
 def run_options(args) -> RunOptions:

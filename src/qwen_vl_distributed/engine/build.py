@@ -48,8 +48,9 @@ class RunOptions:
     stage_timeout_s: float = 60.0  # a stage silent for this long is declared hung
     startup_timeout_s: float = 1800.0  # loading a 235B stage can take minutes
     quiet: bool = False
-    # an fp8 checkpoint's experts: "keep" them fp8 in memory (half the bytes), "dequantize" them at load time, or
-    # "auto": keep them where the fp8 kernels run (CUDA GPUs of compute capability 8.9 and up)
+    # an fp8 checkpoint's experts: "keep" them fp8 in memory (half the bytes), "dequantize" them at load time,
+    # "auto": keep them where the fp8 kernels run (CUDA GPUs of compute capability 8.9 and up), or "w8a8": keep
+    # them and quantise their inputs too (model.quant.w8a8_linear)
     fp8_experts: str = "auto"
     # Benchmarks only: no checkpoint; a preset with this many layers and random weights made on each stage's device.
     random_preset: str | None = None
@@ -135,7 +136,7 @@ def read_eos_ids(model_dir: str) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-FP8_EXPERTS_MODES = ("auto", "keep", "dequantize")
+FP8_EXPERTS_MODES = ("auto", "keep", "w8a8", "dequantize")
 
 
 def fp8_kernels_run_here(device: str) -> bool:
@@ -222,10 +223,10 @@ def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: 
 
         randomize_module(model, ckpt.seed, device, DTYPES[opts.dtype])
         if block is not None:
-            model.keep_experts_fp8(block, quantize=True)
+            model.keep_experts_fp8(block, quantize=True, act_quant=opts.fp8_experts == "w8a8")
     else:
-        if block is not None:
-            model.keep_experts_fp8(block)  # the loader copies the stored fp8 experts and their scales as they are
+        if block is not None:  # the loader copies the stored fp8 experts and their scales as they are
+            model.keep_experts_fp8(block, act_quant=opts.fp8_experts == "w8a8")
         load_stage(model, ckpt, device, DTYPES[opts.dtype], stage_name=name, progress=not opts.quiet)
     model.eval()
     dtype, slots = DTYPES[opts.dtype], opts.max_batch

@@ -65,14 +65,20 @@ def render(res: dict) -> str:
             if k.startswith("experts_"):
                 lines.append(f"  one experts call, {k[8:]}: rel vs fp32 products fp8 {r['rel_fp8_vs_fp32']:.2e}, "
                              f"bf16 {r['rel_bf16_vs_fp32']:.2e}; fp8 vs bf16 {r['rel_fp8_vs_bf16']:.2e}, "
-                             f"{100 * r['equal_frac']:.1f}% of elements equal")
-        for b, r in f8.get("decode", {}).items():
-            lines.append(f"  decode B={b}: {_f(r['ms_layer'], '.4f')} ms/L (bf16 {_f(r.get('bf16_ms_layer'), '.4f')}), "
-                         f"{_f(r['gbs'], '.0f')} GB/s, {_f(100 * r['frac_copy_bw'], '.1f')}% copy, "
-                         f"{_f(r['unique_experts'], '.1f')} experts")
-        for t, r in f8.get("prefill", {}).items():
-            lines.append(f"  prefill {t}: {_f(r['ms_layer'])} ms/L (bf16 {_f(r.get('bf16_ms_layer'))}), "
-                         f"MFU {_f(100 * r['mfu'], '.1f')}%")
+                             f"{100 * r['equal_frac']:.1f}% of elements equal; "
+                             f"W8A8 {_f(r.get('rel_w8a8_vs_fp32'), '.2e')} (vs its reference {_f(r.get('rel_w8a8_vs_w8a8_reference'), '.1e')})")
+        if "act_quant" in f8:
+            q = f8["act_quant"]
+            lines.append(f"  W8A8 input quantisation vs reference: scales {'equal' if q['scales_equal'] else 'DIFFER'}"
+                         f", {100 * q['values_equal_frac']:.3f}% of fp8 values equal")
+        for name, part in (("fp8", f8), ("W8A8", f8.get("w8a8", {}))):
+            for b, r in part.get("decode", {}).items():
+                lines.append(f"  {name} decode B={b}: {_f(r['ms_layer'], '.4f')} ms/L "
+                             f"(bf16 {_f(r.get('bf16_ms_layer'), '.4f')}), {_f(r['gbs'], '.0f')} GB/s, "
+                             f"{_f(100 * r['frac_copy_bw'], '.1f')}% copy, {_f(r['unique_experts'], '.1f')} experts")
+            for t, r in part.get("prefill", {}).items():
+                lines.append(f"  {name} prefill {t}: {_f(r['ms_layer'])} ms/L (bf16 {_f(r.get('bf16_ms_layer'))}), "
+                             f"MFU {_f(100 * r['mfu'], '.1f')}%")
     vis = res.get("vision")
     if vis:
         lines.append(f"vision {vis['grid']}: ours {_f(vis.get('ours_fast_ms'))} ms "

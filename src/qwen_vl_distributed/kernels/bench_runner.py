@@ -625,7 +625,7 @@ class Bench:
         """The middle stage's layers with their experts quantised to fp8 in the releases' 128x128 blocks (kept fp8,
         ``Experts.quantize_fp8``) against a twin holding those same weights dequantised to bf16: outputs
         compared bit for bit (the fp8 kernels compute with the dequantised weights), then decode and prefill
-        timed on the fp8 layers."""
+        timed on the fp8 layers, as they are and W8A8 (their inputs quantised too)."""
         block, n = (128, 128), self.n
         stage = dict(layers=(0, n), vision=False, embed=False, head=False)
         fp8 = ours_from(self.cfg, self.mid.state_dict(), **stage)
@@ -640,7 +640,7 @@ class Bench:
         enable_fast_paths(fp8)
         enable_fast_paths(deq)
         res: dict = {"block": list(block)}
-        h, ctx = self.cfg.text.hidden_size, self.args.context
+        h = self.cfg.text.hidden_size
         # exactness: decode-sized rows (1, 8) and a 2048-token prompt; the tile shapes are the same on both sides
         # unless this process re-tuned one table and not the other
         for rows in (1, 8, 2048):
@@ -653,6 +653,28 @@ class Bench:
             res[f"experts_{rows}_rows"] = self._fp8_experts_call(fp8, deq, x)
         del deq
         torch.cuda.empty_cache()
+        res["act_quant"] = self._act_quant_check()
+        res.update(self._fp8_timings(fp8, block))
+        # W8A8: the same fp8 weights, the experts' inputs quantised per token and 128 columns too
+        for layer in fp8.model.language_model.layers.values():
+            layer.mlp.experts.fp8_act_quant = True
+        res["w8a8"] = self._fp8_timings(fp8, block)
+        self.results["fp8"] = res
+
+    def _act_quant_check(self) -> dict:
+        """The W8A8 input quantisation kernel against model.quant.quantize_activations on this GPU (bit for bit)."""
+        from ..model.quant import quantize_activations
+        from .moe_triton import act_quant
+
+        x = torch.randn(1000, self.cfg.text.hidden_size, device=self.dev, dtype=BF16) * 3
+        (q, s), (q_ref, s_ref) = act_quant(x, 128), quantize_activations(x, 128)
+        return {"scales_equal": bool(torch.equal(s, s_ref)),
+                "values_equal_frac": (q.view(torch.uint8) == q_ref.view(torch.uint8)).float().mean().item()}
+
+    def _fp8_timings(self, fp8, block) -> dict:
+        """Tuning (unless --no-tune), decode graphs per batch and prefill, on the fp8 layers as they are set."""
+        res: dict = {}
+        n, h, ctx = self.n, self.cfg.text.hidden_size, self.args.context
         if not self.args.no_tune:  # installs the best tiles for the fp8 steps timed below
             res["moe_tuning"] = self._tune_moe_fp8(fp8)
         maxb = max(self.batches)
@@ -686,7 +708,7 @@ class Bench:
             prefill[t] = {"ms_layer": ms / n, "tflops": tf, "mfu": tf / peak,
                           "bf16_ms_layer": self.results.get("prefill", {}).get(t, {}).get("ours_ms_layer")}
         res["prefill"] = prefill
-        self.results["fp8"] = res
+        return res
 
     def _fp8_experts_call(self, fp8, deq, x: torch.Tensor) -> dict:
         """One experts call of layer 0 on fp8 weights and on their bf16 dequantisation, each against float32
@@ -696,17 +718,23 @@ class Bench:
         t = self.cfg.text
         a, b = fp8.model.language_model.layers["0"].mlp, deq.model.language_model.layers["0"].mlp
         w, ids = route(a.gate(x), t.num_experts_per_tok, t.norm_topk_prob)
-        y8 = fused_experts(x, ids, w, a.experts.gate_up_proj, a.experts.down_proj, a.experts.scales)
+        gq, dq, scales = a.experts.gate_up_proj, a.experts.down_proj, a.experts.scales
+        y8 = fused_experts(x, ids, w, gq, dq, scales)
         y16 = fused_experts(x, ids, w, b.experts.gate_up_proj, b.experts.down_proj)
         ref = reference_experts(x.float(), ids, w.float(), b.experts.gate_up_proj.float(),
                                 b.experts.down_proj.float())
+        w8a8 = scales._replace(act_quant=True)
+        y88 = fused_experts(x, ids, w, gq, dq, w8a8)
         return {"rel_fp8_vs_fp32": rel(y8, ref), "rel_bf16_vs_fp32": rel(y16, ref), "rel_fp8_vs_bf16": rel(y8, y16),
-                "equal_frac": (y8 == y16).float().mean().item()}
+                "equal_frac": (y8 == y16).float().mean().item(), "rel_w8a8_vs_fp32": rel(y88, ref),
+                "rel_w8a8_vs_w8a8_reference": rel(y88, reference_experts(x, ids, w, gq, dq, w8a8))}
 
     def _tune_moe_fp8(self, model) -> dict:
         """The expert tiles timed on fp8 experts (reduction tiles narrowed to the block width), at the decode
-        batches and the prefill lengths; the fastest go into moe_triton.CONFIGS_FP8 for the timings after."""
-        from .moe_triton import FP8_CANDIDATES, FP8_PREFILL_CANDIDATES, tune
+        batches and the prefill lengths; the fastest go into the experts' tile table (moe_triton.CONFIGS_FP8, or
+        CONFIGS_W8A8) for the timings after."""
+        from .moe_triton import (FP8_CANDIDATES, FP8_PREFILL_CANDIDATES, W8A8_CANDIDATES, W8A8_PREFILL_CANDIDATES,
+                                 tune)
 
         t = self.cfg.text
         layer = model.model.language_model.layers["0"]
@@ -717,8 +745,10 @@ class Bench:
             x = torch.randn(rows, t.hidden_size, device=self.dev, dtype=BF16)
             w, ids = route(layer.mlp.gate(x), t.num_experts_per_tok, t.norm_topk_prob)
             decode = rows in self.batches
-            best, times = tune(x, ids, w, e.gate_up_proj, e.down_proj, scales=e.scales,
-                               candidates=FP8_CANDIDATES if decode else FP8_PREFILL_CANDIDATES,
+            w8a8 = e.scales.act_quant
+            cands = ((W8A8_CANDIDATES if w8a8 else FP8_CANDIDATES) if decode
+                     else (W8A8_PREFILL_CANDIDATES if w8a8 else FP8_PREFILL_CANDIDATES))
+            best, times = tune(x, ids, w, e.gate_up_proj, e.down_proj, scales=e.scales, candidates=cands,
                                **({} if decode else {"reps": 5, "calls": 2}))
             res[rows] = {"best": repr(best), "times_ms": times}
         return res

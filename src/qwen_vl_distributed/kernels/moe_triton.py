@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..model.quant import ExpertScales
+from ..model.quant import FP8_DTYPE, ExpertScales
 from . import fp8_fits
 from .tiles import fit_stages, load_k_tile, mma
 from .timing import cuda_time
@@ -105,8 +105,29 @@ CONFIGS_FP8: dict[int, MoeConfig] = {
 }
 
 
-def config_for(pairs: int, fp8: bool = False) -> MoeConfig:
-    table = CONFIGS_FP8 if fp8 else CONFIGS
+# W8A8 experts (fp8 weights times fp8 inputs, both scaled per block): the weight tile goes to the tensor cores as
+# loaded. The fastest of W8A8_CANDIDATES / W8A8_PREFILL_CANDIDATES on an H200 at the 235B shapes with 128x128 blocks
+# (docs/benchmarks.md): decode, the bf16 decode tile with the weights as the MMA's first operand (B = 1..32 within 1%
+# of the best); prompts, 64 tokens of one expert by 128 columns with the whole 128-column group per step.
+_W8A8_DECODE = MoeConfig(bn=64, bk=128, warps=4, stages=3, down_bn=64, down_bk=128, down_stages=3, swap=True)
+CONFIGS_W8A8: dict[int, MoeConfig] = {
+    64: _W8A8_DECODE,
+    256: _W8A8_DECODE,
+    1 << 30: MoeConfig(bm=64, bn=128, bk=128, warps=4, stages=4, down_bn=128, down_bk=128, down_warps=4,
+                       down_stages=4, cols_first=True, tma=True),
+}
+
+
+def config_table(scales: ExpertScales | None) -> dict[int, MoeConfig]:
+    """The tile table for experts with these scales: bf16 / fp32 (None), fp8 weights (dequantised per tile), or
+    W8A8 (``scales.act_quant``)."""
+    if scales is None:
+        return CONFIGS
+    return CONFIGS_W8A8 if scales.act_quant else CONFIGS_FP8
+
+
+def config_for(pairs: int, scales: ExpertScales | None = None) -> MoeConfig:
+    table = config_table(scales)
     return table[min(b for b in table if b >= pairs)]
 
 
@@ -238,6 +259,48 @@ def align_torch(flat_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Te
 
 
 @triton.jit
+def _round_e4m3(v):
+    """v (fp32, |v| <= 448) rounded to nearest-even on e4m3's grid, in fp32, so that the conversion after it is exact
+    whatever its own rounding (the GPU's rounds to nearest; Triton's CPU interpreter truncates): 4 significant bits
+    for normals (|v| >= 2^-6), steps of 2^-9 below."""
+    bits = v.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6) - 3            # the exponent of v's e4m3 step
+    step = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    t = v / step                                                     # exact: a power of two, |t| < 16
+    r = (t + 12582912.0) - 12582912.0                                # 1.5 * 2^23: fp32 addition rounds to even
+    return r * step
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, T, KD, G, BT: tl.constexpr, BC: tl.constexpr):
+    # rows [BT * pid0, +BT) of x [T, KD], column group pid1 of BC columns -> q (fp8) and s [T, G] (fp32):
+    # model.quant.quantize_activations
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    g = tl.program_id(1)
+    cols = g * BC + tl.arange(0, BC)
+    rmask = rows < T
+    mask = rmask[:, None] & (cols < KD)[None, :]
+    offs = rows[:, None].to(tl.int64) * KD + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    s = tl.where(amax > 0, amax / 448.0, 1.0)
+    q = _round_e4m3(tl.clamp(x / s[:, None], -448.0, 448.0))
+    tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + rows.to(tl.int64) * G + g, s, mask=rmask)
+
+
+def act_quant(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """model.quant.quantize_activations of a contiguous x [T, K] in one launch: (x fp8 [T, K], scales [T, G])."""
+    t, kd = x.shape
+    g = triton.cdiv(kd, group)
+    q = torch.empty(t, kd, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(t, g, dtype=torch.float32, device=x.device)
+    bt = 16
+    _act_quant_kernel[(triton.cdiv(t, bt), g)](x, q, s, t, kd, g, BT=bt, BC=group, num_warps=4)
+    return q, s
+
+
+@triton.jit
 def _block_and_column(COLS_FIRST: tl.constexpr):
     """(row block, column tile) of this program; the grid is (column tiles, blocks) when COLS_FIRST."""
     if COLS_FIRST:
@@ -267,9 +330,36 @@ def _product(a, w, acc, SWAP: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_tile(x_ptr, w_ptr, s_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, K: tl.constexpr,
+def _accumulate(a, w, acc, sa, s_ptrs, cmask, k0, BC: tl.constexpr, FP8: tl.constexpr, ACT8: tl.constexpr, dt,
+                SWAP: tl.constexpr):
+    """One reduction step into acc. ACT8: a and w are fp8 and their product (exact in fp32) is scaled by the rows'
+    input scales ``sa`` and the columns' block scales (model.quant.w8a8_linear); else a times the dequantised w."""
+    if ACT8:
+        sw = tl.load(s_ptrs + k0 // BC, mask=cmask, other=0.0)
+        if SWAP:
+            acc += tl.dot(w, tl.trans(a)) * sa[None, :] * sw[:, None]
+        else:
+            acc += tl.dot(a, tl.trans(w)) * sa[:, None] * sw[None, :]
+    else:
+        acc = _product(a, _dequant(w, s_ptrs, cmask, k0, BC, FP8, dt), acc, SWAP)
+    return acc
+
+
+@triton.jit
+def _input_scales(as_ptrs, rmask, k0, BC: tl.constexpr, ACT8: tl.constexpr, ROWS: tl.constexpr):
+    """W8A8: the rows' input scales of the column group at k0 (as_ptrs: each row's first group); else unused ones."""
+    if ACT8:
+        sa = tl.load(as_ptrs + k0 // BC, mask=rmask, other=0.0)
+    else:
+        sa = tl.full([ROWS], 1.0, tl.float32)
+    return sa
+
+
+@triton.jit
+def _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, K: tl.constexpr,
                   BM: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-                  TMA: tl.constexpr, FP8: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr):
+                  TMA: tl.constexpr, FP8: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr,
+                  ACT8: tl.constexpr):
     # the first ROWS rows of block blk against columns [col*BN, col*BN + BN) of expert e's gate and up halves
     rows = tl.load(rows_ptr + blk * BM + tl.arange(0, ROWS))
     rmask = rows < P
@@ -282,6 +372,7 @@ def _gate_up_tile(x_ptr, w_ptr, s_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR
     # FP8: s_ptr = scales [E, 2, SR, SC] (gate's row blocks, then up's); the row block of a gate / up column
     sg_ptrs = s_ptr + e * (2 * SR * SC) + (cols // BR) * SC
     su_ptrs = sg_ptrs + SR * SC
+    as_ptrs = as_ptr + tok * AG  # ACT8: x is fp8 and as_ptr its scales [T, AG]
     if SWAP:
         acc_g = tl.zeros((BN, ROWS), dtype=tl.float32)
         acc_u = tl.zeros((BN, ROWS), dtype=tl.float32)
@@ -292,20 +383,21 @@ def _gate_up_tile(x_ptr, w_ptr, s_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR
         g_row = (e * (2 * I) + col * BN).to(tl.int32)
         for k0 in range(0, H, BK):
             a = load_k_tile(a_ptrs, rmask, k0, kk, H, EVEN_K)
-            wg = _dequant(w_ptr.load([g_row, k0]), sg_ptrs, cmask, k0, BC, FP8, dt)
-            wu = _dequant(w_ptr.load([g_row + I, k0]), su_ptrs, cmask, k0, BC, FP8, dt)
-            acc_g = _product(a, wg, acc_g, SWAP)
-            acc_u = _product(a, wu, acc_u, SWAP)
+            sa = _input_scales(as_ptrs, rmask, k0, BC, ACT8, ROWS)
+            acc_g = _accumulate(a, w_ptr.load([g_row, k0]), acc_g, sa, sg_ptrs, cmask, k0, BC, FP8, ACT8, dt, SWAP)
+            acc_u = _accumulate(a, w_ptr.load([g_row + I, k0]), acc_u, sa, su_ptrs, cmask, k0, BC, FP8, ACT8, dt,
+                                SWAP)
             a_ptrs += BK
     else:
         g_ptrs = w_ptr + e * (2 * I) * H + cols[:, None].to(tl.int64) * H + kk[None, :]  # [BN, BK], k contiguous
         u_ptrs = g_ptrs + I * H
         for k0 in range(0, H, BK):
             a = load_k_tile(a_ptrs, rmask, k0, kk, H, EVEN_K)
-            wg = _dequant(load_k_tile(g_ptrs, cmask, k0, kk, H, EVEN_K), sg_ptrs, cmask, k0, BC, FP8, dt)
-            wu = _dequant(load_k_tile(u_ptrs, cmask, k0, kk, H, EVEN_K), su_ptrs, cmask, k0, BC, FP8, dt)
-            acc_g = _product(a, wg, acc_g, SWAP)
-            acc_u = _product(a, wu, acc_u, SWAP)
+            sa = _input_scales(as_ptrs, rmask, k0, BC, ACT8, ROWS)
+            wg = load_k_tile(g_ptrs, cmask, k0, kk, H, EVEN_K)
+            wu = load_k_tile(u_ptrs, cmask, k0, kk, H, EVEN_K)
+            acc_g = _accumulate(a, wg, acc_g, sa, sg_ptrs, cmask, k0, BC, FP8, ACT8, dt, SWAP)
+            acc_u = _accumulate(a, wu, acc_u, sa, su_ptrs, cmask, k0, BC, FP8, ACT8, dt, SWAP)
             a_ptrs += BK
             g_ptrs += BK
             u_ptrs += BK
@@ -320,12 +412,13 @@ def _gate_up_tile(x_ptr, w_ptr, s_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, rows_ptr, block_expert_ptr, P, H, I, SR, SC,
+def _gate_up_kernel(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, block_expert_ptr, P, H, I, SR, SC, AG,
                     K: tl.constexpr, E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     EVEN_K: tl.constexpr, COLS_FIRST: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr,
-                    FP8: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr):
+                    FP8: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr, ACT8: tl.constexpr):
     # x [T, H]; w = gate_up [E, 2I, H] (gate rows [0, I), up rows [I, 2I)); h [P, I]; FP8: w is fp8 and s_ptr its
-    # block scales (BR x BC blocks), else s_ptr is unused
+    # block scales (BR x BC blocks), else s_ptr is unused; ACT8 (W8A8, with FP8): x is fp8 too, as_ptr its scales
+    # [T, AG] (one per BC columns)
     blk, col = _block_and_column(COLS_FIRST)
     e = tl.load(block_expert_ptr + blk).to(tl.int64)
     if e >= E:
@@ -334,23 +427,24 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, rows_ptr, block_expert_ptr, P, H
     # come first in its run, so the first row past the quarter / half decides)
     if SPLIT:
         if tl.load(rows_ptr + blk * BM + BM // 4) >= P:
-            _gate_up_tile(x_ptr, w_ptr, s_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, K, BM, BM // 4, BN, BK,
-                          EVEN_K, TMA, FP8, BR, BC, SWAP)
+            _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, K, BM,
+                          BM // 4, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8)
         elif tl.load(rows_ptr + blk * BM + BM // 2) >= P:
-            _gate_up_tile(x_ptr, w_ptr, s_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, K, BM, BM // 2, BN, BK,
-                          EVEN_K, TMA, FP8, BR, BC, SWAP)
+            _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, K, BM,
+                          BM // 2, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8)
         else:
-            _gate_up_tile(x_ptr, w_ptr, s_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, K, BM, BM, BN, BK,
-                          EVEN_K, TMA, FP8, BR, BC, SWAP)
+            _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, K, BM,
+                          BM, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8)
     else:
-        _gate_up_tile(x_ptr, w_ptr, s_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, K, BM, BM, BN, BK, EVEN_K,
-                      TMA, FP8, BR, BC, SWAP)
+        _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, K, BM, BM, BN,
+                      BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8)
 
 
 @triton.jit
-def _down_tile(h_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, BM: tl.constexpr,
-               ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
-               FP8: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr):
+def _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG,
+               BM: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+               TMA: tl.constexpr, FP8: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr,
+               ACT8: tl.constexpr):
     rows = tl.load(rows_ptr + blk * BM + tl.arange(0, ROWS))
     rmask = rows < P
     rows64 = rows.to(tl.int64)
@@ -358,8 +452,9 @@ def _down_tile(h_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P,
     cmask = cols < H
     kk = tl.arange(0, BK)
     a_ptrs = h_ptr + rows64[:, None] * I + kk[None, :]
-    dt = h_ptr.dtype.element_ty
+    dt = y_ptr.dtype.element_ty
     s_ptrs = s_ptr + e * (SR * SC) + (cols // BR) * SC  # FP8: scales [E, SR, SC]
+    as_ptrs = as_ptr + rows64 * AG  # ACT8: h is fp8 and as_ptr its scales [P, AG]
     if SWAP:
         acc = tl.zeros((BN, ROWS), dtype=tl.float32)
     else:
@@ -368,15 +463,16 @@ def _down_tile(h_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P,
         w_row = (e * H + col * BN).to(tl.int32)
         for k0 in range(0, I, BK):
             a = load_k_tile(a_ptrs, rmask, k0, kk, I, EVEN_K)
-            w = _dequant(w_ptr.load([w_row, k0]), s_ptrs, cmask, k0, BC, FP8, dt)
-            acc = _product(a, w, acc, SWAP)
+            sa = _input_scales(as_ptrs, rmask, k0, BC, ACT8, ROWS)
+            acc = _accumulate(a, w_ptr.load([w_row, k0]), acc, sa, s_ptrs, cmask, k0, BC, FP8, ACT8, dt, SWAP)
             a_ptrs += BK
     else:
         w_ptrs = w_ptr + e * H * I + cols[:, None].to(tl.int64) * I + kk[None, :]  # [BN, BK]
         for k0 in range(0, I, BK):
             a = load_k_tile(a_ptrs, rmask, k0, kk, I, EVEN_K)
-            w = _dequant(load_k_tile(w_ptrs, cmask, k0, kk, I, EVEN_K), s_ptrs, cmask, k0, BC, FP8, dt)
-            acc = _product(a, w, acc, SWAP)
+            sa = _input_scales(as_ptrs, rmask, k0, BC, ACT8, ROWS)
+            w = load_k_tile(w_ptrs, cmask, k0, kk, I, EVEN_K)
+            acc = _accumulate(a, w, acc, sa, s_ptrs, cmask, k0, BC, FP8, ACT8, dt, SWAP)
             a_ptrs += BK
             w_ptrs += BK
     rw = tl.load(topk_w_ptr + rows64, mask=rmask, other=0.0)
@@ -389,28 +485,29 @@ def _down_tile(h_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P,
 
 
 @triton.jit
-def _down_kernel(h_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, rows_ptr, block_expert_ptr, P, H, I, SR, SC,
+def _down_kernel(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, block_expert_ptr, P, H, I, SR, SC, AG,
                  E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
                  COLS_FIRST: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, FP8: tl.constexpr,
-                 BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr):
-    # h [P, I]; w = down [E, H, I]; y [P, H] = round(round(h @ w^T) * routed weight of the pair)
+                 BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr, ACT8: tl.constexpr):
+    # h [P, I]; w = down [E, H, I]; y [P, H] = round(round(h @ w^T) * routed weight of the pair); FP8 / ACT8 as in
+    # _gate_up_kernel (ACT8: h is fp8, as_ptr its scales [P, AG])
     blk, col = _block_and_column(COLS_FIRST)
     e = tl.load(block_expert_ptr + blk).to(tl.int64)
     if e >= E:
         return
     if SPLIT:  # as in _gate_up_kernel
         if tl.load(rows_ptr + blk * BM + BM // 4) >= P:
-            _down_tile(h_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, BM, BM // 4, BN,
-                       BK, EVEN_K, TMA, FP8, BR, BC, SWAP)
+            _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, BM,
+                       BM // 4, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8)
         elif tl.load(rows_ptr + blk * BM + BM // 2) >= P:
-            _down_tile(h_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, BM, BM // 2, BN,
-                       BK, EVEN_K, TMA, FP8, BR, BC, SWAP)
+            _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, BM,
+                       BM // 2, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8)
         else:
-            _down_tile(h_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, BM, BM, BN,
-                       BK, EVEN_K, TMA, FP8, BR, BC, SWAP)
+            _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, BM,
+                       BM, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8)
     else:
-        _down_tile(h_ptr, w_ptr, s_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, BM, BM, BN,
-                   BK, EVEN_K, TMA, FP8, BR, BC, SWAP)
+        _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, BM, BM,
+                   BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8)
 
 
 def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
@@ -428,7 +525,7 @@ def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, 
                  ) -> torch.Tensor:
     """Each (token, expert) pair's weighted expert output, y [P, H] in x's dtype (pair p = t*K + k), before the
     K-sum."""
-    cfg = config or config_for(topk_ids.numel(), fp8=scales is not None)
+    cfg = config or config_for(topk_ids.numel(), scales)
     if scales is not None:  # a reduction tile within one scale block
         if not fp8_fits(scales):
             raise ValueError(f"fp8 experts with {scales.block[0]}x{scales.block[1]} blocks: the expert kernels need "
@@ -437,6 +534,11 @@ def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, 
         cfg = dataclasses.replace(cfg, bk=min(cfg.bk, bc), down_bk=min(cfg.down_bk, bc))
     x = x.contiguous()
     rows, block_expert = align(topk_ids, gate_up.shape[0], cfg.bm)
+    if scales is not None and scales.act_quant:  # W8A8: each product's inputs quantised per token and group
+        xq, xs = act_quant(x, scales.block[1])
+        h = gate_up_pairs(xq, topk_ids.shape, rows, block_expert, gate_up, cfg, scales, xs, x.dtype)
+        hq, hs = act_quant(h, scales.block[1])
+        return down_pairs(hq, topk_w, rows, block_expert, down, cfg, scales, hs, x.dtype)
     h = gate_up_pairs(x, topk_ids.shape, rows, block_expert, gate_up, cfg, scales)
     return down_pairs(h, topk_w, rows, block_expert, down, cfg, scales)
 
@@ -449,47 +551,57 @@ def align(topk_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tensor, 
     return align_wide(flat, experts, bm)
 
 
-def _scale_args(scales: torch.Tensor | None, block: tuple[int, int] | None, weight: torch.Tensor
-                ) -> tuple[torch.Tensor, int, int, dict]:
-    """The kernels' fp8 arguments: (scales [.., SR, SC], SR, SC, constexprs FP8 / BR / BC), or (not fp8) a
-    placeholder pointer the kernel never reads."""
+def _scale_args(scales: torch.Tensor | None, block: tuple[int, int] | None, weight: torch.Tensor,
+                input_scales: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int, int, int, dict]:
+    """The kernels' fp8 arguments: (weight scales [.., SR, SC], input scales [rows, AG], SR, SC, AG, constexprs
+    FP8 / BR / BC / ACT8); placeholder pointers the kernel never reads where there are none."""
     if scales is None:
-        return weight, 0, 0, dict(FP8=False, BR=1, BC=1)
-    return scales.contiguous(), scales.shape[-2], scales.shape[-1], dict(FP8=True, BR=block[0], BC=block[1])
+        return weight, weight, 0, 0, 0, dict(FP8=False, BR=1, BC=1, ACT8=False)
+    act8 = input_scales is not None
+    return (scales.contiguous(), input_scales if act8 else scales, scales.shape[-2], scales.shape[-1],
+            input_scales.shape[-1] if act8 else 0, dict(FP8=True, BR=block[0], BC=block[1], ACT8=act8))
 
 
 def gate_up_pairs(x: torch.Tensor, routed: torch.Size, rows: torch.Tensor, block_expert: torch.Tensor,
-                  gate_up: torch.Tensor, cfg: MoeConfig, scales: ExpertScales | None = None) -> torch.Tensor:
+                  gate_up: torch.Tensor, cfg: MoeConfig, scales: ExpertScales | None = None,
+                  x_scales: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """h [P, I] = silu(x[token] @ gate^T) * (x[token] @ up^T) per pair, for aligned rows; x contiguous [>= T, H],
-    routed = (T, K) the routing's shape."""
+    routed = (T, K) the routing's shape. W8A8: x is fp8 with ``x_scales`` [T, H / block width], and h comes out in
+    ``out_dtype``."""
     e, two_i, h_dim = gate_up.shape
     (t, k), inter, nb = routed, two_i // 2, block_expert.numel()
     p = t * k
-    h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
+    h = torch.empty(p, inter, dtype=out_dtype or x.dtype, device=x.device)
     grid, cols_first = _grid(nb, triton.cdiv(inter, cfg.bn), cfg)
     arg, tma = _weight_arg(gate_up, cfg.tma, inter, cfg.bn, cfg.bk)
-    s_ptr, sr, sc, fp8 = _scale_args(scales.gate_up if scales else None, scales.block if scales else None, gate_up)
+    s_ptr, as_ptr, sr, sc, ag, fp8 = _scale_args(scales.gate_up if scales else None,
+                                                 scales.block if scales else None, gate_up, x_scales)
     _gate_up_kernel[grid](
-        x, arg, s_ptr, h, rows, block_expert, p, h_dim, inter, sr, sc, K=k, E=e,
+        x, arg, s_ptr, as_ptr, h, rows, block_expert, p, h_dim, inter, sr, sc, ag, K=k, E=e,
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, EVEN_K=h_dim % cfg.bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split,
         TMA=tma, SWAP=cfg.swap, **fp8, num_warps=cfg.warps,
-        # x; gate, up -- an fp8 weight tile is dequantised into a tile of x's dtype, so it is counted at that size
+        # x; gate, up -- an fp8 weight tile is dequantised into a tile of x's dtype (fp8 too for W8A8), so it is
+        # counted at that size
         num_stages=fit_stages(cfg.stages, (cfg.bm + 2 * cfg.bn) * cfg.bk * x.element_size()))
     return h
 
 
 def down_pairs(h: torch.Tensor, topk_w: torch.Tensor, rows: torch.Tensor, block_expert: torch.Tensor,
-               down: torch.Tensor, cfg: MoeConfig, scales: ExpertScales | None = None) -> torch.Tensor:
-    """y [P, H] = round(h @ down^T) times each pair's routed weight, for aligned rows."""
+               down: torch.Tensor, cfg: MoeConfig, scales: ExpertScales | None = None,
+               h_scales: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y [P, H] = round(h @ down^T) times each pair's routed weight, for aligned rows. W8A8: h is fp8 with
+    ``h_scales`` [P, I / block width], and y comes out in ``out_dtype``."""
     e, h_dim, inter = down.shape
     p, nb = h.shape[0], block_expert.numel()
-    y = torch.empty(p, h_dim, dtype=h.dtype, device=h.device)
+    dtype = out_dtype or h.dtype
+    y = torch.empty(p, h_dim, dtype=dtype, device=h.device)
     grid, cols_first = _grid(nb, triton.cdiv(h_dim, cfg.down_bn), cfg)
     arg, tma = _weight_arg(down, cfg.tma, h_dim, cfg.down_bn, cfg.down_bk)
-    s_ptr, sr, sc, fp8 = _scale_args(scales.down if scales else None, scales.block if scales else None, down)
+    s_ptr, as_ptr, sr, sc, ag, fp8 = _scale_args(scales.down if scales else None, scales.block if scales else None,
+                                                 down, h_scales)
     _down_kernel[grid](
-        h, arg, s_ptr, y, topk_w.reshape(-1).to(h.dtype), rows, block_expert, p, h_dim, inter, sr, sc, E=e,
-        BM=cfg.bm, BN=cfg.down_bn, BK=cfg.down_bk,
+        h, arg, s_ptr, as_ptr, y, topk_w.reshape(-1).to(dtype), rows, block_expert, p, h_dim, inter, sr, sc, ag,
+        E=e, BM=cfg.bm, BN=cfg.down_bn, BK=cfg.down_bk,
         EVEN_K=inter % cfg.down_bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split, TMA=tma, SWAP=cfg.swap, **fp8,
         num_warps=cfg.down_warps,
         num_stages=fit_stages(cfg.down_stages, (cfg.bm + cfg.down_bn) * cfg.down_bk * h.element_size()))
@@ -553,11 +665,24 @@ FP8_PREFILL_CANDIDATES = [dataclasses.replace(CONFIGS[1 << 30], tma=tma, split=s
     dataclasses.replace(_PREFILL_TILES[2], cols_first=True, split=True, tma=True)]  # unswapped: see CONFIGS_FP8
 
 
+# W8A8 experts: fp8 products want the whole 128-column group per reduction step (each step's product is scaled and
+# added to the accumulator, so fewer, larger steps); decode tries the bf16 tiles and the swapped first three.
+W8A8_CANDIDATES = CANDIDATES + [dataclasses.replace(c, swap=True) for c in CANDIDATES[:3]]
+_W8A8_PREFILL_TILES = [
+    MoeConfig(bm=128, bn=128, bk=128, warps=8, stages=3, down_bn=128, down_bk=128, down_warps=8, down_stages=3),
+    MoeConfig(bm=128, bn=128, bk=128, warps=8, stages=4, down_bn=256, down_bk=128, down_warps=8, down_stages=3),
+    MoeConfig(bm=64, bn=128, bk=128, warps=4, stages=4, down_bn=128, down_bk=128, down_warps=4, down_stages=4),
+]
+W8A8_PREFILL_CANDIDATES = [CONFIGS[1 << 30]] + [
+    dataclasses.replace(c, cols_first=True, split=split, tma=True, swap=swap)
+    for c in _W8A8_PREFILL_TILES for split in ((False, True) if c.bm >= 128 else (False,)) for swap in (False, True)]
+
+
 def tune(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
          down: torch.Tensor, candidates=CANDIDATES, reps: int = 20, calls: int = 10,
          scales: ExpertScales | None = None) -> tuple[MoeConfig, dict[str, float]]:
-    """Time each candidate on these inputs and install the fastest for this P, in CONFIGS (or CONFIGS_FP8 with
-    fp8 ``scales``): median of ``reps`` samples of ``calls`` back-to-back calls. Decode sizes are timed as decode
+    """Time each candidate on these inputs and install the fastest for this P, in the table for these ``scales``
+    (``config_table``): median of ``reps`` samples of ``calls`` back-to-back calls. Decode sizes are timed as decode
     runs them, replayed from a CUDA graph (no launch gaps); prefill sizes eagerly (launch cost is noise there)."""
     times: dict = {}
     args = (x, topk_ids, topk_w, gate_up, down, scales)
@@ -571,7 +696,7 @@ def tune(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up:
         raise RuntimeError(f"no MoE tile configuration ran here: {times}")
     best = min(ran, key=lambda c: times[repr(c)])
     # a bucket of its own: P in (next smaller bucket, this P] uses it
-    (CONFIGS if scales is None else CONFIGS_FP8)[topk_ids.numel()] = best
+    config_table(scales)[topk_ids.numel()] = best
     return best, times
 
 

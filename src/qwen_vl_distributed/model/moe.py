@@ -36,15 +36,21 @@ def register_experts_impl(name: str, fn: ExpertsFn) -> None:
 def reference_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
                       down: torch.Tensor, scales: ExpertScales | None = None) -> torch.Tensor:
     """Loop over the experts that were hit, in index order; accumulate weighted outputs into x's dtype. fp8 experts
-    are dequantised one at a time, as they are used."""
+    are dequantised one at a time, as they are used; W8A8 ones (scales.act_quant) multiply quantised inputs."""
     out = torch.zeros_like(x)
     inter = down.shape[-1]
+    w8a8 = scales is not None and scales.act_quant
     for e in torch.unique(topk_ids).tolist():
         tok, slot = torch.where(topk_ids == e)  # tokens routed to e, and which of their K choices it was
-        w_gu, w_dn = (gate_up[e], down[e]) if scales is None else scales.dequantize(e, gate_up, down, x.dtype)
-        z = F.linear(x[tok], w_gu)  # [n, 2I]
-        h = F.silu(z[:, :inter]) * z[:, inter:]
-        y = F.linear(h, w_dn) * topk_w[tok, slot, None]
+        if w8a8:  # inputs quantised per token and group too (model.quant.w8a8_linear)
+            z = scales.w8a8_gate_up(e, x[tok], gate_up)
+            h = F.silu(z[:, :inter]) * z[:, inter:]
+            y = scales.w8a8_down(e, h, down) * topk_w[tok, slot, None]
+        else:
+            w_gu, w_dn = (gate_up[e], down[e]) if scales is None else scales.dequantize(e, gate_up, down, x.dtype)
+            z = F.linear(x[tok], w_gu)  # [n, 2I]
+            h = F.silu(z[:, :inter]) * z[:, inter:]
+            y = F.linear(h, w_dn) * topk_w[tok, slot, None]
         out.index_add_(0, tok, y.to(out.dtype))
     return out
 
@@ -68,12 +74,14 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.fp8_block: tuple[int, int] | None = None
+        self.fp8_act_quant = False  # W8A8: inputs quantised per token and group too (model.quant.w8a8_linear)
         self.impl = "reference"
 
-    def keep_fp8(self, block: tuple[int, int]) -> None:
+    def keep_fp8(self, block: tuple[int, int], act_quant: bool = False) -> None:
         """Hold the weights as block-quantised fp8 (``block`` = rows, cols of one scale's block) plus fp32 scales,
         ``gate_up_proj_scale_inv`` and ``down_proj_scale_inv`` (shapes: model.quant.ExpertScales). The parameters
-        are replaced by empty ones on the same device: call before loading (the loader fills both)."""
+        are replaced by empty ones on the same device: call before loading (the loader fills both). ``act_quant``:
+        compute W8A8 (the inputs quantised too) instead of with the dequantised weights."""
         e, two_i, h = self.gate_up_proj.shape
         dev = self.gate_up_proj.device
         gs, ds = expert_scale_shapes(e, two_i // 2, h, block)
@@ -83,13 +91,14 @@ class Experts(nn.Module):
         self.gate_up_proj_scale_inv = new(*gs, dtype=torch.float32)
         self.down_proj_scale_inv = new(*ds, dtype=torch.float32)
         self.fp8_block = tuple(block)
+        self.fp8_act_quant = act_quant
 
     @torch.no_grad()
-    def quantize_fp8(self, block: tuple[int, int]) -> None:
+    def quantize_fp8(self, block: tuple[int, int], act_quant: bool = False) -> None:
         """Quantise the current weights (gate, up and down of each expert apart, as the releases store them) and
         keep them fp8: for benchmarks and tests of the fp8 paths on weights that were not loaded from fp8."""
         gate_up, down, scales = quantize_experts(self.gate_up_proj, self.down_proj, block)
-        self.keep_fp8(block)
+        self.keep_fp8(block, act_quant)
         self.gate_up_proj.copy_(gate_up)
         self.down_proj.copy_(down)
         self.gate_up_proj_scale_inv.copy_(scales.gate_up)
@@ -99,7 +108,7 @@ class Experts(nn.Module):
     def scales(self) -> ExpertScales | None:
         if self.fp8_block is None:
             return None
-        return ExpertScales(self.gate_up_proj_scale_inv, self.down_proj_scale_inv, self.fp8_block)
+        return ExpertScales(self.gate_up_proj_scale_inv, self.down_proj_scale_inv, self.fp8_block, self.fp8_act_quant)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         return EXPERTS_IMPLS[self.impl](x, topk_ids, topk_w, self.gate_up_proj, self.down_proj, self.scales)

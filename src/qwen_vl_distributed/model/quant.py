@@ -7,6 +7,12 @@ the compute dtype. Edge blocks are partial when a dimension is not a multiple of
 ``ExpertScales`` is how fp8-resident experts (``model.moe.Experts.keep_fp8``) carry their scales to the experts
 implementations; ``dequantize_blockwise`` is the one definition of the rounding, so an fp8-resident expert computes
 with exactly the bf16 weights that dequantising at load time would have given.
+
+W8A8 (``--fp8-experts w8a8``, ``ExpertScales.act_quant``): the experts' inputs are quantised too, per token and
+per group of ``bc`` columns (the weight block's width) with the scale amax / 448 (``quantize_activations``), and
+each group's fp8 x fp8 product (exact in fp32) is scaled by both scales and summed in fp32 (``w8a8_linear``): the
+release's ``activation_scheme: dynamic``, the scheme HF transformers' own FP8 path and other engines compute.
+Other numbers than the dequantised weights give (each activation is rounded to 4 significant bits).
 """
 
 from __future__ import annotations
@@ -60,6 +66,36 @@ def quantize_blockwise(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.T
     return q, scale
 
 
+def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_fp8 [.., K], scale [.., ceil(K/group)] fp32): each row's groups of ``group`` columns (the last one
+    partial) scaled so that the group's absolute max maps to FP8_MAX (an all-zero group gets scale 1), computed in
+    fp32 and rounded to e4m3 to nearest."""
+    k = x.shape[-1]
+    xf = x.to(torch.float32)
+    pad = -k % group
+    groups = torch.nn.functional.pad(xf, (0, pad)).unflatten(-1, (-1, group))   # [.., G, group]
+    amax = groups.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (xf / scale.repeat_interleave(group, -1)[..., :k]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def w8a8_linear(x: torch.Tensor, w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]
+                ) -> torch.Tensor:
+    """x [n, K] @ W^T for a block-quantised W [N, K] with its inputs quantised per token and per ``block[1]``-column
+    group (``quantize_activations``): sum over groups g of (x_fp8[:, g] @ W_fp8[:, g]^T) * x_scale[:, g] *
+    w_scale[rows' block, g], in fp32, rounded once to x's dtype. The reference of the W8A8 expert kernels."""
+    k, rows, bc = x.shape[-1], w_fp8.shape[0], block[1]
+    xq, xs = quantize_activations(x, bc)
+    pad = -k % bc
+    xg = torch.nn.functional.pad(xq.to(torch.float32), (0, pad)).unflatten(-1, (-1, bc))       # [n, G, bc]
+    wg = torch.nn.functional.pad(w_fp8.to(torch.float32), (0, pad)).unflatten(-1, (-1, bc))    # [N, G, bc]
+    partial = torch.einsum("ngc,mgc->gnm", xg, wg)                     # per group, exact products of fp8 values
+    ws = scale_inv.to(torch.float32).repeat_interleave(block[0], 0)[:rows]                     # [N, G]
+    out = (partial * xs.t()[:, :, None] * ws.t()[:, None, :]).sum(0)
+    return out.to(x.dtype)
+
+
 class ExpertScales(NamedTuple):
     """The scales of one layer's fp8-resident experts, gate_up_proj [E, 2I, H] and down_proj [E, H, I] in fp8.
 
@@ -70,6 +106,17 @@ class ExpertScales(NamedTuple):
     gate_up: torch.Tensor
     down: torch.Tensor
     block: tuple[int, int]
+    act_quant: bool = False  # W8A8: the experts' inputs quantised per token and group as well (w8a8_linear)
+
+    def w8a8_gate_up(self, e: int, x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+        """x [n, H] -> [n, 2I] through expert e's gate and up rows, W8A8 (w8a8_linear), in x's dtype."""
+        inter = gate_up.shape[1] // 2
+        return torch.cat([w8a8_linear(x, gate_up[e, :inter], self.gate_up[e, 0], self.block),
+                          w8a8_linear(x, gate_up[e, inter:], self.gate_up[e, 1], self.block)], -1)
+
+    def w8a8_down(self, e: int, h: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """h [n, I] -> [n, H] through expert e's down_proj, W8A8, in h's dtype."""
+        return w8a8_linear(h, down[e], self.down[e], self.block)
 
     def dequantize(self, e: int, gate_up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype
                    ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -113,13 +113,13 @@ class Qwen3VLMoe(nn.Module):
             if vision_attention and type(m).__name__ == "VisionAttention":
                 m.impl = vision_attention
 
-    def keep_experts_fp8(self, block: tuple[int, int], quantize: bool = False) -> None:
+    def keep_experts_fp8(self, block: tuple[int, int], quantize: bool = False, act_quant: bool = False) -> None:
         """Hold every expert weight of this stage in block-quantised fp8 (model.moe.Experts.keep_fp8): before
         loading an fp8 checkpoint, whose experts are then copied as stored instead of dequantised. ``quantize``:
-        quantise the weights the experts hold now instead (random-weight benchmarks)."""
+        quantise the weights the experts hold now instead (random-weight benchmarks). ``act_quant``: W8A8."""
         for m in self.modules():
             if type(m).__name__ == "Experts":
-                (m.quantize_fp8 if quantize else m.keep_fp8)(block)
+                (m.quantize_fp8 if quantize else m.keep_fp8)(block, act_quant)
 
     # -- forward pieces --------------------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, visual: VisualInputs | None
