@@ -66,7 +66,8 @@ def render(res: dict) -> str:
                 lines.append(f"  one experts call, {k[8:]}: rel vs fp32 products fp8 {r['rel_fp8_vs_fp32']:.2e}, "
                              f"bf16 {r['rel_bf16_vs_fp32']:.2e}; fp8 vs bf16 {r['rel_fp8_vs_bf16']:.2e}, "
                              f"{100 * r['equal_frac']:.1f}% of elements equal; "
-                             f"W8A8 {_f(r.get('rel_w8a8_vs_fp32'), '.2e')} (vs its reference {_f(r.get('rel_w8a8_vs_w8a8_reference'), '.1e')})")
+                             f"W8A8 {_f(r.get('rel_w8a8_vs_fp32'), '.2e')} "
+                             f"(vs its reference {_f(r.get('rel_w8a8_vs_w8a8_reference'), '.1e')})")
         if "act_quant" in f8:
             q = f8["act_quant"]
             lines.append(f"  W8A8 input quantisation vs reference: scales {'equal' if q['scales_equal'] else 'DIFFER'}"

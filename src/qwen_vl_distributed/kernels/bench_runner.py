@@ -741,14 +741,14 @@ class Bench:
         e = layer.mlp.experts
         res = {}
         prefill = [int(x) for x in self.args.prefill.split(",") if x]
+        decode_cands, prefill_cands = ((W8A8_CANDIDATES, W8A8_PREFILL_CANDIDATES) if e.scales.act_quant
+                                       else (FP8_CANDIDATES, FP8_PREFILL_CANDIDATES))
         for rows in self.batches + prefill:
             x = torch.randn(rows, t.hidden_size, device=self.dev, dtype=BF16)
             w, ids = route(layer.mlp.gate(x), t.num_experts_per_tok, t.norm_topk_prob)
             decode = rows in self.batches
-            w8a8 = e.scales.act_quant
-            cands = ((W8A8_CANDIDATES if w8a8 else FP8_CANDIDATES) if decode
-                     else (W8A8_PREFILL_CANDIDATES if w8a8 else FP8_PREFILL_CANDIDATES))
-            best, times = tune(x, ids, w, e.gate_up_proj, e.down_proj, scales=e.scales, candidates=cands,
+            best, times = tune(x, ids, w, e.gate_up_proj, e.down_proj, scales=e.scales,
+                               candidates=decode_cands if decode else prefill_cands,
                                **({} if decode else {"reps": 5, "calls": 2}))
             res[rows] = {"best": repr(best), "times_ms": times}
         return res

@@ -44,13 +44,11 @@ def reference_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Ten
         tok, slot = torch.where(topk_ids == e)  # tokens routed to e, and which of their K choices it was
         if w8a8:  # inputs quantised per token and group too (model.quant.w8a8_linear)
             z = scales.w8a8_gate_up(e, x[tok], gate_up)
-            h = F.silu(z[:, :inter]) * z[:, inter:]
-            y = scales.w8a8_down(e, h, down) * topk_w[tok, slot, None]
         else:
             w_gu, w_dn = (gate_up[e], down[e]) if scales is None else scales.dequantize(e, gate_up, down, x.dtype)
             z = F.linear(x[tok], w_gu)  # [n, 2I]
-            h = F.silu(z[:, :inter]) * z[:, inter:]
-            y = F.linear(h, w_dn) * topk_w[tok, slot, None]
+        h = F.silu(z[:, :inter]) * z[:, inter:]
+        y = (scales.w8a8_down(e, h, down) if w8a8 else F.linear(h, w_dn)) * topk_w[tok, slot, None]
         out.index_add_(0, tok, y.to(out.dtype))
     return out
 

@@ -52,7 +52,8 @@ def dequantize_blockwise(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: tu
 def quantize_blockwise(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(W_fp8, scale_inv) with one fp32 scale per block so that the block's absolute max maps to FP8_MAX.
 
-    Used by the synthetic writer (release-like FP8 checkpoints) and the benchmark (fp8 experts of random weights).
+    Used by the synthetic writer (release-like FP8 checkpoints), the benchmark (fp8 experts of random weights) and,
+    in blocks of one row, the W8A8 experts' inputs (``quantize_activations``).
     """
     rows, cols = w.shape[-2:]
     bo, bi = block
@@ -67,17 +68,10 @@ def quantize_blockwise(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.T
 
 
 def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_fp8 [.., K], scale [.., ceil(K/group)] fp32): each row's groups of ``group`` columns (the last one
-    partial) scaled so that the group's absolute max maps to FP8_MAX (an all-zero group gets scale 1), computed in
-    fp32 and rounded to e4m3 to nearest."""
-    k = x.shape[-1]
-    xf = x.to(torch.float32)
-    pad = -k % group
-    groups = torch.nn.functional.pad(xf, (0, pad)).unflatten(-1, (-1, group))   # [.., G, group]
-    amax = groups.abs().amax(-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (xf / scale.repeat_interleave(group, -1)[..., :k]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, scale
+    """(x_fp8 [n, K], scale [n, ceil(K/group)]): each row's groups of ``group`` columns (the last one partial) scaled
+    so that the group's absolute max maps to FP8_MAX (an all-zero group gets scale 1): ``quantize_blockwise`` with
+    blocks of one row."""
+    return quantize_blockwise(x, (1, group))
 
 
 def w8a8_linear(x: torch.Tensor, w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]
