@@ -18,6 +18,7 @@ from qwen_vl_distributed.kernels.attention import prefill_attention
 from qwen_vl_distributed.kernels.cuda_graph import DecodeGraphs, GraphedStage
 from qwen_vl_distributed.kernels.grouped import grouped_experts, has_grouped_mm
 from qwen_vl_distributed.kernels.vision_attention import segment_attention
+from qwen_vl_distributed.kernels.warmup import prompt_sizes, warm_prompt_path
 from qwen_vl_distributed.model.attention import reference_cache_attention
 from qwen_vl_distributed.model.batch import SeqLayout
 from qwen_vl_distributed.model.config import preset
@@ -394,6 +395,46 @@ def test_graphed_stage_middle_stage_hidden_in_hidden_out(tiny):
     assert stage.has_head is False and rel(out, ref) < 1e-6
     with pytest.raises(ValueError):
         stage.graphs.bucket(3)
+
+
+def test_prompt_sizes_reach_every_power_of_two_bucket():
+    assert prompt_sizes(8192) == [2, 3] + [2**i for i in range(2, 14)]
+    assert prompt_sizes(100) == [2, 3, 4, 8, 16, 32, 64, 100]
+    assert prompt_sizes(2) == [2] and prompt_sizes(1) == []
+
+
+class _Recorder:
+    """A stage stand-in that records each call's layout and runs the real stage."""
+
+    def __init__(self, model):
+        self.model, self.layouts = model, []
+
+    def __call__(self, **kw):
+        self.layouts.append(kw["layout"])
+        return self.model(**kw)
+
+
+@pytest.mark.parametrize("where", ["first", "middle"])
+def test_warm_up_runs_each_prompt_size_in_the_scratch_slot_only(tiny, where):
+    cfg, model = tiny
+    if where == "first":
+        m = enable_fast_paths(copy.deepcopy(model))
+    else:
+        m = Qwen3VLMoe(cfg, layers=(1, 3), vision=False, embed=False, head=False).eval()
+        m.load_state_dict({k: v for k, v in model.state_dict().items() if k in m.state_dict()}, strict=True)
+    cache = m.new_cache(3, 12)
+    for i in m.layer_ids:  # slots 0 and 1 hold sequences; 2 is the scratch slot
+        cache.k[i][:2].normal_()
+        cache.v[i][:2].normal_()
+    before = copy.deepcopy(cache)
+    rec = _Recorder(m)
+    sizes = warm_prompt_path(rec, cache, slot=2, max_tokens=30)  # steps over 12 tokens: several prompts
+    assert sizes == [2, 3, 4, 8, 16, 30]
+    assert [lay.lens for lay in rec.layouts] == [[2], [3], [4], [8], [12, 4], [12, 12, 6]]
+    assert all(set(lay.slots) == {2} and set(lay.starts) == {0} for lay in rec.layouts)
+    for i in m.layer_ids:
+        assert torch.equal(cache.k[i][:2], before.k[i][:2]) and torch.equal(cache.v[i][:2], before.v[i][:2])
+        assert cache.k[i][2, :, :12].abs().sum() > 0
 
 
 # -- the fused decode layer -----------------------------------------------------------------------------------------

@@ -64,6 +64,9 @@ def test_row_tables_give_each_rows_slot_and_cache_position():
     slots, pos = layout.row_tables("cpu")
     assert slots.tolist() == [2, 2, 0, 0, 0, 5] and pos.tolist() == [3, 4, 0, 1, 2, 9]
     assert layout.row_tables("cpu")[0] is slots  # built once per step
+    odd = SeqLayout(slots=[1], starts=[0], lens=[5])  # both tables 16-byte aligned (Triton specialises on it)
+    assert [t.data_ptr() % 16 for t in odd.row_tables("cpu")] == [0, 0] and odd.row_tables("cpu")[1].tolist() == [
+        0, 1, 2, 3, 4]
 
 
 def test_interleaved_mrope_axis_map():

@@ -42,7 +42,7 @@ class RunOptions:
     dtype: str = "float32"
     max_batch: int = 8  # sequence slots (concurrent sequences)
     max_len: int = 4096  # tokens per sequence (prompt + output)
-    prefill_chunk: int | None = None  # tokens per step; None: plan.default_prefill_chunk(max_len)
+    prefill_chunk: int | None = None  # tokens per step; None: plan.default_prefill_chunk(max_len, max_batch)
     layers_per_stage: list[int] | None = None
     gpu_mem_gb: list[float] | None = None  # per-stage budgets; default on CUDA: this machine's GPU memory
     stage_timeout_s: float = 60.0  # a stage silent for this long is declared hung
@@ -235,12 +235,15 @@ def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: 
         return StageRuntime(model, model.new_cache(slots, opts.max_len, dtype, device), sampler, device, rank)
     from ..kernels import enable_fast_paths
     from ..kernels.cuda_graph import DEFAULT_BUCKETS, GraphedStage
+    from ..kernels.warmup import warm_stage
 
     enable_fast_paths(model)
     # one extra KV slot that no sequence owns: the decode graphs pad their batch-size buckets into it
     cache = model.new_cache(slots + 1, opts.max_len, dtype, device)
     top = next(b for b in DEFAULT_BUCKETS + (slots,) if b >= slots)
     stage = GraphedStage(model, cache, buckets=tuple(b for b in DEFAULT_BUCKETS if b < top) + (top,))
+    # the prompt path's kernels compile now, not in the first requests (kernels.warmup)
+    warm_stage(stage, cache, stage.graphs.scratch_slot, plan.prefill_chunk, name, quiet=opts.quiet)
     return StageRuntime(stage, cache, sampler, device, rank)
 
 

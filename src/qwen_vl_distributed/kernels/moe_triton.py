@@ -140,10 +140,11 @@ def num_blocks(pairs: int, experts: int, bm: int) -> int:
 # Alignment
 
 
-@triton.jit
-def _align_kernel(ids_ptr, rows_ptr, block_expert_ptr, offset_ptr, P,
-                  E: tl.constexpr, BM: tl.constexpr, PB: tl.constexpr, EB: tl.constexpr, NB: tl.constexpr,
-                  FILL: tl.constexpr):
+# Token and pair counts are never specialised (``do_not_specialize``): by default Triton compiles a new variant for
+# a count that is 1 or a multiple of 16, and a prompt length seen first would wait seconds for the compiler.
+@triton.jit(do_not_specialize=["P", "NB"])
+def _align_kernel(ids_ptr, rows_ptr, block_expert_ptr, offset_ptr, P, NB,
+                  E: tl.constexpr, BM: tl.constexpr, PB: tl.constexpr, EB: tl.constexpr, FILL: tl.constexpr):
     # One program. ids [P] expert of each pair; offset_ptr [EB] int32 scratch.
     p = tl.arange(0, PB)
     ids = tl.load(ids_ptr + p, mask=p < P, other=E).to(tl.int32)  # padding pairs go to bin E (EB > E)
@@ -160,10 +161,10 @@ def _align_kernel(ids_ptr, rows_ptr, block_expert_ptr, offset_ptr, P,
     shift = (tl.cumsum(padded, 0) - padded) - (tl.cumsum(counts, 0) - counts)
     tl.store(offset_ptr + e, shift)
     # padding everywhere first; the barrier orders these stores before the scatter below (one CTA)
-    for i in tl.static_range(0, NB * BM, FILL):
+    for i in range(0, NB * BM, FILL):
         f = i + tl.arange(0, FILL)
         tl.store(rows_ptr + f, P, mask=f < NB * BM)
-    for i in tl.static_range(0, NB, FILL):
+    for i in range(0, NB, FILL):
         f = i + tl.arange(0, FILL)
         tl.store(block_expert_ptr + f, E, mask=f < NB)
     tl.debug_barrier()
@@ -181,14 +182,14 @@ def align_triton(flat_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.T
     eb = triton.next_power_of_2(experts + 1)
     scratch = torch.empty(eb, dtype=torch.int32, device=flat_ids.device)
     pb = max(16, triton.next_power_of_2(p))
-    _align_kernel[(1,)](flat_ids, rows, block_expert, scratch, p, E=experts, BM=bm, PB=pb, EB=eb, NB=nb,
+    _align_kernel[(1,)](flat_ids, rows, block_expert, scratch, p, nb, E=experts, BM=bm, PB=pb, EB=eb,
                         FILL=1024, num_warps=4 if pb <= 1024 else 8)
     return rows, block_expert
 
 
-@triton.jit
-def _align_wide_kernel(ids_ptr, rows_ptr, block_expert_ptr, P, E: tl.constexpr, BM: tl.constexpr, EB: tl.constexpr,
-                       CH: tl.constexpr, NB: tl.constexpr, FILL: tl.constexpr):
+@triton.jit(do_not_specialize=["P", "NB"])
+def _align_wide_kernel(ids_ptr, rows_ptr, block_expert_ptr, P, NB, E: tl.constexpr, BM: tl.constexpr,
+                       EB: tl.constexpr, CH: tl.constexpr, FILL: tl.constexpr):
     # Program e < E lays out expert e's run; program E pads the unused tail. Every program histograms all P pairs
     # itself (P reads from L2, no cross-program sync), so one launch does the whole alignment.
     e = tl.program_id(0)
@@ -230,9 +231,8 @@ def align_wide(flat_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Ten
     nb = num_blocks(p, experts, bm)
     rows = torch.empty(nb * bm, dtype=torch.int32, device=flat_ids.device)
     block_expert = torch.empty(nb, dtype=torch.int32, device=flat_ids.device)
-    _align_wide_kernel[(experts + 1,)](flat_ids, rows, block_expert, p, E=experts, BM=bm,
-                                       EB=triton.next_power_of_2(experts + 1), CH=2048, NB=nb, FILL=1024,
-                                       num_warps=8)
+    _align_wide_kernel[(experts + 1,)](flat_ids, rows, block_expert, p, nb, E=experts, BM=bm,
+                                       EB=triton.next_power_of_2(experts + 1), CH=2048, FILL=1024, num_warps=8)
     return rows, block_expert
 
 
@@ -271,7 +271,7 @@ def _round_e4m3(v):
     return r * step
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, T, KD, G, BT: tl.constexpr, BC: tl.constexpr):
     # rows [BT * pid0, +BT) of x [T, KD], column group pid1 of BC columns -> q (fp8) and s [T, G] (fp32):
     # model.quant.quantize_activations
@@ -411,7 +411,7 @@ def _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, blk, col, e, P, 
         tl.store(h_ptr + rows[:, None].to(tl.int64) * I + cols[None, :], h, mask=rmask[:, None] & cmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])
 def _gate_up_kernel(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, block_expert_ptr, P, H, I, SR, SC, AG,
                     K: tl.constexpr, E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     EVEN_K: tl.constexpr, COLS_FIRST: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr,
@@ -484,7 +484,7 @@ def _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, co
         tl.store(y_ptr + rows64[:, None] * H + cols[None, :], y, mask=rmask[:, None] & cmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])
 def _down_kernel(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, block_expert_ptr, P, H, I, SR, SC, AG,
                  E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
                  COLS_FIRST: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, FP8: tl.constexpr,

@@ -24,7 +24,7 @@ import triton.language as tl
 from ..model.vision import VISION_ATTENTION_IMPLS, VisionBlock
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # one compile for every patch count (see moe_triton._align_kernel)
 def _layer_norm_kernel(x_ptr, r_ptr, s_ptr, w_ptr, b_ptr, y_ptr, N, D, eps, HAS_RES: tl.constexpr,
                        BD: tl.constexpr, ROWS: tl.constexpr):
     # x [N, D] (+ r [N, D] -> s, rounded) -> y = LayerNorm(s) * w + b; ROWS rows per program

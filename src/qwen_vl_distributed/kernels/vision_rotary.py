@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # one compile for every patch count
 def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, out_ptr, N, HEADS: tl.constexpr, D: tl.constexpr,
                    HALF: tl.constexpr, HB: tl.constexpr, BT: tl.constexpr):
     # qkv [N, 3, HEADS, D]; cos, sin [N, D] fp32; out [2, N, HEADS, D] (rotated q, then k)

@@ -56,10 +56,14 @@ class SeqLayout:
         if key not in self._cache:
             lens = torch.tensor(self.lens, dtype=torch.long)
             shift = torch.tensor(self.starts, dtype=torch.long) - torch.tensor(self.offsets()[:-1], dtype=torch.long)
-            both = torch.stack([torch.tensor(self.slots, dtype=torch.long).repeat_interleave(lens),
-                                torch.arange(int(lens.sum())) + shift.repeat_interleave(lens)])
+            t = int(lens.sum())
+            # Both in one copy, the second row starting at a multiple of 16 elements: Triton compiles a kernel
+            # variant per pointer alignment (16 bytes or not), so an odd T would otherwise cost a compile.
+            both = torch.zeros(2, -(-t // 16) * 16, dtype=torch.long)
+            both[0, :t] = torch.tensor(self.slots, dtype=torch.long).repeat_interleave(lens)
+            both[1, :t] = torch.arange(t) + shift.repeat_interleave(lens)
             both = to_device(both, device)
-            self._cache[key] = (both[0], both[1])
+            self._cache[key] = (both[0, :t], both[1, :t])
         return self._cache[key]
 
 
