@@ -96,6 +96,17 @@ def test_235b_s4_h200_default_chunks_leave_room():
     assert plan.stages[1].act_bytes < whole.stages[1].act_bytes
 
 
+def test_step_budget_is_bounded_by_all_slots_not_one_sequence():
+    # 8 sequences of up to 300 tokens: one step may carry all 8 prompts (2400 tokens), never more
+    plan = plan_stages(BIG, 2, max_seq_len=300, max_batch=8)
+    assert plan.prefill_chunk == 2400
+    assert plan_stages(BIG, 2, max_seq_len=300, max_batch=8, prefill_chunk=10**6).prefill_chunk == 2400
+    assert plan_stages(BIG, 2, max_seq_len=300, max_batch=8, prefill_chunk=500).prefill_chunk == 500
+    assert plan_stages(BIG, 2, max_seq_len=20000, max_batch=8).prefill_chunk == 8192
+    one = plan_stages(BIG, 2, max_seq_len=300, max_batch=8, prefill_chunk=300)
+    assert one.stages[1].act_bytes < plan.stages[1].act_bytes  # the workspace estimate follows the budget
+
+
 def test_235b_fp8_last_stage_pays_for_bf16_head():
     plan = plan_stages(BIG, 4, dtype="fp8", gpu_mem_gb=141)
     assert counts(plan) == [24, 25, 25, 20]  # the bf16 lm_head is ~4.2 fp8 layers

@@ -35,7 +35,7 @@ def add_run_args(p: argparse.ArgumentParser, max_batch: int = 8) -> None:
     p.add_argument("--max-len", type=int, default=4096, help="tokens per sequence, prompt + output")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="tokens one step carries (decodes plus prompt chunks); longer prompts are prefilled in "
-                        "chunks over several steps (default: max-len up to 8192)")
+                        "chunks over several steps (default: max-len x max-batch, up to 8192)")
     p.add_argument("--stage-timeout", type=float, default=60.0,
                    help="seconds of silence after which a stage is declared hung and every process stops")
     p.add_argument("--quiet", action="store_true", help="no loading progress bar")

@@ -323,11 +323,18 @@ def _check_limits(dtype: str, max_seq_len: int, max_batch: int, prefill_chunk: i
             raise PlanError(f"{name} must be at least 1, got {value}")
 
 
-def default_prefill_chunk(max_seq_len: int) -> int:
-    """Prompt tokens one step carries unless told otherwise: a whole prompt up to DEFAULT_PREFILL_CHUNK tokens,
-    longer prompts in chunks of that size (so one long prompt neither stalls the running sequences' decoding for
-    its whole length nor needs workspace for all of it at once)."""
-    return min(max_seq_len, DEFAULT_PREFILL_CHUNK)
+def default_prefill_chunk(max_seq_len: int, max_batch: int = 1) -> int:
+    """Tokens one step carries unless told otherwise: whole prompts up to DEFAULT_PREFILL_CHUNK tokens together,
+    longer ones in chunks (so one long prompt neither stalls the running sequences' decoding for its whole length
+    nor needs workspace for all of it at once). Never more than all sequence slots can hold
+    (``step_token_bound``)."""
+    return min(step_token_bound(max_seq_len, max_batch), DEFAULT_PREFILL_CHUNK)
+
+
+def step_token_bound(max_seq_len: int, max_batch: int) -> int:
+    """The most tokens one step can carry: every slot's whole sequence. A larger step budget only grows the
+    workspace estimate."""
+    return max_seq_len * max_batch
 
 
 def plan_stages(cfg: ModelConfig, num_stages: int, *, layers_per_stage: Sequence[int] | None = None,
@@ -343,18 +350,19 @@ def plan_stages(cfg: ModelConfig, num_stages: int, *, layers_per_stage: Sequence
     that stage.
     """
     num_layers, num_ds = cfg.text.num_hidden_layers, cfg.num_deepstack
-    chunk = default_prefill_chunk(max_seq_len) if prefill_chunk is None else prefill_chunk
+    chunk = default_prefill_chunk(max_seq_len, max_batch) if prefill_chunk is None else prefill_chunk
     _check_limits(dtype, max_seq_len, max_batch, chunk, max_image_tokens)
+    chunk = min(chunk, step_token_bound(max_seq_len, max_batch))
     _check_shape(num_layers, num_stages, num_ds)
     budgets = _budgets(gpu_mem_gb, num_stages)
     image_tokens = min(max_image_tokens, max_seq_len)
-    costs = _costs(cfg, dtype, max_seq_len, max_batch, min(chunk, max_seq_len), image_tokens)
+    costs = _costs(cfg, dtype, max_seq_len, max_batch, chunk, image_tokens)
     if layers_per_stage is not None:
         counts = _check_counts(layers_per_stage, num_layers, num_stages, num_ds)
     else:
         counts = _balanced_counts(costs, num_layers, num_stages, num_ds, budgets)
     plan = StagePlan(stages=_build_stages(costs, counts, budgets), num_layers=num_layers, dtype=dtype,
-                     max_seq_len=max_seq_len, max_batch=max_batch, prefill_chunk=min(chunk, max_seq_len),
+                     max_seq_len=max_seq_len, max_batch=max_batch, prefill_chunk=chunk,
                      max_image_tokens=image_tokens, balanced=layers_per_stage is None)
     if require_fit:
         plan.check_fits()
