@@ -247,6 +247,28 @@ def test_prefill_attention_matches_reference():
     assert rel(out, ref) < 1e-5
 
 
+@needs_triton
+@pytest.mark.parametrize("tile", [0, 1])
+@pytest.mark.parametrize("dtype,nh", [(torch.float32, 6), (torch.float16, 6), (torch.float32, 16)])
+def test_extend_attention_matches_reference(dtype, nh, tile, monkeypatch):
+    from qwen_vl_distributed.kernels import extend_attention as ea
+    from qwen_vl_distributed.kernels.extend_attention import block_rows, config, extend_attention
+
+    monkeypatch.setattr(ea, "CONFIGS", {1 << 30: list(ea.CONFIGS.values())[tile]})  # each shipped tile
+    k_cache, v_cache, _ = cache_inputs(dtype, length=300, nh=nh)  # 3 (padded to 4) or 8 query heads per kv head
+    # a prompt from 0 over several row blocks, a chunk whose prefix spans whole key blocks and ends mid-block,
+    # a decode row, a one-row chunk, and a prompt shorter than a block
+    layout = SeqLayout(slots=[1, 2, 0, 4, 3], starts=[0, 150, 299, 70, 0], lens=[70, 83, 1, 1, 3])
+    assert 70 > block_rows(nh // 2, config(158)[0]) and 150 > config(158)[1]
+    q = torch.randn(layout.num_tokens, nh, 16).to(dtype)
+    out = extend_attention(q, k_cache, v_cache, layout, 0.25)
+    ref = reference_cache_attention(q.float(), k_cache.float(), v_cache.float(), layout, 0.25)
+    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+    strided = torch.randn(layout.num_tokens, 3, nh, 16).to(dtype)[:, 1]  # q as a view into a packed buffer
+    strided.copy_(q)
+    assert torch.equal(extend_attention(strided, k_cache, v_cache, layout, 0.25), out)
+
+
 def test_segment_attention_matches_reference():
     q, k, v = (torch.randn(50, 2, 8) for _ in range(3))
     cu = [0, 16, 20, 50]

@@ -21,16 +21,23 @@ def _decode(rows: dict, n_layers: int) -> list[str]:
     return out
 
 
-def _prefill(rows: dict) -> list[str]:
+def _prefill(rows: dict, attention: dict) -> list[str]:
     out = ["prefill (one prompt, ms per layer, ours = fused layer kernels (module path with fast impls in "
-           "brackets); MFU = model matmul FLOPs / time / measured bf16 peak)",
-           f"{'T':>6} {'ours ms/L':>10} {'(module)':>9} {'TFLOP/s':>8} {'MFU':>6} {'HF ms/L':>8} {'HF MFU':>7} "
-           f"{'x HF':>6}"]
+           "brackets; with SDPA prompt attention after the slash); MFU = model matmul FLOPs / time / measured bf16 "
+           "peak)",
+           f"{'T':>6} {'ours ms/L':>10} {'(module)':>9} {'/ sdpa':>7} {'TFLOP/s':>8} {'MFU':>6} {'HF ms/L':>8} "
+           f"{'HF MFU':>7} {'x HF':>6}"]
     for n, r in rows.items():
         out.append(f"{n:>6} {_f(r.get('ours_ms_layer')):>10} {_f(r.get('ours_module_path_ms_layer')):>9} "
-                   f"{_f(r.get('ours_tflops'), '.0f'):>8} "
+                   f"{_f(r.get('ours_sdpa_attention_ms_layer')):>7} {_f(r.get('ours_tflops'), '.0f'):>8} "
                    f"{_f(100 * r.get('ours_mfu', 0), '.1f'):>5}% {_f(r.get('hf_ms_layer')):>8} "
                    f"{_f(100 * r['hf_mfu'] if 'hf_mfu' in r else None, '.1f'):>6}% {_f(r.get('speedup'), '.1f'):>6}")
+    for n, a in attention.items():
+        if "prompt_triton_extend_ms" in a:
+            out.append(f"  attention over the cache, T={n}, ms per call, Triton / SDPA: whole prompt "
+                       f"{_f(a['prompt_triton_extend_ms'])} / {_f(a['prompt_sdpa_ms'])} (rel "
+                       f"{a['prompt_rel_triton_vs_sdpa']:.1e}); chunk after T cached {_f(a['chunk_triton_extend_ms'])}"
+                       f" / {_f(a['chunk_sdpa_ms'])} (rel {a['chunk_rel_triton_vs_sdpa']:.1e})")
     return out
 
 
@@ -47,7 +54,7 @@ def render(res: dict) -> str:
     for b, parts in res.get("decode_breakdown", {}).items():
         lines.append(f"  B={b} us/layer by launch group: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     if "prefill" in res:
-        lines += _prefill(res["prefill"])
+        lines += _prefill(res["prefill"], res.get("prefill_attention", {}))
     for n, t in res.get("prefill_moe_tuning", {}).items():
         ms = t["triton_ms"].get(t["triton_best"])
         lines.append(f"  experts at {n} tokens: grouped_mm {_f(t['grouped_ms'])} ms, Triton {_f(ms)} ms "

@@ -130,6 +130,13 @@ class Bench:
         s = t.head_dim**-0.5
         got = decode_attention(q, kc, vc, layout.tensor("slots", self.dev), layout.tensor("starts", self.dev), s)
         out["decode_attention"] = rel(got, reference_cache_attention(q, kc, vc, layout, s))
+        from .extend_attention import extend_attention
+
+        # a whole prompt, a chunk after a cached prefix, a decode row: one mixed step over the cache
+        layout = SeqLayout(slots=[3, 0, 2], starts=[0, 700, 1000], lens=[300, 300, 1])
+        q = torch.randn(601, t.num_attention_heads, t.head_dim, device=self.dev, dtype=BF16)
+        got = extend_attention(q, kc, vc, layout, s)
+        out["extend_attention"] = rel(got, reference_cache_attention(q.float(), kc.float(), vc.float(), layout, s))
         out.update(self._decode_layer_checks())
         out.update(self._vision_attention_checks())
         out["tolerance"] = 1e-2
@@ -503,9 +510,10 @@ class Bench:
                 module_ms = cuda_time(run, iters=2, reps=7, warmup=2)
                 module = run()
             ms = cuda_time(run, iters=2, reps=7, warmup=2)
+            sdpa_ms = self._with_prompt_attention("sdpa", lambda: cuda_time(run, iters=2, reps=7, warmup=2))
             tf = self.n * prefill_layer_flops(self.cfg, n) / (ms * 1e-3) / 1e12
             r = {"ours_ms_layer": ms / self.n, "ours_tflops": tf, "ours_mfu": tf / peak,
-                 "ours_module_path_ms_layer": module_ms / self.n}
+                 "ours_module_path_ms_layer": module_ms / self.n, "ours_sdpa_attention_ms_layer": sdpa_ms / self.n}
             if n == 2048:  # the fused path and the module path with fast impls against the reference impls
                 fast = run()
                 use_reference(self.mid)
@@ -519,6 +527,17 @@ class Bench:
                 r.update(hf_ms_layer=hf_ms / self.n, hf_tflops=hf_tf, hf_mfu=hf_tf / peak, speedup=hf_ms / ms)
             rows[n] = r
         self.results["prefill"] = rows
+
+    @staticmethod
+    def _with_prompt_attention(path: str, fn):
+        """fn() with kernels.attention.PROMPT_ATTENTION set to ``path``."""
+        from . import attention
+
+        saved, attention.PROMPT_ATTENTION = attention.PROMPT_ATTENTION, path
+        try:
+            return fn()
+        finally:
+            attention.PROMPT_ATTENTION = saved
 
     def _tune_prefill_moe(self, n: int) -> dict:
         """Grouped GEMM vs the fused Triton kernel (prefill tiles) on one layer's experts for an n-token prompt;
@@ -559,6 +578,26 @@ class Bench:
                                                                                  enable_gqa=True), iters=3, reps=3)
             except RuntimeError as e:  # this backend cannot run these inputs
                 res[name] = f"unsupported: {str(e)[:120]}"
+        res.update(self._cache_attention_paths(n))
+        return res
+
+    def _cache_attention_paths(self, n: int) -> dict:
+        """The two prompt paths over the KV cache (kernels.attention.PROMPT_ATTENTION), ms per call: a whole n-token
+        prompt, and an n-row chunk continuing n cached tokens; and how far the Triton kernel is from SDPA."""
+        from .attention import prefill_attention
+        from .extend_attention import extend_attention
+
+        t = self.cfg.text
+        k_cache = torch.randn(1, t.num_key_value_heads, 2 * n, t.head_dim, device=self.dev, dtype=BF16)
+        v_cache = torch.randn_like(k_cache)
+        q = torch.randn(n, t.num_attention_heads, t.head_dim, device=self.dev, dtype=BF16)
+        scale = t.head_dim ** -0.5
+        res = {}
+        for case, layout in (("prompt", SeqLayout([0], [0], [n])), ("chunk", SeqLayout([0], [n], [n]))):
+            for name, fn in (("triton_extend", extend_attention), ("sdpa", prefill_attention)):
+                res[f"{case}_{name}_ms"] = cuda_time(lambda: fn(q, k_cache, v_cache, layout, scale), iters=3, reps=3)
+            res[f"{case}_rel_triton_vs_sdpa"] = rel(extend_attention(q, k_cache, v_cache, layout, scale),
+                                                    prefill_attention(q, k_cache, v_cache, layout, scale))
         return res
 
     # -- vision ---------------------------------------------------------------------------------------------------

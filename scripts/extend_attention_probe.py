@@ -1,0 +1,50 @@
+"""Tile shapes of the Triton attention over the KV cache (kernels/extend_attention.py) against SDPA (cuDNN first),
+at the 235B's attention shape (64 query heads, 4 kv heads, head_dim 128, bf16): whole prompts, chunks after a
+cached prefix, and a mixed step (8 decode rows plus a 512-row chunk). Usage on a GPU machine:
+
+    PYTHONPATH=src python3 scripts/extend_attention_probe.py
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from qwen_vl_distributed.kernels import extend_attention as ea
+from qwen_vl_distributed.kernels.attention import prefill_attention
+from qwen_vl_distributed.kernels.timing import cuda_time
+from qwen_vl_distributed.model.batch import SeqLayout
+
+
+def main() -> None:
+    nh, kvh, d = 64, 4, 128
+    cases = {
+        "prompt 2048": SeqLayout([0], [0], [2048]),
+        "prompt 8192": SeqLayout([0], [0], [8192]),
+        "chunk 2048 after 6144": SeqLayout([0], [6144], [2048]),
+        "mixed: 8 decode rows (~4k cached) + chunk 512 after 1024": SeqLayout(
+            list(range(1, 9)) + [0], [4000 + 37 * i for i in range(8)] + [1024], [1] * 8 + [512]),
+    }
+    k_cache = torch.randn(9, kvh, 8192, d, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    scale = d ** -0.5
+    for name, layout in cases.items():
+        q = torch.randn(layout.num_tokens, nh, d, device="cuda", dtype=torch.bfloat16)
+        ref = prefill_attention(q, k_cache, v_cache, layout, scale)
+        sdpa = cuda_time(lambda: prefill_attention(q, k_cache, v_cache, layout, scale), iters=3, reps=3)
+        print(f"{name}: sdpa {sdpa:.3f} ms", flush=True)
+        for rows, bn, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (2, 3)):
+            ea.CONFIGS = {1 << 30: (rows, bn, warps, stages)}
+            try:
+                out = ea.extend_attention(q, k_cache, v_cache, layout, scale)
+                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                ms = cuda_time(lambda: ea.extend_attention(q, k_cache, v_cache, layout, scale), iters=3, reps=3)
+                print(f"   rows {rows:3d} bn {bn:3d} warps {warps} stages {stages}: {ms:.3f} ms  rel {err:.1e}",
+                      flush=True)
+            except Exception as e:  # noqa: BLE001 (a tile that does not fit: report and go on)
+                print(f"   rows {rows:3d} bn {bn:3d} warps {warps} stages {stages}: {type(e).__name__}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Attention of a step's new rows over the slot KV cache, all sequences in one Triton launch: prompts, chunks
+continuing a cached prefix, and the decode rows of a mixed step.
+
+Shapes: T packed new rows, NH query heads, KVH kv heads, G = NH / KVH query heads per kv head (GP: G rounded up to
+a power of two), D head_dim, S slots, L cache length; sequence i owns slot ``slots[i]``, holds ``starts[i]`` cached
+tokens before this step and brings ``lens[i]`` rows, whose k/v the layer has already written to the cache.
+
+Why not SDPA: cuDNN builds an execution plan for every new (query length, key length) it sees -- ~40-50 ms of host
+time each on the H200, and ~0.6-1.3 s where it compiles a kernel for the shape (scripts/sdpa_first_call.py). Prompt
+lengths rarely repeat, and the decode rows of a mixed step bring a new key length every step, so those costs land
+on most requests. Here every shape is a runtime value: one compile per dtype and head layout, ever.
+
+Program (block, kv head) takes BM consecutive rows of one sequence and the GP query heads that share the kv head,
+as one [BM * GP, D] tile (row m: sequence row r0 + m // GP, head kvh * G + m % GP), so each key/value block is read
+once for the whole group. Row r (absolute position start + r) sees keys [0, start + r]. Keys below start + r0 are
+visible to every row of the block and need no mask; the rest are masked. Online softmax in fp32 (exp2 with the
+scale folded in); the probabilities are rounded to the value dtype for the PV product, as flash attention does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..model.batch import SeqLayout, to_device
+from .tiles import fit_stages, mma
+
+LOG2E = 1.4426950408889634
+# Tiles by the step's row count T (the smallest key >= T): score-tile rows (BM * GP), keys per inner step, warps,
+# pipeline stages. H200, 235B shapes (scripts/extend_attention_probe.py, 16 tiles): rows 64 / 4 warps / 3 stages
+# was fastest for a 2048-row prompt (0.21 ms; cuDNN 0.19) and a mixed step (8 decode rows + a 512-row chunk: 0.13
+# ms; SDPA per sequence 1.06); rows 128 / 4 warps / 2 stages for a 2048-row chunk after 6144 cached (1.05 ms; cuDNN
+# with its mask 1.75) and an 8192-row prompt (2.28 ms; cuDNN 1.77, see PROMPT_SDPA_MIN_TOKENS in kernels.attention).
+CONFIGS = {2048: (64, 64, 4, 3), 1 << 30: (128, 64, 4, 2)}
+
+
+@triton.jit
+def _extend_kernel(q_ptr, k_ptr, v_ptr, o_ptr, tab_ptr, W, qk_scale,
+                   sq_t, sq_h, so_t, so_h, sk_s, sk_h, sk_l, sv_s, sv_h, sv_l,
+                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    # tab [6, W] int32: per sequence slot, start, len, row offset; per block its sequence and first row
+    blk = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq = tl.load(tab_ptr + 4 * W + blk)
+    r0 = tl.load(tab_ptr + 5 * W + blk)
+    slot = tl.load(tab_ptr + seq).to(tl.int64)
+    start = tl.load(tab_ptr + W + seq)
+    n = tl.load(tab_ptr + 2 * W + seq)
+    off = tl.load(tab_ptr + 3 * W + seq)
+    m = tl.arange(0, BM * GP)
+    r = r0 + m // GP
+    g = m % GP
+    valid = (r < n) & (g < G)
+    head = kvh * G + g
+    d = tl.arange(0, D)
+    rows = (off + r).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * sq_t + head[:, None] * sq_h + d[None, :], mask=valid[:, None], other=0.0)
+    pos = start + r  # the row's absolute position: it sees keys [0, pos]
+    k_base = k_ptr + slot * sk_s + kvh * sk_h
+    v_base = v_ptr + slot * sv_s + kvh * sv_h
+    mx = tl.full((BM * GP,), float("-inf"), tl.float32)
+    l_sum = tl.zeros((BM * GP,), tl.float32)
+    acc = tl.zeros((BM * GP, D), tl.float32)
+    full = (start + r0) // BN * BN  # keys below this are visible to every row of the block
+    hi = start + tl.minimum(r0 + BM, n)
+    for k0 in range(0, full, BN):
+        keys = k0 + tl.arange(0, BN)
+        k = tl.load(k_base + keys[:, None].to(tl.int64) * sk_l + d[None, :])
+        s = mma(q, tl.trans(k), tl.zeros((BM * GP, BN), tl.float32)) * qk_scale
+        m_new = tl.maximum(mx, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(mx - m_new)
+        v = tl.load(v_base + keys[:, None].to(tl.int64) * sv_l + d[None, :])
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, tl.zeros((BM * GP, D), tl.float32))
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        mx = m_new
+    for k0 in range(full, hi, BN):
+        keys = k0 + tl.arange(0, BN)
+        km = keys < hi
+        k = tl.load(k_base + keys[:, None].to(tl.int64) * sk_l + d[None, :], mask=km[:, None], other=0.0)
+        s = mma(q, tl.trans(k), tl.zeros((BM * GP, BN), tl.float32)) * qk_scale
+        s = tl.where(keys[None, :] <= pos[:, None], s, float("-inf"))  # every row sees key 0: never all -inf
+        m_new = tl.maximum(mx, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(mx - m_new)
+        v = tl.load(v_base + keys[:, None].to(tl.int64) * sv_l + d[None, :], mask=km[:, None], other=0.0)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, tl.zeros((BM * GP, D), tl.float32))
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        mx = m_new
+    out = acc / l_sum[:, None]
+    tl.store(o_ptr + rows[:, None] * so_t + head[:, None] * so_h + d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=valid[:, None])
+
+
+def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """A power-of-two head_dim of at least 16 (Triton tile shapes), whole kv groups, unit inner strides."""
+    d = q.shape[-1]
+    return (d >= 16 and d & (d - 1) == 0 and q.shape[1] % k_cache.shape[1] == 0 and q.stride(-1) == 1
+            and k_cache.stride(-1) == 1)
+
+
+def config(t: int) -> tuple[int, int, int, int]:
+    """(score-tile rows, keys per step, warps, stages) for a step of t rows."""
+    return CONFIGS[min(n for n in CONFIGS if n >= t)]
+
+
+def block_rows(group: int, tile_rows: int) -> int:
+    """Sequence rows per program: ``tile_rows`` score rows over the group's query heads."""
+    return max(1, tile_rows // triton.next_power_of_2(group))
+
+
+def step_table(layout: SeqLayout, bm: int, device) -> tuple[torch.Tensor, int, int]:
+    """(table [6, W] int32 on ``device``, W, number of blocks), built once per step and shared by the layers: rows
+    slot, start, len, row offset per sequence, then sequence and first row per block of ``bm`` rows. Each row
+    starts at a multiple of 16 elements (aligned, so Triton compiles one variant)."""
+    key = ("extend", bm, str(device))
+    if key not in layout._cache:
+        blocks = [(i, r0) for i, n in enumerate(layout.lens) for r0 in range(0, n, bm)]
+        w = -(-max(len(layout.lens), len(blocks)) // 16) * 16
+        tab = torch.zeros(6, w, dtype=torch.int32)
+        b = len(layout.lens)
+        tab[0, :b] = torch.tensor(layout.slots, dtype=torch.int32)
+        tab[1, :b] = torch.tensor(layout.starts, dtype=torch.int32)
+        tab[2, :b] = torch.tensor(layout.lens, dtype=torch.int32)
+        tab[3, :b] = torch.tensor(layout.offsets()[:-1], dtype=torch.int32)
+        tab[4:, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32).t()
+        layout._cache[key] = (to_device(tab, device), w, len(blocks))
+    return layout._cache[key]
+
+
+def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: SeqLayout,
+                     scale: float) -> torch.Tensor:
+    """q [T, NH, D] (the step's rows, k/v already in the cache) -> [T, NH, D]: causal attention of each sequence's
+    rows over its cache slot, as ``model.attention.reference_cache_attention``."""
+    t, nh, d = q.shape
+    kvh = k_cache.shape[1]
+    g = nh // kvh
+    tile_rows, bn, warps, stages = config(t)
+    bm = block_rows(g, tile_rows)
+    tab, w, nblk = step_table(layout, bm, q.device)
+    out = torch.empty(t, nh, d, dtype=q.dtype, device=q.device)
+    rows = bm * triton.next_power_of_2(g)
+    stages = fit_stages(stages, (rows + 2 * bn) * d * q.element_size())
+    _extend_kernel[(nblk, kvh)](
+        q, k_cache, v_cache, out, tab, w, scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], G=g, GP=triton.next_power_of_2(g), D=d, BM=bm, BN=bn,
+        num_warps=warps, num_stages=stages)
+    return out
