@@ -18,7 +18,7 @@ from qwen_vl_distributed.kernels.attention import prefill_attention
 from qwen_vl_distributed.kernels.cuda_graph import DecodeGraphs, GraphedStage
 from qwen_vl_distributed.kernels.grouped import grouped_experts, has_grouped_mm
 from qwen_vl_distributed.kernels.vision_attention import segment_attention
-from qwen_vl_distributed.kernels.warmup import prompt_sizes, warm_prompt_path
+from qwen_vl_distributed.kernels.warmup import prompt_sizes, warm_prompt_path, warm_stage
 from qwen_vl_distributed.model.attention import reference_cache_attention
 from qwen_vl_distributed.model.batch import SeqLayout
 from qwen_vl_distributed.model.config import preset
@@ -269,6 +269,38 @@ def test_extend_attention_matches_reference(dtype, nh, tile, monkeypatch):
     assert torch.equal(extend_attention(strided, k_cache, v_cache, layout, 0.25), out)
 
 
+@needs_triton
+@pytest.mark.parametrize("nh,kvh", [(2, 2), (6, 2), (16, 2)])
+def test_extend_attention_random_layouts(nh, kvh):
+    """Row blocks and key blocks meeting at every offset: random starts and lengths, including lengths that are
+    not multiples of a block and prefixes ending just before, on and after a key-block boundary."""
+    from qwen_vl_distributed.kernels.extend_attention import extend_attention
+
+    k_cache, v_cache, _ = cache_inputs(torch.float32, s=6, kvh=kvh, length=260, nh=nh)
+    g = torch.Generator().manual_seed(nh)
+    for _ in range(4):
+        b = int(torch.randint(1, 5, (1,), generator=g))
+        starts = [int(x) for x in torch.randint(0, 200, (b,), generator=g)]
+        starts[0] = [62, 64, 65, 126][_]  # just before, on and after key-block boundaries (64 keys)
+        lens = [int(torch.randint(1, 60, (1,), generator=g)) for _ in range(b)]
+        layout = SeqLayout(slots=list(range(b)), starts=starts, lens=lens)
+        q = torch.randn(layout.num_tokens, nh, 16, generator=g)
+        out = extend_attention(q, k_cache, v_cache, layout, 0.25)
+        assert rel(out, reference_cache_attention(q, k_cache, v_cache, layout, 0.25)) < 1e-5, layout
+
+
+def test_prompt_attention_path_keeps_sdpa_only_for_a_lone_long_prompt(monkeypatch):
+    from qwen_vl_distributed.kernels import attention
+
+    n = attention.PROMPT_SDPA_MIN_TOKENS
+    assert attention.prompt_attention_path(SeqLayout([0], [0], [n])) == "sdpa"
+    assert attention.prompt_attention_path(SeqLayout([0], [0], [n - 1])) == "triton"
+    assert attention.prompt_attention_path(SeqLayout([0], [5], [n])) == "triton"  # a chunk after a prefix
+    assert attention.prompt_attention_path(SeqLayout([0, 1], [0, 0], [n, 1])) == "triton"  # a mixed step
+    monkeypatch.setattr(attention, "PROMPT_ATTENTION", "sdpa")
+    assert attention.prompt_attention_path(SeqLayout([0], [0], [3])) == "sdpa"
+
+
 def test_segment_attention_matches_reference():
     q, k, v = (torch.randn(50, 2, 8) for _ in range(3))
     cu = [0, 16, 20, 50]
@@ -457,6 +489,8 @@ def test_warm_up_runs_each_prompt_size_in_the_scratch_slot_only(tiny, where):
     for i in m.layer_ids:
         assert torch.equal(cache.k[i][:2], before.k[i][:2]) and torch.equal(cache.v[i][:2], before.v[i][:2])
         assert cache.k[i][2, :, :12].abs().sum() > 0
+    assert warm_prompt_path(m, cache, slot=2, max_tokens=5) == [2, 3, 4, 5]  # the bare stage model too
+    assert warm_stage(m, cache, slot=2, max_tokens=1) >= 0  # a 1-token budget: nothing to warm, no error
 
 
 # -- the fused decode layer -----------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 - experts (model.moe.EXPERTS_IMPLS): fused Triton kernel for decode sizes on CUDA, grouped GEMM for prefill
   (kernels.grouped.fast_experts), the Triton kernel at every size for fp8-resident experts; also 'grouped' and
   'triton' to force one path;
-- cache attention (model.attention.CACHE_ATTENTION_IMPLS): split-KV Triton decode, SDPA (cuDNN first) for prompts
+- cache attention (model.attention.CACHE_ATTENTION_IMPLS): split-KV Triton decode, one Triton launch over the cache
+  for prompts, chunks and mixed steps (kernels.extend_attention), SDPA (cuDNN first) for a lone long prompt
   (kernels.attention.fast_cache_attention);
 - vision attention (model.vision.VISION_ATTENTION_IMPLS): the 2-D rotary as one Triton kernel, then one SDPA /
   varlen flash per image (kernels.vision_attention.fast_vision_attention);

@@ -65,9 +65,15 @@ def _triton_decode_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 # sequence, which cuDNN plans anew for every new shape (kernels/extend_attention.py says what that costs).
 PROMPT_ATTENTION = "triton"
 # ... except a step that is one whole prompt of at least this many rows: there cuDNN's faster kernel (1.77 against
-# 2.28 ms at 8192 rows on the H200) outweighs its ~45 ms plan, and the first chunk of every longer prompt has
-# exactly the default step budget's 8192 rows, a shape it has planned before.
+# 2.28 ms at 8192 rows on the H200) outweighs its ~45 ms plan, and with the default step budget of 8192 the first
+# chunk of every longer prompt has exactly that shape, planned once.
 PROMPT_SDPA_MIN_TOKENS = 8192
+
+
+def prompt_attention_path(layout: SeqLayout) -> str:
+    """Which path a step that is not all decode rows takes on a GPU: "triton" or "sdpa" (see above)."""
+    lone_long = len(layout.lens) == 1 and layout.starts[0] == 0 and layout.lens[0] >= PROMPT_SDPA_MIN_TOKENS
+    return "sdpa" if PROMPT_ATTENTION == "sdpa" or lone_long else "triton"
 
 
 def fast_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: SeqLayout,
@@ -77,10 +83,9 @@ def fast_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
         return decode_attention(q, k_cache, v_cache, layout.tensor("slots", q.device),
                                 layout.tensor("starts", q.device), scale)
-    whole_long = len(layout.lens) == 1 and layout.starts[0] == 0 and layout.lens[0] >= PROMPT_SDPA_MIN_TOKENS
-    if PROMPT_ATTENTION == "triton" and q.is_cuda and not whole_long:
+    if q.is_cuda and prompt_attention_path(layout) == "triton":
         from . import extend_attention as ea
 
-        if ea.supported(q, k_cache):
+        if ea.supported(q, k_cache, v_cache):
             return ea.extend_attention(q, k_cache, v_cache, layout, scale)
     return prefill_attention(q, k_cache, v_cache, layout, scale)

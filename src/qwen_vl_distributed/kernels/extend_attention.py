@@ -93,11 +93,11 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, o_ptr, tab_ptr, W, qk_scale,
              mask=valid[:, None])
 
 
-def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """A power-of-two head_dim of at least 16 (Triton tile shapes), whole kv groups, unit inner strides."""
+def supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """A power-of-two head_dim of at least 16 (Triton tile shapes), whole kv groups, unit inner strides, one dtype."""
     d = q.shape[-1]
     return (d >= 16 and d & (d - 1) == 0 and q.shape[1] % k_cache.shape[1] == 0 and q.stride(-1) == 1
-            and k_cache.stride(-1) == 1)
+            and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.dtype == k_cache.dtype == v_cache.dtype)
 
 
 def config(t: int) -> tuple[int, int, int, int]:

@@ -4,7 +4,8 @@ Same result as ``DecoderLayer.forward`` with the 'fast' implementations (prompts
 mixed steps; the model's forward around it adds image/video features and DeepStack as for any layer), computed
 by ``decode_layer.fused_layer``: one kernel each for the norms, the q/k norm + rotary + cache write and the router's
 softmax/top-k, instead of the module's chains of small elementwise ops (which at an 8k prompt move ~1 GB per layer).
-Attention is the 'fast' cache attention (SDPA with cuDNN first for prompts, split-KV Triton for decode rows).
+Attention is the 'fast' cache attention (kernels.attention: Triton over the cache for prompt rows, split-KV Triton
+for decode steps).
 
 The kernels take power-of-two head dims (128 in the released models): ``kernels.fused_layers_fit`` says whether a
 model can use them.

@@ -43,7 +43,7 @@ def warm_layout(t: int, slot: int, max_len: int) -> SeqLayout:
 def warm_prompt_path(model, cache, slot: int, max_tokens: int, vision: bool = True) -> list[int]:
     """Run ``model`` (a stage, or anything called as one) on one step of each of ``prompt_sizes(max_tokens)``
     prompt tokens in cache slot ``slot``; returns the sizes run. Only ``slot`` of the cache is written."""
-    stage: Qwen3VLMoe = getattr(model, "model", model)  # GraphedStage wraps the stage model
+    stage = _stage_model(model)
     cfg = stage.cfg.text
     p = next(stage.parameters())
     sizes = prompt_sizes(max_tokens)
@@ -61,6 +61,11 @@ def warm_prompt_path(model, cache, slot: int, max_tokens: int, vision: bool = Tr
     return sizes
 
 
+def _stage_model(model) -> Qwen3VLMoe:
+    """The stage model itself: ``model``, or the one a wrapper (GraphedStage) holds as ``.model``."""
+    return model if isinstance(model, Qwen3VLMoe) else model.model
+
+
 def _warm_vision(stage: Qwen3VLMoe) -> None:
     """One 4x4-patch image through the tower as requests run it (the fused blocks on a GPU), without keeping a
     CUDA graph for its shape."""
@@ -75,11 +80,11 @@ def warm_stage(model, cache, slot: int, max_tokens: int, name: str = "stage", qu
     """``warm_prompt_path`` timed, with one line of progress; returns the seconds it took."""
     start = time.perf_counter()
     sizes = warm_prompt_path(model, cache, slot, max_tokens)
-    device = next(getattr(model, "model", model).parameters()).device
+    device = next(_stage_model(model).parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     took = time.perf_counter() - start
-    if not quiet:
+    if not quiet and sizes:  # (a step budget of 1 token has only decode steps, which the graphs compiled)
         print(f"{name}: prompt kernels compiled ({len(sizes)} sizes up to {sizes[-1]} tokens) in {took:.1f} s",
               flush=True)
     return took
