@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..model.batch import SeqLayout, to_device
+from ..model.batch import SeqLayout, aligned_rows
 from .tiles import fit_stages, mma
 
 LOG2E = 1.4426950408889634
@@ -33,6 +33,31 @@ LOG2E = 1.4426950408889634
 # ms; SDPA per sequence 1.06); rows 128 / 4 warps / 2 stages for a 2048-row chunk after 6144 cached (1.05 ms; cuDNN
 # with its mask 1.75) and an 8192-row prompt (2.28 ms; cuDNN 1.77, see PROMPT_SDPA_MIN_TOKENS in kernels.attention).
 CONFIGS = {2048: (64, 64, 4, 3), 1 << 30: (128, 64, 4, 2)}
+
+
+@triton.jit
+def _key_block(q, k_base, v_base, k0, hi, pos, sk_l, sv_l, qk_scale, acc, l_sum, mx, d, ROWS: tl.constexpr,
+               D: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step over keys [k0, k0 + BN): MASKED applies the causal mask and the key bound ``hi``;
+    unmasked blocks lie below every row's position and below ``hi``. Returns the updated (acc, l_sum, mx)."""
+    keys = k0 + tl.arange(0, BN)
+    km = keys < hi
+    if MASKED:
+        k = tl.load(k_base + keys[:, None].to(tl.int64) * sk_l + d[None, :], mask=km[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + keys[:, None].to(tl.int64) * sk_l + d[None, :])
+    s = mma(q, tl.trans(k), tl.zeros((ROWS, BN), tl.float32)) * qk_scale
+    if MASKED:
+        s = tl.where(keys[None, :] <= pos[:, None], s, float("-inf"))  # every row sees key 0: never all -inf
+    m_new = tl.maximum(mx, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(mx - m_new)
+    if MASKED:
+        v = tl.load(v_base + keys[:, None].to(tl.int64) * sv_l + d[None, :], mask=km[:, None], other=0.0)
+    else:
+        v = tl.load(v_base + keys[:, None].to(tl.int64) * sv_l + d[None, :])
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, tl.zeros((ROWS, D), tl.float32))
+    return acc, l_sum * alpha + tl.sum(p, 1), m_new
 
 
 @triton.jit
@@ -65,29 +90,11 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, o_ptr, tab_ptr, W, qk_scale,
     full = (start + r0) // BN * BN  # keys below this are visible to every row of the block
     hi = start + tl.minimum(r0 + BM, n)
     for k0 in range(0, full, BN):
-        keys = k0 + tl.arange(0, BN)
-        k = tl.load(k_base + keys[:, None].to(tl.int64) * sk_l + d[None, :])
-        s = mma(q, tl.trans(k), tl.zeros((BM * GP, BN), tl.float32)) * qk_scale
-        m_new = tl.maximum(mx, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(mx - m_new)
-        v = tl.load(v_base + keys[:, None].to(tl.int64) * sv_l + d[None, :])
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, tl.zeros((BM * GP, D), tl.float32))
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        mx = m_new
+        acc, l_sum, mx = _key_block(q, k_base, v_base, k0, hi, pos, sk_l, sv_l, qk_scale, acc, l_sum, mx, d,
+                                    BM * GP, D, BN, MASKED=False)
     for k0 in range(full, hi, BN):
-        keys = k0 + tl.arange(0, BN)
-        km = keys < hi
-        k = tl.load(k_base + keys[:, None].to(tl.int64) * sk_l + d[None, :], mask=km[:, None], other=0.0)
-        s = mma(q, tl.trans(k), tl.zeros((BM * GP, BN), tl.float32)) * qk_scale
-        s = tl.where(keys[None, :] <= pos[:, None], s, float("-inf"))  # every row sees key 0: never all -inf
-        m_new = tl.maximum(mx, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(mx - m_new)
-        v = tl.load(v_base + keys[:, None].to(tl.int64) * sv_l + d[None, :], mask=km[:, None], other=0.0)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, tl.zeros((BM * GP, D), tl.float32))
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        mx = m_new
+        acc, l_sum, mx = _key_block(q, k_base, v_base, k0, hi, pos, sk_l, sv_l, qk_scale, acc, l_sum, mx, d,
+                                    BM * GP, D, BN, MASKED=True)
     out = acc / l_sum[:, None]
     tl.store(o_ptr + rows[:, None] * so_t + head[:, None] * so_h + d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=valid[:, None])
@@ -116,16 +123,12 @@ def step_table(layout: SeqLayout, bm: int, device) -> tuple[torch.Tensor, int, i
     starts at a multiple of 16 elements (aligned, so Triton compiles one variant)."""
     key = ("extend", bm, str(device))
     if key not in layout._cache:
-        blocks = [(i, r0) for i, n in enumerate(layout.lens) for r0 in range(0, n, bm)]
-        w = -(-max(len(layout.lens), len(blocks)) // 16) * 16
-        tab = torch.zeros(6, w, dtype=torch.int32)
-        b = len(layout.lens)
-        tab[0, :b] = torch.tensor(layout.slots, dtype=torch.int32)
-        tab[1, :b] = torch.tensor(layout.starts, dtype=torch.int32)
-        tab[2, :b] = torch.tensor(layout.lens, dtype=torch.int32)
-        tab[3, :b] = torch.tensor(layout.offsets()[:-1], dtype=torch.int32)
-        tab[4:, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32).t()
-        layout._cache[key] = (to_device(tab, device), w, len(blocks))
+        blocks = torch.tensor([(i, r0) for i, n in enumerate(layout.lens) for r0 in range(0, n, bm)],
+                              dtype=torch.int32).t()
+        per_seq = [torch.tensor(x, dtype=torch.int32)
+                   for x in (layout.slots, layout.starts, layout.lens, layout.offsets()[:-1])]
+        tab = aligned_rows(per_seq + list(blocks), torch.int32, device)
+        layout._cache[key] = (tab, tab.shape[1], blocks.shape[1])
     return layout._cache[key]
 
 

@@ -57,14 +57,21 @@ class SeqLayout:
             lens = torch.tensor(self.lens, dtype=torch.long)
             shift = torch.tensor(self.starts, dtype=torch.long) - torch.tensor(self.offsets()[:-1], dtype=torch.long)
             t = int(lens.sum())
-            # Both in one copy, the second row starting at a multiple of 16 elements: Triton compiles a kernel
-            # variant per pointer alignment (16 bytes or not), so an odd T would otherwise cost a compile.
-            both = torch.zeros(2, -(-t // 16) * 16, dtype=torch.long)
-            both[0, :t] = torch.tensor(self.slots, dtype=torch.long).repeat_interleave(lens)
-            both[1, :t] = torch.arange(t) + shift.repeat_interleave(lens)
-            both = to_device(both, device)
+            both = aligned_rows([torch.tensor(self.slots, dtype=torch.long).repeat_interleave(lens),
+                                 torch.arange(t) + shift.repeat_interleave(lens)], torch.long, device)
             self._cache[key] = (both[0, :t], both[1, :t])
         return self._cache[key]
+
+
+def aligned_rows(rows: list[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
+    """The 1-D ``rows`` as one [R, W] table on ``device`` in one copy, zero-padded to a width W that is a multiple
+    of 16 elements, so that every row starts 16-byte aligned: Triton compiles a kernel variant per pointer
+    alignment, and a row at an odd offset would cost a compile the first time it is met."""
+    width = -(-max((len(r) for r in rows), default=1) // 16) * 16
+    table = torch.zeros(len(rows), width, dtype=dtype)
+    for i, r in enumerate(rows):
+        table[i, :len(r)] = r
+    return to_device(table, device)
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
