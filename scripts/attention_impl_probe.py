@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from qwen_vl_distributed.kernels.timing import cuda_time
+from qwen_vl_distributed.bench.timing import cuda_time
 
 BF16 = torch.bfloat16
 SHAPES = {"vision 16x4096x72": (16, 16, 4096, 72, False), "text 64/4x2048x128 causal": (64, 4, 2048, 128, True),

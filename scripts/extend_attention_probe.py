@@ -13,7 +13,7 @@ import torch
 
 from qwen_vl_distributed.kernels import extend_attention as ea
 from qwen_vl_distributed.kernels.attention import prefill_attention
-from qwen_vl_distributed.kernels.timing import cuda_time
+from qwen_vl_distributed.bench.timing import cuda_time
 from qwen_vl_distributed.model.batch import SeqLayout
 
 

@@ -14,7 +14,7 @@ import json
 import torch
 
 from qwen_vl_distributed.kernels import moe_triton as mt
-from qwen_vl_distributed.kernels.timing import copy_bandwidth_gbs, cuda_time, matmul_tflops
+from qwen_vl_distributed.bench.timing import copy_bandwidth_gbs, cuda_time, matmul_tflops
 
 E, H, I, K = 128, 4096, 1536, 8  # 235B-A22B experts
 BF16 = torch.bfloat16

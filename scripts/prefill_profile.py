@@ -13,8 +13,8 @@ import dataclasses
 import torch
 
 from qwen_vl_distributed.kernels import decode_layer, enable_fast_paths
-from qwen_vl_distributed.kernels.bench_models import default_dtype, prefill_layer_flops, randomize_
-from qwen_vl_distributed.kernels.timing import cuda_time, kernel_gaps, matmul_tflops, print_kernel_table
+from qwen_vl_distributed.bench.models import default_dtype, prefill_layer_flops, randomize_
+from qwen_vl_distributed.bench.timing import cuda_time, kernel_gaps, matmul_tflops, print_kernel_table
 from qwen_vl_distributed.model.batch import SeqLayout
 from qwen_vl_distributed.model.config import preset
 from qwen_vl_distributed.model.qwen3_vl import Qwen3VLMoe

@@ -3,8 +3,8 @@ replayed from a CUDA graph. One 1024x1024 image, real 235B vision dims, random w
 
 import torch
 
-from qwen_vl_distributed.kernels.timing import cuda_time
-from qwen_vl_distributed.kernels.vision_graph import GraphedVision
+from qwen_vl_distributed.bench.timing import cuda_time
+from qwen_vl_distributed.runtime.vision_graph import GraphedVision
 from qwen_vl_distributed.model.config import preset
 from qwen_vl_distributed.model.vision import VisionTower
 from qwen_vl_distributed.checkpoint.synth_weights import randomize_module

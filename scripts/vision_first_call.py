@@ -1,5 +1,5 @@
 """What a first image of a new size costs on stage 0, as serving runs the tower (fused blocks replayed from a CUDA
-graph per shape, ``kernels.vision_graph``): wall time of the first call of each new grid against a second call.
+graph per shape, ``runtime.vision_graph``): wall time of the first call of each new grid against a second call.
 Real 235B vision dimensions, random weights, bf16. Usage on a GPU machine:
 
     PYTHONPATH=src python3 scripts/vision_first_call.py

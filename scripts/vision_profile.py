@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from qwen_vl_distributed.checkpoint.synth_weights import randomize_module
 from qwen_vl_distributed.kernels import register
-from qwen_vl_distributed.kernels.timing import cuda_time, print_kernel_table
+from qwen_vl_distributed.bench.timing import cuda_time, print_kernel_table
 from qwen_vl_distributed.model.config import preset
 from qwen_vl_distributed.model.vision import VisionTower
 

@@ -15,10 +15,10 @@ import torch
 
 from qwen_vl_distributed.kernels import enable_fast_paths, module_layers, register
 from qwen_vl_distributed.kernels.attention import prefill_attention
-from qwen_vl_distributed.kernels.cuda_graph import DecodeGraphs, GraphedStage
+from qwen_vl_distributed.runtime.cuda_graph import DecodeGraphs, GraphedStage
 from qwen_vl_distributed.kernels.grouped import grouped_experts, has_grouped_mm
 from qwen_vl_distributed.kernels.vision_attention import segment_attention
-from qwen_vl_distributed.kernels.warmup import prompt_sizes, warm_prompt_path, warm_stage
+from qwen_vl_distributed.runtime.warmup import prompt_sizes, warm_prompt_path, warm_stage
 from qwen_vl_distributed.model.attention import reference_cache_attention
 from qwen_vl_distributed.model.batch import SeqLayout
 from qwen_vl_distributed.model.config import preset
@@ -673,10 +673,11 @@ def test_packed_qkv_recognises_only_views_of_one_buffer():
 def test_fit_stages_keeps_the_bf16_tiles_and_shrinks_float32_ones_into_shared_memory():
     """The tuned tiles keep their stages in bf16; float32 (twice the bytes) drops stages to fit: a 64-row GEMV
     (BM 64, BN 64, BK 128: 256 KB at 4 stages, which the H200 refused) and the prefill expert tiles."""
+    from qwen_vl_distributed.bench import tune
     from qwen_vl_distributed.kernels import moe_triton as mt
     from qwen_vl_distributed.kernels.tiles import fit_stages
 
-    for c in [*mt.CONFIGS.values(), *mt.CANDIDATES, *mt.PREFILL_CANDIDATES]:
+    for c in [*mt.CONFIGS.values(), *tune.CANDIDATES, *tune.PREFILL_CANDIDATES]:
         assert fit_stages(c.stages, (c.bm + 2 * c.bn) * c.bk * 2) == c.stages
         assert fit_stages(c.down_stages, (c.bm + c.down_bn) * c.down_bk * 2) == c.down_stages
     assert fit_stages(4, (64 + 64) * 128 * 4) == 3 and fit_stages(4, (64 + 64) * 128 * 2) == 4  # GEMV, 64 rows

@@ -171,7 +171,7 @@ def test_slot_sampler_history_spans_every_prefill_chunk():
     logits = torch.zeros(1, 10)
     logits[0, 7] = 2.0  # the favourite, a token of the prompt's last chunk
     logits[0, 3] = 1.5
-    params = {"temperature": 0.0, "repetition_penalty": 2.0}
+    params = {"params": SamplingParams(temperature=0.0, repetition_penalty=2.0).wire()}
     whole, chunked = SlotSampler(), SlotSampler()
     whole.start(0, params, [1, 2, 7])
     chunked.start(0, params, [1, 2])
@@ -187,7 +187,7 @@ def test_slot_sampler_history_includes_a_reused_prefix():
     logits = torch.zeros(1, 10)
     logits[0, 7] = 2.0  # the favourite, a token of the reused prefix only
     logits[0, 3] = 1.5
-    params = {"temperature": 0.0, "repetition_penalty": 2.0}
+    params = {"params": SamplingParams(temperature=0.0, repetition_penalty=2.0).wire()}
     whole, reused = SlotSampler(), SlotSampler()
     whole.start(0, params, [7, 1, 2])
     reused.start(0, {**params, "history_prefix": [7]}, [1, 2])

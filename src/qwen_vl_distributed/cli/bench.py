@@ -42,7 +42,7 @@ def run(args) -> int:
         raise UserError("qwen-vl bench needs a CUDA GPU (none is visible)")
     if args.layers < 1:
         raise UserError("--layers must be at least 1")
-    from ..kernels.bench_runner import Bench
+    from ..bench.runner import Bench
 
     bench = Bench(args)
     for name in args.sections.split(","):

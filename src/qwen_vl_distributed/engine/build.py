@@ -57,25 +57,22 @@ class RunOptions:
     random_layers: int | None = None
     random_fp8: bool = False  # and its experts quantised to fp8 (128x128 blocks) and kept so, as an fp8 release
 
+    def to_json(self) -> str:
+        """The one serialized form that carries these options to the other stage processes."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunOptions":
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:  # a driver from another version of the code
+            raise UserError(f"worker options: unknown field(s) {', '.join(unknown)}")
+        return cls(**data)
+
     def worker_argv(self, rank: int, world: int, init_method: str) -> list[str]:
-        argv = ["worker", "--model", self.model or "-", "--stages", str(self.stages), "--device", self.device,
-                "--dtype", self.dtype, "--max-batch", str(self.max_batch), "--max-len", str(self.max_len),
-                "--stage-timeout", str(self.stage_timeout_s), "--rank", str(rank), "--world-size", str(world),
+        return ["worker", "--options", self.to_json(), "--rank", str(rank), "--world-size", str(world),
                 "--init-method", init_method]
-        if self.prefill_chunk is not None:
-            argv += ["--prefill-chunk", str(self.prefill_chunk)]
-        if self.layers_per_stage:
-            argv += ["--layers-per-stage", ",".join(map(str, self.layers_per_stage))]
-        if self.gpu_mem_gb:
-            argv += ["--gpu-mem", ",".join(map(str, self.gpu_mem_gb))]
-        if self.quiet:
-            argv.append("--quiet")
-        argv += ["--fp8-experts", self.fp8_experts]
-        if self.random_preset:
-            argv += ["--random-preset", self.random_preset, "--random-layers", str(self.random_layers)]
-            if self.random_fp8:
-                argv.append("--random-fp8")
-        return argv
 
 
 @dataclass
@@ -234,15 +231,15 @@ def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: 
     if device.type != "cuda":
         return StageRuntime(model, model.new_cache(slots, opts.max_len, dtype, device), sampler, device, rank)
     from ..kernels import enable_fast_paths
-    from ..kernels.cuda_graph import DEFAULT_BUCKETS, GraphedStage
-    from ..kernels.warmup import warm_stage
+    from ..runtime.cuda_graph import DEFAULT_BUCKETS, GraphedStage
+    from ..runtime.warmup import warm_stage
 
     enable_fast_paths(model)
     # one extra KV slot that no sequence owns: the decode graphs pad their batch-size buckets into it
     cache = model.new_cache(slots + 1, opts.max_len, dtype, device)
     top = next(b for b in DEFAULT_BUCKETS + (slots,) if b >= slots)
     stage = GraphedStage(model, cache, buckets=tuple(b for b in DEFAULT_BUCKETS if b < top) + (top,))
-    # the prompt path's kernels compile now, not in the first requests (kernels.warmup)
+    # the prompt path's kernels compile now, not in the first requests (runtime.warmup)
     warm_stage(stage, cache, stage.graphs.scratch_slot, plan.prefill_chunk, name, quiet=opts.quiet)
     return StageRuntime(stage, cache, sampler, device, rank)
 

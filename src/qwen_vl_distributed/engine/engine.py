@@ -35,11 +35,6 @@ from ..model.positions import IMAGE, VIDEO, rope_positions, token_types, visual_
 from ..model.qwen3_vl import VisualInputs
 from ..pipeline.payload import StepPayload
 
-# Sampling fields that travel to the last stage (the sampler there needs nothing else).
-SAMPLER_FIELDS = ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
-                  "repetition_penalty")
-
-
 @dataclass
 class Prompt:
     """A tokenised prompt with its media (what the processor produces)."""
@@ -303,8 +298,8 @@ class Engine:
                 starts.append(a)
                 lens.append(end - a)
                 if a == s.reused:  # the request's first step
-                    new[s.slot] = {k: getattr(s.params, k, None) for k in SAMPLER_FIELDS}
-                    if a and getattr(s.params, "needs_history", False):
+                    new[s.slot] = {"params": s.params.wire()}
+                    if a and s.params.needs_history:
                         new[s.slot]["history_prefix"] = p.input_ids[:a]  # penalties see the reused prefix too
                 else:
                     continued.append(s.slot)

@@ -27,11 +27,12 @@ class SlotSampler:
         self.slots: dict[int, _SlotState] = {}
         self._prompts: dict[int, list[int]] = {}
 
-    def start(self, slot: int, params: dict[str, Any], prompt_ids: list[int]) -> None:
-        """A new request in ``slot``; ``params`` may carry ``history_prefix``, the prompt tokens before
-        ``prompt_ids`` that were already cached (prefix reuse) and that the penalties still count."""
-        prefix = params.get("history_prefix") or []
-        p = SamplingParams(**{k: v for k, v in params.items() if v is not None and k != "history_prefix"})
+    def start(self, slot: int, request: dict[str, Any], prompt_ids: list[int]) -> None:
+        """A new request in ``slot``: ``request["params"]`` is ``SamplingParams.wire()``; ``history_prefix``, if
+        there, the prompt tokens before ``prompt_ids`` that were already cached (prefix reuse) and that the
+        penalties still count."""
+        prefix = request.get("history_prefix") or []
+        p = SamplingParams.from_wire(request["params"])
         self.slots[slot] = _SlotState(p, None, None)  # generator made on the logits' device at the first draw
         self._prompts.pop(slot, None)  # a previous request's, if it ended before its first draw (aborted in prefill)
         if p.needs_history:

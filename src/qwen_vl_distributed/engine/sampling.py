@@ -109,6 +109,17 @@ class SamplingParams:
         """Whether sampling this request needs a ``TokenHistory`` (any penalty active)."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
+    # what only the driver needs (lengths and stop checks happen there); every other field travels to the sampler
+    DRIVER_ONLY = ("max_new_tokens", "stop_token_ids", "stop")
+
+    def wire(self) -> dict[str, Any]:
+        """The fields the last stage's sampler needs, as plain values (the payload's form for them)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.DRIVER_ONLY}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> SamplingParams:
+        return cls(**data)
+
     @classmethod
     def from_generation_config(cls, gen: Mapping[str, Any], **overrides: Any) -> SamplingParams:
         """Defaults from a checkpoint's generation_config.json (do_sample false -> greedy), then ``overrides``."""

@@ -97,7 +97,7 @@ def enable_fast_paths(model, experts: str = "fast", attention: str = "fast", vis
     model.set_impl(experts=experts, attention=attention, vision_attention=vision_attention, layer=layer)
     pack_qkv(model)  # one q/k/v GEMM for prompts (the parameters become views of one buffer)
     if vision_graphs and next(model.parameters()).is_cuda:
-        from .vision_graph import enable_vision_graphs
+        from ..runtime.vision_graph import enable_vision_graphs
 
         enable_vision_graphs(model, fused_blocks=vision_attention != "reference")  # reference: module blocks
     return model

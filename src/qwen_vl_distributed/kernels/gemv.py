@@ -17,7 +17,7 @@ from .tiles import fit_stages, load_k_tile, mma
 BN, BK, WARPS, STAGES = 32, 256, 4, 4
 
 
-@triton.jit(do_not_specialize=["B"])  # one compile per row bucket BM, whatever the row count (kernels.warmup)
+@triton.jit(do_not_specialize=["B"])  # one compile per row bucket BM, whatever the row count (runtime.warmup)
 def _gemv_kernel(x_ptr, w0, w1, w2, y0, y1, y2, B, K, N0, N1, N2,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
     pid = tl.program_id(0)

@@ -8,7 +8,7 @@ StepPayload (stage s -> stage s+1), for T packed tokens of B sequences:
   positions   [3, T] int64  M-RoPE positions
   input_ids   [T] int64     the step's token ids (the last stage uses them for repetition penalties)
   hidden      [T, H] model dtype; absent on the way into stage 0
-  new_seqs    {slot: sampling parameters} for sequences whose first step this is (the last stage resets its
+  new_seqs    {slot: {"params": SamplingParams.wire()}} for sequences whose first step this is (the last stage resets its
               per-slot sampler state); JSON-serialisable
   continued   slots whose rows continue a prompt begun in an earlier step (chunked prefill: the sampler adds
               these prompt tokens to the slot's history)

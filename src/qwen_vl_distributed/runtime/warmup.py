@@ -1,7 +1,7 @@
 """Compile a stage's prompt-path kernels at start-up, so that no request waits for the compiler.
 
 Triton compiles a kernel the first time it is launched with a new set of compile-time values. The decode step is
-captured in CUDA graphs at start-up (``kernels.cuda_graph``), which compiles its kernels then. The prompt path is
+captured in CUDA graphs at start-up (``runtime.cuda_graph``), which compiles its kernels then. The prompt path is
 not captured. Without this warm-up, a prompt whose token count falls in a bucket not seen before (the alignment
 kernel's sort width, the expert tile table's row ranges, the GEMV tiles of short prompts) waits about a second per
 kernel, so the first request of a new size pays seconds (measured on the H200: scripts/compile_trace.py).

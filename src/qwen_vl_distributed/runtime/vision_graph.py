@@ -15,7 +15,7 @@ from collections import OrderedDict
 import torch
 
 from ..model.vision import VisionTower
-from .vision_attention import graph_safe
+from ..kernels.vision_attention import graph_safe
 
 
 class GraphedVision:

@@ -22,7 +22,7 @@ from ..model.batch import SeqLayout
 from ..model.kv_cache import KVCache
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..model.rope import mrope_axis_tensor, text_inv_freq
-from . import fused_layers_fit, module_layers
+from ..kernels import fused_layers_fit, module_layers
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 

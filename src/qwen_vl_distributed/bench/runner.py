@@ -1,7 +1,7 @@
 """The sections of ``qwen-vl bench`` (see cli/bench.py): each fills ``Bench.results`` and never asserts timings.
 
 Shapes: B decode batch, T prompt tokens, ctx cached tokens per sequence, H hidden, V vocab, N decoder layers built.
-Our decode runs under CUDA-graph replay (kernels.cuda_graph); HF runs as a user would call it (eager, dynamic
+Our decode runs under CUDA-graph replay (runtime.cuda_graph); HF runs as a user would call it (eager, dynamic
 cache, grouped_mm experts, sdpa attention). "Per layer" numbers come from a layers-only stage (no embedding, no
 head) on both sides; the whole-model step (embedding + layers + lm_head) is timed too.
 """
@@ -19,10 +19,10 @@ from ..model.batch import SeqLayout
 from ..model.config import preset
 from ..model.moe import reference_experts, route
 from ..model.qwen3_vl import Qwen3VLMoe
-from . import enable_fast_paths, module_layers, register, use_reference
-from .bench_models import (build_pair, decode_layer_bytes, default_dtype, ours_from, prefill_layer_flops, randomize_,
+from ..kernels import enable_fast_paths, module_layers, register, use_reference
+from .models import (build_pair, decode_layer_bytes, default_dtype, ours_from, prefill_layer_flops, randomize_,
                            set_hf_experts, vision_flops)
-from .cuda_graph import DecodeGraphs
+from ..runtime.cuda_graph import DecodeGraphs
 from .timing import copy_bandwidth_gbs, cuda_time, matmul_tflops, step_times
 
 BF16 = torch.bfloat16
@@ -109,9 +109,9 @@ class Bench:
 
     def _kernel_checks(self) -> dict:
         """Each fast kernel against its reference on real shapes, bf16, layer 0's weights."""
-        from .decode_attention import decode_attention
-        from .grouped import grouped_experts
-        from .moe_triton import fused_experts
+        from ..kernels.decode_attention import decode_attention
+        from ..kernels.grouped import grouped_experts
+        from ..kernels.moe_triton import fused_experts
 
         t = self.cfg.text
         layer = self.mid.model.language_model.layers["0"]
@@ -130,7 +130,7 @@ class Bench:
         s = t.head_dim**-0.5
         got = decode_attention(q, kc, vc, layout.tensor("slots", self.dev), layout.tensor("starts", self.dev), s)
         out["decode_attention"] = rel(got, reference_cache_attention(q, kc, vc, layout, s))
-        from .extend_attention import extend_attention
+        from ..kernels.extend_attention import extend_attention
 
         # a whole prompt, a chunk after a cached prefix, a decode row: one mixed step over the cache
         layout = SeqLayout(slots=[3, 0, 2], starts=[0, 700, 1000], lens=[300, 300, 1])
@@ -146,7 +146,7 @@ class Bench:
 
     def _decode_layer_checks(self) -> dict:
         """kernels.decode_layer (the fused decode step) against the module's forward, same inputs and cache."""
-        from .decode_layer import decode_layer, rmsnorm
+        from ..kernels.decode_layer import decode_layer, rmsnorm
 
         t = self.cfg.text
         layer = self.mid.model.language_model.layers["0"]
@@ -178,9 +178,9 @@ class Bench:
         """The fused rotary (bit for bit) and the 'fast' vision attention core against the references."""
         from ..model.rope import vision_rope_tables
         from ..model.vision import reference_vision_attention, vision_rotary
-        from .vision_attention import fast_vision_attention
-        from .vision_block import fused_vision_block
-        from .vision_rotary import rotate_qk
+        from ..kernels.vision_attention import fast_vision_attention
+        from ..kernels.vision_block import fused_vision_block
+        from ..kernels.vision_rotary import rotate_qk
 
         v, n = self.cfg.vision, 1024
         heads, s = v.num_heads, v.head_dim**-0.5
@@ -321,9 +321,9 @@ class Bench:
     def _decode_breakdown(self, graphs: DecodeGraphs, b: int, ctx: int) -> dict:
         """Microseconds per layer of each launch group of the fused decode step, each captured alone in a CUDA
         graph over all N layers (weights rotate past L2); the sum against the whole step shows the gaps."""
-        from .decode_attention import decode_attention
-        from .decode_layer import project, qkv_post, rmsnorm, route as fused_route, sum_residual
-        from .moe_triton import expert_pairs
+        from ..kernels.decode_attention import decode_attention
+        from ..kernels.decode_layer import project, qkv_post, rmsnorm, route as fused_route, sum_residual
+        from ..kernels.moe_triton import expert_pairs
         import torch.nn.functional as F
 
         t = self.cfg.text
@@ -364,7 +364,7 @@ class Bench:
     def _tune_gemv(self, b: int) -> dict:
         """cuBLAS (one launch per weight) vs the one-launch Triton GEMV for each decode projection at batch b, over
         all N layers in a CUDA graph; the faster goes into decode_layer.GEMV."""
-        from . import decode_layer as dl
+        from ..kernels import decode_layer as dl
 
         t = self.cfg.text
         layers = [self.mid.model.language_model.layers[str(i)] for i in self.mid.layer_ids]
@@ -433,8 +433,8 @@ class Bench:
         return statistics.mean(counts)
 
     def _tune_moe(self):
-        from .grouped import FUSED_MAX_PAIRS
-        from .moe_triton import tune
+        from ..kernels.grouped import FUSED_MAX_PAIRS
+        from .tune import tune
 
         t = self.cfg.text
         layer = self.mid.model.language_model.layers["0"]
@@ -531,7 +531,7 @@ class Bench:
     @staticmethod
     def _with_prompt_attention(path: str, fn):
         """fn() with kernels.attention.PROMPT_ATTENTION set to ``path``."""
-        from . import attention
+        from ..kernels import attention
 
         saved, attention.PROMPT_ATTENTION = attention.PROMPT_ATTENTION, path
         try:
@@ -542,8 +542,8 @@ class Bench:
     def _tune_prefill_moe(self, n: int) -> dict:
         """Grouped GEMM vs the fused Triton kernel (prefill tiles) on one layer's experts for an n-token prompt;
         where Triton wins, the 'fast' experts impl uses it up to this size (grouped.FUSED_MAX_PAIRS)."""
-        from . import grouped
-        from .moe_triton import PREFILL_CANDIDATES, tune
+        from ..kernels import grouped
+        from .tune import PREFILL_CANDIDATES, tune
 
         t = self.cfg.text
         layer = self.mid.model.language_model.layers["0"]
@@ -584,8 +584,8 @@ class Bench:
     def _cache_attention_paths(self, n: int) -> dict:
         """The two prompt paths over the KV cache (kernels.attention.PROMPT_ATTENTION), ms per call: a whole n-token
         prompt, and an n-row chunk continuing n cached tokens; and how far the Triton kernel is from SDPA."""
-        from .attention import prefill_attention
-        from .extend_attention import extend_attention
+        from ..kernels.attention import prefill_attention
+        from ..kernels.extend_attention import extend_attention
 
         t = self.cfg.text
         k_cache = torch.randn(1, t.num_key_value_heads, 2 * n, t.head_dim, device=self.dev, dtype=BF16)
@@ -607,7 +607,7 @@ class Bench:
         grid = (1, side, side)
         pixels = torch.randn(side * side, v.patch_dim, device=self.dev, dtype=BF16)
         vis = self.ours.model.visual
-        from . import vision_attention as va
+        from ..kernels import vision_attention as va
 
         res = {"grid": list(grid), "backend_orders_ms": {}, "attention_only_ms": self._vision_attention_only(side)}
         self.ours.set_impl(vision_attention="fast")
@@ -625,7 +625,7 @@ class Bench:
         res["ours_reference_ms"] = cuda_time(lambda: vis(pixels, [grid]), iters=3, reps=5)
         self.ours.set_impl(vision_attention="fast")
         eager_out = vis(pixels, [grid])[0]
-        from .vision_graph import GraphedVision
+        from ..runtime.vision_graph import GraphedVision
 
         res["ours_eager_fast_ms"] = res["ours_fast_ms"]
         vis.runner = GraphedVision(vis, fused_blocks=False)
@@ -703,7 +703,7 @@ class Bench:
     def _act_quant_check(self) -> dict:
         """The W8A8 input quantisation kernel against model.quant.quantize_activations on this GPU (bit for bit)."""
         from ..model.quant import quantize_activations
-        from .moe_triton import act_quant
+        from ..kernels.moe_triton import act_quant
 
         x = torch.randn(1000, self.cfg.text.hidden_size, device=self.dev, dtype=BF16) * 3
         (q, s), (q_ref, s_ref) = act_quant(x, 128), quantize_activations(x, 128)
@@ -752,7 +752,7 @@ class Bench:
     def _fp8_experts_call(self, fp8, deq, x: torch.Tensor) -> dict:
         """One experts call of layer 0 on fp8 weights and on their bf16 dequantisation, each against float32
         products of the dequantised weights: the two kernels' distance from exact, and how often they agree."""
-        from .moe_triton import fused_experts
+        from ..kernels.moe_triton import fused_experts
 
         t = self.cfg.text
         a, b = fp8.model.language_model.layers["0"].mlp, deq.model.language_model.layers["0"].mlp
@@ -772,8 +772,7 @@ class Bench:
         """The expert tiles timed on fp8 experts (reduction tiles narrowed to the block width), at the decode
         batches and the prefill lengths; the fastest go into the experts' tile table (moe_triton.CONFIGS_FP8, or
         CONFIGS_W8A8) for the timings after."""
-        from .moe_triton import (FP8_CANDIDATES, FP8_PREFILL_CANDIDATES, W8A8_CANDIDATES, W8A8_PREFILL_CANDIDATES,
-                                 tune)
+        from .tune import FP8_CANDIDATES, FP8_PREFILL_CANDIDATES, W8A8_CANDIDATES, W8A8_PREFILL_CANDIDATES, tune
 
         t = self.cfg.text
         layer = model.model.language_model.layers["0"]
@@ -794,6 +793,6 @@ class Bench:
 
     # -- report ---------------------------------------------------------------------------------------------------
     def table(self) -> str:
-        from .bench_report import render
+        from .report import render
 
         return render(self.results)
