@@ -714,3 +714,17 @@ def test_fused_layers_are_the_default_only_with_fast_experts_and_attention(tiny,
     assert impls() == {"fused"}
     kernels.enable_fast_paths(m, experts="reference", vision_graphs=False)  # the fused layer has its own experts
     assert impls() == {"reference"}
+
+
+def test_graphed_vision_builds_with_the_fused_blocks(tiny):
+    """The fused-block tower runner imports its kernels module (CPU pixels run the blocks' own forward)."""
+    from qwen_vl_distributed.runtime.vision_graph import GraphedVision
+
+    tower = tiny[1].model.visual
+    runner = GraphedVision(tower, fused_blocks=True)
+    assert runner.block_fn is not None
+    px = torch.randn(16, tiny[0].vision.patch_dim)
+    with torch.no_grad():
+        out, taps = runner(px, [(1, 4, 4)])
+        ref, ref_taps = tower.run_layers(px, [(1, 4, 4)])
+    assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(taps, ref_taps))
