@@ -1,14 +1,13 @@
 """The fast paths (kernels/) against the plain PyTorch references, on CPU.
 
-Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here when no GPU is present) in fp32 and
-fp16: the interpreter's tl.dot mishandles bf16 operands, so bf16 is checked on the GPU by ``qwen-vl bench``.
+Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py when no GPU is present) in
+fp32 and fp16: the interpreter's tl.dot mishandles bf16 operands, so bf16 is checked on the GPU (tests/gpu/).
 Tolerances: fp32 paths agree to ~1e-6 relative (accumulation order only); fp16 to ~1e-3.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -26,8 +25,6 @@ from qwen_vl_distributed.model.moe import reference_experts
 from qwen_vl_distributed.model.qwen3_vl import Qwen3VLMoe
 from qwen_vl_distributed.model.vision import reference_segment_attention, vision_rotary
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of a Triton kernel module
 try:
     import triton  # noqa: F401
 
@@ -714,6 +711,38 @@ def test_fused_layers_are_the_default_only_with_fast_experts_and_attention(tiny,
     assert impls() == {"fused"}
     kernels.enable_fast_paths(m, experts="reference", vision_graphs=False)  # the fused layer has its own experts
     assert impls() == {"reference"}
+
+
+def test_decode_graph_safe_rule_names_what_a_graph_can_hold(tiny):
+    """The rule DecodeGraphs captures by: 'fast' attention and 'fast' / 'triton' experts on weights the expert
+    kernels take; the reference attention or experts, grouped GEMM, or fp8 blocks the kernels cannot tile are not."""
+    from qwen_vl_distributed.kernels import decode_graph_safe
+
+    m = enable_fast_paths(copy.deepcopy(tiny[1]), vision_graphs=False)
+    assert decode_graph_safe(m)
+    for impls, safe in [({"experts": "triton"}, True), ({"experts": "reference"}, False),
+                        ({"experts": "grouped"}, False), ({"attention": "reference"}, False)]:
+        m.set_impl(**{"experts": "fast", "attention": "fast", **impls})
+        assert decode_graph_safe(m) is safe, impls
+        assert DecodeGraphs(m, m.new_cache(2, 8), buckets=(1,), fused=False).capturable is safe, impls
+    m.set_impl(experts="fast", attention="fast")
+    m.model.language_model.layers["2"].mlp.experts.quantize_fp8((24, 24))  # 24-wide blocks: not tileable
+    assert not decode_graph_safe(m)
+    assert DecodeGraphs(m, m.new_cache(2, 8), buckets=(1,), fused=True).capturable  # the fused layers: as chosen
+
+
+@pytest.mark.parametrize("attention", ["reference", "fast"])
+def test_a_captured_decode_step_refuses_attention_that_reads_the_layout_on_the_host(tiny, attention):
+    """What broke decode on a GPU for head dims the split-KV kernel did not take: the step fell back to attention
+    that slices the cache by the layout's python lists, and a graph replayed the capture-time slot and length for
+    every later token. The captured step's layout refuses such reads (on the CPU, 'fast' attention has no decode
+    kernel and takes that fallback too), so a capture fails with a named error instead."""
+    m = enable_fast_paths(copy.deepcopy(tiny[1]), attention=attention, vision_graphs=False)
+    graphs = DecodeGraphs(m, m.new_cache(3, 8), buckets=(2,), fused=False)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="CUDA-graph capture of a decode step.*host lists"):
+        graphs.step(2, captured=True)
+    with torch.no_grad():
+        assert graphs.step(2).shape == (2, tiny[0].text.vocab_size)  # the eager step reads them, as it may
 
 
 def test_graphed_vision_builds_with_the_fused_blocks(tiny):

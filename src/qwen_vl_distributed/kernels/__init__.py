@@ -22,9 +22,9 @@ import contextlib
 
 import torch
 
-from ..model.attention import register_cache_attention
+from ..model.attention import TextAttention, register_cache_attention
 from ..model.decoder import register_decoder_layer_impl
-from ..model.moe import register_experts_impl
+from ..model.moe import Experts, register_experts_impl
 from ..model.vision import VISION_ATTENTION_IMPLS
 
 
@@ -60,12 +60,25 @@ def fp8_fits(scales) -> bool:
 
 
 def fused_layers_fit(model) -> bool:
-    """Whether the fused layer kernels take this model: on CUDA, with a power-of-two head_dim >= 16 (128 in the
-    released models), and fp8 experts (if any) in blocks the expert kernels take."""
-    d = model.cfg.text.head_dim
-    experts = [m for m in model.modules() if type(m).__name__ == "Experts"]
-    return (next(model.parameters()).is_cuda and d >= 16 and d & (d - 1) == 0
+    """Whether the fused layer kernels take this model: on CUDA, with fp8 experts (if any) in blocks the expert
+    kernels take. (Every head_dim the config allows: the attention kernels pad a head's tile.)"""
+    return next(model.parameters()).is_cuda and all(fp8_fits(m.scales) for m in _experts(model))
+
+
+def decode_graph_safe(model) -> bool:
+    """Whether a decode step of ``model`` through its modules' forward (runtime.cuda_graph when the layers are not
+    fused) can be captured in a CUDA graph: 'fast' attention, whose decode path is the split-KV kernel reading the
+    slots and lengths from device tensors (every other attention path reads them from the step's host lists, which
+    a capture would freeze at their capture-time values), and 'fast' or 'triton' experts on weights the expert
+    kernels take (the reference loops over the experts hit, a host sync; 'grouped' is not graph-safe)."""
+    attention = {m.impl for m in model.modules() if isinstance(m, TextAttention)}
+    experts = _experts(model)
+    return (attention <= {"fast"} and all(m.impl in ("fast", "triton") for m in experts)
             and all(fp8_fits(m.scales) for m in experts))
+
+
+def _experts(model) -> list[Experts]:
+    return [m for m in model.modules() if isinstance(m, Experts)]
 
 
 def register() -> None:
