@@ -54,10 +54,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str, **shape) -> None:
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str, bound: float | None = None,
+                 **shape) -> None:
+    """rel L2 under ``bound``, by default the dtype's (TOL)."""
     assert out.shape == ref.shape, f"{what} {shape}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    err = rel(out, ref)
-    assert err < TOL[dtype], f"{what} {shape} {dtype}: rel L2 {err:.2e} >= {TOL[dtype]:.0e}"
+    err, bound = rel(out, ref), max(bound or 0.0, TOL[dtype])
+    assert err < bound, f"{what} {shape} {dtype}: rel L2 {err:.2e} >= {bound:.0e}"
 
 
 def randn(gen: torch.Generator, *shape, dtype, device, scale: float = 1.0) -> torch.Tensor:
@@ -182,7 +184,9 @@ def check_fp8_experts(rng: random.Random, dtype, device, size: Size) -> None:
     """fp8-resident experts (random block shapes, partial edge blocks) compute with the dequantised weights: bit for
     bit in the interpreter (the same tiles, the same arithmetic); on a GPU the dequantised tile reaches the MMA
     from registers, another summation order (docs/parity.md), so within the dtype's bound of float64 products.
-    W8A8 ones equal the W8A8 reference."""
+    W8A8 on the same weights equals the W8A8 reference where its blocks are wide enough for fp8 products
+    (kernels.fp8_fits), and is refused by name where they are not."""
+    from qwen_vl_distributed.kernels import fp8_fits
     from qwen_vl_distributed.kernels.moe_triton import fused_experts
     from qwen_vl_distributed.model.moe import reference_experts
     from qwen_vl_distributed.model.quant import dequantize_blockwise, quantize_experts
@@ -190,29 +194,38 @@ def check_fp8_experts(rng: random.Random, dtype, device, size: Size) -> None:
     ids, w, gen = _routing(rng, size, device)
     e = int(ids.max()) + 1
     h, i = rng.randint(16, size.hidden), rng.randint(8, size.width)
-    block = (rng.choice([16, 32]), rng.choice([16, 32]))
+    block = (rng.choice([16, 32]), rng.choice([16, 32, 64]))
     x = randn(gen, ids.shape[0], h, dtype=dtype, device=device)
-    gate_up = randn(gen, e, 2 * i, h, dtype=dtype, device=device, scale=h ** -0.5)
-    down = randn(gen, e, h, i, dtype=dtype, device=device, scale=i ** -0.5)
-    gq, dq, scales = quantize_experts(gate_up, down, block)
+    gq, dq, scales = quantize_experts(randn(gen, e, 2 * i, h, dtype=dtype, device=device, scale=h ** -0.5),
+                                      randn(gen, e, h, i, dtype=dtype, device=device, scale=i ** -0.5), block)
     w = w.to(dtype).to(device)
     cfg = dataclasses.replace(random_moe_config(rng), bk=min(32, block[1]), down_bk=min(32, block[1]))
     shape = dict(t=ids.shape[0], k=ids.shape[1], e=e, h=h, i=i, block=block, config=cfg)
-    if rng.random() < 0.5:
-        deq = lambda q, s: dequantize_blockwise(q, s, block, dtype)  # noqa: E731
-        gate_up_deq = torch.cat([deq(gq[:, :i], scales.gate_up[:, 0]), deq(gq[:, i:], scales.gate_up[:, 1])], 1)
-        down_deq = deq(dq, scales.down)
-        out = fused_experts(x, ids, w, gq, dq, scales, config=cfg)
-        if torch.device(device).type == "cpu":
-            same = fused_experts(x, ids, w, gate_up_deq, down_deq, config=cfg)
-            assert torch.equal(out, same), f"fp8 experts {shape} {dtype}: not the dequantised weights' products"
-        else:
-            ref = reference_experts(x.double(), ids, w.double(), gate_up_deq.double(), down_deq.double())
-            assert_close(out, ref, dtype, "fp8 experts", **shape)
-        return
+    deq = lambda q, s: dequantize_blockwise(q, s, block, dtype)  # noqa: E731
+    gate_up_deq = torch.cat([deq(gq[:, :i], scales.gate_up[:, 0]), deq(gq[:, i:], scales.gate_up[:, 1])], 1)
+    down_deq = deq(dq, scales.down)
+    out = fused_experts(x, ids, w, gq, dq, scales, config=cfg)
+    if torch.device(device).type == "cpu":
+        same = fused_experts(x, ids, w, gate_up_deq, down_deq, config=cfg)
+        assert torch.equal(out, same), f"fp8 experts {shape} {dtype}: not the dequantised weights' products"
+    else:
+        ref = reference_experts(x.double(), ids, w.double(), gate_up_deq.double(), down_deq.double())
+        assert_close(out, ref, dtype, "fp8 experts", **shape)
     w8a8 = scales._replace(act_quant=True)
+    if not fp8_fits(w8a8):
+        with pytest.raises(ValueError, match=f"{block[0]}x{block[1]} blocks"):
+            fused_experts(x, ids, w, gq, dq, w8a8, config=cfg)
+        return
     out = fused_experts(x, ids, w, gq, dq, w8a8, config=cfg)
-    assert_close(out, reference_experts(x, ids, w, gq, dq, w8a8).float(), dtype, "w8a8 experts", **shape)
+    ref = reference_experts(x, ids, w, gq, dq, w8a8).float()
+    assert_close(out, ref, dtype, "w8a8 experts", bound=W8A8_GPU_TOL if device != "cpu" else None, **shape)
+
+
+# W8A8 on a GPU against its reference: Hopper's fp8 tensor cores accumulate a product's partial sums with fewer
+# bits than float32 (Triton's default there, max_num_imprecise_acc), measured 1.3e-3 in float32 on an H200 (one
+# W8A8 experts call is 4.4e-2 from float32 products by design: docs/parity.md); a requantised input then
+# may land on the next fp8 value
+W8A8_GPU_TOL = 1e-2
 
 
 def check_align(rng: random.Random, dtype, device, size: Size) -> None:

@@ -154,10 +154,12 @@ def test_act_quant_kernel_matches_reference(dtype):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("block,order", FP8_TILE_CASES + [((32, 32), {"bm": 64, "bk": 32, "down_bk": 32})])
+@pytest.mark.parametrize("block,order", [((r, max(c, 32)), o) for (r, c), o in FP8_TILE_CASES]
+                         + [((32, 64), {"bm": 64, "bk": 64, "down_bk": 16})])
 def test_w8a8_experts_kernels_match_the_w8a8_reference(dtype, block, order):
     """W8A8 (scales.act_quant): the kernels quantise each product's inputs per token and group and scale the fp8
-    products by both scales, as model.quant.w8a8_linear does; not what the dequantised weights give."""
+    products by both scales, as model.quant.w8a8_linear does; not what the dequantised weights give. Blocks 32 or
+    more wide (fp8 x fp8 products need a 32-wide reduction tile: a narrower tile asked for is widened)."""
     from qwen_vl_distributed.kernels.moe_triton import MoeConfig, fused_experts
 
     x, ids, w, gate_up, down = moe_inputs(90, 2, 8, 64, 48, dtype, seed=4, crowd=True)
@@ -172,10 +174,12 @@ def test_w8a8_experts_kernels_match_the_w8a8_reference(dtype, block, order):
 
 
 def test_fp8_block_rule_and_the_reference_for_blocks_the_kernels_cannot_tile():
-    """The kernels take blocks of a power-of-two width >= 16 (which path a CUDA tensor then takes shows on the GPU);
-    fast_experts' reference on fp8 experts equals the reference on the dequantised weights; 'grouped' refuses fp8."""
+    """The kernels take blocks of a power-of-two width >= 16, >= 32 for W8A8 (which path a CUDA tensor then takes
+    shows on the GPU); fast_experts' reference on fp8 experts equals the reference on the dequantised weights, and
+    on W8A8 ones the W8A8 reference; the kernels refuse such blocks by name; 'grouped' refuses fp8."""
     from qwen_vl_distributed.kernels import fp8_fits
     from qwen_vl_distributed.kernels.grouped import fast_experts
+    from qwen_vl_distributed.kernels.moe_triton import fused_experts
 
     x, ids, w, gate_up, down = moe_inputs(5, 2, 4, 48, 24, torch.float32, seed=1)
     gq, dq, scales, gate_up_deq, down_deq = fp8_experts(gate_up, down, (24, 24))
@@ -183,6 +187,12 @@ def test_fp8_block_rule_and_the_reference_for_blocks_the_kernels_cannot_tile():
     assert torch.equal(fast_experts(x, ids, w, gq, dq, scales), reference_experts(x, ids, w, gate_up_deq, down_deq))
     with pytest.raises(ValueError, match="not fp8 experts"):
         grouped_experts(x, ids, w, gq, dq, scales)
+    gq, dq, scales, _, _ = fp8_experts(gate_up, down, (16, 16))
+    w8a8 = scales._replace(act_quant=True)
+    assert fp8_fits(scales) and not fp8_fits(w8a8) and fp8_fits(w8a8._replace(block=(16, 32)))
+    assert torch.equal(fast_experts(x, ids, w, gq, dq, w8a8), reference_experts(x, ids, w, gq, dq, w8a8))
+    with pytest.raises(ValueError, match="16x16 blocks.*>= 32 for W8A8"):
+        fused_experts(x, ids, w, gq, dq, w8a8)
 
 
 @needs_triton

@@ -49,14 +49,21 @@ def fp8_runs_on(device) -> bool:
 
 def fp8_fits(scales) -> bool:
     """Whether the expert kernels take fp8 experts with these scales (model.quant.ExpertScales, or None: no fp8):
-    a reduction tile must lie in one scale block, so the block's width must be a power of two >= 16 (128 in the
-    FP8 releases); and on a GPU, one they run on (``fp8_runs_on``)."""
+    a reduction tile must lie in one scale block, so the block's width must be a power of two of at least
+    ``fp8_min_block_width`` (128 in the FP8 releases); and on a GPU, one they run on (``fp8_runs_on``)."""
     if scales is None:
         return True
     bc, dev = scales.block[1], scales.gate_up.device
     if dev.type == "cuda" and not fp8_runs_on(dev):
         return False
-    return bc >= 16 and bc & (bc - 1) == 0
+    return bc >= fp8_min_block_width(scales) and bc & (bc - 1) == 0
+
+
+def fp8_min_block_width(scales) -> int:
+    """The narrowest reduction tile of the expert kernels for these fp8 experts: 16 where the dequantised weights
+    meet 16- or 32-bit activations; 32 for W8A8 (``scales.act_quant``), whose fp8 x fp8 products tl.dot takes
+    32 wide at the least (a GPU refuses to compile a narrower one; the CPU interpreter does not check)."""
+    return 32 if scales.act_quant else 16
 
 
 def fused_layers_fit(model) -> bool:
