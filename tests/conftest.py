@@ -15,3 +15,12 @@ if not torch.cuda.is_available():
 def _deterministic():
     torch.manual_seed(0)
 
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` (tests/gpu/) need a CUDA GPU: skipped where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
