@@ -82,8 +82,9 @@ def _gen(rng: random.Random) -> torch.Generator:
 # -- attention ------------------------------------------------------------------------------------------------------
 
 
-def _cache(rng, size, dtype, device, slots, d=None):
-    d = d or draw_head_dim(rng, size)
+def _cache(rng, size, dtype, device, slots):
+    """Random k and v caches [slots, KVH, L, D] and a query head count (whole kv groups)."""
+    d = draw_head_dim(rng, size)
     kvh, g = rng.randint(1, size.kv_heads), rng.randint(1, size.heads)
     length = rng.randint(2, size.length)
     gen = _gen(rng)
@@ -318,10 +319,11 @@ def check_sum_residual(rng: random.Random, dtype, device, size: Size) -> None:
     assert_close(sum_residual(y, res, k), ref, dtype, "sum_residual", b=b, k=k, h=h)
 
 
-def _attention_module(rng, size, dtype, device, d=None):
+def _attention_module(rng, size, dtype, device):
+    """A TextAttention of random head counts and head_dim, norm weights near 1."""
     from qwen_vl_distributed.model.attention import TextAttention
 
-    d = d or draw_head_dim(rng, size)
+    d = draw_head_dim(rng, size)
     kvh = rng.randint(1, size.kv_heads)
     nh = kvh * rng.randint(1, size.heads)
     text = dataclasses.replace(preset("tiny").text, head_dim=d, num_attention_heads=nh, num_key_value_heads=kvh,
