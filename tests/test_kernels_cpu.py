@@ -1,14 +1,13 @@
 """The fast paths (kernels/) against the plain PyTorch references, on CPU.
 
-Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here when no GPU is present) in fp32 and
-fp16: the interpreter's tl.dot mishandles bf16 operands, so bf16 is checked on the GPU by ``qwen-vl bench``.
+Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py when no GPU is present) in
+fp32 and fp16: the interpreter's tl.dot mishandles bf16 operands, so bf16 is checked on the GPU (tests/gpu/).
 Tolerances: fp32 paths agree to ~1e-6 relative (accumulation order only); fp16 to ~1e-3.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -26,8 +25,6 @@ from qwen_vl_distributed.model.moe import reference_experts
 from qwen_vl_distributed.model.qwen3_vl import Qwen3VLMoe
 from qwen_vl_distributed.model.vision import reference_segment_attention, vision_rotary
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of a Triton kernel module
 try:
     import triton  # noqa: F401
 
@@ -157,10 +154,12 @@ def test_act_quant_kernel_matches_reference(dtype):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("block,order", FP8_TILE_CASES + [((32, 32), {"bm": 64, "bk": 32, "down_bk": 32})])
+@pytest.mark.parametrize("block,order", [((r, max(c, 32)), o) for (r, c), o in FP8_TILE_CASES]
+                         + [((32, 64), {"bm": 64, "bk": 64, "down_bk": 16})])
 def test_w8a8_experts_kernels_match_the_w8a8_reference(dtype, block, order):
     """W8A8 (scales.act_quant): the kernels quantise each product's inputs per token and group and scale the fp8
-    products by both scales, as model.quant.w8a8_linear does; not what the dequantised weights give."""
+    products by both scales, as model.quant.w8a8_linear does; not what the dequantised weights give. Blocks 32 or
+    more wide (fp8 x fp8 products need a 32-wide reduction tile: a narrower tile asked for is widened)."""
     from qwen_vl_distributed.kernels.moe_triton import MoeConfig, fused_experts
 
     x, ids, w, gate_up, down = moe_inputs(90, 2, 8, 64, 48, dtype, seed=4, crowd=True)
@@ -175,10 +174,12 @@ def test_w8a8_experts_kernels_match_the_w8a8_reference(dtype, block, order):
 
 
 def test_fp8_block_rule_and_the_reference_for_blocks_the_kernels_cannot_tile():
-    """The kernels take blocks of a power-of-two width >= 16 (which path a CUDA tensor then takes shows on the GPU);
-    fast_experts' reference on fp8 experts equals the reference on the dequantised weights; 'grouped' refuses fp8."""
+    """The kernels take blocks of a power-of-two width >= 16, >= 32 for W8A8 (which path a CUDA tensor then takes
+    shows on the GPU); fast_experts' reference on fp8 experts equals the reference on the dequantised weights, and
+    on W8A8 ones the W8A8 reference; the kernels refuse such blocks by name; 'grouped' refuses fp8."""
     from qwen_vl_distributed.kernels import fp8_fits
     from qwen_vl_distributed.kernels.grouped import fast_experts
+    from qwen_vl_distributed.kernels.moe_triton import fused_experts
 
     x, ids, w, gate_up, down = moe_inputs(5, 2, 4, 48, 24, torch.float32, seed=1)
     gq, dq, scales, gate_up_deq, down_deq = fp8_experts(gate_up, down, (24, 24))
@@ -186,6 +187,12 @@ def test_fp8_block_rule_and_the_reference_for_blocks_the_kernels_cannot_tile():
     assert torch.equal(fast_experts(x, ids, w, gq, dq, scales), reference_experts(x, ids, w, gate_up_deq, down_deq))
     with pytest.raises(ValueError, match="not fp8 experts"):
         grouped_experts(x, ids, w, gq, dq, scales)
+    gq, dq, scales, _, _ = fp8_experts(gate_up, down, (16, 16))
+    w8a8 = scales._replace(act_quant=True)
+    assert fp8_fits(scales) and not fp8_fits(w8a8) and fp8_fits(w8a8._replace(block=(16, 32)))
+    assert torch.equal(fast_experts(x, ids, w, gq, dq, w8a8), reference_experts(x, ids, w, gq, dq, w8a8))
+    with pytest.raises(ValueError, match="16x16 blocks.*>= 32 for W8A8"):
+        fused_experts(x, ids, w, gq, dq, w8a8)
 
 
 @needs_triton
@@ -714,3 +721,49 @@ def test_fused_layers_are_the_default_only_with_fast_experts_and_attention(tiny,
     assert impls() == {"fused"}
     kernels.enable_fast_paths(m, experts="reference", vision_graphs=False)  # the fused layer has its own experts
     assert impls() == {"reference"}
+
+
+def test_decode_graph_safe_rule_names_what_a_graph_can_hold(tiny):
+    """The rule DecodeGraphs captures by: 'fast' attention and 'fast' / 'triton' experts on weights the expert
+    kernels take; the reference attention or experts, grouped GEMM, or fp8 blocks the kernels cannot tile are not."""
+    from qwen_vl_distributed.kernels import decode_graph_safe
+
+    m = enable_fast_paths(copy.deepcopy(tiny[1]), vision_graphs=False)
+    assert decode_graph_safe(m)
+    for impls, safe in [({"experts": "triton"}, True), ({"experts": "reference"}, False),
+                        ({"experts": "grouped"}, False), ({"attention": "reference"}, False)]:
+        m.set_impl(**{"experts": "fast", "attention": "fast", **impls})
+        assert decode_graph_safe(m) is safe, impls
+        assert DecodeGraphs(m, m.new_cache(2, 8), buckets=(1,), fused=False).capturable is safe, impls
+    m.set_impl(experts="fast", attention="fast")
+    m.model.language_model.layers["2"].mlp.experts.quantize_fp8((24, 24))  # 24-wide blocks: not tileable
+    assert not decode_graph_safe(m)
+    assert DecodeGraphs(m, m.new_cache(2, 8), buckets=(1,), fused=True).capturable  # the fused layers: as chosen
+
+
+@pytest.mark.parametrize("attention", ["reference", "fast"])
+def test_a_captured_decode_step_refuses_attention_that_reads_the_layout_on_the_host(tiny, attention):
+    """What broke decode on a GPU for head dims the split-KV kernel did not take: the step fell back to attention
+    that slices the cache by the layout's python lists, and a graph replayed the capture-time slot and length for
+    every later token. The captured step's layout refuses such reads (on the CPU, 'fast' attention has no decode
+    kernel and takes that fallback too), so a capture fails with a named error instead."""
+    m = enable_fast_paths(copy.deepcopy(tiny[1]), attention=attention, vision_graphs=False)
+    graphs = DecodeGraphs(m, m.new_cache(3, 8), buckets=(2,), fused=False)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="CUDA-graph capture of a decode step.*host lists"):
+        graphs.step(2, captured=True)
+    with torch.no_grad():
+        assert graphs.step(2).shape == (2, tiny[0].text.vocab_size)  # the eager step reads them, as it may
+
+
+def test_graphed_vision_builds_with_the_fused_blocks(tiny):
+    """The fused-block tower runner imports its kernels module (CPU pixels run the blocks' own forward)."""
+    from qwen_vl_distributed.runtime.vision_graph import GraphedVision
+
+    tower = tiny[1].model.visual
+    runner = GraphedVision(tower, fused_blocks=True)
+    assert runner.block_fn is not None
+    px = torch.randn(16, tiny[0].vision.patch_dim)
+    with torch.no_grad():
+        out, taps = runner(px, [(1, 4, 4)])
+        ref, ref_taps = tower.run_layers(px, [(1, 4, 4)])
+    assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(taps, ref_taps))

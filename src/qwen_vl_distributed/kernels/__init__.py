@@ -22,9 +22,9 @@ import contextlib
 
 import torch
 
-from ..model.attention import register_cache_attention
+from ..model.attention import TextAttention, register_cache_attention
 from ..model.decoder import register_decoder_layer_impl
-from ..model.moe import register_experts_impl
+from ..model.moe import Experts, register_experts_impl
 from ..model.vision import VISION_ATTENTION_IMPLS
 
 
@@ -49,23 +49,43 @@ def fp8_runs_on(device) -> bool:
 
 def fp8_fits(scales) -> bool:
     """Whether the expert kernels take fp8 experts with these scales (model.quant.ExpertScales, or None: no fp8):
-    a reduction tile must lie in one scale block, so the block's width must be a power of two >= 16 (128 in the
-    FP8 releases); and on a GPU, one they run on (``fp8_runs_on``)."""
+    a reduction tile must lie in one scale block, so the block's width must be a power of two of at least
+    ``fp8_min_block_width`` (128 in the FP8 releases); and on a GPU, one they run on (``fp8_runs_on``)."""
     if scales is None:
         return True
     bc, dev = scales.block[1], scales.gate_up.device
     if dev.type == "cuda" and not fp8_runs_on(dev):
         return False
-    return bc >= 16 and bc & (bc - 1) == 0
+    return bc >= fp8_min_block_width(scales) and bc & (bc - 1) == 0
+
+
+def fp8_min_block_width(scales) -> int:
+    """The narrowest reduction tile of the expert kernels for these fp8 experts: 16 where the dequantised weights
+    meet 16- or 32-bit activations; 32 for W8A8 (``scales.act_quant``), whose fp8 x fp8 products tl.dot takes
+    32 wide at the least (a GPU refuses to compile a narrower one; the CPU interpreter does not check)."""
+    return 32 if scales.act_quant else 16
 
 
 def fused_layers_fit(model) -> bool:
-    """Whether the fused layer kernels take this model: on CUDA, with a power-of-two head_dim >= 16 (128 in the
-    released models), and fp8 experts (if any) in blocks the expert kernels take."""
-    d = model.cfg.text.head_dim
-    experts = [m for m in model.modules() if type(m).__name__ == "Experts"]
-    return (next(model.parameters()).is_cuda and d >= 16 and d & (d - 1) == 0
+    """Whether the fused layer kernels take this model: on CUDA, with fp8 experts (if any) in blocks the expert
+    kernels take. (Every head_dim the config allows: the attention kernels pad a head's tile.)"""
+    return next(model.parameters()).is_cuda and all(fp8_fits(m.scales) for m in _experts(model))
+
+
+def decode_graph_safe(model) -> bool:
+    """Whether a decode step of ``model`` through its modules' forward (runtime.cuda_graph when the layers are not
+    fused) can be captured in a CUDA graph: 'fast' attention, whose decode path is the split-KV kernel reading the
+    slots and lengths from device tensors (every other attention path reads them from the step's host lists, which
+    a capture would freeze at their capture-time values), and 'fast' or 'triton' experts on weights the expert
+    kernels take (the reference loops over the experts hit, a host sync; 'grouped' is not graph-safe)."""
+    attention = {m.impl for m in model.modules() if isinstance(m, TextAttention)}
+    experts = _experts(model)
+    return (attention <= {"fast"} and all(m.impl in ("fast", "triton") for m in experts)
             and all(fp8_fits(m.scales) for m in experts))
+
+
+def _experts(model) -> list[Experts]:
+    return [m for m in model.modules() if isinstance(m, Experts)]
 
 
 def register() -> None:

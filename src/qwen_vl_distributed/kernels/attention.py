@@ -55,9 +55,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 
 def _triton_decode_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    d = q.shape[-1]
-    return (q.is_cuda and d >= 16 and d & (d - 1) == 0 and q.stride(-1) == 1 and k_cache.stride(-1) == 1
-            and q.shape[1] % k_cache.shape[1] == 0)
+    """Whether the split-KV kernel takes these tensors (any head_dim: its tiles pad it). Decode steps under
+    CUDA-graph capture rely on it: the other paths read the step's layout from host lists."""
+    return q.is_cuda and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and q.shape[1] % k_cache.shape[1] == 0
 
 
 # Steps that are not all decode rows (prompts, chunks, mixed steps): "triton" runs kernels.extend_attention, one

@@ -1,7 +1,8 @@
 """Split-KV GQA decode attention over the slot KV cache (Triton), plus the SDPA prefill path.
 
 Shapes: B decoding sequences (one new token each, so T = B), NH query heads, KVH kv heads, G = NH / KVH query
-heads per kv head, D head_dim, S cache slots, L cache length, NS splits of the key range.
+heads per kv head, D head_dim (DP: its tile width, ``tiles.padded_head_dim``), S cache slots, L cache length, NS
+splits of the key range.
 
 Decode (flash-decoding): program (b, kv head, split) loads the G query heads that share one kv head and walks its
 share of keys [0, starts[b] + 1) once, keeping an online softmax; a second kernel merges the NS partial results by
@@ -15,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import mma
+from .tiles import mma, padded_head_dim
 
 BLOCK_N = 64  # keys per inner step
 TARGET_PROGRAMS = 264  # ~2 waves on 132 SMs
@@ -24,8 +25,8 @@ TARGET_PROGRAMS = 264  # ~2 waves on 132 SMs
 @triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, starts_ptr, o_ptr, lse_ptr, scale,
                   sq_t, sq_h, sk_s, sk_h, sk_l, sv_s, sv_h, sv_l,
-                  NH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-                  NS: tl.constexpr):
+                  NH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                  BN: tl.constexpr, NS: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -37,47 +38,50 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, starts_ptr, o_ptr, lse_ptr, sc
     g = tl.arange(0, GP)
     gmask = g < G
     heads = kvh * G + g
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + b * sq_t + heads[:, None] * sq_h + d[None, :], mask=gmask[:, None], other=0.0)
+    d = tl.arange(0, DP)
+    dmask = d < D
+    q = tl.load(q_ptr + b * sq_t + heads[:, None] * sq_h + d[None, :], mask=gmask[:, None] & dmask[None, :],
+                other=0.0)
     k_base = k_ptr + slot * sk_s + kvh * sk_h
     v_base = v_ptr + slot * sv_s + kvh * sv_h
     m = tl.full((GP,), float("-inf"), tl.float32)
     l_sum = tl.zeros((GP,), tl.float32)
-    acc = tl.zeros((GP, D), tl.float32)
+    acc = tl.zeros((GP, DP), tl.float32)
     for start in range(lo, hi, BN):
         offs = start + tl.arange(0, BN)
         km = offs < hi
-        k = tl.load(k_base + offs[:, None].to(tl.int64) * sk_l + d[None, :], mask=km[:, None], other=0.0)
+        kdm = km[:, None] & dmask[None, :]
+        k = tl.load(k_base + offs[:, None].to(tl.int64) * sk_l + d[None, :], mask=kdm, other=0.0)
         s = mma(q, tl.trans(k), tl.zeros((GP, BN), tl.float32)) * scale  # [GP, BN] fp32
         s = tl.where(km[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
-        v = tl.load(v_base + offs[:, None].to(tl.int64) * sv_l + d[None, :], mask=km[:, None], other=0.0)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, tl.zeros((GP, D), tl.float32))
+        v = tl.load(v_base + offs[:, None].to(tl.int64) * sv_l + d[None, :], mask=kdm, other=0.0)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, tl.zeros((GP, DP), tl.float32))
         l_sum = l_sum * alpha + tl.sum(p, 1)
         m = m_new
     # an empty split (lo >= hi) reports lse = -inf and weighs nothing in the merge
     out = acc / tl.maximum(l_sum, 1e-30)[:, None]
     lse = tl.where(l_sum > 0, m + tl.log(tl.maximum(l_sum, 1e-30)), float("-inf"))
-    row = (b * NH + heads) * NS + sp  # partials laid out [B, NH, NS(, D)]
-    tl.store(o_ptr + row[:, None] * D + d[None, :], out, mask=gmask[:, None])
+    row = (b * NH + heads) * NS + sp  # partials laid out [B, NH, NS(, DP)]
+    tl.store(o_ptr + row[:, None] * DP + d[None, :], out, mask=gmask[:, None])
     tl.store(lse_ptr + row, lse, mask=gmask)
 
 
 @triton.jit
-def _merge_kernel(o_ptr, lse_ptr, out_ptr, so_t, so_h, NH: tl.constexpr, D: tl.constexpr, NS: tl.constexpr,
-                  NSP: tl.constexpr):
+def _merge_kernel(o_ptr, lse_ptr, out_ptr, so_t, so_h, NH: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                  NS: tl.constexpr, NSP: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, NSP)
-    d = tl.arange(0, D)
+    d = tl.arange(0, DP)
     row = (b * NH + h) * NS + s
     lse = tl.load(lse_ptr + row, mask=s < NS, other=float("-inf"))
     w = tl.exp(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
-    o = tl.load(o_ptr + row[:, None] * D + d[None, :], mask=(s < NS)[:, None], other=0.0)
+    o = tl.load(o_ptr + row[:, None] * DP + d[None, :], mask=(s < NS)[:, None], other=0.0)
     out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(out_ptr + b * so_t + h * so_h + d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + b * so_t + h * so_h + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 def num_splits(batch: int, kv_heads: int, max_len: int) -> int:
@@ -94,14 +98,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     kvh, max_len = k_cache.shape[1], k_cache.shape[2]
     g = nh // kvh
     ns = num_splits(bsz, kvh, max_len)
-    part_o = torch.empty(bsz * nh * ns, dim, dtype=torch.float32, device=q.device)
+    dp = padded_head_dim(dim)
+    part_o = torch.empty(bsz * nh * ns, dp, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(bsz * nh * ns, dtype=torch.float32, device=q.device)
     _split_kernel[(bsz, kvh, ns)](
         q, k_cache, v_cache, slots, starts, part_o, part_lse, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        NH=nh, G=g, GP=max(16, triton.next_power_of_2(g)), D=dim, BN=BLOCK_N, NS=ns, num_warps=4, num_stages=2)
+        NH=nh, G=g, GP=max(16, triton.next_power_of_2(g)), D=dim, DP=dp, BN=BLOCK_N, NS=ns, num_warps=4,
+        num_stages=2)
     out = torch.empty_like(q)
-    _merge_kernel[(bsz, nh)](part_o, part_lse, out, out.stride(0), out.stride(1), NH=nh, D=dim, NS=ns,
+    _merge_kernel[(bsz, nh)](part_o, part_lse, out, out.stride(0), out.stride(1), NH=nh, D=dim, DP=dp, NS=ns,
                              NSP=max(2, triton.next_power_of_2(ns)), num_warps=4)
     return out

@@ -76,17 +76,21 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
 
 
 @triton.jit
-def _norm_rope(a, b, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, HALF: tl.constexpr, dt: tl.constexpr):
-    """Per-head RMSNorm then rotary on the two halves (a, b) [HB, HALF] of HB heads of one row (fp32 values of
-    bf16 numbers)."""
-    i = tl.arange(0, HALF)[None, :]
+def _norm_rope(a, b, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, HALF: tl.constexpr, HP: tl.constexpr,
+               dt: tl.constexpr):
+    """Per-head RMSNorm then rotary on the two halves (a, b) [HB, HP] of HB heads of one row (fp32 values of
+    bf16 numbers; columns past HALF are padding, 0 in a and b)."""
+    i = tl.arange(0, HP)[None, :]
+    im = i < HALF
     rstd = 1.0 / tl.sqrt((tl.sum(a * a, 1) + tl.sum(b * b, 1)) / D + eps)[:, None]
-    a = (tl.load(w_ptr + i).to(tl.float32) * (a * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-    b = (tl.load(w_ptr + HALF + i).to(tl.float32) * (b * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-    c1 = tl.load(cos_ptr + i).to(tl.float32)
-    c2 = tl.load(cos_ptr + HALF + i).to(tl.float32)
-    s1 = tl.load(sin_ptr + i).to(tl.float32)
-    s2 = tl.load(sin_ptr + HALF + i).to(tl.float32)
+    wa = tl.load(w_ptr + i, mask=im).to(tl.float32)
+    wb = tl.load(w_ptr + HALF + i, mask=im).to(tl.float32)
+    a = (wa * (a * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    b = (wb * (b * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    c1 = tl.load(cos_ptr + i, mask=im).to(tl.float32)
+    c2 = tl.load(cos_ptr + HALF + i, mask=im).to(tl.float32)
+    s1 = tl.load(sin_ptr + i, mask=im).to(tl.float32)
+    s2 = tl.load(sin_ptr + HALF + i, mask=im).to(tl.float32)
     # x * cos + rotate_half(x) * sin, rotate_half(a, b) = (-b, a); each product and the sum rounded
     oa = ((a * c1).to(dt).to(tl.float32) + (-b * s1).to(dt).to(tl.float32)).to(dt)
     ob = ((b * c2).to(dt).to(tl.float32) + (a * s2).to(dt).to(tl.float32)).to(dt)
@@ -96,14 +100,15 @@ def _norm_rope(a, b, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, HALF: tl.con
 @triton.jit
 def _qkv_post_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slots_ptr, starts_ptr,
                      qo_ptr, kc_ptr, vc_ptr, eps, sq, skv, sc_s, sc_h, sc_l,
-                     NH: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HB: tl.constexpr):
+                     NH: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, HB: tl.constexpr):
     # program (b, j) takes HB heads of row b: j < cdiv(NH, HB): query heads from j*HB -> qo [B, NH, D]; else kv
     # heads from (j - cdiv(NH, HB))*HB -> k/v caches at (slot, start). Row b of q / k / v starts at b*sq / b*skv.
+    # HP: HALF = D/2 rounded up to a power of two (tl.arange's sizes); the columns past HALF are masked.
     b = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     HALF: tl.constexpr = D // 2
     QB: tl.constexpr = (NH + HB - 1) // HB
-    i = tl.arange(0, HALF)[None, :]
+    i = tl.arange(0, HP)[None, :]
     dt = qo_ptr.dtype.element_ty
     cos_row = cos_ptr + b * D
     sin_row = sin_ptr + b * D
@@ -113,7 +118,7 @@ def _qkv_post_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slot
         src = q_ptr + b * sq + hd * D + i
         a = tl.load(src, mask=m, other=0.0).to(tl.float32)
         bb = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
-        oa, ob = _norm_rope(a, bb, qw_ptr, cos_row, sin_row, eps, D, HALF, dt)
+        oa, ob = _norm_rope(a, bb, qw_ptr, cos_row, sin_row, eps, D, HALF, HP, dt)
         dst = qo_ptr + b * NH * D + hd * D + i
         tl.store(dst, oa, mask=m)
         tl.store(dst + HALF, ob, mask=m)
@@ -125,7 +130,7 @@ def _qkv_post_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slot
         src = k_ptr + b * skv + hd * D + i
         a = tl.load(src, mask=m, other=0.0).to(tl.float32)
         bb = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
-        oa, ob = _norm_rope(a, bb, kw_ptr, cos_row, sin_row, eps, D, HALF, dt)
+        oa, ob = _norm_rope(a, bb, kw_ptr, cos_row, sin_row, eps, D, HALF, HP, dt)
         off = slot * sc_s + hd * sc_h + pos * sc_l + i
         tl.store(kc_ptr + off, oa, mask=m)
         tl.store(kc_ptr + off + HALF, ob, mask=m)
@@ -200,7 +205,8 @@ def qkv_post(q, k, v, attn, cos, sin, kv, slots, starts) -> torch.Tensor:
     grid = (b, triton.cdiv(nh, hb) + triton.cdiv(kvh, hb))
     _qkv_post_kernel[grid](q, k, v, attn.q_norm.weight, attn.k_norm.weight, cos, sin, slots, starts, qo,
                            k_cache, v_cache, attn.q_norm.eps, q.stride(0), k.stride(0), k_cache.stride(0),
-                           k_cache.stride(1), k_cache.stride(2), NH=nh, KVH=kvh, D=d, HB=hb, num_warps=warps)
+                           k_cache.stride(1), k_cache.stride(2), NH=nh, KVH=kvh, D=d,
+                           HP=triton.next_power_of_2(d // 2), HB=hb, num_warps=warps)
     return qo
 
 

@@ -2,8 +2,9 @@
 continuing a cached prefix, and the decode rows of a mixed step.
 
 Shapes: T packed new rows, NH query heads, KVH kv heads, G = NH / KVH query heads per kv head (GP: G rounded up to
-a power of two), D head_dim, S slots, L cache length; sequence i owns slot ``slots[i]``, holds ``starts[i]`` cached
-tokens before this step and brings ``lens[i]`` rows, whose k/v the layer has already written to the cache.
+a power of two), D head_dim (DP: its tile width, ``tiles.padded_head_dim``), S slots, L cache length; sequence i
+owns slot ``slots[i]``, holds ``starts[i]`` cached tokens before this step and brings ``lens[i]`` rows, whose k/v
+the layer has already written to the cache.
 
 Why not SDPA: cuDNN builds an execution plan for every new (query length, key length) it sees -- ~40-50 ms of host
 time each on the H200, and ~0.6-1.3 s where it compiles a kernel for the shape (scripts/sdpa_first_call.py). Prompt
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..model.batch import SeqLayout, aligned_rows
-from .tiles import fit_stages, mma
+from .tiles import fit_stages, mma, padded_head_dim
 
 LOG2E = 1.4426950408889634
 # Tiles by the step's row count T (the smallest key >= T): score-tile rows (BM * GP), keys per inner step, warps,
@@ -37,13 +38,13 @@ CONFIGS = {2048: (64, 64, 4, 3), 1 << 30: (128, 64, 4, 2)}
 
 @triton.jit
 def _key_block(q, k_base, v_base, k0, hi, pos, sk_l, sv_l, qk_scale, acc, l_sum, mx, d, ROWS: tl.constexpr,
-               D: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr):
+               D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr):
     """One online-softmax step over keys [k0, k0 + BN): MASKED applies the causal mask and the key bound ``hi``;
     unmasked blocks lie below every row's position and below ``hi``. Returns the updated (acc, l_sum, mx)."""
     keys = k0 + tl.arange(0, BN)
-    km = keys < hi
-    if MASKED:
-        k = tl.load(k_base + keys[:, None].to(tl.int64) * sk_l + d[None, :], mask=km[:, None], other=0.0)
+    km = (keys < hi)[:, None] & (d < D)[None, :]  # keys past hi (in MASKED blocks only) and the padding columns
+    if MASKED or D != DP:
+        k = tl.load(k_base + keys[:, None].to(tl.int64) * sk_l + d[None, :], mask=km, other=0.0)
     else:
         k = tl.load(k_base + keys[:, None].to(tl.int64) * sk_l + d[None, :])
     s = mma(q, tl.trans(k), tl.zeros((ROWS, BN), tl.float32)) * qk_scale
@@ -52,18 +53,19 @@ def _key_block(q, k_base, v_base, k0, hi, pos, sk_l, sv_l, qk_scale, acc, l_sum,
     m_new = tl.maximum(mx, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(mx - m_new)
-    if MASKED:
-        v = tl.load(v_base + keys[:, None].to(tl.int64) * sv_l + d[None, :], mask=km[:, None], other=0.0)
+    if MASKED or D != DP:
+        v = tl.load(v_base + keys[:, None].to(tl.int64) * sv_l + d[None, :], mask=km, other=0.0)
     else:
         v = tl.load(v_base + keys[:, None].to(tl.int64) * sv_l + d[None, :])
-    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, tl.zeros((ROWS, D), tl.float32))
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, tl.zeros((ROWS, DP), tl.float32))
     return acc, l_sum * alpha + tl.sum(p, 1), m_new
 
 
 @triton.jit
 def _extend_kernel(q_ptr, k_ptr, v_ptr, o_ptr, tab_ptr, W, qk_scale,
                    sq_t, sq_h, so_t, so_h, sk_s, sk_h, sk_l, sv_s, sv_h, sv_l,
-                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr):
     # tab [6, W] int32: per sequence slot, start, len, row offset; per block its sequence and first row
     blk = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -78,33 +80,33 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, o_ptr, tab_ptr, W, qk_scale,
     g = m % GP
     valid = (r < n) & (g < G)
     head = kvh * G + g
-    d = tl.arange(0, D)
+    d = tl.arange(0, DP)
+    qm = valid[:, None] & (d < D)[None, :]
     rows = (off + r).to(tl.int64)
-    q = tl.load(q_ptr + rows[:, None] * sq_t + head[:, None] * sq_h + d[None, :], mask=valid[:, None], other=0.0)
+    q = tl.load(q_ptr + rows[:, None] * sq_t + head[:, None] * sq_h + d[None, :], mask=qm, other=0.0)
     pos = start + r  # the row's absolute position: it sees keys [0, pos]
     k_base = k_ptr + slot * sk_s + kvh * sk_h
     v_base = v_ptr + slot * sv_s + kvh * sv_h
     mx = tl.full((BM * GP,), float("-inf"), tl.float32)
     l_sum = tl.zeros((BM * GP,), tl.float32)
-    acc = tl.zeros((BM * GP, D), tl.float32)
+    acc = tl.zeros((BM * GP, DP), tl.float32)
     full = (start + r0) // BN * BN  # keys below this are visible to every row of the block
     hi = start + tl.minimum(r0 + BM, n)
     for k0 in range(0, full, BN):
         acc, l_sum, mx = _key_block(q, k_base, v_base, k0, hi, pos, sk_l, sv_l, qk_scale, acc, l_sum, mx, d,
-                                    BM * GP, D, BN, MASKED=False)
+                                    BM * GP, D, DP, BN, MASKED=False)
     for k0 in range(full, hi, BN):
         acc, l_sum, mx = _key_block(q, k_base, v_base, k0, hi, pos, sk_l, sv_l, qk_scale, acc, l_sum, mx, d,
-                                    BM * GP, D, BN, MASKED=True)
+                                    BM * GP, D, DP, BN, MASKED=True)
     out = acc / l_sum[:, None]
     tl.store(o_ptr + rows[:, None] * so_t + head[:, None] * so_h + d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=valid[:, None])
+             mask=qm)
 
 
 def supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """A power-of-two head_dim of at least 16 (Triton tile shapes), whole kv groups, unit inner strides, one dtype."""
-    d = q.shape[-1]
-    return (d >= 16 and d & (d - 1) == 0 and q.shape[1] % k_cache.shape[1] == 0 and q.stride(-1) == 1
-            and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.dtype == k_cache.dtype == v_cache.dtype)
+    """Whole kv groups, unit inner strides, one dtype (any head_dim: the tiles pad it)."""
+    return (q.shape[1] % k_cache.shape[1] == 0 and q.stride(-1) == 1 and k_cache.stride(-1) == 1
+            and v_cache.stride(-1) == 1 and q.dtype == k_cache.dtype == v_cache.dtype)
 
 
 def config(t: int) -> tuple[int, int, int, int]:
@@ -143,10 +145,10 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     bm = block_rows(g, tile_rows)
     tab, w, nblk = step_table(layout, bm, q.device)
     out = torch.empty(t, nh, d, dtype=q.dtype, device=q.device)
-    rows = bm * triton.next_power_of_2(g)
-    stages = fit_stages(stages, (rows + 2 * bn) * d * q.element_size())
+    rows, dp = bm * triton.next_power_of_2(g), padded_head_dim(d)
+    stages = fit_stages(stages, (rows + 2 * bn) * dp * q.element_size())
     _extend_kernel[(nblk, kvh)](
         q, k_cache, v_cache, out, tab, w, scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], G=g, GP=triton.next_power_of_2(g), D=d, BM=bm, BN=bn,
+        *k_cache.stride()[:3], *v_cache.stride()[:3], G=g, GP=triton.next_power_of_2(g), D=d, DP=dp, BM=bm, BN=bn,
         num_warps=warps, num_stages=stages)
     return out

@@ -7,8 +7,8 @@ softmax/top-k, instead of the module's chains of small elementwise ops (which at
 Attention is the 'fast' cache attention (kernels.attention: Triton over the cache for prompt rows, split-KV Triton
 for decode steps).
 
-The kernels take power-of-two head dims (128 in the released models): ``kernels.fused_layers_fit`` says whether a
-model can use them.
+The kernels take every head_dim the config allows (the attention kernels pad a head's tile) and fp8 experts in
+blocks the expert kernels tile: ``kernels.fused_layers_fit`` says whether a model can use them.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ..model.quant import FP8_DTYPE, ExpertScales
-from . import fp8_fits
+from . import fp8_fits, fp8_min_block_width
 from .tiles import fit_stages, load_k_tile, mma
 
 # The single-program align kernel holds all pairs in one block (a sort of next_pow2(P) keys); above this, the
@@ -96,7 +96,8 @@ CONFIGS: dict[int, MoeConfig] = {
 # as the MMA's first operand (swap) with TMA loads (2-5% ahead of the next); prompts, the bf16 prompt tile. Not
 # swapped there: that was 5% faster, but on the H200 the 8-warp prompt tile with the dequantised weights as the
 # first operand doubled the error of an experts call (rel 8.7e-3 against float32 products of the dequantised
-# weights, 4.8e-3 unswapped and in bf16; scripts/fp8_swap_check.py), where the decode tiles' swap changes nothing.
+# weights, 4.8e-3 unswapped and in bf16; tests/gpu/test_kernels_gpu.py holds the shipped tiles to bf16's error),
+# where the decode tiles' swap changes nothing.
 CONFIGS_FP8: dict[int, MoeConfig] = {
     64: CONFIGS[64],
     256: MoeConfig(bn=64, bk=128, warps=4, stages=3, down_bn=64, down_bk=128, down_stages=3, tma=True, swap=True),
@@ -525,12 +526,13 @@ def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, 
     """Each (token, expert) pair's weighted expert output, y [P, H] in x's dtype (pair p = t*K + k), before the
     K-sum."""
     cfg = config or config_for(topk_ids.numel(), scales)
-    if scales is not None:  # a reduction tile within one scale block
+    if scales is not None:  # a reduction tile within one scale block, and at least as wide as tl.dot takes
+        least = fp8_min_block_width(scales)
         if not fp8_fits(scales):
             raise ValueError(f"fp8 experts with {scales.block[0]}x{scales.block[1]} blocks: the expert kernels need "
-                             f"a power-of-two block width >= 16")
+                             f"a power-of-two block width >= {least}{' for W8A8' if scales.act_quant else ''}")
         bc = scales.block[1]
-        cfg = dataclasses.replace(cfg, bk=min(cfg.bk, bc), down_bk=min(cfg.down_bk, bc))
+        cfg = dataclasses.replace(cfg, bk=min(max(cfg.bk, least), bc), down_bk=min(max(cfg.down_bk, least), bc))
     x = x.contiguous()
     rows, block_expert = align(topk_ids, gate_up.shape[0], cfg.bm)
     if scales is not None and scales.act_quant:  # W8A8: each product's inputs quantised per token and group

@@ -1,5 +1,5 @@
-"""Triton pieces the matmul kernels share (inlined into each kernel that calls them), and the host-side rule for
-how many pipeline stages of operand tiles fit in shared memory."""
+"""Triton pieces the matmul kernels share (inlined into each kernel that calls them), and the host-side rules for
+how many pipeline stages of operand tiles fit in shared memory and how wide a head's tile is."""
 
 from __future__ import annotations
 
@@ -39,3 +39,10 @@ def fit_stages(stages: int, stage_bytes: int) -> int:
     at its size in shared memory) fit the budget (at least 1). The tile shapes were tuned for 16-bit operands;
     float32 runs the same tiles with fewer stages."""
     return max(1, min(stages, STAGE_BUDGET_BYTES // stage_bytes))
+
+
+def padded_head_dim(d: int) -> int:
+    """The width of a head's tile in the attention kernels: head_dim ``d`` rounded up to a power of two, at least
+    16 (tl.dot's smallest reduction). The kernels mask the extra columns (they load as 0, add nothing to a score,
+    and are never stored), so every even head_dim the config allows runs on them."""
+    return max(16, triton.next_power_of_2(d))

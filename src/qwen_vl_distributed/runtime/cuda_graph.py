@@ -10,8 +10,11 @@ decode token 0 at position 0 into ``scratch_slot``, a KV slot no sequence owns, 
 The captured step is the text-only decode path of ``Qwen3VLMoe.forward`` (embedding or incoming hidden, the
 stage's layers, final norm + lm_head) written without host work: rotary tables from device-resident index tables,
 the layout's device tensors pre-filled with the static buffers, and every row's logits (all rows are last rows).
-Implementations behind the kernel interfaces must be graph-safe: use 'fast' (Triton experts at decode sizes,
-split-KV attention), not 'reference' (host loops over python lists) or grouped GEMM.
+Implementations behind the kernel interfaces must be graph-safe (``kernels.decode_graph_safe``): 'fast' (Triton
+experts at decode sizes, split-KV attention), not 'reference' (host loops over python lists) or grouped GEMM. A
+step whose implementations are not is never captured: it runs eagerly. The captured step's layout refuses to be
+read on the host (``CapturedLayout``), so a path that would freeze the capture-time slots and lengths into the
+graph fails the capture with an error instead of replaying them.
 """
 
 from __future__ import annotations
@@ -22,16 +25,40 @@ from ..model.batch import SeqLayout
 from ..model.kv_cache import KVCache
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..model.rope import mrope_axis_tensor, text_inv_freq
-from ..kernels import fused_layers_fit, module_layers
+from ..kernels import decode_graph_safe, fused_layers_fit, module_layers
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+class CapturedLayout(SeqLayout):
+    """The layout of a decode step as a CUDA graph captures it: its device tensors (slots, starts) are the graph's
+    static buffers; reading the step on the host (row offsets, host-built tables) raises, since a graph would
+    replay the capture-time values for every later step."""
+
+    def offsets(self) -> list[int]:
+        raise _host_read("the packed rows' offsets")
+
+    def row_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        raise _host_read("per-row cache tables")
+
+    def tensor(self, name: str, device) -> torch.Tensor:
+        if (name, str(device)) not in self._cache:
+            raise _host_read(f"a device copy of {name!r}")
+        return self._cache[(name, str(device))]
+
+
+def _host_read(what: str) -> RuntimeError:
+    return RuntimeError(f"CUDA-graph capture of a decode step: an implementation read {what} from the step's host "
+                        "lists, which the graph would freeze at their capture-time values; select graph-safe "
+                        "implementations (kernels.decode_graph_safe) or leave this stage uncaptured")
 
 
 class DecodeGraphs:
     def __init__(self, model: Qwen3VLMoe, cache: KVCache, scratch_slot: int | None = None,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS, fused: bool | None = None):
         """``fused``: run each layer through kernels.decode_layer (16 launches) rather than the module's eager
-        forward; default: on CUDA."""
+        forward; default: where ``kernels.fused_layers_fit``. Steps are captured only where the fused layers or the
+        modules' implementations are graph-safe (``capturable``)."""
         self.model = model
         self.cache = cache
         self.scratch_slot = cache.num_slots - 1 if scratch_slot is None else scratch_slot
@@ -41,6 +68,7 @@ class DecodeGraphs:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.fused = fused_layers_fit(model) if fused is None else fused
+        self.capturable = self.fused or decode_graph_safe(model)
         t = model.cfg.text
         n = self.buckets[-1]
         dev = self.device
@@ -64,19 +92,20 @@ class DecodeGraphs:
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    def _layout(self, b: int) -> SeqLayout:
+    def _layout(self, b: int, captured: bool = False) -> SeqLayout:
         # The python lists are the last loaded step's (eager paths read them); captured kernels read only the
         # device tensors, which are the static buffers themselves.
         slots, starts = self._host
         slots = (slots + [self.scratch_slot] * b)[:b]
         starts = (starts + [0] * b)[:b]
-        layout = SeqLayout(slots=slots, starts=starts, lens=[1] * b)
+        layout = (CapturedLayout if captured else SeqLayout)(slots=slots, starts=starts, lens=[1] * b)
         layout._cache[("slots", str(self.device))] = self.slots[:b]
         layout._cache[("starts", str(self.device))] = self.starts[:b]
         return layout
 
-    def step(self, b: int) -> torch.Tensor:
-        """The eager decode step on the first b rows of the static buffers."""
+    def step(self, b: int, captured: bool = False) -> torch.Tensor:
+        """The decode step on the first b rows of the static buffers: eager, or (``captured``) as a graph captures
+        it, with a layout that refuses host reads."""
         m = self.model
         lm = m.model.language_model
         h = lm.embed_tokens(self.input_ids[:b]) if m.has_embed else self.hidden[:b]
@@ -90,7 +119,7 @@ class DecodeGraphs:
             if not m.has_head:
                 return h
             return m.lm_head(rmsnorm(h, lm.norm.weight, lm.norm.eps)).float()
-        layout = self._layout(b)
+        layout = self._layout(b, captured)
         with module_layers(m):  # not fused: the modules' own forward, whatever layer impl the model selects
             for idx in m.layer_ids:
                 h = lm.layers[str(idx)](h, rope, self.cache.layer(idx), layout)
@@ -100,9 +129,10 @@ class DecodeGraphs:
 
     # -- capture and replay ------------------------------------------------------------------------------------
     def capture(self, warmup: int = 2) -> None:
-        """Capture every bucket (largest first, sharing one memory pool). Kernels compile in the warm-up runs."""
-        if self.device.type != "cuda":
-            return  # CPU: ``run`` executes the eager step (tests exercise the padding logic there)
+        """Capture every bucket (largest first, sharing one memory pool). Kernels compile in the warm-up runs, which
+        take the captured step's path (so a host read fails here, before any capture)."""
+        if self.device.type != "cuda" or not self.capturable:
+            return  # CPU, or implementations a graph cannot hold: ``run`` executes the eager step
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -110,11 +140,11 @@ class DecodeGraphs:
             for b in reversed(self.buckets):
                 with torch.cuda.stream(side):
                     for _ in range(warmup):
-                        self.step(b)
+                        self.step(b, captured=True)
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[b] = self.step(b)
+                    self.outputs[b] = self.step(b, captured=True)
                 self.graphs[b] = graph
         torch.cuda.synchronize(self.device)
 

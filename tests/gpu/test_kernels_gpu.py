@@ -1,0 +1,91 @@
+"""The Triton kernels on CUDA: the random-shape checks of tests/kernel_fuzz.py at GPU sizes in float32 and
+bfloat16 (the CPU interpreter runs float32 and float16 at small sizes in ``make test``), float32 products at the
+released model's shapes, and fp8-resident experts against float32 products of their dequantised weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_fuzz import CHECKS, GPU, rel, run_check
+
+pytestmark = pytest.mark.gpu
+SEEDS = range(3)
+
+
+@pytest.fixture(autouse=True)
+def ieee_float32():
+    """torch's float32 references without TF32 (the kernels' own float32 products are IEEE: kernels.tiles.mma)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_kernel_matches_reference_on_random_shapes(name, dtype, seed):
+    run_check(name, dtype, seed, "cuda", GPU)
+
+
+def test_float32_products_are_ieee_at_the_released_shapes():
+    """The one-launch GEMV (q/k/v at 4096 -> 9216), the expert kernels (128 experts of 4096 x 1536, top-8; 1, 8 and
+    512 tokens) and split-KV decode attention (64 query heads over 4 kv heads of 128, up to 1001 keys) against
+    torch float32: summation order only (Triton's default TF32 would be ~1e-3)."""
+    from qwen_vl_distributed.kernels.decode_attention import decode_attention
+    from qwen_vl_distributed.kernels.gemv import linear_small
+    from qwen_vl_distributed.kernels.moe_triton import fused_experts
+    from qwen_vl_distributed.model.attention import reference_cache_attention
+    from qwen_vl_distributed.model.batch import SeqLayout
+    from qwen_vl_distributed.model.moe import reference_experts, route
+
+    torch.manual_seed(0)
+    dev, h, i, e, k = "cuda", 4096, 1536, 128, 8
+    x = torch.randn(4, h, device=dev)
+    w = torch.randn(9216, h, device=dev) * 0.02
+    assert rel(linear_small(x, w)[0], x @ w.T) < 1e-5
+    gate_up = torch.randn(e, 2 * i, h, device=dev) * 0.02
+    down = torch.randn(e, h, i, device=dev) * 0.02
+    router = torch.randn(e, h, device=dev) * h ** -0.5
+    for t in (1, 8, 512):
+        xs = torch.randn(t, h, device=dev)
+        wts, ids = route(xs @ router.T, k, True)
+        err = rel(fused_experts(xs, ids, wts, gate_up, down), reference_experts(xs, ids, wts, gate_up, down))
+        assert err < 1e-5, f"experts, {t} tokens: rel {err:.2e}"
+    del gate_up, down
+    kc, vc = (torch.randn(4, 4, 1024, 128, device=dev) for _ in range(2))
+    q = torch.randn(3, 64, 128, device=dev)
+    layout = SeqLayout([0, 2, 3], [1000, 17, 512], [1, 1, 1])
+    got = decode_attention(q, kc, vc, layout.tensor("slots", dev), layout.tensor("starts", dev), 128 ** -0.5)
+    assert rel(got, reference_cache_attention(q, kc, vc, layout, 128 ** -0.5)) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="the fp8 kernels need compute capability 8.9+")
+@pytest.mark.parametrize("tokens", [8, 32, 2048])
+def test_fp8_experts_err_like_bfloat16_at_the_released_shapes(tokens):
+    """One experts call of the 235B's layer (128 experts, 4096 x 1536, top-8, 128 x 128 blocks) with the experts
+    kept in fp8, through the shipped tile of each size, against float32 products of the dequantised weights: the
+    error of the same kernels on bfloat16 copies of those weights (1.25x, a bfloat16 rounding's spread), never the
+    doubled error of a tile whose operand order loses precision; W8A8, which rounds the inputs to fp8 too, about
+    ten times bfloat16's (docs/parity.md), under fifteen times."""
+    from qwen_vl_distributed.kernels.moe_triton import fused_experts
+    from qwen_vl_distributed.model.moe import reference_experts, route
+    from qwen_vl_distributed.model.quant import quantize_experts
+
+    torch.manual_seed(0)
+    e, h, i, k, dev, bf = 128, 4096, 1536, 8, "cuda", torch.bfloat16
+    gq, dq, scales = quantize_experts((torch.randn(e, 2 * i, h, device=dev) * 0.02).to(bf),
+                                      (torch.randn(e, h, i, device=dev) * 0.02).to(bf), (128, 128))
+    deq = [scales.dequantize(j, gq, dq, bf) for j in range(e)]
+    gate_up, down = torch.stack([p[0] for p in deq]), torch.stack([p[1] for p in deq])
+    del deq
+    x = torch.randn(tokens, h, device=dev).to(bf)
+    w, ids = route(torch.randn(tokens, e, device=dev), k, True)
+    ref = reference_experts(x.float(), ids, w.float(), gate_up.float(), down.float())
+    bf16 = rel(fused_experts(x, ids, w, gate_up, down), ref)
+    fp8 = rel(fused_experts(x, ids, w, gq, dq, scales), ref)
+    w8a8 = rel(fused_experts(x, ids, w, gq, dq, scales._replace(act_quant=True)), ref)
+    print(f"{tokens} tokens: rel vs float32 bf16 {bf16:.3e} fp8 {fp8:.3e} w8a8 {w8a8:.3e}")
+    assert bf16 < 1e-2 and fp8 < 1.25 * bf16 and w8a8 < 15 * bf16, (bf16, fp8, w8a8)
