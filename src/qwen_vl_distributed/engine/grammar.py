@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # Bound on consecutive whitespace characters between JSON tokens: enough to pretty-print a few levels deep, never
 # the endless run of blanks an unbounded grammar lets a model fall into.
-JSON_MAX_WHITESPACE = 16
+JSON_MAX_WHITESPACE = 4
 
 
 class GrammarError(RequestError):
@@ -50,6 +50,28 @@ def _short_reason(e: Exception) -> str:
 def structural_tag(fmt: dict[str, Any]) -> str:
     """The wire form of a format: canonical JSON text of the whole structural tag."""
     return json.dumps({"type": "structural_tag", "format": fmt}, sort_keys=True, separators=(",", ":"))
+
+
+def json_format(schema: Any) -> dict[str, Any]:
+    """The structural-tag format of JSON matching ``schema`` (compact whitespace, escaped control characters)."""
+    return {"type": "json_schema", "json_schema": _escaped_strings(schema), "max_whitespace_cnt": JSON_MAX_WHITESPACE}
+
+
+def _escaped_strings(schema: Any) -> Any:
+    """A copy of ``schema`` whose length-bounded strings carry an equivalent pattern. xgrammar (0.2.9) matches a
+    string with minLength / maxLength by any characters but quote and backslash, raw control characters included,
+    which no JSON parser accepts; the pattern keeps the bounds and excludes them."""
+    if isinstance(schema, list):
+        return [_escaped_strings(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _escaped_strings(v) for k, v in schema.items()}
+    bounded = "minLength" in out or "maxLength" in out
+    if out.get("type") == "string" and bounded and not {"pattern", "format", "enum", "const"} & set(out):
+        lo, hi = out.get("minLength", 0), out.get("maxLength", "")
+        if isinstance(lo, int) and (hi == "" or isinstance(hi, int)):
+            out["pattern"] = r'^[^"\\\x01-\x1f]{%d,%s}$' % (lo, hi)
+    return out
 
 
 def check_grammar(spec: str, field: str) -> None:
@@ -89,6 +111,11 @@ class GrammarBackend:
 
     def compile(self, spec: str) -> Future:
         """A future of the compiled grammar (compiled on the worker thread; xgrammar caches by spec)."""
+        # Imported here, on the caller's thread: transformers' lazy module is not safe to import from a second
+        # thread while the first may be importing too.
+        import transformers  # noqa: F401
+        import xgrammar  # noqa: F401
+
         return self._pool.submit(lambda: self._get_compiler().compile_structural_tag(spec))
 
     def bitmask(self, rows: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ class TokenText:
 
     def __init__(self, tokenizer: Any):
         self.tok = tokenizer
-        from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
 
         self.byte_of = {c: b for b, c in bytes_to_unicode().items()}
         self.added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}

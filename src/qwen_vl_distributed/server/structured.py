@@ -15,15 +15,10 @@ whitespace until max_tokens.
 from __future__ import annotations
 
 import json
-from typing import Any
 
-from ..engine.grammar import JSON_MAX_WHITESPACE, check_grammar, structural_tag
+from ..engine.grammar import JSON_MAX_WHITESPACE, check_grammar, json_format, structural_tag
 from .errors import APIError
 from .protocol import CommonRequest
-
-
-def _json(schema: Any) -> dict:
-    return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": JSON_MAX_WHITESPACE}
 
 
 def _bad(param: str, why: str) -> APIError:
@@ -40,11 +35,11 @@ def output_format(req: CommonRequest) -> tuple[dict | None, str | None]:
     if rf is None or rf.type == "text":
         return None, None
     if rf.type == "json_object":
-        return _json({"type": "object"}), "response_format"
+        return json_format({"type": "object"}), "response_format"
     if rf.type == "json_schema":
         if rf.json_schema is None or rf.json_schema.schema_ is None:
             raise _bad("response_format.json_schema.schema", "required for type json_schema")
-        return _json(rf.json_schema.schema_), "response_format"
+        return json_format(rf.json_schema.schema_), "response_format"
     if rf.format is None:
         raise _bad("response_format.format", "required for type structural_tag")
     return rf.format, "response_format"
@@ -57,9 +52,9 @@ def _from_structured_outputs(so) -> dict:
                                          f"structural_tag; got {sorted(given) or 'none'}")
     kind, value = next(iter(given.items()))
     if kind == "json":
-        return _json(json.loads(value) if isinstance(value, str) else value)
+        return json_format(json.loads(value) if isinstance(value, str) else value)
     if kind == "json_object":
-        return _json({"type": "object"})
+        return json_format({"type": "object"})
     if kind == "regex":
         return {"type": "regex", "pattern": value}
     if kind == "choice":

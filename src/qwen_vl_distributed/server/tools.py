@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.grammar import JSON_MAX_WHITESPACE
+from ..engine.grammar import json_format
 from .errors import APIError
 from .protocol import ChatCompletionRequest, DeltaFunction, DeltaToolCall, FunctionCall, ToolCall
 
@@ -64,8 +64,7 @@ def _calls_format(tools: list, one: bool) -> dict:
     """One or more hermes-style calls (separated by a newline), each to one of ``tools`` with matching arguments."""
     tags = [{"type": "tag",
              "begin": f'{OPEN}\n{{"name": {json.dumps(t.function.name, ensure_ascii=False)}, "arguments": ',
-             "content": {"type": "json_schema", "json_schema": t.function.parameters or {"type": "object"},
-                         "max_whitespace_cnt": JSON_MAX_WHITESPACE},
+             "content": json_format(t.function.parameters or {"type": "object"}),
              "end": f"}}\n{CLOSE}"} for t in tools]
     return {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
             "stop_after_first": one}
@@ -115,8 +114,10 @@ class ToolCallParser:
         else returned as content; held whitespace is content only if no call was made."""
         out = ParsedOutput()
         rest, self.buf = self.buf, ""
-        if rest.startswith(OPEN):
-            self._block(out, rest)
+        block = rest.lstrip()
+        if block.startswith(OPEN):
+            self._content(out, rest[: len(rest) - len(block)])
+            self._block(out, block)
         else:
             self._content(out, rest)
         if not self.calls and self.blank:
