@@ -60,7 +60,7 @@ def json_format(schema: Any) -> dict[str, Any]:
 def _escaped_strings(schema: Any) -> Any:
     """A copy of ``schema`` whose length-bounded strings carry an equivalent pattern. xgrammar (0.2.9) matches a
     string with minLength / maxLength by any characters but quote and backslash, raw control characters included,
-    which no JSON parser accepts; the pattern keeps the bounds and excludes them."""
+    which no JSON parser accepts; a pattern in their place keeps the bounds and excludes them."""
     if isinstance(schema, list):
         return [_escaped_strings(x) for x in schema]
     if not isinstance(schema, dict):
@@ -71,6 +71,8 @@ def _escaped_strings(schema: Any) -> Any:
         lo, hi = out.get("minLength", 0), out.get("maxLength", "")
         if isinstance(lo, int) and (hi == "" or isinstance(hi, int)):
             out["pattern"] = r'^[^"\\\x01-\x1f]{%d,%s}$' % (lo, hi)
+            out.pop("minLength", None)  # (the pattern holds the bounds; xgrammar warns when both are given)
+            out.pop("maxLength", None)
     return out
 
 
