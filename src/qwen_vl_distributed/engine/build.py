@@ -225,7 +225,8 @@ def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: 
     else:
         if block is not None:  # the loader copies the stored fp8 experts and their scales as they are
             model.keep_experts_fp8(block, act_quant=opts.fp8_experts == "w8a8")
-        load_stage(model, ckpt, device, DTYPES[opts.dtype], stage_name=name, progress=not opts.quiet)
+        load_stage(model, ckpt, device, DTYPES[opts.dtype], stage_name=name, progress=not opts.quiet,
+                   progress_line=rank)
     model.eval()
     dtype, slots = DTYPES[opts.dtype], opts.max_batch
     sampler = SlotSampler(_grammars(ckpt)) if st.holds_head else None

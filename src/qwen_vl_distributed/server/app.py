@@ -122,19 +122,9 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         _check_model(model_id, state)
         return _card(state).model_dump()
 
-    @app.post("/v1/chat/completions", dependencies=[auth])
-    async def chat_completions(request: Request) -> Response:
-        t_arrival = time.perf_counter()
-        req = await _parse(request, limit, ChatCompletionRequest)
-        _check_model(req.model, state)
-        return await chat_completion(request, req, state, t_arrival)
-
-    @app.post("/v1/completions", dependencies=[auth])
-    async def completions(request: Request) -> Response:
-        t_arrival = time.perf_counter()
-        req = await _parse(request, limit, CompletionRequest)
-        _check_model(req.model, state)
-        return await completion(request, req, state, t_arrival)
+    for path, request_model, respond in (("/v1/chat/completions", ChatCompletionRequest, chat_completion),
+                                         ("/v1/completions", CompletionRequest, completion)):
+        _generation_route(app, path, request_model, respond, auth, state)
 
     @app.post("/tokenize", dependencies=[auth])
     async def tokenize_route(request: Request) -> dict:
@@ -143,6 +133,15 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/detokenize", dependencies=[auth])
     async def detokenize_route(request: Request) -> dict:
         return detokenize(await _parse(request, limit, DetokenizeRequest), state)
+
+
+def _generation_route(app: FastAPI, path: str, request_model: type[BaseModel], respond, auth, state: ServerState):
+    @app.post(path, dependencies=[auth])
+    async def route(request: Request) -> Response:
+        t_arrival = time.perf_counter()
+        req = await _parse(request, state.settings.max_body_bytes, request_model)
+        _check_model(req.model, state)
+        return await respond(request, req, state, t_arrival)
 
 
 def _card(state: ServerState) -> ModelCard:
