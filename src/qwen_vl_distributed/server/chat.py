@@ -43,8 +43,8 @@ async def chat_completion(request: Request, req: ChatCompletionRequest, state: A
     prompt = checked_prompt(inputs, state.max_len)
     think = ThinkTokens.of(state.processor.tokenizer)
     opened = think is not None and think.opened_by(prompt.input_ids)
-    params = sampling_params(req, state.settings.generation_config, len(prompt.input_ids), state.max_len,
-                             state.vocab_size, req.top_logprobs_count, spec, think.end if opened else None)
+    params = sampling_params(req, state, len(prompt.input_ids), req.top_logprobs_count, spec,
+                             think.end if opened else None)
 
     def text(p) -> OutputStream:
         return OutputStream(state.processor, think, opened, p.stop, bool(req.include_stop_str_in_output),

@@ -52,8 +52,7 @@ async def completion(request: Request, req: CompletionRequest, state: Any, t_arr
     try:
         for i, ids in enumerate(prompts):
             prompt = checked_prompt(PromptInputs(ids, [0] * len(ids)), state.max_len, "prompt")
-            params = sampling_params(req, state.settings.generation_config, len(ids), state.max_len,
-                                     state.vocab_size, req.logprobs, spec)
+            params = sampling_params(req, state, len(ids), req.logprobs, spec)
 
             def text(p) -> OutputStream:
                 return OutputStream(state.processor, None, False, p.stop, bool(req.include_stop_str_in_output),

@@ -41,12 +41,13 @@ def logit_bias(req: CommonRequest, vocab_size: int) -> dict[int, float] | None:
     return out
 
 
-def sampling_params(req: CommonRequest, defaults: dict[str, Any], prompt_len: int, max_len: int, vocab_size: int,
-                    logprobs: int | None, grammar: str | None = None,
-                    grammar_after: int | None = None) -> list[SamplingParams]:
+def sampling_params(req: CommonRequest, state: Any, prompt_len: int, logprobs: int | None,
+                    grammar: str | None = None, grammar_after: int | None = None) -> list[SamplingParams]:
     """One SamplingParams per choice; with a seed, choice i draws with seed + i (so choices differ but repeat)."""
-    if not 1 <= req.choices <= MAX_N:
-        raise _bad("n", f"must be between 1 and {MAX_N}, got {req.choices}")
+    most = min(MAX_N, state.engine.capacity)  # more could never be admitted together
+    if not 1 <= req.choices <= most:
+        raise _bad("n", f"must be between 1 and {most} on this server, got {req.choices}")
+    defaults, max_len = state.settings.generation_config, state.max_len
     if grammar is not None and (req.ignore_eos or req.min_tokens):
         name = "ignore_eos" if req.ignore_eos else "min_tokens"
         raise _bad(name, "cannot be combined with structured output or forced tool calls (the grammar decides "
@@ -57,7 +58,7 @@ def sampling_params(req: CommonRequest, defaults: dict[str, Any], prompt_len: in
             max_new_tokens=max_new_tokens(req, prompt_len, max_len), stop=req.stop,
             stop_token_ids=req.stop_token_ids, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty, min_p=req.min_p,
-            logit_bias=logit_bias(req, vocab_size), logprobs=logprobs, min_tokens=req.min_tokens,
+            logit_bias=logit_bias(req, state.vocab_size), logprobs=logprobs, min_tokens=req.min_tokens,
             ignore_eos=req.ignore_eos, grammar=grammar, grammar_after=grammar_after)
     except SamplingParamError as e:
         raise _renamed(e, req) from None
