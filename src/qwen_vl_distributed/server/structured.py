@@ -8,15 +8,15 @@ last stage's grammar enforces (engine/grammar.py), or None for free text.
   structured_outputs {"json": S} | {"json_object": true} | {"regex": R} | {"choice": [...]} | {"grammar": EBNF}
                      | {"structural_tag": F}
 
-JSON is generated with at most ``JSON_MAX_WHITESPACE`` consecutive blanks between tokens, so no model can loop on
-whitespace until max_tokens.
+JSON is generated with at most ``grammar.JSON_MAX_WHITESPACE`` consecutive blanks between tokens, so no model can
+loop on whitespace until max_tokens.
 """
 
 from __future__ import annotations
 
 import json
 
-from ..engine.grammar import JSON_MAX_WHITESPACE, check_grammar, json_format, structural_tag
+from ..engine.grammar import check_grammar, json_format, structural_tag
 from .errors import APIError
 from .protocol import CommonRequest
 
@@ -51,8 +51,13 @@ def _from_structured_outputs(so) -> dict:
         raise _bad("structured_outputs", f"expected exactly one of json, regex, choice, grammar, json_object, "
                                          f"structural_tag; got {sorted(given) or 'none'}")
     kind, value = next(iter(given.items()))
+    if isinstance(value, str) and kind in ("json", "structural_tag"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise _bad(f"structured_outputs.{kind}", f"not valid JSON ({e})") from None
     if kind == "json":
-        return json_format(json.loads(value) if isinstance(value, str) else value)
+        return json_format(value)
     if kind == "json_object":
         return json_format({"type": "object"})
     if kind == "regex":
@@ -63,7 +68,7 @@ def _from_structured_outputs(so) -> dict:
         return {"type": "or", "elements": [{"type": "const_string", "value": c} for c in value]}
     if kind == "grammar":
         return {"type": "grammar", "grammar": value}
-    return json.loads(value) if isinstance(value, str) else value
+    return value
 
 
 def grammar_spec(fmt: dict | None, field: str | None) -> str | None:
