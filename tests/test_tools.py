@@ -67,3 +67,22 @@ def test_tool_choice_plans():
         plan_tools(request(tool_choice={"type": "function", "function": {"name": "c"}}))
     with pytest.raises(APIError, match="tool_choice: requires tools"):
         plan_tools(ChatCompletionRequest.model_validate({"model": "m", "messages": [], "tool_choice": "required"}))
+
+
+def test_docs_list_exactly_the_accepted_fields():
+    """docs/server.md's field table names every field the request models accept, and its refused row none."""
+    import pathlib
+    import re
+
+    from qwen_vl_distributed.server.protocol import CompletionRequest, StreamOptions
+
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "server.md").read_text()
+    table = doc[doc.index("## The request fields"):doc.index("## Reasoning")]
+    rows = [r for r in table.splitlines() if r.startswith("| `")]
+    refused_row = next(r for r in rows if "400 naming the field" in r)
+    first_cells = [re.sub(r"\([^)]*\)", "", r.split("|")[1]) for r in rows if r is not refused_row]  # not values
+    named = {n.split(".")[0] for cell in first_cells for n in re.findall(r"`([a-z_.]+)`", cell)}
+    accepted = set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields)
+    assert accepted == named
+    assert not set(re.findall(r"`([a-z_]+)`", refused_row)) & accepted
+    assert all(f"stream_options.{f}" in table or f in table for f in StreamOptions.model_fields)
