@@ -16,7 +16,6 @@ do not (they reveal no request content and are what probes and scrapers call).
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..engine.grammar import json_format
 from .errors import APIError
