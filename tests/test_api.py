@@ -276,7 +276,7 @@ def test_an_instruct_template_answers_in_content(processor, tmp_path):
 
     d = tmp_path / "instruct"
     shutil.copytree(processor.hf.tokenizer.name_or_path, d, ignore=shutil.ignore_patterns("*.safetensors*"))
-    write_processor_files(d, chat_template="instruct")
+    write_processor_files(d, chat_template="instruct")  # what `qwen-vl synth --chat-template instruct` writes
     proc = Processor.from_pretrained(d, preset("tiny"))
     engine = scripted_engine(processor.encode("All answer.") + [IM_END])
     with serve(engine, proc) as (_, client):
@@ -319,6 +319,12 @@ def test_tokenize_detokenize_models_health(api, processor):
     assert back["prompt"].startswith("<|im_start|>user\nhello<|im_end|>")
     assert httpx.post(server.url + "/detokenize", json={"tokens": [10**7]}).status_code == 400
     assert httpx.post(server.url + "/tokenize", json={"prompt": "x", "extra": 1}).status_code == 400
+    from test_server import data_url, png_bytes
+
+    image = user("what is it", data_url(png_bytes()))
+    with_ids = [httpx.post(server.url + "/tokenize", json={"messages": image, "chat_template_kwargs": kw}).json()
+                for kw in ({}, {"add_vision_id": True})]  # the template numbers the pictures when asked
+    assert with_ids[1]["count"] == with_ids[0]["count"] + len(processor.encode("Picture 1: "))
     kw = httpx.post(server.url + "/tokenize", json={"messages": msgs, "chat_template_kwargs": {"tokenize": True}})
     assert kw.status_code == 400 and kw.json()["error"]["param"] == "chat_template_kwargs.tokenize"
     card = client.models.retrieve(MODEL)
