@@ -17,9 +17,9 @@ from synth_model import tiny_model_dir
 
 IM_END, THINK_END = 151645, 151668
 V = preset("tiny").text.vocab_size
-SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
-                                           "days": {"type": "integer", "minimum": 1, "maximum": 9},
-                                           "unit": {"enum": ["c", "f"]}},
+SCHEMA = {"type": "object", "properties": {"unit": {"enum": ["c", "f"]},  # (not in alphabetical order)
+                                           "city": {"type": "string", "maxLength": 6},
+                                           "days": {"type": "integer", "minimum": 1, "maximum": 9}},
           "required": ["city", "days", "unit"], "additionalProperties": False}
 
 
@@ -53,7 +53,7 @@ def test_json_schema_under_random_logits(backend, seed, tmp_path_factory):
     tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir(tmp_path_factory))
     out = generate(backend, json_format(SCHEMA), seed=seed)
     value = json.loads(tok.decode(out[:-1]))  # (strict: no raw control characters in strings)
-    assert set(value) == {"city", "days", "unit"} and len(value["city"]) <= 6
+    assert list(value) == ["unit", "city", "days"] and len(value["city"]) <= 6  # in the schema's order
     assert 1 <= value["days"] <= 9 and value["unit"] in ("c", "f")
 
 

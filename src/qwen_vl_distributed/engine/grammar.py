@@ -48,8 +48,9 @@ def _short_reason(e: Exception) -> str:
 
 
 def structural_tag(fmt: dict[str, Any]) -> str:
-    """The wire form of a format: canonical JSON text of the whole structural tag."""
-    return json.dumps({"type": "structural_tag", "format": fmt}, sort_keys=True, separators=(",", ":"))
+    """The wire form of a format: JSON text of the whole structural tag. Keys keep their order: a schema's
+    properties are generated in the order they are declared."""
+    return json.dumps({"type": "structural_tag", "format": fmt}, separators=(",", ":"))
 
 
 def json_format(schema: Any) -> dict[str, Any]:

@@ -251,6 +251,8 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[in
     V = logits.shape[-1]
     shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
     allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :V]  # [R, V]
+    if len(rows) == logits.shape[0]:  # every row (the common case): no gather / scatter
+        return logits.masked_fill_(~allowed, float("-inf"))
     idx = torch.tensor(list(rows), device=logits.device)
     logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
     return logits
