@@ -115,3 +115,26 @@ def test_bench_pipeline_on_cpu_reports_each_phase(tmp_path):
         # one sequence, 4 new tokens: its prompt step and 3 decode steps
         assert stage["single"]["steps"] == 4 and stage["warmup"]["steps"] > 0 and stage["throughput"]["steps"] > 0
         assert all(stage[p]["busy_s"] > 0 for p in ("warmup", "single", "throughput"))
+
+
+def test_version(capsys):
+    from qwen_vl_distributed import __version__
+    from qwen_vl_distributed.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"qwen-vl {__version__}"
+
+
+def test_loading_progress_into_a_file_is_one_line_per_stage():
+    import io
+
+    from qwen_vl_distributed.checkpoint.loader import Progress
+
+    log = io.StringIO()  # not a terminal: no bar redrawn into it
+    bar = Progress(3_000_000, "stage 1 (layers 2-3)", stream=log, position=1)
+    for _ in range(3):
+        bar.update(1_000_000)
+    bar.close()
+    assert log.getvalue().count("\n") == 1 and "\r" not in log.getvalue()
+    assert log.getvalue().startswith("loaded stage 1 (layers 2-3): 0.00 GB in ")

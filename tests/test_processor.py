@@ -329,7 +329,14 @@ def test_media_limits(model_dir, media_dir):
 
 @pytest.mark.parametrize("messages, message", [
     ([], "messages: expected a non-empty list"),
-    ([{"role": "tool", "content": "x"}], "messages[0].role: expected one of system, user, assistant, got 'tool'"),
+    ([{"role": "robot", "content": "x"}],
+     "messages[0].role: expected one of system, developer, user, assistant, tool, got 'robot'"),
+    ([{"role": "user", "content": "x", "tool_calls": []}], "messages[0].tool_calls: not a field of a user message"),
+    ([{"role": "assistant", "content": None}], "messages[0].content: expected a string or a list"),
+    ([{"role": "assistant", "content": None, "tool_calls": [{"function": {"arguments": "{}"}}]}],
+     "messages[0].tool_calls[0].function: expected an object with a 'name' string"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "refusal": "no"}],
+     "messages[1].refusal: not supported"),
     ([{"role": "user", "content": 5}], "messages[0].content: expected a string or a list of content parts"),
     ([{"role": "user", "content": [{"type": "audio"}]}], "messages[0].content[0].type: expected 'text'"),
     ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "messages[0].content[0].text: expected a string"),

@@ -1,4 +1,4 @@
-"""Reasoning / answer split of the Thinking model's output, whole and streamed."""
+"""The reasoning / answer split by token id, framing newlines, stop strings per part (engine/output.py)."""
 
 from __future__ import annotations
 
@@ -6,87 +6,84 @@ import random
 
 import pytest
 
-from qwen_vl_distributed.engine.reasoning import ReasoningStreamParser, split_reasoning
+from qwen_vl_distributed.engine.output import OutputStream
+from qwen_vl_distributed.engine.processor import IncrementalDetokenizer
+from qwen_vl_distributed.engine.reasoning import ThinkTokens
+
+START, END = 1000, 1001  # <think>, </think>
+THINK = ThinkTokens(START, END)
+
+
+class CharTokenizer:
+    """One token per character (its code point); the think tags decode to nothing, as with a tokenizer that marks
+    them special -- the split must not depend on seeing them in the text."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if i not in (START, END))
+
+
+class CharProcessor:
+    tokenizer = CharTokenizer()
+
+    def detokenizer(self, skip_special_tokens=True):
+        return IncrementalDetokenizer(self.tokenizer, skip_special_tokens)
+
+
+def ids(text: str) -> list[int]:
+    """'[' stands for <think>, ']' for </think>."""
+    return [START if c == "[" else END if c == "]" else ord(c) for c in text]
+
+
+def run(text: str, opened: bool = True, stops=(), include=False) -> tuple[str, str, bool]:
+    s = OutputStream(CharProcessor(), THINK, opened, stops, include)
+    r = c = ""
+    stopped = False
+    for t in ids(text):
+        p = s.add(t)
+        r, c, stopped = r + p.reasoning, c + p.content, stopped or p.stopped
+    if not stopped:
+        p = s.finish()
+        r, c, stopped = r + p.reasoning, c + p.content, p.stopped
+    assert (r, c) == (s.reasoning, s.content)
+    return r, c, stopped
 
 
 @pytest.mark.parametrize("text, reasoning, content", [
-    ("The user asks 2+2.\n</think>\n\n4", "The user asks 2+2.", "4"),
-    ("plan</think>answer\n", "plan", "answer\n"),
-    ("still thinking\n", "still thinking\n", ""),  # no </think>: all reasoning
-    ("", "", ""),
-    ("\n\n</think>\n\nJust the answer", "", "Just the answer"),
-    ("<think>\nrepeated open tag\n</think>\n\nA", "repeated open tag", "A"),
-    ("a</think>b</think>c", "a", "b</think>c"),
-    ("x <think> y</think>z", "x <think> y", "z"),
-    ("line1\n\nline2\n\n</think>\n\n\nans\n\nmore", "line1\n\nline2", "ans\n\nmore"),
-    ("</thin", "</thin", ""),
+    ("Let me think.\n]\n\nThe answer.", "Let me think.", "The answer."),
+    ("\n\nplan\n\n\n]\n\nanswer\n", "plan", "answer\n"),
+    ("[\nrepeated open tag\n]answer", "repeated open tag", "answer"),
+    ("a [ inside ] b", "a  inside ", " b"),  # a <think> after reasoning text is part of it (here: no text)
+    ("cut by max tokens\n", "cut by max tokens\n", ""),
+    ("]answer only", "", "answer only"),
+    ("line one\n\nline two]x", "line one\n\nline two", "x"),
 ])
-def test_split(text, reasoning, content):
-    assert split_reasoning(text) == (reasoning, content)
+def test_split_by_token_id(text, reasoning, content):
+    assert run(text)[:2] == (reasoning, content)
 
 
-def stream(deltas):
-    p = ReasoningStreamParser()
-    pieces = [p.feed(d) for d in deltas] + [p.finish()]
-    return "".join(r for r, _ in pieces), "".join(c for _, c in pieces), pieces
+def test_without_an_opened_think_block_everything_is_content():
+    assert run("abc]def", opened=False)[:2] == ("", "abcdef")
 
 
-def test_stream_tag_split_across_deltas():
-    r, c, pieces = stream(["Thinking.\n", "</", "thi", "nk>", "\n", "\nHi", " there"])
-    assert (r, c) == ("Thinking.", "Hi there")
-    assert pieces[0] == ("Thinking.", "")  # the trailing newline waits for what follows
-    assert pieces[1] == pieces[2] == ("", "")  # a possible tag prefix is held back
-    assert pieces[5] == ("", "Hi")
+def test_prompt_opens_a_think_block():
+    assert THINK.opened_by([5, START, 6])
+    assert not THINK.opened_by([5, START, 6, END, 7])
+    assert not THINK.opened_by([5, 6])
+    assert THINK.opened_by([START, 1, END, 2, START])
 
 
-def test_stream_false_alarm_releases_held_text():
-    r, c, pieces = stream(["a\n", "</t", "able>", " b"])
-    assert (r, c) == ("a\n</table> b", "")
-    assert pieces[2] == ("\n</table>", "")
+def test_stop_strings_per_part():
+    assert run("Let me think.]The answer is yes.", stops=["answer"]) == ("Let me think.", "The ", True)
+    assert run("Let me think.]The answer is yes.", stops=["think"]) == ("Let me ", "", True)
+    assert run("Let me think.]The answer is yes.", stops=["answer"], include=True) == ("Let me think.",
+                                                                                       "The answer", True)
+    assert run("abc]tail ends with sto", stops=["stop"]) == ("abc", "tail ends with sto", False)
 
 
-def test_stream_reasoning_never_closed():
-    r, c, _ = stream(["just ", "thinking\n", "\n"])
-    assert (r, c) == ("just thinking\n\n", "")
-
-
-SAMPLES = [
-    "The user asks 2+2.\n</think>\n\n4",
-    "<think>\nx\n</think>\n\ny",
-    "\n\n<thi",
-    "<think>",
-    "a\n\n</th\n</think>\n\n\nb</think>c",
-    "< / think > <think </think",
-    "emoji 🙂\n</think>\n\n答案",
-    "\n</think>",
-    "no tags at all\n\n",
-]
-
-
-@pytest.mark.parametrize("text", SAMPLES)
-def test_stream_equals_split_for_every_chunking(text):
-    expected = split_reasoning(text)
-    assert stream(list(text))[:2] == expected  # one character at a time
-    rng = random.Random(text)
-    for _ in range(200):
-        cuts = sorted(rng.sample(range(1, len(text)), k=rng.randint(0, min(5, len(text) - 1)))) if len(text) > 1 else []
-        chunks = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
-        assert stream(chunks)[:2] == expected, chunks
-
-
-def test_in_content_flag():
-    p = ReasoningStreamParser()
-    p.feed("r</think")
-    assert not p.in_content
-    p.feed(">")
-    assert p.in_content
-
-
-def test_stream_equals_split_random_texts():
+def test_random_texts_stream_like_a_whole():
     rng = random.Random(0)
-    atoms = ["a", "b ", "\n", "\n\n", "<think>", "</think>", "</", "<", "think", ">", "/", "🙂"]
-    for _ in range(500):
-        text = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 12)))
-        cuts = sorted(set(rng.randint(0, len(text)) for _ in range(rng.randint(0, 6))))
-        chunks = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
-        assert stream(chunks)[:2] == split_reasoning(text), (text, chunks)
+    for _ in range(200):
+        text = "".join(rng.choice("ab\n ]") for _ in range(rng.randint(0, 14)))
+        head, sep, tail = text.partition("]")
+        want = (head.strip("\n"), tail.replace("]", "").lstrip("\n")) if sep else (head.lstrip("\n"), "")
+        assert run(text)[:2] == want, text

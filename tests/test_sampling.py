@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qwen_vl_distributed.engine.grammar import allow_only
 from qwen_vl_distributed.engine.sampling import (SamplingParamError, SamplingParams, StopStringMatcher, TokenHistory,
-                                                 apply_penalties, filter_top_k_top_p, make_generator, sample)
+                                                 apply_bitmask, apply_penalties, draw, filter_top_k_top_p,
+                                                 make_generator, sample)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -24,6 +26,11 @@ from qwen_vl_distributed.engine.sampling import (SamplingParamError, SamplingPar
     ({"stop_token_ids": [1, -1]}, "stop_token_ids[1]: must be >= 0"),
     ({"stop": ["ok", ""]}, "stop[1]: expected a non-empty string"),
     ({"temperature": True}, "temperature: expected a finite number"),
+    ({"min_p": 1.5}, "min_p: must be <= 1.0"),
+    ({"logprobs": 21}, "logprobs: at most 20"),
+    ({"logit_bias": {5: 101}}, "logit_bias[5]: must be <= 100.0"),
+    ({"logit_bias": {-1: 1}}, "logit_bias[-1]: must be >= 0"),
+    ({"min_tokens": -1}, "min_tokens: must be >= 0"),
 ])
 def test_validation_names_the_parameter(kwargs, message):
     with pytest.raises(SamplingParamError) as e:
@@ -176,7 +183,7 @@ def test_slot_sampler_history_spans_every_prefill_chunk():
     whole.start(0, params, [1, 2, 7])
     chunked.start(0, params, [1, 2])
     chunked.extend(0, [7])
-    assert whole.sample([0], logits).tolist() == chunked.sample([0], logits).tolist() == [3]
+    assert whole.sample([0], logits).tokens.tolist() == chunked.sample([0], logits).tokens.tolist() == [3]
 
 
 def test_slot_sampler_history_includes_a_reused_prefix():
@@ -191,4 +198,61 @@ def test_slot_sampler_history_includes_a_reused_prefix():
     whole, reused = SlotSampler(), SlotSampler()
     whole.start(0, params, [7, 1, 2])
     reused.start(0, {**params, "history_prefix": [7]}, [1, 2])
-    assert whole.sample([0], logits).tolist() == reused.sample([0], logits).tolist() == [3]
+    assert whole.sample([0], logits).tokens.tolist() == reused.sample([0], logits).tokens.tolist() == [3]
+
+
+def test_logprobs_are_of_the_distribution_drawn_from():
+    """After penalties, bias and temperature (1 for greedy), before the top-k / top-p / min-p truncation."""
+    x = logits_batch(2, 50)
+    hot = SamplingParams(temperature=0.5, top_k=3, logit_bias={7: 5.0}, logprobs=4, seed=1)
+    cold = SamplingParams(temperature=0.0, logprobs=0)
+    d = draw(x, [hot, cold], [make_generator(1), None])
+    biased = x[0].clone()
+    biased[7] += 5.0
+    want = torch.log_softmax(biased / 0.5, dim=-1)
+    assert d.logprobs[0].logprob == pytest.approx(want[d.tokens[0]].item(), abs=1e-6)
+    top_lp, top_ids = want.topk(4)
+    assert [t for t, _ in d.logprobs[0].top] == top_ids.tolist()
+    assert [lp for _, lp in d.logprobs[0].top] == pytest.approx(top_lp.tolist(), abs=1e-6)
+    assert d.tokens[0].item() in top_ids[:3].tolist()  # drawn from the top-3
+    assert d.logprobs[1].logprob == pytest.approx(torch.log_softmax(x[1], -1).max().item(), abs=1e-6)
+    assert d.logprobs[1].top == []
+    assert draw(x, [SamplingParams()] * 2, [make_generator(0)] * 2).logprobs == [None, None]
+
+
+def test_logit_bias_and_min_p():
+    x = logits_batch(1, 50)
+    forced = SamplingParams(temperature=1.0, logit_bias={11: 100.0})
+    assert all(sample(x, [forced], [make_generator(s)]).item() == 11 for s in range(5))
+    banned = SamplingParams(temperature=0.0, logit_bias={int(x[0].argmax()): -100.0})
+    assert sample(x, [banned], [None]).item() != int(x[0].argmax())
+    peaked = torch.full((1, 50), 0.0)
+    peaked[0, 4] = 6.0  # p(4) ~ 0.89: with min_p 0.5 nothing else is within half of it
+    kept = SamplingParams(temperature=1.0, min_p=0.5)
+    assert {sample(peaked, [kept], [make_generator(s)]).item() for s in range(30)} == {4}
+    loose = SamplingParams(temperature=1.0, min_p=0.0)
+    assert len({sample(peaked, [loose], [make_generator(s)]).item() for s in range(60)}) > 1
+
+
+def test_bitmask_allows_exactly_its_tokens():
+    V = 70
+    x = logits_batch(2, V)
+    bitmask = torch.zeros(1, 3, dtype=torch.int32)  # row 1 only: tokens 3, 40 and 63 (the sign bit of word 1)
+    allow_only(bitmask, 0, [3, 40, 63])
+    assert bitmask[0, 1].item() < 0
+    masked = apply_bitmask(x.clone(), bitmask, [1])
+    assert torch.equal(masked[0], x[0])
+    assert (masked[1] > float("-inf")).nonzero().flatten().tolist() == [3, 40, 63]
+    p = SamplingParams(temperature=1.0)
+    picks = {draw(x, [p, p], [make_generator(s)] * 2, bitmask=(bitmask, [1])).tokens[1].item() for s in range(20)}
+    assert picks <= {3, 40, 63}
+
+
+def test_min_tokens_bans_the_stop_tokens_until_reached():
+    from qwen_vl_distributed.engine.sampler import SlotSampler
+
+    logits = torch.zeros(1, 10)
+    logits[0, 9] = 5.0  # the stop token is the favourite
+    s = SlotSampler()
+    s.start(0, {"params": SamplingParams(temperature=0.0, min_tokens=2).wire(), "stop_ids": [9]}, [1, 2])
+    assert [s.sample([0], logits).tokens.item() for _ in range(3)] == [0, 0, 9]

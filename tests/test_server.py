@@ -252,11 +252,11 @@ def test_a_repeated_prompt_comes_from_the_cache_with_the_same_answer(real):
     server, client, _ = real
     msgs = [{"role": "user", "content": " ".join(f"word{i}" for i in range(40))}]
     first = ask(client, msgs, temperature=0, max_tokens=4)
-    before = metric(server, "qwen_vl_prompt_tokens_cached_total")
+    before = metric(server, "vllm:prefix_cache_hits_total")
     again = ask(client, msgs, temperature=0, max_tokens=4)
     # the slot the first request left holds all of this prompt but its last token (computed for its logits)
     assert ask.cached == again["usage"]["prompt_tokens"] - 1 and again == first
-    assert wait_for(lambda: metric(server, "qwen_vl_prompt_tokens_cached_total") == before + ask.cached)
+    assert wait_for(lambda: metric(server, "vllm:prefix_cache_hits_total") == before + ask.cached)
 
 
 def test_models_health_metrics(real):
@@ -265,12 +265,15 @@ def test_models_health_metrics(real):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     ask(client, [{"role": "user", "content": "hello"}], **GREEDY)
     text = httpx.get(server.url + "/metrics").text
-    for name in ("qwen_vl_requests_total{status=\"200\"}", "qwen_vl_prompt_tokens_total",
-                 "qwen_vl_completion_tokens_total", "qwen_vl_time_to_first_token_seconds_bucket",
-                 "qwen_vl_stage_busy_seconds_total{stage=\"0\"}", "qwen_vl_queue_depth", "qwen_vl_running_sequences"):
+    for name in ('qwen_vl_requests_total{status="200"}', 'vllm:prompt_tokens_total{model_name="tiny"}',
+                 'vllm:generation_tokens_total{model_name="tiny"}', "vllm:time_to_first_token_seconds_bucket",
+                 "vllm:inter_token_latency_seconds_bucket", "vllm:e2e_request_latency_seconds_bucket",
+                 'vllm:request_success_total{finished_reason="length",model_name="tiny"}',
+                 'qwen_vl_stage_busy_seconds_total{stage="0"}', 'vllm:num_requests_waiting{model_name="tiny"}',
+                 'vllm:num_requests_running{model_name="tiny"}', 'vllm:kv_cache_usage_perc{model_name="tiny"}'):
         assert name in text, name
-    assert metric(server, "qwen_vl_completion_tokens_total") >= 12
-    assert metric(server, "qwen_vl_time_to_first_token_seconds_count") >= 1
+    assert metric(server, "vllm:generation_tokens_total") >= 12
+    assert metric(server, "vllm:time_to_first_token_seconds_count") >= 1
     assert metric(server, "qwen_vl_stage_busy_seconds_total") > 0
 
 
@@ -331,7 +334,7 @@ def test_client_disconnect_frees_its_slot(processor):
             httpx.post(server.url + "/v1/chat/completions", timeout=0.3,
                        json={"model": MODEL, "messages": user("go"), "max_tokens": 10**5})
         assert wait_for(lambda: not engine.running and len(engine.free_slots) == 1)
-        assert metric(server, 'qwen_vl_finished_total{reason="abort"}') == 2
+        assert metric(server, 'vllm:request_success_total{finished_reason="abort",model_name="tiny"}') == 2
         # The one slot serves the next request at once.
         assert ask(client, user("again"), max_tokens=3)["usage"]["completion_tokens"] == 3
 
@@ -345,7 +348,7 @@ def test_full_queue_answers_503_with_retry_after(processor):
             client.chat.completions.create(model=MODEL, messages=user("go"), max_tokens=3)
         assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
         assert e.value.code == "queue_full"
-        assert wait_for(lambda: metric(server, "qwen_vl_queue_depth") == 1)
+        assert wait_for(lambda: metric(server, "vllm:num_requests_waiting") == 1)
         for s in held:
             s.close()
         assert wait_for(lambda: not engine.running and not engine.waiting)
@@ -382,7 +385,9 @@ BAD_REQUESTS = {
     "bad messages": ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_messages",
                      "messages[0].role"),
     "missing messages": ({"messages": None}, 400, "invalid_value", "messages"),
-    "n > 1": ({"n": 2}, 400, "invalid_value", "n"),
+    "n < 1": ({"n": 0}, 400, "invalid_value", "n"),
+    "unknown field": ({"frobnicate": True}, 400, "invalid_value", "frobnicate"),
+    "max_tokens past the context": ({"max_tokens": 10**9}, 400, "context_length_exceeded", "max_tokens"),
     "zero max_tokens": ({"max_tokens": 0}, 400, "invalid_value", "max_tokens"),
     "bad stop": ({"stop": ["ok", 3]}, 400, "invalid_value", "stop"),
 }

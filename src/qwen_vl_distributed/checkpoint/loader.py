@@ -39,30 +39,32 @@ class LoadReport:
 
 
 class Progress:
-    """A one-line progress bar on stderr: bytes done / total and MB/s, redrawn at most ~10 times a second."""
+    """Loading progress through tqdm: bytes done / total and the rate. On a terminal each stage's bar keeps its own
+    line (``position``: the stages of one machine share the terminal); into a file or pipe, one line per stage when
+    it is done, instead of a bar redrawn into the log."""
 
-    def __init__(self, total: int, label: str, enabled: bool = True, stream: TextIO | None = None):
-        self.total, self.label, self.enabled = total, label, enabled
+    def __init__(self, total: int, label: str, enabled: bool = True, stream: TextIO | None = None,
+                 position: int = 0):
+        from tqdm import tqdm
+
         self.stream = stream or sys.stderr
+        self.enabled, self.label = enabled, label
+        self.live = enabled and self.stream.isatty()
+        self.bar = tqdm(total=total, desc=f"loading {label}", unit="B", unit_scale=True, file=self.stream,
+                        disable=not self.live, position=position, leave=True, mininterval=0.1, dynamic_ncols=True)
+        self.t0 = time.monotonic()
         self.done = 0
-        self.t0 = self._last = time.monotonic()
 
     def update(self, n: int) -> None:
         self.done += n
-        now = time.monotonic()
-        if self.enabled and now - self._last >= 0.1:  # the final state is drawn by close()
-            self._last = now
-            self._draw(now, end="")
+        self.bar.update(n)
 
     def close(self) -> None:
-        if self.enabled:
-            self._draw(time.monotonic(), end="\n")
-
-    def _draw(self, now: float, end: str) -> None:
-        rate = self.done / 1e6 / max(now - self.t0, 1e-9)
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        print(f"\rloading {self.label}: {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB {pct:5.1f}% "
-              f"{rate:8.1f} MB/s", end=end, file=self.stream, flush=True)
+        self.bar.close()
+        if self.enabled and not self.live:
+            secs = max(time.monotonic() - self.t0, 1e-9)
+            print(f"loaded {self.label}: {self.done / 1e9:.2f} GB in {secs:.1f} s ({self.done / 1e6 / secs:.1f} MB/s)",
+                  file=self.stream, flush=True)
 
 
 def _destination(param: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -133,6 +135,7 @@ def _run(module: nn.Module, ckpt: Checkpoint, plan: StagePlan, device: torch.dev
 
 def load_stage(module: nn.Module, ckpt: Checkpoint, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, stage_name: str | None = None, progress: bool = True,
+               progress_line: int = 0,
                fp8_dequantize: Fp8Dequantize = dequantize_blockwise) -> LoadReport:
     """Fill every parameter of ``module`` (a stage: a contiguous range of decoder layers and optional vision tower,
     embedding, head, parameters named by their HF keys) from ``ckpt``, on ``device`` in ``dtype``.
@@ -155,7 +158,7 @@ def load_stage(module: nn.Module, ckpt: Checkpoint, device: str | torch.device =
     plan = plan_stage(ckpt, shapes, parts, name, resident)
     plan.check()
     t0 = time.monotonic()
-    bar = Progress(plan.nbytes, name, enabled=progress)
+    bar = Progress(plan.nbytes, name, enabled=progress, position=progress_line)
     count = _run(module, ckpt, plan, device, dtype, bar, fp8_dequantize)
     bar.close()
     return LoadReport(name, plan.nbytes, time.monotonic() - t0, plan.files, count, len(plan.items))

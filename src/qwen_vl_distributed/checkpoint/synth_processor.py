@@ -69,35 +69,131 @@ _BARE_WORDS = ("user", "assistant", "system")
 # ('<0.5 seconds>' -> 27 15 13 20 6486 29) encode to the same ids as with the released tokenizer.
 PINNED_IDS = {"user": 872, "assistant": 77091, "system": 8948, "\u0120seconds": 6486}
 
-CHAT_TEMPLATE = """\
-{#- Qwen3-VL Thinking style ChatML. Media parts render inline as vision_start + pad + vision_end; earlier assistant
-    turns keep only the answer after </think>; the generation prompt opens the think block. -#}
-{%- macro render_content(content) -%}
-    {%- if content is string -%}
-        {{- content -}}
-    {%- else -%}
-        {%- for part in content -%}
-            {%- if part.type in ('image', 'image_url') or 'image' in part or 'image_url' in part -%}
-                {{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
-            {%- elif part.type in ('video', 'video_url') or 'video' in part or 'video_url' in part -%}
-                {{- '<|vision_start|><|video_pad|><|vision_end|>' -}}
-            {%- elif 'text' in part -%}
-                {{- part.text -}}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- endif -%}
-{%- endmacro -%}
-{%- for message in messages -%}
-    {%- set text = render_content(message.content) -%}
-    {%- if message.role == 'assistant' and '</think>' in text -%}
-        {%- set text = text.split('</think>')[-1].lstrip('\\n') -%}
-    {%- endif -%}
-    {{- '<|im_start|>' + message.role + '\\n' + text + '<|im_end|>\\n' -}}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- '<|im_start|>assistant\\n<think>\\n' -}}
-{%- endif -%}
-"""
+# The chat template of the Qwen3-VL Thinking releases (Qwen3-VL-235B-A22B-Thinking's chat_template.json), verbatim:
+# tools in the system turn, hermes-style <tool_call> blocks, tool results as <tool_response> in a user turn, the
+# reasoning of assistant turns after the last user query kept, and a generation prompt that opens the think block.
+CHAT_TEMPLATE = (
+    "{%- set image_count = namespace(value=0) %}\n"
+    "{%- set video_count = namespace(value=0) %}\n"
+    "{%- macro render_content(content, do_vision_count) %}\n"
+    "    {%- if content is string %}\n"
+    "        {{- content }}\n"
+    "    {%- else %}\n"
+    "        {%- for item in content %}\n"
+    "            {%- if 'image' in item or 'image_url' in item or item.type == 'image' %}\n"
+    "                {%- if do_vision_count %}\n"
+    "                    {%- set image_count.value = image_count.value + 1 %}\n"
+    "                {%- endif %}\n"
+    "                {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}\n"
+    "                <|vision_start|><|image_pad|><|vision_end|>\n"
+    "            {%- elif 'video' in item or item.type == 'video' %}\n"
+    "                {%- if do_vision_count %}\n"
+    "                    {%- set video_count.value = video_count.value + 1 %}\n"
+    "                {%- endif %}\n"
+    "                {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}\n"
+    "                <|vision_start|><|video_pad|><|vision_end|>\n"
+    "            {%- elif 'text' in item %}\n"
+    "                {{- item.text }}\n"
+    "            {%- endif %}\n"
+    "        {%- endfor %}\n"
+    "    {%- endif %}\n"
+    "{%- endmacro %}\n"
+    "{%- if tools %}\n"
+    "    {{- '<|im_start|>system\\n' }}\n"
+    "    {%- if messages[0].role == 'system' %}\n"
+    "        {{- render_content(messages[0].content, false) + '\\n\\n' }}\n"
+    "    {%- endif %}\n"
+    "    {{- \"# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided "
+    "with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n"
+    "    {%- for tool in tools %}\n"
+    "        {{- \"\\n\" }}\n"
+    "        {{- tool | tojson }}\n"
+    "    {%- endfor %}\n"
+    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n"
+    "{%- else %}\n"
+    "    {%- if messages[0].role == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' + render_content(messages[0].content, false) + '<|im_end|>\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endif %}\n"
+    "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}\n"
+    "{%- for message in messages[::-1] %}\n"
+    "    {%- set index = (messages|length - 1) - loop.index0 %}\n"
+    "    {%- if ns.multi_step_tool and message.role == \"user\" %}\n"
+    "        {%- set content = render_content(message.content, false) %}\n"
+    "        {%- if not(content.startswith('<tool_response>') and content.endswith('</tool_response>')) %}\n"
+    "            {%- set ns.multi_step_tool = false %}\n"
+    "            {%- set ns.last_query_index = index %}\n"
+    "        {%- endif %}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- set content = render_content(message.content, True) %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- elif message.role == \"assistant\" %}\n"
+    "        {%- set reasoning_content = '' %}\n"
+    "        {%- if message.reasoning_content is string %}\n"
+    "            {%- set reasoning_content = message.reasoning_content %}\n"
+    "        {%- else %}\n"
+    "            {%- if '</think>' in content %}\n"
+    "                {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1]"
+    ".lstrip('\\n') %}\n"
+    "                {%- set content = content.split('</think>')[-1].lstrip('\\n') %}\n"
+    "            {%- endif %}\n"
+    "        {%- endif %}\n"
+    "        {%- if loop.index0 > ns.last_query_index %}\n"
+    "            {%- if loop.last or (not loop.last and reasoning_content) %}\n"
+    "                {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + "
+    "'\\n</think>\\n\\n' + content.lstrip('\\n') }}\n"
+    "            {%- else %}\n"
+    "                {{- '<|im_start|>' + message.role + '\\n' + content }}\n"
+    "            {%- endif %}\n"
+    "        {%- else %}\n"
+    "            {{- '<|im_start|>' + message.role + '\\n' + content }}\n"
+    "        {%- endif %}\n"
+    "        {%- if message.tool_calls %}\n"
+    "            {%- for tool_call in message.tool_calls %}\n"
+    "                {%- if (loop.first and content) or (not loop.first) %}\n"
+    "                    {{- '\\n' }}\n"
+    "                {%- endif %}\n"
+    "                {%- if tool_call.function %}\n"
+    "                    {%- set tool_call = tool_call.function %}\n"
+    "                {%- endif %}\n"
+    "                {{- '<tool_call>\\n{\"name\": \"' }}\n"
+    "                {{- tool_call.name }}\n"
+    "                {{- '\", \"arguments\": ' }}\n"
+    "                {%- if tool_call.arguments is string %}\n"
+    "                    {{- tool_call.arguments }}\n"
+    "                {%- else %}\n"
+    "                    {{- tool_call.arguments | tojson }}\n"
+    "                {%- endif %}\n"
+    "                {{- '}\\n</tool_call>' }}\n"
+    "            {%- endfor %}\n"
+    "        {%- endif %}\n"
+    "        {{- '<|im_end|>\\n' }}\n"
+    "    {%- elif message.role == \"tool\" %}\n"
+    "        {%- if loop.first or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    "            {{- '<|im_start|>user' }}\n"
+    "        {%- endif %}\n"
+    "        {{- '\\n<tool_response>\\n' }}\n"
+    "        {{- content }}\n"
+    "        {{- '\\n</tool_response>' }}\n"
+    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    "            {{- '<|im_end|>\\n' }}\n"
+    "        {%- endif %}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n<think>\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+# The same template with the Instruct releases' generation prompt, which opens no think block (the answer is all
+# content): what the tests use to check that the reasoning split follows the prompt.
+INSTRUCT_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("'<|im_start|>assistant\\n<think>\\n'", "'<|im_start|>assistant\\n'")
+CHAT_TEMPLATES = {"thinking": CHAT_TEMPLATE, "instruct": INSTRUCT_CHAT_TEMPLATE}
 
 IMAGE_PROCESSOR_CONFIG = {
     "image_processor_type": "Qwen2VLImageProcessorFast",
@@ -237,7 +333,7 @@ def _write_json(path: str, obj: dict) -> None:
         f.write("\n")
 
 
-def write_processor_files(model_dir: str | os.PathLike) -> None:
+def write_processor_files(model_dir: str | os.PathLike, chat_template: str = "thinking") -> None:
     """Write tokenizer.json, tokenizer_config.json, chat_template.jinja and the image / video processor configs.
 
     transformers 5.17 reads the chat template from ``chat_template.jinja`` for both the tokenizer and the processor
@@ -250,7 +346,7 @@ def write_processor_files(model_dir: str | os.PathLike) -> None:
         f.write(json.dumps(json.loads(build_tokenizer().to_str()), ensure_ascii=False, separators=(",", ":")))
     _write_json(os.path.join(model_dir, "tokenizer_config.json"), _tokenizer_config())
     with open(os.path.join(model_dir, "chat_template.jinja"), "w", encoding="utf-8") as f:
-        f.write(CHAT_TEMPLATE)
+        f.write(CHAT_TEMPLATES[chat_template])
     _write_json(os.path.join(model_dir, "preprocessor_config.json"), IMAGE_PROCESSOR_CONFIG)
     _write_json(os.path.join(model_dir, "video_preprocessor_config.json"), VIDEO_PROCESSOR_CONFIG)
     _write_json(os.path.join(model_dir, "processor_config.json"), {"processor_class": "Qwen3VLProcessor"})

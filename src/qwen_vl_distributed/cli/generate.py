@@ -9,7 +9,8 @@ from ..engine.build import read_generation_config, start_engine, torchrun_worker
 from ..engine.media import MediaOptions
 from ..engine.processor import Processor
 from ..engine.sampling import SamplingParams
-from ..engine.session import TextStream, result_dict, to_prompt
+from ..engine.output import output_stream
+from ..engine.session import result_dict, to_prompt
 from ..errors import UserError
 from .options import add_run_args, run_options
 
@@ -95,7 +96,7 @@ def _stop_after_interrupt(handle) -> None:
 def generate_one(engine, processor, inputs, params, stream: bool) -> dict:
     """Run one request to the end; stream reasoning (dim) and answer to the terminal if asked."""
     seq = engine.add(to_prompt(inputs), params)
-    text = TextStream(processor.detokenizer())
+    text = output_stream(processor, list(inputs.input_ids))
     tty = sys.stdout.isatty()
     shown_answer = False
     if stream:
@@ -104,7 +105,11 @@ def generate_one(engine, processor, inputs, params, stream: bool) -> dict:
         for ev in engine.step():
             if ev.seq is not seq or not stream:
                 continue
-            r, c = text.feed(ev.token, ev.finished)
+            piece = text.add(ev.token)
+            if ev.finished:
+                last = text.finish()
+                piece.reasoning, piece.content = piece.reasoning + last.reasoning, piece.content + last.content
+            r, c = piece.reasoning, piece.content
             if r:
                 print(r, end="", flush=True)
             if c:
@@ -114,5 +119,4 @@ def generate_one(engine, processor, inputs, params, stream: bool) -> dict:
                 print(c, end="", flush=True)
     if stream:
         print("\033[0m" if tty else "", flush=True)
-    full = processor.decode(seq.output)
-    return result_dict(seq, list(inputs.input_ids), full, engine.executor.stage_stats())
+    return result_dict(seq, list(inputs.input_ids), processor, engine.executor.stage_stats())

@@ -17,13 +17,17 @@ COMMANDS = {
     "synth": "synth",
     "bench": "bench",
     "bench-pipeline": "bench_pipeline",
+    "bench-grammar": "bench_grammar",
     "demo": "demo",
     "worker": "worker",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="qwen-vl", description="Qwen3-VL-MoE pipeline-parallel inference")
+    parser.add_argument("--version", action="version", version=f"qwen-vl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         try:

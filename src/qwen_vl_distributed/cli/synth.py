@@ -1,5 +1,5 @@
 """``qwen-vl synth DIR``: write a complete synthetic HF-format model directory (random weights, real tokenizer
-special tokens, Thinking chat template, processor configs) -- what the demo and the tests run on."""
+special tokens, the release's chat template, processor configs) -- what the demo and the tests run on."""
 
 from __future__ import annotations
 
@@ -20,16 +20,19 @@ def add_parser(sub) -> None:
                    help="expert tensors: hf = transformers 5.x fused (default), released = the official fused "
                         "orientation, per-expert = one tensor per expert (the default with --fp8, as FP8 releases)")
     p.add_argument("--fp8", action="store_true", help="128x128 block-quantised FP8 attention and experts")
+    p.add_argument("--chat-template", default="thinking", choices=["thinking", "instruct"],
+                   help="the Thinking release's chat template (default), or the same with the Instruct generation "
+                        "prompt, which opens no think block")
     p.add_argument("--force", action="store_true", help="write into a non-empty directory")
     p.set_defaults(run=run)
 
 
 def synthesize(directory: str, preset_name: str = "tiny", seed: int = 0, layout: str = "hf",
-               fp8: bool = False) -> str:
+               fp8: bool = False, chat_template: str = "thinking") -> str:
     cfg = preset(preset_name)
     os.makedirs(directory, exist_ok=True)
     write_synthetic_weights(directory, cfg, seed=seed, layout=layout, fp8=fp8)
-    write_processor_files(directory)
+    write_processor_files(directory, chat_template)
     return directory
 
 
@@ -39,6 +42,6 @@ def run(args) -> int:
     if args.preset not in ("tiny",):
         print(f"warning: preset {args.preset} writes the full-size model's weights to disk")
     layout = args.layout or ("per-expert" if args.fp8 else "hf")
-    synthesize(args.dir, args.preset, args.seed, layout, args.fp8)
+    synthesize(args.dir, args.preset, args.seed, layout, args.fp8, args.chat_template)
     print(f"wrote synthetic {args.preset} model to {args.dir}")
     return 0

@@ -48,6 +48,7 @@ class Output:
     finish_reason: str | None = None
     error: str | None = None
     cached: int | None = None  # with the first token: prompt tokens taken from a slot's cache (prefix reuse)
+    logprobs: list | None = None  # with a token, when asked for: [logprob, [[id, logprob], ...]]
 
     @property
     def finished(self) -> bool:
@@ -76,6 +77,7 @@ class EngineStats:
 
     waiting: int = 0  # sequences queued for a KV slot
     running: int = 0  # sequences holding a KV slot
+    kv_usage: float = 0.0  # fraction of the KV cache in use
     stages: tuple[dict, ...] = ()  # executor.stage_stats(): per stage busy_s, steps
     alive: bool = True
 
@@ -125,16 +127,22 @@ class AsyncEngine:
     # -- called on the event loop ----------------------------------------------------------------------------------
     def submit(self, prompt: Prompt, params: Any) -> RequestHandle:
         """Queue a request; its outputs arrive on ``handle.next()``. Must be called from a running event loop."""
-        handle = RequestHandle(next(self._ids), prompt, params, asyncio.get_running_loop())
+        return self.submit_group(prompt, [params])[0]
+
+    def submit_group(self, prompt: Prompt, params: list[Any]) -> list[RequestHandle]:
+        """Queue one sequence per ``params`` over the same prompt (a request's n choices), all or none."""
+        loop = asyncio.get_running_loop()
+        handles = [RequestHandle(next(self._ids), prompt, p, loop) for p in params]
         # Under the lock, so an add is either queued before the engine thread's last drain or refused here.
         with self._lock:
             if self._thread is None or self._closed:
                 raise EngineDeadError(self.error or "the engine is not running")
-            if self._outstanding >= self.capacity:
+            if self._outstanding + len(handles) > self.capacity:
                 raise QueueFullError(f"{self._outstanding} requests in flight; the limit is {self.capacity}")
-            self._outstanding += 1
-            self._commands.put(("add", handle))
-        return handle
+            self._outstanding += len(handles)
+            for handle in handles:
+                self._commands.put(("add", handle))
+        return handles
 
     def abort(self, handle: RequestHandle) -> None:
         """The client is gone: free the request's slot (a no-op once it has finished)."""
@@ -207,7 +215,7 @@ class AsyncEngine:
             if handle is None or handle.closed:
                 continue
             out = Output(ev.token, ev.seq.finish_reason if ev.finished else None,
-                         cached=ev.seq.reused if len(ev.seq.output) == 1 else None)
+                         cached=ev.seq.reused if len(ev.seq.output) == 1 else None, logprobs=ev.logprobs)
             if ev.finished:
                 self._close(handle, out)
             else:
@@ -253,4 +261,5 @@ class AsyncEngine:
             except Exception:  # a broken pipeline must not hide the engine's own figures
                 log.debug("stage_stats failed", exc_info=True)
             self._stats_at = now
-        self._stats = EngineStats(len(self.engine.waiting), len(self.engine.running), stages, not self._stop.is_set())
+        self._stats = EngineStats(len(self.engine.waiting), len(self.engine.running), self.engine.kv_usage, stages,
+                                  not self._stop.is_set())

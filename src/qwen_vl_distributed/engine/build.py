@@ -28,6 +28,7 @@ from ..pipeline.stage import StageRuntime
 from ..pipeline.transport import Transport
 from ..pipeline.worker import serve_stage
 from .engine import Engine
+from .grammar import GrammarBackend
 from .sampler import SlotSampler
 from .threads import set_stage_threads
 
@@ -224,10 +225,11 @@ def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: 
     else:
         if block is not None:  # the loader copies the stored fp8 experts and their scales as they are
             model.keep_experts_fp8(block, act_quant=opts.fp8_experts == "w8a8")
-        load_stage(model, ckpt, device, DTYPES[opts.dtype], stage_name=name, progress=not opts.quiet)
+        load_stage(model, ckpt, device, DTYPES[opts.dtype], stage_name=name, progress=not opts.quiet,
+                   progress_line=rank)
     model.eval()
     dtype, slots = DTYPES[opts.dtype], opts.max_batch
-    sampler = SlotSampler() if st.holds_head else None
+    sampler = SlotSampler(_grammars(ckpt)) if st.holds_head else None
     if device.type != "cuda":
         return StageRuntime(model, model.new_cache(slots, opts.max_len, dtype, device), sampler, device, rank)
     from ..kernels import enable_fast_paths
@@ -242,6 +244,14 @@ def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: 
     # the prompt path's kernels compile now, not in the first requests (runtime.warmup)
     warm_stage(stage, cache, stage.graphs.scratch_slot, plan.prefill_chunk, name, quiet=opts.quiet)
     return StageRuntime(stage, cache, sampler, device, rank)
+
+
+def _grammars(ckpt) -> GrammarBackend | None:
+    """Structured output on the last stage: the checkpoint's tokenizer and stop tokens (none for random weights,
+    which have no tokenizer)."""
+    if isinstance(ckpt, RandomWeights):
+        return None
+    return GrammarBackend(ckpt.dir, ckpt.cfg.text.vocab_size, read_eos_ids(ckpt.dir))
 
 
 def start_engine(opts: RunOptions) -> EngineHandle:

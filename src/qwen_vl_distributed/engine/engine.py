@@ -92,6 +92,7 @@ class TokenEvent:
     seq: Sequence
     token: int
     finished: bool
+    logprobs: list | None = None  # [logprob, [[id, logprob], ...]] when the sequence's params ask for them
 
 
 class EngineError(RuntimeError):
@@ -148,7 +149,8 @@ class Engine:
         if limit < 1:
             raise PromptError(f"the prompt is {len(prompt.input_ids)} tokens; the context is {self.max_len} tokens "
                               "(prompt plus at least one new token; raise --max-len)")
-        stop = set(self.eos_ids) | set(getattr(params, "stop_token_ids", None) or ())
+        eos = () if getattr(params, "ignore_eos", False) else self.eos_ids
+        stop = set(eos) | set(getattr(params, "stop_token_ids", None) or ())
         seq = Sequence(next(self._ids), prompt, params, min(params.max_new_tokens, limit), frozenset(stop),
                        t_submit=time.perf_counter())
         types = prompt.token_types or token_types(prompt.input_ids, self.cfg.image_token_id, self.cfg.video_token_id)
@@ -166,6 +168,12 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.in_flight)
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of the KV cache held by running sequences (slots taken / slots)."""
+        total = len(self.free_slots) + len(self.running)
+        return len(self.running) / total if total else 0.0
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
@@ -299,6 +307,8 @@ class Engine:
                 lens.append(end - a)
                 if a == s.reused:  # the request's first step
                     new[s.slot] = {"params": s.params.wire()}
+                    if getattr(s.params, "min_tokens", 0):
+                        new[s.slot]["stop_ids"] = sorted(s.stop_ids)  # banned until min_tokens are out
                     if a and s.params.needs_history:
                         new[s.slot]["history_prefix"] = p.input_ids[:a]  # penalties see the reused prefix too
                 else:
@@ -342,7 +352,8 @@ class Engine:
         members = self.in_flight.pop(group)
         now = time.perf_counter()
         events = []
-        for (s, end), tok in zip(members, result.tokens.tolist()):
+        logprobs = result.logprobs or [None] * len(members)
+        for (s, end), tok, lp in zip(members, result.tokens.tolist(), logprobs):
             if s.done:  # aborted while in flight
                 self._release(s)
                 continue
@@ -357,7 +368,7 @@ class Engine:
                 s.finish_reason = "stop"
             elif len(s.output) >= s.max_new_tokens:
                 s.finish_reason = "length"
-            events.append(TokenEvent(s, tok, s.done))
+            events.append(TokenEvent(s, tok, s.done, lp))
             if s.done:
                 s.t_done = now
                 self._release(s)

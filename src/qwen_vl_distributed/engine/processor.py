@@ -12,6 +12,7 @@ the checkpoint's video processor the sampled frames only.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,7 +25,6 @@ from .threads import preprocess_threads
 from .media import (MediaLimitError, MediaOptions, MessageFormatError, VideoClip, load_image, load_video,
                     resolve_media)
 
-ROLES = ("system", "user", "assistant")
 TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values (same as transformers)
 
 
@@ -88,34 +88,110 @@ def _text(value: Any, where: str, reserved: Sequence[str]) -> str:
     return value
 
 
+# Message fields besides role and content: rendered by the template, or (name, and echoed response fields that
+# are null or empty) accepted and not rendered, as OpenAI-compatible servers do.
+_MESSAGE_FIELDS = {"system": ("name",), "developer": ("name",), "user": ("name",),
+                   "assistant": ("tool_calls", "reasoning_content", "reasoning", "name", "refusal", "annotations",
+                                 "audio", "function_call"),
+                   "tool": ("tool_call_id", "name")}
+_ECHOED = ("refusal", "annotations", "audio", "function_call")  # must be null / empty when sent
+
+
 def normalize_messages(messages: Any, reserved: Sequence[str] = ()) -> tuple[list[dict], list[MediaRef]]:
-    """Validate OpenAI-style messages; return template messages (parts typed text/image/video) and media in order."""
+    """Validate OpenAI-style messages; return template messages (parts typed text/image/video) and media in order.
+
+    ``developer`` messages render as ``system`` (OpenAI's newer name for it); assistant messages may carry
+    ``tool_calls`` with ``content`` null, and ``tool`` messages the results."""
     if not isinstance(messages, list) or not messages:
         raise MessageFormatError("messages: expected a non-empty list of messages")
     out, refs = [], []
     for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise MessageFormatError(f"{where}: expected an object with 'role' and 'content'")
-        role = msg.get("role")
-        if role not in ROLES:
-            raise MessageFormatError(f"{where}.role: expected one of {', '.join(ROLES)}, got {role!r}")
-        content = msg.get("content")
-        if isinstance(content, str):
-            out.append({"role": role, "content": _text(content, f"{where}.content", reserved)})
-            continue
-        if not isinstance(content, list):
-            raise MessageFormatError(f"{where}.content: expected a string or a list of content parts")
-        parts = []
-        for j, p in enumerate(content):
-            part, ref = _part(p, f"{where}.content[{j}]", reserved)
-            if ref is not None:
-                if role == "system":
-                    raise MessageFormatError(f"{ref.where}: images and videos are not allowed in system messages")
-                refs.append(ref)
-            parts.append(part)
-        out.append({"role": role, "content": parts})
+        msg_out, msg_refs = _message(msg, f"messages[{i}]", reserved)
+        out.append(msg_out)
+        refs += msg_refs
     return out, refs
+
+
+def _message(msg: Any, where: str, reserved: Sequence[str]) -> tuple[dict, list[MediaRef]]:
+    if not isinstance(msg, dict):
+        raise MessageFormatError(f"{where}: expected an object with 'role' and 'content'")
+    role = msg.get("role")
+    if role not in _MESSAGE_FIELDS:
+        raise MessageFormatError(f"{where}.role: expected one of {', '.join(_MESSAGE_FIELDS)}, got {role!r}")
+    for key in msg:
+        if key not in ("role", "content") and key not in _MESSAGE_FIELDS[role]:
+            raise MessageFormatError(f"{where}.{key}: not a field of a {role} message")
+        if key in _ECHOED and msg[key] not in (None, [], ""):
+            raise MessageFormatError(f"{where}.{key}: not supported (send null or leave it out)")
+    out: dict[str, Any] = {"role": "system" if role == "developer" else role}
+    content, refs = _content(msg.get("content"), f"{where}.content", role, reserved,
+                             optional=role == "assistant" and bool(msg.get("tool_calls")))
+    out["content"] = content
+    if role == "assistant":
+        if msg.get("tool_calls"):
+            out["tool_calls"] = _tool_calls(msg["tool_calls"], f"{where}.tool_calls")
+        reasoning = msg.get("reasoning_content", msg.get("reasoning"))
+        if reasoning is not None:
+            out["reasoning_content"] = _text(reasoning, f"{where}.reasoning_content", reserved)
+    if role == "tool" and msg.get("tool_call_id") is not None:
+        out["tool_call_id"] = _text(msg["tool_call_id"], f"{where}.tool_call_id", ())
+    return out, refs
+
+
+def _content(content: Any, where: str, role: str, reserved: Sequence[str], optional: bool):
+    """A message's content -> (template content, media refs). Null only where ``optional`` (then "")."""
+    if content is None and optional:
+        return "", []
+    if isinstance(content, str):
+        return _text(content, where, reserved), []
+    if not isinstance(content, list):
+        raise MessageFormatError(f"{where}: expected a string or a list of content parts")
+    parts, refs = [], []
+    for j, p in enumerate(content):
+        part, ref = _part(p, f"{where}[{j}]", reserved)
+        if ref is not None:
+            if role == "system" or role == "developer":
+                raise MessageFormatError(f"{ref.where}: images and videos are not allowed in {role} messages")
+            refs.append(ref)
+        parts.append(part)
+    return parts, refs
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict]:
+    """An assistant message's tool calls, as the template renders them: function name and JSON arguments text."""
+    if not isinstance(calls, list):
+        raise MessageFormatError(f"{where}: expected a list of tool calls")
+    out = []
+    for k, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise MessageFormatError(f"{where}[{k}].function: expected an object with a 'name' string")
+        args = fn.get("arguments", "{}")
+        if not isinstance(args, str):
+            args = json.dumps(args, ensure_ascii=False)
+        out.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+# apply_chat_template's own parameters: a client's chat_template_kwargs must not reach them (they would change what
+# the call does, not what the template sees).
+_TEMPLATE_CALL_PARAMS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs", "load_audio_from_video", "num_frames",
+    "fps", "video_load_backend", "sampling_rate"})
+
+
+def check_template_kwargs(kwargs: Any) -> dict[str, Any]:
+    """chat_template_kwargs: a map of template variable names to values, none of them a parameter of the call."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise MessageFormatError("chat_template_kwargs: expected an object of template variables")
+    for key in kwargs:
+        if not isinstance(key, str) or not key.isidentifier() or key in _TEMPLATE_CALL_PARAMS:
+            raise MessageFormatError(f"chat_template_kwargs.{key}: not a template variable this server passes on")
+    return dict(kwargs)
 
 
 def _short(url: str, limit: int = 60) -> str:
@@ -171,19 +247,24 @@ class Processor:
 
     # ---- prompts
 
-    def render(self, messages: list[dict]) -> str:
-        """The chat template applied to normalized messages, with the Thinking generation prompt."""
+    def render(self, messages: list[dict], tools: list[dict] | None = None,
+               template_kwargs: dict[str, Any] | None = None) -> str:
+        """The chat template applied to normalized messages with the generation prompt; ``tools`` (OpenAI
+        function tools) and ``template_kwargs`` (extra template variables, e.g. enable_thinking) go to the template."""
         import jinja2
 
+        kwargs = check_template_kwargs(template_kwargs)
         try:
-            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.hf.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                               add_generation_prompt=True, **kwargs)
         except jinja2.TemplateError as e:  # the checkpoint's template refuses these messages (raise_exception)
             raise MessageFormatError(f"messages: the chat template refused them: {e}") from None
 
-    def build_inputs(self, messages: Any) -> PromptInputs:
+    def build_inputs(self, messages: Any, tools: list[dict] | None = None,
+                     template_kwargs: dict[str, Any] | None = None) -> PromptInputs:
         """OpenAI-style chat messages -> prompt ids and pixel values. Raises RequestError subclasses."""
         normalized, refs = normalize_messages(messages, self._reserved())
-        return self._build(normalized, refs)
+        return self._build(normalized, refs, tools, template_kwargs)
 
     def build_from_prompt(self, text: str, images: Iterable[str] = (), videos: Iterable[str] = (),
                           system: str | None = None) -> PromptInputs:
@@ -199,14 +280,15 @@ class Processor:
     def _reserved(self) -> tuple[str, ...]:
         return (self.image_token, self.video_token, self.vision_start, self.vision_end)
 
-    def _build(self, normalized: list[dict], refs: list[MediaRef]) -> PromptInputs:
+    def _build(self, normalized: list[dict], refs: list[MediaRef], tools: list[dict] | None = None,
+               template_kwargs: dict[str, Any] | None = None) -> PromptInputs:
         _check_counts(refs, self.media)
         images = [load_image(resolve_media(r.url, "image", r.where, self.media), r.where)
                   for r in refs if r.kind == "image"]
         clips = [load_video(resolve_media(r.url, "video", r.where, self.media), r.where,
                             temporal_patch=self.temporal_patch, **self.video_sampling)
                  for r in refs if r.kind == "video"]
-        prompt = self.render(normalized)
+        prompt = self.render(normalized, tools, template_kwargs)
         out = PromptInputs(input_ids=[], mm_token_type_ids=[], prompt=prompt)
         with preprocess_threads():  # bulk tensor work: the process's share of the cores (engine/threads.py)
             if images:

@@ -1,92 +1,93 @@
-"""Splitting the Thinking model's output into reasoning and answer.
+"""Splitting a Thinking model's output into reasoning and answer, by token id.
 
-The prompt already ends with ``<think>\\n``, so the generated text is ``reasoning \\n</think>\\n\\n answer``. If
-``</think>`` never appears (e.g. the output was cut by max tokens) everything is reasoning. Newlines that only frame
-the tag are dropped: leading / trailing ``\\n`` of the reasoning and leading ``\\n`` of the answer (what the chat
-template itself strips when it re-renders a turn). A stray ``<think>`` the model may repeat at the very start is
-dropped too.
+The split applies only when the prompt itself opened a think block: the Thinking chat template ends the
+generation prompt with ``<think>\\n``, so the output is ``reasoning \\n</think>\\n\\n answer``; an Instruct template
+opens none, and then the whole output is the answer. Both tags are found by their token ids, never in decoded text
+(a tokenizer that marks them special drops them from decoded text). If ``</think>`` never comes (the output was
+cut by max tokens) everything is reasoning.
 
-``ReasoningStreamParser`` gives, delta by delta, exactly the pieces ``split_reasoning`` gives for the whole text,
-whatever the delta boundaries (the tag may arrive split across several deltas).
+Newlines that only frame the tags are dropped: leading / trailing ``\\n`` of the reasoning and leading ``\\n`` of
+the answer (what the chat template itself strips when it re-renders a turn). A stray ``<think>`` the model may
+repeat before any reasoning is dropped too.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Sequence
+
 OPEN, CLOSE = "<think>", "</think>"
+REASONING, CONTENT = "reasoning", "content"
 
 
-def split_reasoning(text: str) -> tuple[str, str]:
-    """(reasoning, content) of a complete generation."""
-    body = text.lstrip("\n")
-    if body.startswith(OPEN):
-        body = body[len(OPEN):]
-    reasoning, sep, content = body.partition(CLOSE)
-    if sep:
-        return reasoning.strip("\n"), content.lstrip("\n")
-    return reasoning.lstrip("\n"), ""
+@dataclass(frozen=True)
+class ThinkTokens:
+    """The ids of ``<think>`` and ``</think>`` in a vocabulary."""
+
+    start: int
+    end: int
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> ThinkTokens | None:
+        """The tags' ids, or None if the vocabulary does not have both as single tokens."""
+        ids = []
+        for tag in (OPEN, CLOSE):
+            i = tokenizer.convert_tokens_to_ids(tag)
+            if not isinstance(i, int) or i == tokenizer.unk_token_id:
+                return None
+            ids.append(i)
+        return cls(*ids)
+
+    def opened_by(self, prompt_ids: Sequence[int]) -> bool:
+        """Whether the prompt leaves a think block open (its last ``<think>`` comes after its last ``</think>``)."""
+        last = {self.start: -1, self.end: -1}
+        for i, t in enumerate(prompt_ids):
+            if t in last:
+                last[t] = i
+        return last[self.start] > last[self.end]
 
 
-def _held_tail(buf: str) -> int:
-    """Start of the tail to hold back: newlines, then possibly the beginning of ``</think>``."""
-    k = len(buf)
-    for n in range(min(len(CLOSE) - 1, len(buf)), 0, -1):
-        if CLOSE.startswith(buf[-n:]):
-            k -= n
-            break
-    while k > 0 and buf[k - 1] == "\n":
-        k -= 1
-    return k
+class ReasoningRouter:
+    """Which part each output token belongs to: ``REASONING``, ``CONTENT`` or None (a tag, dropped)."""
+
+    def __init__(self, think: ThinkTokens | None, opened: bool):
+        self.think = think
+        self.part = REASONING if (think is not None and opened) else CONTENT
+        self._any_reasoning = False
+
+    def route(self, token: int) -> str | None:
+        if self.part == CONTENT:
+            return CONTENT
+        if token == self.think.end:
+            self.part = CONTENT
+            return None
+        if token == self.think.start and not self._any_reasoning:
+            return None  # the model repeating the prompt's <think>
+        self._any_reasoning = True
+        return REASONING
 
 
-class ReasoningStreamParser:
-    """Feed text deltas, get (reasoning_delta, content_delta) pairs; call ``finish`` at the end of the stream."""
+class FramingTrimmer:
+    """Drops the newlines that frame a part: all leading ``\\n``; for the reasoning also the trailing ones, which are
+    held back until more text shows they were inside the reasoning, or ``</think>`` shows they framed it."""
 
-    def __init__(self) -> None:
-        self._buf = ""  # reasoning text not yet released
-        self._open_checked = False  # decided whether the output starts with a stray <think>
-        self._started = False  # some reasoning text (not a framing newline) seen
-        self._in_content = False
-        self._content_started = False
+    def __init__(self, trim_tail: bool):
+        self.trim_tail = trim_tail
+        self.started = False
+        self.held = ""
 
-    @property
-    def in_content(self) -> bool:
-        """True once ``</think>`` has been seen."""
-        return self._in_content
-
-    def feed(self, delta: str) -> tuple[str, str]:
-        if self._in_content:
-            return "", self._content(delta)
-        self._buf += delta
-        return self._drain(final=False)
-
-    def finish(self) -> tuple[str, str]:
-        """Release what was held back (an unfinished tag at the end is plain reasoning text)."""
-        if self._in_content:
-            return "", ""
-        return self._drain(final=True)
-
-    def _content(self, text: str) -> str:
-        if not self._content_started:
+    def feed(self, text: str) -> str:
+        if not self.started:
             text = text.lstrip("\n")
-            self._content_started = bool(text)
-        return text
+            self.started = bool(text)
+        if not self.trim_tail or not text:
+            return text
+        text = self.held + text
+        body = text.rstrip("\n")
+        self.held = text[len(body):]
+        return body
 
-    def _drain(self, final: bool) -> tuple[str, str]:
-        buf = self._buf
-        if not self._started:
-            buf = buf.lstrip("\n")
-            if not self._open_checked:
-                if not final and len(buf) < len(OPEN) and OPEN.startswith(buf):
-                    self._buf = buf  # may still become <think>
-                    return "", ""
-                if buf.startswith(OPEN):
-                    buf = buf[len(OPEN):].lstrip("\n")
-                self._open_checked = True
-            self._started = bool(buf)
-        i = buf.find(CLOSE)
-        if i >= 0:
-            self._in_content, self._buf = True, ""
-            return buf[:i].rstrip("\n"), self._content(buf[i + len(CLOSE):])
-        k = len(buf) if final else _held_tail(buf)
-        self._buf = buf[k:]
-        return buf[:k], ""
+    def close(self, framed: bool) -> str:
+        """The end of the part: ``framed`` (a ``</think>`` follows) drops the held newlines, else releases them."""
+        held, self.held = self.held, ""
+        return "" if framed else held

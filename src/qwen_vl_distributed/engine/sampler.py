@@ -1,8 +1,10 @@
-"""The last stage's sampler: per-slot state (the request's seeded generator, its token history for penalties).
+"""The last stage's sampler: per-slot state (the request's seeded generator, its token history for penalties, its
+grammar, how many tokens it has drawn).
 
 Lives in the engine layer and is handed to the last stage's runtime at start-up (the pipeline layer only knows the
 ``Sampler`` protocol). Each row draws with its own generator, so a seeded request samples the same tokens whatever
-else shares its batch. The draw itself is ``sampling.sample``.
+else shares its batch. The draw itself is ``sampling.draw``; grammars are ``grammar.SequenceGrammar``. The masks
+apply to the logits the stage's model returned, after any CUDA graph: decode graphs stay as they are.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .sampling import SamplingParams, TokenHistory, make_generator, sample
+from .grammar import GrammarBackend, SequenceGrammar
+from .sampling import Draw, SamplingParams, TokenHistory, draw, make_generator
 
 
 @dataclass
@@ -20,20 +23,29 @@ class _SlotState:
     params: SamplingParams
     generator: torch.Generator | None
     history: TokenHistory | None
+    grammar: SequenceGrammar | None = None
+    min_tokens_stop: tuple[int, ...] = ()  # banned while fewer than params.min_tokens have been drawn
+    drawn: int = 0
 
 
 class SlotSampler:
-    def __init__(self):
+    def __init__(self, grammars: GrammarBackend | None = None):
         self.slots: dict[int, _SlotState] = {}
         self._prompts: dict[int, list[int]] = {}
+        self.grammars = grammars
 
     def start(self, slot: int, request: dict[str, Any], prompt_ids: list[int]) -> None:
         """A new request in ``slot``: ``request["params"]`` is ``SamplingParams.wire()``; ``history_prefix``, if
         there, the prompt tokens before ``prompt_ids`` that were already cached (prefix reuse) and that the
-        penalties still count."""
+        penalties still count; ``stop_ids`` (with min_tokens) the tokens that would end the sequence."""
         prefix = request.get("history_prefix") or []
         p = SamplingParams.from_wire(request["params"])
-        self.slots[slot] = _SlotState(p, None, None)  # generator made on the logits' device at the first draw
+        st = _SlotState(p, None, None, min_tokens_stop=tuple(request.get("stop_ids") or ()))
+        if p.grammar is not None:
+            if self.grammars is None:
+                raise RuntimeError("a request with a grammar reached a sampler built without one")
+            st.grammar = SequenceGrammar(self.grammars.compile(p.grammar), p.grammar_after)
+        self.slots[slot] = st  # generator made on the logits' device at the first draw
         self._prompts.pop(slot, None)  # a previous request's, if it ended before its first draw (aborted in prefill)
         if p.needs_history:
             self._prompts[slot] = list(prefix) + list(prompt_ids)  # built into a history at the first draw
@@ -43,7 +55,7 @@ class SlotSampler:
         if slot in self._prompts:
             self._prompts[slot] += prompt_ids
 
-    def sample(self, slots: list[int], logits: torch.Tensor) -> torch.Tensor:
+    def sample(self, slots: list[int], logits: torch.Tensor) -> Draw:
         logits = logits.float()
         states = [self.slots[s] for s in slots]
         for s, st in zip(slots, states):
@@ -51,9 +63,23 @@ class SlotSampler:
                 st.generator = make_generator(st.params.seed, logits.device)
             if st.params.needs_history and st.history is None:
                 st.history = TokenHistory(self._prompts.pop(s), logits.shape[-1], logits.device)
-        out = sample(logits, [st.params for st in states], [st.generator for st in states],
-                     [st.history for st in states])
-        for st, tok in zip(states, out):
+        banned = [st.min_tokens_stop if st.drawn < st.params.min_tokens else () for st in states]
+        out = draw(logits, [st.params for st in states], [st.generator for st in states],
+                   [st.history for st in states], banned, self._masks(states, logits.device))
+        for st, tok in zip(states, out.tokens.tolist()):
+            st.drawn += 1
             if st.history is not None:
                 st.history.append(tok)
+            if st.grammar is not None:
+                st.grammar.accept(tok)
         return out
+
+    def _masks(self, states: list[_SlotState], device: torch.device) -> tuple[torch.Tensor, list[int]] | None:
+        """The packed masks of the rows whose grammar is active, and those rows."""
+        rows = [i for i, st in enumerate(states) if st.grammar is not None and st.grammar.active]
+        if not rows:
+            return None
+        bitmask = self.grammars.bitmask(len(rows))
+        for r, i in enumerate(rows):
+            states[i].grammar.fill(bitmask, r, self.grammars.stop_ids)
+        return bitmask.to(device, non_blocking=True), rows

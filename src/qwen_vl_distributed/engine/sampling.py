@@ -6,8 +6,16 @@ Semantics follow OpenAI / vLLM / HF:
 - temperature 0: greedy argmax (after penalties);
 - repetition_penalty (HF): logits of tokens in prompt + output are divided by it when positive, multiplied when not;
 - presence / frequency penalty (OpenAI): subtract presence * [count > 0] + frequency * count over *output* tokens;
-- then temperature, top-k (ties with the k-th value are kept), top-p over the top-k renormalized distribution
-  (the smallest prefix of the sorted distribution whose mass reaches top_p; the top token always survives).
+- logit_bias (OpenAI): added to the logits of the listed token ids;
+- min_tokens (vLLM): the stop tokens are banned until that many tokens have been generated;
+- a grammar's mask (structured output, tool calls): tokens the grammar does not allow next are banned;
+- then temperature, min-p (tokens below min_p x the top token's probability dropped), top-k (ties with the k-th
+  value are kept), top-p over the top-k renormalized distribution (the smallest prefix of the sorted distribution
+  whose mass reaches top_p; the top token always survives).
+
+Log-probabilities (OpenAI ``logprobs``): the log-softmax of the logits the token is drawn from -- after penalties,
+bias, bans, the grammar's mask and temperature (1 for greedy rows), before the min-p / top-k / top-p truncation,
+which only decides which tokens may be drawn. A banned token's log-probability is -inf.
 
 Reproducibility: each request owns a ``torch.Generator`` seeded by its ``seed`` and draws its own noise, so a seed
 gives the same tokens whatever else shares the batch. The draw is an exponential race, argmax(p / q) with
@@ -49,6 +57,7 @@ def _integer(name: str, value: Any, lo: int | None = None) -> int:
 
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+MAX_LOGPROBS = 20  # top log-probabilities per token, at most (OpenAI's limit)
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,13 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs, ids ascending
+    logprobs: int | None = None  # None: none; k: the sampled token's log-probability and the k most likely
+    min_tokens: int = 0  # the stop tokens are banned until this many tokens have been generated
+    ignore_eos: bool = False  # the checkpoint's end-of-sequence tokens do not end the sequence
+    grammar: str | None = None  # JSON text of a structured-output format (engine/grammar.py)
+    grammar_after: int | None = None  # the grammar starts after this token id is sampled (None: at once)
 
     def __post_init__(self) -> None:
         _number("temperature", self.temperature, lo=0.0)
@@ -77,6 +93,17 @@ class SamplingParams:
         _number("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
         _number("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
         _number("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
+        _number("min_p", self.min_p, lo=0.0, hi=1.0)
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs, lo=0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise SamplingParamError(f"logprobs: at most {MAX_LOGPROBS} top log-probabilities, got {self.logprobs}")
+        _integer("min_tokens", self.min_tokens, lo=0)
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise SamplingParamError(f"grammar: expected JSON text, got {type(self.grammar).__name__}")
+        if self.grammar_after is not None:
+            _integer("grammar_after", self.grammar_after, lo=0)
+        object.__setattr__(self, "logit_bias", self._bias(self.logit_bias))
         object.__setattr__(self, "stop_token_ids", self._stop_ids(self.stop_token_ids))
         object.__setattr__(self, "stop", self._stop_strings(self.stop))
 
@@ -85,6 +112,21 @@ class SamplingParams:
         if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple)):
             raise SamplingParamError(f"stop_token_ids: expected a list of integers, got {ids!r}")
         return tuple(_integer(f"stop_token_ids[{i}]", t, lo=0) for i, t in enumerate(ids))
+
+    @staticmethod
+    def _bias(bias: Any) -> tuple[tuple[int, float], ...]:
+        """{token id: bias} or (id, bias) pairs -> sorted pairs; ids >= 0, biases in [-100, 100] (OpenAI's range)."""
+        items = bias.items() if isinstance(bias, Mapping) else bias
+        if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple, type({}.items()))):
+            raise SamplingParamError(f"logit_bias: expected a map of token ids to numbers, got {bias!r}")
+        out = {}
+        for pair in items:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise SamplingParamError(f"logit_bias: expected (token id, bias) pairs, got {pair!r}")
+            tok, b = pair
+            key = int(tok) if isinstance(tok, str) and tok.strip().isdigit() else tok
+            out[_integer(f"logit_bias[{tok!r}]", key, lo=0)] = _number(f"logit_bias[{tok!r}]", b, -100.0, 100.0)
+        return tuple(sorted(out.items()))
 
     @staticmethod
     def _stop_strings(stop: Any) -> tuple[str, ...]:
@@ -110,7 +152,7 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     # what only the driver needs (lengths and stop checks happen there); every other field travels to the sampler
-    DRIVER_ONLY = ("max_new_tokens", "stop_token_ids", "stop")
+    DRIVER_ONLY = ("max_new_tokens", "stop_token_ids", "stop", "ignore_eos")
 
     def wire(self) -> dict[str, Any]:
         """The fields the last stage's sampler needs, as plain values (the payload's form for them)."""
@@ -118,7 +160,7 @@ class SamplingParams:
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> SamplingParams:
-        return cls(**data)
+        return cls(**data)  # (logit_bias arrives as JSON lists; __post_init__ makes them pairs again)
 
     @classmethod
     def from_generation_config(cls, gen: Mapping[str, Any], **overrides: Any) -> SamplingParams:
@@ -182,12 +224,51 @@ def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
     return logits
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]) -> torch.Tensor:
-    """Logits [B, V] with tokens outside each row's top-k / top-p set at -inf (k 0 and p 1 disable)."""
+def apply_bias(logits: torch.Tensor, params: Sequence[SamplingParams],
+               banned: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """Logits [B, V] with each row's logit_bias added and its ``banned`` ids at -inf (a copy when anything
+    changes). Ids at or past V are ignored (the server refuses them before they get here)."""
+    rows = [i for i, p in enumerate(params) if p.logit_bias or (banned and banned[i])]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    V = logits.shape[-1]
+    for i in rows:
+        pairs = [(t, b) for t, b in params[i].logit_bias if t < V]
+        if pairs:
+            ids = torch.tensor([t for t, _ in pairs], device=logits.device)
+            logits[i, ids] += torch.tensor([b for _, b in pairs], dtype=logits.dtype, device=logits.device)
+        ban = [t for t in (banned[i] if banned else ()) if t < V]
+        if ban:
+            logits[i, torch.tensor(ban, device=logits.device)] = float("-inf")
+    return logits
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """Logits [B, V] with the tokens a grammar forbids at -inf, in place. ``bitmask`` int32 [len(rows), W] on the
+    logits' device: bit j of word w allows token 32 w + j (the packed form grammar libraries fill); ``rows`` are
+    the logits rows it applies to."""
+    V = logits.shape[-1]
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :V]  # [R, V]
+    if len(rows) == logits.shape[0]:  # every row (the common case): no gather / scatter
+        return logits.masked_fill_(~allowed, float("-inf"))
+    idx = torch.tensor(list(rows), device=logits.device)
+    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+    return logits
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float],
+                       min_p: Sequence[float] | None = None) -> torch.Tensor:
+    """Logits [B, V] with tokens outside each row's min-p / top-k / top-p set at -inf (0, 0 and 1 disable)."""
     B, V = logits.shape
-    if all(k == 0 or k >= V for k in top_k) and all(p >= 1.0 for p in top_p):
+    min_p = min_p or [0.0] * B
+    if all(k == 0 or k >= V for k in top_k) and all(p >= 1.0 for p in top_p) and not any(min_p):
         return logits
     sorted_vals, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    if any(min_p):  # p_j >= min_p * p_max  <=>  logit_j >= logit_max + log(min_p)
+        floor = sorted_vals[:, :1] + torch.log(_col([m if m > 0 else 0.0 for m in min_p], logits))
+        sorted_vals = sorted_vals.masked_fill(sorted_vals < floor, float("-inf"))
     ks = torch.tensor([k if 0 < k < V else V for k in top_k], device=logits.device)
     kth = sorted_vals.gather(1, (ks - 1).unsqueeze(1))  # [B, 1]
     sorted_vals = sorted_vals.masked_fill(sorted_vals < kth, float("-inf"))
@@ -200,28 +281,71 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequen
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_vals)
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
-           histories: Sequence[TokenHistory | None] | None = None) -> torch.Tensor:
-    """Next token per row: logits [B, V] (float32) -> int64 [B] on the same device.
+@dataclass
+class TokenLogprobs:
+    """The sampled token's log-probability and the ``k`` most likely tokens' (ids and log-probabilities)."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Draw:
+    tokens: torch.Tensor  # int64 [B]
+    logprobs: list[TokenLogprobs | None]  # per row; None where the row's params ask for none
+
+
+def draw(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+         histories: Sequence[TokenHistory | None] | None = None, banned: Sequence[Sequence[int]] | None = None,
+         bitmask: tuple[torch.Tensor, Sequence[int]] | None = None) -> Draw:
+    """Next token per row, and the log-probabilities asked for: logits [B, V] (float32) -> ``Draw``.
 
     ``generators[i]`` is row i's own generator (unused for greedy rows); ``histories[i]`` is needed only when row i
-    has a penalty. The caller appends the chosen tokens to the histories.
+    has a penalty; ``banned[i]`` token ids row i may not draw (min_tokens); ``bitmask`` (packed mask, its rows) a
+    grammar's allowed tokens. The caller appends the chosen tokens to the histories.
     """
     B, V = logits.shape
     if len(params) != B or len(generators) != B:
         raise ValueError(f"{B} rows of logits but {len(params)} params and {len(generators)} generators")
-    logits = apply_penalties(logits.float(), params, histories or [None] * B)
+    given = logits.float()
+    logits = apply_bias(apply_penalties(given, params, histories or [None] * B), params, banned)
+    if bitmask is not None:  # (in place: on a copy, never on the caller's logits)
+        logits = apply_bitmask(logits.clone() if logits is given else logits, *bitmask)
     out = logits.argmax(dim=-1)
+    temps = _col([1.0 if p.greedy else p.temperature for p in params], logits)
+    scaled = logits / temps if any(not p.greedy for p in params) else logits
     rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        sel = torch.tensor(rows, device=logits.device)
+        kept = filter_top_k_top_p(scaled[sel], [params[i].top_k for i in rows], [params[i].top_p for i in rows],
+                                  [params[i].min_p for i in rows])
+        probs = kept.softmax(dim=-1)
+        noise = torch.stack([_exponential(V, generators[i], logits.device) for i in rows])
+        out[sel] = (probs / noise).argmax(dim=-1)
+    return Draw(out, _logprobs(scaled, out, params))
+
+
+def _logprobs(scaled: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]) -> list:
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    result: list[TokenLogprobs | None] = [None] * len(params)
     if not rows:
-        return out
-    sel = torch.tensor(rows, device=logits.device)
-    scaled = logits[sel] / _col([params[i].temperature for i in rows], logits)
-    scaled = filter_top_k_top_p(scaled, [params[i].top_k for i in rows], [params[i].top_p for i in rows])
-    probs = scaled.softmax(dim=-1)
-    noise = torch.stack([_exponential(V, generators[i], logits.device) for i in rows])
-    out[sel] = (probs / noise).argmax(dim=-1)
-    return out
+        return result
+    sel = torch.tensor(rows, device=scaled.device)
+    lp = torch.log_softmax(scaled[sel], dim=-1)  # [R, V]
+    chosen = lp.gather(1, tokens[sel].unsqueeze(1)).squeeze(1).tolist()
+    k = max(params[i].logprobs for i in rows)
+    top_lp, top_ids = (lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
+    top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+    for r, i in enumerate(rows):
+        n = params[i].logprobs
+        result[i] = TokenLogprobs(chosen[r], list(zip(top_ids[r][:n], top_lp[r][:n])))
+    return result
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+           histories: Sequence[TokenHistory | None] | None = None) -> torch.Tensor:
+    """Next token per row: logits [B, V] (float32) -> int64 [B] on the same device (``draw`` without extras)."""
+    return draw(logits, params, generators, histories).tokens
 
 
 def _exponential(n: int, gen: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -238,11 +362,13 @@ class StopStringMatcher:
     """Streams text while watching for stop strings; holds back a tail that could still start one.
 
     ``feed(delta) -> (text to emit, stopped)``; after a stop the emitted text ends just before the stop string
-    (OpenAI semantics: the stop string is not returned). ``flush()`` releases the held tail at the end.
+    (OpenAI semantics: the stop string is not returned), or just after it with ``include`` (vLLM's
+    include_stop_str_in_output). ``flush()`` releases the held tail at the end.
     """
 
-    def __init__(self, stops: Sequence[str]):
+    def __init__(self, stops: Sequence[str], include: bool = False):
         self.stops = tuple(stops)
+        self.include = include
         self.held = ""
         self.stopped = False
 
@@ -252,10 +378,11 @@ class StopStringMatcher:
         if not self.stops:
             return delta, False
         text = self.held + delta
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, i + len(s)) for i, s in ((text.find(s), s) for s in self.stops) if i >= 0]
         if hits:
             self.held, self.stopped = "", True
-            return text[: min(hits)], True
+            start, end = min(hits)
+            return text[: end if self.include else start], True
         keep = self._partial_suffix(text)
         self.held = text[len(text) - keep:] if keep else ""
         return text[: len(text) - keep], False

@@ -1,16 +1,14 @@
-"""Glue between the processor and the engine for one request: prompt conversion and the streamed text.
+"""Glue between the processor and the engine for one request: prompt conversion and the CLI's result.
 
-Used by the CLI and the demo; the server has its own streaming loop over the same pieces.
+Used by the CLI and the demo; the text itself comes from ``output.OutputStream``, as on the server.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-
 from .engine import Prompt, Sequence
+from .output import output_stream
 from .processor import PromptInputs
-from .reasoning import ReasoningStreamParser, split_reasoning
 
 
 def to_prompt(p: PromptInputs) -> Prompt:
@@ -19,33 +17,21 @@ def to_prompt(p: PromptInputs) -> Prompt:
                   p.pixel_values_videos, grid(p.video_grid_thw))
 
 
-@dataclass
-class TextStream:
-    """Token ids of one sequence -> (reasoning_delta, content_delta), and the final text fields."""
-
-    detok: object
-    parser: ReasoningStreamParser = field(default_factory=ReasoningStreamParser)
-
-    def feed(self, token: int, last: bool) -> tuple[str, str]:
-        r, c = self.parser.feed(self.detok.add(token))
-        if last:
-            r2, c2 = self.parser.feed(self.detok.finish())
-            r3, c3 = self.parser.finish()
-            r, c = r + r2 + r3, c + c2 + c3
-        return r, c
-
-
-def result_dict(seq: Sequence, prompt_ids: list[int], text: str, stage_stats: list[dict]) -> dict:
-    reasoning, content = split_reasoning(text)
+def result_dict(seq: Sequence, prompt_ids: list[int], processor, stage_stats: list[dict]) -> dict:
+    """The CLI's --json result of a finished sequence."""
+    out = output_stream(processor, prompt_ids)
+    for token in seq.output:
+        out.add(token)
+    out.finish()
     n = len(seq.output)
     prefill_s = (seq.t_first_token or seq.t_submit) - seq.t_submit
     decode_s = (seq.t_done or time.perf_counter()) - (seq.t_first_token or seq.t_submit)
     return {
         "prompt_token_ids": prompt_ids,
         "token_ids": seq.output,
-        "text": text,
-        "reasoning": reasoning,
-        "content": content,
+        "text": processor.decode(seq.output),
+        "reasoning": out.reasoning,
+        "content": out.content,
         "finish_reason": seq.finish_reason,
         "timings": {
             "prefill_ms": round(prefill_s * 1000, 3),

@@ -14,8 +14,9 @@ StepPayload (stage s -> stage s+1), for T packed tokens of B sequences:
               these prompt tokens to the slot's history)
   open_prompts  slots whose prompt is not finished after this step: no token is sampled for them
   visual      images/videos of the step (stage 0 only: DeepStack layers live there, so visual data never crosses)
-TokenPayload (last stage -> stage 0): mb, tokens [B] int64 in layout order (-1 for open prompts), and every stage's
-busy-time stats.
+TokenPayload (last stage -> stage 0): mb, tokens [B] int64 in layout order (-1 for open prompts), logprobs (None,
+or per row None or [logprob of the sampled token, [[token id, logprob], ...] the most likely first]; JSON), and
+every stage's busy-time stats.
 """
 
 from __future__ import annotations
@@ -65,4 +66,5 @@ class TokenPayload:
     kind: str
     mb: int = -1
     tokens: torch.Tensor | None = None  # [B] int64
+    logprobs: list | None = None  # per row: None or [logprob, [[id, logprob], ...]]; None when no row asked
     stats: list[dict[str, Any]] = field(default_factory=list)  # per-stage busy time, stage order

@@ -23,7 +23,9 @@ class Sampler(Protocol):
 
     def extend(self, slot: int, prompt_ids: list[int]) -> None: ...
 
-    def sample(self, slots: list[int], logits: torch.Tensor) -> torch.Tensor: ...
+    def sample(self, slots: list[int], logits: torch.Tensor) -> Any:
+        """A draw: ``.tokens`` int64 [B] and ``.logprobs``, per row None or an object with ``logprob`` (float) and
+        ``top`` ([(token id, logprob)])."""
 
 
 class StageRuntime:
@@ -53,7 +55,7 @@ class StageRuntime:
                 visual=p.visual.to(self.device) if p.visual is not None else None,
             )
             if self.model.has_head:
-                result = TokenPayload("tokens", p.mb, self._sample(p, out))
+                result = TokenPayload("tokens", p.mb, *self._sample(p, out))
             else:  # a copy: the stage may reuse its output buffer (CUDA-graph replay) while the send is in flight
                 result = StepPayload("step", p.mb, p.step, p.layout, p.positions, p.input_ids, out.clone(),
                                      p.new_seqs, continued=p.continued, open_prompts=p.open_prompts)
@@ -70,9 +72,10 @@ class StageRuntime:
             self.busy_s += self._timers.pop(0).seconds()
         return {"stage": self.stage_index, "busy_s": round(self.busy_s, 6), "steps": self.steps}
 
-    def _sample(self, p: StepPayload, logits: torch.Tensor) -> torch.Tensor:
+    def _sample(self, p: StepPayload, logits: torch.Tensor) -> tuple[torch.Tensor, list | None]:
         """Tokens [B] in layout order: sampled for decoding sequences and finished prompts, -1 for open prompts
-        (a chunk short of the prompt's end: its logits row is dropped)."""
+        (a chunk short of the prompt's end: its logits row is dropped); and the log-probabilities of the rows that
+        asked for them (TokenPayload.logprobs), or None when no row did."""
         ids = p.input_ids.tolist()
         offsets = p.layout.offsets()
         for i, slot in enumerate(p.layout.slots):
@@ -82,9 +85,15 @@ class StageRuntime:
                 self.sampler.extend(slot, ids[offsets[i]:offsets[i + 1]])
         rows = [i for i, slot in enumerate(p.layout.slots) if slot not in p.open_prompts]
         tokens = torch.full((len(p.layout.slots),), -1, dtype=torch.long)
+        logprobs: list | None = None
         if rows:
-            tokens[rows] = self.sampler.sample([p.layout.slots[i] for i in rows], logits[rows]).cpu()
-        return tokens
+            drawn = self.sampler.sample([p.layout.slots[i] for i in rows], logits[rows])
+            tokens[rows] = drawn.tokens.cpu()
+            if any(lp is not None for lp in drawn.logprobs):
+                logprobs = [None] * len(p.layout.slots)
+                for i, lp in zip(rows, drawn.logprobs):
+                    logprobs[i] = None if lp is None else [lp.logprob, [list(t) for t in lp.top]]
+        return tokens, logprobs
 
 
 class _GpuTimer:

@@ -93,13 +93,13 @@ class Transport:
     # -- tokens back to stage 0 ---------------------------------------------------------------------------------
     def send_tokens(self, p: TokenPayload) -> None:
         header = {"kind": p.kind, "mb": p.mb, "stats": p.stats,
-                  "tokens": None if p.tokens is None else p.tokens.tolist()}
+                  "tokens": None if p.tokens is None else p.tokens.tolist(), "logprobs": p.logprobs}
         self._send(header, [], 0, TOKEN_TAG)
 
     def recv_tokens(self) -> TokenPayload:
         h = self._recv_header(self.world - 1, TOKEN_TAG)
         tokens = None if h["tokens"] is None else torch.tensor(h["tokens"], dtype=torch.long)
-        return TokenPayload(h["kind"], h["mb"], tokens, h["stats"])
+        return TokenPayload(h["kind"], h["mb"], tokens, h["logprobs"], h["stats"])
 
     # -- plumbing -------------------------------------------------------------------------------------------------
     def _send(self, header: dict, data: list[torch.Tensor], dst: int, tag: int) -> None:

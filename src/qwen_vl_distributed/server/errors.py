@@ -78,6 +78,8 @@ def from_validation_error(e: ValidationError | RequestValidationError) -> APIErr
     err = e.errors()[0]
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
     msg = err.get("msg", "invalid value")
+    if err.get("type") == "extra_forbidden":  # docs/server.md lists the fields this server accepts
+        msg = "unknown or unsupported field"
     # param is the top-level field (as OpenAI reports it); the message keeps the full path, union branch included.
     return APIError(400, f"{'.'.join(loc)}: {msg}" if loc else msg, INVALID, loc[0] if loc else None,
                     "invalid_value")

@@ -1,99 +1,109 @@
-"""Prometheus text-format metrics, written by hand (a few counters, one histogram and gauges need no library).
+"""Prometheus metrics through prometheus_client, under vLLM's names (``vllm:...`` with a ``model_name`` label), so
+dashboards and alerts written for a vLLM server work unchanged; what vLLM has no name for is ``qwen_vl_...``.
 
-Counters and the histogram are updated on the event loop thread only; engine-side figures (queue depth, running
-sequences, per-stage busy time) come from the engine thread's published snapshot at scrape time.
+Request figures are recorded on the event loop thread as requests finish; engine-side figures (running and waiting
+sequences, KV usage, per-stage busy time) come from the engine thread's published snapshot at scrape time. Every app
+has its own registry (several servers may live in one process, as in the tests).
 """
 
 from __future__ import annotations
 
-import bisect
-from collections import defaultdict
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..engine.async_engine import EngineStats
 
-PREFIX = "qwen_vl"
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-CHAT_PATH = "/v1/chat/completions"
-
-
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...]):
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)  # last: above every bound (+Inf only)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def lines(self, name: str) -> list[str]:
-        out, cum = [], 0
-        for bound, n in zip(self.buckets, self.counts):
-            cum += n
-            out.append(f'{name}_bucket{{le="{bound:g}"}} {cum}')
-        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
-        out += [f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
-        return out
+API_PATHS = ("/v1/chat/completions", "/v1/completions")
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                   40.0, 80.0, 160.0, 640.0, 2560.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
-    def __init__(self):
-        self.requests: dict[str, int] = defaultdict(int)  # HTTP status of chat completion requests
-        self.finished: dict[str, int] = defaultdict(int)  # finish_reason of generations
-        self.prompt_tokens = 0
-        self.cached_tokens = 0
-        self.completion_tokens = 0
-        self.ttft = Histogram(TTFT_BUCKETS)
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats]):
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        label, r = ["model_name"], self.registry
+
+        def hist(name, doc, buckets):
+            return Histogram(name, doc, label, buckets=buckets, registry=r).labels(model_name)
+
+        self.ttft = hist("vllm:time_to_first_token_seconds", "From request arrival to the first token.",
+                         LATENCY_BUCKETS)
+        self.itl = hist("vllm:inter_token_latency_seconds", "Between two tokens of a sequence.", LATENCY_BUCKETS)
+        self.e2e = hist("vllm:e2e_request_latency_seconds", "From request arrival to its last token.",
+                        LATENCY_BUCKETS)
+        self.req_prompt = hist("vllm:request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
+        self.req_gen = hist("vllm:request_generation_tokens", "Generated tokens per sequence.", TOKEN_BUCKETS)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens.", label, registry=r).labels(model_name)
+        self.gen_tokens = Counter("vllm:generation_tokens", "Generated tokens.", label, registry=r).labels(model_name)
+        self.cache_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the KV cache.", label,
+                                     registry=r).labels(model_name)
+        self.cache_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the KV cache (prefix reuse).",
+                                  label, registry=r).labels(model_name)
+        self.success = Counter("vllm:request_success", "Finished sequences by finish reason.",
+                               label + ["finished_reason"], registry=r)
+        self.http = Counter("qwen_vl_requests", "Completion requests by HTTP status.", ["status"], registry=r)
+        r.register(_EngineCollector(model_name, stats))
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
 
     def request_done(self, status: int) -> None:
-        self.requests[str(status)] += 1
+        self.http.labels(str(status)).inc()
 
-    def generation_done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-                        cached_tokens: int = 0) -> None:
-        self.finished[finish_reason] += 1
-        self.prompt_tokens += prompt_tokens
-        self.cached_tokens += cached_tokens
-        self.completion_tokens += completion_tokens
+    def generation_done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+                        seconds: float) -> None:
+        """A sequence ended; ``prompt_tokens`` is 0 for a request's second and later choices (counted once)."""
+        self.success.labels(self.model_name, finish_reason).inc()
+        self.gen_tokens.inc(completion_tokens)
+        self.req_gen.observe(completion_tokens)
+        self.e2e.observe(seconds)
+        if prompt_tokens:
+            self.prompt_tokens.inc(prompt_tokens)
+            self.req_prompt.observe(prompt_tokens)
+            self.cache_queries.inc(prompt_tokens)
+            self.cache_hits.inc(cached_tokens)
 
-    def render(self, stats: EngineStats) -> str:
-        p = PREFIX
-        lines = [f"# HELP {p}_requests_total Chat completion requests by HTTP status.",
-                 f"# TYPE {p}_requests_total counter"]
-        lines += [f'{p}_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
-        lines += [f"# HELP {p}_finished_total Generations by finish reason.", f"# TYPE {p}_finished_total counter"]
-        lines += [f'{p}_finished_total{{reason="{r}"}} {n}' for r, n in sorted(self.finished.items())]
-        lines += _counter(f"{p}_prompt_tokens_total", "Prompt tokens of finished generations.", self.prompt_tokens)
-        lines += _counter(f"{p}_prompt_tokens_cached_total",
-                          "Prompt tokens taken from the KV cache of an earlier sequence (prefix reuse).",
-                          self.cached_tokens)
-        lines += _counter(f"{p}_completion_tokens_total", "Generated tokens.", self.completion_tokens)
-        lines += [f"# HELP {p}_time_to_first_token_seconds From request arrival to the first generated token.",
-                  f"# TYPE {p}_time_to_first_token_seconds histogram"]
-        lines += self.ttft.lines(f"{p}_time_to_first_token_seconds")
-        lines += [f"# HELP {p}_stage_busy_seconds_total Time each pipeline stage spent computing steps.",
-                  f"# TYPE {p}_stage_busy_seconds_total counter"]
-        lines += [f'{p}_stage_busy_seconds_total{{stage="{s["stage"]}"}} {s["busy_s"]:.6f}' for s in stats.stages]
-        lines += [f"# HELP {p}_stage_steps_total Steps each pipeline stage has run.",
-                  f"# TYPE {p}_stage_steps_total counter"]
-        lines += [f'{p}_stage_steps_total{{stage="{s["stage"]}"}} {s["steps"]}' for s in stats.stages if "steps" in s]
-        lines += _gauge(f"{p}_queue_depth", "Requests waiting for a KV-cache slot.", stats.waiting)
-        lines += _gauge(f"{p}_running_sequences", "Sequences holding a KV-cache slot.", stats.running)
-        lines += _gauge(f"{p}_engine_alive", "1 while the engine thread is serving.", int(stats.alive))
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
-def _counter(name: str, help: str, value: int) -> list[str]:
-    return [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {value}"]
+class _EngineCollector:
+    """Gauges and counters read from the engine thread's snapshot at scrape time."""
 
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats]):
+        self.model_name = model_name
+        self.stats = stats
 
-def _gauge(name: str, help: str, value: int) -> list[str]:
-    return [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {value}"]
+    def collect(self):
+        s = self.stats()
+        for name, doc, value in (("vllm:num_requests_running", "Sequences holding KV cache.", s.running),
+                                 ("vllm:num_requests_waiting", "Sequences waiting for KV cache.", s.waiting),
+                                 ("vllm:kv_cache_usage_perc", "Fraction of the KV cache in use (0-1).", s.kv_usage)):
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric([self.model_name], value)
+            yield g
+        yield GaugeMetricFamily("qwen_vl_engine_alive", "1 while the engine thread is serving.", value=int(s.alive))
+        busy = CounterMetricFamily("qwen_vl_stage_busy_seconds", "Time each pipeline stage spent computing steps.",
+                                   labels=["stage"])
+        steps = CounterMetricFamily("qwen_vl_stage_steps", "Steps each pipeline stage has run.", labels=["stage"])
+        for st in s.stages:
+            busy.add_metric([str(st["stage"])], st["busy_s"])
+            if "steps" in st:
+                steps.add_metric([str(st["stage"])], st["steps"])
+        yield busy
+        yield steps
 
 
 class StatusRecorder:
-    """Plain ASGI middleware: counts the status of every chat completion response (errors included).
+    """Plain ASGI middleware: counts the status of every completion response (errors included).
 
     Pure ASGI rather than FastAPI's ``@app.middleware`` (BaseHTTPMiddleware), which wraps ``receive`` and can hide a
     client disconnect from the endpoint -- and noticing disconnects is how aborted requests free their slots."""
@@ -103,7 +113,7 @@ class StatusRecorder:
         self.metrics = metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != CHAT_PATH:
+        if scope["type"] != "http" or scope["path"] not in API_PATHS:
             return await self.app(scope, receive, send)
 
         started = False

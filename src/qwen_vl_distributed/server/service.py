@@ -1,0 +1,73 @@
+"""What the completion routes share: the prompt's length check, starting a request's choices in the engine, and
+running a non-streamed request to its end unless the client hangs up first."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Awaitable, Callable
+
+from fastapi import Request
+
+from ..engine.async_engine import EngineDeadError, QueueFullError
+from ..engine.engine import Prompt
+from ..engine.output import OutputStream
+from ..engine.sampling import SamplingParams
+from ..engine.session import to_prompt
+from .errors import APIError
+from .generation import EngineFailure, Generation
+from .tools import ToolCallParser
+
+
+def checked_prompt(inputs: Any, max_len: int, param: str = "messages") -> Prompt:
+    n = len(inputs.input_ids)
+    if n >= max_len:  # at least one token must fit after the prompt
+        raise APIError(400, f"{param}: the prompt is {n} tokens; this server's context is {max_len} tokens "
+                            f"(prompt plus output)", param=param, code="context_length_exceeded")
+    return to_prompt(inputs)
+
+
+def start(state: Any, prompt: Prompt, params: list[SamplingParams], t_arrival: float,
+          text: Callable[[SamplingParams], OutputStream], tools: bool = False, first_index: int = 0,
+          count_prompt: bool = True) -> list[Generation]:
+    """One sequence per ``params`` over ``prompt`` (choices first_index, first_index + 1, ...), admitted together."""
+    try:
+        handles = state.engine.submit_group(prompt, params)
+    except QueueFullError as e:
+        raise APIError(503, f"the server is busy ({e}); retry later", "server_error", None, "queue_full",
+                       {"Retry-After": str(state.settings.retry_after_s)}) from None
+    except EngineDeadError as e:
+        raise APIError(503, f"the engine is not running: {e}", "server_error", None, "engine_stopped") from None
+    return [Generation(state.engine, h, text(p), ToolCallParser() if tools else None, first_index + i,
+                       len(prompt.input_ids), t_arrival, state.metrics, count_prompt and i == 0)
+            for i, (h, p) in enumerate(zip(handles, params))]
+
+
+async def until_done_or_gone(request: Request, work: Awaitable) -> Any:
+    """The result of ``work``, or None if the client disconnects first (then ``work`` is cancelled, which aborts
+    its sequences: their slots are free at once)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        return None
+    try:
+        return task.result()
+    except EngineFailure as e:
+        raise APIError(500, str(e), "server_error", None, "engine_failure") from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def engine_failure_event(e: EngineFailure) -> str:
+    """Headers are gone already: report in-band, the way OpenAI streams report errors."""
+    return f"data: {json.dumps(APIError(500, str(e), 'server_error', None, 'engine_failure').body())}\n\n"
