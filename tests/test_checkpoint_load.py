@@ -179,7 +179,7 @@ def test_fused_experts_fitting_no_orientation(ckpt_dir):
     gate_up = shard_of(ckpt_dir, L + "0.mlp.experts.gate_up_proj")
     assert str(e.value) == (
         f"shape mismatch: fused experts of layer 0 fit no known orientation: found {key} [8, 64, 30] in {path}, "
-        f"{L}0.mlp.experts.gate_up_proj [8, 64, 64] in {gate_up}; expected hf5: gate_up_proj [8, 64, 64], "
+        f"{L}0.mlp.experts.gate_up_proj [8, 64, 64] in {gate_up}; expected hf: gate_up_proj [8, 64, 64], "
         f"down_proj [8, 64, 32]; released: gate_up_proj [8, 64, 64], down_proj [8, 32, 64]")
 
 
@@ -249,11 +249,12 @@ def test_not_a_checkpoint(tmp_path, ckpt_dir):
     with pytest.raises(ConfigError) as e:
         open_checkpoint(tmp_path / "empty")
     assert str(e.value) == f"{tmp_path / 'empty' / 'config.json'}: no config.json (not a Hugging Face model directory)"
-    cfg_path = edit_config(ckpt_dir, lambda c: c.update(model_type="llama", architectures=["LlamaForCausalLM"]))
+    # architectures naming Qwen3-VL-MoE do not help: transformers would read this config.json as a llama model
+    cfg_path = edit_config(ckpt_dir, lambda c: c.update(model_type="llama"))
     with pytest.raises(ConfigError) as e:
         open_checkpoint(ckpt_dir)
-    assert str(e.value).startswith(f"{cfg_path}: model_type 'llama' / architectures ['LlamaForCausalLM'] is not a "
-                                   f"Qwen3-VL-MoE model")
+    assert str(e.value).startswith(f"{cfg_path}: model_type 'llama' is not a Qwen3-VL-MoE model (expected "
+                                   f"'qwen3_vl_moe'")
 
 
 def test_no_weights(ckpt_dir):
