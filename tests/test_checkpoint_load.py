@@ -41,6 +41,24 @@ def ckpt_dir(tmp_path):
 # Layouts
 
 
+def test_tied_head_reads_the_embedding_matrix(tmp_path):
+    """tie_word_embeddings: no lm_head.weight is stored; a last stage without the embedding reads it as its head."""
+    import dataclasses
+
+    cfg = dataclasses.replace(small_cfg(), tie_word_embeddings=True)
+    d = _write(tmp_path / "ck", cfg)
+    assert "lm_head.weight" not in index(d)["weight_map"]
+    first, _, _ = _load(d, layers=(0, 3), head=False)
+    last, _, _ = _load(d, layers=(3, 4), vision=False, embed=False)
+    assert torch.equal(last.lm_head.weight, first.model.language_model.embed_tokens.weight)
+    edit_shard(d, "model.language_model.embed_tokens.weight",
+               lambda t: t.update({"lm_head.weight": t["model.language_model.embed_tokens.weight"].clone()}))
+    with pytest.raises(E.UnexpectedKeyError, match="unexpected key lm_head.weight in .*: it belongs to stage"):
+        _load(d, layers=(3, 4), vision=False, embed=False)
+
+
+
+
 @pytest.mark.parametrize("make_cfg", [small_cfg, odd_cfg], ids=["H=2I", "H!=2I"])
 def test_layouts_load_identical_params_and_logits(tmp_path, make_cfg):
     cfg = make_cfg()
