@@ -153,3 +153,23 @@ def test_ranks_that_resolve_different_revisions_refuse_to_start(tmp_path, model_
         assert p.returncode == 3, err.decode()
         assert "start-up agreement failed: the ranks disagree on revision" in err.decode()
         assert f"(rank 0, pid" in err.decode() and COMMIT in err.decode() and OTHER in err.decode()
+
+
+def test_download_is_asked_of_huggingface_hub_only_with_the_flag(cache, monkeypatch):
+    """Without --download huggingface_hub may only look in the cache; with it (and HF_HUB_OFFLINE unset) it may
+    fetch, limited to the files a run reads."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    calls = []
+
+    def snapshot_download(repo_id, **kw):
+        calls.append(kw)
+        return str(cache / "models--org--tiny" / "snapshots" / COMMIT)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    resolve_model("org/tiny")
+    resolve_model("org/tiny", revision="v2", download=True)
+    assert [(c["local_files_only"], c["revision"]) for c in calls] == [(True, None), (False, "v2")]
+    assert set(calls[1]["allow_patterns"]) == {"*.json", "*.safetensors", "*.jinja", "*.txt"}

@@ -13,6 +13,7 @@ The layout is decided per decoder layer from the stored shapes (``detect_expert_
 
 A config with ``tie_word_embeddings`` stores no ``lm_head.weight`` (transformers' save_pretrained drops it): the
 stage holding the head reads the embedding matrix into its own lm_head (``TIED_HEAD``).
+
 Run ``python -m qwen_vl_distributed.checkpoint.keymap`` to print the table that docs/weight_mapping.md embeds.
 """
 

@@ -26,6 +26,7 @@ from ..checkpoint.inspect import transformers_misreads
 from ..engine.build import RunOptions, read_generation_config, start_engine
 from ..engine.media import MediaOptions, sample_image_path
 from ..engine.processor import Processor
+from ..errors import UserError
 from ..model.param_counts import total_weight_bytes
 from .options import add_model_args, model_source
 from .plan import format_plan
@@ -82,6 +83,8 @@ def run(args) -> int:
 def _source(args) -> ModelSource:
     if args.model is not None:
         return model_source(args)
+    if args.revision is not None or args.download:
+        raise UserError("--revision and --download go with --model")
     if not os.path.exists(os.path.join(DEFAULT_DIR, "config.json")):
         _say(f"synthesising a tiny random-weight model in {DEFAULT_DIR} (first run only) ...")
         synthesize(DEFAULT_DIR)

@@ -39,7 +39,7 @@ def _config(args: argparse.Namespace):
         source = model_source(args)
         return load_config(source.path), source, source.name
     if args.revision is not None or args.download:
-        raise UserError("--revision and --download go with --model, not --preset")
+        raise UserError("--revision and --download go with --model")
     cfg = preset(args.preset)
     if args.fp8_experts in ("keep", "w8a8"):
         cfg = dataclasses.replace(cfg, quantization=QuantizationConfig())
