@@ -50,19 +50,20 @@ def model_source(args) -> ModelSource:
 
 def add_plan_args(p: argparse.ArgumentParser, max_batch: int = DEFAULTS["max_batch"]) -> None:
     """What the stage plan depends on (``engine.build.make_plan``)."""
-    p.add_argument("--stages", type=int, default=DEFAULTS["stages"],
+    p.add_argument("--stages", type=int, default=DEFAULTS["stages"], metavar="S",
                    help=f"pipeline stages, one process each (default {DEFAULTS['stages']})")
-    p.add_argument("--layers-per-stage", dest="layers_per_stage", type=_int_list, default=None,
+    p.add_argument("--layers-per-stage", dest="layers_per_stage", type=_int_list, default=None, metavar="A,B,...",
                    help="explicit split, e.g. 22,24,24,24")
     p.add_argument("--gpu-mem", dest="gpu_mem_gb", type=_float_list, default=None, metavar="GB[,GB...]",
                    help="GPU memory per stage in decimal GB for the plan: one for every stage, or one per stage "
                         "(default on cuda: this machine's GPU size)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=DEFAULTS["device"])
+    p.add_argument("--device", choices=["cpu", "cuda"], default=DEFAULTS["device"],
+                   help=f"where the stages run (default {DEFAULTS['device']})")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--max-batch", dest="max_batch", type=int, default=max_batch,
+    p.add_argument("--max-batch", dest="max_batch", type=int, default=max_batch, metavar="B",
                    help=f"concurrent sequences (KV-cache slots; default {max_batch})")
-    p.add_argument("--max-len", dest="max_len", type=int, default=DEFAULTS["max_len"],
+    p.add_argument("--max-len", dest="max_len", type=int, default=DEFAULTS["max_len"], metavar="N",
                    help=f"tokens per sequence, prompt + output (default {DEFAULTS['max_len']})")
     p.add_argument("--prefill-chunk", dest="prefill_chunk", type=int, default=None, metavar="N",
                    help="tokens one step carries, decodes and prompt chunks together; longer prompts are prefilled "
@@ -80,6 +81,7 @@ def add_run_args(p: argparse.ArgumentParser, max_batch: int = DEFAULTS["max_batc
     add_model_args(p)
     add_plan_args(p, max_batch)
     p.add_argument("--stage-timeout", dest="stage_timeout_s", type=float, default=DEFAULTS["stage_timeout_s"],
+                   metavar="SEC",
                    help="seconds of silence after which a stage is declared hung and every process stops")
     p.add_argument("--quiet", action="store_true", help="no loading progress bar")
 
