@@ -57,8 +57,6 @@ def test_tied_head_reads_the_embedding_matrix(tmp_path):
         _load(d, layers=(3, 4), vision=False, embed=False)
 
 
-
-
 @pytest.mark.parametrize("make_cfg", [small_cfg, odd_cfg], ids=["H=2I", "H!=2I"])
 def test_layouts_load_identical_params_and_logits(tmp_path, make_cfg):
     cfg = make_cfg()

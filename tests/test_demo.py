@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 
 import pytest
@@ -48,6 +49,8 @@ def test_demo_gives_no_verdict_where_transformers_left_tensors_unused(tmp_path_f
                                 "requires accelerate"),
 ])
 def test_reference_only_where_transformers_reads_every_tensor_as_stored(tmp_path, layout, fp8, square, reason):
+    if fp8 and importlib.util.find_spec("accelerate") is not None:
+        pytest.skip("accelerate is installed: transformers loads fp8 checkpoints here")
     cfg = small_cfg(moe_intermediate_size=32 if square else 24)
     write_synthetic_weights(tmp_path, cfg, layout=layout, fp8=fp8)
     model, why = reference_model(str(tmp_path))

@@ -100,10 +100,16 @@ def test_errors_name_what_is_missing(cache, model_dir):
         resolve_model(snap, revision="v2")
 
 
+def _env(**hub) -> dict:
+    """This process's environment with the Hugging Face cache settings replaced by ``hub``."""
+    keep = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")}
+    return {**keep, **hub}
+
+
 def _generate(model: str, env: dict, *extra: str) -> dict:
     r = subprocess.run(CLI + ["generate", "--model", model, *extra, "--prompt", "Describe the sky.",
                               "--temperature", "0", "--max-new-tokens", "6", "--quiet", "--json"],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+                       capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -111,16 +117,14 @@ def _generate(model: str, env: dict, *extra: str) -> dict:
 def test_hub_id_gives_the_directorys_tokens_offline(tmp_path, model_dir):
     """Through the CLI, as a user runs it: HF_HOME's hub cache, HF_HUB_OFFLINE=1, two stages."""
     add_snapshot(tmp_path / "home" / "hub", "org/tiny", COMMIT, model_dir)
-    env = {"HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
-    env.pop("HF_HUB_CACHE", None)
-    want = _generate(model_dir, {})
-    got = _generate("org/tiny", {**env, "HF_HUB_CACHE": str(tmp_path / "home" / "hub")}, "--stages", "2")
+    want = _generate(model_dir, _env())
+    got = _generate("org/tiny", _env(HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1"), "--stages", "2")
     assert got["token_ids"] == want["token_ids"] and got["prompt_token_ids"] == want["prompt_token_ids"]
 
 
 def test_plan_and_inspect_take_a_hub_id(tmp_path, model_dir):
     add_snapshot(tmp_path / "hub", "org/tiny", COMMIT, model_dir)
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    env = _env(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
     r = subprocess.run(CLI + ["plan", "--model", "org/tiny", "--stages", "2"], capture_output=True, text=True,
                        timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -142,7 +146,7 @@ def test_ranks_that_resolve_different_revisions_refuse_to_start(tmp_path, model_
     procs = []
     for rank, commit in enumerate([COMMIT, OTHER]):
         add_snapshot(tmp_path / f"hub{rank}", "org/tiny", commit, model_dir)
-        env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / f"hub{rank}"), "HF_HUB_OFFLINE": "1", "RANK": str(rank),
+        env = {**_env(HF_HUB_CACHE=str(tmp_path / f"hub{rank}"), HF_HUB_OFFLINE="1"), "RANK": str(rank),
                "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen(CLI + ["generate", "--model", "org/tiny", "--stages", "2", "--prompt", "hi",
