@@ -41,6 +41,22 @@ def ckpt_dir(tmp_path):
 # Layouts
 
 
+def test_tied_head_reads_the_embedding_matrix(tmp_path):
+    """tie_word_embeddings: no lm_head.weight is stored; a last stage without the embedding reads it as its head."""
+    import dataclasses
+
+    cfg = dataclasses.replace(small_cfg(), tie_word_embeddings=True)
+    d = _write(tmp_path / "ck", cfg)
+    assert "lm_head.weight" not in index(d)["weight_map"]
+    first, _, _ = _load(d, layers=(0, 3), head=False)
+    last, _, _ = _load(d, layers=(3, 4), vision=False, embed=False)
+    assert torch.equal(last.lm_head.weight, first.model.language_model.embed_tokens.weight)
+    edit_shard(d, "model.language_model.embed_tokens.weight",
+               lambda t: t.update({"lm_head.weight": t["model.language_model.embed_tokens.weight"].clone()}))
+    with pytest.raises(E.UnexpectedKeyError, match="unexpected key lm_head.weight in .*: it belongs to stage"):
+        _load(d, layers=(3, 4), vision=False, embed=False)
+
+
 @pytest.mark.parametrize("make_cfg", [small_cfg, odd_cfg], ids=["H=2I", "H!=2I"])
 def test_layouts_load_identical_params_and_logits(tmp_path, make_cfg):
     cfg = make_cfg()
@@ -179,7 +195,7 @@ def test_fused_experts_fitting_no_orientation(ckpt_dir):
     gate_up = shard_of(ckpt_dir, L + "0.mlp.experts.gate_up_proj")
     assert str(e.value) == (
         f"shape mismatch: fused experts of layer 0 fit no known orientation: found {key} [8, 64, 30] in {path}, "
-        f"{L}0.mlp.experts.gate_up_proj [8, 64, 64] in {gate_up}; expected hf5: gate_up_proj [8, 64, 64], "
+        f"{L}0.mlp.experts.gate_up_proj [8, 64, 64] in {gate_up}; expected hf: gate_up_proj [8, 64, 64], "
         f"down_proj [8, 64, 32]; released: gate_up_proj [8, 64, 64], down_proj [8, 32, 64]")
 
 
@@ -249,11 +265,12 @@ def test_not_a_checkpoint(tmp_path, ckpt_dir):
     with pytest.raises(ConfigError) as e:
         open_checkpoint(tmp_path / "empty")
     assert str(e.value) == f"{tmp_path / 'empty' / 'config.json'}: no config.json (not a Hugging Face model directory)"
-    cfg_path = edit_config(ckpt_dir, lambda c: c.update(model_type="llama", architectures=["LlamaForCausalLM"]))
+    # architectures naming Qwen3-VL-MoE do not help: transformers would read this config.json as a llama model
+    cfg_path = edit_config(ckpt_dir, lambda c: c.update(model_type="llama"))
     with pytest.raises(ConfigError) as e:
         open_checkpoint(ckpt_dir)
-    assert str(e.value).startswith(f"{cfg_path}: model_type 'llama' / architectures ['LlamaForCausalLM'] is not a "
-                                   f"Qwen3-VL-MoE model")
+    assert str(e.value).startswith(f"{cfg_path}: model_type 'llama' is not a Qwen3-VL-MoE model (expected "
+                                   f"'qwen3_vl_moe'")
 
 
 def test_no_weights(ckpt_dir):

@@ -83,7 +83,7 @@ def test_resident_model_equals_dequantised_model_exactly(fp8_dir):
 
 
 def _fuse_layer_experts(d, layer: int, block) -> None:
-    """Rewrite ``layer``'s per-expert fp8 tensors as one fused hf5 pair (gate_up [E, 2I, H], down [E, H, I]),
+    """Rewrite ``layer``'s per-expert fp8 tensors as one fused hf-layout pair (gate_up [E, 2I, H], down [E, H, I]),
     quantised afresh in ``block`` blocks over the fused rows."""
     from test_checkpoint_fp8 import _stored
 

@@ -284,8 +284,11 @@ def test_misfit_plan_returned_without_require_fit():
 # CLI
 
 
+BF16_GPU = ["--device", "cuda", "--gpu-mem", "141", "--max-len", "32768", "--max-batch", "4"]
+
+
 def test_cli_table(capsys):
-    assert main(["plan", "--preset", "235b-a22b", "--stages", "4", "--gpu-mem", "141"]) == 0
+    assert main(["plan", "--preset", "235b-a22b", "--stages", "4", *BF16_GPU]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:3] == ["stage", "layers", "holds"]
     assert lines[2].split()[:4] == ["0", "0-23", "vision+embed", "121.9"]
@@ -295,7 +298,7 @@ def test_cli_table(capsys):
 
 
 def test_cli_misfit_prints_table_then_fails(capsys):
-    rc = main(["plan", "--preset", "235b-a22b", "--stages", "2", "--gpu-mem", "141"])
+    rc = main(["plan", "--preset", "235b-a22b", "--stages", "2", *BF16_GPU])
     out, err = capsys.readouterr()
     assert rc == 2
     assert "NO" in out.splitlines()[2]
@@ -314,10 +317,39 @@ def test_cli_bad_split_is_one_line_error(capsys):
     assert out == "" and err == "error: layers per stage sum to 90 but the model has 94 decoder layers\n"
 
 
-def test_cli_model_dir_fp8_defaults_to_fp8(tmp_path, capsys):
+def test_cli_fp8_checkpoint_plans_as_fp8_experts_says(tmp_path, capsys):
+    from qwen_vl_distributed.engine.build import fp8_kernels_run_here
+
     cfg = dataclasses.replace(BIG, quantization=QuantizationConfig())
     (tmp_path / "config.json").write_text(json.dumps(config_to_dict(cfg)))
-    assert main(["plan", "--model", str(tmp_path), "--stages", "2", "--json"]) == 0
+
+    def dtype(*extra: str) -> str:
+        assert main(["plan", "--model", str(tmp_path), "--stages", "2", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["dtype"]
+
+    assert dtype("--device", "cuda", "--fp8-experts", "keep") == "fp8"
+    assert dtype("--device", "cuda", "--fp8-experts", "dequantize") == "bf16"
+    assert dtype("--device", "cuda") == ("fp8" if fp8_kernels_run_here("cuda") else "bf16")  # auto: by this machine
+    assert dtype() == "fp32"  # serve's default device is the CPU
+    assert main(["plan", "--preset", "235b-a22b", "--stages", "2", "--json", "--device", "cuda",
+                 "--fp8-experts", "keep"]) == 0
     assert json.loads(capsys.readouterr().out)["dtype"] == "fp8"
-    assert main(["plan", "--model", str(tmp_path), "--stages", "2", "--dtype", "bf16", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["dtype"] == "bf16"
+
+
+@pytest.mark.parametrize("options", [[], ["--device", "cuda", "--gpu-mem", "80"],
+                                     ["--max-batch", "3", "--max-len", "1000", "--prefill-chunk", "300"]])
+def test_cli_plan_is_the_plan_serve_uses(tmp_path, capsys, options):
+    """One source for the options and their defaults: plan's table is what serve would load with the same
+    arguments."""
+    from qwen_vl_distributed.checkpoint.hub import resolve_model
+    from qwen_vl_distributed.cli.main import build_parser
+    from qwen_vl_distributed.cli.options import run_options
+    from qwen_vl_distributed.engine.build import make_plan
+
+    (tmp_path / "config.json").write_text(json.dumps(config_to_dict(BIG)))
+    argv = ["--model", str(tmp_path), "--stages", "4", *options]
+    main(["plan", *argv, "--json"])
+    shown = json.loads(capsys.readouterr().out)
+    serve = build_parser().parse_args(["serve", *argv])
+    plan = make_plan(BIG, run_options(serve, resolve_model(str(tmp_path))), require_fit=False)
+    assert shown == json.loads(plan.to_json())

@@ -48,7 +48,7 @@ def build_hf(cfg: ModelConfig, device, experts: str = "grouped_mm"):
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
     bf16 = dataclasses.replace(cfg, torch_dtype="bfloat16")  # HF builds in the config's dtype
-    hf_cfg = Qwen3VLMoeConfig(**config_to_dict(bf16, spelling="hf5"), attn_implementation="sdpa",
+    hf_cfg = Qwen3VLMoeConfig(**config_to_dict(bf16, spelling="hf"), attn_implementation="sdpa",
                               experts_implementation=experts)
     with default_dtype(torch.bfloat16), torch.device(device):
         model = Qwen3VLMoeForConditionalGeneration(hf_cfg)

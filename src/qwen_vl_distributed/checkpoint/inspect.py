@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..model.config import ModelConfig
 from ..pipeline.plan import plan_stages
+from .errors import MissingKeyError, UnexpectedKeyError
 from .index import Checkpoint, open_checkpoint
 from .matching import plan_stage
 from .safetensors_io import FP8_DTYPES
@@ -49,13 +50,18 @@ def _architecture(ckpt: Checkpoint) -> str:
     return ", ".join(d.get("architectures") or []) or str(d.get("model_type"))
 
 
-def _coverage(ckpt: Checkpoint, num_layers: int) -> dict:
-    """Match the whole model (all layers, vision, embed, head) against the checkpoint; count, don't raise."""
-    shapes = param_shapes(ckpt.cfg)
-    plan = plan_stage(ckpt, shapes, StageParts((0, num_layers), True, True, True), "the whole model")
-    other = [p for p in plan.problems if type(p).__name__ not in ("MissingKeyError", "UnexpectedKeyError")]
+def _whole_model(ckpt: Checkpoint):
+    """The whole model (all layers, vision, embed, head) matched against the checkpoint; problems collected."""
+    parts = StageParts((0, ckpt.cfg.text.num_hidden_layers), True, True, True)
+    return plan_stage(ckpt, param_shapes(ckpt.cfg), parts, "the whole model")
+
+
+def _coverage(ckpt: Checkpoint) -> dict:
+    """Count, don't raise."""
+    plan = _whole_model(ckpt)
+    other = [p for p in plan.problems if not isinstance(p, (MissingKeyError, UnexpectedKeyError))]
     return {
-        "expected_params": sum(math.prod(s) for s in shapes.values()),
+        "expected_params": sum(math.prod(s) for s in plan.params.values()),
         "missing": len(plan.missing), "missing_first": plan.missing[:SHOW],
         "unexpected": len(plan.unexpected), "unexpected_first": plan.unexpected[:SHOW],
         "problems": len(other), "problems_first": [str(p) for p in other[:SHOW]],
@@ -70,6 +76,18 @@ def _stages(ckpt: Checkpoint, infos: list, num_stages: int) -> list[dict]:
         out.append({"stage": k, "holds": parts.describe(), "tensors": len(mine),
                     "bytes": sum(i.nbytes for i in mine), "files": len({i.file for i in mine})})
     return out
+
+
+def transformers_misreads(ckpt: Checkpoint) -> str | None:
+    """Why transformers would read this checkpoint's tensors other than as stored while its load report stays
+    clean, or None. It orients a fused expert tensor by that tensor's shape alone (transposing unless it already
+    has the in-memory shape), and a release-orientation gate_up_proj [E, H, 2I] has the in-memory shape [E, 2I, H]
+    when H = 2I."""
+    t = ckpt.cfg.text
+    if t.hidden_size != 2 * t.moe_intermediate_size or "released" not in _whole_model(ckpt).layouts.values():
+        return None
+    return (f"transformers orients a fused gate_up_proj by its shape alone, and with hidden_size {t.hidden_size} = "
+            f"2 x moe_intermediate_size it would read this checkpoint's release-orientation experts untransposed")
 
 
 def inspect_checkpoint(directory: str | os.PathLike, num_stages: int = 1) -> dict:
@@ -91,7 +109,7 @@ def inspect_checkpoint(directory: str | os.PathLike, num_stages: int = 1) -> dic
         "bytes_by_dtype": totals.bytes_by_dtype,
         "fp8": any(i.dtype in FP8_DTYPES for i in infos),
         "quantization": cfg.quantization.quant_method if cfg.quantization else None,
-        "coverage": _coverage(ckpt, cfg.text.num_hidden_layers),
+        "coverage": _coverage(ckpt),
         "stages": _stages(ckpt, infos, num_stages),
     }
 

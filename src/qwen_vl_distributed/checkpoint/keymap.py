@@ -3,13 +3,17 @@
 Every parameter not named in ``KEY_MAP`` is stored under its own name with its own shape (the model's parameter names
 are the HF transformers-5.x keys). Only the fused MoE experts have several spellings on disk:
 
-- ``hf5``        transformers 5.x ``save_pretrained``: ``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I]
+- ``hf``         transformers 5.x ``save_pretrained``: ``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I]
                  (the in-memory orientation; loaded as is);
 - ``released``   the official Qwen checkpoints: [E, H, 2I] and [E, I, H] (input-major; loaded transposed in dims 1, 2);
 - ``per-expert`` ``experts.{e}.gate_proj.weight`` [I, H], ``up_proj.weight`` [I, H], ``down_proj.weight`` [H, I]
                  (nn.Linear layout, as in FP8 releases); gate rows go first in ``gate_up_proj[e]``, then up rows.
 
 The layout is decided per decoder layer from the stored shapes (``detect_expert_layout``), never guessed.
+
+A config with ``tie_word_embeddings`` stores no ``lm_head.weight`` (transformers' save_pretrained drops it): the
+stage holding the head reads the embedding matrix into its own lm_head (``TIED_HEAD``).
+
 Run ``python -m qwen_vl_distributed.checkpoint.keymap`` to print the table that docs/weight_mapping.md embeds.
 """
 
@@ -20,18 +24,18 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from .errors import LayoutError, ShapeMismatchError
-from .spec import LAYER, Shape
+from .spec import EMBED, LAYER, LM_HEAD, Shape
 
 EXPERTS = LAYER + "mlp.experts."
 GATE_UP = EXPERTS + "gate_up_proj"
 DOWN = EXPERTS + "down_proj"
 
 LAYOUTS = {
-    "hf5": "fused, transformers 5.x save_pretrained orientation (= in-memory)",
+    "hf": "fused, transformers 5.x save_pretrained orientation (= in-memory)",
     "released": "fused, official Qwen release orientation (input-major)",
     "per-expert": "one nn.Linear-style weight per expert and projection",
 }
-FUSED_LAYOUTS = ("hf5", "released")
+FUSED_LAYOUTS = ("hf", "released")
 
 # Where a stored tensor lands in its parameter. I = rows of one projection = gate_up_proj.shape[1] // 2.
 PLACES = {
@@ -53,14 +57,17 @@ class Rule:
 
 
 KEY_MAP: tuple[Rule, ...] = (
-    Rule(GATE_UP, "hf5", GATE_UP, "[E, 2I, H]", "whole"),
+    Rule(GATE_UP, "hf", GATE_UP, "[E, 2I, H]", "whole"),
     Rule(GATE_UP, "released", GATE_UP, "[E, H, 2I]", "whole, transposed(1, 2)"),
     Rule(GATE_UP, "per-expert", EXPERTS + "{e}.gate_proj.weight", "[I, H]", "[e, :I]"),
     Rule(GATE_UP, "per-expert", EXPERTS + "{e}.up_proj.weight", "[I, H]", "[e, I:]"),
-    Rule(DOWN, "hf5", DOWN, "[E, H, I]", "whole"),
+    Rule(DOWN, "hf", DOWN, "[E, H, I]", "whole"),
     Rule(DOWN, "released", DOWN, "[E, I, H]", "whole, transposed(1, 2)"),
     Rule(DOWN, "per-expert", EXPERTS + "{e}.down_proj.weight", "[H, I]", "[e]"),
 )
+
+# tie_word_embeddings: the head is the embedding matrix, in whichever stage holds the head
+TIED_HEAD = Rule(LM_HEAD, "tied", EMBED, "[V, H]", "whole")
 
 _PARAM_RES = {p: re.compile("^" + re.escape(p).replace(r"\{i\}", r"(\d+)") + "$") for p in {r.param for r in KEY_MAP}}
 _PER_EXPERT_RE = re.compile(r"^model\.language_model\.layers\.(\d+)\.mlp\.experts\.\d+\.")
@@ -109,8 +116,11 @@ def _sliced_shape(shape: Shape, index: tuple) -> Shape:
     return tuple(s for s in out if s is not None)
 
 
-def pieces(param: str, shape: Shape, layout: str | None) -> list[Piece]:
-    """The stored tensors that make up ``param`` (whose shape is ``shape``) under expert ``layout``."""
+def pieces(param: str, shape: Shape, layout: str | None, tied: bool = False) -> list[Piece]:
+    """The stored tensors that make up ``param`` (whose shape is ``shape``) under expert ``layout``; ``tied``: the
+    config ties the word embeddings."""
+    if tied and param == TIED_HEAD.param:
+        return [Piece(param, TIED_HEAD.key, (), False, tuple(shape))]
     hit = _mapped(param)
     if hit is None:
         return [Piece(param, param, (), False, tuple(shape))]
@@ -148,14 +158,14 @@ def detect_expert_layout(i: int, keys: Mapping[str, Shape], shapes: Mapping[str,
     if split:
         return "per-expert"
     if not fused:
-        return "hf5"  # nothing stored: missing-key errors will name the hf5 keys
+        return "hf"  # nothing stored: missing-key errors will name the hf keys
     fits = [lay for lay in FUSED_LAYOUTS if all(
         p.key not in keys or keys[p.key] == p.stored_shape
         for param, shape in shapes.items() for p in pieces(param, shape, lay))]
     if len(fits) == 1:
         return fits[0]
-    if fits and any(p.key not in keys for param, shape in shapes.items() for p in pieces(param, shape, "hf5")):
-        return "hf5"  # one fused tensor missing: let the missing-key error speak rather than call it ambiguous
+    if fits and any(p.key not in keys for param, shape in shapes.items() for p in pieces(param, shape, "hf")):
+        return "hf"  # one fused tensor missing: let the missing-key error speak rather than call it ambiguous
     found = ", ".join(f"{k} {list(keys[k])} in {where(k)}" for k in sorted(fused))
     if not fits:
         want = "; ".join(f"{lay}: " + ", ".join(f"{p.key.rsplit('.', 1)[1]} {list(p.stored_shape)}"
@@ -170,7 +180,7 @@ def detect_expert_layout(i: int, keys: Mapping[str, Shape], shapes: Mapping[str,
 def markdown_table() -> str:
     """The key map as a markdown table (embedded verbatim in docs/weight_mapping.md)."""
     lines = ["| parameter | layout | checkpoint key | stored shape | lands in |", "|---|---|---|---|---|"]
-    for r in KEY_MAP:
+    for r in KEY_MAP + (TIED_HEAD,):
         lines.append(f"| `{r.param}` | {r.layout} | `{r.key}` | {r.stored} | {r.place} |")
     lines.append("| any other parameter `P` | all | `P` (same name) | parameter shape | whole |")
     return "\n".join(lines)

@@ -182,7 +182,8 @@ def _plan_param(ckpt: Checkpoint, plan: StagePlan, name: str, infos: Mapping[str
                 consumed: set[str]) -> None:
     i = layer_of(name)
     items = []
-    for piece in keymap.pieces(name, plan.params[name], plan.layouts.get(i) if i is not None else None):
+    layout = plan.layouts.get(i) if i is not None else None
+    for piece in keymap.pieces(name, plan.params[name], layout, tied=ckpt.cfg.tie_word_embeddings):
         info = infos.get(piece.key)
         if info is None:
             plan.missing.append(piece.key)
@@ -243,6 +244,9 @@ def plan_stage(ckpt: Checkpoint, params: Mapping[str, Shape], parts: StageParts,
     _check_layer_counts(ckpt, plan.problems)
     owned = [k for k in ckpt.weight_map if parts.owns(k)]
     infos = {k: ckpt.info(k) for k in owned}        # opens the headers of this stage's shards only
+    if parts.head and ckpt.cfg.tie_word_embeddings and keymap.TIED_HEAD.key in ckpt.weight_map:
+        # read by this stage too, consumed (and accounted for) by the stage holding the embedding
+        infos[keymap.TIED_HEAD.key] = ckpt.info(keymap.TIED_HEAD.key)
     _check_anchors(ckpt, infos, plan.problems)
     failed = _detect_layouts(ckpt, plan, infos)
     consumed: set[str] = {k for k in owned if keymap.expert_layer(k) in failed}

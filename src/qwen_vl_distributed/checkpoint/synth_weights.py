@@ -28,8 +28,6 @@ from .index import INDEX_NAME
 from .safetensors_io import DTYPES, TORCH_TO_ST, write_safetensors
 from .spec import EMBED, LAYER, Shape, param_shapes
 
-LAYOUT_NAMES = {"hf": "hf5", "released": "released", "per-expert": "per-expert"}
-
 GENERATION_CONFIG = {
     "bos_token_id": 151643,
     "eos_token_id": [151645, 151643],
@@ -88,8 +86,12 @@ class _Source:
 def _entries(cfg: ModelConfig, layout: str, block: tuple[int, int] | None, src: _Source | None) -> Iterator:
     """(key, dtype, shape, producer) for every stored tensor, in file order; producer() makes the tensor."""
     st = TORCH_TO_ST[getattr(torch, cfg.torch_dtype)]
+    written = set()
     for name, shape in param_shapes(cfg).items():
-        for piece in keymap.pieces(name, shape, layout):
+        for piece in keymap.pieces(name, shape, layout, tied=cfg.tie_word_embeddings):
+            if piece.key in written:  # a tied head is the embedding, stored once
+                continue
+            written.add(piece.key)
             if block is not None and _FP8_RE.search(piece.key):
                 yield piece.key, "F8_E4M3", piece.stored_shape, lambda p=piece, s=shape: src.quantized(p, s)[0]
                 yield (scale_key(piece.key), "F32", scale_shape(piece.stored_shape, block),
@@ -128,8 +130,8 @@ def _write_json(path: str, obj: object) -> None:
 
 def _write(directory: str, cfg: ModelConfig, seed: int, layout: str, fp8: bool, shard_bytes: int,
            data: bool) -> ModelConfig:
-    if layout not in LAYOUT_NAMES:
-        raise CheckpointError(f"unknown expert layout {layout!r} (choose from {', '.join(LAYOUT_NAMES)})")
+    if layout not in keymap.LAYOUTS:
+        raise CheckpointError(f"unknown expert layout {layout!r} (choose from {', '.join(keymap.LAYOUTS)})")
     if fp8 and layout != "per-expert":
         raise CheckpointError(f"fp8 checkpoints store experts per expert, as Qwen's FP8 releases do: "
                               f"use layout 'per-expert', not {layout!r}")
@@ -137,7 +139,7 @@ def _write(directory: str, cfg: ModelConfig, seed: int, layout: str, fp8: bool, 
     block = tuple(cfg.quantization.weight_block_size) if fp8 else None
     os.makedirs(directory, exist_ok=True)
     src = _Source(cfg, seed, getattr(torch, cfg.torch_dtype), block) if data else None
-    shards = _shards(list(_entries(cfg, LAYOUT_NAMES[layout], block, src)), shard_bytes)
+    shards = _shards(list(_entries(cfg, layout, block, src)), shard_bytes)
     weight_map, total = {}, 0
     for k, shard in enumerate(shards, 1):
         file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
@@ -146,7 +148,7 @@ def _write(directory: str, cfg: ModelConfig, seed: int, layout: str, fp8: bool, 
         weight_map.update({e[0]: file for e in shard})
     _write_json(os.path.join(directory, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map})
     _write_json(os.path.join(directory, "config.json"),
-                config_to_dict(cfg, spelling="hf5" if layout == "hf" else "released"))
+                config_to_dict(cfg, spelling="hf" if layout == "hf" else "released"))
     _write_json(os.path.join(directory, "generation_config.json"), GENERATION_CONFIG)
     return cfg
 

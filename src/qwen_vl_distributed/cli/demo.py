@@ -3,8 +3,13 @@
 Synthesises a tiny random model on first run (.demo/tiny-model), starts a 2-stage pipeline as 2 processes, serves it
 on loopback, sends one multimodal chat request (the sample image shipped in the package) through the
 OpenAI-compatible API, streams the reasoning and the answer, then prints the stage plan, per-stage timings and a
-parity check of the same prompt against HF transformers. Point ``--model`` at a real checkpoint to run that instead
-(``--stages`` and ``--device cuda`` as needed; the HF parity check is skipped for models too big to load twice).
+parity check of the same prompt against HF transformers. Point ``--model`` at a real checkpoint (a directory or a
+hub repo id) to run that instead (``--stages`` and ``--device cuda`` as needed).
+
+The parity verdict is given only when transformers read every tensor of the same files: it is skipped, with the
+reason in one line, for models too big to load twice, checkpoints transformers cannot load (a missing package, an
+error), load reports with missing, unexpected or mismatched tensors, and layouts transformers would misread
+(``checkpoint.inspect.transformers_misreads``).
 """
 
 from __future__ import annotations
@@ -15,21 +20,27 @@ import os
 import time
 import urllib.request
 
+from ..checkpoint.hub import ModelSource
+from ..checkpoint.index import open_checkpoint
+from ..checkpoint.inspect import transformers_misreads
 from ..engine.build import RunOptions, read_generation_config, start_engine
 from ..engine.media import MediaOptions, sample_image_path
 from ..engine.processor import Processor
+from ..errors import UserError
 from ..model.param_counts import total_weight_bytes
+from .options import add_model_args, model_source
 from .plan import format_plan
 from .synth import synthesize
 
 DEFAULT_DIR = os.path.join(".demo", "tiny-model")
 QUESTION = "What is in this picture? Answer in one sentence."
 PARITY_TOKENS = 24
+REFERENCE_LIMIT_BYTES = 4e9  # fp32 weights transformers may load beside the pipeline for the verdict
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the whole system on a tiny synthetic model (or --model DIR)")
-    p.add_argument("--model", default=None, help=f"checkpoint directory (default: synthesise {DEFAULT_DIR})")
+    add_model_args(p, required=False)
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -43,17 +54,15 @@ def _say(text: str = "") -> None:
 
 def run(args) -> int:
     t0 = time.perf_counter()
-    model = args.model or DEFAULT_DIR
-    if args.model is None and not os.path.exists(os.path.join(model, "config.json")):
-        _say(f"synthesising a tiny random-weight model in {model} (first run only) ...")
-        synthesize(model)
+    source = _source(args)
+    model = source.path
     dtype = "bfloat16" if args.device == "cuda" else "float32"
-    opts = RunOptions(model=model, stages=args.stages, device=args.device, dtype=dtype, max_batch=4, max_len=2048,
-                      quiet=True)
+    opts = RunOptions(model=model, revision=source.revision, stages=args.stages, device=args.device, dtype=dtype,
+                      max_batch=4, max_len=2048, quiet=True)
     handle = start_engine(opts)
     try:
         _say(f"\n== stage plan ({args.stages} stages, one process each)")
-        for line in format_plan(handle.plan, os.path.basename(os.path.abspath(model))):
+        for line in format_plan(handle.plan, source.name):
             _say(line)
         processor = Processor.from_pretrained(model, handle.cfg, MediaOptions(max_images=4))
         messages = _messages()
@@ -66,9 +75,20 @@ def run(args) -> int:
     finally:
         handle.close()
     if not args.no_parity:
-        _parity(model, handle.cfg, inputs, ours, handle.eos_ids)
+        _parity(model, inputs, ours, handle.eos_ids, f"{args.stages}-stage pipeline ({dtype}, {args.device})")
     _say(f"\ndone in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _source(args) -> ModelSource:
+    if args.model is not None:
+        return model_source(args)
+    if args.revision is not None or args.download:
+        raise UserError("--revision and --download go with --model")
+    if not os.path.exists(os.path.join(DEFAULT_DIR, "config.json")):
+        _say(f"synthesising a tiny random-weight model in {DEFAULT_DIR} (first run only) ...")
+        synthesize(DEFAULT_DIR)
+    return ModelSource(DEFAULT_DIR)
 
 
 def _messages() -> list[dict]:
@@ -124,16 +144,15 @@ def _greedy_tokens(engine, inputs) -> list[int]:
     return seq.output
 
 
-def _parity(model: str, cfg, inputs, ours: list[int], eos_ids: list[int]) -> None:
-    """The same prompt, greedy, through HF transformers' Qwen3VLMoeForConditionalGeneration on the same weights."""
-    _say("\n== parity with HF transformers (same checkpoint, same prompt, greedy)")
-    if total_weight_bytes(cfg, "fp32") > 4e9:
-        _say("skipped: the model is too big to load a second time in HF transformers here")
-        return
+def _parity(model: str, inputs, ours: list[int], eos_ids: list[int], what: str) -> None:
+    """The same prompt, greedy, through HF transformers' Qwen3VLMoeForConditionalGeneration on the same files."""
     import torch
-    from transformers import Qwen3VLMoeForConditionalGeneration
 
-    hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
+    _say("\n== parity with HF transformers (same checkpoint, same prompt, greedy)")
+    hf, why_not = reference_model(model)
+    if hf is None:
+        _say(f"skipped, no verdict: {why_not}")
+        return
     ids = torch.tensor([inputs.input_ids])
     kw = {"input_ids": ids, "mm_token_type_ids": torch.tensor([inputs.mm_token_type_ids])}
     if inputs.pixel_values is not None:
@@ -145,4 +164,44 @@ def _parity(model: str, cfg, inputs, ours: list[int], eos_ids: list[int]) -> Non
     same = sum(a == b for a, b in zip(ours, ref))
     verdict = "IDENTICAL" if ours == ref else "DIFFERENT"
     _say(f"{same}/{len(ours)} generated tokens equal -> {verdict} to HF transformers "
-         f"({len(inputs.input_ids)} prompt tokens, {len(ours)} new, 2-stage pipeline vs one HF process)")
+         f"({len(inputs.input_ids)} prompt tokens, {len(ours)} new, {what} vs one HF process (float32, cpu))")
+
+
+def reference_model(model: str):
+    """(transformers' model of the checkpoint in ``model``, None), or (None, why there is no reference): a verdict
+    needs transformers to have read every tensor of these files, as stored."""
+    ckpt = open_checkpoint(model)
+    if total_weight_bytes(ckpt.cfg, "fp32") > REFERENCE_LIMIT_BYTES:
+        return None, "the model is too big to load a second time in HF transformers here"
+    misread = transformers_misreads(ckpt)
+    if misread:
+        return None, misread
+    import torch
+    from transformers import Qwen3VLMoeForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report table: summed up below in one line
+    try:
+        hf, report = Qwen3VLMoeForConditionalGeneration.from_pretrained(model, dtype=torch.float32,
+                                                                        output_loading_info=True)
+    except Exception as e:  # noqa: BLE001 -- a missing package (accelerate for fp8), an unreadable layout, ...
+        first = str(e).splitlines()[0] if str(e) else ""
+        return None, f"transformers cannot load {model} ({type(e).__name__}: {first})"
+    finally:
+        hf_logging.set_verbosity(level)
+    unused = _unused_tensors(report)
+    if unused:
+        return None, f"transformers did not use every tensor of {model} ({unused})"
+    return hf.eval(), None
+
+
+def _unused_tensors(report: dict) -> str:
+    """transformers' load report in a few words: '' when every tensor was used as stored."""
+    parts = []
+    for key, what in (("missing_keys", "missing (left at random)"), ("unexpected_keys", "unexpected (ignored)"),
+                      ("mismatched_keys", "of another shape"), ("error_msgs", "errors")):
+        items = sorted(str(k) for k in report.get(key) or ())
+        if items:
+            parts.append(f"{len(items)} {what}, e.g. {items[0]}")
+    return "; ".join(parts)

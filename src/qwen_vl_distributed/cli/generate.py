@@ -12,7 +12,7 @@ from ..engine.sampling import SamplingParams
 from ..engine.output import output_stream
 from ..engine.session import result_dict, to_prompt
 from ..errors import UserError
-from .options import add_run_args, run_options
+from .options import add_run_args, model_source, run_options
 
 
 def add_parser(sub) -> None:
@@ -54,7 +54,7 @@ def sampling_params(args, model_dir: str) -> SamplingParams:
 
 
 def run(args) -> int:
-    opts = run_options(args)
+    opts = run_options(args, model_source(args))
     status = torchrun_worker(opts)
     if status is not None:  # a stage other than 0, started by torchrun
         return status

@@ -1,4 +1,5 @@
-"""``qwen-vl inspect DIR [--stages S] [--json]``: describe a checkpoint from its headers (reads no tensor data)."""
+"""``qwen-vl inspect DIR|ORG/NAME [--revision R] [--stages S] [--json]``: describe a checkpoint from its headers
+(reads no tensor data)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ import json
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("inspect", help="describe a checkpoint directory (headers only)")
-    p.add_argument("dir", help="HF checkpoint directory (config.json + safetensors)")
+    p.add_argument("dir", metavar="DIR|ORG/NAME",
+                   help="HF checkpoint directory (config.json + safetensors), Hugging Face cache folder or hub repo id")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a hub repo id (default: main)")
     p.add_argument("--stages", type=int, default=1, help="show bytes per stage of a plan with S stages (default 1)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint.hub import resolve_model
     from ..checkpoint.inspect import format_report, inspect_checkpoint
 
-    report = inspect_checkpoint(args.dir, num_stages=args.stages)
+    report = inspect_checkpoint(resolve_model(args.dir, args.revision).path, num_stages=args.stages)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

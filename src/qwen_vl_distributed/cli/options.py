@@ -1,11 +1,20 @@
-"""Arguments shared by the commands that run the model (generate, serve, worker, demo)."""
+"""Arguments shared by the commands that run the model (generate, serve) and the one that plans it (plan).
+
+Each run option's argparse ``dest`` is its RunOptions field name and its default is that field's default, so
+``run_options`` copies them over without a list of its own, ``plan`` plans with exactly what ``serve`` would use,
+and a new option needs only its RunOptions field and its argument here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from ..engine.build import RunOptions
+from ..checkpoint.hub import ModelSource, resolve_model
+from ..engine.build import FP8_EXPERTS_MODES, RunOptions
 from ..errors import UserError
+
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunOptions) if f.default is not dataclasses.MISSING}
 
 
 def _int_list(text: str) -> list[int]:
@@ -22,24 +31,45 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def add_run_args(p: argparse.ArgumentParser, max_batch: int = 8) -> None:
-    p.add_argument("--model", required=True, help="HF checkpoint directory (config.json, safetensors, tokenizer)")
-    p.add_argument("--stages", type=int, default=1, help="pipeline stages, one process each (default 1)")
-    p.add_argument("--layers-per-stage", type=_int_list, default=None, help="explicit split, e.g. 22,24,24,24")
-    p.add_argument("--gpu-mem", type=_float_list, default=None, metavar="GB[,GB...]",
-                   help="GPU memory per stage in GB for the plan (default on cuda: this machine's GPU size)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+def add_model_args(p: argparse.ArgumentParser, model_group=None, required: bool = True) -> None:
+    """--model (in ``model_group`` if given, e.g. a mutually exclusive group), --revision, --download."""
+    (model_group or p).add_argument(
+        "--model", required=required, metavar="DIR|ORG/NAME",
+        help="checkpoint directory (config.json, safetensors, tokenizer), a Hugging Face cache folder "
+             "(models--ORG--NAME), or a hub repo id resolved in the local Hugging Face cache")
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit of a hub repo id or cache folder (default: main)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch a hub repo id the local cache lacks from the Hugging Face hub (default: the cache "
+                        "only; HF_HUB_OFFLINE=1 forbids downloading)")
+
+
+def model_source(args) -> ModelSource:
+    return resolve_model(args.model, args.revision, args.download)
+
+
+def add_plan_args(p: argparse.ArgumentParser, max_batch: int = DEFAULTS["max_batch"]) -> None:
+    """What the stage plan depends on (``engine.build.make_plan``)."""
+    p.add_argument("--stages", type=int, default=DEFAULTS["stages"], metavar="S",
+                   help=f"pipeline stages, one process each (default {DEFAULTS['stages']})")
+    p.add_argument("--layers-per-stage", dest="layers_per_stage", type=_int_list, default=None, metavar="A,B,...",
+                   help="explicit split, e.g. 22,24,24,24")
+    p.add_argument("--gpu-mem", dest="gpu_mem_gb", type=_float_list, default=None, metavar="GB[,GB...]",
+                   help="GPU memory per stage in decimal GB for the plan: one for every stage, or one per stage "
+                        "(default on cuda: this machine's GPU size)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=DEFAULTS["device"],
+                   help=f"where the stages run (default {DEFAULTS['device']})")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--max-batch", type=int, default=max_batch, help="concurrent sequences (KV-cache slots)")
-    p.add_argument("--max-len", type=int, default=4096, help="tokens per sequence, prompt + output")
-    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
-                   help="tokens one step carries (decodes plus prompt chunks); longer prompts are prefilled in "
-                        "chunks over several steps (default: max-len x max-batch, up to 8192)")
-    p.add_argument("--stage-timeout", type=float, default=60.0,
-                   help="seconds of silence after which a stage is declared hung and every process stops")
-    p.add_argument("--quiet", action="store_true", help="no loading progress bar")
-    p.add_argument("--fp8-experts", choices=["auto", "keep", "w8a8", "dequantize"], default="auto",
+    p.add_argument("--max-batch", dest="max_batch", type=int, default=max_batch, metavar="B",
+                   help=f"concurrent sequences (KV-cache slots; default {max_batch})")
+    p.add_argument("--max-len", dest="max_len", type=int, default=DEFAULTS["max_len"], metavar="N",
+                   help=f"tokens per sequence, prompt + output (default {DEFAULTS['max_len']})")
+    p.add_argument("--prefill-chunk", dest="prefill_chunk", type=int, default=None, metavar="N",
+                   help="tokens one step carries, decodes and prompt chunks together; longer prompts are prefilled "
+                        "in chunks over several steps, an image or video frame never split (default: max-len x "
+                        "max-batch, up to 8192)")
+    p.add_argument("--fp8-experts", dest="fp8_experts", choices=FP8_EXPERTS_MODES, default=DEFAULTS["fp8_experts"],
                    help="an fp8 checkpoint's experts: keep them fp8 in memory (half the memory, the same weights), "
                         "or dequantize them at load time; auto (default): keep them on GPUs that run the fp8 "
                         "kernels (compute capability 8.9+), else dequantize; w8a8: keep them and quantise their "
@@ -47,16 +77,25 @@ def add_run_args(p: argparse.ArgumentParser, max_batch: int = 8) -> None:
                         "scheme: faster prompts, fp8 rounding of the inputs)")
 
 
-def run_options(args) -> RunOptions:
+def add_run_args(p: argparse.ArgumentParser, max_batch: int = DEFAULTS["max_batch"]) -> None:
+    add_model_args(p)
+    add_plan_args(p, max_batch)
+    p.add_argument("--stage-timeout", dest="stage_timeout_s", type=float, default=DEFAULTS["stage_timeout_s"],
+                   metavar="SEC",
+                   help="seconds of silence after which a stage is declared hung and every process stops")
+    p.add_argument("--quiet", action="store_true", help="no loading progress bar")
+
+
+def run_options(args, source: ModelSource | None) -> RunOptions:
+    """The RunOptions of the parsed arguments: every argument whose dest is a RunOptions field, the model's local
+    directory and revision from ``source`` (None: no checkpoint, as ``plan --preset``)."""
     if args.stages < 1:
         raise UserError(f"--stages {args.stages}: must be at least 1")
     if args.max_batch < 1 or args.max_len < 2:
         raise UserError("--max-batch must be >= 1 and --max-len >= 2")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise UserError(f"--prefill-chunk {args.prefill_chunk}: must be at least 1")
-    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    return RunOptions(model=args.model, stages=args.stages, device=args.device, dtype=dtype,
-                      max_batch=args.max_batch, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
-                      layers_per_stage=args.layers_per_stage,
-                      gpu_mem_gb=args.gpu_mem,
-                      stage_timeout_s=args.stage_timeout, quiet=args.quiet, fp8_experts=args.fp8_experts)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunOptions) if hasattr(args, f.name)}
+    given.update(model=source.path if source else None, revision=source.revision if source else None,
+                 dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    return RunOptions(**given)

@@ -1,5 +1,11 @@
 """``qwen-vl plan``: print the stage plan (layers, memory per stage, decode bytes per token) for a model and GPUs.
 
+The plan is the one ``serve`` and ``generate`` compute with the same options (the same arguments, defaults and
+function), so ``qwen-vl plan --model DIR --stages 4 --device cuda`` shows what ``qwen-vl serve --model DIR --stages
+4 --device cuda`` will load. ``--fp8-experts auto`` decides by this machine's GPUs: to plan an fp8 checkpoint for
+another machine, say ``keep``. ``--preset NAME`` plans a built-in config without a checkpoint (with ``--fp8-experts
+keep`` or ``w8a8``: as its fp8 release).
+
 Exit status: 0 when the plan fits (or no budget was given); when a stage is over its budget the table is printed
 first, then ``error: stage N (layers a-b) needs X GB > Y GB budget`` and exit code 2, like every other user error.
 """
@@ -7,57 +13,42 @@ first, then ``error: stage N (layers a-b) needs X GB > Y GB budget`` and exit co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from ..model.config import PRESETS, ModelConfig, load_config, preset
-from ..model.param_counts import DTYPES
-from ..pipeline.plan import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, GB, StagePlan, format_gb, plan_stages
-
-
-def _number_list(kind: type, what: str):
-    def parse(text: str) -> list:
-        try:
-            return [kind(x) for x in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}") from None
-    return parse
+from ..engine.build import make_plan
+from ..errors import UserError
+from ..model.config import PRESETS, QuantizationConfig, load_config, preset
+from ..pipeline.plan import GB, StagePlan, format_gb
+from .options import add_model_args, add_plan_args, model_source, run_options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plan", help="show how the model splits into pipeline stages and what each needs",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", metavar="DIR", help="HF model directory (reads DIR/config.json)")
-    src.add_argument("--preset", choices=sorted(PRESETS), help="built-in config")
-    p.add_argument("--stages", type=int, required=True, metavar="S", help="number of pipeline stages (GPUs)")
-    p.add_argument("--gpu-mem", type=_number_list(float, "numbers"), metavar="GB[,GB...]",
-                   help="memory budget in decimal GB: one for every stage, or one per stage")
-    p.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN, metavar="N",
-                   help=f"tokens of context per sequence (default {DEFAULT_MAX_SEQ_LEN})")
-    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="B",
-                   help=f"sequences with a KV-cache slot (default {DEFAULT_MAX_BATCH})")
-    p.add_argument("--prefill-chunk", type=int, metavar="N",
-                   help="prompt tokens per step (default: max-seq-len up to 8192; longer prompts go in chunks)")
-    p.add_argument("--dtype", choices=DTYPES,
-                   help="weights: default fp8 for an fp8-quantised model, fp32 for a float32 one, else bf16")
-    p.add_argument("--layers-per-stage", type=_number_list(int, "integers"), metavar="A,B,...",
-                   help="fix the number of decoder layers per stage instead of balancing")
+    add_model_args(p, model_group=src, required=False)
+    src.add_argument("--preset", choices=sorted(PRESETS), help="a built-in config instead of a checkpoint")
+    add_plan_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(run=run)
 
 
-def default_dtype(cfg: ModelConfig) -> str:
-    if cfg.quantization is not None and cfg.quantization.quant_method == "fp8":
-        return "fp8"
-    return "fp32" if cfg.torch_dtype == "float32" else "bf16"
+def _config(args: argparse.Namespace):
+    """(config, model source or None, the name to show)."""
+    if args.preset is None:
+        source = model_source(args)
+        return load_config(source.path), source, source.name
+    if args.revision is not None or args.download:
+        raise UserError("--revision and --download go with --model")
+    cfg = preset(args.preset)
+    if args.fp8_experts in ("keep", "w8a8"):
+        cfg = dataclasses.replace(cfg, quantization=QuantizationConfig())
+    return cfg, None, args.preset
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.model) if args.model else preset(args.preset)
-    gpu_mem = args.gpu_mem[0] if args.gpu_mem and len(args.gpu_mem) == 1 else args.gpu_mem
-    plan = plan_stages(cfg, args.stages, layers_per_stage=args.layers_per_stage, gpu_mem_gb=gpu_mem,
-                       max_seq_len=args.max_seq_len, max_batch=args.max_batch,
-                       dtype=args.dtype or default_dtype(cfg), prefill_chunk=args.prefill_chunk, require_fit=False)
-    name = args.model or args.preset
+    cfg, source, name = _config(args)
+    plan = make_plan(cfg, run_options(args, source), require_fit=False)
     print(plan.to_json() if args.json else "\n".join(format_plan(plan, name)), flush=True)
     plan.check_fits()
     return 0
@@ -102,6 +93,6 @@ def format_plan(plan: StagePlan, model_name: str) -> list[str]:
         return "  ".join(cells).rstrip()
 
     title = (f"{model_name}: {len(plan.stages)} stages, {plan.num_layers} decoder layers, dtype {plan.dtype}, "
-             f"max-seq-len {plan.max_seq_len}, max-batch {plan.max_batch}, prefill-chunk {plan.prefill_chunk}, "
+             f"max-len {plan.max_seq_len}, max-batch {plan.max_batch}, prefill-chunk {plan.prefill_chunk}, "
              f"{'balanced' if plan.balanced else 'fixed'} split, fingerprint {plan.fingerprint()}")
     return [title] + [line(r) for r in rows]

@@ -11,7 +11,7 @@ import os
 import sys
 
 from ..errors import UserError
-from .options import add_run_args, run_options
+from .options import add_run_args, model_source, run_options
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    p.add_argument("--served-model-name", default=None, help="model id clients send (default: the model folder's name)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id clients send (default: the hub repo id, else the model folder's name)")
     p.add_argument("--allowed-local-media", action="append", default=[], metavar="DIR",
                    help="directory whose files requests may name as images/videos (repeatable; default: none)")
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
@@ -52,7 +53,8 @@ def _media_options(args):
 def run(args) -> int:
     from ..engine.build import start_engine, torchrun_worker
 
-    opts = run_options(args)
+    source = model_source(args)
+    opts = run_options(args, source)
     status = torchrun_worker(opts)
     if status is not None:  # a stage other than 0, started by torchrun: no HTTP here
         return status
@@ -66,7 +68,7 @@ def run(args) -> int:
     processor = Processor.from_pretrained(opts.model, load_config(opts.model), media)  # before any process starts
     handle = start_engine(opts)
     try:
-        app = _serve(args, opts, handle, processor)
+        app = _serve(args, opts, handle, processor, source.name)
     except BaseException:
         handle.abort()
         raise
@@ -77,13 +79,13 @@ def run(args) -> int:
     return 0
 
 
-def _serve(args, opts, handle, processor):
+def _serve(args, opts, handle, processor, model_name: str):
     import uvicorn
 
     from ..engine.build import read_generation_config
     from ..server.app import ServerSettings, create_app
 
-    name = args.served_model_name or os.path.basename(os.path.normpath(opts.model))
+    name = args.served_model_name or model_name
     # room for every allowed image and video as base64 (4/3 of its bytes), plus the text
     body_limit = int((args.max_images + args.max_videos) * args.max_media_mb * 1e6 * 4 / 3) + 16 * 2**20
     settings = ServerSettings(model_name=name, api_key=args.api_key, max_queue=args.max_queue,

@@ -8,6 +8,7 @@ options. Every rank builds only its own modules and loads only its own tensors.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -37,7 +38,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class RunOptions:
-    model: str
+    model: str  # a local checkpoint directory (cli.options resolves hub ids and cache folders to one)
+    revision: str | None = None  # the hub commit ``model`` is a snapshot of; None for a plain directory
     stages: int = 1
     device: str = "cpu"
     dtype: str = "float32"
@@ -159,9 +161,10 @@ def fp8_block(cfg: ModelConfig, opts: RunOptions) -> tuple[int, int] | None:
     return tuple(q.weight_block_size)
 
 
-def make_plan(cfg: ModelConfig, opts: RunOptions) -> StagePlan:
-    """The stage plan every rank computes alike. On CUDA it must fit the GPUs (``--gpu-mem``, else the memory of
-    this machine's smallest GPU): a plan that cannot fit is refused before any weight is read."""
+def make_plan(cfg: ModelConfig, opts: RunOptions, require_fit: bool = True) -> StagePlan:
+    """The stage plan every rank computes alike (and ``qwen-vl plan`` shows). On CUDA it must fit the GPUs
+    (``--gpu-mem``, else the memory of this machine's smallest GPU): a plan that cannot fit is refused before any
+    weight is read, unless ``require_fit`` is off (the plan then says which stage does not fit)."""
     dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}[opts.dtype]
     if dtype == "bf16" and fp8_block(cfg, opts) is not None:
         dtype = "fp8"  # the experts at one byte (plus scales), the rest in bf16
@@ -173,7 +176,7 @@ def make_plan(cfg: ModelConfig, opts: RunOptions) -> StagePlan:
         budget = budget[0]
     return plan_stages(cfg, opts.stages, layers_per_stage=opts.layers_per_stage, gpu_mem_gb=budget,
                        max_seq_len=opts.max_len, max_batch=opts.max_batch, dtype=dtype,
-                       prefill_chunk=opts.prefill_chunk, require_fit=budget is not None)
+                       prefill_chunk=opts.prefill_chunk, require_fit=require_fit and budget is not None)
 
 
 def checkpoint_digest(ckpt) -> str:
@@ -198,14 +201,34 @@ def checkpoint_digest(ckpt) -> str:
     return h.hexdigest()[:16]
 
 
+def source_digest(root: str) -> str:
+    """sha256 of the Python source files under ``root`` (each one's path below it, then its bytes, in path order)."""
+    h = hashlib.sha256()
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d != "__pycache__")
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            h.update(os.path.relpath(path, root).encode() + b"\0")
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """This package's source digest: two machines running different code refuse to start together, whatever their
+    version strings say."""
+    return source_digest(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def fingerprint(ckpt, plan: StagePlan, opts: RunOptions) -> dict[str, str]:
     """What all ranks must agree on before the first step. Each machine is expected to hold the whole checkpoint
-    directory at the same path."""
+    directory (or the same hub revision in its cache)."""
     from .. import __version__
 
-    return {"checkpoint": checkpoint_digest(ckpt), "plan": plan.fingerprint(), "dtype": opts.dtype,
-            "fp8_experts": opts.fp8_experts,
-            "max_len": str(opts.max_len), "max_batch": str(opts.max_batch), "version": __version__}
+    return {"checkpoint": checkpoint_digest(ckpt), "revision": opts.revision or "-", "plan": plan.fingerprint(),
+            "dtype": opts.dtype, "fp8_experts": opts.fp8_experts, "max_len": str(opts.max_len),
+            "max_batch": str(opts.max_batch), "version": __version__, "code": code_digest()}
 
 
 def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: RunOptions) -> StageRuntime:

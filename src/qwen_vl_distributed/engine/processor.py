@@ -233,7 +233,7 @@ class Processor:
         import transformers
 
         model_dir = os.fspath(model_dir)
-        _check_files(model_dir)
+        sources = _check_files(model_dir)
         try:
             hf = transformers.AutoProcessor.from_pretrained(model_dir)
         except (OSError, ValueError, KeyError) as e:
@@ -242,7 +242,7 @@ class Processor:
                                       f"({type(e).__name__}: {first_line})") from None
         if not getattr(hf, "chat_template", None):
             raise ProcessorFilesError(f"{model_dir}: no chat template (chat_template.jinja or chat_template.json)")
-        _check_against_config(hf, cfg, model_dir)
+        _check_against_config(hf, cfg, model_dir, sources)
         return cls(hf, cfg, media)
 
     # ---- prompts
@@ -356,18 +356,56 @@ class Processor:
         return [i for i in ids if isinstance(i, int) and i != self.tokenizer.unk_token_id]
 
 
-def _check_files(model_dir: str) -> None:
+PROCESSOR_CONFIG = "processor_config.json"      # transformers 5: one file, image and video settings nested
+IMAGE_CONFIG = "preprocessor_config.json"       # the release layout: one file each
+VIDEO_CONFIG = "video_preprocessor_config.json"
+
+
+def _nested_entries(model_dir: str) -> dict:
+    path = os.path.join(model_dir, PROCESSOR_CONFIG)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProcessorFilesError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ProcessorFilesError(f"{path}: expected a JSON object")
+    return data
+
+
+def processor_sources(model_dir: str) -> dict[str, str | None]:
+    """Where transformers reads the image and the video processor settings from, in its order: the entry nested in
+    processor_config.json, else the file of their own (the video processor falls back to the image's file)."""
+    nested = _nested_entries(model_dir)
+    has = set(os.listdir(model_dir))
+
+    def source(entry: str, files: tuple[str, ...]) -> str | None:
+        if entry in nested:
+            return f"{PROCESSOR_CONFIG} ({entry})"
+        return next((f for f in files if f in has), None)
+
+    return {"image": source("image_processor", (IMAGE_CONFIG,)),
+            "video": source("video_processor", (VIDEO_CONFIG, IMAGE_CONFIG))}
+
+
+def _check_files(model_dir: str) -> dict[str, str | None]:
     if not os.path.isdir(model_dir):
         raise ProcessorFilesError(f"{model_dir}: model directory not found")
     has = set(os.listdir(model_dir))
-    missing = [f for f in ("tokenizer_config.json", "preprocessor_config.json") if f not in has]
+    sources = processor_sources(model_dir)
+    missing = [] if "tokenizer_config.json" in has else ["tokenizer_config.json"]
     if "tokenizer.json" not in has and not {"vocab.json", "merges.txt"} <= has:
         missing.insert(0, "tokenizer.json")
+    if sources["image"] is None:
+        missing.append(f"{IMAGE_CONFIG} (or an image_processor entry in {PROCESSOR_CONFIG})")
     if missing:
         raise ProcessorFilesError(f"{model_dir}: missing processor file(s): {', '.join(missing)}")
+    return sources
 
 
-def _check_against_config(hf: Any, cfg: Any, model_dir: str) -> None:
+def _check_against_config(hf: Any, cfg: Any, model_dir: str, sources: dict[str, str | None]) -> None:
     """The processor files must agree with config.json on vision geometry and the vision token ids."""
     tok = hf.tokenizer
     for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
@@ -377,8 +415,7 @@ def _check_against_config(hf: Any, cfg: Any, model_dir: str) -> None:
             raise ProcessorFilesError(f"{model_dir}/tokenizer.json: has no token with id {want} "
                                       f"(config.json {name})")
     v = cfg.vision
-    for proc, fname in ((hf.image_processor, "preprocessor_config.json"),
-                        (hf.video_processor, "video_preprocessor_config.json")):
+    for proc, fname in ((hf.image_processor, sources["image"]), (hf.video_processor, sources["video"])):
         for key, want in (("patch_size", v.patch_size), ("merge_size", v.spatial_merge_size),
                           ("temporal_patch_size", v.temporal_patch_size)):
             got = getattr(proc, key)

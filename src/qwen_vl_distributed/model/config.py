@@ -1,17 +1,19 @@
 """Model configuration: frozen dataclasses built by one function from an HF ``config.json``.
 
-Both on-disk spellings load:
-- the released checkpoints': ``rope_scaling = {mrope_section, mrope_interleaved, ...}`` plus ``rope_theta``;
-- transformers 5.x re-saved: ``rope_parameters = {rope_theta, mrope_section, ...}``.
-
-Every validation error names the offending field (``text_config.num_key_value_heads``, ...).
+config.json is read by transformers' own ``Qwen3VLMoeConfig`` first, so every spelling transformers accepts loads
+here too and means the same: the release's ``rope_scaling`` + ``rope_theta`` and transformers 5's
+``rope_parameters``, ``num_experts`` and its alias ``num_local_experts``, ``torch_dtype`` and ``dtype``, and
+transformers' defaults for absent fields. Our dataclasses are then built from that object and validated strictly.
+Every error names the offending field (``text_config.num_key_value_heads``, ...).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -123,14 +125,6 @@ class ModelConfig:
 # Reading
 
 
-def _get(d: Mapping[str, Any], key: str, where: str, default: Any = dataclasses.MISSING) -> Any:
-    if key in d and d[key] is not None:
-        return d[key]
-    if default is dataclasses.MISSING:
-        raise ConfigError(f"config.json: missing field {where}{key}")
-    return default
-
-
 def _typed(value: Any, kind: type, name: str) -> Any:
     if kind is bool:
         if not isinstance(value, bool):
@@ -151,82 +145,77 @@ def _typed(value: Any, kind: type, name: str) -> Any:
     raise TypeError(kind)
 
 
-def _read_fields(cls: type, d: Mapping[str, Any], prefix: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Read the scalar fields of dataclass ``cls`` from ``d``; defaults only where the field is optional in HF."""
+def _scalars(cls: type, hf: Any, prefix: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The scalar fields of our dataclass ``cls``, read from the attribute of the same name of transformers' config
+    object ``hf`` (which has resolved aliases such as ``num_experts`` -> ``num_local_experts`` and filled HF's
+    defaults). ``skip``: fields HF does not read from the config (ours keep their default)."""
     out: dict[str, Any] = {}
     defaults = cls()
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
         kind = type(getattr(defaults, f.name))
-        if kind not in (int, float, bool, str):
+        if f.name in skip or kind not in (int, float, bool, str):
             continue
-        value = d.get(f.name)
+        value = getattr(hf, f.name, None)
         if value is None:
-            continue  # keep the default; required fields are checked below
+            raise ConfigError(f"config.json: missing field {prefix}{f.name}")
         out[f.name] = _typed(value, kind, prefix + f.name)
     return out
 
 
-_TEXT_REQUIRED = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "moe_intermediate_size", "num_experts", "num_experts_per_tok",
-)
-_VISION_REQUIRED = ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size")
+def _rope_parameters(hf: Any, where: str) -> Mapping[str, Any]:
+    """transformers has already merged the legacy spelling (``rope_scaling`` + ``rope_theta``) into
+    ``rope_parameters``."""
+    params = getattr(hf, "rope_parameters", None)
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"config.json: {where}.rope_parameters must be an object, got {params!r}")
+    return params
 
 
-def _rope_fields(t: Mapping[str, Any]) -> dict[str, Any]:
-    """Rope settings from either spelling: ``rope_parameters`` (transformers 5.x) or ``rope_scaling`` + ``rope_theta``."""
-    params = t.get("rope_parameters")
-    scaling = t.get("rope_scaling")
-    if params is not None and not isinstance(params, Mapping):
-        raise ConfigError("config.json: text_config.rope_parameters must be an object")
-    if scaling is not None and not isinstance(scaling, Mapping):
-        raise ConfigError("config.json: text_config.rope_scaling must be an object")
-    src = dict(scaling or {})
-    src.update(params or {})
-    theta = src.get("rope_theta", t.get("rope_theta"))
-    if theta is None:
-        raise ConfigError("config.json: missing field text_config.rope_theta (or rope_parameters.rope_theta)")
-    section = src.get("mrope_section")
-    if section is None:
-        raise ConfigError("config.json: missing field text_config.rope_scaling.mrope_section "
-                          "(or rope_parameters.mrope_section)")
+def _text_rope(t: Any) -> dict[str, Any]:
+    rope = _rope_parameters(t, "text_config")
+    if rope.get("rope_type", "default") != "default":
+        raise ConfigError(f"config.json: text_config.rope_parameters.rope_type {rope['rope_type']!r} is not "
+                          "supported (only 'default')")
+    # transformers' text rotary falls back to the release's section (our default) when the config names none
+    section = rope.get("mrope_section", TextConfig.mrope_section)
     if (not isinstance(section, (list, tuple)) or len(section) != 3
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in section)):
         raise ConfigError(f"config.json: text_config mrope_section must be three non-negative integers, got {section!r}")
-    rope_type = src.get("rope_type", src.get("type", "default"))
-    if rope_type not in ("default", "mrope"):
-        raise ConfigError(f"config.json: text_config rope_type {rope_type!r} is not supported (only 'default')")
     return {
-        "rope_theta": _typed(theta, float, "text_config.rope_theta"),
+        "rope_theta": _typed(rope.get("rope_theta"), float, "text_config.rope_theta"),
         "mrope_section": tuple(section),
-        "mrope_interleaved": bool(src.get("mrope_interleaved", True)),
+        "mrope_interleaved": _typed(rope.get("mrope_interleaved", True), bool, "text_config mrope_interleaved"),
     }
 
 
-def _parse_text(t: Mapping[str, Any]) -> TextConfig:
-    for key in _TEXT_REQUIRED:
-        _get(t, key, "text_config.")
-    values = _read_fields(TextConfig, t, "text_config.", skip=("rope_theta",))
-    if "head_dim" not in t:
-        values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
-    values.update(_rope_fields(t))
-    if t.get("decoder_sparse_step", 1) != 1:
-        raise ConfigError(f"config.json: text_config.decoder_sparse_step={t['decoder_sparse_step']} is not supported "
+def _parse_text(t: Any) -> TextConfig:
+    values = _scalars(TextConfig, t, "text_config.", skip=("rope_theta", "mrope_interleaved", "norm_topk_prob"))
+    values.update(_text_rope(t))
+    # not a field of transformers' class (it keeps what it does not know as a plain attribute): its router always
+    # renormalises the top-k weights, so a config asking otherwise is refused rather than run either way
+    values["norm_topk_prob"] = _typed(getattr(t, "norm_topk_prob", True), bool, "text_config.norm_topk_prob")
+    if not values["norm_topk_prob"]:
+        raise ConfigError("config.json: text_config.norm_topk_prob false is not supported (Qwen3-VL-MoE "
+                          "renormalises the top-k routing weights, as transformers does whatever the config says)")
+    if t.decoder_sparse_step != 1:
+        raise ConfigError(f"config.json: text_config.decoder_sparse_step={t.decoder_sparse_step} is not supported "
                           "(every layer must be MoE, decoder_sparse_step=1)")
-    if t.get("mlp_only_layers"):
+    if t.mlp_only_layers:
         raise ConfigError("config.json: text_config.mlp_only_layers must be empty (dense layers are not supported)")
     return TextConfig(**values)
 
 
-def _parse_vision(v: Mapping[str, Any]) -> VisionConfig:
-    for key in _VISION_REQUIRED:
-        _get(v, key, "vision_config.")
-    values = _read_fields(VisionConfig, v, "vision_config.")
-    ds = v.get("deepstack_visual_indexes", list(VisionConfig.deepstack_visual_indexes))
+def _parse_vision(v: Any) -> VisionConfig:
+    # transformers' vision blocks use a fixed LayerNorm eps (1e-6), whatever the config says
+    values = _scalars(VisionConfig, v, "vision_config.", skip=("rope_theta", "layer_norm_eps"))
+    ds = v.deepstack_visual_indexes
     if not isinstance(ds, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ds):
         raise ConfigError(f"config.json: vision_config.deepstack_visual_indexes must be a list of integers, got {ds!r}")
+    rope = _rope_parameters(v, "vision_config")
+    if rope.get("rope_type") != "axial":
+        raise ConfigError(f"config.json: vision_config.rope_parameters.rope_type {rope.get('rope_type')!r} is not "
+                          "supported (only 'axial')")
+    values["rope_theta"] = _typed(rope.get("rope_theta"), float, "vision_config.rope_parameters.rope_theta")
     values["deepstack_visual_indexes"] = tuple(ds)
     return VisionConfig(**values)
 
@@ -253,26 +242,62 @@ def _parse_quant(q: Any) -> QuantizationConfig | None:
     )
 
 
+def _dtype_name(hf: Any) -> str:
+    """The checkpoint's dtype: top level, else text_config (``torch_dtype`` is transformers' legacy name for it)."""
+    dtype = hf.dtype if hf.dtype is not None else hf.text_config.dtype
+    if dtype is None:
+        return "bfloat16"
+    return str(dtype).removeprefix("torch.")
+
+
+def _refusal(d: Mapping[str, Any], error: Exception) -> str:
+    """Where transformers' config class refused ``d``: the sub-config and field, with its reason."""
+    from transformers import Qwen3VLMoeTextConfig, Qwen3VLMoeVisionConfig
+
+    where = ""
+    for key, cls in (("text_config", Qwen3VLMoeTextConfig), ("vision_config", Qwen3VLMoeVisionConfig)):
+        sub = d.get(key)
+        if isinstance(sub, Mapping):
+            try:
+                cls(**{k: v for k, v in sub.items() if k != "model_type"})
+            except Exception as e:  # noqa: BLE001 -- any refusal: this only locates it
+                where, error = key + ".", e
+                break
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    field_name = re.search(r"field '([^']+)'", lines[0]) if lines else None
+    if field_name:
+        return f"{where}{field_name.group(1)}: {lines[-1]}"
+    return f"{where.rstrip('.') or 'top level'}: {type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _hf_config(d: Mapping[str, Any]) -> Any:
+    """transformers' own reading of config.json: every alias, default and legacy spelling it accepts."""
+    from transformers import Qwen3VLMoeConfig
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its notes on legacy spellings are not the user's business here
+    try:
+        return Qwen3VLMoeConfig.from_dict(copy.deepcopy(dict(d)))
+    except Exception as e:  # noqa: BLE001 -- transformers raises many kinds; each becomes one named line
+        raise ConfigError(f"config.json: {_refusal(d, e)}") from None
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
-    """Build and validate a ModelConfig from the parsed contents of an HF config.json."""
+    """Build and validate a ModelConfig from the parsed contents of an HF config.json, read through transformers'
+    ``Qwen3VLMoeConfig``."""
     if not isinstance(d, Mapping):
         raise ConfigError("config.json: top level must be a JSON object")
-    archs = d.get("architectures") or []
     model_type = d.get("model_type")
-    if model_type != MODEL_TYPE and ARCHITECTURE not in archs:
-        raise ConfigError(
-            f"config.json: model_type {model_type!r} / architectures {archs!r} is not a Qwen3-VL-MoE model "
-            f"(expected model_type '{MODEL_TYPE}' or architecture '{ARCHITECTURE}')")
-    t = _get(d, "text_config", "")
-    v = _get(d, "vision_config", "")
-    if not isinstance(t, Mapping) or not isinstance(v, Mapping):
-        raise ConfigError("config.json: text_config and vision_config must be objects")
-    top = _read_fields(ModelConfig, d, "")
-    top["tie_word_embeddings"] = bool(d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)))
-    dtype = d.get("dtype", d.get("torch_dtype", t.get("dtype", t.get("torch_dtype", "bfloat16"))))
-    top["torch_dtype"] = str(dtype)
-    cfg = ModelConfig(text=_parse_text(t), vision=_parse_vision(v),
-                      quantization=_parse_quant(d.get("quantization_config")), **top)
+    if model_type != MODEL_TYPE:
+        raise ConfigError(f"config.json: model_type {model_type!r} is not a Qwen3-VL-MoE model (expected "
+                          f"'{MODEL_TYPE}'; transformers reads a config.json as the model its model_type names)")
+    hf = _hf_config(d)
+    top = _scalars(ModelConfig, hf, "", skip=("torch_dtype",))
+    cfg = ModelConfig(text=_parse_text(hf.text_config), vision=_parse_vision(hf.vision_config),
+                      quantization=_parse_quant(d.get("quantization_config")), torch_dtype=_dtype_name(hf), **top)
     validate(cfg)
     return cfg
 
@@ -299,6 +324,13 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
 # Validation
 
 
+_TEXT_REQUIRED = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "moe_intermediate_size", "num_experts", "num_experts_per_tok",
+)
+_VISION_REQUIRED = ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size")
+
+
 def _positive(name: str, value: int) -> None:
     if value <= 0:
         raise ConfigError(f"config.json: {name} must be positive, got {value}")
@@ -321,6 +353,9 @@ def validate(cfg: ModelConfig) -> None:
     if sum(t.mrope_section) != t.head_dim // 2:
         raise ConfigError(f"config.json: text_config mrope_section {list(t.mrope_section)} must sum to head_dim/2 "
                           f"({t.head_dim // 2})")
+    if not t.mrope_interleaved:
+        raise ConfigError("config.json: text_config mrope_interleaved false is not supported (Qwen3-VL interleaves "
+                          "the M-RoPE sections, as transformers does whatever the config says)")
     if t.hidden_act != "silu":
         raise ConfigError(f"config.json: text_config.hidden_act {t.hidden_act!r} is not supported (only 'silu')")
     if v.hidden_size % v.num_heads:
@@ -351,7 +386,8 @@ def validate(cfg: ModelConfig) -> None:
 
 
 def config_to_dict(cfg: ModelConfig, spelling: str = "released") -> dict[str, Any]:
-    """An HF config.json for ``cfg``. ``spelling``: 'released' (rope_scaling + rope_theta) or 'hf5' (rope_parameters)."""
+    """An HF config.json for ``cfg``. ``spelling``: 'released' (rope_scaling + rope_theta, the vision rope implied) or
+    'hf' (rope_parameters in both sub-configs, as transformers 5 writes them)."""
     t = {f.name: getattr(cfg.text, f.name) for f in dataclasses.fields(TextConfig)}
     rope = {"rope_type": "default", "mrope_section": list(cfg.text.mrope_section),
             "mrope_interleaved": cfg.text.mrope_interleaved}
@@ -360,15 +396,17 @@ def config_to_dict(cfg: ModelConfig, spelling: str = "released") -> dict[str, An
     if spelling == "released":
         t["rope_theta"] = cfg.text.rope_theta
         t["rope_scaling"] = rope
-    elif spelling == "hf5":
+    elif spelling == "hf":
         t["rope_parameters"] = {**rope, "rope_theta": cfg.text.rope_theta}
     else:
         raise ValueError(f"unknown spelling {spelling!r}")
     t.update(model_type="qwen3_vl_moe_text", decoder_sparse_step=1, mlp_only_layers=[],
              dtype=cfg.torch_dtype, attention_dropout=0.0, initializer_range=0.02, use_cache=True)
     v = {f.name: getattr(cfg.vision, f.name) for f in dataclasses.fields(VisionConfig)}
-    v.pop("rope_theta")
     v.pop("layer_norm_eps")
+    vision_theta = v.pop("rope_theta")
+    if spelling == "hf":
+        v["rope_parameters"] = {"rope_type": "axial", "rope_theta": vision_theta}
     v["deepstack_visual_indexes"] = list(cfg.vision.deepstack_visual_indexes)
     v.update(model_type="qwen3_vl_moe", initializer_range=0.02)
     d: dict[str, Any] = {

@@ -146,8 +146,7 @@ def format_gb(nbytes: int) -> str:
 class _Costs:
     """Per-stage bytes as a function of (is first, is last, number of layers); every layer has the same shapes."""
 
-    weights: ComponentBytes
-    tied: bool  # lm_head is the embedding matrix: one copy when one stage holds both
+    weights: ComponentBytes  # a tied lm_head is a copy of the embedding matrix on the last stage, so counted there
     kv_per_layer: int
     layer_workspace: int
     vision_workspace: int
@@ -163,7 +162,7 @@ class _Costs:
             weights += w.vision + w.embed
             act += self.vision_workspace
         if last:
-            weights += w.final_norm + (0 if first and self.tied else w.lm_head)
+            weights += w.final_norm + w.lm_head
             act += self.head_workspace
             decode += w.final_norm + w.lm_head
         return weights, n * self.kv_per_layer, act, decode
@@ -204,7 +203,7 @@ def _costs(cfg: ModelConfig, dtype: str, max_seq_len: int, max_batch: int, chunk
     t = cfg.text
     kv = 2 * t.kv_dim * _act_dtype_bytes(dtype) * max_seq_len * max_batch
     layer_ws, vision_ws, head_ws = _workspace_bytes(cfg, dtype, chunk, image_tokens, max_batch)
-    return _Costs(component_bytes(cfg, dtype), cfg.tie_word_embeddings, kv, layer_ws, vision_ws, head_ws)
+    return _Costs(component_bytes(cfg, dtype), kv, layer_ws, vision_ws, head_ws)
 
 
 # --------------------------------------------------------------------------------------------------------------------
