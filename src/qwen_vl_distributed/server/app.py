@@ -9,7 +9,10 @@ S = 1, or stage 0's driver of a pipeline): the server does not care how the mode
   GET  /metrics               Prometheus text format
 
 /v1 routes need ``Authorization: Bearer <key>`` when an API key is set; /health and /metrics do not (they reveal no
-request content and are what probes and scrapers call).
+request content and are what probes and scrapers call). With a key, /openapi.json needs it too and /docs is off.
+
+Limits and the order of checks: ``limits.py``; admission, the preprocessing pool, draining and ending:
+``lifecycle.py``; request ids and what an error may tell a client: ``middleware.py``, ``errors.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import hmac
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -30,12 +32,17 @@ from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
 from ..engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
-from ..engine.engine import Engine, Prompt
+from ..engine.engine import Engine
+from ..engine.prompt_size import PromptTooLongError
 from ..engine.sampling import SamplingParamError, SamplingParams
 from ..engine.session import to_prompt
-from .errors import APIError, from_validation_error, install_handlers
+from ..engine.threads import preprocess_workers
+from . import limits
+from .errors import APIError, ended_error, from_validation_error, install_handlers
 from .generation import EngineFailure, Generation, TextStream
+from .lifecycle import Admission
 from .metrics import Metrics, StatusRecorder
+from .middleware import RequestIds, request_id
 from .protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice, ChunkChoice,
                        Delta, ModelCard, ModelList, Usage, completion_id, now)
 
@@ -50,11 +57,14 @@ class ServerSettings:
     retry_after_s: int = 1
     # Request defaults from the checkpoint's generation_config.json (temperature, top_p, top_k, ...).
     generation_config: dict[str, Any] = field(default_factory=dict)
-    max_body_bytes: int = 256 * 2**20  # larger requests get 413 before they are read in full
+    # larger requests get 413 before they are read in full; None: limits.body_limit of the processor's media limit
+    # (limits.MEDIA_BYTES_UNLIMITED without one) and the context
+    max_body_bytes: int | None = None
+    request_timeout_s: float | None = None  # each request's deadline, unless it asks for a shorter one
 
 
 class ServerState:
-    """What the routes share: the engine thread, the processor and its worker, settings and metrics."""
+    """What the routes share: the engine thread, the processor, admission and its pool, settings and metrics."""
 
     def __init__(self, engine: Engine, processor: Any, settings: ServerSettings):
         self.engine = AsyncEngine(engine, settings.max_queue)
@@ -62,19 +72,18 @@ class ServerState:
         self.settings = settings
         self.metrics = Metrics()
         self.max_len = engine.max_len
+        media = processor.media.max_media_bytes
+        self.max_body_bytes = settings.max_body_bytes or limits.body_limit(
+            limits.MEDIA_BYTES_UNLIMITED if media is None else media, engine.max_len)
         self.created = now()
-        # One worker: image / video preprocessing is CPU-heavy and must not stall the event loop, and a single
-        # thread keeps the (shared) tokenizer out of concurrent use.
-        self.prep: ThreadPoolExecutor | None = None
+        self.admission = Admission(self.engine, preprocess_workers(), settings.retry_after_s)
 
     def start(self) -> None:
-        self.prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preprocess")
         self.engine.start()
 
     def stop(self) -> None:
         self.engine.shutdown()
-        if self.prep is not None:
-            self.prep.shutdown(wait=False, cancel_futures=True)
+        self.admission.shutdown()
 
 
 def create_app(engine: Engine, processor: Any, settings: ServerSettings) -> FastAPI:
@@ -88,10 +97,13 @@ def create_app(engine: Engine, processor: Any, settings: ServerSettings) -> Fast
         finally:
             state.stop()
 
-    app = FastAPI(title="qwen-vl-distributed", lifespan=lifespan)
+    open_docs = settings.api_key is None  # with a key, the schema needs it too (a route below) and /docs is off
+    app = FastAPI(title="qwen-vl-distributed", lifespan=lifespan, openapi_url="/openapi.json" if open_docs else None,
+                  docs_url="/docs" if open_docs else None, redoc_url="/redoc" if open_docs else None)
     app.state.server = state
     install_handlers(app)
     app.add_middleware(StatusRecorder, metrics=state.metrics)
+    app.add_middleware(RequestIds)
     _routes(app, state)
     return app
 
@@ -103,12 +115,18 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     async def health() -> JSONResponse:
         if state.engine.alive:
             return JSONResponse({"status": "ok"})
-        raise APIError(503, state.engine.error or "the engine is not running", "server_error", None,
-                       "engine_stopped")
+        # (why it stopped, which names hosts and processes, is in the server log, not here: no key guards /health)
+        raise APIError(503, "the engine is not running", "server_error", None, "engine_stopped")
+
+    if state.settings.api_key is not None:
+        @app.get("/openapi.json", dependencies=[auth], include_in_schema=False)
+        async def openapi() -> dict:
+            return app.openapi()
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(state.metrics.render(state.engine.stats()), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(state.metrics.render(state.engine.stats(), state.admission.preparing),
+                                 media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", dependencies=[auth])
     async def models() -> dict:
@@ -118,21 +136,37 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions", dependencies=[auth])
     async def chat_completions(request: Request) -> Response:
         t_arrival = time.perf_counter()
-        req = await _parse(request, state.settings.max_body_bytes)
+        deadline = limits.request_deadline(request, state.settings.request_timeout_s)
+        req = await _parse(request, state.max_body_bytes)
         _check_request(req, state)
         params = _sampling_params(req, state.settings.generation_config)
-        inputs = await asyncio.get_running_loop().run_in_executor(state.prep, state.processor.build_inputs,
-                                                                  req.messages)
-        prompt = _prompt(inputs, state.max_len)
-        gen = _start(state, prompt, params, t_arrival)
+        with state.admission.place():
+            inputs = await _preprocess(state, req, deadline)
+            gen = _start(state, to_prompt(inputs), params, t_arrival, deadline)
         cid, created = completion_id(), now()
         if req.stream:
             # The background close is a safety net for a client gone before the stream's first chunk (then the
             # generator never starts, and its own ``finally`` cannot abort the request).
-            return StreamingResponse(_sse(gen, req, state, cid, created), media_type="text/event-stream",
+            return StreamingResponse(_sse(request, gen, req, state, cid, created), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(gen.close))
         return await _complete(request, gen, state, cid, created)
+
+
+async def _preprocess(state: ServerState, req: ChatCompletionRequest, deadline: float | None) -> Any:
+    """The processor's work in the pool, with the prompt's budget: room for the max_tokens asked for."""
+    name, max_tokens = _max_tokens_field(req)
+    try:
+        return await state.admission.run(deadline, state.processor.build_inputs, req.messages,
+                                         limits.prompt_budget(max_tokens, state.max_len))
+    except PromptTooLongError as e:
+        raise limits.prompt_too_long(e, max_tokens, name, state.max_len) from None
+
+
+def _max_tokens_field(req: ChatCompletionRequest) -> tuple[str, int | None]:
+    """The output limit the client sent and the name it sent it by (max_completion_tokens wins)."""
+    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    return name, req.max_new_tokens
 
 
 def _api_key_check(key: str | None):
@@ -149,28 +183,8 @@ def _api_key_check(key: str | None):
 # -- request -> prompt and sampling parameters -----------------------------------------------------------------------
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` bytes (never held whole in memory first)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}", code="body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body passes the limit of {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def _parse(request: Request, max_body_bytes: int) -> ChatCompletionRequest:
-    body = await _read_body(request, max_body_bytes)
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    data = limits.parse_json(await limits.read_body(request, max_body_bytes))
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
@@ -186,6 +200,7 @@ def _check_request(req: ChatCompletionRequest, state: ServerState) -> None:
                        code="invalid_value")
     if req.logprobs:
         raise APIError(400, "logprobs: not supported", param="logprobs", code="invalid_value")
+    limits.check_max_tokens(req.max_new_tokens, _max_tokens_field(req)[0], state.max_len)
 
 
 def _sampling_params(req: ChatCompletionRequest, defaults: dict[str, Any]) -> SamplingParams:
@@ -199,19 +214,12 @@ def _sampling_params(req: ChatCompletionRequest, defaults: dict[str, Any]) -> Sa
         if not str(e).startswith("max_new_tokens"):
             raise
         # The engine's name for it is not the one the client sent.
-        name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        name = _max_tokens_field(req)[0]
         raise APIError(400, name + str(e)[len("max_new_tokens"):], param=name, code="invalid_value") from None
 
 
-def _prompt(inputs: Any, max_len: int) -> Prompt:
-    n = len(inputs.input_ids)
-    if n >= max_len:  # at least one token must fit after the prompt
-        raise APIError(400, f"messages: the prompt is {n} tokens; this server's context is {max_len} tokens "
-                            f"(prompt plus output)", param="messages", code="context_length_exceeded")
-    return to_prompt(inputs)
-
-
-def _start(state: ServerState, prompt: Prompt, params: SamplingParams, t_arrival: float) -> Generation:
+def _start(state: ServerState, prompt: Any, params: SamplingParams, t_arrival: float,
+           deadline: float | None) -> Generation:
     try:
         handle = state.engine.submit(prompt, params)
     except QueueFullError as e:
@@ -220,7 +228,7 @@ def _start(state: ServerState, prompt: Prompt, params: SamplingParams, t_arrival
     except EngineDeadError as e:
         raise APIError(503, f"the engine is not running: {e}", "server_error", None, "engine_stopped") from None
     text = TextStream(state.processor, params.stop)
-    return Generation(state.engine, handle, text, len(prompt.input_ids), t_arrival, state.metrics)
+    return Generation(state.engine, handle, text, len(prompt.input_ids), t_arrival, state.metrics, deadline)
 
 
 # -- responses ------------------------------------------------------------------------------------------------------
@@ -241,7 +249,7 @@ async def _complete(request: Request, gen: Generation, state: ServerState, cid: 
     try:
         reasoning, content = work.result()
     except EngineFailure as e:
-        raise APIError(500, str(e), "server_error", None, "engine_failure") from None
+        raise ended_error(e, request_id(request), state.settings.retry_after_s) from None
     msg = ChatMessage(content=content, reasoning_content=reasoning or None)
     body = ChatCompletion(id=cid, created=created, model=state.settings.model_name,
                           choices=[Choice(message=msg, finish_reason=gen.finish_reason)],
@@ -255,7 +263,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _sse(gen: Generation, req: ChatCompletionRequest, state: ServerState, cid: str,
+async def _sse(request: Request, gen: Generation, req: ChatCompletionRequest, state: ServerState, cid: str,
                created: int) -> AsyncIterator[str]:
     """OpenAI chunks: a role chunk, delta chunks, a finish chunk, [usage chunk], then ``data: [DONE]``."""
     usage_field = req.include_usage
@@ -265,6 +273,7 @@ async def _sse(gen: Generation, req: ChatCompletionRequest, state: ServerState, 
                                 usage=usage)
         return c.sse(usage_field)
 
+    rid = request_id(request)
     try:
         yield chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])
         async for r, c in gen.pieces():
@@ -274,7 +283,7 @@ async def _sse(gen: Generation, req: ChatCompletionRequest, state: ServerState, 
             yield chunk([], Usage.of(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens))
     except EngineFailure as e:
         # Headers are gone already: report in-band, the way OpenAI streams report errors.
-        yield f"data: {json.dumps(APIError(500, str(e), 'server_error', None, 'engine_failure').body())}\n\n"
+        yield f"data: {json.dumps(ended_error(e, rid).body())}\n\n"
     finally:
         gen.close()  # client gone mid-stream: free the slot now rather than when the generator is collected
     yield "data: [DONE]\n\n"

@@ -7,17 +7,24 @@ returned, and the engine is told to free the sequence at once.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, AsyncIterator
 
-from ..engine.async_engine import AsyncEngine, RequestHandle
+from ..engine.async_engine import ENGINE_FAILURE, AsyncEngine, Output, RequestHandle
 from ..engine.reasoning import ReasoningStreamParser
 from ..engine.sampling import StopStringMatcher
+from .errors import DEADLINE_EXCEEDED
 from .metrics import Metrics
 
 
 class EngineFailure(RuntimeError):
-    """The engine stopped while this request was running."""
+    """The request ended without finishing: the engine stopped, the server is shutting down, or its deadline
+    passed. ``code`` says which (``Output.code``, or DEADLINE_EXCEEDED)."""
+
+    def __init__(self, message: str, code: str = ENGINE_FAILURE):
+        super().__init__(message)
+        self.code = code
 
 
 class TextStream:
@@ -48,7 +55,7 @@ class TextStream:
 
 class Generation:
     def __init__(self, engine: AsyncEngine, handle: RequestHandle, text: TextStream, prompt_tokens: int,
-                 t_arrival: float, metrics: Metrics):
+                 t_arrival: float, metrics: Metrics, deadline: float | None = None):
         self.engine = engine
         self.handle = handle
         self.text = text
@@ -58,6 +65,7 @@ class Generation:
         self.finish_reason: str | None = None
         self.t_arrival = t_arrival
         self.metrics = metrics
+        self.deadline = deadline  # time.monotonic() by which the request must have ended, or None
         self._closed = False
 
     async def pieces(self) -> AsyncIterator[tuple[str, str]]:
@@ -66,10 +74,10 @@ class Generation:
         Leaving early (client gone: cancellation or ``aclose``) aborts the request in the engine."""
         try:
             while self.finish_reason is None:
-                out = await self.handle.next()
+                out = await self._next()
                 if out.error is not None:
                     self.finish_reason = "error"
-                    raise EngineFailure(out.error)
+                    raise EngineFailure(out.error, out.code)
                 r = c = ""
                 if out.cached is not None:
                     self.cached_tokens = out.cached
@@ -86,6 +94,16 @@ class Generation:
                     yield r, c
         finally:
             self.close()
+
+    async def _next(self) -> Output:
+        if self.deadline is None:
+            return await self.handle.next()
+        try:
+            return await asyncio.wait_for(self.handle.next(), self.deadline - time.monotonic())
+        except TimeoutError:
+            self.engine.abort(self.handle)  # its slot is free for the next step
+            self.finish_reason = DEADLINE_EXCEEDED
+            raise EngineFailure("the request's deadline passed before it finished", DEADLINE_EXCEEDED) from None
 
     def _token(self, token: int) -> tuple[str, str, bool]:
         if self.completion_tokens == 0:

@@ -57,7 +57,7 @@ class Metrics:
         self.cached_tokens += cached_tokens
         self.completion_tokens += completion_tokens
 
-    def render(self, stats: EngineStats) -> str:
+    def render(self, stats: EngineStats, preprocessing: int = 0) -> str:
         p = PREFIX
         lines = [f"# HELP {p}_requests_total Chat completion requests by HTTP status.",
                  f"# TYPE {p}_requests_total counter"]
@@ -78,6 +78,8 @@ class Metrics:
         lines += [f"# HELP {p}_stage_steps_total Steps each pipeline stage has run.",
                   f"# TYPE {p}_stage_steps_total counter"]
         lines += [f'{p}_stage_steps_total{{stage="{s["stage"]}"}} {s["steps"]}' for s in stats.stages if "steps" in s]
+        lines += _gauge(f"{p}_preprocessing_requests", "Requests admitted whose prompt is being built (chat template, "
+                        "images, videos), not yet queued.", preprocessing)
         lines += _gauge(f"{p}_queue_depth", "Requests waiting for a KV-cache slot.", stats.waiting)
         lines += _gauge(f"{p}_running_sequences", "Sequences holding a KV-cache slot.", stats.running)
         lines += _gauge(f"{p}_engine_alive", "1 while the engine thread is serving.", int(stats.alive))
