@@ -534,3 +534,16 @@ def test_an_image_sent_as_a_video_and_lone_surrogates_are_refused(proc, media_di
     with pytest.raises(MessageFormatError, match=r"content\[0\].text: not valid Unicode \(a lone surrogate at "
                                                  r"character 1\)"):
         proc.build_inputs(user(text("a\ud800")))
+
+
+def test_only_common_image_formats_are_read(proc, tmp_path):
+    """PIL knows formats that run other programs (EPS: Ghostscript) or few clients send; those are refused."""
+    Image.new("RGB", (64, 48)).save(tmp_path / "x.tga")
+    (tmp_path / "x.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 48\nshowpage\n")
+    for name in ("x.tga", "x.eps"):
+        with pytest.raises(MediaDecodeError, match=r"content\[0\].image_url: cannot decode image: not one of the "
+                                                   r"formats this server reads \(PNG, JPEG"):
+            proc.build_inputs(user(image(tmp_path / name)))
+    for fmt in ("JPEG", "WEBP", "GIF", "BMP", "TIFF"):
+        Image.new("RGB", (64, 48)).save(tmp_path / f"x.{fmt}", format=fmt)
+        assert len(proc.build_inputs(user(image(tmp_path / f"x.{fmt}"))).image_grid_thw) == 1

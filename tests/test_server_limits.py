@@ -103,6 +103,10 @@ HOSTILE = {
     "a PNG sent as a video": (json.dumps(body_of([{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": data_url(png_bytes(), "video/mp4")}}]}])).encode(), 400,
         "invalid_media", "messages[0].content[0].video_url"),
+    "17 stop strings": (json.dumps(body_of(user("hi"), stop=[f"s{i}" for i in range(17)])).encode(), 400,
+                        "invalid_value", "stop"),
+    "a 10000-character stop string": (json.dumps(body_of(user("hi"), stop="x" * 10_000)).encode(), 400,
+                                      "invalid_value", "stop"),
     "messages as an object": (b'{"model": "tiny", "messages": {"role": "user"}}', 400, "invalid_value", "messages"),
     "image_url as a number": ((BAD % '[{"type": "image_url", "image_url": 5}]').encode(), 400, "invalid_messages",
                               "messages[0].content[0].image_url"),
@@ -214,6 +218,11 @@ def test_a_client_gone_during_upload_is_no_server_error(server, caplog):
     assert wait_for(lambda: metric(srv, 'qwen_vl_requests_total{status="499"}') >= 1, 30)
     assert metric(srv, 'qwen_vl_requests_total{status="500"}') == errors_before
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    # one that stops sending: the deadline (here the client's own) ends the wait for the rest of its body
+    with socket.create_connection((srv.host, srv.port), timeout=30) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-Timeout: 0.5\r\n"
+                  b"Content-Length: 1000\r\n\r\n{")
+        assert _read_response(s).startswith("HTTP/1.1 408")
     assert good(srv)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import os
 import re
@@ -182,12 +183,29 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: " + re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", str(e))
 
 
-def open_image(source: bytes | str, where: str, opts: MediaOptions):
-    """The image with only its header read (PIL opens lazily), its size checked against the limits."""
+# The raster formats PIL may read for a request. Not every format it knows: some hand the data to other programs
+# (EPS runs Ghostscript) or are rarely seen outside laboratories, and each is more parser exposed to any client.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")  # (JPEG covers MPO, from cameras)
+
+
+@functools.cache
+def _image_formats() -> tuple[str, ...]:
+    """IMAGE_FORMATS that this Pillow reads (AVIF is recent)."""
     from PIL import Image
 
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
+
+
+def open_image(source: bytes | str, where: str, opts: MediaOptions):
+    """The image with only its header read (PIL opens lazily), its size checked against the limits."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=_image_formats())
+    except UnidentifiedImageError:
+        raise MediaDecodeError(f"{where}: cannot decode image: not one of the formats this server reads "
+                               f"({', '.join(_image_formats())})") from None
     except Image.DecompressionBombError:
         raise MediaLimitError(f"{where}: the image has more pixels than this server decodes") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -257,7 +275,7 @@ def _open_container(source: bytes | str, where: str):
         container.close()
         raise MediaDecodeError(f"{where}: container format {container.format.name!r} refers to other files; "
                                "send the video itself")
-    if any(n == "image2" or n.endswith("_pipe") for n in names):  # FFmpeg's readers of single image files
+    if any(n in ("image2", "image2pipe") or n.endswith("_pipe") for n in names):  # FFmpeg's image readers
         container.close()
         raise MediaDecodeError(f"{where}: not a video (FFmpeg reads it as an image, format {container.format.name}); "
                                "send images as image_url parts")

@@ -137,7 +137,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(request: Request) -> Response:
         t_arrival = time.perf_counter()
         deadline = limits.request_deadline(request, state.settings.request_timeout_s)
-        req = await _parse(request, state.max_body_bytes)
+        req = await _parse(request, state.max_body_bytes, deadline)
         _check_request(req, state)
         params = _sampling_params(req, state.settings.generation_config)
         with state.admission.place():
@@ -183,8 +183,8 @@ def _api_key_check(key: str | None):
 # -- request -> prompt and sampling parameters -----------------------------------------------------------------------
 
 
-async def _parse(request: Request, max_body_bytes: int) -> ChatCompletionRequest:
-    data = limits.parse_json(await limits.read_body(request, max_body_bytes))
+async def _parse(request: Request, max_body_bytes: int, deadline: float | None) -> ChatCompletionRequest:
+    data = limits.parse_json(await limits.read_body(request, max_body_bytes, deadline))
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
@@ -201,6 +201,7 @@ def _check_request(req: ChatCompletionRequest, state: ServerState) -> None:
     if req.logprobs:
         raise APIError(400, "logprobs: not supported", param="logprobs", code="invalid_value")
     limits.check_max_tokens(req.max_new_tokens, _max_tokens_field(req)[0], state.max_len)
+    limits.check_stop(req.stop)
 
 
 def _sampling_params(req: ChatCompletionRequest, defaults: dict[str, Any]) -> SamplingParams:

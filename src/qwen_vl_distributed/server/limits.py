@@ -12,6 +12,7 @@ before anything is decoded (``engine/prompt_size.py``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -32,6 +33,10 @@ BODY_OVERHEAD = 2**20  # the JSON around the messages: roles, parameters
 MEDIA_BYTES_UNLIMITED = 64_000_000  # what the body limit allows for media when the processor sets no media limit
 
 TIMEOUT_HEADER = "X-Request-Timeout"
+# Stop strings are matched against the text after every token, on the event loop that serves every request:
+# their number and length bound that work.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -42,22 +47,31 @@ def body_limit(max_media_bytes: int, max_len: int) -> int:
     return math.ceil(max_media_bytes * 4 / 3) + max_len * TEXT_BYTES_PER_TOKEN + BODY_OVERHEAD
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` bytes (never held whole in memory first). A client
-    that hangs up while sending it gets nothing back (499 in the access log), and no error is logged."""
+async def read_body(request: Request, limit: int, deadline: float | None = None) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes (never held whole in memory first), and
+    with 408 when it has not all arrived by the request's deadline. A client that hangs up while sending it gets
+    nothing back (499 in the access log), and no error is logged."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}", code="body_too_large")
-    chunks, size = [], 0
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"the request body passes the limit of {limit} bytes", code="body_too_large")
-            chunks.append(chunk)
+        return await asyncio.wait_for(_read(request, limit), timeout)
     except ClientDisconnect:
         raise APIError(499, "the client closed the connection while sending the request",
                        code="client_closed_request") from None
+    except asyncio.TimeoutError:
+        raise APIError(408, "the request body did not arrive before the request's deadline",
+                       code="deadline_exceeded") from None
+
+
+async def _read(request: Request, limit: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body passes the limit of {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
     return b"".join(chunks)
 
 
@@ -105,6 +119,19 @@ def _is_unicode(s: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
+def check_stop(stop: Any) -> None:
+    """At most MAX_STOP_STRINGS stop strings of at most MAX_STOP_CHARS characters (their form is checked with the
+    other sampling parameters)."""
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    if len(stops) > MAX_STOP_STRINGS:
+        raise APIError(400, f"stop: {len(stops)} strings; the limit is {MAX_STOP_STRINGS}", param="stop",
+                       code="invalid_value")
+    for i, s in enumerate(stops):
+        if isinstance(s, str) and len(s) > MAX_STOP_CHARS:
+            raise APIError(400, f"stop[{i}]: {len(s)} characters; the limit is {MAX_STOP_CHARS}", param="stop",
+                           code="invalid_value")
 
 
 def check_max_tokens(max_tokens: int | None, name: str, max_len: int) -> None:
@@ -174,14 +201,17 @@ LIMITS: tuple[Limit, ...] = (
     Limit("pixels a video's decoding goes through (frames x width x height)", "--max-video-pixels", "",
           "400 `media_limit_exceeded`, from the container before decoding and again frame by frame"),
     Limit("image / video aspect ratio", None, "200:1", "400 `media_limit_exceeded`"),
+    Limit("image formats", None, "PNG, JPEG, WebP, GIF, BMP, TIFF, AVIF", "400 `invalid_media`"),
+    Limit("stop strings", None, f"{MAX_STOP_STRINGS} of {MAX_STOP_CHARS} characters each",
+          "400 `invalid_value`, param `stop`"),
     Limit("request body", None, f"4/3 x the media limit + {TEXT_BYTES_PER_TOKEN} bytes per token of context + "
           "1 MiB ({body} with the defaults)", "413 `body_too_large`, from `Content-Length` or as it arrives"),
     Limit("characters of text", None, "the context x the longest token of the vocabulary (in bytes)",
           "400 `context_length_exceeded` before tokenising"),
     Limit("JSON nesting", None, "Python's recursion limit (about 1000 levels)", "400 `invalid_json`"),
     Limit("seconds for one request", "--request-timeout", "; a client may ask for less with the `X-Request-Timeout` "
-          "header (seconds)", "504 `deadline_exceeded` (in a stream: an error event, then `[DONE]`); its KV slot "
-          "is freed"),
+          "header (seconds)", "504 `deadline_exceeded` (408 while its body is still arriving; in a stream: an error "
+          "event, then `[DONE]`); its KV slot is freed"),
     Limit("seconds of grace for running requests at SIGTERM / SIGINT", "--shutdown-grace", "",
           "ended with 503 `shutting_down` (in a stream: an error event, then `[DONE]`)"),
     Limit("seconds of silence of a pipeline stage", "--stage-timeout", "",
