@@ -225,7 +225,7 @@ class Processor:
             self.size.check_text(_texts(normalized), budget)
         opened = self._open_media(refs)
         prompt = self.render(normalized)
-        if budget is not None:
+        if budget is not None and opened:  # (text alone: the exact count below costs no more)
             self.size.check_media(len(self.encode(prompt)), [part for part, _ in opened], budget)
         out = PromptInputs(input_ids=[], mm_token_type_ids=[], prompt=prompt)
         images = [(part, src) for part, src in opened if part.kind == "image"]

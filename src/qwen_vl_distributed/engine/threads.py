@@ -8,9 +8,9 @@ launches (8 sequences through two H200 stages: 581-647 tokens/s, 787 with one th
 The driver's preprocessing (a server's requests: chat template, tokenising, decoding images and videos, the image
 and video processors) runs in a pool of ``preprocess_workers()`` threads, the process's share of the cores, so that
 one large request does not hold up a small one: tokenising and decoding run in parallel (the tokenizer, PIL and
-PyAV release the GIL). The image and video processors' bulk tensor work takes the process's share of torch's
-intra-op threads, one request at a time (``preprocess_threads``), rather than every request oversubscribing the
-cores.
+PyAV release the GIL). Where a GPU stage set one intra-op thread for its steps, the image and video processors'
+bulk tensor work takes the process's share back, one request at a time (``preprocess_threads``): torch's thread
+setting is the process's, and requests restoring it out of order would leave the steps with the wrong one.
 """
 
 from __future__ import annotations

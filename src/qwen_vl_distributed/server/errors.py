@@ -22,6 +22,7 @@ message would otherwise carry.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -91,6 +92,7 @@ _PID = re.compile(r"\bpid \d+")
 _IP_PORT = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|\blocalhost:\d+\b")
 
 
+@functools.cache
 def _server_dirs() -> list[str]:
     """Where the server's own files are: its source, its Python, its working directory."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

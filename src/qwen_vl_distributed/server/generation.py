@@ -100,7 +100,7 @@ class Generation:
             return await self.handle.next()
         try:
             return await asyncio.wait_for(self.handle.next(), self.deadline - time.monotonic())
-        except TimeoutError:
+        except asyncio.TimeoutError:
             self.engine.abort(self.handle)  # its slot is free for the next step
             self.finish_reason = DEADLINE_EXCEEDED
             raise EngineFailure("the request's deadline passed before it finished", DEADLINE_EXCEEDED) from None

@@ -35,6 +35,8 @@ TICK_S = 0.05  # how often a drain looks at what is still running
 
 
 class Admission:
+    """Places in the queue for requests being preprocessed, and the pool they are preprocessed in."""
+
     def __init__(self, engine: AsyncEngine, workers: int, retry_after_s: int):
         self.engine = engine
         self.retry_after_s = retry_after_s
@@ -135,13 +137,13 @@ class Service(uvicorn.Server):
             self.on_listening(self.url)
 
     def handle_exit(self, sig, frame) -> None:
-        """SIGINT / SIGTERM (uvicorn installs this handler): counted here, acted on by the main loop. Unlike
-        uvicorn's own, it does not raise the signal again once the server has stopped: ``serve`` ends its stages
-        and exits itself."""
-        self._signals += 1
+        """SIGINT / SIGTERM (uvicorn installs this handler). Unlike uvicorn's own, it does not raise the signal
+        again once the server has stopped: ``serve`` ends its stages and exits itself."""
+        self.begin_drain()
 
     def begin_drain(self) -> None:
-        """What a signal does (also for tests, which run the server in a thread, where no signal arrives)."""
+        """What a signal does: counted here, acted on by the main loop (``on_tick``). Tests call it directly: a
+        server in a thread gets no signals."""
         self._signals += 1
 
     async def on_tick(self, counter: int) -> bool:
