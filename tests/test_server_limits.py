@@ -226,6 +226,20 @@ def test_a_client_gone_during_upload_is_no_server_error(server, caplog):
     assert good(srv)
 
 
+def test_a_full_server_answers_503_before_reading_a_body(processor):
+    engine = Engine(preset("tiny"), ScriptedExecutor(processor.encode(" and so on"), step_s=0.01), 1, 10**6, [IM_END])
+    with serve(engine, processor, max_queue=0) as (srv, client):
+        held = client.chat.completions.create(model=MODEL, messages=user("go"), max_tokens=10**5, stream=True)
+        next(iter(held))
+        with socket.create_connection((srv.host, srv.port), timeout=30) as s:  # announces a body, sends none
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+            answer = _read_response(s)
+        assert answer.startswith("HTTP/1.1 503") and "queue_full" in answer and "retry-after: 1" in answer.lower()
+        held.close()
+        assert wait_for(lambda: not engine.running, 30)
+        assert post(srv, body_of(user("again"))).json()["choices"][0]["finish_reason"] == "length"
+
+
 class Boom:
     """A processor whose work fails like a bug that quotes internals."""
 

@@ -137,10 +137,11 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(request: Request) -> Response:
         t_arrival = time.perf_counter()
         deadline = limits.request_deadline(request, state.settings.request_timeout_s)
-        req = await _parse(request, state.max_body_bytes, deadline)
-        _check_request(req, state)
-        params = _sampling_params(req, state.settings.generation_config)
+        # a place first (a full server reads no body), held from the body's reading to the engine's queue
         with state.admission.place():
+            req = await _parse(request, state.max_body_bytes, deadline)
+            _check_request(req, state)
+            params = _sampling_params(req, state.settings.generation_config)
             inputs = await _preprocess(state, req, deadline)
             gen = _start(state, to_prompt(inputs), params, t_arrival, deadline)
         cid, created = completion_id(), now()

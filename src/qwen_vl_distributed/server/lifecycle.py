@@ -1,7 +1,8 @@
 """Who may start, and how the service ends.
 
-``Admission``: a request takes a place before its preprocessing, so the queue bound (``--max-batch`` running plus
-``--max-queue``) also counts requests still being preprocessed, and a full server answers 503 before doing any work.
+``Admission``: a request takes a place before its body is read, so the queue bound (``--max-batch`` running plus
+``--max-queue``) also counts requests still arriving or being preprocessed: a full server answers 503 before it
+reads or does anything, and no more bodies than places are held in memory at once.
 Preprocessing runs in a pool of the process's share of the cores (``engine/threads.py``), so a small request is not
 queued behind a large one; a deadline or a shutdown ends the wait for it.
 

@@ -1,8 +1,8 @@
 """What one request may carry and how long it may take: the checks that run before any heavy work.
 
-A chat completion is checked cheapest first: the body's size (its Content-Length, then as it arrives), the JSON
-(nesting, Unicode), field types, the model, ``max_tokens`` against the context, the sampling values, then a place
-in the queue (``lifecycle.Admission``); only then, in the preprocessing pool, the messages, the text's length, the
+A chat completion is checked cheapest first: its API key, a place in the queue (``lifecycle.Admission``), the body's
+size (its Content-Length, then as it arrives), the JSON (nesting, Unicode), field types, the model, ``max_tokens``
+against the context, the sampling values; only then, in the preprocessing pool, the messages, the text's length, the
 media's count and bytes, each image's header and each video's container, and the prompt's length from those, all
 before anything is decoded (``engine/prompt_size.py``).
 
@@ -193,7 +193,7 @@ LIMITS: tuple[Limit, ...] = (
     Limit("`max_tokens` / `max_completion_tokens`", None, "the context minus the prompt",
           "400 `context_length_exceeded`, param `max_tokens`, before any work when it alone passes the context"),
     Limit("requests running (KV slots)", "--max-batch", "", "wait in the queue"),
-    Limit("requests waiting or being preprocessed", "--max-queue", "", "503 `queue_full`, `Retry-After`"),
+    Limit("requests waiting, being preprocessed or arriving", "--max-queue", "", "503 `queue_full`, `Retry-After`"),
     Limit("images per request", "--max-images", "", "400 `media_limit_exceeded`"),
     Limit("videos per request", "--max-videos", "", "400 `media_limit_exceeded`"),
     Limit("megabytes of all images and videos of a request", "--max-media-mb", "", "400 `media_limit_exceeded`"),
