@@ -490,10 +490,10 @@ def test_limits_are_checked_before_decoding(model_dir, media_dir, monkeypatch, t
         p.build_inputs(user(text("x"), video(media_dir / "clip.mp4")))
     # an image of 64 tokens in a budget of 40: refused from its header, naming it, exactly
     with pytest.raises(PromptTooLongError) as e:
-        p.build_inputs(user(text("hi"), image(media_dir / "a.png")), 40)
+        p.build_inputs(user(text("hi"), image(media_dir / "a.png")), max_tokens=40)
     assert e.value.where == "messages[0].content[1].image_url" and e.value.exact and e.value.tokens > 64
     with pytest.raises(PromptTooLongError) as e:
-        Processor(p.hf, preset("tiny")).build_inputs(user(video(media_dir / "clip.mp4")), 10)
+        Processor(p.hf, preset("tiny")).build_inputs(user(video(media_dir / "clip.mp4")), max_tokens=10)
     assert e.value.where == "messages[0].content[0].video_url" and not e.value.exact
 
 
@@ -504,7 +504,7 @@ def test_text_longer_than_any_prompt_that_fits_is_refused_before_tokenising(proc
     assert longest == max(map(len, proc.tokenizer.get_vocab()))
     monkeypatch.setattr(proc, "encode", _never)
     with pytest.raises(PromptTooLongError) as e:
-        proc.build_inputs(user(text("ok"), text("x" * (100 * longest + 1))), 100)
+        proc.build_inputs(user(text("ok"), text("x" * (100 * longest + 1))), max_tokens=100)
     assert e.value.where == "messages[0].content[1].text" and e.value.tokens == 101 and not e.value.exact
     # NFC composes 'e' + U+0301 into one character: the bound counts what the tokenizer will see, not the raw text
     proc.size.check_text([("t", "e\u0301" * 10 * longest)], 10)

@@ -35,6 +35,20 @@ log = logging.getLogger(__name__)
 TICK_S = 0.05  # how often a drain looks at what is still running
 
 
+class Place:
+    """One request's place in the queue, held until ``release`` (idempotent)."""
+
+    def __init__(self, admission: Admission):
+        self.admission = admission
+        self.held = True
+        admission.preparing += 1
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.admission.preparing -= 1
+
+
 class Admission:
     """Places in the queue for requests being preprocessed, and the pool they are preprocessed in."""
 
@@ -47,8 +61,9 @@ class Admission:
         self._closed: asyncio.Event | None = None  # made on the event loop, at the first request
 
     @contextmanager
-    def place(self) -> Iterator[None]:
-        """Hold a place from here until the request is submitted to the engine (which then counts it)."""
+    def place(self) -> Iterator[Place]:
+        """Hold a place from here until the request is submitted to the engine (which then counts it: release the
+        place then) or leaves the block."""
         if self.closing:
             raise shutting_down("the server is shutting down", self.retry_after_s)
         if not self.engine.alive:
@@ -56,11 +71,11 @@ class Admission:
         if self.engine.outstanding + self.preparing >= self.engine.capacity:
             raise APIError(503, f"the server is busy ({self.engine.capacity} requests in flight); retry later",
                            "server_error", None, "queue_full", {"Retry-After": str(self.retry_after_s)})
-        self.preparing += 1
+        place = Place(self)
         try:
-            yield
+            yield place
         finally:
-            self.preparing -= 1
+            place.release()
 
     async def run(self, deadline: float | None, fn: Callable, *args: Any) -> Any:
         """``fn(*args)`` in the preprocessing pool; 503 if the server starts shutting down first, 504 if the

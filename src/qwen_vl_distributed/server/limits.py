@@ -138,7 +138,8 @@ def check_max_tokens(max_tokens: int | None, name: str, max_len: int) -> None:
     """Before any work: a ``max_tokens`` that no prompt leaves room for (every prompt has a token)."""
     if max_tokens is not None and max_tokens >= max_len:
         raise APIError(400, f"{name}: {max_tokens} is more than fits after any prompt in this server's context of "
-                            f"{max_len} tokens (prompt plus output)", param=name, code="context_length_exceeded")
+                            f"{max_len} tokens (prompt plus output): at most {max_len - 1}", param=name,
+                       code="context_length_exceeded")
 
 
 def prompt_budget(max_tokens: int | None, max_len: int) -> int:
