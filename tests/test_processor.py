@@ -48,14 +48,15 @@ def media_dir(tmp_path_factory):
     return d
 
 
-def write_video(path, n: int, fps: int, size: int = 64) -> None:
-    """A small mpeg4 clip whose frame i is filled with gray level 30*i."""
+def write_video(path, n: int, fps: int, size: int | tuple[int, int] = 64) -> None:
+    """A small mpeg4 clip (size: side, or (width, height)) whose frame i is filled with gray level 30*i."""
+    w, h = (size, size) if isinstance(size, int) else size
     with av.open(str(path), "w") as c:
         s = c.add_stream("mpeg4", rate=fps)
-        s.width = s.height = size
+        s.width, s.height = w, h
         s.pix_fmt = "yuv420p"
         for i in range(n):
-            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), 30 * i, np.uint8), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), 30 * i, np.uint8), format="rgb24")
             for p in s.encode(frame):
                 c.mux(p)
         for p in s.encode():
@@ -293,8 +294,10 @@ def test_media_errors(proc, url, error, message):
 def test_undecodable_files(proc, media_dir):
     with pytest.raises(MediaDecodeError, match=r"messages\[0\].content\[0\].image_url: cannot decode image"):
         proc.build_inputs(user(image(media_dir / "junk.png")))
-    with pytest.raises(MediaDecodeError, match=r"messages\[0\].content\[0\].video_url: cannot decode video"):
+    with pytest.raises(MediaDecodeError, match=r"messages\[0\].content\[0\].video_url: not a video"):
         proc.build_inputs(user(video(media_dir / "junk.png")))
+    with pytest.raises(MediaDecodeError, match=r"messages\[0\].content\[0\].video_url: cannot decode video"):
+        proc.build_inputs(user(video(data_url(media_dir / "junk.png", "video/mp4"))))
 
 
 def test_local_path_policy(model_dir, media_dir, tmp_path):
@@ -447,3 +450,107 @@ def test_preprocessing_takes_the_process_share_of_cores_where_a_gpu_stage_took_o
         assert seen == [before, 4] and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sizes known before decoding (engine/prompt_size.py)
+
+
+@pytest.mark.parametrize("name", ["a", "b", "c"])
+def test_an_images_tokens_are_known_from_its_header(proc, media_dir, name):
+    with Image.open(media_dir / f"{name}.png") as im:
+        w, h = im.size
+    out = proc.build_inputs(user(image(media_dir / f"{name}.png"), text("?")))
+    assert proc.size.image_tokens(w, h) == out.input_ids.count(IMG)
+
+
+@pytest.mark.parametrize("clip, size", [("clip.mp4", 64), ("odd.mp4", 64), ("wide.mp4", (160, 48))])
+def test_a_videos_tokens_are_bounded_from_its_container(proc, media_dir, clip, size):
+    from qwen_vl_distributed.engine.media import probe_video
+
+    if not (media_dir / clip).exists():
+        write_video(media_dir / clip, n=9, fps=3, size=size)
+    out = proc.build_inputs(user(video(media_dir / clip), text("?")))
+    gt = out.video_grid_thw.tolist()[0][0]
+    bound = proc.size.video_tokens(probe_video(str(media_dir / clip), "v"))
+    # per temporal patch: the frame's placeholders exactly, + start, end and at least one timestamp token
+    assert bound == out.input_ids.count(VID) + 3 * gt
+
+
+def _never(*a, **k):
+    raise AssertionError("decoded, though the size was known before")
+
+
+def test_limits_are_checked_before_decoding(model_dir, media_dir, monkeypatch, tmp_path):
+    from qwen_vl_distributed.engine import media, processor
+    from qwen_vl_distributed.engine.prompt_size import PromptTooLongError
+
+    monkeypatch.setattr(processor, "load_image", _never)
+    monkeypatch.setattr(media, "_read_frames", _never)
+    p = Processor.from_pretrained(model_dir, preset("tiny"), MediaOptions(max_image_pixels=10_000,
+                                                                          max_video_pixels=8 * 64 * 64 - 1))
+    Image.new("RGB", (101, 100)).save(tmp_path / "big.png")
+    with pytest.raises(MediaLimitError, match=r"content\[0\].image_url: the image is 101x100 = 10100 pixels; the "
+                                              "limit is 10000"):
+        p.build_inputs(user(image(tmp_path / "big.png")))
+    with pytest.raises(MediaLimitError, match=r"content\[1\].video_url: the video's frames hold 32768 pixels"):
+        p.build_inputs(user(text("x"), video(media_dir / "clip.mp4")))
+    # an image of 64 tokens in a budget of 40: refused from its header, naming it, exactly
+    with pytest.raises(PromptTooLongError) as e:
+        p.build_inputs(user(text("hi"), image(media_dir / "a.png")), max_tokens=40)
+    assert e.value.where == "messages[0].content[1].image_url" and e.value.exact and e.value.tokens > 64
+    with pytest.raises(PromptTooLongError) as e:
+        Processor(p.hf, preset("tiny")).build_inputs(user(video(media_dir / "clip.mp4")), max_tokens=10)
+    assert e.value.where == "messages[0].content[0].video_url" and not e.value.exact
+
+
+def test_text_longer_than_any_prompt_that_fits_is_refused_before_tokenising(proc, monkeypatch):
+    from qwen_vl_distributed.engine.prompt_size import PromptTooLongError
+
+    longest = proc.size.max_token_bytes
+    assert longest == max(map(len, proc.tokenizer.get_vocab()))
+    monkeypatch.setattr(proc, "encode", _never)
+    with pytest.raises(PromptTooLongError) as e:
+        proc.build_inputs(user(text("ok"), text("x" * (100 * longest + 1))), max_tokens=100)
+    assert e.value.where == "messages[0].content[1].text" and e.value.tokens == 101 and not e.value.exact
+    # NFC composes 'e' + U+0301 into one character: the bound counts what the tokenizer will see, not the raw text
+    proc.size.check_text([("t", "e\u0301" * 10 * longest)], 10)
+    with pytest.raises(PromptTooLongError):
+        proc.size.check_text([("t", "e\u0301" * 10 * longest + "e")], 10)
+
+
+def test_the_decoder_stops_at_the_pixel_limit_whatever_the_container_says(media_dir):
+    from qwen_vl_distributed.engine.media import VideoInfo
+
+    lying = VideoInfo(total_frames=8, fps=4, width=8, height=8)  # its frames are really 64 x 64
+    with pytest.raises(MediaLimitError, match="the video's frames hold"):
+        load_video(str(media_dir / "clip.mp4"), "v", info=lying, opts=MediaOptions(max_video_pixels=3 * 64 * 64))
+
+
+def test_media_bytes_count_for_the_whole_request(model_dir, media_dir):
+    size = (media_dir / "a.png").stat().st_size
+    p = Processor.from_pretrained(model_dir, preset("tiny"), MediaOptions(max_media_bytes=size + size // 2))
+    p.build_inputs(user(image(media_dir / "a.png")))
+    with pytest.raises(MediaLimitError, match=r"content\[1\].image_url: media is larger than the limit"):
+        p.build_inputs(user(image(media_dir / "a.png"), image(data_url(media_dir / "a.png", "image/png"))))
+
+
+def test_an_image_sent_as_a_video_and_lone_surrogates_are_refused(proc, media_dir):
+    with pytest.raises(MediaDecodeError, match=r"content\[0\].video_url: not a video \(FFmpeg reads it as an image"):
+        proc.build_inputs(user(video(data_url(media_dir / "a.png", "video/mp4"))))
+    with pytest.raises(MessageFormatError, match=r"content\[0\].text: not valid Unicode \(a lone surrogate at "
+                                                 r"character 1\)"):
+        proc.build_inputs(user(text("a\ud800")))
+
+
+def test_only_common_image_formats_are_read(proc, tmp_path):
+    """PIL knows formats that run other programs (EPS: Ghostscript) or few clients send; those are refused."""
+    Image.new("RGB", (64, 48)).save(tmp_path / "x.tga")
+    (tmp_path / "x.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 48\nshowpage\n")
+    for name in ("x.tga", "x.eps"):
+        with pytest.raises(MediaDecodeError, match=r"content\[0\].image_url: cannot decode image: not one of the "
+                                                   r"formats this server reads \(PNG, JPEG"):
+            proc.build_inputs(user(image(tmp_path / name)))
+    for fmt in ("JPEG", "WEBP", "GIF", "BMP", "TIFF"):
+        Image.new("RGB", (64, 48)).save(tmp_path / f"x.{fmt}", format=fmt)
+        assert len(proc.build_inputs(user(image(tmp_path / f"x.{fmt}"))).image_grid_thw) == 1

@@ -453,13 +453,25 @@ class BrokenExecutor(ScriptedExecutor):
         raise RuntimeError("stage 1 on host-b died")
 
 
-def test_engine_failure_is_reported_not_hung(processor):
+def test_engine_failure_is_reported_not_hung(processor, caplog):
     engine = Engine(preset("tiny"), BrokenExecutor([IM_END]), 2, 128, [IM_END])
-    with serve(engine, processor) as (server, client):
+    app = create_app(engine, processor, ServerSettings(model_name=MODEL))
+    with ServerThread(app, stop_on_engine_failure=False) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=30)
         with pytest.raises(openai.InternalServerError) as e:
             client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=3)
-        assert e.value.status_code == 500 and "stage 1 on host-b died" in e.value.message
+        rid = e.value.response.headers["x-request-id"]
+        assert e.value.status_code == 500 and e.value.code == "engine_failure" and rid in e.value.message
+        # the engine's own words (which stage, which host) are for the server log, under the request's id
+        assert "host-b" not in e.value.response.text
+        assert any(rid in r.getMessage() and "stage 1 on host-b died" in r.getMessage() for r in caplog.records)
         assert httpx.get(server.url + "/health").status_code == 503
         with pytest.raises(openai.InternalServerError) as e:  # no engine: refused at once
             client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=3)
         assert e.value.status_code == 503 and e.value.code == "engine_stopped"
+    # serve's own rule: the server stops (and `serve` exits non-zero: tests/test_serve_process.py)
+    engine = Engine(preset("tiny"), BrokenExecutor([IM_END]), 2, 128, [IM_END])
+    with serve(engine, processor) as (server, client):
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=3)
+        assert wait_for(lambda: server.stopped, 30) and "RuntimeError" in server.server.failure

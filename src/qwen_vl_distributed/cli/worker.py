@@ -21,10 +21,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    # Ctrl-C reaches the whole process group; the driver decides: it sends 'stop' round the ring (or, if the
-    # pipeline is broken, kills us). Exiting here at once would make a clean shutdown look like a failed stage.
+    # Ctrl-C reaches the whole process group, and a service manager's SIGTERM often every process of the service
+    # (systemd's default); the driver decides: it drains, then sends 'stop' round the ring (or, if the pipeline is
+    # broken, kills us). Exiting here at once would cut the requests the driver is letting finish and make a clean
+    # shutdown look like a failed stage. We die with the driver in any case (PR_SET_PDEATHSIG).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         opts = RunOptions.from_json(args.options)
         where = Placement(args.rank, args.world_size, args.rank, args.world_size, args.init_method)

@@ -6,6 +6,10 @@ queue (add / abort / finish) and get each request's tokens back on an ``asyncio.
 
 Admission is bounded: at most ``num_slots + max_queue`` requests are outstanding (running or waiting for a KV slot);
 ``submit`` beyond that raises ``QueueFullError`` at once instead of letting a backlog grow without limit.
+
+A server shutting down ends the requests still waiting for a slot (``end_waiting``), lets the running ones finish,
+and ends whatever is left when its grace is over (``end_all``): each such request's last output carries an error and
+its code.
 """
 
 from __future__ import annotations
@@ -37,16 +41,21 @@ class EngineDeadError(RuntimeError):
     """The engine thread has stopped (shut down, or a step raised): no request can be served."""
 
 
+ENGINE_FAILURE = "engine_failure"  # Output.code of requests ended by a failed step
+
+
 @dataclass
 class Output:
     """One item of a request's stream: a token, the end of the request, or both.
 
     token is None for an end that produced no token (abort, or a stop found outside the engine); error is set
-    when the engine failed and the request ends without a reason of its own."""
+    when the request ends without a reason of its own (the engine failed, or ``end_waiting`` / ``end_all`` ended
+    it), and code says which."""
 
     token: int | None
     finish_reason: str | None = None
     error: str | None = None
+    code: str = ENGINE_FAILURE
     cached: int | None = None  # with the first token: prompt tokens taken from a slot's cache (prefix reuse)
     logprobs: list | None = None  # with a token, when asked for: [logprob, [[id, logprob], ...]]
 
@@ -152,6 +161,14 @@ class AsyncEngine:
         """End a request for a reason found outside the engine (a stop string in its text)."""
         self._commands.put(("finish", handle, reason))
 
+    def end_waiting(self, code: str, message: str) -> None:
+        """End every request that holds no KV slot yet with this error (it frees nothing; nothing ran)."""
+        self._commands.put(("end", None, code, message, True))
+
+    def end_all(self, code: str, message: str) -> None:
+        """End every open request with this error and free its slot."""
+        self._commands.put(("end", None, code, message, False))
+
     def stats(self) -> EngineStats:
         return self._stats
 
@@ -200,6 +217,15 @@ class AsyncEngine:
             if handle.seq is not None:
                 self.engine.finish(handle.seq, cmd[2])
             self._close(handle, Output(None, cmd[2]))
+        elif kind == "end":
+            self._end(*cmd[2:])
+
+    def _end(self, code: str, message: str, waiting_only: bool) -> None:
+        waiting = {id(s) for s in self.engine.waiting}
+        for handle in list(self._handles.values()):
+            if not waiting_only or id(handle.seq) in waiting:
+                self.engine.abort(handle.seq)
+                self._close(handle, Output(None, error=message, code=code))
 
     def _add(self, handle: RequestHandle) -> None:
         try:

@@ -23,7 +23,7 @@ from ..model.config import ModelConfig, QuantizationConfig
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..pipeline import distributed as pd
 from ..pipeline.executor import LocalExecutor, PipelineExecutor
-from ..pipeline.launch import Placement, Supervisor, free_port, torchrun_placement, under_torchrun
+from ..pipeline.launch import Placement, Supervisor, torchrun_placement, under_torchrun
 from ..pipeline.plan import StagePlan, plan_stages
 from ..pipeline.stage import StageRuntime
 from ..pipeline.transport import Transport
@@ -298,14 +298,16 @@ def start_engine(opts: RunOptions) -> EngineHandle:
 
 
 def _start_pipeline(opts: RunOptions, ckpt, plan: StagePlan, eos: list[int]) -> EngineHandle:
-    supervisor = None
+    supervisor = listener = None
     if under_torchrun():
         where = _checked_placement(opts)
-    else:
-        where = Placement(0, opts.stages, 0, opts.stages, f"tcp://127.0.0.1:{free_port()}")
+    else:  # every stage on this machine: the rendezvous and the stages' connections on loopback only
+        pd.pin_to_loopback()
+        listener = pd.loopback_listener()
+        where = Placement(0, opts.stages, 0, opts.stages, f"tcp://127.0.0.1:{listener.getsockname()[1]}")
         supervisor = Supervisor(lambda r: opts.worker_argv(r, where.world, where.init_method), where.world)
     try:
-        runtime, transport, ctx = _join(opts, ckpt, plan, where)
+        runtime, transport, ctx = _join(opts, ckpt, plan, where, listener)
     except BaseException:
         if supervisor:
             supervisor.kill_all()
@@ -338,13 +340,15 @@ def _checked_placement(opts: RunOptions) -> Placement:
     return where
 
 
-def _join(opts: RunOptions, ckpt, plan: StagePlan, where: Placement):
-    """Common to every rank: process group, agreement, load own stage, ready check, transport."""
+def _join(opts: RunOptions, ckpt, plan: StagePlan, where: Placement, listener=None):
+    """Common to every rank: process group, agreement, load own stage, ready check, transport. ``listener``: rank
+    0's socket for the rendezvous store, when it serves one (pipeline.distributed.loopback_listener)."""
     backend = pd.choose_backend(opts.device, where.local_world)
     device = pd.stage_device(opts.device, where.local_rank)
     set_stage_threads(device, where.local_world, os.cpu_count() or 1)  # engine/threads.py
     ctx = pd.init_distributed(where.rank, where.world, where.init_method, backend, device,
-                              connect_timeout_s=opts.stage_timeout_s + 120, startup_timeout_s=opts.startup_timeout_s)
+                              connect_timeout_s=opts.stage_timeout_s + 120, startup_timeout_s=opts.startup_timeout_s,
+                              listener=listener)
     try:
         pd.agree(ctx, {**fingerprint(ckpt, plan, opts), "backend": backend})
         runtime, error = None, None

@@ -7,14 +7,20 @@ server can answer 400 and the CLI can print it as is.
 Videos are decoded with PyAV and sampled the way Qwen3-VL's video processor does (§7.3 of the reference):
 n = int(total / video_fps * fps) clamped to [min_frames, max_frames] and to total, indices
 round(linspace(0, total - 1, n)), then padded to an even count by repeating the last frame.
+
+Sizes are checked before anything is decoded: an image's width and height come from its header (``open_image``), a
+video's frame count, rate and frame size from its container (``probe_video``), so that a small request cannot make
+the server decode gigabytes of pixels before it is refused.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import os
+import re
 import urllib.parse
 from dataclasses import dataclass
 
@@ -54,7 +60,9 @@ class MediaOptions:
 
     max_images: int | None = None
     max_videos: int | None = None
-    max_media_bytes: int | None = None
+    max_media_bytes: int | None = None  # all images and videos of one request together, as bytes (base64 decoded)
+    max_image_pixels: int | None = None  # width x height of one image, from its header, before decoding
+    max_video_pixels: int | None = None  # frames x width x height that decoding one video goes through
     # Local files may only be read from inside these directories; None: anywhere, (): no local files at all.
     allowed_local_dirs: tuple[str, ...] | None = None
 
@@ -78,8 +86,14 @@ class VideoClip:
 # URLs -> bytes or a local path
 
 
-def _data_url_bytes(url: str, kind: str, where: str, opts: MediaOptions) -> bytes:
-    """Decode ``data:<kind>/<fmt>;base64,<payload>``; ``kind`` is 'image' or 'video'."""
+def _too_large(where: str, opts: MediaOptions) -> MediaLimitError:
+    return MediaLimitError(f"{where}: media is larger than the limit of {opts.max_media_bytes} bytes (all images "
+                           "and videos of a request together)")
+
+
+def _data_url_bytes(url: str, kind: str, where: str, opts: MediaOptions, room: int | None) -> bytes:
+    """Decode ``data:<kind>/<fmt>;base64,<payload>``; ``kind`` is 'image' or 'video'. ``room``: bytes this
+    request may still carry (None: no limit)."""
     header, sep, payload = url[len("data:"):].partition(",")
     params = header.split(";")
     if not sep or params[-1].strip().lower() != "base64":
@@ -87,15 +101,18 @@ def _data_url_bytes(url: str, kind: str, where: str, opts: MediaOptions) -> byte
     mediatype = params[0].strip().lower()
     if mediatype and not mediatype.startswith(kind + "/") and mediatype != "application/octet-stream":
         raise MediaURLError(f"{where}: expected a data URL of type {kind}/*, got {mediatype!r}")
-    if opts.max_media_bytes is not None and len(payload) * 3 // 4 > opts.max_media_bytes:
-        raise MediaLimitError(f"{where}: media is larger than the limit of {opts.max_media_bytes} bytes")
+    if room is not None and len(payload) * 3 // 4 > room + 3:  # checked before decoding (3: base64 padding)
+        raise _too_large(where, opts)
     try:
-        return base64.b64decode("".join(payload.split()), validate=True)
+        data = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
         raise MediaURLError(f"{where}: not a valid base64 data URL") from None
+    if room is not None and len(data) > room:
+        raise _too_large(where, opts)
+    return data
 
 
-def _check_local_path(path: str, where: str, opts: MediaOptions) -> str:
+def _check_local_path(path: str, where: str, opts: MediaOptions, room: int | None) -> str:
     if "\x00" in path:
         raise MediaURLError(f"{where}: the path contains a NUL byte")
     real = os.path.realpath(path)
@@ -108,19 +125,26 @@ def _check_local_path(path: str, where: str, opts: MediaOptions) -> str:
             raise MediaAccessError(f"{where}: local path {path!r} is outside the allowed directories")
     if not os.path.isfile(real):
         raise MediaAccessError(f"{where}: file not found: {path!r}")
-    if opts.max_media_bytes is not None and os.path.getsize(real) > opts.max_media_bytes:
-        raise MediaLimitError(f"{where}: media is larger than the limit of {opts.max_media_bytes} bytes")
+    if room is not None and os.path.getsize(real) > room:
+        raise _too_large(where, opts)
     return real
 
 
-def resolve_media(url: object, kind: str, where: str, opts: MediaOptions) -> bytes | str:
-    """The media's bytes (data URL) or a checked local file path (file:// URL or plain path)."""
+def media_size(source: bytes | str) -> int:
+    """Bytes of a resolved medium (``resolve_media``'s result)."""
+    return len(source) if isinstance(source, bytes) else os.path.getsize(source)
+
+
+def resolve_media(url: object, kind: str, where: str, opts: MediaOptions, used: int = 0) -> bytes | str:
+    """The media's bytes (data URL) or a checked local file path (file:// URL or plain path). ``used``: bytes of
+    the request's media resolved before this one (they count against ``opts.max_media_bytes`` together)."""
+    room = None if opts.max_media_bytes is None else opts.max_media_bytes - used
     if not isinstance(url, str) or not url.strip():
         raise MediaURLError(f"{where}: expected a non-empty URL string")
     url = url.strip()
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if url[:5].lower() == "data:":
-        return _data_url_bytes(url, kind, where, opts)
+        return _data_url_bytes(url, kind, where, opts, room)
     if scheme in ("http", "https"):
         raise MediaURLError(f"{where}: remote URLs cannot be fetched (this server has no network access); "
                             f"send the {kind} as a base64 data URL or a file:// path")
@@ -128,11 +152,11 @@ def resolve_media(url: object, kind: str, where: str, opts: MediaOptions) -> byt
         parts = urllib.parse.urlsplit(url)
         if parts.netloc not in ("", "localhost"):
             raise MediaURLError(f"{where}: file URL with a remote host {parts.netloc!r} is not supported")
-        return _check_local_path(urllib.parse.unquote(parts.path), where, opts)
+        return _check_local_path(urllib.parse.unquote(parts.path), where, opts, room)
     # A one-letter "scheme" is a Windows drive, i.e. a plain path.
     if scheme and len(scheme) > 1:
         raise MediaURLError(f"{where}: unsupported URL scheme {scheme!r} (use a data URL, file:// URL or local path)")
-    return _check_local_path(url, where, opts)
+    return _check_local_path(url, where, opts, room)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -154,16 +178,55 @@ def _check_aspect(width: int, height: int, where: str) -> None:
         raise MediaLimitError(f"{where}: aspect ratio of {width}x{height} is over {MAX_ASPECT_RATIO}:1")
 
 
-def load_image(source: bytes | str, where: str):
-    """A fully decoded PIL image (mode conversion is left to the checkpoint's image processor, as in HF)."""
+def _why(e: Exception) -> str:
+    """A library's error, for a client: its type and message without object reprs (``<... at 0x7f..>``)."""
+    return f"{type(e).__name__}: " + re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", str(e))
+
+
+# The raster formats PIL may read for a request. Not every format it knows: some hand the data to other programs
+# (EPS runs Ghostscript) or are rarely seen outside laboratories, and each is more parser exposed to any client.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")  # (JPEG covers MPO, from cameras)
+
+
+@functools.cache
+def _image_formats() -> tuple[str, ...]:
+    """IMAGE_FORMATS that this Pillow reads (AVIF is recent)."""
+    from PIL import Image
+
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
+
+
+def open_image(source: bytes | str, where: str, opts: MediaOptions):
+    """The image with only its header read (PIL opens lazily), its size checked against the limits."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=_image_formats())
+    except UnidentifiedImageError:
+        raise MediaDecodeError(f"{where}: cannot decode image: not one of the formats this server reads "
+                               f"({', '.join(_image_formats())})") from None
+    except Image.DecompressionBombError:
+        raise MediaLimitError(f"{where}: the image has more pixels than this server decodes") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise MediaDecodeError(f"{where}: cannot decode image ({_why(e)})") from None
+    _check_aspect(img.width, img.height, where)
+    pixels = img.width * img.height
+    if opts.max_image_pixels is not None and pixels > opts.max_image_pixels:
+        raise MediaLimitError(f"{where}: the image is {img.width}x{img.height} = {pixels} pixels; the limit is "
+                              f"{opts.max_image_pixels}")
+    return img
+
+
+def load_image(img, where: str):
+    """Decode an image that ``open_image`` opened (mode conversion is left to the checkpoint's image processor, as in
+    HF)."""
     from PIL import Image
 
     try:
-        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise MediaDecodeError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
-    _check_aspect(img.width, img.height, where)
+        raise MediaDecodeError(f"{where}: cannot decode image ({_why(e)})") from None
     return img
 
 
@@ -192,30 +255,62 @@ _REFERENCING_FORMATS = ("hls", "concat", "ffconcat", "dash", "tee")
 MAX_DECODED_PIXELS = 4 * 25_165_824
 
 
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video's container says before any frame is decoded (width and height 0: not stated)."""
+
+    total_frames: int
+    fps: float
+    width: int
+    height: int
+
+
 def _open_container(source: bytes | str, where: str):
     import av
 
     # A Python file object, never a path: FFmpeg then cannot resolve names inside the file relative to it.
     container = av.open(io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb"))
-    names = set(container.format.name.split(","))
-    if names & set(_REFERENCING_FORMATS):
+    names = container.format.name.split(",")
+    if set(names) & set(_REFERENCING_FORMATS):
         container.close()
         raise MediaDecodeError(f"{where}: container format {container.format.name!r} refers to other files; "
                                "send the video itself")
+    if any(n in ("image2", "image2pipe") or n.endswith("_pipe") for n in names):  # FFmpeg's image readers
+        container.close()
+        raise MediaDecodeError(f"{where}: not a video (FFmpeg reads it as an image, format {container.format.name}); "
+                               "send images as image_url parts")
     return container
 
 
-def _probe(source: bytes | str, where: str) -> tuple[int, float]:
-    """(total frames, frames per second). Falls back to counting packets when the container has no count."""
-    with _open_container(source, where) as container:
-        if not container.streams.video:
-            raise MediaDecodeError(f"{where}: no video stream in the file")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        if not rate:
-            raise MediaDecodeError(f"{where}: cannot determine the video's frame rate")
-        total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
-    return int(total), float(rate)
+def _check_video_pixels(pixels: int, where: str, opts: MediaOptions) -> None:
+    if opts.max_video_pixels is not None and pixels > opts.max_video_pixels:
+        raise MediaLimitError(f"{where}: the video's frames hold {pixels} pixels (frames x width x height); the "
+                              f"limit is {opts.max_video_pixels}")
+
+
+def probe_video(source: bytes | str, where: str, opts: MediaOptions = MediaOptions()) -> VideoInfo:
+    """Frame count, rate and frame size from the container, checked against the limits; nothing is decoded. Without
+    a stated frame count the packets are counted (demuxing, not decoding)."""
+    import av
+
+    try:
+        with _open_container(source, where) as container:
+            if not container.streams.video:
+                raise MediaDecodeError(f"{where}: no video stream in the file")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            if not rate:
+                raise MediaDecodeError(f"{where}: cannot determine the video's frame rate")
+            width, height = stream.codec_context.width, stream.codec_context.height
+            total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+    except av.FFmpegError as e:
+        raise MediaDecodeError(f"{where}: cannot decode video ({_why(e)})") from None
+    if total < 1:
+        raise MediaDecodeError(f"{where}: the video has no frames")
+    if width and height:  # (a stream that does not state them is checked frame by frame as it is decoded)
+        _check_aspect(width, height, where)
+    _check_video_pixels(int(total) * width * height, where, opts)
+    return VideoInfo(int(total), float(rate), width, height)
 
 
 def _frame_size(width: int, height: int, n_frames: int) -> tuple[int, int]:
@@ -227,17 +322,22 @@ def _frame_size(width: int, height: int, n_frames: int) -> tuple[int, int]:
     return max(2, int(width * scale)), max(2, int(height * scale))
 
 
-def _read_frames(source: bytes | str, wanted: list[int], where: str) -> tuple[dict[int, np.ndarray], int]:
-    """Decode up to the last wanted frame; returns {index: uint8 [H, W, 3]} and how many frames were decoded."""
+def _read_frames(source: bytes | str, wanted: list[int], where: str,
+                 opts: MediaOptions) -> tuple[dict[int, np.ndarray], int]:
+    """Decode up to the last wanted frame; returns {index: uint8 [H, W, 3]} and how many frames were decoded. The
+    pixels decoded count against ``opts.max_video_pixels`` as they come, so a container that under-states its
+    frames' size or number cannot make the decoder go through more."""
     wanted_set, last = set(wanted), max(wanted)
     out: dict[int, np.ndarray] = {}
     size = None
-    count = 0
+    count = pixels = 0
     with _open_container(source, where) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for i, frame in enumerate(container.decode(stream)):
             count = i + 1
+            pixels += frame.width * frame.height
+            _check_video_pixels(pixels, where, opts)
             if i in wanted_set:
                 # Reformat to the first kept frame's size so a mid-stream resolution change still stacks.
                 size = size or _frame_size(frame.width, frame.height, len(wanted_set))
@@ -248,26 +348,27 @@ def _read_frames(source: bytes | str, wanted: list[int], where: str) -> tuple[di
 
 
 def load_video(source: bytes | str, where: str, fps: float = 2, min_frames: int = 4, max_frames: int = 768,
-               temporal_patch: int = 2) -> VideoClip:
-    """Decode and sample a video; frames padded to a multiple of ``temporal_patch``."""
+               temporal_patch: int = 2, info: VideoInfo | None = None,
+               opts: MediaOptions = MediaOptions()) -> VideoClip:
+    """Decode and sample a video; frames padded to a multiple of ``temporal_patch``. ``info``: its
+    ``probe_video`` (probed here when not given)."""
     import av
 
+    info = info or probe_video(source, where, opts)
     try:
-        total, rate = _probe(source, where)
-        if total < 1:
-            raise MediaDecodeError(f"{where}: the video has no frames")
-        indices = sample_frame_indices(total, rate, fps, min_frames, max_frames)
-        frames, decoded = _read_frames(source, indices, where)
+        total = info.total_frames
+        indices = sample_frame_indices(total, info.fps, fps, min_frames, max_frames)
+        frames, decoded = _read_frames(source, indices, where, opts)
         if len(frames) < len(set(indices)):
             # The container over-stated its frame count: sample again from the frames that really exist.
             if decoded < 1:
                 raise MediaDecodeError(f"{where}: the video has no decodable frames")
             total = decoded
-            indices = sample_frame_indices(total, rate, fps, min_frames, max_frames)
-            frames, _ = _read_frames(source, indices, where)
+            indices = sample_frame_indices(total, info.fps, fps, min_frames, max_frames)
+            frames, _ = _read_frames(source, indices, where, opts)
     except av.FFmpegError as e:
-        raise MediaDecodeError(f"{where}: cannot decode video ({type(e).__name__}: {e})") from None
+        raise MediaDecodeError(f"{where}: cannot decode video ({_why(e)})") from None
     indices = pad_to_multiple(indices, temporal_patch)
     _check_aspect(frames[indices[0]].shape[1], frames[indices[0]].shape[0], where)
     stacked = torch.from_numpy(np.stack([frames[i] for i in indices])).permute(0, 3, 1, 2).contiguous()
-    return VideoClip(frames=stacked, indices=indices, video_fps=rate, total_frames=total)
+    return VideoClip(frames=stacked, indices=indices, video_fps=info.fps, total_frames=total)

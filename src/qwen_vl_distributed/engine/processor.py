@@ -21,9 +21,10 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..errors import UserError
-from .threads import preprocess_threads
 from .media import (MediaLimitError, MediaOptions, MessageFormatError, VideoClip, load_image, load_video,
-                    resolve_media)
+                    media_size, open_image, probe_video, resolve_media)
+from .prompt_size import Part, PromptSize, PromptTooLongError
+from .threads import preprocess_threads
 
 TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values (same as transformers)
 
@@ -81,6 +82,10 @@ def _part(part: Any, where: str, reserved: Sequence[str]) -> tuple[dict, MediaRe
 def _text(value: Any, where: str, reserved: Sequence[str]) -> str:
     if not isinstance(value, str):
         raise MessageFormatError(f"{where}: expected a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone UTF-16 surrogate ("\ud800" in JSON): no tokenizer can take it
+        raise MessageFormatError(f"{where}: not valid Unicode (a lone surrogate at character {e.start})") from None
     # A literal vision token in user text would desynchronise placeholders and pixel values.
     for token in reserved:
         if token in value:
@@ -199,6 +204,18 @@ def _short(url: str, limit: int = 60) -> str:
     return url if len(url) <= limit else url[: limit - 3] + "..."
 
 
+def _texts(normalized: list[dict]) -> list[tuple[str, str]]:
+    """(where, text) of every text part of normalized messages (whose indices are the request's)."""
+    out = []
+    for i, msg in enumerate(normalized):
+        if isinstance(msg["content"], str):
+            out.append((f"messages[{i}].content", msg["content"]))
+            continue
+        out += [(f"messages[{i}].content[{j}].text", p["text"]) for j, p in enumerate(msg["content"])
+                if p["type"] == "text"]
+    return out
+
+
 def _check_counts(refs: Sequence[MediaRef], opts: MediaOptions) -> None:
     for kind, limit in (("image", opts.max_images), ("video", opts.max_videos)):
         n = sum(r.kind == kind for r in refs)
@@ -227,6 +244,7 @@ class Processor:
         self.merge = vp.merge_size**2
         self.temporal_patch = vp.temporal_patch_size
         self.video_sampling = dict(fps=vp.fps, min_frames=vp.min_frames, max_frames=vp.max_frames)
+        self.size = PromptSize(hf_processor, self.video_sampling)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, cfg: Any, media: MediaOptions | None = None) -> Processor:
@@ -261,10 +279,11 @@ class Processor:
             raise MessageFormatError(f"messages: the chat template refused them: {e}") from None
 
     def build_inputs(self, messages: Any, tools: list[dict] | None = None,
-                     template_kwargs: dict[str, Any] | None = None) -> PromptInputs:
-        """OpenAI-style chat messages -> prompt ids and pixel values. Raises RequestError subclasses."""
+                     template_kwargs: dict[str, Any] | None = None, max_tokens: int | None = None) -> PromptInputs:
+        """OpenAI-style chat messages -> prompt ids and pixel values. Raises RequestError subclasses;
+        PromptTooLongError for a prompt of more than ``max_tokens`` tokens, found before the work where possible."""
         normalized, refs = normalize_messages(messages, self._reserved())
-        return self._build(normalized, refs, tools, template_kwargs)
+        return self._build(normalized, refs, tools, template_kwargs, max_tokens)
 
     def build_from_prompt(self, text: str, images: Iterable[str] = (), videos: Iterable[str] = (),
                           system: str | None = None) -> PromptInputs:
@@ -281,27 +300,58 @@ class Processor:
         return (self.image_token, self.video_token, self.vision_start, self.vision_end)
 
     def _build(self, normalized: list[dict], refs: list[MediaRef], tools: list[dict] | None = None,
-               template_kwargs: dict[str, Any] | None = None) -> PromptInputs:
+               template_kwargs: dict[str, Any] | None = None, budget: int | None = None) -> PromptInputs:
+        """Cheap checks first (counts, text length, media headers), then decoding and the bulk work."""
         _check_counts(refs, self.media)
-        images = [load_image(resolve_media(r.url, "image", r.where, self.media), r.where)
-                  for r in refs if r.kind == "image"]
-        clips = [load_video(resolve_media(r.url, "video", r.where, self.media), r.where,
-                            temporal_patch=self.temporal_patch, **self.video_sampling)
-                 for r in refs if r.kind == "video"]
+        if budget is not None:
+            self.size.check_text(_texts(normalized), budget)
+        opened = self._open_media(refs)
         prompt = self.render(normalized, tools, template_kwargs)
+        if budget is not None and opened:  # (text alone: the exact count below costs no more)
+            self.size.check_media(len(self.encode(prompt)), [part for part, _ in opened], budget)
         out = PromptInputs(input_ids=[], mm_token_type_ids=[], prompt=prompt)
+        images = [(part, src) for part, src in opened if part.kind == "image"]
+        clips = [load_video(src, part.where, temporal_patch=self.temporal_patch, info=part.video, opts=self.media,
+                            **self.video_sampling) for part, src in opened if part.kind == "video"]
         with preprocess_threads():  # bulk tensor work: the process's share of the cores (engine/threads.py)
             if images:
-                feats = self.hf.image_processor(images=images, return_tensors="pt")
-                out.pixel_values, out.image_grid_thw = feats["pixel_values"], feats["image_grid_thw"]
+                out.pixel_values, out.image_grid_thw = self._process_images(images)
             if clips:
                 out.pixel_values_videos, out.video_grid_thw = self._process_videos(clips)
                 out.video_timestamps = [c.timestamps(self.temporal_patch) for c in clips]
         text = self._expand(prompt, out)
-        out.input_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        out.input_ids = self.encode(text)
+        if budget is not None and len(out.input_ids) > budget:
+            raise PromptTooLongError("messages", len(out.input_ids), budget, True)
         out.mm_token_type_ids = [IMAGE if t == self.image_token_id else VIDEO if t == self.video_token_id else TEXT
                                  for t in out.input_ids]
         return out
+
+    def _open_media(self, refs: list[MediaRef]) -> list[tuple[Part, Any]]:
+        """Each medium's bytes or path resolved (the request's byte limit), its header read and checked (pixel
+        limits); nothing decoded. Images come back opened (PIL reads lazily), videos as their source."""
+        out, used = [], 0
+        for r in refs:
+            src = resolve_media(r.url, r.kind, r.where, self.media, used)
+            used += media_size(src)
+            if r.kind == "image":
+                img = open_image(src, r.where, self.media)
+                out.append((Part("image", r.where, img.width, img.height), img))
+            else:
+                info = probe_video(src, r.where, self.media)
+                out.append((Part("video", r.where, info.width, info.height, info), src))
+        return out
+
+    def _process_images(self, images: list[tuple[Part, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image at a time, decoded just before it is processed: at most one full-size image in memory. (The
+        processor treats each image alone, so this equals processing the list at once.)"""
+        pixels, grids = [], []
+        for part, img in images:
+            feats = self.hf.image_processor(images=[load_image(img, part.where)], return_tensors="pt")
+            pixels.append(feats["pixel_values"])
+            grids.append(feats["image_grid_thw"])
+            img.close()
+        return torch.cat(pixels), torch.cat(grids)
 
     def _process_videos(self, clips: list[VideoClip]) -> tuple[torch.Tensor, torch.Tensor]:
         # Frames are already sampled; cap_pixels_per_frame=False is the release behaviour and silences

@@ -2,6 +2,12 @@
 
 ``DistContext`` is the one object that carries parallel state (rank, world, backend, device, peers); it is created
 once at start-up and passed in -- nothing reaches for globals.
+
+The rendezvous store (torch's TCPStore: any key can be read, set or deleted by whoever connects, without a password)
+listens only where the ``tcp://HOST:PORT`` init method says: rank 0 binds HOST itself rather than letting torch bind
+every interface. On one machine that is 127.0.0.1 (``loopback_listener``), and gloo's connections between the
+stages use the loopback interface too (``pin_to_loopback``). Across machines torchrun's rendezvous holds the store;
+its port, and the ports of the stages' connections, must be reachable only from inside the cluster (docs).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import faulthandler
 import os
 import signal
 import socket
+import urllib.parse
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -51,17 +58,55 @@ def stage_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def loopback_listener() -> socket.socket:
+    """A listening socket on 127.0.0.1 at a port the kernel picks, for rank 0's store: made before the other ranks
+    start, so they can connect to its port at once and no other process can take it in between."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
+def pin_to_loopback() -> None:
+    """All stages on this machine: gloo's connections between them on the loopback interface too (gloo binds the
+    address the host name resolves to otherwise, often a network one). gloo reads its interface from the
+    environment only; set here, before any process group, it reaches the stages started after it as well. A
+    user's own setting wins."""
+    if "lo" in {name for _, name in socket.if_nameindex()}:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+def _store(init_method: str, rank: int, world: int, timeout: timedelta, listener: socket.socket | None):
+    """The rendezvous store of a ``tcp://HOST:PORT`` init method, served by rank 0 on HOST only (or on
+    ``listener``, already bound there); None for other init methods (torchrun's ``env://``)."""
+    url = urllib.parse.urlsplit(init_method)
+    if url.scheme != "tcp":
+        return None
+    host, port = url.hostname, url.port
+    if rank != 0:
+        return dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
+    if listener is None:
+        listener = socket.create_server((host, port), backlog=128)
+    # the store takes the socket's descriptor over (detach: the socket object must not close it when collected)
+    return dist.TCPStore(host, port, world, is_master=True, timeout=timeout, wait_for_workers=False,
+                         master_listen_fd=listener.detach())
+
+
 def init_distributed(rank: int, world: int, init_method: str, backend: str, device: torch.device,
-                     connect_timeout_s: float, startup_timeout_s: float) -> DistContext:
+                     connect_timeout_s: float, startup_timeout_s: float,
+                     listener: socket.socket | None = None) -> DistContext:
     """The main group (data plane) with a short timeout, so a rank whose peers never come gives up within
-    ``connect_timeout_s``; the gloo control group with the long one, since loading a big stage takes minutes."""
+    ``connect_timeout_s``; the gloo control group with the long one, since loading a big stage takes minutes.
+    ``listener``: rank 0's socket for the store of a ``tcp://`` init method (``loopback_listener``)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack of this stage (a hang's where)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     kw = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=connect_timeout_s), **kw)
+    timeout = timedelta(seconds=connect_timeout_s)
+    store = _store(init_method, rank, world, timeout, listener)
+    where = {"store": store} if store is not None else {"init_method": init_method}
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **where, **kw)
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=startup_timeout_s))
     me = PeerInfo(rank, socket.gethostname(), os.getpid())
     peers: list[Any] = [None] * world

@@ -11,16 +11,18 @@ S = 1, or stage 0's driver of a pipeline): the server does not care how the mode
   GET  /metrics               Prometheus text format, vLLM's metric names (server/metrics.py)
 
 /v1 routes and the token routes need ``Authorization: Bearer <key>`` when an API key is set; /health and /metrics
-do not (they reveal no request content and are what probes and scrapers call).
+do not (they reveal no request content and are what probes and scrapers call). With a key, /openapi.json needs it
+too and /docs is off.
+
+Limits and the order of checks: ``limits.py``; admission, the preprocessing pool, draining and ending:
+``lifecycle.py``; request ids and what an error may tell a client: ``middleware.py``, ``errors.py``.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,10 +33,14 @@ from pydantic import BaseModel, ValidationError
 
 from ..engine.async_engine import AsyncEngine
 from ..engine.engine import Engine
+from ..engine.threads import preprocess_workers
+from . import limits
 from .chat import chat_completion
 from .completions import completion
 from .errors import APIError, from_validation_error, install_handlers
+from .lifecycle import Admission
 from .metrics import CONTENT_TYPE, Metrics, StatusRecorder
+from .middleware import RequestIds
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
                        TokenizeRequest, now)
 from .tokenize import detokenize, tokenize
@@ -50,11 +56,14 @@ class ServerSettings:
     retry_after_s: int = 1
     # Request defaults from the checkpoint's generation_config.json (temperature, top_p, top_k, ...).
     generation_config: dict[str, Any] = field(default_factory=dict)
-    max_body_bytes: int = 256 * 2**20  # larger requests get 413 before they are read in full
+    # larger requests get 413 before they are read in full; None: limits.body_limit of the processor's media limit
+    # (limits.MEDIA_BYTES_UNLIMITED without one) and the context
+    max_body_bytes: int | None = None
+    request_timeout_s: float | None = None  # each request's deadline, unless it asks for a shorter one
 
 
 class ServerState:
-    """What the routes share: the engine thread, the processor and its worker, settings and metrics."""
+    """What the routes share: the engine thread, the processor, admission and its pool, settings and metrics."""
 
     def __init__(self, engine: Engine, processor: Any, settings: ServerSettings):
         self.engine = AsyncEngine(engine, settings.max_queue)
@@ -63,19 +72,19 @@ class ServerState:
         self.metrics = Metrics(settings.model_name, self.engine.stats)
         self.max_len = engine.max_len
         self.vocab_size = engine.cfg.text.vocab_size
+        media = processor.media.max_media_bytes
+        self.max_body_bytes = settings.max_body_bytes or limits.body_limit(
+            limits.MEDIA_BYTES_UNLIMITED if media is None else media, engine.max_len)
         self.created = now()
-        # One worker: image / video preprocessing is CPU-heavy and must not stall the event loop, and a single
-        # thread keeps the (shared) tokenizer out of concurrent use.
-        self.prep: ThreadPoolExecutor | None = None
+        self.admission = Admission(self.engine, preprocess_workers(), settings.retry_after_s)
+        self.metrics.preprocessing.set_function(lambda: self.admission.preparing)
 
     def start(self) -> None:
-        self.prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preprocess")
         self.engine.start()
 
     def stop(self) -> None:
         self.engine.shutdown()
-        if self.prep is not None:
-            self.prep.shutdown(wait=False, cancel_futures=True)
+        self.admission.shutdown()
 
 
 def create_app(engine: Engine, processor: Any, settings: ServerSettings) -> FastAPI:
@@ -89,24 +98,32 @@ def create_app(engine: Engine, processor: Any, settings: ServerSettings) -> Fast
         finally:
             state.stop()
 
-    app = FastAPI(title="qwen-vl-distributed", lifespan=lifespan)
+    open_docs = settings.api_key is None  # with a key, the schema needs it too (a route below) and /docs is off
+    app = FastAPI(title="qwen-vl-distributed", lifespan=lifespan, openapi_url="/openapi.json" if open_docs else None,
+                  docs_url="/docs" if open_docs else None, redoc_url="/redoc" if open_docs else None)
     app.state.server = state
     install_handlers(app)
     app.add_middleware(StatusRecorder, metrics=state.metrics)
+    app.add_middleware(RequestIds)
     _routes(app, state)
     return app
 
 
 def _routes(app: FastAPI, state: ServerState) -> None:
     auth = Depends(_api_key_check(state.settings.api_key))
-    limit = state.settings.max_body_bytes
+    limit = state.max_body_bytes
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         if state.engine.alive:
             return JSONResponse({"status": "ok"})
-        raise APIError(503, state.engine.error or "the engine is not running", "server_error", None,
-                       "engine_stopped")
+        # (why it stopped, which names hosts and processes, is in the server log, not here: no key guards /health)
+        raise APIError(503, "the engine is not running", "server_error", None, "engine_stopped")
+
+    if state.settings.api_key is not None:
+        @app.get("/openapi.json", dependencies=[auth], include_in_schema=False)
+        async def openapi() -> dict:
+            return app.openapi()
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -138,9 +155,17 @@ def _generation_route(app: FastAPI, path: str, request_model: type[BaseModel], r
     @app.post(path, dependencies=[auth])
     async def route(request: Request) -> Response:
         t_arrival = time.perf_counter()
-        req = await _parse(request, state.settings.max_body_bytes, request_model)
-        _check_model(req.model, state)
-        return await respond(request, req, state, t_arrival)
+        deadline = limits.request_deadline(request, state.settings.request_timeout_s)
+        request.state.deadline = deadline  # (read by the route's preprocessing and its sequences)
+        # a place first (a full server reads no body), held from the body's reading until its sequences are
+        # submitted (service.start releases it; the engine counts them from there)
+        with state.admission.place() as place:
+            request.state.place = place
+            req = await _parse(request, state.max_body_bytes, request_model, deadline)
+            _check_model(req.model, state)
+            limits.check_max_tokens(req.max_new_tokens, req.max_tokens_param, state.max_len)
+            limits.check_stop(req.stop)
+            return await respond(request, req, state, t_arrival)
 
 
 def _card(state: ServerState) -> ModelCard:
@@ -168,28 +193,9 @@ def _api_key_check(key: str | None):
 # -- request -> prompt and sampling parameters -----------------------------------------------------------------------
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` bytes (never held whole in memory first)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}", code="body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body passes the limit of {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _parse(request: Request, max_body_bytes: int, model: type[BaseModel]) -> Any:
-    body = await _read_body(request, max_body_bytes)
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+async def _parse(request: Request, max_body_bytes: int, model: type[BaseModel],
+                 deadline: float | None = None) -> Any:
+    data = limits.parse_json(await limits.read_body(request, max_body_bytes, deadline))
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -3,7 +3,6 @@ its reasoning, content, tool calls and log-probabilities; plain JSON or server-s
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, AsyncIterator
 
 from fastapi import Request
@@ -11,7 +10,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from ..engine.output import OutputStream
+from ..engine.prompt_size import PromptTooLongError
 from ..engine.reasoning import ThinkTokens
+from . import limits
 from .errors import APIError
 from .generation import EngineFailure, Generation, Result, Update, collect_all, merged
 from .logprobs import TokenText, chat_logprobs
@@ -24,22 +25,26 @@ from .tools import delta_calls, plan_tools
 
 
 def _prepare(state: Any, req: ChatCompletionRequest):
-    """On the preprocessing thread: the grammar (checked) and the prompt."""
+    """In the preprocessing pool: the grammar (checked) and the prompt, refused before the work where it cannot
+    leave room for the max_tokens asked for (limits.prompt_budget)."""
     plan = plan_tools(req)
     fmt, field = output_format(req)
     if plan.grammar is not None and fmt is not None:
         raise APIError(400, f"{field}: cannot be combined with tool_choice {req.tool_choice!r} (both would decide "
                             "the whole output)", param=field, code="invalid_value")
     spec = grammar_spec(plan.grammar, "tools") if plan.grammar is not None else grammar_spec(fmt, field)
-    inputs = state.processor.build_inputs(req.messages, plan.template_tools, req.chat_template_kwargs)
+    budget = limits.prompt_budget(req.max_new_tokens, state.max_len)
+    try:
+        inputs = state.processor.build_inputs(req.messages, plan.template_tools, req.chat_template_kwargs, budget)
+    except PromptTooLongError as e:
+        raise limits.prompt_too_long(e, req.max_new_tokens, req.max_tokens_param, state.max_len) from None
     return plan, spec, inputs
 
 
 async def chat_completion(request: Request, req: ChatCompletionRequest, state: Any, t_arrival: float) -> Response:
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs true", param="top_logprobs", code="invalid_value")
-    loop = asyncio.get_running_loop()
-    plan, spec, inputs = await loop.run_in_executor(state.prep, _prepare, state, req)
+    plan, spec, inputs = await state.admission.run(request.state.deadline, _prepare, state, req)
     prompt = checked_prompt(inputs, state.max_len)
     think = ThinkTokens.of(state.processor.tokenizer)
     opened = think is not None and think.opened_by(prompt.input_ids)
@@ -50,15 +55,15 @@ async def chat_completion(request: Request, req: ChatCompletionRequest, state: A
         return OutputStream(state.processor, think, opened, p.stop, bool(req.include_stop_str_in_output),
                             req.skip_special)
 
-    gens = start(state, prompt, params, t_arrival, text, tools=plan.parse)
+    gens = start(state, prompt, params, t_arrival, text, tools=plan.parse, request=request)
     cid, created = completion_id(), now()
     if req.stream:
         # The background close is a safety net for a client gone before the stream's first chunk (then the
         # generator never starts, and its own ``finally`` cannot abort the request).
-        return StreamingResponse(_sse(gens, req, state, cid, created), media_type="text/event-stream",
+        return StreamingResponse(_sse(request, gens, req, state, cid, created), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                  background=BackgroundTask(_close, gens))
-    results = await until_done_or_gone(request, collect_all(gens))
+    results = await until_done_or_gone(request, collect_all(gens), state)
     if results is None:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
     texts = TokenText(state.processor.tokenizer) if req.logprobs else None
@@ -85,7 +90,7 @@ def _choice(index: int, r: Result, texts: TokenText | None, reasoning_split: boo
                   logprobs=chat_logprobs(r.logprobs, texts) if texts is not None else None)
 
 
-async def _sse(gens: list[Generation], req: ChatCompletionRequest, state: Any, cid: str,
+async def _sse(request: Request, gens: list[Generation], req: ChatCompletionRequest, state: Any, cid: str,
                created: int) -> AsyncIterator[str]:
     """OpenAI chunks: a role chunk per choice, delta chunks, a finish chunk per choice, [usage chunk], then
     ``data: [DONE]``."""
@@ -108,7 +113,7 @@ async def _sse(gens: list[Generation], req: ChatCompletionRequest, state: Any, c
         if usage_field:
             yield chunk([], _usage(gens))
     except EngineFailure as e:
-        yield engine_failure_event(e)
+        yield engine_failure_event(e, request)
     finally:
         _close(gens)  # client gone mid-stream: free the slots now rather than when the generator is collected
     yield "data: [DONE]\n\n"

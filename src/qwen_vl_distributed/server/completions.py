@@ -12,6 +12,8 @@ from starlette.background import BackgroundTask
 
 from ..engine.output import OutputStream
 from ..engine.processor import PromptInputs
+from ..engine.prompt_size import PromptTooLongError
+from . import limits
 from .errors import APIError
 from .generation import EngineFailure, Generation, Result, collect_all, merged
 from .logprobs import TokenText, completion_logprobs
@@ -21,8 +23,9 @@ from .service import checked_prompt, engine_failure_event, start, until_done_or_
 from .structured import grammar_spec, output_format
 
 
-def _prompts(req: CompletionRequest, processor: Any, vocab_size: int) -> list[list[int]]:
-    """The request's prompts as token ids; vision placeholders are refused (this route takes no images)."""
+def _prompts(req: CompletionRequest, processor: Any, vocab_size: int, budget: int) -> list[list[int]]:
+    """The request's prompts as token ids; vision placeholders are refused (this route takes no images). In the
+    preprocessing pool; a text longer than any prompt of ``budget`` tokens is refused before it is tokenised."""
     p = req.prompt
     if isinstance(p, str) or (p and isinstance(p[0], int)):
         p = [p]
@@ -32,8 +35,10 @@ def _prompts(req: CompletionRequest, processor: Any, vocab_size: int) -> list[li
     reserved = {processor.image_token_id, processor.video_token_id}
     out = []
     for i, one in enumerate(p):
-        ids = processor.encode(one) if isinstance(one, str) else list(one)
         where = "prompt" if len(p) == 1 else f"prompt[{i}]"
+        if isinstance(one, str):
+            processor.size.check_text([(where, one)], budget)
+        ids = processor.encode(one) if isinstance(one, str) else list(one)
         if not ids:
             raise APIError(400, f"{where}: empty", param="prompt", code="invalid_value")
         bad = [t for t in ids if not 0 <= t < vocab_size or t in reserved]
@@ -45,7 +50,11 @@ def _prompts(req: CompletionRequest, processor: Any, vocab_size: int) -> list[li
 
 
 async def completion(request: Request, req: CompletionRequest, state: Any, t_arrival: float) -> Response:
-    prompts = _prompts(req, state.processor, state.vocab_size)
+    try:
+        prompts = await state.admission.run(request.state.deadline, _prompts, req, state.processor,
+                                            state.vocab_size, limits.prompt_budget(req.max_new_tokens, state.max_len))
+    except PromptTooLongError as e:
+        raise limits.prompt_too_long(e, req.max_new_tokens, req.max_tokens_param, state.max_len) from None
     fmt, field = output_format(req)
     spec = grammar_spec(fmt, field)
     gens: list[Generation] = []
@@ -58,7 +67,7 @@ async def completion(request: Request, req: CompletionRequest, state: Any, t_arr
                 return OutputStream(state.processor, None, False, p.stop, bool(req.include_stop_str_in_output),
                                     req.skip_special)
 
-            gens += start(state, prompt, params, t_arrival, text, first_index=i * req.choices)
+            gens += start(state, prompt, params, t_arrival, text, first_index=i * req.choices, request=request)
     except BaseException:
         for g in gens:  # a later prompt refused: the earlier ones' sequences go too
             g.close()
@@ -66,10 +75,11 @@ async def completion(request: Request, req: CompletionRequest, state: Any, t_arr
     echoes = [state.processor.decode(ids, req.skip_special) if req.echo else "" for ids in prompts]
     cid, created = completion_id("cmpl"), now()
     if req.stream:
-        return StreamingResponse(_sse(gens, req, state, cid, created, echoes), media_type="text/event-stream",
+        return StreamingResponse(_sse(request, gens, req, state, cid, created, echoes),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                  background=BackgroundTask(lambda: [g.close() for g in gens]))
-    results = await until_done_or_gone(request, collect_all(gens))
+    results = await until_done_or_gone(request, collect_all(gens), state)
     if results is None:
         return Response(status_code=499)
     texts = TokenText(state.processor.tokenizer) if req.logprobs is not None else None
@@ -90,7 +100,7 @@ def _choice(index: int, r: Result, echo: str, texts: TokenText | None) -> Comple
     return CompletionChoice(index=index, text=echo + r.content, logprobs=lp, finish_reason=r.finish_reason)
 
 
-async def _sse(gens: list[Generation], req: CompletionRequest, state: Any, cid: str, created: int,
+async def _sse(request: Request, gens: list[Generation], req: CompletionRequest, state: Any, cid: str, created: int,
                echoes: list[str]) -> AsyncIterator[str]:
     texts = TokenText(state.processor.tokenizer) if req.logprobs is not None else None
     offsets = [len(echoes[g.index // req.choices]) for g in gens]  # text already sent, per choice
@@ -112,7 +122,7 @@ async def _sse(gens: list[Generation], req: CompletionRequest, state: Any, cid: 
         if req.include_usage:
             yield chunk([], _usage(gens))
     except EngineFailure as e:
-        yield engine_failure_event(e)
+        yield engine_failure_event(e, request)
     finally:
         for g in gens:
             g.close()

@@ -12,8 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from ..engine.async_engine import AsyncEngine, RequestHandle
+from ..engine.async_engine import ENGINE_FAILURE, AsyncEngine, Output, RequestHandle
 from ..engine.output import OutputStream, Piece
+from .errors import DEADLINE_EXCEEDED
 from .metrics import Metrics
 from .protocol import ToolCall
 from .tools import ToolCallParser
@@ -22,7 +23,12 @@ NEG_INF_LOGPROB = -9999.0  # what a banned token's log-probability (-inf) is sen
 
 
 class EngineFailure(RuntimeError):
-    """The engine stopped while this request was running."""
+    """The request ended without finishing: the engine stopped, the server is shutting down, or its deadline
+    passed. ``code`` says which (``Output.code``, or DEADLINE_EXCEEDED)."""
+
+    def __init__(self, message: str, code: str = ENGINE_FAILURE):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -70,10 +76,11 @@ def _finite(x: float) -> float:
 
 
 class Generation:
-    """One sequence of a request (choice ``index``)."""
+    """One sequence of a request (choice ``index``), ending by ``deadline`` (``time.monotonic()``) if it has one."""
 
     def __init__(self, engine: AsyncEngine, handle: RequestHandle, text: OutputStream, tools: ToolCallParser | None,
-                 index: int, prompt_tokens: int, t_arrival: float, metrics: Metrics, count_prompt: bool = True):
+                 index: int, prompt_tokens: int, t_arrival: float, metrics: Metrics, count_prompt: bool = True,
+                 deadline: float | None = None):
         self.engine = engine
         self.handle = handle
         self.text = text
@@ -88,6 +95,7 @@ class Generation:
         self.t_last: float | None = None
         self.metrics = metrics
         self.any_call = False
+        self.deadline = deadline
         self._closed = False
 
     async def updates(self) -> AsyncIterator[Update]:
@@ -95,10 +103,10 @@ class Generation:
         cancellation or ``aclose``) aborts the sequence in the engine."""
         try:
             while self.finish_reason is None:
-                out = await self.handle.next()
+                out = await self._next()
                 if out.error is not None:
                     self.finish_reason = "error"
-                    raise EngineFailure(out.error)
+                    raise EngineFailure(out.error, out.code)
                 if out.cached is not None:
                     self.cached_tokens = out.cached
                 u = Update(self.index)
@@ -120,6 +128,16 @@ class Generation:
                     yield u
         finally:
             self.close()
+
+    async def _next(self) -> Output:
+        if self.deadline is None:
+            return await self.handle.next()
+        try:
+            return await asyncio.wait_for(self.handle.next(), self.deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            self.engine.abort(self.handle)  # its slot is free for the next step
+            self.finish_reason = DEADLINE_EXCEEDED
+            raise EngineFailure("the request's deadline passed before it finished", DEADLINE_EXCEEDED) from None
 
     def _token(self, token: int, logprobs: list | None, u: Update) -> Piece:
         now = time.perf_counter()

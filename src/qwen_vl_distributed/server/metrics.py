@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..engine.async_engine import EngineStats
@@ -47,6 +47,9 @@ class Metrics:
         self.success = Counter("vllm:request_success", "Finished sequences by finish reason.",
                                label + ["finished_reason"], registry=r)
         self.http = Counter("qwen_vl_requests", "Completion requests by HTTP status.", ["status"], registry=r)
+        # (its value is read at scrape time: ServerState points it at lifecycle.Admission.preparing)
+        self.preprocessing = Gauge("qwen_vl_preprocessing_requests", "Requests admitted whose prompt is being built "
+                                   "(or whose body is arriving), not yet queued.", registry=r)
         r.register(_EngineCollector(model_name, stats))
 
     def first_token(self, seconds: float) -> None:

@@ -14,8 +14,9 @@ from ..engine.engine import Prompt
 from ..engine.output import OutputStream
 from ..engine.sampling import SamplingParams
 from ..engine.session import to_prompt
-from .errors import APIError
+from .errors import APIError, ended_error
 from .generation import EngineFailure, Generation
+from .middleware import request_id
 from .tools import ToolCallParser
 
 
@@ -29,8 +30,10 @@ def checked_prompt(inputs: Any, max_len: int, param: str = "messages") -> Prompt
 
 def start(state: Any, prompt: Prompt, params: list[SamplingParams], t_arrival: float,
           text: Callable[[SamplingParams], OutputStream], tools: bool = False, first_index: int = 0,
-          count_prompt: bool = True) -> list[Generation]:
-    """One sequence per ``params`` over ``prompt`` (choices first_index, first_index + 1, ...), admitted together."""
+          count_prompt: bool = True, request: Request | None = None) -> list[Generation]:
+    """One sequence per ``params`` over ``prompt`` (choices first_index, first_index + 1, ...), admitted together.
+    ``request``: its place in the queue is released once they are submitted (the engine counts them from then), and
+    its deadline, if any, ends them."""
     try:
         handles = state.engine.submit_group(prompt, params)
     except QueueFullError as e:
@@ -38,12 +41,16 @@ def start(state: Any, prompt: Prompt, params: list[SamplingParams], t_arrival: f
                        {"Retry-After": str(state.settings.retry_after_s)}) from None
     except EngineDeadError as e:
         raise APIError(503, f"the engine is not running: {e}", "server_error", None, "engine_stopped") from None
+    place = getattr(request.state, "place", None) if request is not None else None
+    if place is not None:
+        place.release()
+    deadline = getattr(request.state, "deadline", None) if request is not None else None
     return [Generation(state.engine, h, text(p), ToolCallParser() if tools else None, first_index + i,
-                       len(prompt.input_ids), t_arrival, state.metrics, count_prompt and i == 0)
+                       len(prompt.input_ids), t_arrival, state.metrics, count_prompt and i == 0, deadline)
             for i, (h, p) in enumerate(zip(handles, params))]
 
 
-async def until_done_or_gone(request: Request, work: Awaitable) -> Any:
+async def until_done_or_gone(request: Request, work: Awaitable, state: Any) -> Any:
     """The result of ``work``, or None if the client disconnects first (then ``work`` is cancelled, which aborts
     its sequences: their slots are free at once)."""
     task = asyncio.ensure_future(work)
@@ -59,7 +66,7 @@ async def until_done_or_gone(request: Request, work: Awaitable) -> Any:
     try:
         return task.result()
     except EngineFailure as e:
-        raise APIError(500, str(e), "server_error", None, "engine_failure") from None
+        raise ended_error(e, request_id(request), state.settings.retry_after_s) from None
 
 
 async def _disconnected(request: Request) -> None:
@@ -68,6 +75,6 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def engine_failure_event(e: EngineFailure) -> str:
+def engine_failure_event(e: EngineFailure, request: Request) -> str:
     """Headers are gone already: report in-band, the way OpenAI streams report errors."""
-    return f"data: {json.dumps(APIError(500, str(e), 'server_error', None, 'engine_failure').body())}\n\n"
+    return f"data: {json.dumps(ended_error(e, request_id(request)).body())}\n\n"

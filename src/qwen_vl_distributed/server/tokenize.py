@@ -8,7 +8,7 @@ template, tools and chat_template_kwargs, images and videos expanded to their pl
 
 from __future__ import annotations
 
-import asyncio
+from functools import partial
 from typing import Any
 
 from .errors import APIError
@@ -26,12 +26,15 @@ async def tokenize(req: TokenizeRequest, state: Any) -> dict:
     _check_model(req, state)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "prompt: send either prompt or messages", param="prompt", code="invalid_value")
+    # (in the preprocessing pool: a long text takes a while to tokenise, and the event loop serves everyone)
     if req.prompt is not None:
-        ids = state.processor.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens is not False)["input_ids"]
+        special = req.add_special_tokens is not False
+        ids = (await state.admission.run(None, partial(state.processor.tokenizer, add_special_tokens=special),
+                                         req.prompt))["input_ids"]
     else:
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-        inputs = await asyncio.get_running_loop().run_in_executor(
-            state.prep, state.processor.build_inputs, req.messages, tools, req.chat_template_kwargs)
+        inputs = await state.admission.run(None, state.processor.build_inputs, req.messages, tools,
+                                           req.chat_template_kwargs)
         ids = list(inputs.input_ids)
     strs = None
     if req.return_token_strs:
