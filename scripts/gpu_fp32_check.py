@@ -38,13 +38,12 @@ def main() -> None:
         wts, ids = route(xs @ router.T, k, True)
         out[f"experts_{t}"] = rel(fused_experts(xs, ids, wts, gate_up, down),
                                   reference_experts(xs, ids, wts, gate_up, down))
-    kc = torch.randn(4, 4, 1024, 128, device=dev, dtype=f32)
-    vc = torch.randn(4, 4, 1024, 128, device=dev, dtype=f32)
+    kc = torch.randn(4 * 64, 4, 16, 128, device=dev, dtype=f32)  # 4 sequences of 1024 tokens in blocks of 16
+    vc = torch.randn(4 * 64, 4, 16, 128, device=dev, dtype=f32)
     q = torch.randn(3, 64, 128, device=dev, dtype=f32)
-    slots = torch.tensor([0, 2, 3], device=dev)
-    starts = torch.tensor([1000, 17, 512], device=dev)
-    got = decode_attention(q, kc, vc, slots, starts, 128**-0.5)
-    layout = SeqLayout(slots=slots.tolist(), starts=starts.tolist(), lens=[1, 1, 1])
+    blocks = torch.randperm(4 * 64).view(4, 64).tolist()
+    layout = SeqLayout([blocks[i] for i in (0, 2, 3)], starts=[1000, 17, 512], lens=[1, 1, 1])
+    got = decode_attention(q, kc, vc, layout.block_table(dev), layout.tensor("starts", dev), 128**-0.5)
     ref = reference_cache_attention(q, kc, vc, layout, 128**-0.5)
     out["decode_attention"] = rel(got, ref)
     for name, r in out.items():

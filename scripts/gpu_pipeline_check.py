@@ -66,7 +66,7 @@ def second_turn(model: str, stages: int, warm: bool) -> tuple[list, int]:
         second = first + [151645, 198] + chat([300] + image_tokens(6, 10) + [301])
         seq = handle.engine.add(Prompt(second, None, torch.cat([img1, img2]), [(1, 4, 4), (1, 6, 10)]), greedy)
         handle.engine.run_until_done()
-        return seq.output, seq.reused
+        return seq.output, seq.cached_tokens
     finally:
         handle.close()
 

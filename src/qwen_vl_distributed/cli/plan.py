@@ -10,7 +10,8 @@ import argparse
 
 from ..model.config import PRESETS, ModelConfig, load_config, preset
 from ..model.param_counts import DTYPES
-from ..pipeline.plan import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, GB, StagePlan, format_gb, plan_stages
+from ..pipeline.plan import (DEFAULT_KV_BLOCK_SIZE, DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, GB, StagePlan,
+                             format_gb, plan_stages)
 
 
 def _number_list(kind: type, what: str):
@@ -34,7 +35,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN, metavar="N",
                    help=f"tokens of context per sequence (default {DEFAULT_MAX_SEQ_LEN})")
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="B",
-                   help=f"sequences with a KV-cache slot (default {DEFAULT_MAX_BATCH})")
+                   help=f"the most sequences running at once (default {DEFAULT_MAX_BATCH})")
+    p.add_argument("--max-total-tokens", type=int, metavar="N",
+                   help="tokens of KV cache, all sequences together (default: with --gpu-mem, what the tightest "
+                        "stage has left; without, max-seq-len x max-batch)")
+    p.add_argument("--kv-block-size", type=int, default=DEFAULT_KV_BLOCK_SIZE, metavar="N",
+                   help=f"tokens per KV-cache block (default {DEFAULT_KV_BLOCK_SIZE})")
     p.add_argument("--prefill-chunk", type=int, metavar="N",
                    help="prompt tokens per step (default: max-seq-len up to 8192; longer prompts go in chunks)")
     p.add_argument("--dtype", choices=DTYPES,
@@ -56,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     gpu_mem = args.gpu_mem[0] if args.gpu_mem and len(args.gpu_mem) == 1 else args.gpu_mem
     plan = plan_stages(cfg, args.stages, layers_per_stage=args.layers_per_stage, gpu_mem_gb=gpu_mem,
                        max_seq_len=args.max_seq_len, max_batch=args.max_batch,
-                       dtype=args.dtype or default_dtype(cfg), prefill_chunk=args.prefill_chunk, require_fit=False)
+                       dtype=args.dtype or default_dtype(cfg), prefill_chunk=args.prefill_chunk,
+                       max_total_tokens=args.max_total_tokens, kv_block_size=args.kv_block_size, require_fit=False)
     name = args.model or args.preset
     print(plan.to_json() if args.json else "\n".join(format_plan(plan, name)), flush=True)
     plan.check_fits()
@@ -67,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 # Table
 
 _HEADER = ("stage", "layers", "holds", "weights GB", "KV GB", "act GB", "total GB", "budget GB", "fits",
-           "decode GB/token")
+           "KV room tokens", "decode GB/token")
 _LEFT = {"layers", "holds", "fits"}
 
 
@@ -79,16 +86,20 @@ def _budget_label(nbytes: int | None) -> str:
     return "-" if nbytes is None else f"{nbytes / GB:g}"
 
 
+def _tokens_label(tokens: int | None) -> str:
+    return "-" if tokens is None else str(tokens)
+
+
 def _rows(plan: StagePlan) -> list[tuple[str, ...]]:
     rows = [(str(s.index), s.layers_label, s.holds_label, format_gb(s.weights_bytes), format_gb(s.kv_bytes),
              format_gb(s.act_bytes), format_gb(s.total_bytes), _budget_label(s.budget_bytes), _fits_label(s.fits),
-             f"{s.decode_bytes / GB:.2f}") for s in plan.stages]
+             _tokens_label(s.kv_capacity_tokens), f"{s.decode_bytes / GB:.2f}") for s in plan.stages]
     st = plan.stages
     budgets = [s.budget_bytes for s in st]
     rows.append(("total", f"0-{plan.num_layers - 1}", "", format_gb(sum(s.weights_bytes for s in st)),
                  format_gb(sum(s.kv_bytes for s in st)), format_gb(sum(s.act_bytes for s in st)),
                  format_gb(sum(s.total_bytes for s in st)), _budget_label(None if None in budgets else sum(budgets)),
-                 _fits_label(plan.fits), f"{sum(s.decode_bytes for s in st) / GB:.2f}"))
+                 _fits_label(plan.fits), "", f"{sum(s.decode_bytes for s in st) / GB:.2f}"))
     return rows
 
 
@@ -104,4 +115,6 @@ def format_plan(plan: StagePlan, model_name: str) -> list[str]:
     title = (f"{model_name}: {len(plan.stages)} stages, {plan.num_layers} decoder layers, dtype {plan.dtype}, "
              f"max-seq-len {plan.max_seq_len}, max-batch {plan.max_batch}, prefill-chunk {plan.prefill_chunk}, "
              f"{'balanced' if plan.balanced else 'fixed'} split, fingerprint {plan.fingerprint()}")
-    return [title] + [line(r) for r in rows]
+    kv = (f"KV cache: {plan.max_total_tokens} tokens on every stage ({plan.kv_blocks} blocks of "
+          f"{plan.kv_block_size}); sequences of 32k tokens at once: {plan.sequences_of(32768)}")
+    return [title] + [line(r) for r in rows] + [kv]

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
 from ..engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
-from ..engine.engine import Engine, Prompt
+from ..engine.engine import Engine, Prompt, PromptError
 from ..engine.sampling import SamplingParamError, SamplingParams
 from ..engine.session import to_prompt
 from .errors import APIError, from_validation_error, install_handlers
@@ -214,6 +214,8 @@ def _prompt(inputs: Any, max_len: int) -> Prompt:
 def _start(state: ServerState, prompt: Prompt, params: SamplingParams, t_arrival: float) -> Generation:
     try:
         handle = state.engine.submit(prompt, params)
+    except PromptError as e:  # more KV than the whole cache holds: it could never run
+        raise APIError(400, f"messages: {e}", param="messages", code="context_length_exceeded") from None
     except QueueFullError as e:
         raise APIError(503, f"the server is busy ({e}); retry later", "server_error", None, "queue_full",
                        {"Retry-After": str(state.settings.retry_after_s)}) from None

@@ -10,6 +10,7 @@ import bisect
 from collections import defaultdict
 
 from ..engine.async_engine import EngineStats
+from ..engine.engine import CacheStats
 
 PREFIX = "qwen_vl"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -66,7 +67,7 @@ class Metrics:
         lines += [f'{p}_finished_total{{reason="{r}"}} {n}' for r, n in sorted(self.finished.items())]
         lines += _counter(f"{p}_prompt_tokens_total", "Prompt tokens of finished generations.", self.prompt_tokens)
         lines += _counter(f"{p}_prompt_tokens_cached_total",
-                          "Prompt tokens taken from the KV cache of an earlier sequence (prefix reuse).",
+                          "Prompt tokens taken from the prefix cache (earlier requests' KV blocks).",
                           self.cached_tokens)
         lines += _counter(f"{p}_completion_tokens_total", "Generated tokens.", self.completion_tokens)
         lines += [f"# HELP {p}_time_to_first_token_seconds From request arrival to the first generated token.",
@@ -78,17 +79,35 @@ class Metrics:
         lines += [f"# HELP {p}_stage_steps_total Steps each pipeline stage has run.",
                   f"# TYPE {p}_stage_steps_total counter"]
         lines += [f'{p}_stage_steps_total{{stage="{s["stage"]}"}} {s["steps"]}' for s in stats.stages if "steps" in s]
-        lines += _gauge(f"{p}_queue_depth", "Requests waiting for a KV-cache slot.", stats.waiting)
-        lines += _gauge(f"{p}_running_sequences", "Sequences holding a KV-cache slot.", stats.running)
+        lines += _gauge(f"{p}_queue_depth", "Requests waiting for a place in the batch or for KV blocks.",
+                        stats.waiting)
+        lines += _gauge(f"{p}_running_sequences", "Sequences holding KV blocks.", stats.running)
+        lines += _cache_lines(stats.cache)
         lines += _gauge(f"{p}_engine_alive", "1 while the engine thread is serving.", int(stats.alive))
         return "\n".join(lines) + "\n"
+
+
+def _cache_lines(c: CacheStats) -> list[str]:
+    """The KV pool and the prefix cache, from the engine's counters."""
+    p = PREFIX
+    lines = _gauge(f"{p}_kv_cache_usage", "Fraction of the KV cache's blocks held by sequences.",
+                   c.blocks_used / c.blocks if c.blocks else 0.0)
+    lines += _counter(f"{p}_prefix_cache_queries_total", "Tokens looked up in the prefix cache at admissions.",
+                      c.prompt_tokens)
+    lines += _counter(f"{p}_prefix_cache_hits_total", "Tokens found in the prefix cache at admissions.",
+                      c.cached_tokens)
+    lines += _gauge(f"{p}_prefix_cache_hit_rate", "Prefix cache hits over queries, in tokens, since start.",
+                    c.cached_tokens / c.prompt_tokens if c.prompt_tokens else 0.0)
+    lines += _counter(f"{p}_preemptions_total", "Sequences preempted (blocks freed, computed again later).",
+                      c.preemptions)
+    return lines
 
 
 def _counter(name: str, help: str, value: int) -> list[str]:
     return [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {value}"]
 
 
-def _gauge(name: str, help: str, value: int) -> list[str]:
+def _gauge(name: str, help: str, value: float) -> list[str]:
     return [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {value}"]
 
 
