@@ -17,6 +17,7 @@ COMMANDS = {
     "synth": "synth",
     "bench": "bench",
     "bench-pipeline": "bench_pipeline",
+    "bench-serve": "bench_serve",
     "demo": "demo",
     "worker": "worker",
 }
