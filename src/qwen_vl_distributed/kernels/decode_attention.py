@@ -42,9 +42,10 @@ def key_rows(base, tab, keys, km, s_b, s_l, BS: tl.constexpr, PAGED: tl.constexp
     the cache (PAGED) or in the sequence's one block (not PAGED); ``tab`` at the sequence's block-table row."""
     if PAGED:
         blk = tl.load(tab + keys // BS, mask=km, other=0).to(tl.int64)
-        return base + blk * s_b + (keys % BS).to(tl.int64) * s_l
+        rows = base + blk * s_b + (keys % BS).to(tl.int64) * s_l
     else:
-        return base + keys.to(tl.int64) * s_l
+        rows = base + keys.to(tl.int64) * s_l
+    return rows
 
 
 @triton.jit
