@@ -44,11 +44,6 @@ class KVCache:
     def layer(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[idx], self.v[idx]
 
-    @staticmethod
-    def bytes_per_token(cfg: TextConfig, num_layers: int, itemsize: int) -> int:
-        """k and v of one token over ``num_layers`` layers."""
-        return 2 * num_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
-
 
 def blocks_for(tokens: int, block_size: int) -> int:
     """Blocks that hold ``tokens`` tokens."""
