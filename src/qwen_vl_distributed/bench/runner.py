@@ -285,8 +285,9 @@ class Bench:
             out = []
             for i, want in enumerate(hf_logits):
                 pos = n + i
-                got = self.ours(positions=torch.full((3, 1), pos, device=self.dev), layout=SeqLayout(tables, [pos], [1]),
-                                cache=cache, input_ids=torch.tensor([tokens[i]], device=self.dev))
+                got = self.ours(positions=torch.full((3, 1), pos, device=self.dev),
+                                layout=SeqLayout(tables, [pos], [1]), cache=cache,
+                                input_ids=torch.tensor([tokens[i]], device=self.dev))
                 out.append(rel(got[0], want))
             return out
         finally:

@@ -8,8 +8,8 @@ kernel, so the first request of a new size pays seconds (measured on the H200: s
 
 Token and pair counts are not compile-time values (``do_not_specialize``), so one step per power-of-two size up to
 the step budget reaches every bucket. Each size runs once through this stage's layers as prompts whose block tables
-list only the cache's scratch block, which no sequence owns. A stage that holds the vision tower also encodes one small image, which compiles
-the fused blocks' kernels (a new image size still captures its own graph on first use).
+list only the cache's scratch block, which no sequence owns. A stage that holds the vision tower also encodes one
+small image, which compiles the fused blocks' kernels (a new image size still captures its own graph on first use).
 """
 
 from __future__ import annotations
