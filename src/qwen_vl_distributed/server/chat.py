@@ -110,7 +110,7 @@ async def _sse(gens: list[Generation], req: ChatCompletionRequest, state: Any, c
     except EngineFailure as e:
         yield engine_failure_event(e)
     finally:
-        _close(gens)  # client gone mid-stream: free the slots now rather than when the generator is collected
+        _close(gens)  # client gone mid-stream: free the KV blocks now rather than when the generator is collected
     yield "data: [DONE]\n\n"
 
 
