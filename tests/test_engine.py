@@ -330,3 +330,19 @@ def test_n_choices_of_one_prompt_share_its_blocks():
     assert all(s.output == [7, 7] for s in seqs) and eng.pool.num_used == 0
     shared = set(seqs[1].names[:2])
     assert shared == set(seqs[0].names[:2]) == set(seqs[2].names[:2])
+
+
+def test_each_choice_starts_its_sampler_with_its_stop_ids_and_the_prompt_head_it_took_from_the_cache():
+    """What the sampler is told at a sequence's first step: the stop tokens min_tokens bans (the checkpoint's eos
+    unless ignore_eos), and, for a choice whose prompt head came from the prefix cache, that head as
+    history_prefix (its penalties count the whole prompt)."""
+    eng, ex = _engine(max_batch=4, block_size=4)
+    prompt = Prompt(list(range(1, 11)))
+    params = greedy(2, min_tokens=2, stop_token_ids=(99,), repetition_penalty=1.5)
+    seqs = [eng.add(prompt, params) for _ in range(2)] + [eng.add(Prompt([5, 6]), greedy(2, min_tokens=1,
+                                                                                         ignore_eos=True))]
+    eng.run_until_done()
+    starts = [next(p.new_seqs[s.id] for p in ex.steps if s.id in p.new_seqs) for s in seqs]
+    assert [st.get("stop_ids") for st in starts] == [[99, 151645], [99, 151645], []]
+    assert "history_prefix" not in starts[0] and starts[1]["history_prefix"] == list(range(1, 9))
+    assert seqs[1].cached_tokens == 8 and all(s.output == [7, 7] for s in seqs)
