@@ -19,12 +19,13 @@ from qwen_vl_distributed.model.batch import SeqLayout
 
 def main() -> None:
     nh, kvh, d = 64, 4, 128
+    # one 8192-token block per sequence (the contiguous layout: the kernels read no block table per key)
     cases = {
-        "prompt 2048": SeqLayout([0], [0], [2048]),
-        "prompt 8192": SeqLayout([0], [0], [8192]),
-        "chunk 2048 after 6144": SeqLayout([0], [6144], [2048]),
+        "prompt 2048": SeqLayout([[0]], [0], [2048]),
+        "prompt 8192": SeqLayout([[0]], [0], [8192]),
+        "chunk 2048 after 6144": SeqLayout([[0]], [6144], [2048]),
         "mixed: 8 decode rows (~4k cached) + chunk 512 after 1024": SeqLayout(
-            list(range(1, 9)) + [0], [4000 + 37 * i for i in range(8)] + [1024], [1] * 8 + [512]),
+            [[i] for i in range(1, 9)] + [[0]], [4000 + 37 * i for i in range(8)] + [1024], [1] * 8 + [512]),
     }
     k_cache = torch.randn(9, kvh, 8192, d, device="cuda", dtype=torch.bfloat16)
     v_cache = torch.randn_like(k_cache)

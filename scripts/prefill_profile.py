@@ -43,10 +43,10 @@ def main():
     attn = layer.self_attn
     heads_default = dict(decode_layer.QKV_POST_HEADS)
     for n in a.tokens:
-        cache = model.new_cache(1, n)
+        cache = model.new_cache(-(-n // 16), 16)
         x = 0.02 * torch.randn(n, t.hidden_size, device="cuda", dtype=BF16)
         pos = torch.arange(n, device="cuda").expand(3, n)
-        layout = SeqLayout([0], [0], [n])
+        layout = SeqLayout([list(range(cache.num_blocks))], [0], [n])
         step = lambda: model(positions=pos, layout=layout, cache=cache, hidden=x)  # noqa: E731
 
         def wall(label):
@@ -65,13 +65,13 @@ def main():
               f"{cuda_time(lambda: torch.nn.functional.linear(xs, packed)):.4f} ms")
         q, k, v = torch.nn.functional.linear(xs, packed).split([t.q_dim, t.kv_dim, t.kv_dim], dim=1)
         cos, sin = text_rope_tables(pos, t.head_dim, t.rope_theta, t.mrope_section, BF16)
-        slots = torch.zeros(n, dtype=torch.long, device="cuda")
-        rows = torch.arange(n, device="cuda")
+        blocks, offsets = layout.row_tables("cuda", 16)
         qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
         for hb, warps in ((1, 1), (4, 4), (8, 4), (16, 4)):
             decode_layer.QKV_POST_HEADS[1 << 30] = (hb, warps)
-            run = lambda: decode_layer.qkv_post(q, k, v, attn, cos, sin, cache.layer(0), slots, rows)  # noqa: E731
-            runc = lambda: decode_layer.qkv_post(qc, kc, vc, attn, cos, sin, cache.layer(0), slots, rows)  # noqa: E731
+            run = lambda: decode_layer.qkv_post(q, k, v, attn, cos, sin, cache.layer(0), blocks, offsets)  # noqa: E731
+            runc = lambda: decode_layer.qkv_post(qc, kc, vc, attn, cos, sin, cache.layer(0), blocks,  # noqa: E731
+                                                 offsets)
             print(f"qkv_post heads {hb} warps {warps}: packed views {1e3 * cuda_time(run):.1f} us, "
                   f"contiguous {1e3 * cuda_time(runc):.1f} us", flush=True)
         decode_layer.QKV_POST_HEADS.update(heads_default)

@@ -74,10 +74,9 @@ def edit_config(d, fn) -> str:
 
 
 def logits(model: Qwen3VLMoe, ids: list[int]) -> torch.Tensor:
-    from qwen_vl_distributed.model.batch import SeqLayout
+    from paged import prompt_cache
 
     t = len(ids)
     pos = torch.arange(t).expand(3, t)
-    cache = model.new_cache(1, t)
-    return model(positions=pos, layout=SeqLayout([0], [0], [t]), cache=cache,
-                 input_ids=torch.tensor(ids), logits_rows=list(range(t)))
+    cache, layout = prompt_cache(model, t)
+    return model(positions=pos, layout=layout, cache=cache, input_ids=torch.tensor(ids), logits_rows=list(range(t)))

@@ -3,7 +3,8 @@ interpreter fuzz (tests/test_kernel_fuzz.py, in ``make test``) and the CUDA fuzz
 both run, each drawing its shapes from a seeded ``random.Random`` within a ``Size``.
 
 Each check draws head_dim, heads, hidden, expert width, experts, top-k, batch and lengths as the kernel takes them
-(non-powers of two included: odd widths, uneven tiles, head dims the attention tiles must pad), runs the kernel's
+(non-powers of two included: odd widths, uneven tiles, head dims the attention tiles must pad), and for the KV cache
+a block size and shuffled block tables (or one block per sequence: the contiguous layout), runs the kernel's
 public function and its reference, and fails with the drawn shape in the message. References run in float64 where
 the math allows, on the same (rounded) inputs. Tolerances (relative L2): float32 1e-5 (summation order; the GPU's
 products are IEEE float32, kernels.tiles.mma), float16 3e-3 and bfloat16 2e-2 (a few roundings of the activation
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from paged import pool_blocks, shuffled_tables
 from qwen_vl_distributed.model.batch import SeqLayout
 from qwen_vl_distributed.model.config import preset
 
@@ -35,7 +37,7 @@ class Size:
     heads: int  # query heads per kv head
     kv_heads: int
     batch: int
-    length: int  # KV cache length
+    length: int  # tokens of a sequence in the KV cache
     rows: int  # new rows of one sequence in a prompt step
     hidden: int
     width: int  # expert width I
@@ -82,14 +84,24 @@ def _gen(rng: random.Random) -> torch.Generator:
 # -- attention ------------------------------------------------------------------------------------------------------
 
 
-def _cache(rng, size, dtype, device, slots):
-    """Random k and v caches [slots, KVH, L, D] and a query head count (whole kv groups)."""
+def draw_tables(rng: random.Random, totals: list[int], max_len: int) -> tuple[list[list[int]], int, int]:
+    """(block tables, block size, pool blocks) for sequences of ``totals`` tokens: shuffled blocks of a pool with a
+    few spare ones (tests/paged.py), a power-of-two block size from 1 to 64; a fifth of the time one block as long
+    as ``max_len`` per sequence (the contiguous layout: the kernels' one-block-table path)."""
+    bs = max_len if rng.random() < 0.2 else 2 ** rng.randint(0, 6)
+    tables = shuffled_tables(totals, bs, seed=rng.randrange(1 << 30), spare=rng.randint(0, 3))
+    return tables, bs, pool_blocks(tables)
+
+
+def _cache(rng, size, dtype, device, totals: list[int], max_len: int):
+    """Random k and v caches in blocks [NB, KVH, BS, D] holding sequences of ``totals`` tokens, their block
+    tables, and a query head count (whole kv groups)."""
     d = draw_head_dim(rng, size)
     kvh, g = rng.randint(1, size.kv_heads), rng.randint(1, size.heads)
-    length = rng.randint(2, size.length)
+    tables, bs, nb = draw_tables(rng, totals, max_len)
     gen = _gen(rng)
-    kc, vc = (randn(gen, slots, kvh, length, d, dtype=dtype, device=device) for _ in range(2))
-    return kc, vc, kvh * g, gen
+    kc, vc = (randn(gen, nb, kvh, bs, d, dtype=dtype, device=device) for _ in range(2))
+    return kc, vc, tables, kvh * g, gen
 
 
 def check_decode_attention(rng: random.Random, dtype, device, size: Size) -> None:
@@ -97,17 +109,17 @@ def check_decode_attention(rng: random.Random, dtype, device, size: Size) -> Non
     from qwen_vl_distributed.model.attention import reference_cache_attention
 
     b = rng.randint(1, size.batch)
-    kc, vc, nh, gen = _cache(rng, size, dtype, device, b + 1)
-    length, d = kc.shape[2], kc.shape[3]
-    slots = rng.sample(range(b + 1), b)
+    length = rng.randint(2, size.length)
     starts = [rng.randrange(length) for _ in range(b)]
-    starts[0] = length - 1  # the whole cache; the others anywhere, one key (start 0) included by chance
-    layout = SeqLayout(slots, starts, [1] * b)
+    starts[0] = length - 1  # the longest; the others anywhere, one key (start 0) included by chance
+    kc, vc, tables, nh, gen = _cache(rng, size, dtype, device, [n + 1 for n in starts], length)
+    d, bs = kc.shape[3], kc.shape[2]
+    layout = SeqLayout(tables, starts, [1] * b)
     q = randn(gen, b, nh + 2, d, dtype=dtype, device=device)[:, 1:nh + 1]  # a view, as into a packed buffer
     scale = d ** -0.5
-    out = decode_attention(q, kc, vc, layout.tensor("slots", device), layout.tensor("starts", device), scale)
+    out = decode_attention(q, kc, vc, layout.block_table(device), layout.tensor("starts", device), scale)
     ref = reference_cache_attention(q.double(), kc.double(), vc.double(), layout, scale)
-    assert_close(out, ref, dtype, "decode_attention", b=b, nh=nh, kvh=kc.shape[1], d=d, length=length,
+    assert_close(out, ref, dtype, "decode_attention", b=b, nh=nh, kvh=kc.shape[1], d=d, block_size=bs,
                  starts=starts)
 
 
@@ -116,19 +128,20 @@ def check_extend_attention(rng: random.Random, dtype, device, size: Size) -> Non
     from qwen_vl_distributed.model.attention import reference_cache_attention
 
     b = rng.randint(1, size.batch)
-    kc, vc, nh, gen = _cache(rng, size, dtype, device, b + 1)
-    length, d = kc.shape[2], kc.shape[3]
+    length = rng.randint(2, size.length)
     lens, starts = [], []
     for _ in range(b):  # prompts from 0, chunks after a cached prefix, decode rows
         n = 1 if rng.random() < 0.25 else rng.randint(1, min(size.rows, length))
         lens.append(n)
         starts.append(0 if rng.random() < 0.3 else rng.randint(0, length - n))
-    layout = SeqLayout(rng.sample(range(b + 1), b), starts, lens)
+    kc, vc, tables, nh, gen = _cache(rng, size, dtype, device, [a + n for a, n in zip(starts, lens)], length)
+    d, bs = kc.shape[3], kc.shape[2]
+    layout = SeqLayout(tables, starts, lens)
     q = randn(gen, layout.num_tokens, nh, d, dtype=dtype, device=device)
     scale = d ** -0.5
     out = extend_attention(q, kc, vc, layout, scale)
     ref = reference_cache_attention(q.double(), kc.double(), vc.double(), layout, scale)
-    assert_close(out, ref, dtype, "extend_attention", nh=nh, kvh=kc.shape[1], d=d, length=length, starts=starts,
+    assert_close(out, ref, dtype, "extend_attention", nh=nh, kvh=kc.shape[1], d=d, block_size=bs, starts=starts,
                  lens=lens)
 
 
@@ -346,27 +359,29 @@ def _rope(gen, rows: int, d: int, dtype, device):
 
 def check_qkv_post(rng: random.Random, dtype, device, size: Size) -> None:
     """q/k RMSNorm + rotary + the cache write in one kernel (any even head_dim: padded half tiles) against the
-    module's ops; rows past the decode bucket take several heads per program."""
+    module's ops, each row's k/v to its own (block, offset) of a cache in blocks; rows past the decode bucket take
+    several heads per program."""
     from qwen_vl_distributed.kernels.decode_layer import qkv_post
     from qwen_vl_distributed.model.layers import apply_rotary
 
     attn, gen = _attention_module(rng, size, dtype, device)
     nh, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
     t = rng.choice([rng.randint(1, size.batch), rng.randint(65, 100)])  # decode rows, or prompt rows
-    slots_n, length = rng.randint(1, 3), t + rng.randint(0, 8)
+    bs = 2 ** rng.randint(0, 4)
+    nb = -(-(t + rng.randint(0, 8)) // bs)
     qkv = randn(gen, t, (nh + 2 * kvh) * d, dtype=dtype, device=device)
     q, k, v = qkv.split([nh * d, kvh * d, kvh * d], dim=1)  # strided views, as over one packed projection
     cos, sin = _rope(gen, t, d, dtype, device)
-    row_slots = torch.tensor([rng.randrange(slots_n) for _ in range(t)])
-    row_pos = torch.randperm(length, generator=gen)[:t]  # distinct positions: no two rows write one place
-    caches = [torch.zeros(slots_n, kvh, length, d, dtype=dtype, device=device) for _ in range(4)]
+    places = torch.randperm(nb * bs, generator=gen)[:t]  # distinct places: no two rows write one
+    row_blocks, row_offsets = places // bs, places % bs
+    caches = [torch.zeros(nb, kvh, bs, d, dtype=dtype, device=device) for _ in range(4)]
     with torch.no_grad():
-        qo = qkv_post(q, k, v, attn, cos, sin, caches[:2], row_slots.to(device), row_pos.to(device))
+        qo = qkv_post(q, k, v, attn, cos, sin, caches[:2], row_blocks.to(device), row_offsets.to(device))
         q_ref = apply_rotary(attn.q_norm(q.reshape(t, nh, d)), cos, sin)
         k_ref = apply_rotary(attn.k_norm(k.reshape(t, kvh, d)), cos, sin)
-        caches[2][row_slots, :, row_pos] = k_ref
-        caches[3][row_slots, :, row_pos] = v.reshape(t, kvh, d)
-    shape = dict(t=t, nh=nh, kvh=kvh, d=d)
+        caches[2][row_blocks, :, row_offsets] = k_ref
+        caches[3][row_blocks, :, row_offsets] = v.reshape(t, kvh, d)
+    shape = dict(t=t, nh=nh, kvh=kvh, d=d, block_size=bs)
     assert_close(qo, q_ref, dtype, "qkv_post q", **shape)
     assert_close(caches[0], caches[2], dtype, "qkv_post k cache", **shape)
     assert torch.equal(caches[1], caches[3]), f"qkv_post v cache {shape} {dtype}"
@@ -397,9 +412,10 @@ def check_decoder_layer(rng: random.Random, dtype, device, size: Size) -> None:
     decode = rng.random() < 0.5
     lens = [1] * b if decode else [rng.randint(1, min(length, size.rows) // 2 + 1) for _ in range(b)]
     starts = [rng.randint(0, length - n) for n in lens]
-    layout = SeqLayout(rng.sample(range(b), b), starts, lens)
+    tables, bs, nb = draw_tables(rng, [a + n for a, n in zip(starts, lens)], length)
+    layout = SeqLayout(tables, starts, lens)
     gen = _gen(rng)
-    cache, ref_cache = (KVCache(text, range(1), b, length, dtype, device) for _ in range(2))
+    cache, ref_cache = (KVCache(text, range(1), nb, bs, length, dtype, device) for _ in range(2))
     for c in (cache.k[0], cache.v[0]):
         c.copy_(torch.randn(c.shape, generator=gen))
     ref_cache.k[0].copy_(cache.k[0])
@@ -410,7 +426,7 @@ def check_decoder_layer(rng: random.Random, dtype, device, size: Size) -> None:
         ref = layer(h, rope, ref_cache.layer(0), layout)
         out = fused_decoder_layer(layer, h, rope, cache.layer(0), layout)
     shape = dict(d=d, nh=text.num_attention_heads, kvh=kvh, hidden=text.hidden_size, e=e,
-                 k=text.num_experts_per_tok, i=text.moe_intermediate_size, starts=starts, lens=lens)
+                 k=text.num_experts_per_tok, i=text.moe_intermediate_size, block_size=bs, starts=starts, lens=lens)
     assert_close(out, ref, dtype, "fused decoder layer", **shape)
     assert_close(cache.k[0], ref_cache.k[0], dtype, "fused decoder layer k cache", **shape)
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from checkpoint_testlib import L, edit_shard, odd_cfg, shard_of, small_cfg, stage_model
+from paged import prompt_cache
 from qwen_vl_distributed.checkpoint import errors as E
 from qwen_vl_distributed.checkpoint.index import open_checkpoint
 from qwen_vl_distributed.checkpoint.loader import load_stage
 from qwen_vl_distributed.checkpoint.synth_weights import write_synthetic_weights
 from qwen_vl_distributed.errors import UserError
-from qwen_vl_distributed.model.batch import SeqLayout
 from qwen_vl_distributed.model.config import QuantizationConfig
 from qwen_vl_distributed.model.moe import reference_experts
 from qwen_vl_distributed.model.quant import FP8_DTYPE, dequantize_blockwise, quantize_blockwise, quantize_experts
@@ -44,10 +44,10 @@ def _load(d, keep: bool, **stage):
 
 
 def _logits(m, ids):
-    layout = SeqLayout(slots=[0], starts=[0], lens=[len(ids)])
+    cache, layout = prompt_cache(m, len(ids))
     pos = torch.arange(len(ids)).expand(3, -1)
     with torch.no_grad():
-        return m(positions=pos, layout=layout, cache=m.new_cache(1, 32), input_ids=torch.tensor(ids))
+        return m(positions=pos, layout=layout, cache=cache, input_ids=torch.tensor(ids))
 
 
 def test_resident_experts_are_the_stored_bytes_and_scales(fp8_dir):

@@ -10,7 +10,7 @@ import torch
 
 from qwen_vl_distributed.engine.grammar import (GrammarBackend, GrammarError, check_grammar, json_format,
                                                 structural_tag)
-from qwen_vl_distributed.engine.sampler import SlotSampler
+from qwen_vl_distributed.engine.sampler import SequenceSampler
 from qwen_vl_distributed.engine.sampling import SamplingParams
 from qwen_vl_distributed.model.config import preset
 from synth_model import tiny_model_dir
@@ -31,7 +31,7 @@ def backend(tmp_path_factory):
 
 
 def generate(backend, fmt, after=None, steps=300, seed=0, temperature=1.0):
-    sampler = SlotSampler(backend)
+    sampler = SequenceSampler(backend)
     params = SamplingParams(temperature=temperature, seed=seed, grammar=structural_tag(fmt), grammar_after=after)
     sampler.start(0, {"params": params.wire()}, [1, 2, 3])
     g = torch.Generator().manual_seed(seed)

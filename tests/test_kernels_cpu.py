@@ -24,6 +24,7 @@ from qwen_vl_distributed.model.config import preset
 from qwen_vl_distributed.model.moe import reference_experts
 from qwen_vl_distributed.model.qwen3_vl import Qwen3VLMoe
 from qwen_vl_distributed.model.vision import reference_segment_attention, vision_rotary
+from paged import pool_blocks, shuffled_tables
 
 try:
     import triton  # noqa: F401
@@ -222,32 +223,55 @@ def test_grouped_experts_match_reference(dtype):
 # -- attention ----------------------------------------------------------------------------------------------------
 
 
-def cache_inputs(dtype, s=5, kvh=2, length=300, d=16, nh=6, seed=0):
+def cache_inputs(dtype, s=5, kvh=2, length=300, d=16, nh=6, seed=0, block_size=16):
+    """Random k/v caches of blocks holding s sequences of ``length`` tokens in shuffled blocks of ``block_size``
+    (None: one block per sequence, the contiguous layout), and the sequences' block tables."""
+    bs = block_size or length
+    tables = shuffled_tables([length] * s, bs, seed) if block_size else [[i] for i in range(s)]
     g = torch.Generator().manual_seed(seed)
-    k_cache = torch.randn(s, kvh, length, d, generator=g).to(dtype)
-    v_cache = torch.randn(s, kvh, length, d, generator=g).to(dtype)
-    return k_cache, v_cache, nh
+    k_cache = torch.randn(pool_blocks(tables) + 1, kvh, bs, d, generator=g).to(dtype)
+    v_cache = torch.randn(pool_blocks(tables) + 1, kvh, bs, d, generator=g).to(dtype)
+    return k_cache, v_cache, nh, tables
+
+
+def test_reference_attention_reads_the_blocks_a_contiguous_cache_holds():
+    """The same keys in shuffled blocks of 16 and in one block per sequence give the same attention."""
+    k_flat, v_flat, nh, flat_tables = cache_inputs(torch.float32, s=2, length=70, block_size=None)
+    k_paged, v_paged, _, tables = cache_inputs(torch.float32, s=2, length=70)
+    for i, t in enumerate(tables):  # copy each sequence's keys into its blocks
+        for j, b in enumerate(t):
+            n = min(16, 70 - 16 * j)
+            k_paged[b, :, :n] = k_flat[i, :, 16 * j:16 * j + n]
+            v_paged[b, :, :n] = v_flat[i, :, 16 * j:16 * j + n]
+    q = torch.randn(12, nh, 16)
+    starts, lens = [3, 60], [9, 3]
+    flat = reference_cache_attention(q, k_flat, v_flat, SeqLayout(flat_tables, starts, lens), 0.25)
+    paged = reference_cache_attention(q, k_paged, v_paged, SeqLayout(tables, starts, lens), 0.25)
+    assert rel(paged, flat) < 1e-6
 
 
 @needs_triton
+@pytest.mark.parametrize("block_size", [16, 64, None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_split_kv_decode_matches_reference(dtype):
+def test_split_kv_decode_matches_reference(dtype, block_size):
+    """Blocks smaller than, equal to and (contiguous) larger than the kernel's 64-key step."""
     from qwen_vl_distributed.kernels.decode_attention import decode_attention, num_splits
 
-    k_cache, v_cache, nh = cache_inputs(dtype)
-    layout = SeqLayout(slots=[3, 0, 4], starts=[0, 137, 299], lens=[1, 1, 1])  # 1 key, many, the whole cache
+    k_cache, v_cache, nh, tables = cache_inputs(dtype, block_size=block_size)
+    # 1 key, many, the whole sequence
+    layout = SeqLayout([tables[i] for i in (3, 0, 4)], starts=[0, 137, 299], lens=[1, 1, 1])
     assert num_splits(3, 2, 300) > 1  # several splits, some empty for the short sequence
     q = torch.randn(3, nh, 16).to(dtype)
-    out = decode_attention(q, k_cache, v_cache, layout.tensor("slots", "cpu"), layout.tensor("starts", "cpu"),
-                           0.25)
+    out = decode_attention(q, k_cache, v_cache, layout.block_table("cpu"), layout.tensor("starts", "cpu"), 0.25)
     ref = reference_cache_attention(q.float(), k_cache.float(), v_cache.float(), layout, 0.25)
     assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
 
 
-def test_prefill_attention_matches_reference():
-    k_cache, v_cache, nh = cache_inputs(torch.float32, length=64)
+@pytest.mark.parametrize("block_size", [8, None])
+def test_prefill_attention_matches_reference(block_size):
+    k_cache, v_cache, nh, tables = cache_inputs(torch.float32, length=64, block_size=block_size)
     # a prompt from 0, a continued chunk, and a decode row in one packed step
-    layout = SeqLayout(slots=[1, 2, 0], starts=[0, 20, 40], lens=[9, 5, 1])
+    layout = SeqLayout([tables[i] for i in (1, 2, 0)], starts=[0, 20, 40], lens=[9, 5, 1])
     q = torch.randn(layout.num_tokens, nh, 16)
     out = prefill_attention(q, k_cache, v_cache, layout, 0.25)
     ref = reference_cache_attention(q, k_cache, v_cache, layout, 0.25)
@@ -255,17 +279,18 @@ def test_prefill_attention_matches_reference():
 
 
 @needs_triton
-@pytest.mark.parametrize("tile", [0, 1])
+@pytest.mark.parametrize("tile,block_size", [(0, 16), (1, 16), (0, None), (1, 128)])
 @pytest.mark.parametrize("dtype,nh", [(torch.float32, 6), (torch.float16, 6), (torch.float32, 16)])
-def test_extend_attention_matches_reference(dtype, nh, tile, monkeypatch):
+def test_extend_attention_matches_reference(dtype, nh, tile, block_size, monkeypatch):
     from qwen_vl_distributed.kernels import extend_attention as ea
     from qwen_vl_distributed.kernels.extend_attention import block_rows, config, extend_attention
 
     monkeypatch.setattr(ea, "CONFIGS", {1 << 30: list(ea.CONFIGS.values())[tile]})  # each shipped tile
-    k_cache, v_cache, _ = cache_inputs(dtype, length=300, nh=nh)  # 3 (padded to 4) or 8 query heads per kv head
+    # 3 (padded to 4) or 8 query heads per kv head; cache blocks of 16, 128 keys or contiguous
+    k_cache, v_cache, _, tables = cache_inputs(dtype, length=300, nh=nh, block_size=block_size)
     # a prompt from 0 over several row blocks, a chunk whose prefix spans whole key blocks and ends mid-block,
     # a decode row, a one-row chunk, and a prompt shorter than a block
-    layout = SeqLayout(slots=[1, 2, 0, 4, 3], starts=[0, 150, 299, 70, 0], lens=[70, 83, 1, 1, 3])
+    layout = SeqLayout([tables[i] for i in (1, 2, 0, 4, 3)], starts=[0, 150, 299, 70, 0], lens=[70, 83, 1, 1, 3])
     assert 70 > block_rows(nh // 2, config(158)[0]) and 150 > config(158)[1]
     q = torch.randn(layout.num_tokens, nh, 16).to(dtype)
     out = extend_attention(q, k_cache, v_cache, layout, 0.25)
@@ -283,14 +308,14 @@ def test_extend_attention_random_layouts(nh, kvh):
     not multiples of a block and prefixes ending just before, on and after a key-block boundary."""
     from qwen_vl_distributed.kernels.extend_attention import extend_attention
 
-    k_cache, v_cache, _ = cache_inputs(torch.float32, s=6, kvh=kvh, length=260, nh=nh)
+    k_cache, v_cache, _, tables = cache_inputs(torch.float32, s=6, kvh=kvh, length=260, nh=nh, block_size=8)
     g = torch.Generator().manual_seed(nh)
     for _ in range(4):
         b = int(torch.randint(1, 5, (1,), generator=g))
         starts = [int(x) for x in torch.randint(0, 200, (b,), generator=g)]
         starts[0] = [62, 64, 65, 126][_]  # just before, on and after key-block boundaries (64 keys)
         lens = [int(torch.randint(1, 60, (1,), generator=g)) for _ in range(b)]
-        layout = SeqLayout(slots=list(range(b)), starts=starts, lens=lens)
+        layout = SeqLayout(tables[:b], starts=starts, lens=lens)
         q = torch.randn(layout.num_tokens, nh, 16, generator=g)
         out = extend_attention(q, k_cache, v_cache, layout, 0.25)
         assert rel(out, reference_cache_attention(q, k_cache, v_cache, layout, 0.25)) < 1e-5, layout
@@ -300,12 +325,12 @@ def test_prompt_attention_path_keeps_sdpa_only_for_a_lone_long_prompt(monkeypatc
     from qwen_vl_distributed.kernels import attention
 
     n = attention.PROMPT_SDPA_MIN_TOKENS
-    assert attention.prompt_attention_path(SeqLayout([0], [0], [n])) == "sdpa"
-    assert attention.prompt_attention_path(SeqLayout([0], [0], [n - 1])) == "triton"
-    assert attention.prompt_attention_path(SeqLayout([0], [5], [n])) == "triton"  # a chunk after a prefix
-    assert attention.prompt_attention_path(SeqLayout([0, 1], [0, 0], [n, 1])) == "triton"  # a mixed step
+    assert attention.prompt_attention_path(SeqLayout([[0]], [0], [n])) == "sdpa"
+    assert attention.prompt_attention_path(SeqLayout([[0]], [0], [n - 1])) == "triton"
+    assert attention.prompt_attention_path(SeqLayout([[0]], [5], [n])) == "triton"  # a chunk after a prefix
+    assert attention.prompt_attention_path(SeqLayout([[0], [1]], [0, 0], [n, 1])) == "triton"  # a mixed step
     monkeypatch.setattr(attention, "PROMPT_ATTENTION", "sdpa")
-    assert attention.prompt_attention_path(SeqLayout([0], [0], [3])) == "sdpa"
+    assert attention.prompt_attention_path(SeqLayout([[0]], [0], [3])) == "sdpa"
 
 
 def test_segment_attention_matches_reference():
@@ -384,11 +409,15 @@ def tiny():
     return cfg, model
 
 
+# the block tables of the tiny-model tests: blocks of 4 tokens, up to 16 tokens per sequence, in a pool of 16
+TABLES = shuffled_tables([16, 16, 16], 4, seed=1)
+
+
 def prefill(model, cache, prompts: dict[int, list[int]]):
-    """Run the prompts (slot -> ids) in one packed step; returns the step's logits."""
+    """Run the prompts (sequence i of TABLES -> ids) in one packed step; returns the step's logits."""
     ids = [t for p in prompts.values() for t in p]
     pos = torch.cat([torch.arange(len(p)) for p in prompts.values()]).expand(3, -1)
-    layout = SeqLayout(slots=list(prompts), starts=[0] * len(prompts), lens=[len(p) for p in prompts.values()])
+    layout = SeqLayout([TABLES[i] for i in prompts], starts=[0] * len(prompts), lens=[len(p) for p in prompts.values()])
     with torch.no_grad():
         return model(positions=pos, layout=layout, cache=cache, input_ids=torch.tensor(ids))
 
@@ -396,9 +425,9 @@ def prefill(model, cache, prompts: dict[int, list[int]]):
 def test_fast_paths_equal_reference_on_tiny_model(tiny):
     cfg, model = tiny
     prompts = {0: [5, 6, 7, 8, 9], 2: [100, 200, 300]}
-    ref = prefill(model, model.new_cache(3, 16), prompts)
+    ref = prefill(model, model.new_cache(16, 4), prompts)
     fast_model = enable_fast_paths(copy.deepcopy(model))
-    out = prefill(fast_model, fast_model.new_cache(3, 16), prompts)
+    out = prefill(fast_model, fast_model.new_cache(16, 4), prompts)
     assert rel(out, ref) < 1e-5
 
 
@@ -407,9 +436,9 @@ def test_triton_experts_impl_in_tiny_model_decode(tiny):
     cfg, model = tiny
     register()
     m = copy.deepcopy(model)
-    cache = m.new_cache(2, 16)
+    cache = m.new_cache(16, 4)
     prefill(m, cache, {0: [1, 2, 3], 1: [4, 5]})
-    layout = SeqLayout(slots=[0, 1], starts=[3, 2], lens=[1, 1])
+    layout = SeqLayout(TABLES[:2], starts=[3, 2], lens=[1, 1])
     pos = torch.tensor([3, 2]).expand(3, -1)
     outs = {}
     for impl in ("reference", "triton"):
@@ -422,9 +451,9 @@ def test_triton_experts_impl_in_tiny_model_decode(tiny):
 def test_decode_graph_step_equals_forward_and_pads_into_scratch(tiny):
     cfg, model = tiny
     m = enable_fast_paths(copy.deepcopy(model))
-    cache = m.new_cache(4, 16)  # slot 3 is the scratch slot
+    cache = m.new_cache(16, 4, 16)  # block 16 is the scratch block
     prefill(m, cache, {0: [1, 2, 3, 4], 1: [9, 8], 2: [7, 7, 7]})
-    layout = SeqLayout(slots=[2, 0, 1], starts=[3, 4, 2], lens=[1, 1, 1])
+    layout = SeqLayout([TABLES[i] for i in (2, 0, 1)], starts=[3, 4, 2], lens=[1, 1, 1])  # 4: a new block
     pos = torch.tensor([3, 4, 2]).expand(3, -1)
     ids = torch.tensor([11, 12, 13])
     ref_cache = copy.deepcopy(cache)
@@ -433,10 +462,10 @@ def test_decode_graph_step_equals_forward_and_pads_into_scratch(tiny):
     graphs = DecodeGraphs(m, cache, buckets=(1, 4))
     out = graphs.run(positions=pos, layout=layout, input_ids=ids)  # bucket 4: one padding row
     assert out.shape == ref.shape and rel(out, ref) < 1e-6
-    for i in m.layer_ids:  # the real slots got what forward wrote (up to matmul row-count rounding); padding
-        assert rel(cache.k[i][:3], ref_cache.k[i][:3]) < 1e-6  # went to scratch slot 3 only
-        assert rel(cache.v[i][:3], ref_cache.v[i][:3]) < 1e-6
-        assert cache.k[i][3].abs().sum() > 0 and ref_cache.k[i][3].abs().sum() == 0
+    for i in m.layer_ids:  # the real blocks got what forward wrote (up to matmul row-count rounding); padding
+        assert rel(cache.k[i][:16], ref_cache.k[i][:16]) < 1e-6  # went to the scratch block only
+        assert rel(cache.v[i][:16], ref_cache.v[i][:16]) < 1e-6
+        assert cache.k[i][16].abs().sum() > 0 and ref_cache.k[i][16].abs().sum() == 0
 
 
 def test_graphed_stage_middle_stage_hidden_in_hidden_out(tiny):
@@ -444,9 +473,9 @@ def test_graphed_stage_middle_stage_hidden_in_hidden_out(tiny):
     mid = Qwen3VLMoe(cfg, layers=(1, 3), vision=False, embed=False, head=False).eval()
     mid.load_state_dict({k: v for k, v in model.state_dict().items() if k in mid.state_dict()}, strict=True)
     enable_fast_paths(mid)
-    cache = mid.new_cache(3, 8)
+    cache = mid.new_cache(6, 4, 8)
     stage = GraphedStage(mid, cache, buckets=(2,))
-    layout = SeqLayout(slots=[1], starts=[0], lens=[1])
+    layout = SeqLayout([[3, 1]], starts=[0], lens=[1])
     hidden = torch.randn(1, cfg.text.hidden_size)
     pos = torch.zeros(3, 1, dtype=torch.long)
     ref_cache = copy.deepcopy(cache)
@@ -476,28 +505,29 @@ class _Recorder:
 
 
 @pytest.mark.parametrize("where", ["first", "middle"])
-def test_warm_up_runs_each_prompt_size_in_the_scratch_slot_only(tiny, where):
+def test_warm_up_runs_each_prompt_size_in_the_scratch_block_only(tiny, where):
     cfg, model = tiny
     if where == "first":
         m = enable_fast_paths(copy.deepcopy(model))
     else:
         m = Qwen3VLMoe(cfg, layers=(1, 3), vision=False, embed=False, head=False).eval()
         m.load_state_dict({k: v for k, v in model.state_dict().items() if k in m.state_dict()}, strict=True)
-    cache = m.new_cache(3, 12)
-    for i in m.layer_ids:  # slots 0 and 1 hold sequences; 2 is the scratch slot
-        cache.k[i][:2].normal_()
-        cache.v[i][:2].normal_()
+    cache = m.new_cache(6, 4, 12)  # sequences of up to 12 tokens; block 6 is the scratch block
+    for i in m.layer_ids:  # blocks 0-5 hold sequences
+        cache.k[i][:6].normal_()
+        cache.v[i][:6].normal_()
     before = copy.deepcopy(cache)
     rec = _Recorder(m)
-    sizes = warm_prompt_path(rec, cache, slot=2, max_tokens=30)  # steps over 12 tokens: several prompts
+    sizes = warm_prompt_path(rec, cache, max_tokens=30)  # steps over 12 tokens: several prompts
     assert sizes == [2, 3, 4, 8, 16, 30]
     assert [lay.lens for lay in rec.layouts] == [[2], [3], [4], [8], [12, 4], [12, 12, 6]]
-    assert all(set(lay.slots) == {2} and set(lay.starts) == {0} for lay in rec.layouts)
+    assert all({b for t in lay.block_tables for b in t} == {6} and set(lay.starts) == {0} for lay in rec.layouts)
+    assert all(len(t) * 4 >= n for lay in rec.layouts for t, n in zip(lay.block_tables, lay.lens))
     for i in m.layer_ids:
-        assert torch.equal(cache.k[i][:2], before.k[i][:2]) and torch.equal(cache.v[i][:2], before.v[i][:2])
-        assert cache.k[i][2, :, :12].abs().sum() > 0
-    assert warm_prompt_path(m, cache, slot=2, max_tokens=5) == [2, 3, 4, 5]  # the bare stage model too
-    assert warm_stage(m, cache, slot=2, max_tokens=1) >= 0  # a 1-token budget: nothing to warm, no error
+        assert torch.equal(cache.k[i][:6], before.k[i][:6]) and torch.equal(cache.v[i][:6], before.v[i][:6])
+        assert cache.k[i][6].abs().sum() > 0
+    assert warm_prompt_path(m, cache, max_tokens=5) == [2, 3, 4, 5]  # the bare stage model too
+    assert warm_stage(m, cache, max_tokens=1) >= 0  # a 1-token budget: nothing to warm, no error
 
 
 # -- the fused decode layer -----------------------------------------------------------------------------------------
@@ -508,11 +538,12 @@ def _decode_case(model, dtype, max_len: int = 16):
     from qwen_vl_distributed.model.rope import text_rope_tables
 
     m = enable_fast_paths(copy.deepcopy(model).to(dtype))
-    cache = m.new_cache(4, max_len)
+    tables = shuffled_tables([max_len] * 3, 4, seed=2)
+    cache = m.new_cache(pool_blocks(tables), 4, max_len)
     for i in m.layer_ids:
         cache.k[i].normal_()
         cache.v[i].normal_()
-    layout = SeqLayout(slots=[2, 0, 1], starts=[3, 7, 0], lens=[1, 1, 1])
+    layout = SeqLayout([tables[i] for i in (2, 0, 1)], starts=[3, 7, 0], lens=[1, 1, 1])
     pos = torch.tensor([3, 7, 0]).expand(3, -1)
     t = m.cfg.text
     rope = text_rope_tables(pos, t.head_dim, t.rope_theta, t.mrope_section, dtype)
@@ -536,8 +567,8 @@ def test_decode_layer_matches_module(tiny, dtype, fp8):
     with torch.no_grad():
         with module_layers(m):
             ref = layer(h, rope, cache.layer(1), layout)
-        out = decode_layer(layer, h, *rope, fused_cache.layer(1), layout.tensor("slots", "cpu"),
-                           layout.tensor("starts", "cpu"))
+        out = decode_layer(layer, h, *rope, fused_cache.layer(1), layout.block_table("cpu"),
+                           layout.tensor("starts", "cpu"), layout.row_tables("cpu", cache.block_size))
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     assert rel(out, ref) < tol
     assert rel(fused_cache.k[1], cache.k[1]) < tol and rel(fused_cache.v[1], cache.v[1]) < tol
@@ -585,8 +616,8 @@ def test_one_launch_gemv_matches_linear(dtype, b):
 @needs_triton
 def test_fused_forward_equals_model_forward_on_mixed_step(tiny):
     """A prompt, a continued chunk and a decode row in one step; logits of every row and the cache writes."""
-    m, cache, _, _, _ = _decode_case(tiny[1], torch.float32)
-    layout = SeqLayout(slots=[0, 1, 2], starts=[0, 4, 9], lens=[5, 3, 1])
+    m, cache, layout, _, _ = _decode_case(tiny[1], torch.float32)
+    layout = SeqLayout(layout.block_tables, starts=[0, 4, 9], lens=[5, 3, 1])
     pos = torch.cat([torch.arange(0, 5), torch.arange(4, 7), torch.tensor([9])]).expand(3, -1)
     _assert_fused_step_equals_model(m, cache, layout, pos, rows=list(range(9)))
 
@@ -615,14 +646,14 @@ def test_fused_layers_on_a_prompt_with_an_image_and_a_video(tiny):
     from qwen_vl_distributed.model.qwen3_vl import VisualInputs
 
     cfg = tiny[0]
-    m, cache, _, _, _ = _decode_case(tiny[1], torch.float32, max_len=160)
+    m, cache, decode, _, _ = _decode_case(tiny[1], torch.float32, max_len=160)
     ids = chat([100] + image_tokens(8, 12) + [200] + video_tokens(2, 4, 6) + [300])
     types = token_types(ids, cfg.image_token_id, cfg.video_token_id)
     pos, _ = rope_positions(types, [(1, 8, 12)], [(2, 4, 6)], cfg.vision.spatial_merge_size)
     tt = torch.tensor(ids)
     visual = VisualInputs(pixels(96, cfg.vision.patch_dim, 1), [(1, 8, 12)], pixels(48, cfg.vision.patch_dim, 2),
                           [(2, 4, 6)], tt == IMG, tt == VID)
-    layout = SeqLayout(slots=[0], starts=[0], lens=[len(ids)])
+    layout = SeqLayout(decode.block_tables[:1], starts=[0], lens=[len(ids)])
     _assert_fused_step_equals_model(m, cache, layout, pos, list(range(len(ids))), tt, visual)
 
 
@@ -636,13 +667,13 @@ def test_fused_forward_prompt_rows_packed_qkv_and_heads_per_program(tiny, heads,
 
     monkeypatch.setitem(decode_layer.QKV_POST_HEADS, 1 << 30, heads)
     monkeypatch.setitem(decode_layer.QKV_POST_HEADS, 64, heads)
-    m, cache, _, _, _ = _decode_case(tiny[1], torch.float32, max_len=96)
+    m, cache, decode, _, _ = _decode_case(tiny[1], torch.float32, max_len=96)
     attn = m.model.language_model.layers["1"].self_attn
     packed = packed_qkv(attn)
     assert packed is not None and torch.equal(packed[:attn.q_proj.out_features], attn.q_proj.weight)
     assert torch.equal(packed[-attn.v_proj.out_features:], attn.v_proj.weight)
     n = decode_layer.GEMV_MAX_ROWS + 6
-    layout = SeqLayout(slots=[0, 1], starts=[0, 4], lens=[n, 3])
+    layout = SeqLayout(decode.block_tables[:2], starts=[0, 4], lens=[n, 3])
     pos = torch.cat([torch.arange(0, n), torch.arange(4, 7)]).expand(3, -1)
     _assert_fused_step_equals_model(m, cache, layout, pos, rows=[0, n - 1, n + 2])
 
@@ -744,7 +775,7 @@ def test_decode_graph_safe_rule_names_what_a_graph_can_hold(tiny):
 @pytest.mark.parametrize("attention", ["reference", "fast"])
 def test_a_captured_decode_step_refuses_attention_that_reads_the_layout_on_the_host(tiny, attention):
     """What broke decode on a GPU for head dims the split-KV kernel did not take: the step fell back to attention
-    that slices the cache by the layout's python lists, and a graph replayed the capture-time slot and length for
+    that slices the cache by the layout's python lists, and a graph replayed the capture-time block table and length for
     every later token. The captured step's layout refuses such reads (on the CPU, 'fast' attention has no decode
     kernel and takes that fallback too), so a capture fails with a named error instead."""
     m = enable_fast_paths(copy.deepcopy(tiny[1]), attention=attention, vision_graphs=False)

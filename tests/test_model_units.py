@@ -59,14 +59,28 @@ def test_generated_image_pad_is_just_a_token():
     assert decode_positions(40, -10).tolist() == [[30], [30], [30]]
 
 
-def test_row_tables_give_each_rows_slot_and_cache_position():
-    layout = SeqLayout(slots=[2, 0, 5], starts=[3, 0, 9], lens=[2, 3, 1])  # a chunk, a prompt, a decode row
-    slots, pos = layout.row_tables("cpu")
-    assert slots.tolist() == [2, 2, 0, 0, 0, 5] and pos.tolist() == [3, 4, 0, 1, 2, 9]
-    assert layout.row_tables("cpu")[0] is slots  # built once per step
-    odd = SeqLayout(slots=[1], starts=[0], lens=[5])  # both tables 16-byte aligned (Triton specialises on it)
-    assert [t.data_ptr() % 16 for t in odd.row_tables("cpu")] == [0, 0] and odd.row_tables("cpu")[1].tolist() == [
-        0, 1, 2, 3, 4]
+def test_row_tables_give_each_rows_block_and_offset():
+    # a chunk, a prompt, a decode row; blocks of 4 tokens
+    layout = SeqLayout([[7, 2], [0, 3], [9, 1, 4]], starts=[3, 0, 9], lens=[2, 3, 1])
+    blocks, offsets = layout.row_tables("cpu", 4)
+    assert blocks.tolist() == [7, 2, 0, 0, 0, 4] and offsets.tolist() == [3, 0, 0, 1, 2, 1]
+    assert layout.row_tables("cpu", 4)[0] is blocks  # built once per step
+    table = layout.block_table("cpu")
+    assert table.tolist() == [[7, 2, 0], [0, 3, 0], [9, 1, 4]] and table.stride(0) % 16 == 0
+    odd = SeqLayout([[1, 5]], starts=[0], lens=[5])  # both tables 16-byte aligned (Triton specialises on it)
+    assert [t.data_ptr() % 16 for t in odd.row_tables("cpu", 4)] == [0, 0]
+    assert odd.row_tables("cpu", 4)[0].tolist() == [1, 1, 1, 1, 5]
+
+
+def test_a_sequence_s_keys_gathered_from_its_blocks():
+    from qwen_vl_distributed.model.kv_cache import gather_kv
+
+    cache = torch.arange(5 * 2 * 4 * 3).reshape(5, 2, 4, 3)  # [NB, KVH, BS, D]
+    got = gather_kv(cache, [3, 0, 4], 10)
+    assert got.shape == (2, 10, 3)
+    assert torch.equal(got, torch.cat([cache[3], cache[0], cache[4][:, :2]], dim=1))
+    one = gather_kv(cache, [2, 1], 3)  # within one block: a view
+    assert one.data_ptr() == cache[2].data_ptr() and torch.equal(one, cache[2, :, :3])
 
 
 def test_interleaved_mrope_axis_map():

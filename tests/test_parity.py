@@ -12,10 +12,10 @@ import torch
 
 from hf_oracle import hf_model
 from mm_inputs import IMG, VID, chat, image_tokens, pixels, video_tokens
+from paged import prompt_cache
 from qwen_vl_distributed.engine.engine import Engine, Prompt
-from qwen_vl_distributed.engine.sampler import SlotSampler
+from qwen_vl_distributed.engine.sampler import SequenceSampler
 from qwen_vl_distributed.engine.sampling import SamplingParams
-from qwen_vl_distributed.model.batch import SeqLayout
 from qwen_vl_distributed.model.config import preset
 from qwen_vl_distributed.model.positions import rope_positions, token_types
 from qwen_vl_distributed.model.qwen3_vl import Qwen3VLMoe, VisualInputs
@@ -86,15 +86,17 @@ def _our_logits(cfg, ours, ids, grids_i, pv, grids_v, pvv):
     vis = None
     if pv is not None or pvv is not None:
         vis = VisualInputs(pv, grids_i, pvv, grids_v, tt == 1, tt == 2)
-    cache = ours.new_cache(1, len(ids) + 8)
+    cache, layout = prompt_cache(ours, len(ids))
     with torch.no_grad():
-        return ours(positions=pos, layout=SeqLayout([0], [0], [len(ids)]), cache=cache,
-                    input_ids=torch.tensor(ids), visual=vis, logits_rows=list(range(len(ids))))
+        return ours(positions=pos, layout=layout, cache=cache, input_ids=torch.tensor(ids), visual=vis,
+                    logits_rows=list(range(len(ids))))
 
 
-def _engine(cfg, ours, slots=4, max_len=512):
-    rt = StageRuntime(ours, ours.new_cache(slots, max_len), SlotSampler(), "cpu")
-    return Engine(cfg, LocalExecutor(rt), slots, max_len, EOS)
+def _engine(cfg, ours, max_batch=4, max_len=512, block_size=16):
+    """S = 1 over a KV pool of blocks (room for max_batch sequences of max_len)."""
+    blocks = max_batch * max_len // block_size
+    rt = StageRuntime(ours, ours.new_cache(blocks, block_size, max_len), SequenceSampler(), "cpu")
+    return Engine(cfg, LocalExecutor(rt), max_batch, max_len, EOS, num_blocks=blocks, block_size=block_size)
 
 
 def _prompt(ids, grids_i, pv, grids_v, pvv):

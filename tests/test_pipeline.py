@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -28,23 +30,36 @@ def _requests():
     ]
 
 
-def _run(model_dir: str, stages: int, layers=None, prefill_chunk=None) -> list[list[int]]:
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
+SEEDED = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7, max_new_tokens=12)
+PENALIZED = SamplingParams(temperature=0.0, repetition_penalty=2.0, max_new_tokens=12)  # prompt history
+PARAMS = [GREEDY, SEEDED, PENALIZED, SEEDED, GREEDY]
+
+
+def _run(model_dir: str, stages: int, layers=None, prefill_chunk=None, **kv) -> list[list[int]]:
+    """The five requests at once; ``kv``: KV-cache options (max_total_tokens, kv_block_size, prefix_cache)."""
     opts = RunOptions(model=model_dir, stages=stages, max_batch=8, max_len=256, quiet=True, layers_per_stage=layers,
-                      stage_timeout_s=30, prefill_chunk=prefill_chunk)
+                      stage_timeout_s=30, prefill_chunk=prefill_chunk, **kv)
     handle = start_engine(opts)
     try:
-        greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
-        seeded = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7, max_new_tokens=12)
-        penalized = SamplingParams(temperature=0.0, repetition_penalty=2.0, max_new_tokens=12)  # prompt history
-        params = [greedy, seeded, penalized, seeded, greedy]
-        seqs = [handle.engine.add(p, params[i]) for i, p in enumerate(_requests())]
-        handle.engine.run_until_done()
+        seqs = [handle.engine.add(p, PARAMS[i]) for i, p in enumerate(_requests())]
+        peak = _run_recording_peak(handle.engine)
         stats = handle.engine.executor.stage_stats()
         assert [s["stage"] for s in stats] == list(range(stages))
         assert all(s["busy_s"] > 0 for s in stats)
+        _run.last = (handle.engine.cache_stats(), peak)
         return [s.output for s in seqs]
     finally:
         handle.close()
+
+
+def _run_recording_peak(engine) -> int:
+    """run_until_done; returns the most sequences that held KV blocks at once."""
+    peak = 0
+    while engine.has_work():
+        engine.step()
+        peak = max(peak, len(engine.running))
+    return peak
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +84,24 @@ def test_chunked_prefill_equals_whole_prompts(model_dir, single, stages, chunk):
     assert _run(model_dir, stages, prefill_chunk=chunk) == single
 
 
+@pytest.mark.parametrize("stages", [1, 2])
+def test_kv_in_small_blocks_equals_large_blocks(model_dir, single, stages):
+    """Blocks of 4 tokens (every sequence spread over many blocks, images across block boundaries) give the
+    tokens of the default 16-token blocks."""
+    assert _run(model_dir, stages, kv_block_size=4) == single
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_memory_pressure_preempts_and_every_request_ends_with_the_same_tokens(model_dir, single, stages):
+    """A KV pool of 80 tokens for five requests that need ~250 together (the largest alone 62): sequences are
+    preempted and computed again later, and every one ends with the tokens it has without pressure; at most as
+    many run at once as the pool holds."""
+    assert _run(model_dir, stages, max_total_tokens=80, kv_block_size=4) == single
+    stats, peak = _run.last
+    assert stats.blocks == 20 and stats.preemptions > 0 and 1 <= peak < 5
+    assert stats.blocks_used == 0  # every block back in the pool
+
+
 def test_idle_pipeline_stays_up_past_the_stage_timeout(model_dir):
     """Heartbeats keep idle stages' waits bounded without declaring anyone dead."""
     import time
@@ -89,11 +122,11 @@ def test_idle_pipeline_stays_up_past_the_stage_timeout(model_dir):
 
 def _turn_two(model_dir: str, stages: int, params: SamplingParams, warm: bool) -> tuple[list[int], int]:
     """A two-turn chat with an image: the second prompt re-sends the first turn and its answer, then adds a new
-    user turn with a second image. ``warm``: the first turn ran in the same engine just before, so its slot's cache
-    holds the shared prefix; else the second prompt runs alone in a fresh engine. Returns its tokens and how many
-    prompt tokens came from the cache."""
+    user turn with a second image. ``warm``: the first turn ran in the same engine just before, followed by an
+    unrelated request, so the prefix cache holds the shared prefix; else the second prompt runs alone in a fresh
+    engine. Returns its tokens and how many prompt tokens came from the cache."""
     handle = start_engine(RunOptions(model=model_dir, stages=stages, max_batch=2, max_len=256, quiet=True,
-                                     stage_timeout_s=30))
+                                     stage_timeout_s=30, kv_block_size=4))
     try:
         eng = handle.engine
         first = chat([100] + image_tokens(4, 4) + [200])
@@ -102,10 +135,12 @@ def _turn_two(model_dir: str, stages: int, params: SamplingParams, warm: bool) -
         img1, img2 = pixels(16, PATCH, 1), pixels(60, PATCH, 3)
         if warm:
             eng.add(Prompt(first + answer, None, img1, [(1, 4, 4)]), SamplingParams(temperature=0, max_new_tokens=1))
-            eng.run_until_done()  # the slot now caches first + answer (its sampled token's KV is never written)
+            eng.run_until_done()  # the cache now holds first + answer's whole blocks
+            eng.add(Prompt(chat([500 + i for i in range(30)])), SamplingParams(temperature=0, max_new_tokens=3))
+            eng.run_until_done()  # unrelated traffic
         s = eng.add(Prompt(second, None, torch.cat([img1, img2]), [(1, 4, 4), (1, 6, 10)]), params)
         eng.run_until_done()
-        return s.output, s.reused
+        return s.output, s.cached_tokens
     finally:
         handle.close()
 
@@ -114,11 +149,44 @@ def _turn_two(model_dir: str, stages: int, params: SamplingParams, warm: bool) -
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0.0, max_new_tokens=10),
                                     SamplingParams(temperature=0.0, repetition_penalty=2.0, max_new_tokens=10)])
 def test_a_second_turn_reusing_the_cached_prefix_equals_a_fresh_run(model_dir, stages, params):
-    warm, reused = _turn_two(model_dir, stages, params, warm=True)
+    warm, cached = _turn_two(model_dir, stages, params, warm=True)
     cold, none = _turn_two(model_dir, stages, params, warm=False)
     first_len = len(chat([100] + image_tokens(4, 4) + [200])) + 5
-    assert reused == first_len and none == 0  # the whole first turn, its image included, came from the cache
+    # the first turn's whole blocks, its image included, came from the cache
+    assert cached == first_len // 4 * 4 and cached > first_len - 4 and none == 0
     assert warm == cold
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_n_choices_of_one_prompt_share_its_blocks_and_sample_as_alone(model_dir, stages):
+    """Three choices of one prompt (one Prompt object, as the server's n adds them), each with its own seed: the
+    prompt is computed once but for its last partial block per choice, and each choice's tokens are those of the
+    same request alone."""
+    prompt = _requests()[1]  # two images
+    params = [SamplingParams(temperature=0.8, seed=s, max_new_tokens=8) for s in (1, 2, 3)]
+    opts = RunOptions(model=model_dir, stages=stages, max_batch=4, max_len=256, quiet=True, stage_timeout_s=30,
+                      kv_block_size=4)
+    handle = start_engine(opts)
+    try:
+        seqs = [handle.engine.add(prompt, p) for p in params]
+        handle.engine.run_until_done()
+        together = [s.output for s in seqs]
+        n = len(prompt.input_ids)
+        tail = n - (n - 1) // 4 * 4
+        assert handle.engine.cache_stats().computed_tokens == n + 2 * tail
+        assert [s.cached_tokens for s in seqs] == [0, n - tail, n - tail]
+    finally:
+        handle.close()
+    handle = start_engine(dataclasses.replace(opts, prefix_cache=False))
+    try:
+        alone = []
+        for p in params:  # one after the other, each computing the prompt whole
+            s = handle.engine.add(_requests()[1], p)
+            handle.engine.run_until_done()
+            alone.append(s.output)
+    finally:
+        handle.close()
+    assert together == alone and len({tuple(t) for t in together}) > 1
 
 
 def test_stage_threads_share_cpu_cores_and_keep_gpu_stages_to_one():

@@ -96,7 +96,7 @@ def test_235b_s4_h200_default_chunks_leave_room():
     assert plan.stages[1].act_bytes < whole.stages[1].act_bytes
 
 
-def test_step_budget_is_bounded_by_all_slots_not_one_sequence():
+def test_step_budget_is_bounded_by_all_sequences_not_one():
     # 8 sequences of up to 300 tokens: one step may carry all 8 prompts (2400 tokens), never more
     plan = plan_stages(BIG, 2, max_seq_len=300, max_batch=8)
     assert plan.prefill_chunk == 2400
@@ -124,13 +124,45 @@ def test_plan_is_deterministic():
 
 
 def test_stage_bytes_add_up():
+    # without budgets the KV pool is max_seq_len x max_batch tokens, in blocks of 16, plus one scratch block
     plan = plan_stages(BIG, 4, max_seq_len=8192, max_batch=3)
     assert sum(s.weights_bytes for s in plan.stages) == total_weight_bytes(BIG, "bf16")
     per_layer_kv = 94 * 2 * 4 * 128 * 2  # 192,512 B per token of context, all layers
-    assert sum(s.kv_bytes for s in plan.stages) == per_layer_kv * 8192 * 3
+    assert plan.max_total_tokens == 8192 * 3 and plan.kv_blocks == 8192 * 3 // 16
+    assert sum(s.kv_bytes for s in plan.stages) == per_layer_kv * (8192 * 3 + 16)
     for s in plan.stages:
-        assert s.kv_bytes == s.num_layers * 2 * 4 * 128 * 2 * 8192 * 3
+        assert s.kv_bytes == s.num_layers * 2 * 4 * 128 * 2 * (8192 * 3 + 16)
         assert s.total_bytes == s.weights_bytes + s.kv_bytes + s.act_bytes
+
+
+def test_kv_pool_is_what_the_tightest_stage_has_left_or_what_was_asked():
+    plan = plan_stages(BIG, 4, gpu_mem_gb=141)
+    room = min(s.kv_capacity_tokens for s in plan.stages)
+    assert plan.stages[0].kv_capacity_tokens == room  # stage 0 also holds the vision tower
+    assert plan.max_total_tokens == (room // 16 - 1) * 16 and plan.fits  # whole blocks, the scratch one apart
+    assert plan.sequences_of(32768) == plan.max_total_tokens // 32768 >= 5
+    assert plan.stages[0].total_bytes <= plan.stages[0].budget_bytes < plan.stages[0].total_bytes + 16 * 24 * 4096
+    asked = plan_stages(BIG, 4, gpu_mem_gb=141, max_total_tokens=100_000, kv_block_size=64)
+    assert asked.max_total_tokens == 100_032 and asked.kv_blocks == 1563 and asked.fits
+    assert asked.stages[1].kv_bytes == 24 * 2 * 4 * 128 * 2 * (1563 + 1) * 64
+    too_much = plan_stages(BIG, 4, gpu_mem_gb=141, max_total_tokens=10**6, require_fit=False)
+    assert too_much.fits is False
+    with pytest.raises(PlanError, match="stage 0"):
+        plan_stages(BIG, 4, gpu_mem_gb=141, max_total_tokens=10**6)
+    # the layers are placed so that max_batch sequences of max_seq_len fit; where they cannot, the plan does not
+    assert plan_stages(BIG, 4, gpu_mem_gb=141, max_batch=7).fits
+    assert plan_stages(BIG, 4, gpu_mem_gb=141, max_batch=40, require_fit=False).fits is False
+
+
+def test_plan_reports_the_kv_pool_in_its_json_and_table():
+    from qwen_vl_distributed.cli.plan import format_plan
+
+    plan = plan_stages(BIG, 2, gpu_mem_gb=141, dtype="fp8", max_batch=3)
+    d = json.loads(plan.to_json())
+    assert d["max_total_tokens"] == plan.max_total_tokens and d["sequences_of_32k"] == plan.sequences_of(32768)
+    assert [s["kv_capacity_tokens"] for s in d["stages"]] == [s.kv_capacity_tokens for s in plan.stages]
+    lines = format_plan(plan, "235b")
+    assert f"KV cache: {plan.max_total_tokens} tokens" in lines[-1] and "32k tokens at once" in lines[-1]
 
 
 def test_decode_cost_counts_head_on_last_stage_only():
@@ -294,7 +326,7 @@ def test_cli_table(capsys):
     assert lines[2].split()[:4] == ["0", "0-23", "vision+embed", "121.9"]
     assert lines[5].split()[:3] == ["3", "72-93", "norm+head"]
     assert lines[6].split()[0] == "total" and lines[6].split()[-2] == "yes"
-    assert len(lines) == 7
+    assert lines[7].startswith("KV cache: ") and len(lines) == 8
 
 
 def test_cli_misfit_prints_table_then_fails(capsys):

@@ -170,35 +170,35 @@ def test_params_are_immutable_and_hashable():
     assert hash(p) == hash(SamplingParams(stop=("a",), stop_token_ids=(1,)))
 
 
-def test_slot_sampler_history_spans_every_prefill_chunk():
+def test_sequence_sampler_history_spans_every_prefill_chunk():
     """A prompt that arrives in chunks (start, then extend) is penalised as a whole: its token from the last chunk
     loses its lead under a repetition penalty, as it does when the prompt arrives at once."""
-    from qwen_vl_distributed.engine.sampler import SlotSampler
+    from qwen_vl_distributed.engine.sampler import SequenceSampler
 
     logits = torch.zeros(1, 10)
     logits[0, 7] = 2.0  # the favourite, a token of the prompt's last chunk
     logits[0, 3] = 1.5
     params = {"params": SamplingParams(temperature=0.0, repetition_penalty=2.0).wire()}
-    whole, chunked = SlotSampler(), SlotSampler()
+    whole, chunked = SequenceSampler(), SequenceSampler()
     whole.start(0, params, [1, 2, 7])
     chunked.start(0, params, [1, 2])
     chunked.extend(0, [7])
     assert whole.sample([0], logits).tokens.tolist() == chunked.sample([0], logits).tokens.tolist() == [3]
 
 
-def test_slot_sampler_history_includes_a_reused_prefix():
-    """With prefix reuse the first step brings only the prompt's tail; the cached head arrives as history_prefix
+def test_sequence_sampler_history_includes_a_cached_prefix():
+    """With a cached prefix the first step brings only the prompt's tail; the cached head arrives as history_prefix
     and is penalised like the rest of the prompt."""
-    from qwen_vl_distributed.engine.sampler import SlotSampler
+    from qwen_vl_distributed.engine.sampler import SequenceSampler
 
     logits = torch.zeros(1, 10)
-    logits[0, 7] = 2.0  # the favourite, a token of the reused prefix only
+    logits[0, 7] = 2.0  # the favourite, a token of the cached prefix only
     logits[0, 3] = 1.5
     params = {"params": SamplingParams(temperature=0.0, repetition_penalty=2.0).wire()}
-    whole, reused = SlotSampler(), SlotSampler()
+    whole, cached = SequenceSampler(), SequenceSampler()
     whole.start(0, params, [7, 1, 2])
-    reused.start(0, {**params, "history_prefix": [7]}, [1, 2])
-    assert whole.sample([0], logits).tokens.tolist() == reused.sample([0], logits).tokens.tolist() == [3]
+    cached.start(0, {**params, "history_prefix": [7]}, [1, 2])
+    assert whole.sample([0], logits).tokens.tolist() == cached.sample([0], logits).tokens.tolist() == [3]
 
 
 def test_logprobs_are_of_the_distribution_drawn_from():
@@ -249,10 +249,24 @@ def test_bitmask_allows_exactly_its_tokens():
 
 
 def test_min_tokens_bans_the_stop_tokens_until_reached():
-    from qwen_vl_distributed.engine.sampler import SlotSampler
+    from qwen_vl_distributed.engine.sampler import SequenceSampler
 
     logits = torch.zeros(1, 10)
     logits[0, 9] = 5.0  # the stop token is the favourite
-    s = SlotSampler()
+    s = SequenceSampler()
     s.start(0, {"params": SamplingParams(temperature=0.0, min_tokens=2).wire(), "stop_ids": [9]}, [1, 2])
     assert [s.sample([0], logits).tokens.item() for _ in range(3)] == [0, 0, 9]
+
+
+def test_sequence_sampler_drops_a_released_sequence_and_keeps_the_others():
+    from qwen_vl_distributed.engine.sampler import SequenceSampler
+
+    params = {"params": SamplingParams(temperature=0.0, repetition_penalty=2.0).wire()}
+    sampler = SequenceSampler()
+    sampler.start(4, params, [1])
+    sampler.start(9, params, [2])
+    sampler.release(4)
+    sampler.release(123)  # never seen here: nothing to drop
+    assert list(sampler.states) == [9] and sampler.sample([9], torch.zeros(1, 10)).tokens.shape == (1,)
+    with pytest.raises(KeyError):
+        sampler.sample([4], torch.zeros(1, 10))

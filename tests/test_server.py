@@ -89,16 +89,16 @@ class ScriptedExecutor:
 
     def __init__(self, script: list[int], step_s: float = 0.0):
         self.script, self.step_s = script, step_s
-        self.pos: dict[int, int] = {}  # slot -> next script index
+        self.pos: dict[int, int] = {}  # sequence id -> next script index
         self.done: deque[TokenPayload] = deque()
         self.steps = 0
 
     def submit(self, p) -> None:
         tokens = []
-        for slot in p.layout.slots:
-            i = 0 if slot in p.new_seqs else self.pos[slot]
+        for sid in p.seq_ids:
+            i = 0 if sid in p.new_seqs else self.pos[sid]
             tokens.append(self.script[min(i, len(self.script) - 1)])
-            self.pos[slot] = i + 1
+            self.pos[sid] = i + 1
         time.sleep(self.step_s)
         self.steps += 1
         self.done.append(TokenPayload("tokens", p.mb, torch.tensor(tokens)))
@@ -116,8 +116,9 @@ class ScriptedExecutor:
         pass
 
 
-def scripted_engine(script: list[int], slots: int = 4, max_len: int = 256, step_s: float = 0.0) -> Engine:
-    return Engine(preset("tiny"), ScriptedExecutor(script, step_s), slots, max_len, [IM_END])
+def scripted_engine(script: list[int], slots: int = 4, max_len: int = 256, step_s: float = 0.0, **kv) -> Engine:
+    """``slots``: the most sequences running at once; ``kv``: the KV pool (num_blocks, block_size)."""
+    return Engine(preset("tiny"), ScriptedExecutor(script, step_s), slots, max_len, [IM_END], **kv)
 
 
 def thinking_script(processor) -> list[int]:
@@ -254,9 +255,20 @@ def test_a_repeated_prompt_comes_from_the_cache_with_the_same_answer(real):
     first = ask(client, msgs, temperature=0, max_tokens=4)
     before = metric(server, "vllm:prefix_cache_hits_total")
     again = ask(client, msgs, temperature=0, max_tokens=4)
-    # the slot the first request left holds all of this prompt but its last token (computed for its logits)
-    assert ask.cached == again["usage"]["prompt_tokens"] - 1 and again == first
+    # the prefix cache holds the first request's whole blocks (16 tokens each); the last token is always computed
+    assert ask.cached == (again["usage"]["prompt_tokens"] - 1) // 16 * 16 > 0 and again == first
     assert wait_for(lambda: metric(server, "vllm:prefix_cache_hits_total") == before + ask.cached)
+    assert metric(server, "qwen_vl_prefix_cache_hit_rate") > 0
+
+
+def test_a_request_that_needs_more_kv_than_the_cache_holds_is_refused_with_400(processor):
+    engine = scripted_engine(processor.encode(" and so on"), slots=2, max_len=4096, num_blocks=4, block_size=16)
+    with serve(engine, processor) as (server, client):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=user("go"), max_tokens=100)
+        assert e.value.status_code == 400 and "the KV cache holds 64" in str(e.value)
+        assert e.value.code == "context_length_exceeded"
+        assert ask(client, user("go"), max_tokens=5)["usage"]["completion_tokens"] == 5  # one that fits runs
 
 
 def test_models_health_metrics(real):
@@ -270,8 +282,14 @@ def test_models_health_metrics(real):
                  "vllm:inter_token_latency_seconds_bucket", "vllm:e2e_request_latency_seconds_bucket",
                  'vllm:request_success_total{finished_reason="length",model_name="tiny"}',
                  'qwen_vl_stage_busy_seconds_total{stage="0"}', 'vllm:num_requests_waiting{model_name="tiny"}',
-                 'vllm:num_requests_running{model_name="tiny"}', 'vllm:kv_cache_usage_perc{model_name="tiny"}'):
+                 'vllm:num_requests_running{model_name="tiny"}', 'vllm:kv_cache_usage_perc{model_name="tiny"}',
+                 'vllm:prefix_cache_queries_total{model_name="tiny"}',
+                 'vllm:prefix_cache_hits_total{model_name="tiny"}', 'vllm:num_preemptions_total{model_name="tiny"}',
+                 "qwen_vl_prefix_cache_hit_rate"):
         assert name in text, name
+    # every admission looks its tokens up in the prefix cache (engine-side, published a moment later)
+    assert wait_for(lambda: metric(server, "vllm:prefix_cache_queries_total")
+                    >= metric(server, "vllm:prompt_tokens_total") > 0)
     assert metric(server, "vllm:generation_tokens_total") >= 12
     assert metric(server, "vllm:time_to_first_token_seconds_count") >= 1
     assert metric(server, "qwen_vl_stage_busy_seconds_total") > 0
@@ -310,7 +328,7 @@ def test_stop_string_is_not_returned_and_frees_the_slot(scripted):
     # A stop inside the reasoning ends the reasoning there, with no content.
     c = ask(client, msgs, max_tokens=50, stop=["think"])
     assert (c["reasoning"], c["content"], c["finish_reason"]) == ("Let me ", "", "stop")
-    assert wait_for(lambda: not engine.running and len(engine.free_slots) == 4)
+    assert wait_for(lambda: not engine.running and engine.pool.num_used == 0)
 
 
 def test_length_cut_inside_reasoning(scripted):
@@ -328,12 +346,12 @@ def test_client_disconnect_frees_its_slot(processor):
         next(iter(stream))
         assert len(engine.running) == 1
         stream.close()  # hang up mid-stream
-        assert wait_for(lambda: not engine.running and len(engine.free_slots) == 1)
+        assert wait_for(lambda: not engine.running and engine.pool.num_used == 0)
         # Non-streaming: the client gives up waiting.
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + "/v1/chat/completions", timeout=0.3,
                        json={"model": MODEL, "messages": user("go"), "max_tokens": 10**5})
-        assert wait_for(lambda: not engine.running and len(engine.free_slots) == 1)
+        assert wait_for(lambda: not engine.running and engine.pool.num_used == 0)
         assert metric(server, 'vllm:request_success_total{finished_reason="abort",model_name="tiny"}') == 2
         # The one slot serves the next request at once.
         assert ask(client, user("again"), max_tokens=3)["usage"]["completion_tokens"] == 3

@@ -1,11 +1,12 @@
 """CUDA-graph decode steps equal the model's own forward with the reference implementations, in float32, on the
 shapes that gave wrong tokens on an H100 (issue 16: head_dim 8, hidden 48, 6 query / 3 kv heads, expert width 20,
-12 experts top-3): several steps of a batch of three padded into a bucket of four, through the fused layers and
-through the modules' forward around the 'fast' attention and experts.
+12 experts top-3): several steps of a batch of three padded into a bucket of four, over a KV cache in blocks of 4
+tokens with shuffled block tables (decode crosses block boundaries), through the fused layers and through the
+modules' forward around the 'fast' attention and experts.
 
 What went wrong there: head_dim 8 was outside the split-KV kernel's tiles, so a decode step fell back to attention
-that slices the cache by the step's host lists, and the graph replayed its capture-time slot and length (the
-scratch slot, one key) at every step: right first tokens (the prompt's, not graphed), wrong ones from the second.
+that reads the cache by the step's host lists, and the graph replayed its capture-time cache place and length (the
+scratch, one key) at every step: right first tokens (the prompt's, not graphed), wrong ones from the second.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ import pytest
 import torch
 
 from gpu_models import NARROW_HEADS
+from paged import pool_blocks, shuffled_tables
 from qwen_vl_distributed.checkpoint.synth_weights import randomize_module
 from qwen_vl_distributed.kernels import enable_fast_paths, fused_layers_fit, use_reference
 from qwen_vl_distributed.model.batch import SeqLayout
+from qwen_vl_distributed.model.kv_cache import blocks_for
 from qwen_vl_distributed.model.qwen3_vl import Qwen3VLMoe
 from qwen_vl_distributed.runtime.cuda_graph import DecodeGraphs
 
 pytestmark = pytest.mark.gpu
-PROMPTS = {0: [5, 6, 7, 8, 9], 1: [11, 12, 13, 14, 15, 16, 17, 18, 19], 2: [21, 22]}  # slot -> prompt; 3: scratch
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13, 14, 15, 16, 17, 18, 19], [21, 22]]
+STEPS, BLOCK = 6, 4
+TABLES = shuffled_tables([len(p) + STEPS for p in PROMPTS], BLOCK, seed=3)  # each sequence's blocks, shuffled
 
 
 def rel(a, b) -> float:
@@ -38,10 +43,15 @@ def base():
     return model.eval()
 
 
+def layout_of(starts: list[int], lens: list[int]) -> SeqLayout:
+    """As the engine sends it: each table as far as the step reaches."""
+    return SeqLayout([t[:blocks_for(a + n, BLOCK)] for t, a, n in zip(TABLES, starts, lens)], starts, lens)
+
+
 def prefill(model, cache):
-    ids = [t for p in PROMPTS.values() for t in p]
-    pos = torch.cat([torch.arange(len(p)) for p in PROMPTS.values()]).expand(3, -1).cuda()
-    layout = SeqLayout(list(PROMPTS), [0] * len(PROMPTS), [len(p) for p in PROMPTS.values()])
+    ids = [t for p in PROMPTS for t in p]
+    pos = torch.cat([torch.arange(len(p)) for p in PROMPTS]).expand(3, -1).cuda()
+    layout = layout_of([0] * len(PROMPTS), [len(p) for p in PROMPTS])
     with torch.inference_mode():
         return model(positions=pos, layout=layout, cache=cache, input_ids=torch.tensor(ids, device="cuda"))
 
@@ -54,7 +64,7 @@ def test_the_fused_layers_take_every_head_dim(base):
 def test_graph_replay_equals_the_reference_forward_step_after_step(base, fused):
     fast = enable_fast_paths(copy.deepcopy(base), vision_graphs=False)
     ref = use_reference(copy.deepcopy(base))
-    cache, ref_cache = fast.new_cache(4, 32), ref.new_cache(4, 32)
+    cache, ref_cache = (m.new_cache(pool_blocks(TABLES), BLOCK, 32) for m in (fast, ref))
     ids = prefill(ref, ref_cache).argmax(-1)
     for i in ref.layer_ids:
         cache.k[i].copy_(ref_cache.k[i])
@@ -62,9 +72,9 @@ def test_graph_replay_equals_the_reference_forward_step_after_step(base, fused):
     graphs = DecodeGraphs(fast, cache, buckets=(1, 4), fused=fused)
     graphs.capture()
     assert sorted(graphs.graphs) == [1, 4]
-    starts = [len(p) for p in PROMPTS.values()]
-    for step in range(6):
-        layout = SeqLayout(list(PROMPTS), list(starts), [1, 1, 1])
+    starts = [len(p) for p in PROMPTS]
+    for step in range(STEPS):
+        layout = layout_of(starts, [1, 1, 1])
         pos = torch.tensor(starts, device="cuda").expand(3, -1)
         out = graphs.run(positions=pos, layout=layout, input_ids=ids).clone()  # bucket 4: one padding row
         with torch.inference_mode():

@@ -21,6 +21,7 @@ from gpu_models import CONFIGS, hf_inputs, prompts, write_hf_checkpoint
 from qwen_vl_distributed.engine.build import RunOptions, start_engine
 from qwen_vl_distributed.engine.sampling import SamplingParams
 from qwen_vl_distributed.model.batch import SeqLayout
+from qwen_vl_distributed.model.kv_cache import blocks_for
 from qwen_vl_distributed.model.positions import rope_positions, token_types
 from qwen_vl_distributed.model.qwen3_vl import VisualInputs
 
@@ -107,7 +108,7 @@ def test_bfloat16_logits_within_hf_bfloat16_error_and_stages_agree(checkpoint):
 
 def teacher_forced(stage, cache, cfg, prompt, tokens: list[int]) -> torch.Tensor:
     """Logits [len(tokens), V]: the prompt's last row, then one decode step per token fed back (all but the last),
-    in cache slot 0 (the engine has finished: no sequence holds it)."""
+    in shuffled blocks of the KV pool (the engine has finished: no sequence holds any, and it serves nothing after)."""
     ids = prompt.input_ids
     types = token_types(ids, cfg.image_token_id, cfg.video_token_id)
     pos, delta = rope_positions(types, prompt.image_grid_thw, prompt.video_grid_thw, cfg.vision.spatial_merge_size)
@@ -116,13 +117,18 @@ def teacher_forced(stage, cache, cfg, prompt, tokens: list[int]) -> torch.Tensor
     if prompt.pixel_values is not None or prompt.pixel_values_videos is not None:
         visual = VisualInputs(prompt.pixel_values, prompt.image_grid_thw, prompt.pixel_values_videos,
                               prompt.video_grid_thw, tt == 1, tt == 2).to(DEVICE)
-    n = len(ids)
+    n, bs = len(ids), cache.block_size
+    order = torch.randperm(cache.num_blocks, generator=torch.Generator().manual_seed(n)).tolist()
+
+    def layout(start: int, count: int) -> SeqLayout:
+        return SeqLayout([order[:blocks_for(start + count, bs)]], [start], [count])
+
     with torch.inference_mode():
-        rows = [stage(positions=pos.to(DEVICE), layout=SeqLayout([0], [0], [n]), cache=cache,
+        rows = [stage(positions=pos.to(DEVICE), layout=layout(0, n), cache=cache,
                       input_ids=torch.tensor(ids, device=DEVICE), visual=visual).clone()]
         for j, tok in enumerate(tokens[:-1]):
             p = torch.full((3, 1), n + j + delta, dtype=torch.long, device=DEVICE)
-            rows.append(stage(positions=p, layout=SeqLayout([0], [n + j], [1]), cache=cache,
+            rows.append(stage(positions=p, layout=layout(n + j, 1), cache=cache,
                               input_ids=torch.tensor([tok], device=DEVICE)).clone())
     return torch.cat(rows).float()
 

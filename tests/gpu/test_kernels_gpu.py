@@ -32,7 +32,8 @@ def test_kernel_matches_reference_on_random_shapes(name, dtype, seed):
 def test_float32_products_are_ieee_at_the_released_shapes():
     """The one-launch GEMV (q/k/v at 4096 -> 9216), the expert kernels (128 experts of 4096 x 1536, top-8; 1, 8 and
     512 tokens) and split-KV decode attention (64 query heads over 4 kv heads of 128, up to 1001 keys) against
-    torch float32: summation order only (Triton's default TF32 would be ~1e-3)."""
+    torch float32: summation order only (Triton's default TF32 would be ~1e-3). The attention reads its keys through
+shuffled block tables of 16-token blocks."""
     from qwen_vl_distributed.kernels.decode_attention import decode_attention
     from qwen_vl_distributed.kernels.gemv import linear_small
     from qwen_vl_distributed.kernels.moe_triton import fused_experts
@@ -54,10 +55,11 @@ def test_float32_products_are_ieee_at_the_released_shapes():
         err = rel(fused_experts(xs, ids, wts, gate_up, down), reference_experts(xs, ids, wts, gate_up, down))
         assert err < 1e-5, f"experts, {t} tokens: rel {err:.2e}"
     del gate_up, down
-    kc, vc = (torch.randn(4, 4, 1024, 128, device=dev) for _ in range(2))
+    kc, vc = (torch.randn(4 * 64, 4, 16, 128, device=dev) for _ in range(2))  # 4 sequences of 1024 in blocks of 16
     q = torch.randn(3, 64, 128, device=dev)
-    layout = SeqLayout([0, 2, 3], [1000, 17, 512], [1, 1, 1])
-    got = decode_attention(q, kc, vc, layout.tensor("slots", dev), layout.tensor("starts", dev), 128 ** -0.5)
+    blocks = torch.randperm(4 * 64).view(4, 64).tolist()
+    layout = SeqLayout([blocks[i] for i in (0, 2, 3)], [1000, 17, 512], [1, 1, 1])
+    got = decode_attention(q, kc, vc, layout.block_table(dev), layout.tensor("starts", dev), 128 ** -0.5)
     assert rel(got, reference_cache_attention(q, kc, vc, layout, 128 ** -0.5)) < 1e-5
 
 

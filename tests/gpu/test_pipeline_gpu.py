@@ -1,7 +1,7 @@
 """The pipeline on a GPU (CUDA graphs, fused layers, stages sharing the GPU over gloo where there is one GPU, NCCL
 where each stage has its own): in float32, S = 2 with prompts prefilled in 16-token chunks and a second turn that
-reuses the first turn's cached prefix give the tokens of S = 1 on whole prompts; and an fp8 checkpoint's experts
-kept in fp8 give the tokens of the same experts dequantised at load.
+takes the first turn's blocks from the prefix cache give the tokens of S = 1 on whole prompts; and an fp8
+checkpoint's experts kept in fp8 give the tokens of the same experts dequantised at load.
 
 Only in float32: in bfloat16 a chunk or a suffix runs other kernel shapes than the whole prompt (attention over the
 cache, other expert tiles), whose roundings can flip a near-tie of a random model's logits (docs/parity.md). The
@@ -59,7 +59,7 @@ def run(handle, prompts: list[Prompt]) -> list[list[int]]:
     return [s.output for s in seqs]
 
 
-def test_chunked_pipeline_and_reused_prefix_equal_single_stage_whole_prompts(tiny):
+def test_chunked_pipeline_and_prefix_cache_equal_single_stage_whole_prompts(tiny):
     one = start(tiny, 1)
     try:
         cold = run(one, [second_turn()])[0]  # the second turn alone: nothing cached to reuse
@@ -74,7 +74,7 @@ def test_chunked_pipeline_and_reused_prefix_equal_single_stage_whole_prompts(tin
         chunked = run(two, requests())
     finally:
         two.close()
-    assert seq.reused > 0, "the second turn did not reuse the first turn's cache"
+    assert seq.cached_tokens > 0, "the second turn took nothing of the first turn's from the prefix cache"
     assert seq.output == cold
     assert chunked == whole
 

@@ -14,10 +14,10 @@ import tempfile
 import time
 
 from ..checkpoint.synth_processor import write_processor_files
-from ..engine.build import RunOptions, open_source, make_plan, build_runtime
+from ..engine.build import RunOptions, build_runtime, make_plan, new_engine, open_source
 from ..engine.engine import Engine, Prompt
 from ..engine.grammar import GrammarBackend, json_format, structural_tag
-from ..engine.sampler import SlotSampler
+from ..engine.sampler import SequenceSampler
 from ..engine.sampling import SamplingParams
 from ..pipeline.executor import LocalExecutor
 
@@ -28,7 +28,7 @@ IM_END = 151645
 SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
 
 
-class _TimedSampler(SlotSampler):
+class _TimedSampler(SequenceSampler):
     """Adds up the time spent filling the grammars' masks (CPU)."""
 
     fill_s = 0.0
@@ -53,7 +53,7 @@ def mask_cost(preset: str, layers: int, batches: list[int], steps: int, device: 
     rows = []
     for b in batches:
         for grammar in (None, structural_tag(json_format(SCHEMA))):
-            engine = Engine(ckpt.cfg, LocalExecutor(runtime), opts.max_batch, opts.max_len, [IM_END])
+            engine = new_engine(ckpt.cfg, LocalExecutor(runtime), plan, opts, [IM_END])
             ms, fill_ms = _decode_ms(engine, sampler, b, steps, grammar)
             rows.append({"batch": b, "grammar": grammar is not None, "step_ms": ms, "mask_fill_ms": fill_ms})
     return rows

@@ -15,6 +15,7 @@ import dataclasses
 import torch
 
 from ..model.config import ModelConfig, config_to_dict
+from ..model.kv_cache import KVCache
 from ..model.qwen3_vl import Qwen3VLMoe
 
 
@@ -117,3 +118,21 @@ def vision_flops(cfg: ModelConfig, patches: int) -> float:
     per_block = 2 * patches * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
     attn = 4 * patches * patches * v.hidden_size
     return v.depth * (per_block + attn)
+
+
+def kv_cache(model: Qwen3VLMoe, seqs: int, length: int, block_size: int | None, seed: int = 0,
+             fill: bool = True) -> tuple[KVCache, list[list[int]]]:
+    """A KV cache for ``model``'s layers with room for ``seqs`` sequences of ``length`` tokens, and their block
+    tables. ``block_size`` tokens per block, handed out in a shuffled order (as a pool that has served for a while
+    leaves them); None: one block per sequence (the contiguous layout paged decode is timed against). ``fill``:
+    random keys and values, so attention reads real-looking numbers, never zeros."""
+    bs = block_size or length
+    per = -(-length // bs)
+    cache = model.new_cache(seqs * per, bs, length)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(seqs * per, generator=g).tolist() if block_size else list(range(seqs * per))
+    if fill:
+        for i in model.layer_ids:
+            cache.k[i].normal_()
+            cache.v[i].normal_()
+    return cache, [order[i * per:(i + 1) * per] for i in range(seqs)]

@@ -18,6 +18,11 @@ def _decode(rows: dict, n_layers: int) -> list[str]:
                    f"{_f(r.get('hf_ms_layer')):>8} {_f(r.get('speedup'), '.1f'):>6} "
                    f"{_f(r.get('ours_full_step_ms')):>10} {_f(r.get('hf_full_step_ms')):>8} "
                    f"{_f(r.get('ours_whole_model_tok_s_extrapolated'), '.0f'):>10}")
+    for b, r in rows.items():
+        if "contiguous_kv_step_ms" in r:
+            out.append(f"  B={b}: paged KV step {_f(r['ours_step_ms'], '.4f')} ms, contiguous KV "
+                       f"{_f(r['contiguous_kv_step_ms'], '.4f')} ms: paged / contiguous "
+                       f"{_f(r['paged_over_contiguous'], '.4f')}")
     return out
 
 

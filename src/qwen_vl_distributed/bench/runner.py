@@ -20,8 +20,8 @@ from ..model.config import preset
 from ..model.moe import reference_experts, route
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..kernels import enable_fast_paths, module_layers, register, use_reference
-from .models import (build_pair, decode_layer_bytes, default_dtype, ours_from, prefill_layer_flops, randomize_,
-                           set_hf_experts, vision_flops)
+from .models import (build_pair, decode_layer_bytes, default_dtype, kv_cache, ours_from, prefill_layer_flops,
+                     randomize_, set_hf_experts, vision_flops)
 from ..runtime.cuda_graph import DecodeGraphs
 from .timing import copy_bandwidth_gbs, cuda_time, matmul_tflops, step_times
 
@@ -123,17 +123,17 @@ class Bench:
             ref = reference_experts(x, ids, w, gu, dn)
             for fast in (fused_experts, grouped_experts) if n == 2048 else (fused_experts,):
                 out[f"moe_{fast.__name__}_T{n}"] = rel(fast(x, ids, w, gu, dn), ref)
-        kc = torch.randn(5, t.num_key_value_heads, 1024, t.head_dim, device=self.dev, dtype=BF16)
-        vc = torch.randn_like(kc)
-        layout = SeqLayout(slots=[4, 0, 2, 1], starts=[0, 100, 511, 1023], lens=[1, 1, 1, 1])
+        cache, tables = kv_cache(self.mid, 5, 1024, self.args.kv_block_size)
+        kc, vc = cache.layer(0)
+        layout = SeqLayout([tables[i] for i in (4, 0, 2, 1)], starts=[0, 100, 511, 1023], lens=[1, 1, 1, 1])
         q = torch.randn(4, t.num_attention_heads, t.head_dim, device=self.dev, dtype=BF16)
         s = t.head_dim**-0.5
-        got = decode_attention(q, kc, vc, layout.tensor("slots", self.dev), layout.tensor("starts", self.dev), s)
+        got = decode_attention(q, kc, vc, layout.block_table(self.dev), layout.tensor("starts", self.dev), s)
         out["decode_attention"] = rel(got, reference_cache_attention(q, kc, vc, layout, s))
         from ..kernels.extend_attention import extend_attention
 
         # a whole prompt, a chunk after a cached prefix, a decode row: one mixed step over the cache
-        layout = SeqLayout(slots=[3, 0, 2], starts=[0, 700, 1000], lens=[300, 300, 1])
+        layout = SeqLayout([tables[i] for i in (3, 0, 2)], starts=[0, 700, 1000], lens=[300, 300, 1])
         q = torch.randn(601, t.num_attention_heads, t.head_dim, device=self.dev, dtype=BF16)
         got = extend_attention(q, kc, vc, layout, s)
         out["extend_attention"] = rel(got, reference_cache_attention(q.float(), kc.float(), vc.float(), layout, s))
@@ -151,20 +151,21 @@ class Bench:
         t = self.cfg.text
         layer = self.mid.model.language_model.layers["0"]
         out = {}
+        bs = self.args.kv_block_size
         for b in self.batches:
-            cache = self._random_cache(self.mid, b + 1, 1024)
-            fused_cache = self._random_cache(self.mid, b + 1, 1024)
+            cache, tables = kv_cache(self.mid, b, 1024, bs)
+            fused_cache, _ = kv_cache(self.mid, b, 1024, bs, fill=False)
             fused_cache.k[0].copy_(cache.k[0])
             fused_cache.v[0].copy_(cache.v[0])
             starts = torch.randint(0, 1000, (b,)).tolist()
-            layout = SeqLayout(list(range(b)), starts, [1] * b)
+            layout = SeqLayout(tables, starts, [1] * b)
             pos = torch.tensor(starts, device=self.dev).expand(3, b)
             rope = DecodeGraphs(self.mid, cache, buckets=(b,))._rope(pos)
             h = torch.randn(b, t.hidden_size, device=self.dev, dtype=BF16)
             with module_layers(self.mid):
                 ref = layer(h, rope, cache.layer(0), layout)
-            got = decode_layer(layer, h, *rope, fused_cache.layer(0), layout.tensor("slots", self.dev),
-                               layout.tensor("starts", self.dev))
+            got = decode_layer(layer, h, *rope, fused_cache.layer(0), layout.block_table(self.dev),
+                               layout.tensor("starts", self.dev), layout.row_tables(self.dev, bs))
             rows = ((got.double() - ref.double()).norm(dim=1) / ref.double().norm(dim=1)).tolist()
             out[f"decode_layer_B{b}"] = statistics.median(rows)  # per-row median: a near-tie in routing can
             out[f"decode_layer_B{b}_rows_over_1e-2"] = float(sum(r > 1e-2 for r in rows))  # flip one row's experts
@@ -205,8 +206,8 @@ class Bench:
     def _ours_logits(self, ids: torch.Tensor) -> torch.Tensor:
         n = ids.numel()
         pos = torch.arange(n, device=self.dev).expand(3, n)
-        cache = self.ours.new_cache(1, n)
-        return self.ours(positions=pos, layout=SeqLayout([0], [0], [n]), cache=cache, input_ids=ids,
+        cache, tables = kv_cache(self.ours, 1, n, self.args.kv_block_size, fill=False)
+        return self.ours(positions=pos, layout=SeqLayout(tables, [0], [n]), cache=cache, input_ids=ids,
                          logits_rows=list(range(n)))
 
     def _logits_parity(self, n: int = 64) -> dict:
@@ -249,16 +250,16 @@ class Bench:
                           use_cache=True)
             hf_tokens.append(int(out.logits[0, -1].argmax()))
             hf_logits.append(out.logits[0, -1].float())
-        cache = self.ours.new_cache(2, n + steps + 1)  # slot 1: the graphs' scratch slot
-        logits = self.ours(positions=torch.arange(n, device=self.dev).expand(3, n), layout=SeqLayout([0], [0], [n]),
+        cache, tables = kv_cache(self.ours, 1, n + steps + 1, self.args.kv_block_size, fill=False)
+        logits = self.ours(positions=torch.arange(n, device=self.dev).expand(3, n), layout=SeqLayout(tables, [0], [n]),
                            cache=cache, input_ids=ids)
         ours_tokens = [int(logits[0].argmax())]
-        graphs = DecodeGraphs(self.ours, cache, scratch_slot=1, buckets=(1,))
+        graphs = DecodeGraphs(self.ours, cache, buckets=(1,))
         graphs.capture()
         step_rel = []
         for i in range(steps - 1):
             pos = n + i
-            step = graphs.run(positions=torch.full((3, 1), pos), layout=SeqLayout([0], [pos], [1]),
+            step = graphs.run(positions=torch.full((3, 1), pos), layout=SeqLayout(tables, [pos], [1]),
                               input_ids=torch.tensor([hf_tokens[i]]))  # teacher-forced: same inputs as HF
             ours_tokens.append(int(step[0].argmax()))
             step_rel.append(rel(step[0], hf_logits[i]))
@@ -278,14 +279,15 @@ class Bench:
         n = ids.numel()
         use_reference(self.ours)
         try:
-            cache = self.ours.new_cache(1, n + len(tokens) + 1)
-            self.ours(positions=torch.arange(n, device=self.dev).expand(3, n), layout=SeqLayout([0], [0], [n]),
+            cache, tables = kv_cache(self.ours, 1, n + len(tokens) + 1, self.args.kv_block_size, fill=False)
+            self.ours(positions=torch.arange(n, device=self.dev).expand(3, n), layout=SeqLayout(tables, [0], [n]),
                       cache=cache, input_ids=ids)
             out = []
             for i, want in enumerate(hf_logits):
                 pos = n + i
-                got = self.ours(positions=torch.full((3, 1), pos, device=self.dev), layout=SeqLayout([0], [pos], [1]),
-                                cache=cache, input_ids=torch.tensor([tokens[i]], device=self.dev))
+                got = self.ours(positions=torch.full((3, 1), pos, device=self.dev),
+                                layout=SeqLayout(tables, [pos], [1]), cache=cache,
+                                input_ids=torch.tensor([tokens[i]], device=self.dev))
                 out.append(rel(got[0], want))
             return out
         finally:
@@ -293,32 +295,56 @@ class Bench:
 
     # -- decode ---------------------------------------------------------------------------------------------------
     def section_decode(self):
-        ctx, maxb = self.args.context, max(self.batches)
-        cache = self._random_cache(self.mid, maxb + 1, ctx + 8)
-        graphs = DecodeGraphs(self.mid, cache, scratch_slot=maxb, buckets=tuple(self.batches))
+        """The layers-only stage's decode step per batch, under graph replay over the paged KV cache; the same
+        step over a contiguous cache (one block per sequence: no table lookup per key) is timed in turn with it,
+        so their ratio is what paging costs."""
+        ctx = self.args.context
+        graphs, tables = self._decode_graphs(self.mid, self.args.kv_block_size)
         if not self.args.no_tune:
             self._tune_moe()
             self.results["gemv_tuning"] = self._tune_gemv(self.batches[0])
-        unique = {b: self._unique_experts(graphs, b, ctx) for b in self.batches}
+        unique = {b: self._unique_experts(graphs, tables, b, ctx) for b in self.batches}
         graphs.capture()
+        flat, flat_tables = self._decode_graphs(self.mid, None)
+        flat.capture()
         rows = {}
         for b in self.batches:
-            self._load(graphs, b, ctx)
-            ms = cuda_time(lambda: graphs.replay(b), iters=20, reps=5)
+            ms, flat_ms = self._paired_decode_ms((graphs, tables), (flat, flat_tables), b, ctx)
             by = decode_layer_bytes(self.cfg, unique[b], b, ctx)
             r = {"ours_step_ms": ms, "ours_ms_layer": ms / self.n, "unique_experts": unique[b],
-                 "bytes_layer": by, "ours_gbs": by / (ms / self.n * 1e-3) / 1e9}
+                 "bytes_layer": by, "ours_gbs": by / (ms / self.n * 1e-3) / 1e9, "contiguous_kv_step_ms": flat_ms,
+                 "paged_over_contiguous": ms / flat_ms}
             r["ours_frac_copy_bw"] = r["ours_gbs"] / self._ceilings()["copy_gbs"]
             if self.hf is not None:
                 r["hf_text_model_direct_step_ms"] = self._hf_decode_layers(b, ctx)
             rows[b] = r
-        self.results["decode_breakdown"] = {b: self._decode_breakdown(graphs, b, ctx)
+        self.results["kv_block_size"] = self.args.kv_block_size
+        flat = flat_tables = None
+        self.results["decode_breakdown"] = {b: self._decode_breakdown(graphs, tables, b, ctx)
                                             for b in (self.batches[0], self.batches[-1])}
-        graphs = cache = None  # free this stage's graphs before the whole-model ones are captured
+        graphs = None  # free this stage's graphs before the whole-model ones are captured
         self._full_decode(rows, ctx)
         self.results["decode"] = rows
 
-    def _decode_breakdown(self, graphs: DecodeGraphs, b: int, ctx: int) -> dict:
+    def _decode_graphs(self, model, block_size: int | None) -> tuple[DecodeGraphs, list[list[int]]]:
+        """Decode graphs of ``model`` for the benchmark's batch sizes over a random cache of max(batches)
+        sequences of context + 8 tokens (paged in blocks of ``block_size``, or contiguous: None), and the
+        sequences' block tables."""
+        cache, tables = kv_cache(model, max(self.batches), self.args.context + 8, block_size, self.args.seed)
+        return DecodeGraphs(model, cache, buckets=tuple(self.batches)), tables
+
+    def _paired_decode_ms(self, a: tuple, b_: tuple, b: int, ctx: int, rounds: int = 5) -> tuple[float, float]:
+        """Median ms per replay of two graph sets ((graphs, tables) each) at batch b, timed in alternation so that
+        a slow moment of the GPU weighs on both alike."""
+        for graphs, tables in (a, b_):
+            self._load(graphs, tables, b, ctx)
+        times: tuple[list, list] = ([], [])
+        for _ in range(rounds):
+            for (graphs, _), out in zip((a, b_), times):
+                out.append(cuda_time(lambda: graphs.replay(b), iters=20, reps=3))
+        return statistics.median(times[0]), statistics.median(times[1])
+
+    def _decode_breakdown(self, graphs: DecodeGraphs, tables: list[list[int]], b: int, ctx: int) -> dict:
         """Microseconds per layer of each launch group of the fused decode step, each captured alone in a CUDA
         graph over all N layers (weights rotate past L2); the sum against the whole step shows the gaps."""
         from ..kernels.decode_attention import decode_attention
@@ -330,15 +356,15 @@ class Bench:
         layers = [self.mid.model.language_model.layers[str(i)] for i in self.mid.layer_ids]
         kvs = [graphs.cache.layer(i) for i in self.mid.layer_ids]
         h = torch.randn(b, t.hidden_size, device=self.dev, dtype=BF16)
-        slots = torch.arange(b, device=self.dev)
-        starts = torch.full((b,), ctx, device=self.dev)
+        self._load(graphs, tables, b, ctx)  # the static buffers: block tables, starts, where the new k/v go
+        tabs, starts, rows = graphs.tables[:b], graphs.rows[0, :b], (graphs.rows[1, :b], graphs.rows[2, :b])
         cos, sin = graphs._rope(torch.full((3, b), ctx, device=self.dev))
         eps = layers[0].input_layernorm.eps
         a0 = layers[0].self_attn
         q = F.linear(h, a0.q_proj.weight)
         k = F.linear(h, a0.k_proj.weight)
         v = F.linear(h, a0.v_proj.weight)
-        qo = qkv_post(q, k, v, a0, cos, sin, kvs[0], slots, starts)
+        qo = qkv_post(q, k, v, a0, cos, sin, kvs[0], *rows)
         o = qo.view(b, -1)
         w, ids = fused_route(F.linear(h, layers[0].mlp.gate.weight), t.num_experts_per_tok, t.norm_topk_prob)
         y = expert_pairs(h, ids, w, layers[0].mlp.experts.gate_up_proj, layers[0].mlp.experts.down_proj)
@@ -347,8 +373,8 @@ class Bench:
             "rmsnorm": lambda l, kv: rmsnorm(h, l.input_layernorm.weight, eps),
             "qkv_gemv": lambda l, kv: project("qkv", h, l.self_attn.q_proj.weight, l.self_attn.k_proj.weight,
                                               l.self_attn.v_proj.weight),
-            "qk_norm_rope_write": lambda l, kv: qkv_post(q, k, v, l.self_attn, cos, sin, kv, slots, starts),
-            "attention": lambda l, kv: decode_attention(qo, kv[0], kv[1], slots, starts, a0.scale),
+            "qk_norm_rope_write": lambda l, kv: qkv_post(q, k, v, l.self_attn, cos, sin, kv, *rows),
+            "attention": lambda l, kv: decode_attention(qo, kv[0], kv[1], tabs, starts, a0.scale),
             "o_gemv": lambda l, kv: project("o", o, l.self_attn.o_proj.weight),
             "add_rmsnorm": lambda l, kv: rmsnorm(h, l.post_attention_layernorm.weight, eps, residual=h),
             "router": lambda l, kv: fused_route(project("router", h, l.mlp.gate.weight)[0], kk, t.norm_topk_prob),
@@ -401,20 +427,13 @@ class Bench:
             fn()
         return cuda_time(g.replay, iters=20, reps=5)
 
-    def _random_cache(self, model, slots: int, length: int):
-        cache = model.new_cache(slots, length)
-        for i in model.layer_ids:  # random keys/values: attention reads real-looking data, never zeros
-            cache.k[i].normal_()
-            cache.v[i].normal_()
-        return cache
-
-    def _load(self, graphs: DecodeGraphs, b: int, ctx: int) -> None:
+    def _load(self, graphs: DecodeGraphs, tables: list[list[int]], b: int, ctx: int) -> None:
         t = self.cfg.text
         kw = {"input_ids": torch.randint(0, 150000, (b,))} if graphs.model.has_embed else \
             {"hidden": torch.randn(b, t.hidden_size, device=self.dev, dtype=BF16)}
-        graphs.load(list(range(b)), [ctx] * b, torch.full((3, b), ctx), **kw)
+        graphs.load(tables[:b], [ctx] * b, torch.full((3, b), ctx), **kw)
 
-    def _unique_experts(self, graphs: DecodeGraphs, b: int, ctx: int) -> float:
+    def _unique_experts(self, graphs: DecodeGraphs, tables: list[list[int]], b: int, ctx: int) -> float:
         """Experts hit per layer in one eager step on random inputs (what the step must read)."""
         k = self.cfg.text.num_experts_per_tok
         counts: list[int] = []
@@ -423,7 +442,7 @@ class Bench:
         handles = [layer.mlp.gate.register_forward_hook(hook) for layer in layers]
         fused, graphs.fused = graphs.fused, False  # the module path calls the router module (hooks fire)
         try:
-            self._load(graphs, b, ctx)
+            self._load(graphs, tables, b, ctx)
             with torch.inference_mode(), module_layers(graphs.model):
                 graphs.step(b)
         finally:
@@ -462,12 +481,10 @@ class Bench:
 
     def _full_decode(self, rows: dict, ctx: int) -> None:
         """Whole-model step (embedding + layers + final norm + lm_head), and the 94-layer extrapolation."""
-        maxb = max(self.batches)
-        cache = self._random_cache(self.ours, maxb + 1, ctx + 8)
-        graphs = DecodeGraphs(self.ours, cache, scratch_slot=maxb, buckets=tuple(self.batches))
+        graphs, tables = self._decode_graphs(self.ours, self.args.kv_block_size)
         graphs.capture()
         for b in self.batches:
-            self._load(graphs, b, ctx)
+            self._load(graphs, tables, b, ctx)
             ms = cuda_time(lambda: graphs.replay(b), iters=20, reps=5)
             r = rows[b]
             r["ours_full_step_ms"] = ms
@@ -500,10 +517,10 @@ class Bench:
         self.results["prefill_attention"] = {n: self._prefill_attention_backends(n) for n in lengths}
         rows = {}
         for n in lengths:
-            cache = self.mid.new_cache(1, n)
+            cache, tables = kv_cache(self.mid, 1, n, self.args.kv_block_size, fill=False)
             x = 0.02 * torch.randn(n, h, device=self.dev, dtype=BF16)
             pos = torch.arange(n, device=self.dev).expand(3, n)
-            layout = SeqLayout([0], [0], [n])
+            layout = SeqLayout(tables, [0], [n])
             run = lambda: self.mid(positions=pos, layout=layout, cache=cache, hidden=x)  # noqa: E731
             # (several samples: single prefill samples moved by up to 8% between back-to-back runs)
             with module_layers(self.mid):  # the modules' layers around the fast attention and experts
@@ -588,12 +605,12 @@ class Bench:
         from ..kernels.extend_attention import extend_attention
 
         t = self.cfg.text
-        k_cache = torch.randn(1, t.num_key_value_heads, 2 * n, t.head_dim, device=self.dev, dtype=BF16)
-        v_cache = torch.randn_like(k_cache)
+        cache, tables = kv_cache(self.mid, 1, 2 * n, self.args.kv_block_size)
+        k_cache, v_cache = cache.layer(0)
         q = torch.randn(n, t.num_attention_heads, t.head_dim, device=self.dev, dtype=BF16)
         scale = t.head_dim ** -0.5
         res = {}
-        for case, layout in (("prompt", SeqLayout([0], [0], [n])), ("chunk", SeqLayout([0], [n], [n]))):
+        for case, layout in (("prompt", SeqLayout(tables, [0], [n])), ("chunk", SeqLayout(tables, [n], [n]))):
             for name, fn in (("triton_extend", extend_attention), ("sdpa", prefill_attention)):
                 res[f"{case}_{name}_ms"] = cuda_time(lambda: fn(q, k_cache, v_cache, layout, scale), iters=3, reps=3)
             res[f"{case}_rel_triton_vs_sdpa"] = rel(extend_attention(q, k_cache, v_cache, layout, scale),
@@ -684,9 +701,7 @@ class Bench:
         # unless this process re-tuned one table and not the other
         for rows in (1, 8, 2048):
             x = 0.02 * torch.randn(rows, h, device=self.dev, dtype=BF16)
-            pos = torch.arange(rows, device=self.dev).expand(3, rows)
-            outs = [m(positions=pos, layout=SeqLayout([0], [0], [rows]), cache=m.new_cache(1, rows), hidden=x)
-                    for m in (fp8, deq)]
+            outs = [self._stage_prompt(m, x) for m in (fp8, deq)]
             res[f"equal_{rows}_rows"] = bool(torch.equal(*outs))
             res[f"rel_{rows}_rows"] = rel(*outs)
             res[f"experts_{rows}_rows"] = self._fp8_experts_call(fp8, deq, x)
@@ -699,6 +714,13 @@ class Bench:
             layer.mlp.experts.fp8_act_quant = True
         res["w8a8"] = self._fp8_timings(fp8, block)
         self.results["fp8"] = res
+
+    def _stage_prompt(self, model, x: torch.Tensor) -> torch.Tensor:
+        """``model`` (a layers-only stage) on one prompt of x's rows [T, H], in a fresh cache."""
+        rows = x.shape[0]
+        cache, tables = kv_cache(model, 1, rows, self.args.kv_block_size, fill=False)
+        pos = torch.arange(rows, device=self.dev).expand(3, rows)
+        return model(positions=pos, layout=SeqLayout(tables, [0], [rows]), cache=cache, hidden=x)
 
     def _act_quant_check(self) -> dict:
         """The W8A8 input quantisation kernel against model.quant.quantize_activations on this GPU (bit for bit)."""
@@ -716,15 +738,13 @@ class Bench:
         n, h, ctx = self.n, self.cfg.text.hidden_size, self.args.context
         if not self.args.no_tune:  # installs the best tiles for the fp8 steps timed below
             res["moe_tuning"] = self._tune_moe_fp8(fp8)
-        maxb = max(self.batches)
-        cache = self._random_cache(fp8, maxb + 1, ctx + 8)
-        graphs = DecodeGraphs(fp8, cache, scratch_slot=maxb, buckets=tuple(self.batches))
-        unique = {b: self._unique_experts(graphs, b, ctx) for b in self.batches}
+        graphs, tables = self._decode_graphs(fp8, self.args.kv_block_size)
+        unique = {b: self._unique_experts(graphs, tables, b, ctx) for b in self.batches}
         graphs.capture()
         per_weight = 1.0 + 4.0 / (block[0] * block[1])  # fp8 byte + its share of the fp32 scale
         decode = {}
         for b in self.batches:
-            self._load(graphs, b, ctx)
+            self._load(graphs, tables, b, ctx)
             ms = cuda_time(lambda: graphs.replay(b), iters=20, reps=5)
             by = decode_layer_bytes(self.cfg, unique[b], b, ctx, expert_bytes=per_weight)
             decode[b] = {"ms_layer": ms / n, "unique_experts": unique[b], "bytes_layer": by,
@@ -733,15 +753,16 @@ class Bench:
             if b in self.results.get("decode", {}):
                 decode[b]["bf16_ms_layer"] = self.results["decode"][b]["ours_ms_layer"]
         res["decode"] = decode
-        graphs = cache = None
+        graphs = None
         torch.cuda.empty_cache()
         prefill = {}
         peak = self._ceilings()["matmul_tflops"]
         for t in [int(x) for x in self.args.prefill.split(",") if x]:
-            cache = fp8.new_cache(1, t)
+            cache, tables = kv_cache(fp8, 1, t, self.args.kv_block_size, fill=False)
             x = 0.02 * torch.randn(t, h, device=self.dev, dtype=BF16)
             pos = torch.arange(t, device=self.dev).expand(3, t)
-            run = lambda: fp8(positions=pos, layout=SeqLayout([0], [0], [t]), cache=cache, hidden=x)  # noqa: E731
+            layout = SeqLayout(tables, [0], [t])
+            run = lambda: fp8(positions=pos, layout=layout, cache=cache, hidden=x)  # noqa: E731
             ms = cuda_time(run, iters=2, reps=7, warmup=2)
             tf = n * prefill_layer_flops(self.cfg, t) / (ms * 1e-3) / 1e12
             prefill[t] = {"ms_layer": ms / n, "tflops": tf, "mfu": tf / peak,

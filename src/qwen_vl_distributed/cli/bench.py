@@ -3,7 +3,8 @@
 Sections (``--sections``): ceilings (copy bandwidth, bf16 matmul rate), parity (kernels vs references, logits vs
 HF, greedy tokens vs HF), decode (ms per layer and GB/s at each batch; ours under CUDA-graph replay), prefill (ms
 per layer and MFU), vision (one image), fp8 (the layers with fp8-resident experts against the same weights
-dequantised to bf16: bit equality, then decode and prefill timed). A section that fails records its error and
+dequantised to bf16: bit equality, then decode and prefill timed). Decode runs over the KV cache in blocks and, in
+turn with it, over a contiguous cache (what paging costs). A section that fails records its error and
 the others still run. Prints a table and writes the same numbers as JSON (``--json``).
 """
 
@@ -14,6 +15,7 @@ import json
 import traceback
 
 from ..errors import UserError
+from ..pipeline.plan import DEFAULT_KV_BLOCK_SIZE
 
 
 def add_parser(sub) -> None:
@@ -23,6 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--layers", type=int, default=4, help="decoder layers to build (default: %(default)s)")
     p.add_argument("--batches", default="1,8,32", help="decode batch sizes (default: %(default)s)")
     p.add_argument("--context", type=int, default=512, help="cached tokens per sequence at decode")
+    p.add_argument("--kv-block-size", type=int, default=DEFAULT_KV_BLOCK_SIZE,
+                   help="tokens per KV-cache block (default: %(default)s); the decode section also times a "
+                        "contiguous cache (one block per sequence) beside it")
     p.add_argument("--prefill", default="2048,8192", help="prompt lengths for prefill (default: %(default)s)")
     p.add_argument("--image", type=int, default=1024, help="side of the square test image in pixels")
     p.add_argument("--greedy-tokens", type=int, default=16, help="greedy tokens compared with HF")

@@ -18,6 +18,7 @@ COMMANDS = {
     "bench": "bench",
     "bench-pipeline": "bench_pipeline",
     "bench-grammar": "bench_grammar",
+    "bench-serve": "bench_serve",
     "demo": "demo",
     "worker": "worker",
 }

@@ -62,9 +62,14 @@ def add_plan_args(p: argparse.ArgumentParser, max_batch: int = DEFAULTS["max_bat
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--max-batch", dest="max_batch", type=int, default=max_batch, metavar="B",
-                   help=f"concurrent sequences (KV-cache slots; default {max_batch})")
+                   help=f"the most sequences running at once (KV memory is --max-total-tokens; default {max_batch})")
     p.add_argument("--max-len", dest="max_len", type=int, default=DEFAULTS["max_len"], metavar="N",
                    help=f"tokens per sequence, prompt + output (default {DEFAULTS['max_len']})")
+    p.add_argument("--max-total-tokens", dest="max_total_tokens", type=int, default=None, metavar="N",
+                   help="tokens of KV cache, all sequences together, on every stage (default with a GPU budget: what "
+                        "the tightest stage has left after weights and activations; without: max-len x max-batch)")
+    p.add_argument("--kv-block-size", dest="kv_block_size", type=int, default=DEFAULTS["kv_block_size"],
+                   metavar="N", help=f"tokens per KV-cache block, a power of two (default {DEFAULTS['kv_block_size']})")
     p.add_argument("--prefill-chunk", dest="prefill_chunk", type=int, default=None, metavar="N",
                    help="tokens one step carries, decodes and prompt chunks together; longer prompts are prefilled "
                         "in chunks over several steps, an image or video frame never split (default: max-len x "
@@ -77,9 +82,13 @@ def add_plan_args(p: argparse.ArgumentParser, max_batch: int = DEFAULTS["max_bat
                         "scheme: faster prompts, fp8 rounding of the inputs)")
 
 
-def add_run_args(p: argparse.ArgumentParser, max_batch: int = DEFAULTS["max_batch"]) -> None:
-    add_model_args(p)
+def add_run_args(p: argparse.ArgumentParser, max_batch: int = DEFAULTS["max_batch"], model: bool = True) -> None:
+    """``model``: take --model (commands that run a checkpoint); without, the caller says what runs."""
+    if model:
+        add_model_args(p)
     add_plan_args(p, max_batch)
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="compute every prompt whole instead of reusing earlier requests' cached prefixes")
     p.add_argument("--stage-timeout", dest="stage_timeout_s", type=float, default=DEFAULTS["stage_timeout_s"],
                    metavar="SEC",
                    help="seconds of silence after which a stage is declared hung and every process stops")
@@ -95,6 +104,11 @@ def run_options(args, source: ModelSource | None) -> RunOptions:
         raise UserError("--max-batch must be >= 1 and --max-len >= 2")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise UserError(f"--prefill-chunk {args.prefill_chunk}: must be at least 1")
+    if args.max_total_tokens is not None and args.max_total_tokens < 1:
+        raise UserError(f"--max-total-tokens {args.max_total_tokens}: must be at least 1")
+    bs = args.kv_block_size
+    if not 1 <= bs <= 4096 or bs & (bs - 1):
+        raise UserError(f"--kv-block-size {bs}: must be a power of two from 1 to 4096")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunOptions) if hasattr(args, f.name)}
     given.update(model=source.path if source else None, revision=source.revision if source else None,
                  dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 # Table
 
 _HEADER = ("stage", "layers", "holds", "weights GB", "KV GB", "act GB", "total GB", "budget GB", "fits",
-           "decode GB/token")
+           "KV room tokens", "decode GB/token")
 _LEFT = {"layers", "holds", "fits"}
 
 
@@ -70,16 +70,20 @@ def _budget_label(nbytes: int | None) -> str:
     return "-" if nbytes is None else f"{nbytes / GB:g}"
 
 
+def _tokens_label(tokens: int | None) -> str:
+    return "-" if tokens is None else str(tokens)
+
+
 def _rows(plan: StagePlan) -> list[tuple[str, ...]]:
     rows = [(str(s.index), s.layers_label, s.holds_label, format_gb(s.weights_bytes), format_gb(s.kv_bytes),
              format_gb(s.act_bytes), format_gb(s.total_bytes), _budget_label(s.budget_bytes), _fits_label(s.fits),
-             f"{s.decode_bytes / GB:.2f}") for s in plan.stages]
+             _tokens_label(s.kv_capacity_tokens), f"{s.decode_bytes / GB:.2f}") for s in plan.stages]
     st = plan.stages
     budgets = [s.budget_bytes for s in st]
     rows.append(("total", f"0-{plan.num_layers - 1}", "", format_gb(sum(s.weights_bytes for s in st)),
                  format_gb(sum(s.kv_bytes for s in st)), format_gb(sum(s.act_bytes for s in st)),
                  format_gb(sum(s.total_bytes for s in st)), _budget_label(None if None in budgets else sum(budgets)),
-                 _fits_label(plan.fits), f"{sum(s.decode_bytes for s in st) / GB:.2f}"))
+                 _fits_label(plan.fits), "", f"{sum(s.decode_bytes for s in st) / GB:.2f}"))
     return rows
 
 
@@ -95,4 +99,6 @@ def format_plan(plan: StagePlan, model_name: str) -> list[str]:
     title = (f"{model_name}: {len(plan.stages)} stages, {plan.num_layers} decoder layers, dtype {plan.dtype}, "
              f"max-len {plan.max_seq_len}, max-batch {plan.max_batch}, prefill-chunk {plan.prefill_chunk}, "
              f"{'balanced' if plan.balanced else 'fixed'} split, fingerprint {plan.fingerprint()}")
-    return [title] + [line(r) for r in rows]
+    kv = (f"KV cache: {plan.max_total_tokens} tokens on every stage ({plan.kv_blocks} blocks of "
+          f"{plan.kv_block_size}); sequences of 32k tokens at once: {plan.sequences_of(32768)}")
+    return [title] + [line(r) for r in rows] + [kv]

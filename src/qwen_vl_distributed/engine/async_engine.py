@@ -4,12 +4,12 @@ Every touch of the engine happens on that thread. Callers on an event loop talk 
 queue (add / abort / finish) and get each request's tokens back on an ``asyncio.Queue`` filled with
 ``loop.call_soon_threadsafe``, so the loop never blocks on a model step and the engine never waits on the loop.
 
-Admission is bounded: at most ``num_slots + max_queue`` requests are outstanding (running or waiting for a KV slot);
-``submit`` beyond that raises ``QueueFullError`` at once instead of letting a backlog grow without limit.
+Admission is bounded: at most ``max_batch + max_queue`` requests are outstanding (running, or waiting for a place
+in the batch or for KV blocks); ``submit`` beyond that raises ``QueueFullError`` at once instead of letting a backlog
+grow without limit. A request that could never run (``Engine.check``) raises ``PromptError`` at ``submit``.
 
-A server shutting down ends the requests still waiting for a slot (``end_waiting``), lets the running ones finish,
-and ends whatever is left when its grace is over (``end_all``): each such request's last output carries an error and
-its code.
+A server shutting down ends the requests still waiting (``end_waiting``), lets the running ones finish, and ends
+whatever is left when its grace is over (``end_all``): each such request's last output carries an error and its code.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import Engine, Prompt, Sequence, TokenEvent
+from .engine import CacheStats, Engine, Prompt, Sequence, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ IDLE_WAIT_S = 0.5
 
 
 class QueueFullError(RuntimeError):
-    """Every KV slot is busy and the waiting queue is at its bound: try again later."""
+    """The batch is full and the waiting queue is at its bound: try again later."""
 
 
 class EngineDeadError(RuntimeError):
@@ -56,7 +56,7 @@ class Output:
     finish_reason: str | None = None
     error: str | None = None
     code: str = ENGINE_FAILURE
-    cached: int | None = None  # with the first token: prompt tokens taken from a slot's cache (prefix reuse)
+    cached: int | None = None  # with the first token: prompt tokens taken from the prefix cache
     logprobs: list | None = None  # with a token, when asked for: [logprob, [[id, logprob], ...]]
 
     @property
@@ -84,11 +84,16 @@ class RequestHandle:
 class EngineStats:
     """A snapshot published by the engine thread (read lock-free: it is replaced, never mutated)."""
 
-    waiting: int = 0  # sequences queued for a KV slot
-    running: int = 0  # sequences holding a KV slot
-    kv_usage: float = 0.0  # fraction of the KV cache in use
+    waiting: int = 0  # sequences queued for a place in the batch or for KV blocks
+    running: int = 0  # sequences holding KV blocks
     stages: tuple[dict, ...] = ()  # executor.stage_stats(): per stage busy_s, steps
     alive: bool = True
+    cache: CacheStats = CacheStats()
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of the KV cache's blocks held by sequences."""
+        return self.cache.usage
 
 
 class AsyncEngine:
@@ -96,8 +101,7 @@ class AsyncEngine:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.engine = engine
-        self.num_slots = len(engine.free_slots) + len(engine.running)
-        self.capacity = self.num_slots + max_queue
+        self.capacity = engine.max_batch + max_queue
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._handles: dict[int, RequestHandle] = {}  # engine thread: seq.id -> handle
         self._outstanding = 0  # accepted, not yet closed; guarded by _lock
@@ -135,11 +139,15 @@ class AsyncEngine:
 
     # -- called on the event loop ----------------------------------------------------------------------------------
     def submit(self, prompt: Prompt, params: Any) -> RequestHandle:
-        """Queue a request; its outputs arrive on ``handle.next()``. Must be called from a running event loop."""
+        """Queue a request; its outputs arrive on ``handle.next()``. Must be called from a running event loop.
+        PromptError: the request could never run (checked here, against settings fixed at start-up)."""
         return self.submit_group(prompt, [params])[0]
 
     def submit_group(self, prompt: Prompt, params: list[Any]) -> list[RequestHandle]:
-        """Queue one sequence per ``params`` over the same prompt (a request's n choices), all or none."""
+        """Queue one sequence per ``params`` over the same prompt (a request's n choices), all or none; the engine
+        computes the prompt once and the choices share its KV blocks."""
+        for p in params:
+            self.engine.check(len(prompt.input_ids), p.max_new_tokens)
         loop = asyncio.get_running_loop()
         handles = [RequestHandle(next(self._ids), prompt, p, loop) for p in params]
         # Under the lock, so an add is either queued before the engine thread's last drain or refused here.
@@ -154,7 +162,7 @@ class AsyncEngine:
         return handles
 
     def abort(self, handle: RequestHandle) -> None:
-        """The client is gone: free the request's slot (a no-op once it has finished)."""
+        """The client is gone: free the request's KV blocks (a no-op once it has finished)."""
         self._commands.put(("abort", handle))
 
     def finish(self, handle: RequestHandle, reason: str) -> None:
@@ -241,7 +249,7 @@ class AsyncEngine:
             if handle is None or handle.closed:
                 continue
             out = Output(ev.token, ev.seq.finish_reason if ev.finished else None,
-                         cached=ev.seq.reused if len(ev.seq.output) == 1 else None, logprobs=ev.logprobs)
+                         cached=ev.seq.cached_tokens if len(ev.seq.output) == 1 else None, logprobs=ev.logprobs)
             if ev.finished:
                 self._close(handle, out)
             else:
@@ -287,5 +295,5 @@ class AsyncEngine:
             except Exception:  # a broken pipeline must not hide the engine's own figures
                 log.debug("stage_stats failed", exc_info=True)
             self._stats_at = now
-        self._stats = EngineStats(len(self.engine.waiting), len(self.engine.running), self.engine.kv_usage, stages,
-                                  not self._stop.is_set())
+        self._stats = EngineStats(len(self.engine.waiting), len(self.engine.running), stages, not self._stop.is_set(),
+                                  self.engine.cache_stats())

@@ -24,13 +24,13 @@ from ..model.qwen3_vl import Qwen3VLMoe
 from ..pipeline import distributed as pd
 from ..pipeline.executor import LocalExecutor, PipelineExecutor
 from ..pipeline.launch import Placement, Supervisor, torchrun_placement, under_torchrun
-from ..pipeline.plan import StagePlan, plan_stages
+from ..pipeline.plan import DEFAULT_KV_BLOCK_SIZE, StagePlan, plan_stages
 from ..pipeline.stage import StageRuntime
 from ..pipeline.transport import Transport
 from ..pipeline.worker import serve_stage
 from .engine import Engine
 from .grammar import GrammarBackend
-from .sampler import SlotSampler
+from .sampler import SequenceSampler
 from .threads import set_stage_threads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,8 +43,13 @@ class RunOptions:
     stages: int = 1
     device: str = "cpu"
     dtype: str = "float32"
-    max_batch: int = 8  # sequence slots (concurrent sequences)
+    max_batch: int = 8  # the most sequences running at once (not a memory reservation)
     max_len: int = 4096  # tokens per sequence (prompt + output)
+    # tokens of KV cache (all sequences together) in every stage's block pool; None: on CUDA what the plan leaves
+    # free on the tightest GPU, on CPU max_len x max_batch
+    max_total_tokens: int | None = None
+    kv_block_size: int = DEFAULT_KV_BLOCK_SIZE  # tokens per KV block
+    prefix_cache: bool = True  # reuse the KV blocks of earlier requests' identical prefixes
     prefill_chunk: int | None = None  # tokens per step; None: plan.default_prefill_chunk(max_len, max_batch)
     layers_per_stage: list[int] | None = None
     gpu_mem_gb: list[float] | None = None  # per-stage budgets; default on CUDA: this machine's GPU memory
@@ -176,7 +181,8 @@ def make_plan(cfg: ModelConfig, opts: RunOptions, require_fit: bool = True) -> S
         budget = budget[0]
     return plan_stages(cfg, opts.stages, layers_per_stage=opts.layers_per_stage, gpu_mem_gb=budget,
                        max_seq_len=opts.max_len, max_batch=opts.max_batch, dtype=dtype,
-                       prefill_chunk=opts.prefill_chunk, require_fit=require_fit and budget is not None)
+                       prefill_chunk=opts.prefill_chunk, max_total_tokens=opts.max_total_tokens,
+                       kv_block_size=opts.kv_block_size, require_fit=require_fit and budget is not None)
 
 
 def checkpoint_digest(ckpt) -> str:
@@ -227,12 +233,14 @@ def fingerprint(ckpt, plan: StagePlan, opts: RunOptions) -> dict[str, str]:
     from .. import __version__
 
     return {"checkpoint": checkpoint_digest(ckpt), "revision": opts.revision or "-", "plan": plan.fingerprint(),
-            "dtype": opts.dtype, "fp8_experts": opts.fp8_experts, "max_len": str(opts.max_len),
-            "max_batch": str(opts.max_batch), "version": __version__, "code": code_digest()}
+            "dtype": opts.dtype, "fp8_experts": opts.fp8_experts, "kv_blocks": f"{plan.kv_blocks}x{plan.kv_block_size}",
+            "max_len": str(opts.max_len), "max_batch": str(opts.max_batch), "version": __version__,
+            "code": code_digest()}
 
 
 def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: RunOptions) -> StageRuntime:
-    """This rank's stage: build its modules on the meta device, load exactly its tensors, allocate its KV cache."""
+    """This rank's stage: build its modules on the meta device, load exactly its tensors, allocate its KV pool
+    (``plan.kv_blocks`` blocks, as on every stage, plus the scratch block)."""
     st = plan.stages[rank]
     with torch.device("meta"):
         model = Qwen3VLMoe(ckpt.cfg, layers=(st.start, st.stop), vision=st.holds_vision, embed=st.holds_embed,
@@ -251,21 +259,19 @@ def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: 
         load_stage(model, ckpt, device, DTYPES[opts.dtype], stage_name=name, progress=not opts.quiet,
                    progress_line=rank)
     model.eval()
-    dtype, slots = DTYPES[opts.dtype], opts.max_batch
-    sampler = SlotSampler(_grammars(ckpt)) if st.holds_head else None
+    sampler = SequenceSampler(_grammars(ckpt)) if st.holds_head else None
+    cache = model.new_cache(plan.kv_blocks, plan.kv_block_size, opts.max_len, DTYPES[opts.dtype], device)
     if device.type != "cuda":
-        return StageRuntime(model, model.new_cache(slots, opts.max_len, dtype, device), sampler, device, rank)
+        return StageRuntime(model, cache, sampler, device, rank)
     from ..kernels import enable_fast_paths
     from ..runtime.cuda_graph import DEFAULT_BUCKETS, GraphedStage
     from ..runtime.warmup import warm_stage
 
     enable_fast_paths(model)
-    # one extra KV slot that no sequence owns: the decode graphs pad their batch-size buckets into it
-    cache = model.new_cache(slots + 1, opts.max_len, dtype, device)
-    top = next(b for b in DEFAULT_BUCKETS + (slots,) if b >= slots)
+    top = next(b for b in DEFAULT_BUCKETS + (opts.max_batch,) if b >= opts.max_batch)
     stage = GraphedStage(model, cache, buckets=tuple(b for b in DEFAULT_BUCKETS if b < top) + (top,))
     # the prompt path's kernels compile now, not in the first requests (runtime.warmup)
-    warm_stage(stage, cache, stage.graphs.scratch_slot, plan.prefill_chunk, name, quiet=opts.quiet)
+    warm_stage(stage, cache, plan.prefill_chunk, name, quiet=opts.quiet)
     return StageRuntime(stage, cache, sampler, device, rank)
 
 
@@ -275,6 +281,12 @@ def _grammars(ckpt) -> GrammarBackend | None:
     if isinstance(ckpt, RandomWeights):
         return None
     return GrammarBackend(ckpt.dir, ckpt.cfg.text.vocab_size, read_eos_ids(ckpt.dir))
+
+
+def new_engine(cfg: ModelConfig, executor, plan: StagePlan, opts: RunOptions, eos: list[int]) -> Engine:
+    """The driver over ``executor``, with the plan's KV pool."""
+    return Engine(cfg, executor, opts.max_batch, opts.max_len, eos, num_blocks=plan.kv_blocks,
+                  block_size=plan.kv_block_size, prefix_cache=opts.prefix_cache, max_step_tokens=plan.prefill_chunk)
 
 
 def start_engine(opts: RunOptions) -> EngineHandle:
@@ -291,9 +303,7 @@ def start_engine(opts: RunOptions) -> EngineHandle:
                             "(one per stage)")
         device = pd.stage_device(opts.device, 0)
         runtime = build_runtime(ckpt, plan, 0, device, opts)
-        engine = Engine(ckpt.cfg, LocalExecutor(runtime), opts.max_batch, opts.max_len, eos,
-                        max_step_tokens=plan.prefill_chunk)
-        return EngineHandle(engine, ckpt.cfg, plan, eos)
+        return EngineHandle(new_engine(ckpt.cfg, LocalExecutor(runtime), plan, opts, eos), ckpt.cfg, plan, eos)
     return _start_pipeline(opts, ckpt, plan, eos)
 
 
@@ -313,7 +323,7 @@ def _start_pipeline(opts: RunOptions, ckpt, plan: StagePlan, eos: list[int]) -> 
             supervisor.kill_all()
         raise
     executor = PipelineExecutor(runtime, transport, heartbeat_s=opts.stage_timeout_s / 4)
-    engine = Engine(ckpt.cfg, executor, opts.max_batch, opts.max_len, eos, max_step_tokens=plan.prefill_chunk)
+    engine = new_engine(ckpt.cfg, executor, plan, opts, eos)
 
     def close():
         try:

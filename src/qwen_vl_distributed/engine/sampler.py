@@ -1,5 +1,6 @@
-"""The last stage's sampler: per-slot state (the request's seeded generator, its token history for penalties, its
-grammar, how many tokens it has drawn).
+"""The last stage's sampler: per-sequence state (the request's seeded generator, its token history for penalties,
+its grammar, how many tokens it has drawn), keyed by the engine's sequence id and dropped when the engine releases
+the sequence.
 
 Lives in the engine layer and is handed to the last stage's runtime at start-up (the pipeline layer only knows the
 ``Sampler`` protocol). Each row draws with its own generator, so a seeded request samples the same tokens whatever
@@ -19,7 +20,7 @@ from .sampling import Draw, SamplingParams, TokenHistory, draw, make_generator
 
 
 @dataclass
-class _SlotState:
+class _SeqState:
     params: SamplingParams
     generator: torch.Generator | None
     history: TokenHistory | None
@@ -28,37 +29,43 @@ class _SlotState:
     drawn: int = 0
 
 
-class SlotSampler:
+class SequenceSampler:
     def __init__(self, grammars: GrammarBackend | None = None):
-        self.slots: dict[int, _SlotState] = {}
+        self.states: dict[int, _SeqState] = {}
         self._prompts: dict[int, list[int]] = {}
         self.grammars = grammars
 
-    def start(self, slot: int, request: dict[str, Any], prompt_ids: list[int]) -> None:
-        """A new request in ``slot``: ``request["params"]`` is ``SamplingParams.wire()``; ``history_prefix``, if
-        there, the prompt tokens before ``prompt_ids`` that were already cached (prefix reuse) and that the
-        penalties still count; ``stop_ids`` (with min_tokens) the tokens that would end the sequence."""
+    def start(self, seq_id: int, request: dict[str, Any], prompt_ids: list[int]) -> None:
+        """A new request: ``request["params"]`` is ``SamplingParams.wire()``; ``history_prefix``, if there, the
+        prompt tokens before ``prompt_ids`` that were already cached (prefix cache) and that the penalties still
+        count; ``stop_ids`` (with min_tokens) the tokens that would end the sequence. Starting a sequence again
+        (preempted before its first draw) starts it afresh."""
         prefix = request.get("history_prefix") or []
         p = SamplingParams.from_wire(request["params"])
-        st = _SlotState(p, None, None, min_tokens_stop=tuple(request.get("stop_ids") or ()))
+        st = _SeqState(p, None, None, min_tokens_stop=tuple(request.get("stop_ids") or ()))
         if p.grammar is not None:
             if self.grammars is None:
                 raise RuntimeError("a request with a grammar reached a sampler built without one")
             st.grammar = SequenceGrammar(self.grammars.compile(p.grammar), p.grammar_after)
-        self.slots[slot] = st  # generator made on the logits' device at the first draw
-        self._prompts.pop(slot, None)  # a previous request's, if it ended before its first draw (aborted in prefill)
+        self.states[seq_id] = st  # generator made on the logits' device at the first draw
+        self._prompts.pop(seq_id, None)
         if p.needs_history:
-            self._prompts[slot] = list(prefix) + list(prompt_ids)  # built into a history at the first draw
+            self._prompts[seq_id] = list(prefix) + list(prompt_ids)  # built into a history at the first draw
 
-    def extend(self, slot: int, prompt_ids: list[int]) -> None:
-        """More of the slot's prompt (a later prefill chunk): part of the history the penalties see."""
-        if slot in self._prompts:
-            self._prompts[slot] += prompt_ids
+    def extend(self, seq_id: int, prompt_ids: list[int]) -> None:
+        """More of the sequence's prompt (a later prefill chunk): part of the history the penalties see."""
+        if seq_id in self._prompts:
+            self._prompts[seq_id] += prompt_ids
 
-    def sample(self, slots: list[int], logits: torch.Tensor) -> Draw:
+    def release(self, seq_id: int) -> None:
+        """The sequence has ended: drop its state (unknown ids are fine: it may never have reached this stage)."""
+        self.states.pop(seq_id, None)
+        self._prompts.pop(seq_id, None)
+
+    def sample(self, seq_ids: list[int], logits: torch.Tensor) -> Draw:
         logits = logits.float()
-        states = [self.slots[s] for s in slots]
-        for s, st in zip(slots, states):
+        states = [self.states[s] for s in seq_ids]
+        for s, st in zip(seq_ids, states):
             if not st.params.greedy and st.generator is None:
                 st.generator = make_generator(st.params.seed, logits.device)
             if st.params.needs_history and st.history is None:
@@ -74,7 +81,7 @@ class SlotSampler:
                 st.grammar.accept(tok)
         return out
 
-    def _masks(self, states: list[_SlotState], device: torch.device) -> tuple[torch.Tensor, list[int]] | None:
+    def _masks(self, states: list[_SeqState], device: torch.device) -> tuple[torch.Tensor, list[int]] | None:
         """The packed masks of the rows whose grammar is active, and those rows."""
         rows = [i for i, st in enumerate(states) if st.grammar is not None and st.grammar.active]
         if not rows:

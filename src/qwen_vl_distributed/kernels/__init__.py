@@ -75,9 +75,9 @@ def fused_layers_fit(model) -> bool:
 def decode_graph_safe(model) -> bool:
     """Whether a decode step of ``model`` through its modules' forward (runtime.cuda_graph when the layers are not
     fused) can be captured in a CUDA graph: 'fast' attention, whose decode path is the split-KV kernel reading the
-    slots and lengths from device tensors (every other attention path reads them from the step's host lists, which
-    a capture would freeze at their capture-time values), and 'fast' or 'triton' experts on weights the expert
-    kernels take (the reference loops over the experts hit, a host sync; 'grouped' is not graph-safe)."""
+    block tables and lengths from device tensors (every other attention path reads them from the step's host
+    lists, which a capture would freeze at their capture-time values), and 'fast' or 'triton' experts on weights
+    the expert kernels take (the reference loops over the experts hit, a host sync; 'grouped' is not graph-safe)."""
     attention = {m.impl for m in model.modules() if isinstance(m, TextAttention)}
     experts = _experts(model)
     return (attention <= {"fast"} and all(m.impl in ("fast", "triton") for m in experts)

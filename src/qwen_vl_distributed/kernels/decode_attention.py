@@ -1,13 +1,15 @@
-"""Split-KV GQA decode attention over the slot KV cache (Triton), plus the SDPA prefill path.
+"""Split-KV GQA decode attention over the KV cache in blocks (Triton).
 
 Shapes: B decoding sequences (one new token each, so T = B), NH query heads, KVH kv heads, G = NH / KVH query
-heads per kv head, D head_dim (DP: its tile width, ``tiles.padded_head_dim``), S cache slots, L cache length, NS
-splits of the key range.
+heads per kv head, D head_dim (DP: its tile width, ``tiles.padded_head_dim``), NB cache blocks, BS block size, W
+block-table width, NS splits of the key range.
 
 Decode (flash-decoding): program (b, kv head, split) loads the G query heads that share one kv head and walks its
 share of keys [0, starts[b] + 1) once, keeping an online softmax; a second kernel merges the NS partial results by
-their log-sum-exp. Each kv head is read once for its G query heads. ``slots``/``starts`` are device tensors and NS
-depends only on shapes, so a decode step is capturable in a CUDA graph (no host sync, no .tolist()).
+their log-sum-exp. Each kv head is read once for its G query heads. Key p of sequence b is at offset p % BS of
+block ``tables[b, p // BS]``: the kernel looks the block up per key. A table of width 1 (one block holds every
+sequence: the contiguous layout) is read once per program instead. ``tables``/``starts`` are device tensors and
+NS depends only on shapes, so a decode step is capturable in a CUDA graph (no host sync, no .tolist()).
 """
 
 from __future__ import annotations
@@ -23,14 +25,39 @@ TARGET_PROGRAMS = 264  # ~2 waves on 132 SMs
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, starts_ptr, o_ptr, lse_ptr, scale,
-                  sq_t, sq_h, sk_s, sk_h, sk_l, sv_s, sv_h, sv_l,
+def head_bases(k_ptr, v_ptr, tab, kvh, sk_b, sk_h, sv_b, sv_h, PAGED: tl.constexpr):
+    """Where ``key_rows`` starts for kv head ``kvh`` of the sequence whose block-table row is ``tab``: the head in
+    the cache (PAGED), or the head in the sequence's one block."""
+    k_base = k_ptr + kvh * sk_h
+    v_base = v_ptr + kvh * sv_h
+    if not PAGED:
+        blk = tl.load(tab).to(tl.int64)
+        k_base += blk * sk_b
+        v_base += blk * sv_b
+    return k_base, v_base
+
+
+@triton.jit
+def key_rows(base, tab, keys, km, s_b, s_l, BS: tl.constexpr, PAGED: tl.constexpr):
+    """Addresses of keys (or values) ``keys`` [BN] of one sequence and kv head: ``base`` points at the kv head in
+    the cache (PAGED) or in the sequence's one block (not PAGED); ``tab`` at the sequence's block-table row."""
+    if PAGED:
+        blk = tl.load(tab + keys // BS, mask=km, other=0).to(tl.int64)
+        rows = base + blk * s_b + (keys % BS).to(tl.int64) * s_l
+    else:
+        rows = base + keys.to(tl.int64) * s_l
+    return rows
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, tab_ptr, starts_ptr, o_ptr, lse_ptr, scale,
+                  sq_t, sq_h, st_b, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                   NH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                  BN: tl.constexpr, NS: tl.constexpr):
+                  BN: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr, PAGED: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
-    slot = tl.load(slots_ptr + b).to(tl.int64)
+    tab = tab_ptr + b * st_b
     n = tl.load(starts_ptr + b) + 1  # the new token's k/v are already in the cache
     chunk = tl.cdiv(tl.cdiv(n, NS), BN) * BN
     lo = sp * chunk
@@ -42,8 +69,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, starts_ptr, o_ptr, lse_ptr, sc
     dmask = d < D
     q = tl.load(q_ptr + b * sq_t + heads[:, None] * sq_h + d[None, :], mask=gmask[:, None] & dmask[None, :],
                 other=0.0)
-    k_base = k_ptr + slot * sk_s + kvh * sk_h
-    v_base = v_ptr + slot * sv_s + kvh * sv_h
+    k_base, v_base = head_bases(k_ptr, v_ptr, tab, kvh, sk_b, sk_h, sv_b, sv_h, PAGED)
     m = tl.full((GP,), float("-inf"), tl.float32)
     l_sum = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, DP), tl.float32)
@@ -51,13 +77,15 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, starts_ptr, o_ptr, lse_ptr, sc
         offs = start + tl.arange(0, BN)
         km = offs < hi
         kdm = km[:, None] & dmask[None, :]
-        k = tl.load(k_base + offs[:, None].to(tl.int64) * sk_l + d[None, :], mask=kdm, other=0.0)
+        k_rows = key_rows(k_base, tab, offs, km, sk_b, sk_l, BS, PAGED)
+        k = tl.load(k_rows[:, None] + d[None, :], mask=kdm, other=0.0)
         s = mma(q, tl.trans(k), tl.zeros((GP, BN), tl.float32)) * scale  # [GP, BN] fp32
         s = tl.where(km[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
-        v = tl.load(v_base + offs[:, None].to(tl.int64) * sv_l + d[None, :], mask=kdm, other=0.0)
+        v_rows = key_rows(v_base, tab, offs, km, sv_b, sv_l, BS, PAGED)
+        v = tl.load(v_rows[:, None] + d[None, :], mask=kdm, other=0.0)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, tl.zeros((GP, DP), tl.float32))
         l_sum = l_sum * alpha + tl.sum(p, 1)
         m = m_new
@@ -90,23 +118,25 @@ def num_splits(batch: int, kv_heads: int, max_len: int) -> int:
     return max(1, min(want, triton.cdiv(max_len, BLOCK_N), 64))
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                      starts: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, NH, D]; k/v_cache [S, KVH, L, D]; slots/starts [B] device tensors (starts = tokens cached before this
-    step's token, which is already written) -> [B, NH, D]."""
+    """q [B, NH, D]; k/v_cache [NB, KVH, BS, D]; tables [B, W] int32 block tables and starts [B] (tokens cached
+    before this step's token, which is already written), device tensors -> [B, NH, D]. W x BS bounds every
+    sequence's length (it sets the number of splits)."""
     bsz, nh, dim = q.shape
-    kvh, max_len = k_cache.shape[1], k_cache.shape[2]
+    kvh, bs = k_cache.shape[1], k_cache.shape[2]
     g = nh // kvh
-    ns = num_splits(bsz, kvh, max_len)
+    paged = tables.shape[1] > 1
+    ns = num_splits(bsz, kvh, tables.shape[1] * bs)
     dp = padded_head_dim(dim)
     part_o = torch.empty(bsz * nh * ns, dp, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(bsz * nh * ns, dtype=torch.float32, device=q.device)
     _split_kernel[(bsz, kvh, ns)](
-        q, k_cache, v_cache, slots, starts, part_o, part_lse, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, tables, starts, part_o, part_lse, scale,
+        q.stride(0), q.stride(1), tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        NH=nh, G=g, GP=max(16, triton.next_power_of_2(g)), D=dim, DP=dp, BN=BLOCK_N, NS=ns, num_warps=4,
-        num_stages=2)
+        NH=nh, G=g, GP=max(16, triton.next_power_of_2(g)), D=dim, DP=dp, BN=BLOCK_N, NS=ns, BS=bs if paged else 1,
+        PAGED=paged, num_warps=4, num_stages=2)
     out = torch.empty_like(q)
     _merge_kernel[(bsz, nh)](part_o, part_lse, out, out.stride(0), out.stride(1), NH=nh, D=dim, DP=dp, NS=ns,
                              NSP=max(2, triton.next_power_of_2(ns)), num_warps=4)

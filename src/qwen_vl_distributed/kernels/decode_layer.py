@@ -98,11 +98,12 @@ def _norm_rope(a, b, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, HALF: tl.con
 
 
 @triton.jit
-def _qkv_post_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slots_ptr, starts_ptr,
-                     qo_ptr, kc_ptr, vc_ptr, eps, sq, skv, sc_s, sc_h, sc_l,
+def _qkv_post_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, blocks_ptr, offs_ptr,
+                     qo_ptr, kc_ptr, vc_ptr, eps, sq, skv, sc_b, sc_h, sc_l,
                      NH: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, HB: tl.constexpr):
     # program (b, j) takes HB heads of row b: j < cdiv(NH, HB): query heads from j*HB -> qo [B, NH, D]; else kv
-    # heads from (j - cdiv(NH, HB))*HB -> k/v caches at (slot, start). Row b of q / k / v starts at b*sq / b*skv.
+    # heads from (j - cdiv(NH, HB))*HB -> k/v caches at (block, offset) of the row. Row b of q / k / v starts at
+    # b*sq / b*skv.
     # HP: HALF = D/2 rounded up to a power of two (tl.arange's sizes); the columns past HALF are masked.
     b = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
@@ -125,13 +126,13 @@ def _qkv_post_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slot
     else:
         hd = (j - QB) * HB + tl.arange(0, HB)[:, None]
         m = (hd < KVH) & (i < HALF)
-        slot = tl.load(slots_ptr + b).to(tl.int64)
-        pos = tl.load(starts_ptr + b).to(tl.int64)
+        blk = tl.load(blocks_ptr + b).to(tl.int64)
+        pos = tl.load(offs_ptr + b).to(tl.int64)
         src = k_ptr + b * skv + hd * D + i
         a = tl.load(src, mask=m, other=0.0).to(tl.float32)
         bb = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
         oa, ob = _norm_rope(a, bb, kw_ptr, cos_row, sin_row, eps, D, HALF, HP, dt)
-        off = slot * sc_s + hd * sc_h + pos * sc_l + i
+        off = blk * sc_b + hd * sc_h + pos * sc_l + i
         tl.store(kc_ptr + off, oa, mask=m)
         tl.store(kc_ptr + off + HALF, ob, mask=m)
         vsrc = v_ptr + b * skv + hd * D + i
@@ -193,9 +194,10 @@ def route(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, 
 QKV_POST_HEADS = {64: (1, 1), 1 << 30: (8, 4)}
 
 
-def qkv_post(q, k, v, attn, cos, sin, kv, slots, starts) -> torch.Tensor:
+def qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets) -> torch.Tensor:
     """q [B, NH*D], k/v [B, KVH*D] raw projections (rows may be strided, e.g. views into one packed q/k/v
-    output) -> normed, rotated q [B, NH, D]; k, v written to the cache."""
+    output) -> normed, rotated q [B, NH, D]; row b's k, v written to the cache at block row_blocks[b], offset
+    row_offsets[b] (device tensors [B])."""
     k_cache, v_cache = kv
     b = q.shape[0]
     nh, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -203,25 +205,26 @@ def qkv_post(q, k, v, attn, cos, sin, kv, slots, starts) -> torch.Tensor:
     hb, warps = QKV_POST_HEADS[min(n for n in QKV_POST_HEADS if n >= b)]
     qo = torch.empty(b, nh, d, dtype=q.dtype, device=q.device)
     grid = (b, triton.cdiv(nh, hb) + triton.cdiv(kvh, hb))
-    _qkv_post_kernel[grid](q, k, v, attn.q_norm.weight, attn.k_norm.weight, cos, sin, slots, starts, qo,
-                           k_cache, v_cache, attn.q_norm.eps, q.stride(0), k.stride(0), k_cache.stride(0),
+    _qkv_post_kernel[grid](q, k, v, attn.q_norm.weight, attn.k_norm.weight, cos, sin, row_blocks, row_offsets,
+                           qo, k_cache, v_cache, attn.q_norm.eps, q.stride(0), k.stride(0), k_cache.stride(0),
                            k_cache.stride(1), k_cache.stride(2), NH=nh, KVH=kvh, D=d,
                            HP=triton.next_power_of_2(d // 2), HB=hb, num_warps=warps)
     return qo
 
 
 def decode_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                 slots: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    """``layer`` (a DecoderLayer) on h [B, H] for one token per sequence; cos/sin [B, D] in h's dtype;
-    slots/starts [B] device tensors (starts = tokens cached before this one)."""
+                 tables: torch.Tensor, starts: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``layer`` (a DecoderLayer) on h [B, H] for one token per sequence; cos/sin [B, D] in h's dtype; device
+    tensors: tables [B, W] block tables, starts [B] (tokens cached before this one), rows: the (block, offset)
+    [B] each where each sequence's new k/v go."""
     scale = layer.self_attn.scale
-    return fused_layer(layer, h, cos, sin, kv, slots, starts,
-                       lambda q: decode_attention(q, kv[0], kv[1], slots, starts, scale))
+    return fused_layer(layer, h, cos, sin, kv, *rows,
+                       lambda q: decode_attention(q, kv[0], kv[1], tables, starts, scale))
 
 
 def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                row_slots: torch.Tensor, row_pos: torch.Tensor, attend) -> torch.Tensor:
-    """``layer`` on T rows h [T, H]: row t's k/v go to cache slot row_slots[t], position row_pos[t] (device
+                row_blocks: torch.Tensor, row_offsets: torch.Tensor, attend) -> torch.Tensor:
+    """``layer`` on T rows h [T, H]: row t's k/v go to cache block row_blocks[t], offset row_offsets[t] (device
     tensors [T]); ``attend(q [T, NH, D]) -> [T, NH, D]`` reads the cache after that write."""
     attn, mlp = layer.self_attn, layer.mlp
     t = h.shape[0]
@@ -236,7 +239,7 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
         q, k, v = project("qkv", x, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
     else:
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    o = attend(qkv_post(q, k, v, attn, cos, sin, kv, row_slots, row_pos)).reshape(t, -1)
+    o = attend(qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets)).reshape(t, -1)
     o = project("o", o, attn.o_proj.weight)[0] if attn.o_proj.bias is None else attn.o_proj(o)
     h, x = rmsnorm(o, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps, residual=h)
     w, ids = route(project("router", x, mlp.gate.weight)[0], mlp.top_k, mlp.normalize)

@@ -23,7 +23,7 @@ from .decode_layer import fused_layer
 def fused_decoder_layer(layer, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                         kv: tuple[torch.Tensor, torch.Tensor], layout: SeqLayout) -> torch.Tensor:
     """``layer(h, rope, kv, layout)`` (a DecoderLayer) through the fused kernels."""
-    row_slots, row_pos = layout.row_tables(h.device)  # built once per step, shared by the layers
+    row_blocks, row_offsets = layout.row_tables(h.device, kv[0].shape[2])  # once per step, shared by the layers
     scale = layer.self_attn.scale
-    return fused_layer(layer, h, rope[0], rope[1], kv, row_slots, row_pos,
+    return fused_layer(layer, h, rope[0], rope[1], kv, row_blocks, row_offsets,
                        lambda q: fast_cache_attention(q, kv[0], kv[1], layout, scale))

@@ -1,6 +1,6 @@
-"""Text self-attention: GQA with per-head q/k RMSNorm, M-RoPE, and a slot-based KV cache.
+"""Text self-attention: GQA with per-head q/k RMSNorm, M-RoPE, and a KV cache in blocks (model/kv_cache.py).
 
-Shapes: T packed new tokens, NH query heads, KVH kv heads, D head_dim, S cache slots, L cache length.
+Shapes: T packed new tokens, NH query heads, KVH kv heads, D head_dim, NB cache blocks, BS block size.
 The attention over the cache goes through ``cache_attention``: a plain per-sequence SDPA reference here, faster
 kernels (registered by ``kernels/``) behind the same signature.
 """
@@ -15,9 +15,10 @@ from torch import nn
 
 from .batch import SeqLayout
 from .config import TextConfig
+from .kv_cache import gather_kv
 from .layers import RMSNorm, apply_rotary
 
-# name -> fn(q [T, NH, D], k_cache [S, KVH, L, D], v_cache, layout, scale) -> [T, NH, D]
+# name -> fn(q [T, NH, D], k_cache [NB, KVH, BS, D], v_cache, layout, scale) -> [T, NH, D]
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, SeqLayout, float], torch.Tensor]
 CACHE_ATTENTION_IMPLS: dict[str, AttentionFn] = {}
 
@@ -28,15 +29,15 @@ def register_cache_attention(name: str, fn: AttentionFn) -> None:
 
 def reference_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: SeqLayout,
                               scale: float) -> torch.Tensor:
-    """One causal SDPA call per sequence over its slot's cache [0, start + len)."""
+    """One causal SDPA call per sequence over its cached tokens [0, start + len), gathered from its blocks."""
     out = torch.empty_like(q)
     nh, kvh = q.shape[1], k_cache.shape[1]
     offsets = layout.offsets()
-    for i, (slot, start, n) in enumerate(zip(layout.slots, layout.starts, layout.lens)):
+    for i, (table, start, n) in enumerate(zip(layout.block_tables, layout.starts, layout.lens)):
         total = start + n
         qi = q[offsets[i]:offsets[i + 1]].transpose(0, 1).unsqueeze(0)  # [1, NH, n, D]
-        ki = k_cache[slot, :, :total].unsqueeze(0)  # [1, KVH, total, D]
-        vi = v_cache[slot, :, :total].unsqueeze(0)
+        ki = gather_kv(k_cache, table, total).unsqueeze(0)  # [1, KVH, total, D]
+        vi = gather_kv(v_cache, table, total).unsqueeze(0)
         if nh != kvh:  # GQA: kv head g serves query heads g*rep .. g*rep + rep - 1
             rep = nh // kvh
             ki = ki.repeat_interleave(rep, dim=1)
@@ -58,17 +59,11 @@ register_cache_attention("reference", reference_cache_attention)
 
 def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 layout: SeqLayout) -> None:
-    """Store the step's new k, v [T, KVH, D] at each sequence's slot, positions [start, start + len)."""
-    if layout.is_decode:  # one scatter for the whole batch (also what a CUDA graph can capture)
-        slots = layout.tensor("slots", k.device)
-        pos = layout.tensor("starts", k.device)
-        k_cache[slots, :, pos] = k
-        v_cache[slots, :, pos] = v
-        return
-    offsets = layout.offsets()
-    for i, (slot, start, n) in enumerate(zip(layout.slots, layout.starts, layout.lens)):
-        k_cache[slot, :, start:start + n] = k[offsets[i]:offsets[i + 1]].transpose(0, 1)
-        v_cache[slot, :, start:start + n] = v[offsets[i]:offsets[i + 1]].transpose(0, 1)
+    """Store the step's new k, v [T, KVH, D] at each row's block and offset (positions [start, start + len) of its
+    sequence): one scatter for the whole step, which a CUDA graph can also capture."""
+    blocks, offsets = layout.row_tables(k.device, k_cache.shape[2])
+    k_cache[blocks, :, offsets] = k
+    v_cache[blocks, :, offsets] = v
 
 
 class TextAttention(nn.Module):

@@ -95,9 +95,13 @@ class Qwen3VLMoe(nn.Module):
     def has_head(self) -> bool:
         return self.lm_head is not None
 
-    def new_cache(self, num_slots: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+    def new_cache(self, num_blocks: int, block_size: int, max_seq_len: int | None = None,
+                  dtype: torch.dtype | None = None, device=None) -> KVCache:
+        """A pool of ``num_blocks`` KV blocks (plus the scratch block) for this stage's layers; block tables cover
+        up to ``max_seq_len`` tokens (default: the whole pool)."""
         p = next(self.parameters())
-        return KVCache(self.cfg.text, self.layer_ids, num_slots, max_len, dtype or p.dtype, device or p.device)
+        return KVCache(self.cfg.text, self.layer_ids, num_blocks, block_size, max_seq_len or num_blocks * block_size,
+                       dtype or p.dtype, device or p.device)
 
     def set_impl(self, experts: str | None = None, attention: str | None = None, vision_attention: str | None = None,
                  layer: str | None = None):

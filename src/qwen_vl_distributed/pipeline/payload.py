@@ -4,15 +4,20 @@ StepPayload (stage s -> stage s+1), for T packed tokens of B sequences:
   kind        "step" | "heartbeat" | "stop"
   mb          micro-batch id (sequences are grouped; one step per group in flight)
   step        running step counter (diagnostics)
-  layout      SeqLayout: per sequence its KV slot, cached length before the step, new-token count
+  layout      SeqLayout: per sequence its KV block table, cached length before the step, new-token count (the
+              tables travel as one int32 message beside the header, not as JSON)
+  seq_ids     [B] the engine's id of each sequence (the last stage's sampler keeps its state by it)
   positions   [3, T] int64  M-RoPE positions
   input_ids   [T] int64     the step's token ids (the last stage uses them for repetition penalties)
   hidden      [T, H] model dtype; absent on the way into stage 0
-  new_seqs    {slot: {"params": SamplingParams.wire()}} for sequences whose first step this is (the last stage resets its
-              per-slot sampler state); JSON-serialisable
-  continued   slots whose rows continue a prompt begun in an earlier step (chunked prefill: the sampler adds
-              these prompt tokens to the slot's history)
-  open_prompts  slots whose prompt is not finished after this step: no token is sampled for them
+  new_seqs    {seq id: {"params": SamplingParams.wire(), and where needed "history_prefix" (prompt tokens taken
+              from the prefix cache, which penalties count) and "stop_ids" (banned until min_tokens)}} for sequences
+              whose first step this is (the last stage starts their sampler state); JSON-serialisable
+  continued   seq ids whose rows continue a prompt begun in an earlier step (chunked prefill: the sampler adds
+              these prompt tokens to the sequence's history)
+  open_prompts  seq ids whose rows are not sampled: a prompt not finished after this step, or a preempted
+              sequence's tokens being computed again
+  released    seq ids that ended (finished, aborted): the last stage drops their sampler state
   visual      images/videos of the step (stage 0 only: DeepStack layers live there, so visual data never crosses)
 TokenPayload (last stage -> stage 0): mb, tokens [B] int64 in layout order (-1 for open prompts), logprobs (None,
 or per row None or [logprob of the sampled token, [[token id, logprob], ...] the most likely first]; JSON), and
@@ -44,14 +49,17 @@ class StepPayload:
     stats: list[dict[str, Any]] = field(default_factory=list)  # each stage appends its busy time (JSON)
     continued: list[int] = field(default_factory=list)
     open_prompts: list[int] = field(default_factory=list)
+    seq_ids: list[int] = field(default_factory=list)
+    released: list[int] = field(default_factory=list)
 
     def header(self) -> dict[str, Any]:
-        """The small JSON part of the payload (everything but the tensors)."""
+        """The small JSON part of the payload (everything but the tensors and the block tables)."""
         h: dict[str, Any] = {"kind": self.kind, "mb": self.mb, "step": self.step, "stats": self.stats}
         if self.layout is not None:
-            h.update(slots=self.layout.slots, starts=self.layout.starts, lens=self.layout.lens,
+            h.update(seq_ids=self.seq_ids, starts=self.layout.starts, lens=self.layout.lens,
+                     table_lens=[len(t) for t in self.layout.block_tables],
                      new_seqs={str(k): v for k, v in self.new_seqs.items()}, continued=self.continued,
-                     open_prompts=self.open_prompts,
+                     open_prompts=self.open_prompts, released=self.released,
                      hidden=list(self.hidden.shape) if self.hidden is not None else None,
                      dtype=str(self.hidden.dtype).removeprefix("torch.") if self.hidden is not None else None)
         return h

@@ -11,7 +11,11 @@ Ownership rules (docs/distributed_design.md):
 Memory per stage (bytes, all conservative):
 - weights: its layers, plus vision + embedding on stage 0, plus final norm + lm_head on the last stage
   (``model.param_counts``);
-- KV cache: layers x 2 (k, v) x kv_heads x head_dim x dtype bytes x max_seq_len x max_batch (one slot per sequence);
+- KV cache: a pool of blocks of ``kv_block_size`` tokens shared by all sequences, the same number of blocks on every
+  stage (plus one scratch block): layers x 2 (k, v) x kv_heads x head_dim x dtype bytes x pool tokens. The pool is
+  ``max_total_tokens`` when given; otherwise max_seq_len x max_batch tokens, and with memory budgets all that the
+  tightest stage has left after weights and activations (the layers are placed so that at least max_seq_len x
+  max_batch tokens fit);
 - activation / workspace (``_workspace_bytes``): one prefill chunk through one layer, the vision tower on a largest
   image (stage 0), sampling logits (last stage), and a fixed runtime overhead.
 
@@ -23,6 +27,7 @@ stage subject to the memory budgets, then evens out the other stages (smallest s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -38,6 +43,7 @@ DEFAULT_MAX_SEQ_LEN = 32768
 DEFAULT_PREFILL_CHUNK = 8192
 DEFAULT_MAX_BATCH = 4
 DEFAULT_MAX_IMAGE_TOKENS = 16384  # merged tokens of the processor's largest image (4096x4096 pixels)
+DEFAULT_KV_BLOCK_SIZE = 16  # tokens per KV block (also the granularity of the prefix cache)
 RUNTIME_OVERHEAD_BYTES = 2 * GB  # CUDA context, cuBLAS/NCCL workspaces, allocator fragmentation
 
 
@@ -54,10 +60,18 @@ class Stage:
     holds_embed: bool
     holds_head: bool  # final norm + lm_head
     weights_bytes: int
-    kv_bytes: int
+    kv_bytes: int  # the KV pool's blocks for this stage's layers
     act_bytes: int  # activation / workspace estimate, runtime overhead included
     decode_bytes: int  # weight bytes read per decode token: the balancing cost
     budget_bytes: int | None
+    kv_token_bytes: int  # KV bytes per token of context on this stage (its layers' k and v)
+
+    @property
+    def kv_capacity_tokens(self) -> int | None:
+        """Tokens of KV this stage's budget has room for beside its weights and activations (None: no budget)."""
+        if self.budget_bytes is None:
+            return None
+        return max(0, self.budget_bytes - self.weights_bytes - self.act_bytes) // self.kv_token_bytes
 
     @property
     def num_layers(self) -> int:
@@ -93,6 +107,17 @@ class StagePlan:
     prefill_chunk: int
     max_image_tokens: int
     balanced: bool  # False when the layer counts were given explicitly
+    kv_block_size: int = DEFAULT_KV_BLOCK_SIZE
+    kv_blocks: int = 0  # blocks in every stage's KV pool (sequences' blocks; the scratch block is extra)
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Tokens of KV the pool holds, all sequences together."""
+        return self.kv_blocks * self.kv_block_size
+
+    def sequences_of(self, tokens: int) -> int:
+        """How many sequences of ``tokens`` tokens the KV pool holds at once."""
+        return self.max_total_tokens // tokens
 
     @property
     def layer_ranges(self) -> tuple[tuple[int, int], ...]:
@@ -126,7 +151,10 @@ class StagePlan:
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "stages"}
         d["fingerprint"] = self.fingerprint()
-        d["stages"] = [{**asdict(s), "total_bytes": s.total_bytes, "fits": s.fits} for s in self.stages]
+        d["max_total_tokens"] = self.max_total_tokens
+        d["sequences_of_32k"] = self.sequences_of(32768)
+        d["stages"] = [{**asdict(s), "total_bytes": s.total_bytes, "fits": s.fits,
+                        "kv_capacity_tokens": s.kv_capacity_tokens} for s in self.stages]
         return d
 
     def to_json(self) -> str:
@@ -147,7 +175,8 @@ class _Costs:
     """Per-stage bytes as a function of (is first, is last, number of layers); every layer has the same shapes."""
 
     weights: ComponentBytes  # a tied lm_head is a copy of the embedding matrix on the last stage, so counted there
-    kv_per_layer: int
+    kv_token_layer: int  # KV bytes of one token in one layer
+    kv_tokens: int  # the pool's tokens, scratch block included
     layer_workspace: int
     vision_workspace: int
     head_workspace: int
@@ -165,7 +194,7 @@ class _Costs:
             weights += w.final_norm + w.lm_head
             act += self.head_workspace
             decode += w.final_norm + w.lm_head
-        return weights, n * self.kv_per_layer, act, decode
+        return weights, n * self.kv_token_layer * self.kv_tokens, act, decode
 
 
 def _act_dtype_bytes(dtype: str) -> int:
@@ -199,11 +228,11 @@ def _workspace_bytes(cfg: ModelConfig, dtype: str, chunk: int, image_tokens: int
     return decoder, vision, head
 
 
-def _costs(cfg: ModelConfig, dtype: str, max_seq_len: int, max_batch: int, chunk: int, image_tokens: int) -> _Costs:
+def _costs(cfg: ModelConfig, dtype: str, kv_tokens: int, max_batch: int, chunk: int, image_tokens: int) -> _Costs:
     t = cfg.text
-    kv = 2 * t.kv_dim * _act_dtype_bytes(dtype) * max_seq_len * max_batch
     layer_ws, vision_ws, head_ws = _workspace_bytes(cfg, dtype, chunk, image_tokens, max_batch)
-    return _Costs(component_bytes(cfg, dtype), kv, layer_ws, vision_ws, head_ws)
+    return _Costs(component_bytes(cfg, dtype), 2 * t.kv_dim * _act_dtype_bytes(dtype), kv_tokens, layer_ws, vision_ws,
+                  head_ws)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -313,12 +342,11 @@ def _budgets(gpu_mem_gb: float | Sequence[float] | None, num_stages: int) -> lis
     return [round(gb * GB) for gb in values]
 
 
-def _check_limits(dtype: str, max_seq_len: int, max_batch: int, prefill_chunk: int, max_image_tokens: int) -> None:
+def _check_limits(dtype: str, **limits: int | None) -> None:
     if dtype not in DTYPES:
         raise PlanError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    for name, value in (("max_seq_len", max_seq_len), ("max_batch", max_batch), ("prefill_chunk", prefill_chunk),
-                        ("max_image_tokens", max_image_tokens)):
-        if value < 1:
+    for name, value in limits.items():
+        if value is not None and value < 1:
             raise PlanError(f"{name} must be at least 1, got {value}")
 
 
@@ -331,38 +359,50 @@ def default_prefill_chunk(max_seq_len: int, max_batch: int = 1) -> int:
 
 
 def step_token_bound(max_seq_len: int, max_batch: int) -> int:
-    """The most tokens one step can carry: every slot's whole sequence. A larger step budget only grows the
-    workspace estimate."""
+    """The most tokens one step can carry: the whole of every running sequence. A larger step budget only grows
+    the workspace estimate."""
     return max_seq_len * max_batch
 
 
 def plan_stages(cfg: ModelConfig, num_stages: int, *, layers_per_stage: Sequence[int] | None = None,
                 gpu_mem_gb: float | Sequence[float] | None = None, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
                 max_batch: int = DEFAULT_MAX_BATCH, dtype: str = "bf16", prefill_chunk: int | None = None,
-                max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS, require_fit: bool = True) -> StagePlan:
-    """Split the decoder layers of ``cfg`` into ``num_stages`` contiguous stages.
+                max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS, max_total_tokens: int | None = None,
+                kv_block_size: int = DEFAULT_KV_BLOCK_SIZE, require_fit: bool = True) -> StagePlan:
+    """Split the decoder layers of ``cfg`` into ``num_stages`` contiguous stages and size the KV pool.
 
     ``layers_per_stage`` fixes the counts; otherwise they are balanced on decode bytes within ``gpu_mem_gb`` (one
     budget for all stages or one per stage, decimal GB). ``prefill_chunk`` defaults to ``default_prefill_chunk``
-    (what the engine uses when not told); the largest image is capped at ``max_seq_len`` tokens. With
-    ``require_fit`` a stage over its budget raises PlanError; otherwise the plan is returned with ``fits`` False on
-    that stage.
+    (what the engine uses when not told); the largest image is capped at ``max_seq_len`` tokens. The KV pool holds
+    ``max_total_tokens`` (rounded up to whole blocks); by default max_seq_len x max_batch, grown with budgets to
+    all that the tightest stage has room for once the layers are placed.
+    With ``require_fit`` a stage over its budget raises PlanError; otherwise the plan is returned with ``fits``
+    False on that stage.
     """
     num_layers, num_ds = cfg.text.num_hidden_layers, cfg.num_deepstack
     chunk = default_prefill_chunk(max_seq_len, max_batch) if prefill_chunk is None else prefill_chunk
-    _check_limits(dtype, max_seq_len, max_batch, chunk, max_image_tokens)
+    _check_limits(dtype, max_seq_len=max_seq_len, max_batch=max_batch, prefill_chunk=chunk,
+                  max_image_tokens=max_image_tokens, max_total_tokens=max_total_tokens, kv_block_size=kv_block_size)
     chunk = min(chunk, step_token_bound(max_seq_len, max_batch))
     _check_shape(num_layers, num_stages, num_ds)
     budgets = _budgets(gpu_mem_gb, num_stages)
     image_tokens = min(max_image_tokens, max_seq_len)
-    costs = _costs(cfg, dtype, max_seq_len, max_batch, chunk, image_tokens)
+    fill = max_total_tokens is None and budgets is not None  # the pool takes what the budgets leave
+    pool = max_total_tokens or max_seq_len * max_batch
+    blocks = -(-pool // kv_block_size)
+    costs = _costs(cfg, dtype, (blocks + 1) * kv_block_size, max_batch, chunk, image_tokens)
     if layers_per_stage is not None:
         counts = _check_counts(layers_per_stage, num_layers, num_stages, num_ds)
     else:
         counts = _balanced_counts(costs, num_layers, num_stages, num_ds, budgets)
+    if fill:  # one pool size for all stages: what the tightest one has room for, less its scratch block
+        room = min(s.kv_capacity_tokens for s in _build_stages(costs, counts, budgets))
+        blocks = max(blocks, room // kv_block_size - 1)
+        costs = dataclasses.replace(costs, kv_tokens=(blocks + 1) * kv_block_size)
     plan = StagePlan(stages=_build_stages(costs, counts, budgets), num_layers=num_layers, dtype=dtype,
                      max_seq_len=max_seq_len, max_batch=max_batch, prefill_chunk=chunk,
-                     max_image_tokens=image_tokens, balanced=layers_per_stage is None)
+                     max_image_tokens=image_tokens, balanced=layers_per_stage is None, kv_block_size=kv_block_size,
+                     kv_blocks=blocks)
     if require_fit:
         plan.check_fits()
     return plan
@@ -374,6 +414,7 @@ def _build_stages(costs: _Costs, counts: Sequence[int], budgets: list[int] | Non
         weights, kv, act, decode = costs.stage(i == 0, i == last, n)
         stages.append(Stage(index=i, start=start, stop=start + n, holds_vision=i == 0, holds_embed=i == 0,
                             holds_head=i == last, weights_bytes=weights, kv_bytes=kv, act_bytes=act,
-                            decode_bytes=decode, budget_bytes=None if budgets is None else budgets[i]))
+                            decode_bytes=decode, budget_bytes=None if budgets is None else budgets[i],
+                            kv_token_bytes=n * costs.kv_token_layer))
         start += n
     return tuple(stages)

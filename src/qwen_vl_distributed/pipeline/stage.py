@@ -1,4 +1,5 @@
-"""The stage runtime: one process's model (a range of layers), its KV cache, and -- on the last stage -- the sampler.
+"""The stage runtime: one process's model (a range of layers), its KV block pool, and -- on the last stage -- the
+sampler.
 
 ``StageRuntime.run`` takes the payload that arrives at this stage and returns what leaves it: hidden states for the
 next stage, or the sampled tokens (last stage). With S = 1 the one stage is both first and last.
@@ -17,15 +18,18 @@ from .payload import StepPayload, TokenPayload
 
 
 class Sampler(Protocol):
-    """Per-slot sampling state lives on the last stage (seeded generators, penalty counts)."""
+    """Per-sequence sampling state lives on the last stage (seeded generators, penalty counts), keyed by the
+    engine's sequence id."""
 
-    def start(self, slot: int, params: dict[str, Any], prompt_ids: list[int]) -> None: ...
+    def start(self, seq_id: int, params: dict[str, Any], prompt_ids: list[int]) -> None: ...
 
-    def extend(self, slot: int, prompt_ids: list[int]) -> None: ...
+    def extend(self, seq_id: int, prompt_ids: list[int]) -> None: ...
 
-    def sample(self, slots: list[int], logits: torch.Tensor) -> Any:
+    def sample(self, seq_ids: list[int], logits: torch.Tensor) -> Any:
         """A draw: ``.tokens`` int64 [B] and ``.logprobs``, per row None or an object with ``logprob`` (float) and
         ``top`` ([(token id, logprob)])."""
+
+    def release(self, seq_id: int) -> None: ...
 
 
 class StageRuntime:
@@ -58,7 +62,8 @@ class StageRuntime:
                 result = TokenPayload("tokens", p.mb, *self._sample(p, out))
             else:  # a copy: the stage may reuse its output buffer (CUDA-graph replay) while the send is in flight
                 result = StepPayload("step", p.mb, p.step, p.layout, p.positions, p.input_ids, out.clone(),
-                                     p.new_seqs, continued=p.continued, open_prompts=p.open_prompts)
+                                     p.new_seqs, continued=p.continued, open_prompts=p.open_prompts,
+                                     seq_ids=p.seq_ids, released=p.released)
         if timer is None:
             self.busy_s += time.perf_counter() - t0
         else:  # no host sync: the next stage's NCCL receive waits for this stream; read the events later
@@ -74,23 +79,25 @@ class StageRuntime:
 
     def _sample(self, p: StepPayload, logits: torch.Tensor) -> tuple[torch.Tensor, list | None]:
         """Tokens [B] in layout order: sampled for decoding sequences and finished prompts, -1 for open prompts
-        (a chunk short of the prompt's end: its logits row is dropped); and the log-probabilities of the rows that
-        asked for them (TokenPayload.logprobs), or None when no row did."""
+        (a chunk short of the prompt's end, or a preempted sequence computed again: its logits row is dropped);
+        and the log-probabilities of the rows that asked for them (TokenPayload.logprobs), or None when no row did."""
+        for sid in p.released:
+            self.sampler.release(sid)
         ids = p.input_ids.tolist()
         offsets = p.layout.offsets()
-        for i, slot in enumerate(p.layout.slots):
-            if slot in p.new_seqs:
-                self.sampler.start(slot, p.new_seqs[slot], ids[offsets[i]:offsets[i + 1]])
-            elif slot in p.continued:
-                self.sampler.extend(slot, ids[offsets[i]:offsets[i + 1]])
-        rows = [i for i, slot in enumerate(p.layout.slots) if slot not in p.open_prompts]
-        tokens = torch.full((len(p.layout.slots),), -1, dtype=torch.long)
+        for i, sid in enumerate(p.seq_ids):
+            if sid in p.new_seqs:
+                self.sampler.start(sid, p.new_seqs[sid], ids[offsets[i]:offsets[i + 1]])
+            elif sid in p.continued:
+                self.sampler.extend(sid, ids[offsets[i]:offsets[i + 1]])
+        rows = [i for i, sid in enumerate(p.seq_ids) if sid not in p.open_prompts]
+        tokens = torch.full((len(p.seq_ids),), -1, dtype=torch.long)
         logprobs: list | None = None
         if rows:
-            drawn = self.sampler.sample([p.layout.slots[i] for i in rows], logits[rows])
+            drawn = self.sampler.sample([p.seq_ids[i] for i in rows], logits[rows])
             tokens[rows] = drawn.tokens.cpu()
             if any(lp is not None for lp in drawn.logprobs):
-                logprobs = [None] * len(p.layout.slots)
+                logprobs = [None] * len(p.seq_ids)
                 for i, lp in zip(rows, drawn.logprobs):
                     logprobs[i] = None if lp is None else [lp.logprob, [list(t) for t in lp.top]]
         return tokens, logprobs

@@ -2,7 +2,9 @@
 
 Two planes. The control plane always runs on a gloo group (host memory, TCP): a length (int64 [1]) and a JSON
 header holding everything small -- kind, micro-batch, layout, new sequences' sampling parameters, per-stage stats,
-and the step's token ids and M-RoPE positions (or, on the way back to stage 0, the sampled tokens). The data plane
+and the step's token ids and M-RoPE positions (or, on the way back to stage 0, the sampled tokens) -- then the
+step's block tables as one int32 message (a 32k-token sequence lists thousands of blocks: binary, not JSON). The
+data plane
 carries the one large tensor, hidden [T, H], on the main backend: NCCL GPU to GPU, or gloo. So a hop costs one small
 TCP exchange and one device-to-device transfer, and reading the header never forces a GPU sync. Tags keep the two
 directions apart (0: steps, 1: tokens).
@@ -68,27 +70,32 @@ class Transport:
     # -- steps ------------------------------------------------------------------------------------------------------
     def send_step(self, p: StepPayload) -> None:
         header = p.header()
-        data = []
+        data, tables = [], []
         if p.layout is not None:
             header["ids"] = p.input_ids.tolist()
             header["pos"] = p.positions.tolist()
+            tables.append(torch.tensor([b for t in p.layout.block_tables for b in t], dtype=torch.int32))
             if p.hidden is not None:
                 data.append(p.hidden.to(self.device, self.hidden_dtype))
                 header["dtype"] = str(self.hidden_dtype).removeprefix("torch.")  # what is actually sent
-        self._send(header, data, self.next_rank, STEP_TAG)
+        self._send(header, data, self.next_rank, STEP_TAG, tables)
 
     def recv_step(self) -> StepPayload:
         h = self._recv_header(self.prev_rank, STEP_TAG)
         if h["kind"] != "step":
             return StepPayload(kind=h["kind"], stats=h["stats"])
+        flat = torch.empty(sum(h["table_lens"]), dtype=torch.int32)
+        self._wait(self._irecv(flat, self.prev_rank, STEP_TAG, self.control), self.prev_rank, control=True)
         hidden = None
         if h["hidden"] is not None:
             hidden = self._recv_tensor(tuple(h["hidden"]), getattr(torch, h["dtype"]), self.prev_rank, STEP_TAG)
-        layout = SeqLayout(h["slots"], h["starts"], h["lens"])
+        tables = [t.tolist() for t in flat.split(h["table_lens"])]
+        layout = SeqLayout(tables, h["starts"], h["lens"])
         new = {int(k): v for k, v in h["new_seqs"].items()}
         return StepPayload("step", h["mb"], h["step"], layout, torch.tensor(h["pos"], dtype=torch.long),
                            torch.tensor(h["ids"], dtype=torch.long), hidden, new, stats=h["stats"],
-                           continued=h["continued"], open_prompts=h["open_prompts"])
+                           continued=h["continued"], open_prompts=h["open_prompts"], seq_ids=h["seq_ids"],
+                           released=h["released"])
 
     # -- tokens back to stage 0 ---------------------------------------------------------------------------------
     def send_tokens(self, p: TokenPayload) -> None:
@@ -102,7 +109,9 @@ class Transport:
         return TokenPayload(h["kind"], h["mb"], tokens, h["logprobs"], h["stats"])
 
     # -- plumbing -------------------------------------------------------------------------------------------------
-    def _send(self, header: dict, data: list[torch.Tensor], dst: int, tag: int) -> None:
+    def _send(self, header: dict, data: list[torch.Tensor], dst: int, tag: int,
+              more_control: list[torch.Tensor] = ()) -> None:
+        """The header (and ``more_control``, host tensors) on the control plane, then ``data`` on the main one."""
         body = json.dumps(header).encode()
         first = bytearray(HEADER_BYTES)
         first[:8] = len(body).to_bytes(8, "little")
@@ -111,6 +120,7 @@ class Transport:
         control = [torch.frombuffer(first, dtype=torch.uint8)]
         if len(body) > len(head):  # long prompts: ids and positions of thousands of tokens
             control.append(torch.frombuffer(bytearray(body[len(head):]), dtype=torch.uint8))
+        control += list(more_control)
         self._reap()
         try:
             works = [(dist.isend(m, dst=dst, tag=tag, group=self.control), True) for m in control]

@@ -1,11 +1,14 @@
-"""CUDA-graph replay of one stage's decode step, one graph per batch-size bucket, over the static KV cache.
+"""CUDA-graph replay of one stage's decode step, one graph per batch-size bucket, over the KV cache's blocks.
 
-Shapes: B sequences decoding one token each, Bb the bucket (smallest captured size >= B), H hidden, V vocab.
+Shapes: B sequences decoding one token each, Bb the bucket (smallest captured size >= B), H hidden, V vocab,
+W the widest block table (the cache's ``max_blocks_per_seq``).
 
 A decode step is ~100 small kernels per layer: launched from Python they cost more host time than the GPU needs
 (see docs/benchmarks.md), so the step is captured once per bucket and replayed. What the graph reads lives in
-static buffers: input_ids or hidden, positions [3, Bb], slots and starts [Bb]. Rows B..Bb-1 are padding: they
-decode token 0 at position 0 into ``scratch_slot``, a KV slot no sequence owns, so they never touch real caches.
+static buffers: input_ids or hidden, positions [3, Bb], block tables [Bb, W], and per row its start and the block
+and offset its new k/v go to [Bb] (worked out on the host when the step is loaded). Rows B..Bb-1 are padding: they
+decode token 0 at position 0 into the cache's scratch block, which no sequence owns, so they never touch real
+blocks. Table entries past a sequence's length keep whatever an earlier step left: no kernel reads them.
 
 The captured step is the text-only decode path of ``Qwen3VLMoe.forward`` (embedding or incoming hidden, the
 stage's layers, final norm + lm_head) written without host work: rotary tables from device-resident index tables,
@@ -13,8 +16,8 @@ the layout's device tensors pre-filled with the static buffers, and every row's 
 Implementations behind the kernel interfaces must be graph-safe (``kernels.decode_graph_safe``): 'fast' (Triton
 experts at decode sizes, split-KV attention), not 'reference' (host loops over python lists) or grouped GEMM. A
 step whose implementations are not is never captured: it runs eagerly. The captured step's layout refuses to be
-read on the host (``CapturedLayout``), so a path that would freeze the capture-time slots and lengths into the
-graph fails the capture with an error instead of replaying them.
+read on the host (``CapturedLayout``), so a path that would freeze the capture-time block tables and lengths
+into the graph fails the capture with an error instead of replaying them.
 """
 
 from __future__ import annotations
@@ -31,20 +34,27 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
 class CapturedLayout(SeqLayout):
-    """The layout of a decode step as a CUDA graph captures it: its device tensors (slots, starts) are the graph's
-    static buffers; reading the step on the host (row offsets, host-built tables) raises, since a graph would
-    replay the capture-time values for every later step."""
+    """The layout of a decode step as a CUDA graph captures it: its device tensors (starts, block tables, the rows'
+    blocks and offsets: ``bind``) are the graph's static buffers; reading the step on the host (row offsets,
+    tables built from the host lists) raises, since a graph would replay the capture-time values for every later
+    step."""
 
     def offsets(self) -> list[int]:
         raise _host_read("the packed rows' offsets")
 
-    def row_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        raise _host_read("per-row cache tables")
-
     def tensor(self, name: str, device) -> torch.Tensor:
-        if (name, str(device)) not in self._cache:
-            raise _host_read(f"a device copy of {name!r}")
-        return self._cache[(name, str(device))]
+        return self._bound((name, str(device)), f"a device copy of {name!r}")
+
+    def block_table(self, device) -> torch.Tensor:
+        return self._bound(("tables", str(device)), "the block tables")
+
+    def row_tables(self, device, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._bound(("rows", str(device), block_size), "per-row cache tables")
+
+    def _bound(self, key: tuple, what: str):
+        if key not in self._cache:
+            raise _host_read(what)
+        return self._cache[key]
 
 
 def _host_read(what: str) -> RuntimeError:
@@ -54,16 +64,14 @@ def _host_read(what: str) -> RuntimeError:
 
 
 class DecodeGraphs:
-    def __init__(self, model: Qwen3VLMoe, cache: KVCache, scratch_slot: int | None = None,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, fused: bool | None = None):
+    def __init__(self, model: Qwen3VLMoe, cache: KVCache, buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+                 fused: bool | None = None):
         """``fused``: run each layer through kernels.decode_layer (16 launches) rather than the module's eager
         forward; default: where ``kernels.fused_layers_fit``. Steps are captured only where the fused layers or the
         modules' implementations are graph-safe (``capturable``)."""
         self.model = model
         self.cache = cache
-        self.scratch_slot = cache.num_slots - 1 if scratch_slot is None else scratch_slot
-        if not 0 <= self.scratch_slot < cache.num_slots:
-            raise ValueError(f"scratch slot {self.scratch_slot} is outside the cache's {cache.num_slots} slots")
+        self.scratch = cache.scratch_block
         self.buckets = tuple(sorted(set(buckets)))
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -75,13 +83,14 @@ class DecodeGraphs:
         self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.hidden = torch.zeros(n, t.hidden_size, dtype=self.dtype, device=dev)
         self.positions = torch.zeros(3, n, dtype=torch.long, device=dev)
-        self.slots = torch.full((n,), self.scratch_slot, dtype=torch.long, device=dev)
-        self.starts = torch.zeros(n, dtype=torch.long, device=dev)
+        self.tables = torch.full((n, cache.max_blocks_per_seq), self.scratch, dtype=torch.int32, device=dev)
+        # per row: start (tokens cached before it), block and offset its k/v go to
+        self.rows = torch.zeros(3, n, dtype=torch.long, device=dev)
         # rotary tables made once: the shared device axis map, and the inverse frequencies (text_rope_tables makes
         # those per call: a few kernels that a captured decode step need not replay)
         self._axis = mrope_axis_tensor(t.head_dim // 2, tuple(t.mrope_section), str(dev))
         self._inv = text_inv_freq(t.head_dim, t.rope_theta, dev)
-        self._host: tuple[list[int], list[int]] = ([], [])  # padded slots, starts of the last load
+        self._host = SeqLayout([], [], [])  # the last loaded step, padded to its bucket
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -95,13 +104,12 @@ class DecodeGraphs:
     def _layout(self, b: int, captured: bool = False) -> SeqLayout:
         # The python lists are the last loaded step's (eager paths read them); captured kernels read only the
         # device tensors, which are the static buffers themselves.
-        slots, starts = self._host
-        slots = (slots + [self.scratch_slot] * b)[:b]
-        starts = (starts + [0] * b)[:b]
-        layout = (CapturedLayout if captured else SeqLayout)(slots=slots, starts=starts, lens=[1] * b)
-        layout._cache[("slots", str(self.device))] = self.slots[:b]
-        layout._cache[("starts", str(self.device))] = self.starts[:b]
-        return layout
+        h = self._host
+        tables = (h.block_tables + [[self.scratch]] * b)[:b]
+        starts = (h.starts + [0] * b)[:b]
+        return (CapturedLayout if captured else SeqLayout)(tables, starts, [1] * b).bind(
+            self.device, self.cache.block_size, starts=self.rows[0, :b], block_table=self.tables[:b],
+            rows=(self.rows[1, :b], self.rows[2, :b]))
 
     def step(self, b: int, captured: bool = False) -> torch.Tensor:
         """The decode step on the first b rows of the static buffers: eager, or (``captured``) as a graph captures
@@ -113,9 +121,10 @@ class DecodeGraphs:
         if self.fused:
             from ..kernels.decode_layer import decode_layer, rmsnorm
 
+            rows = (self.rows[1, :b], self.rows[2, :b])
             for idx in m.layer_ids:
-                h = decode_layer(lm.layers[str(idx)], h, *rope, self.cache.layer(idx), self.slots[:b],
-                                 self.starts[:b])
+                h = decode_layer(lm.layers[str(idx)], h, *rope, self.cache.layer(idx), self.tables[:b],
+                                 self.rows[0, :b], rows)
             if not m.has_head:
                 return h
             return m.lm_head(rmsnorm(h, lm.norm.weight, lm.norm.eps)).float()
@@ -154,15 +163,24 @@ class DecodeGraphs:
                 return b
         raise ValueError(f"decode batch {n} is larger than the largest captured bucket {self.buckets[-1]}")
 
-    def load(self, slots: list[int], starts: list[int], positions: torch.Tensor,
+    def load(self, tables: list[list[int]], starts: list[int], positions: torch.Tensor,
              input_ids: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> int:
         """Copy one step's inputs into the static buffers, padding to the bucket; returns the bucket."""
-        n = len(slots)
+        n = len(starts)
         b = self.bucket(n)
+        bs = self.cache.block_size
         pad = b - n
-        self._host = (list(slots) + [self.scratch_slot] * pad, list(starts) + [0] * pad)
-        self.slots[:b].copy_(torch.tensor(self._host[0]), non_blocking=True)
-        self.starts[:b].copy_(torch.tensor(self._host[1]), non_blocking=True)
+        self._host = SeqLayout(list(tables) + [[self.scratch]] * pad, list(starts) + [0] * pad, [1] * b)
+        width = max(len(t) for t in self._host.block_tables)
+        if width > self.tables.shape[1]:
+            raise ValueError(f"a block table of {width} blocks is wider than the cache's {self.tables.shape[1]}")
+        table = torch.zeros(b, width, dtype=torch.int32)
+        for i, t in enumerate(self._host.block_tables):
+            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        self.tables[:b, :width].copy_(table, non_blocking=True)
+        pos = torch.tensor(self._host.starts)
+        rows = torch.stack([pos, table.long().gather(1, (pos // bs)[:, None])[:, 0], pos % bs])
+        self.rows[:, :b].copy_(rows, non_blocking=True)
         self.positions[:, :n].copy_(positions, non_blocking=True)
         self.positions[:, n:b].zero_()
         if self.model.has_embed:
@@ -187,18 +205,18 @@ class DecodeGraphs:
         The returned tensor is the graph's output buffer: read or copy it before the next replay."""
         if not layout.is_decode:
             raise ValueError("DecodeGraphs runs decode steps only (every sequence brings one token)")
-        b = self.load(layout.slots, layout.starts, positions, input_ids, hidden)
-        return self.replay(b)[:len(layout.slots)]
+        b = self.load(layout.block_tables, layout.starts, positions, input_ids, hidden)
+        return self.replay(b)[:len(layout.starts)]
 
 
 class GraphedStage:
     """Drop-in for a stage model's forward: decode steps that fit a bucket replay a graph; every other step runs
     the model's own forward (with ``enable_fast_paths``, its layers run the 'fused' layer impl)."""
 
-    def __init__(self, model: Qwen3VLMoe, cache: KVCache, scratch_slot: int | None = None,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, fused: bool | None = None):
+    def __init__(self, model: Qwen3VLMoe, cache: KVCache, buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+                 fused: bool | None = None):
         self.model = model
-        self.graphs = DecodeGraphs(model, cache, scratch_slot, buckets, fused)
+        self.graphs = DecodeGraphs(model, cache, buckets, fused)
         self.graphs.capture()
 
     def __getattr__(self, name):  # has_head, has_embed, layer_ids, ... come from the model
@@ -206,7 +224,7 @@ class GraphedStage:
 
     def __call__(self, *, positions, layout, cache, input_ids=None, hidden=None, visual=None, logits_rows=None):
         if (cache is self.graphs.cache and layout.is_decode and visual is None and logits_rows is None
-                and len(layout.slots) <= self.graphs.buckets[-1]):
+                and len(layout.starts) <= self.graphs.buckets[-1]):
             return self.graphs.run(positions=positions, layout=layout, input_ids=input_ids, hidden=hidden)
         with torch.inference_mode():
             return self.model(positions=positions, layout=layout, cache=cache, input_ids=input_ids, hidden=hidden,

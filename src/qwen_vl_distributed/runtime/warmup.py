@@ -7,9 +7,9 @@ kernel's sort width, the expert tile table's row ranges, the GEMV tiles of short
 kernel, so the first request of a new size pays seconds (measured on the H200: scripts/compile_trace.py).
 
 Token and pair counts are not compile-time values (``do_not_specialize``), so one step per power-of-two size up to
-the step budget reaches every bucket. Each size runs once through this stage's layers as prompts in the scratch
-KV slot, which no sequence owns. A stage that holds the vision tower also encodes one small image, which compiles
-the fused blocks' kernels (a new image size still captures its own graph on first use).
+the step budget reaches every bucket. Each size runs once through this stage's layers as prompts whose block tables
+list only the cache's scratch block, which no sequence owns. A stage that holds the vision tower also encodes one
+small image, which compiles the fused blocks' kernels (a new image size still captures its own graph on first use).
 """
 
 from __future__ import annotations
@@ -33,16 +33,17 @@ def prompt_sizes(max_tokens: int) -> list[int]:
     return sorted(s for s in sizes if 2 <= s <= max_tokens)
 
 
-def warm_layout(t: int, slot: int, max_len: int) -> SeqLayout:
-    """A step of t prompt tokens in cache slot ``slot``: one prompt, or prompts of ``max_len`` tokens and the rest
-    where t is more than a slot holds. Those share the slot and overwrite each other's keys, which nothing reads."""
+def warm_layout(t: int, block: int, block_size: int, max_len: int) -> SeqLayout:
+    """A step of t prompt tokens all in cache block ``block``: one prompt, or prompts of ``max_len`` tokens and the
+    rest where t is more than a sequence holds. Every table entry is that block: the prompts overwrite each other's
+    keys there, which nothing reads."""
     lens = [max_len] * (t // max_len) + ([t % max_len] if t % max_len else [])
-    return SeqLayout([slot] * len(lens), [0] * len(lens), lens)
+    return SeqLayout([[block] * -(-n // block_size) for n in lens], [0] * len(lens), lens)
 
 
-def warm_prompt_path(model, cache, slot: int, max_tokens: int, vision: bool = True) -> list[int]:
+def warm_prompt_path(model, cache, max_tokens: int, vision: bool = True) -> list[int]:
     """Run ``model`` (a stage, or anything called as one) on one step of each of ``prompt_sizes(max_tokens)``
-    prompt tokens in cache slot ``slot``; returns the sizes run. Only ``slot`` of the cache is written."""
+    prompt tokens in the cache's scratch block; returns the sizes run. Only that block of the cache is written."""
     stage = _stage_model(model)
     cfg = stage.cfg.text
     p = next(stage.parameters())
@@ -50,7 +51,7 @@ def warm_prompt_path(model, cache, slot: int, max_tokens: int, vision: bool = Tr
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for t in sizes:
-            layout = warm_layout(t, slot, cache.max_len)
+            layout = warm_layout(t, cache.scratch_block, cache.block_size, cache.max_seq_len)
             ids = torch.randint(0, cfg.vocab_size, (t,), generator=g)
             hidden = None if stage.has_embed else (torch.randn(t, cfg.hidden_size, generator=g) * 0.1).to(p)
             positions = torch.cat([torch.arange(n) for n in layout.lens]).repeat(3, 1)  # text: the 3 axes agree
@@ -76,10 +77,10 @@ def _warm_vision(stage: Qwen3VLMoe) -> None:
     tower.run_layers(pixels, grid, getattr(tower.runner, "block_fn", None))
 
 
-def warm_stage(model, cache, slot: int, max_tokens: int, name: str = "stage", quiet: bool = False) -> float:
+def warm_stage(model, cache, max_tokens: int, name: str = "stage", quiet: bool = False) -> float:
     """``warm_prompt_path`` timed, with one line of progress; returns the seconds it took."""
     start = time.perf_counter()
-    sizes = warm_prompt_path(model, cache, slot, max_tokens)
+    sizes = warm_prompt_path(model, cache, max_tokens)
     device = next(_stage_model(model).parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 class ServerSettings:
     model_name: str
     api_key: str | None = None
-    max_queue: int = 64  # requests waiting for a KV slot beyond those running; more get 503
+    max_queue: int = 64  # requests waiting beyond max_batch running; more get 503
     retry_after_s: int = 1
     # Request defaults from the checkpoint's generation_config.json (temperature, top_p, top_k, ...).
     generation_config: dict[str, Any] = field(default_factory=dict)

@@ -115,7 +115,7 @@ async def _sse(request: Request, gens: list[Generation], req: ChatCompletionRequ
     except EngineFailure as e:
         yield engine_failure_event(e, request)
     finally:
-        _close(gens)  # client gone mid-stream: free the slots now rather than when the generator is collected
+        _close(gens)  # client gone mid-stream: free the KV blocks now rather than when the generator is collected
     yield "data: [DONE]\n\n"
 
 

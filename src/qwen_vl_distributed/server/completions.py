@@ -67,7 +67,8 @@ async def completion(request: Request, req: CompletionRequest, state: Any, t_arr
                 return OutputStream(state.processor, None, False, p.stop, bool(req.include_stop_str_in_output),
                                     req.skip_special)
 
-            gens += start(state, prompt, params, t_arrival, text, first_index=i * req.choices, request=request)
+            gens += start(state, prompt, params, t_arrival, text, first_index=i * req.choices, request=request,
+                          param="prompt")
     except BaseException:
         for g in gens:  # a later prompt refused: the earlier ones' sequences go too
             g.close()

@@ -2,7 +2,7 @@
 -> tool calls -> ``Update`` items; and the merge of a request's n choices.
 
 Streaming and non-streaming responses both consume ``Generation.updates()``, so they cannot disagree. A stop string
-found in the text ends the sequence in the engine at once (its slot is freed).
+found in the text ends the sequence in the engine at once (its KV blocks are freed).
 """
 
 from __future__ import annotations
@@ -180,8 +180,7 @@ class Generation:
             self.engine.abort(self.handle)
             self.finish_reason = "abort"
         self.metrics.generation_done(self.finish_reason, self.prompt_tokens if self.count_prompt else 0,
-                                     self.completion_tokens, self.cached_tokens,
-                                     time.perf_counter() - self.t_arrival)
+                                     self.completion_tokens, time.perf_counter() - self.t_arrival)
 
 
 async def merged(gens: list[Generation]) -> AsyncIterator[Update]:

@@ -193,7 +193,11 @@ LIMITS: tuple[Limit, ...] = (
           "or `max_tokens`; checked from text length and media headers before decoding"),
     Limit("`max_tokens` / `max_completion_tokens`", None, "the context minus the prompt",
           "400 `context_length_exceeded`, param `max_tokens`, before any work when it alone passes the context"),
-    Limit("requests running (KV slots)", "--max-batch", "", "wait in the queue"),
+    Limit("requests running", "--max-batch", "", "wait in the queue"),
+    Limit("KV cache tokens of a stage (all running sequences together)", "--max-total-tokens",
+          "what the GPU holds after weights and activations (the plan's figure); on CPU max-len x max-batch",
+          "a prompt plus `max_tokens` over the whole cache: 400 `context_length_exceeded`; otherwise sequences "
+          "wait, or are preempted and computed again later"),
     Limit("requests waiting, being preprocessed or arriving", "--max-queue", "", "503 `queue_full`, `Retry-After`"),
     Limit("images per request", "--max-images", "", "400 `media_limit_exceeded`"),
     Limit("videos per request", "--max-videos", "", "400 `media_limit_exceeded`"),
@@ -212,7 +216,7 @@ LIMITS: tuple[Limit, ...] = (
     Limit("JSON nesting", None, "Python's recursion limit (about 1000 levels)", "400 `invalid_json`"),
     Limit("seconds for one request", "--request-timeout", "; a client may ask for less with the `X-Request-Timeout` "
           "header (seconds)", "504 `deadline_exceeded` (408 while its body is still arriving; in a stream: an error "
-          "event, then `[DONE]`); its KV slot is freed"),
+          "event, then `[DONE]`); its KV blocks are freed"),
     Limit("seconds of grace for running requests at SIGTERM / SIGINT", "--shutdown-grace", "",
           "ended with 503 `shutting_down` (in a stream: an error event, then `[DONE]`)"),
     Limit("seconds of silence of a pipeline stage", "--stage-timeout", "",
@@ -226,7 +230,10 @@ def limits_table(defaults: dict[str, Any]) -> str:
     rows = ["| limit | set by | default | beyond it |", "|---|---|---|---|"]
     for lim in LIMITS:
         extra = lim.default.format(body=f"{body / 1e6:.1f} MB")
-        default = f"{_show(defaults[lim.flag])}{extra}" if lim.flag else extra
+        if lim.flag and not (defaults[lim.flag] is None and extra and not extra.startswith(";")):
+            default = f"{_show(defaults[lim.flag])}{extra}"
+        else:  # no flag, or a flag whose default (None) is computed: the text says what it is
+            default = extra
         rows.append(f"| {lim.what} | {f'`{lim.flag}`' if lim.flag else '-'} | {default or 'none'} | {lim.beyond} |")
     return "\n".join(rows) + "\n"
 

@@ -2,8 +2,9 @@
 dashboards and alerts written for a vLLM server work unchanged; what vLLM has no name for is ``qwen_vl_...``.
 
 Request figures are recorded on the event loop thread as requests finish; engine-side figures (running and waiting
-sequences, KV usage, per-stage busy time) come from the engine thread's published snapshot at scrape time. Every app
-has its own registry (several servers may live in one process, as in the tests).
+sequences, KV usage, prefix-cache queries and hits, preemptions, per-stage busy time) come from the engine thread's
+published snapshot at scrape time. Every app has its own registry (several servers may live in one process, as in
+the tests).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..engine.async_engine import EngineStats
+from ..engine.engine import CacheStats
 
 API_PATHS = ("/v1/chat/completions", "/v1/completions")
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -40,10 +42,6 @@ class Metrics:
         self.req_gen = hist("vllm:request_generation_tokens", "Generated tokens per sequence.", TOKEN_BUCKETS)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens.", label, registry=r).labels(model_name)
         self.gen_tokens = Counter("vllm:generation_tokens", "Generated tokens.", label, registry=r).labels(model_name)
-        self.cache_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the KV cache.", label,
-                                     registry=r).labels(model_name)
-        self.cache_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the KV cache (prefix reuse).",
-                                  label, registry=r).labels(model_name)
         self.success = Counter("vllm:request_success", "Finished sequences by finish reason.",
                                label + ["finished_reason"], registry=r)
         self.http = Counter("qwen_vl_requests", "Completion requests by HTTP status.", ["status"], registry=r)
@@ -61,8 +59,7 @@ class Metrics:
     def request_done(self, status: int) -> None:
         self.http.labels(str(status)).inc()
 
-    def generation_done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
-                        seconds: float) -> None:
+    def generation_done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
         """A sequence ended; ``prompt_tokens`` is 0 for a request's second and later choices (counted once)."""
         self.success.labels(self.model_name, finish_reason).inc()
         self.gen_tokens.inc(completion_tokens)
@@ -71,8 +68,6 @@ class Metrics:
         if prompt_tokens:
             self.prompt_tokens.inc(prompt_tokens)
             self.req_prompt.observe(prompt_tokens)
-            self.cache_queries.inc(prompt_tokens)
-            self.cache_hits.inc(cached_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -87,12 +82,15 @@ class _EngineCollector:
 
     def collect(self):
         s = self.stats()
-        for name, doc, value in (("vllm:num_requests_running", "Sequences holding KV cache.", s.running),
-                                 ("vllm:num_requests_waiting", "Sequences waiting for KV cache.", s.waiting),
-                                 ("vllm:kv_cache_usage_perc", "Fraction of the KV cache in use (0-1).", s.kv_usage)):
+        for name, doc, value in (("vllm:num_requests_running", "Sequences holding KV blocks.", s.running),
+                                 ("vllm:num_requests_waiting", "Sequences waiting for a place in the batch or for "
+                                                               "KV blocks.", s.waiting),
+                                 ("vllm:kv_cache_usage_perc", "Fraction of the KV cache's blocks held by sequences "
+                                                              "(0-1).", s.kv_usage)):
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric([self.model_name], value)
             yield g
+        yield from self._cache(s.cache)
         yield GaugeMetricFamily("qwen_vl_engine_alive", "1 while the engine thread is serving.", value=int(s.alive))
         busy = CounterMetricFamily("qwen_vl_stage_busy_seconds", "Time each pipeline stage spent computing steps.",
                                    labels=["stage"])
@@ -104,12 +102,26 @@ class _EngineCollector:
         yield busy
         yield steps
 
+    def _cache(self, c: CacheStats):
+        """The prefix cache and preemptions, from the engine's counters (tokens looked up and found at every
+        admission: a request's choices and a preempted sequence's recomputation count too)."""
+        for name, doc, value in (
+                ("vllm:prefix_cache_queries", "Tokens looked up in the prefix cache at admissions.", c.prompt_tokens),
+                ("vllm:prefix_cache_hits", "Tokens found in the prefix cache at admissions.", c.cached_tokens),
+                ("vllm:num_preemptions", "Sequences preempted (KV blocks freed, computed again later).",
+                 c.preemptions)):
+            m = CounterMetricFamily(name, doc, labels=["model_name"])
+            m.add_metric([self.model_name], value)
+            yield m
+        yield GaugeMetricFamily("qwen_vl_prefix_cache_hit_rate", "Prefix cache hits over queries, in tokens, since "
+                                "start.", value=c.cached_tokens / c.prompt_tokens if c.prompt_tokens else 0.0)
+
 
 class StatusRecorder:
     """Plain ASGI middleware: counts the status of every completion response (errors included).
 
     Pure ASGI rather than FastAPI's ``@app.middleware`` (BaseHTTPMiddleware), which wraps ``receive`` and can hide a
-    client disconnect from the endpoint -- and noticing disconnects is how aborted requests free their slots."""
+    client disconnect from the endpoint -- and noticing disconnects is how aborted requests free their KV blocks."""
 
     def __init__(self, app, metrics: Metrics):
         self.app = app

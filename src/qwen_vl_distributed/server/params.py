@@ -10,7 +10,7 @@ from ..engine.sampling import SamplingParamError, SamplingParams
 from .errors import APIError
 from .protocol import CommonRequest
 
-MAX_N = 64  # choices per request; each takes a KV slot
+MAX_N = 64  # choices per request; each is a sequence of its own (sharing the prompt's KV blocks)
 
 
 def _bad(param: str, message: str, code: str = "invalid_value") -> APIError:

@@ -188,7 +188,7 @@ def now() -> int:
 
 
 class PromptTokensDetails(BaseModel):
-    cached_tokens: int  # prompt tokens whose KV came from a slot's cache (prefix reuse), not computed
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache, not computed
 
 
 class Usage(BaseModel):

@@ -10,7 +10,7 @@ from typing import Any, Awaitable, Callable
 from fastapi import Request
 
 from ..engine.async_engine import EngineDeadError, QueueFullError
-from ..engine.engine import Prompt
+from ..engine.engine import Prompt, PromptError
 from ..engine.output import OutputStream
 from ..engine.sampling import SamplingParams
 from ..engine.session import to_prompt
@@ -30,12 +30,15 @@ def checked_prompt(inputs: Any, max_len: int, param: str = "messages") -> Prompt
 
 def start(state: Any, prompt: Prompt, params: list[SamplingParams], t_arrival: float,
           text: Callable[[SamplingParams], OutputStream], tools: bool = False, first_index: int = 0,
-          count_prompt: bool = True, request: Request | None = None) -> list[Generation]:
+          count_prompt: bool = True, request: Request | None = None, param: str = "messages") -> list[Generation]:
     """One sequence per ``params`` over ``prompt`` (choices first_index, first_index + 1, ...), admitted together.
     ``request``: its place in the queue is released once they are submitted (the engine counts them from then), and
-    its deadline, if any, ends them."""
+    its deadline, if any, ends them. ``param``: the request field that holds the prompt (named by the error for a
+    prompt that can never run)."""
     try:
         handles = state.engine.submit_group(prompt, params)
+    except PromptError as e:  # more KV than the whole cache holds: it could never run
+        raise APIError(400, f"{param}: {e}", param=param, code="context_length_exceeded") from None
     except QueueFullError as e:
         raise APIError(503, f"the server is busy ({e}); retry later", "server_error", None, "queue_full",
                        {"Retry-After": str(state.settings.retry_after_s)}) from None
@@ -52,7 +55,7 @@ def start(state: Any, prompt: Prompt, params: list[SamplingParams], t_arrival: f
 
 async def until_done_or_gone(request: Request, work: Awaitable, state: Any) -> Any:
     """The result of ``work``, or None if the client disconnects first (then ``work`` is cancelled, which aborts
-    its sequences: their slots are free at once)."""
+    its sequences: their KV blocks are free at once)."""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
