@@ -297,16 +297,16 @@ def _sse_events(srv, body, headers=None) -> list:
     return events
 
 
-def test_a_deadline_ends_the_request_and_frees_its_slot(processor):
+def test_a_deadline_ends_the_request_and_frees_its_kv_blocks(processor):
     slow = Engine(preset("tiny"), ScriptedExecutor(processor.encode(" and so on"), step_s=0.01), 1, 10**6, [IM_END])
     with serve(slow, processor) as (srv, _):
         endless = {"model": MODEL, "messages": user("go"), "max_tokens": 10**5}
         r = post(srv, endless, {"X-Request-Timeout": "0.5"})
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
-        assert wait_for(lambda: not slow.running and len(slow.free_slots) == 1, 30)
+        assert wait_for(lambda: not slow.running and slow.cache_stats().blocks_used == 0, 30)
         events = _sse_events(srv, endless, {"X-Request-Timeout": "0.5"})
         assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "deadline_exceeded"
-        assert wait_for(lambda: not slow.running and len(slow.free_slots) == 1, 30)
+        assert wait_for(lambda: not slow.running and slow.cache_stats().blocks_used == 0, 30)
         r = post(srv, endless, {"X-Request-Timeout": "soon"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "X-Request-Timeout"
         assert post(srv, {**endless, "max_tokens": 3}).json()["choices"][0]["finish_reason"] == "length"
