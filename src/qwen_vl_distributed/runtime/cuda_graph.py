@@ -82,7 +82,7 @@ class DecodeGraphs:
         h = lm.embed_tokens(self.input_ids[:b]) if m.has_embed else self.hidden[:b]
         rope = self._rope(self.positions[:, :b])
         if self.fused:
-            from .decode_layer import decode_layer, rmsnorm
+            from ..kernels.decode_layer import decode_layer, rmsnorm
 
             for idx in m.layer_ids:
                 h = decode_layer(lm.layers[str(idx)], h, *rope, self.cache.layer(idx), self.slots[:b],

@@ -23,7 +23,7 @@ class GraphedVision:
         self.tower = tower
         self.block_fn = None
         if fused_blocks:
-            from .vision_block import fused_vision_block  # Triton: only built where the tower runs on a GPU
+            from ..kernels.vision_block import fused_vision_block  # Triton: only built where the tower runs on a GPU
 
             self.block_fn = fused_vision_block
         self.max_graphs = max_graphs
