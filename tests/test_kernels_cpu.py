@@ -24,7 +24,7 @@ from qwen_vl_distributed.model.batch import SeqLayout
 from qwen_vl_distributed.model.config import preset
 from qwen_vl_distributed.model.moe import reference_experts
 from qwen_vl_distributed.model.qwen3_vl import Qwen3VLMoe
-from qwen_vl_distributed.model.vision import reference_segment_attention, vision_rotary
+from qwen_vl_distributed.model.vision import VisionAttention, reference_segment_attention, vision_rotary
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of a Triton kernel module
@@ -352,7 +352,7 @@ def test_fused_vision_blocks_match_the_modules():
         tower = VisionTower(cfg)
     randomize_module(tower, 0, torch.device("cpu"), torch.float32)
     for m in tower.modules():
-        if type(m).__name__ == "VisionAttention":
+        if isinstance(m, VisionAttention):
             m.impl = "fast"
     grid = [(1, 4, 4), (1, 6, 10)]
     px = torch.randn(16 + 60, cfg.patch_dim)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..model.config import ModelConfig
 from ..pipeline.plan import plan_stages
+from .errors import MissingKeyError, UnexpectedKeyError
 from .index import Checkpoint, open_checkpoint
 from .matching import plan_stage
 from .safetensors_io import FP8_DTYPES
@@ -53,7 +54,7 @@ def _coverage(ckpt: Checkpoint, num_layers: int) -> dict:
     """Match the whole model (all layers, vision, embed, head) against the checkpoint; count, don't raise."""
     shapes = param_shapes(ckpt.cfg)
     plan = plan_stage(ckpt, shapes, StageParts((0, num_layers), True, True, True), "the whole model")
-    other = [p for p in plan.problems if type(p).__name__ not in ("MissingKeyError", "UnexpectedKeyError")]
+    other = [p for p in plan.problems if not isinstance(p, (MissingKeyError, UnexpectedKeyError))]
     return {
         "expected_params": sum(math.prod(s) for s in shapes.values()),
         "missing": len(plan.missing), "missing_first": plan.missing[:SHOW],

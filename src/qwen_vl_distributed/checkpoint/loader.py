@@ -33,10 +33,6 @@ class LoadReport:
     tensors: int          # stored tensors read
     params: int           # parameters filled
 
-    @property
-    def mb_per_s(self) -> float:
-        return self.bytes / 1e6 / max(self.seconds, 1e-9)
-
 
 class Progress:
     """A one-line progress bar on stderr: bytes done / total and MB/s, redrawn at most ~10 times a second."""

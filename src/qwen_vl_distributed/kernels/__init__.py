@@ -23,8 +23,8 @@ import contextlib
 import torch
 
 from ..model.attention import register_cache_attention
-from ..model.decoder import register_decoder_layer_impl
-from ..model.moe import register_experts_impl
+from ..model.decoder import DecoderLayer, register_decoder_layer_impl
+from ..model.moe import Experts, register_experts_impl
 from ..model.vision import VISION_ATTENTION_IMPLS
 
 
@@ -63,7 +63,7 @@ def fused_layers_fit(model) -> bool:
     """Whether the fused layer kernels take this model: on CUDA, with a power-of-two head_dim >= 16 (128 in the
     released models), and fp8 experts (if any) in blocks the expert kernels take."""
     d = model.cfg.text.head_dim
-    experts = [m for m in model.modules() if type(m).__name__ == "Experts"]
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
     return (next(model.parameters()).is_cuda and d >= 16 and d & (d - 1) == 0
             and all(fp8_fits(m.scales) for m in experts))
 
@@ -107,7 +107,7 @@ def enable_fast_paths(model, experts: str = "fast", attention: str = "fast", vis
 def module_layers(model):
     """Inside the block, ``model``'s decoder layers run the modules' own forward (around whichever attention and
     experts impls are selected): what the fused layers are held against."""
-    layers = [m for m in model.modules() if type(m).__name__ == "DecoderLayer"]
+    layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]
     before = [layer.impl for layer in layers]
     for layer in layers:
         layer.impl = "reference"

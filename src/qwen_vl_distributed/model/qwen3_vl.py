@@ -18,11 +18,13 @@ from torch import nn
 
 from .batch import SeqLayout
 from .config import ModelConfig
+from .attention import TextAttention
 from .decoder import DecoderLayer
 from .kv_cache import KVCache
 from .layers import RMSNorm
+from .moe import Experts
 from .rope import text_rope_tables
-from .vision import VisionTower
+from .vision import VisionAttention, VisionTower
 
 
 @dataclass
@@ -103,22 +105,19 @@ class Qwen3VLMoe(nn.Module):
                  layer: str | None = None):
         """Choose the implementation behind each kernel interface (see model.moe / model.attention / model.vision /
         model.decoder)."""
+        choices = ((DecoderLayer, layer), (Experts, experts), (TextAttention, attention),
+                   (VisionAttention, vision_attention))
         for m in self.modules():
-            if layer and type(m).__name__ == "DecoderLayer":
-                m.impl = layer
-            if experts and type(m).__name__ == "Experts":
-                m.impl = experts
-            if attention and type(m).__name__ == "TextAttention":
-                m.impl = attention
-            if vision_attention and type(m).__name__ == "VisionAttention":
-                m.impl = vision_attention
+            for kind, impl in choices:
+                if impl and isinstance(m, kind):
+                    m.impl = impl
 
     def keep_experts_fp8(self, block: tuple[int, int], quantize: bool = False, act_quant: bool = False) -> None:
         """Hold every expert weight of this stage in block-quantised fp8 (model.moe.Experts.keep_fp8): before
         loading an fp8 checkpoint, whose experts are then copied as stored instead of dequantised. ``quantize``:
         quantise the weights the experts hold now instead (random-weight benchmarks). ``act_quant``: W8A8."""
         for m in self.modules():
-            if type(m).__name__ == "Experts":
+            if isinstance(m, Experts):
                 (m.quantize_fp8 if quantize else m.keep_fp8)(block, act_quant)
 
     # -- forward pieces --------------------------------------------------------------------------------------------

@@ -30,10 +30,6 @@ class DistContext:
     control: Any  # process group for control messages (gloo); None means the default group
 
     @property
-    def is_first(self) -> bool:
-        return self.rank == 0
-
-    @property
     def is_last(self) -> bool:
         return self.rank == self.world - 1
 

@@ -20,9 +20,6 @@ from dataclasses import dataclass
 
 from .transport import StageFailure
 
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 def under_torchrun() -> bool:
     """torchrun (or any env:// launcher) sets these for each process it starts."""
     return all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
