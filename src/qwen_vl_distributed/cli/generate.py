@@ -95,7 +95,7 @@ def _stop_after_interrupt(handle) -> None:
 def generate_one(engine, processor, inputs, params, stream: bool) -> dict:
     """Run one request to the end; stream reasoning (dim) and answer to the terminal if asked."""
     seq = engine.add(to_prompt(inputs), params)
-    text = TextStream(processor.detokenizer())
+    text = TextStream(processor)
     tty = sys.stdout.isatty()
     shown_answer = False
     if stream:
@@ -104,7 +104,10 @@ def generate_one(engine, processor, inputs, params, stream: bool) -> dict:
         for ev in engine.step():
             if ev.seq is not seq or not stream:
                 continue
-            r, c = text.feed(ev.token, ev.finished)
+            r, c, _ = text.add(ev.token)
+            if ev.finished:
+                r2, c2, _ = text.finish()
+                r, c = r + r2, c + c2
             if r:
                 print(r, end="", flush=True)
             if c:

@@ -1,16 +1,17 @@
 """Glue between the processor and the engine for one request: prompt conversion and the streamed text.
 
-Used by the CLI and the demo; the server has its own streaming loop over the same pieces.
+Used by the CLI, the demo and the server (whose streaming loop reads the same ``TextStream``).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from typing import Any
 
 from .engine import Prompt, Sequence
 from .processor import PromptInputs
 from .reasoning import ReasoningStreamParser, split_reasoning
+from .sampling import StopStringMatcher
 
 
 def to_prompt(p: PromptInputs) -> Prompt:
@@ -19,20 +20,31 @@ def to_prompt(p: PromptInputs) -> Prompt:
                   p.pixel_values_videos, grid(p.video_grid_thw))
 
 
-@dataclass
 class TextStream:
-    """Token ids of one sequence -> (reasoning_delta, content_delta), and the final text fields."""
+    """Token ids of one sequence in; (reasoning delta, content delta, stopped) out. Stop strings are matched on the
+    whole generated text (reasoning included); the stop string itself is never returned."""
 
-    detok: object
-    parser: ReasoningStreamParser = field(default_factory=ReasoningStreamParser)
+    def __init__(self, processor: Any, stops: tuple[str, ...] = ()):
+        self.detok = processor.detokenizer()
+        self.stops = StopStringMatcher(stops)
+        self.reasoning = ReasoningStreamParser()
 
-    def feed(self, token: int, last: bool) -> tuple[str, str]:
-        r, c = self.parser.feed(self.detok.add(token))
-        if last:
-            r2, c2 = self.parser.feed(self.detok.finish())
-            r3, c3 = self.parser.finish()
-            r, c = r + r2 + r3, c + c2 + c3
-        return r, c
+    def add(self, token: int) -> tuple[str, str, bool]:
+        text, stopped = self.stops.feed(self.detok.add(token))
+        r, c = self.reasoning.feed(text)
+        if stopped:
+            r2, c2 = self.reasoning.finish()
+            r, c = r + r2, c + c2
+        return r, c, stopped
+
+    def finish(self) -> tuple[str, str, bool]:
+        """The end of the output: release held-back text (a partial stop string, an unfinished tag).
+
+        The last bytes may still complete a stop string (then stopped is True)."""
+        text, stopped = self.stops.feed(self.detok.finish())
+        r, c = self.reasoning.feed(text + ("" if stopped else self.stops.flush()))
+        r2, c2 = self.reasoning.finish()
+        return r + r2, c + c2, stopped
 
 
 def result_dict(seq: Sequence, prompt_ids: list[int], text: str, stage_stats: list[dict]) -> dict:

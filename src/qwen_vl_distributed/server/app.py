@@ -32,9 +32,9 @@ from starlette.background import BackgroundTask
 from ..engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from ..engine.engine import Engine, Prompt
 from ..engine.sampling import SamplingParamError, SamplingParams
-from ..engine.session import to_prompt
+from ..engine.session import TextStream, to_prompt
 from .errors import APIError, from_validation_error, install_handlers
-from .generation import EngineFailure, Generation, TextStream
+from .generation import EngineFailure, Generation
 from .metrics import Metrics, StatusRecorder
 from .protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice, ChunkChoice,
                        Delta, ModelCard, ModelList, Usage, completion_id, now)

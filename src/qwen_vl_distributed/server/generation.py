@@ -8,42 +8,15 @@ returned, and the engine is told to free the sequence at once.
 from __future__ import annotations
 
 import time
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from ..engine.async_engine import AsyncEngine, RequestHandle
-from ..engine.reasoning import ReasoningStreamParser
-from ..engine.sampling import StopStringMatcher
+from ..engine.session import TextStream
 from .metrics import Metrics
 
 
 class EngineFailure(RuntimeError):
     """The engine stopped while this request was running."""
-
-
-class TextStream:
-    """Token ids in; (reasoning delta, content delta, stopped) out."""
-
-    def __init__(self, processor: Any, stops: tuple[str, ...]):
-        self.detok = processor.detokenizer()
-        self.stops = StopStringMatcher(stops)
-        self.reasoning = ReasoningStreamParser()
-
-    def add(self, token: int) -> tuple[str, str, bool]:
-        text, stopped = self.stops.feed(self.detok.add(token))
-        r, c = self.reasoning.feed(text)
-        if stopped:
-            r2, c2 = self.reasoning.finish()
-            r, c = r + r2, c + c2
-        return r, c, stopped
-
-    def finish(self) -> tuple[str, str, bool]:
-        """The end of the output: release held-back text (a partial stop string, an unfinished tag).
-
-        The last bytes may still complete a stop string (then stopped is True)."""
-        text, stopped = self.stops.feed(self.detok.finish())
-        r, c = self.reasoning.feed(text + ("" if stopped else self.stops.flush()))
-        r2, c2 = self.reasoning.finish()
-        return r + r2, c + c2, stopped
 
 
 class Generation:
