@@ -1,6 +1,7 @@
 """Describe a checkpoint from its config, index and shard headers alone (no tensor data is read).
 
-Runs in seconds on a full 235B checkpoint: ~100 shard headers of a few hundred KB at most.
+Runs in seconds on a full 235B checkpoint: ~100 shard headers of a few hundred KB at most. What each pipeline stage
+holds is given by the caller (a stage plan's parts), never planned here.
 """
 
 from __future__ import annotations
@@ -10,23 +11,15 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass
+from typing import Sequence
 
-from ..model.config import ModelConfig
-from ..pipeline.plan import plan_stages
 from .errors import MissingKeyError, UnexpectedKeyError
 from .index import Checkpoint, open_checkpoint
-from .matching import plan_stage
+from .matching import plan_load
 from .safetensors_io import FP8_DTYPES
 from .spec import StageParts, param_shapes
 
 SHOW = 5  # names listed per category
-
-
-def stage_parts(cfg: ModelConfig, num_stages: int) -> list[StageParts]:
-    """What each stage holds under the pipeline planner's default split (swap here to change the plan)."""
-    dtype = "fp8" if cfg.quantization else {"float32": "fp32"}.get(cfg.torch_dtype, "bf16")
-    plan = plan_stages(cfg, num_stages, dtype=dtype, require_fit=False)
-    return [StageParts((s.start, s.stop), s.holds_vision, s.holds_embed, s.holds_head) for s in plan.stages]
 
 
 @dataclass(frozen=True)
@@ -53,7 +46,7 @@ def _architecture(ckpt: Checkpoint) -> str:
 def _coverage(ckpt: Checkpoint, num_layers: int) -> dict:
     """Match the whole model (all layers, vision, embed, head) against the checkpoint; count, don't raise."""
     shapes = param_shapes(ckpt.cfg)
-    plan = plan_stage(ckpt, shapes, StageParts((0, num_layers), True, True, True), "the whole model")
+    plan = plan_load(ckpt, shapes, StageParts((0, num_layers), True, True, True), "the whole model")
     other = [p for p in plan.problems if not isinstance(p, (MissingKeyError, UnexpectedKeyError))]
     return {
         "expected_params": sum(math.prod(s) for s in shapes.values()),
@@ -64,17 +57,18 @@ def _coverage(ckpt: Checkpoint, num_layers: int) -> dict:
     }
 
 
-def _stages(ckpt: Checkpoint, infos: list, num_stages: int) -> list[dict]:
+def _stages(infos: list, stages: Sequence[StageParts]) -> list[dict]:
     out = []
-    for k, parts in enumerate(stage_parts(ckpt.cfg, num_stages)):
+    for k, parts in enumerate(stages):
         mine = [i for i in infos if parts.owns(i.name)]
         out.append({"stage": k, "holds": parts.describe(), "tensors": len(mine),
                     "bytes": sum(i.nbytes for i in mine), "files": len({i.file for i in mine})})
     return out
 
 
-def inspect_checkpoint(directory: str | os.PathLike, num_stages: int = 1) -> dict:
-    """A JSON-able summary of a checkpoint directory: headers only."""
+def inspect_checkpoint(directory: str | os.PathLike, stages: Sequence[StageParts] | None = None) -> dict:
+    """A JSON-able summary of a checkpoint directory: headers only. ``stages``: what each pipeline stage holds (e.g.
+    a stage plan's); None: one stage holding everything."""
     ckpt = open_checkpoint(directory)
     infos = [ckpt.info(k) for k in ckpt.weight_map]
     totals = _totals(infos)
@@ -93,7 +87,7 @@ def inspect_checkpoint(directory: str | os.PathLike, num_stages: int = 1) -> dic
         "fp8": any(i.dtype in FP8_DTYPES for i in infos),
         "quantization": cfg.quantization.quant_method if cfg.quantization else None,
         "coverage": _coverage(ckpt, cfg.text.num_hidden_layers),
-        "stages": _stages(ckpt, infos, num_stages),
+        "stages": _stages(infos, stages or [StageParts((0, cfg.text.num_hidden_layers), True, True, True)]),
     }
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from ..model.quant import FP8_DTYPE, dequantize_blockwise
 from .fp8 import SCALE_SUFFIX, Fp8Dequantize, place_scale
 from .index import Checkpoint
-from .matching import Item, StagePlan, plan_stage
+from .matching import Item, LoadPlan, plan_load
 from .safetensors_io import ShardReader
 from .spec import parts_of
 
@@ -97,7 +97,7 @@ def _fill(dst: torch.Tensor, item: Item, reader: ShardReader, scale_reader: Shar
     dst[piece.index].copy_(src)
 
 
-def _run(module: nn.Module, ckpt: Checkpoint, plan: StagePlan, device: torch.device, dtype: torch.dtype,
+def _run(module: nn.Module, ckpt: Checkpoint, plan: LoadPlan, device: torch.device, dtype: torch.dtype,
          bar: Progress, dequantize: Fp8Dequantize) -> int:
     params = dict(module.named_parameters())
     readers: dict[str, ShardReader] = {}
@@ -148,7 +148,7 @@ def load_stage(module: nn.Module, ckpt: Checkpoint, device: str | torch.device =
     shapes = {n: tuple(p.shape) for n, p in named.items() if n not in scales}
     parts = parts_of(shapes)
     name = stage_name or f"stage ({parts.describe()})"
-    plan = plan_stage(ckpt, shapes, parts, name, resident)
+    plan = plan_load(ckpt, shapes, parts, name, resident)
     plan.check()
     t0 = time.monotonic()
     bar = Progress(plan.nbytes, name, enabled=progress)

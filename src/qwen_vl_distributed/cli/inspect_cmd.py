@@ -15,8 +15,15 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint.index import open_checkpoint
     from ..checkpoint.inspect import format_report, inspect_checkpoint
+    from ..checkpoint.spec import StageParts
+    from ..pipeline.plan import plan_stages
+    from .plan import default_dtype
 
-    report = inspect_checkpoint(args.dir, num_stages=args.stages)
+    cfg = open_checkpoint(args.dir).cfg
+    plan = plan_stages(cfg, args.stages, dtype=default_dtype(cfg), require_fit=False)
+    parts = [StageParts((s.start, s.stop), s.holds_vision, s.holds_embed, s.holds_head) for s in plan.stages]
+    report = inspect_checkpoint(args.dir, parts)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ..model.config import PRESETS, ModelConfig, load_config, preset
-from ..model.param_counts import DTYPES
+from ..model.param_counts import WEIGHT_DTYPES
 from ..pipeline.plan import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, GB, StagePlan, format_gb, plan_stages
 
 
@@ -37,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"sequences with a KV-cache slot (default {DEFAULT_MAX_BATCH})")
     p.add_argument("--prefill-chunk", type=int, metavar="N",
                    help="prompt tokens per step (default: max-seq-len up to 8192; longer prompts go in chunks)")
-    p.add_argument("--dtype", choices=DTYPES,
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES,
                    help="weights: default fp8 for an fp8-quantised model, fp32 for a float32 one, else bf16")
     p.add_argument("--layers-per-stage", type=_number_list(int, "integers"), metavar="A,B,...",
                    help="fix the number of decoder layers per stage instead of balancing")

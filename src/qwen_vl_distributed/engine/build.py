@@ -31,7 +31,7 @@ from .engine import Engine
 from .sampler import SlotSampler
 from .threads import set_stage_threads
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -218,15 +218,15 @@ def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: 
     if isinstance(ckpt, RandomWeights):
         from ..checkpoint.synth_weights import randomize_module
 
-        randomize_module(model, ckpt.seed, device, DTYPES[opts.dtype])
+        randomize_module(model, ckpt.seed, device, TORCH_DTYPES[opts.dtype])
         if block is not None:
             model.keep_experts_fp8(block, quantize=True, act_quant=opts.fp8_experts == "w8a8")
     else:
         if block is not None:  # the loader copies the stored fp8 experts and their scales as they are
             model.keep_experts_fp8(block, act_quant=opts.fp8_experts == "w8a8")
-        load_stage(model, ckpt, device, DTYPES[opts.dtype], stage_name=name, progress=not opts.quiet)
+        load_stage(model, ckpt, device, TORCH_DTYPES[opts.dtype], stage_name=name, progress=not opts.quiet)
     model.eval()
-    dtype, slots = DTYPES[opts.dtype], opts.max_batch
+    dtype, slots = TORCH_DTYPES[opts.dtype], opts.max_batch
     sampler = SlotSampler() if st.holds_head else None
     if device.type != "cuda":
         return StageRuntime(model, model.new_cache(slots, opts.max_len, dtype, device), sampler, device, rank)
@@ -245,7 +245,7 @@ def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: 
 
 
 def start_engine(opts: RunOptions) -> EngineHandle:
-    if opts.dtype not in DTYPES:
+    if opts.dtype not in TORCH_DTYPES:
         raise UserError(f"--dtype {opts.dtype!r}: choose float32 or bfloat16")
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
@@ -322,7 +322,7 @@ def _join(opts: RunOptions, ckpt, plan: StagePlan, where: Placement):
                      else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         pd.report_ready(ctx, error)
         transport = Transport(where.rank, where.world, backend, device, opts.stage_timeout_s, ctx.peers,
-                              DTYPES[opts.dtype], ctx.control)
+                              TORCH_DTYPES[opts.dtype], ctx.control)
     except BaseException:
         # a start-up that fails after the process group exists tears it down before the error ends the process:
         # left to interpreter exit, its background threads can abort the process (SIGABRT, "terminate called

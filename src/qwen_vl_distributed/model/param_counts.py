@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from .config import ModelConfig
 
-DTYPES = ("bf16", "fp8", "fp32")
+WEIGHT_DTYPES = ("bf16", "fp8", "fp32")
 _PLAIN_BYTES = {"bf16": 2, "fp8": 2, "fp32": 4}  # bytes of a parameter that fp8 leaves unquantised
 _SCALE_BYTES = 4  # fp32 weight_scale_inv
 
@@ -140,8 +140,8 @@ class ComponentBytes:
 
 
 def _check_dtype(dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
 
 
 def _block_size(cfg: ModelConfig) -> tuple[int, int]:

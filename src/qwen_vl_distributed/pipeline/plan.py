@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 from ..errors import UserError
 from ..model.config import ModelConfig
-from ..model.param_counts import DTYPES, ComponentBytes, component_bytes
+from ..model.param_counts import WEIGHT_DTYPES, ComponentBytes, component_bytes
 
 GB = 10**9  # budgets and reports are in decimal GB, as GPU memory is sold
 DEFAULT_MAX_SEQ_LEN = 32768
@@ -315,8 +315,8 @@ def _budgets(gpu_mem_gb: float | Sequence[float] | None, num_stages: int) -> lis
 
 
 def _check_limits(dtype: str, max_seq_len: int, max_batch: int, prefill_chunk: int, max_image_tokens: int) -> None:
-    if dtype not in DTYPES:
-        raise PlanError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in WEIGHT_DTYPES:
+        raise PlanError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
     for name, value in (("max_seq_len", max_seq_len), ("max_batch", max_batch), ("prefill_chunk", prefill_chunk),
                         ("max_image_tokens", max_image_tokens)):
         if value < 1:
