@@ -35,6 +35,22 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected comma-separated integers") from None
+
+
+def bench_options(args):
+    from ..bench.runner import BenchOptions
+
+    return BenchOptions(preset=args.preset, layers=args.layers, batches=_ints(args.batches, "--batches"),
+                        context=args.context, prefill=_ints(args.prefill, "--prefill"), image=args.image,
+                        greedy_tokens=args.greedy_tokens, skip_hf=args.skip_hf, tune=not args.no_tune,
+                        seed=args.seed, device=args.device)
+
+
 def run(args) -> int:
     import torch
 
@@ -44,7 +60,7 @@ def run(args) -> int:
         raise UserError("--layers must be at least 1")
     from ..bench.runner import Bench
 
-    bench = Bench(args)
+    bench = Bench(bench_options(args))
     for name in args.sections.split(","):
         name = name.strip()
         if not hasattr(bench, f"section_{name}"):

@@ -14,11 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.moe import reference_experts
-
-# P at or below this goes to the fused Triton kernel on CUDA, above it to grouped GEMM. On an H200 at the 235B
-# shapes the Triton kernel (prefill tiles) beat grouped_mm at 2048 and 8192 tokens (P = 16384, 65536:
-# docs/benchmarks.md), so the default covers those; ``qwen-vl bench`` re-measures and moves it.
-FUSED_MAX_PAIRS = 65536
+from .choices import DEFAULT, KernelChoices
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -57,15 +53,16 @@ def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tenso
 
 
 def fast_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
-                 down: torch.Tensor, scales=None) -> torch.Tensor:
-    """Fused Triton kernel for decode-sized P on CUDA (and for every P with fp8 experts), grouped GEMM for larger
-    P; the reference elsewhere."""
-    if x.is_cuda and (topk_ids.numel() <= FUSED_MAX_PAIRS or scales is not None):
+                 down: torch.Tensor, scales=None, choices: KernelChoices = DEFAULT) -> torch.Tensor:
+    """Fused Triton kernel for P up to ``choices.fused_max_pairs`` on CUDA (and for every P with fp8 experts),
+    grouped GEMM for larger P; the reference elsewhere."""
+    if x.is_cuda and (topk_ids.numel() <= choices.fused_max_pairs or scales is not None):
         from . import fp8_fits
         from .moe_triton import fused_experts  # Triton only where a GPU runs it
 
         if fp8_fits(scales):
-            return fused_experts(x, topk_ids, topk_w, gate_up, down, scales)
+            return fused_experts(x, topk_ids, topk_w, gate_up, down, scales,
+                                 choices.moe_config(topk_ids.numel(), scales))
     elif x.is_cuda and x.dtype == torch.bfloat16 and has_grouped_mm():
         return grouped_experts(x, topk_ids, topk_w, gate_up, down)
     return reference_experts(x, topk_ids, topk_w, gate_up, down, scales)
