@@ -140,13 +140,20 @@ class ShardReader:
         self.path = path
         self._mm = np.memmap(path, dtype=np.uint8, mode="r")
 
-    def read(self, info: TensorInfo) -> torch.Tensor:
-        """A fresh CPU tensor (stored dtype and shape) holding ``info``'s bytes; one host copy of one tensor."""
-        torch_dtype, _ = ST_DTYPES[info.dtype]
+    def read(self, info: TensorInfo, index: tuple | None = None) -> torch.Tensor:
+        """A fresh CPU tensor (stored dtype) holding ``info``'s bytes, or with ``index`` (slices, one per leading
+        dim) only that part of the tensor: one host copy of what is asked, never of the whole tensor."""
+        torch_dtype, size = ST_DTYPES[info.dtype]
+        # Byte copies through uint8 views: they work for bf16/fp8, which numpy cannot represent, and for unaligned data.
+        raw = self._mm[info.start:info.end]
+        if index is not None and info.nbytes:
+            part = raw.reshape(*info.shape, size)[index]  # a strided view of the file: nothing is read yet
+            out = torch.empty(part.shape[:-1], dtype=torch_dtype)
+            out.view(torch.uint8).numpy().reshape(part.shape)[...] = part
+            return out
         out = torch.empty(info.shape, dtype=torch_dtype)
         if info.nbytes:
-            # Byte copy through a uint8 view: works for bf16/fp8, which numpy cannot represent, and for unaligned data.
-            out.view(-1).view(torch.uint8).numpy()[:] = self._mm[info.start:info.end]
+            out.view(-1).view(torch.uint8).numpy()[:] = raw
         return out
 
     def close(self) -> None:
