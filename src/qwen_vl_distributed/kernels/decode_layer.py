@@ -24,7 +24,7 @@ from . import grouped
 from .choices import DEFAULT, KernelChoices
 from .decode_attention import decode_attention
 from .gemv import linear_small
-from .moe_triton import expert_pairs
+from .moe_triton import expert_pairs, sum_pairs
 from .packing import packed_qkv
 
 
@@ -147,20 +147,6 @@ def _route_kernel(logits_ptr, ids_ptr, w_ptr, E: tl.constexpr, K: tl.constexpr, 
     tl.store(ids_ptr + row * K + kk, top_i, mask=kk < K)
 
 
-@triton.jit
-def _sum_residual_kernel(y_ptr, h_ptr, out_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr):
-    # out[t] = h[t] + round(sum_k y[t*K + k]): the experts' output rounded once, then the residual add rounded
-    t = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = c < H
-    dt = out_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for k in tl.static_range(K):
-        acc += tl.load(y_ptr + (t * K + k) * H + c, mask=m, other=0.0).to(tl.float32)
-    h = tl.load(h_ptr + t * H + c, mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * H + c, (h + acc.to(dt).to(tl.float32)).to(dt), mask=m)
-
-
 def route(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, E] -> (weights [B, K] in logits' dtype, ids [B, K] int32), as model.moe.route."""
     b, e = logits.shape
@@ -222,19 +208,18 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
     o = attend(qkv_post(q, k, v, attn, cos, sin, kv, row_slots, row_pos)).reshape(t, -1)
     o = project("o", o, attn.o_proj.weight, choices=choices)[0] if attn.o_proj.bias is None else attn.o_proj(o)
+    if attn.reduce is not None:  # tensor parallel: this rank's heads' share of o_proj, summed over the ranks
+        o = attn.reduce(o)
     h, x = rmsnorm(o, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps, residual=h)
     w, ids = route(project("router", x, mlp.gate.weight, choices=choices)[0], mlp.top_k, mlp.normalize)
+    ids, w = mlp.experts.local_routing(ids, w)  # expert parallel: ids of experts held elsewhere become E
     gate_up, down, scales = mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.experts.scales
     if ids.numel() > choices.fused_max_pairs and scales is None:  # large chunks: grouped GEMM (returns the K-sum)
-        return h + grouped.grouped_experts(x, ids.long(), w, gate_up, down)
-    config = choices.moe_config(ids.numel(), scales)
-    return sum_residual(expert_pairs(x, ids, w, gate_up, down, scales, config), h, mlp.top_k)
+        y = grouped.grouped_experts(x, ids.long(), w, gate_up, down)
+        return h + (y if mlp.reduce is None else mlp.reduce(y))
+    pairs = expert_pairs(x, ids, w, gate_up, down, scales, choices.moe_config(ids.numel(), scales))
+    if mlp.reduce is None:
+        return sum_pairs(pairs, ids, gate_up.shape[0], residual=h)
+    return h + mlp.reduce(sum_pairs(pairs, ids, gate_up.shape[0]))
 
 
-def sum_residual(y: torch.Tensor, h: torch.Tensor, k: int) -> torch.Tensor:
-    """y [B*K, H] pair outputs, h [B, H] -> h + round(fp32 sum over each row's K pairs)."""
-    b, hidden = h.shape
-    out = torch.empty_like(h)
-    block = 1024
-    _sum_residual_kernel[(b, triton.cdiv(hidden, block))](y, h, out, hidden, K=k, BLOCK=block, num_warps=4)
-    return out

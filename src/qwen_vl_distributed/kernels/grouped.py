@@ -38,17 +38,18 @@ def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tenso
     t, k = topk_ids.shape
     e, h_dim, inter = down.shape
     flat = topk_ids.reshape(-1)
-    order = torch.sort(flat, stable=True).indices  # pair indices grouped by expert
-    counts = torch.zeros(e, dtype=torch.int32, device=x.device).scatter_add_(
+    order = torch.sort(flat, stable=True).indices  # pair indices grouped by expert (id e, held elsewhere, last)
+    counts = torch.zeros(e + 1, dtype=torch.int32, device=x.device).scatter_add_(
         0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offs = counts.cumsum(0, dtype=torch.int32)
+    offs = counts[:e].cumsum(0, dtype=torch.int32)
     xs = x[order // k]  # [P, H] token rows in expert order
     z = _grouped_mm(xs, gate_up.transpose(1, 2), offs)  # [P, 2I]
     h = F.silu(z[:, :inter]) * z[:, inter:]
-    y = _grouped_mm(h, down.transpose(1, 2), offs)  # [P, H]
+    y = _grouped_mm(h, down.transpose(1, 2), offs)  # [P, H]; rows past the last group are not computed
     y = y * topk_w.reshape(-1)[order, None].to(y.dtype)  # rounded like the reference's bf16 product
     unsorted = torch.empty_like(y)
     unsorted[order] = y
+    unsorted.masked_fill_((flat == e)[:, None], 0)  # pairs of experts held elsewhere add nothing
     return unsorted.view(t, k, h_dim).float().sum(1).to(x.dtype)
 
 

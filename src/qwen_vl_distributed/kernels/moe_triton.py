@@ -151,16 +151,18 @@ def align_torch(flat_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Te
     p, dev = flat_ids.numel(), flat_ids.device
     nb = num_blocks(p, experts, bm)
     ids = flat_ids.long()
-    order = torch.sort(ids, stable=True).indices  # pairs by expert, ties in pair order
-    counts = torch.zeros(experts, dtype=torch.long, device=dev).scatter_add_(0, ids, torch.ones_like(ids))
+    order = torch.sort(ids, stable=True).indices  # pairs by expert, ties in pair order; id E (held elsewhere) last
+    counts = torch.zeros(experts + 1, dtype=torch.long, device=dev).scatter_add_(0, ids, torch.ones_like(ids))
+    counts = counts[:experts]
     padded = (counts + bm - 1) // bm * bm
     shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)
     s_exp = ids[order]
-    row = torch.arange(p, device=dev) + shift[s_exp]
+    held = s_exp < experts
+    row = (torch.arange(p, device=dev) + shift[s_exp.clamp(max=experts - 1)])[held]
     rows = torch.full((nb * bm,), p, dtype=torch.int32, device=dev)
-    rows[row] = order.int()
+    rows[row] = order[held].int()
     block_expert = torch.full((nb,), experts, dtype=torch.int32, device=dev)
-    block_expert[row // bm] = s_exp.int()
+    block_expert[row // bm] = s_exp[held].int()
     return rows, block_expert
 
 
@@ -425,9 +427,41 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
                   ) -> torch.Tensor:
     """x [T, H], topk_ids/topk_w [T, K], gate_up [E, 2I, H], down [E, H, I] (fp8 with ``scales``) -> [T, H] in
     x's dtype."""
-    t, k = topk_ids.shape
     y = expert_pairs(x, topk_ids, topk_w, gate_up, down, scales, config)
-    return y.view(t, k, -1).sum(1)  # torch accumulates a bf16 sum in fp32 and rounds once
+    return sum_pairs(y, topk_ids, gate_up.shape[0])
+
+
+@triton.jit
+def _sum_pairs_kernel(y_ptr, ids_ptr, h_ptr, out_ptr, H, E, K: tl.constexpr, BLOCK: tl.constexpr,
+                      HAS_RES: tl.constexpr):
+    # out[t] = [h[t] +] round(sum_k y[t*K + k] over the pairs whose expert is held here, id < E): the experts' output
+    # accumulated in fp32 and rounded once, then the residual add rounded
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < H
+    dt = out_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for k in tl.static_range(K):
+        held = tl.load(ids_ptr + t * K + k) < E  # a pair of an expert held elsewhere has no output row
+        acc += tl.load(y_ptr + (t * K + k) * H + c, mask=m & held, other=0.0).to(tl.float32)
+    acc = acc.to(dt).to(tl.float32)
+    if HAS_RES:
+        acc += tl.load(h_ptr + t * H + c, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + c, acc.to(dt), mask=m)
+
+
+def sum_pairs(y: torch.Tensor, topk_ids: torch.Tensor, experts: int, residual: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """y [T*K, H] pair outputs -> [T, H]: each token's K pairs summed in fp32 and rounded once (pairs with id
+    ``experts`` -- held elsewhere -- left out), plus ``residual`` [T, H] (rounded again) if given."""
+    t, k = topk_ids.shape
+    hidden = y.shape[1]
+    out = torch.empty(t, hidden, dtype=y.dtype, device=y.device)
+    block = 1024
+    _sum_pairs_kernel[(t, triton.cdiv(hidden, block))](y, topk_ids.contiguous(), y if residual is None else residual,
+                                                       out, hidden, experts, K=k, BLOCK=block,
+                                                       HAS_RES=residual is not None, num_warps=4)
+    return out
 
 
 def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,

@@ -11,6 +11,7 @@ Shapes: T packed tokens of the step, H hidden, V vocab, M visual tokens in the s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -98,8 +99,11 @@ class Qwen3VLMoe(nn.Module):
         return self.lm_head is not None
 
     def new_cache(self, num_slots: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+        """A cache of the kv heads this stage's attention holds (all of them, or a tensor rank's share)."""
         p = next(self.parameters())
-        return KVCache(self.cfg.text, self.layer_ids, num_slots, max_len, dtype or p.dtype, device or p.device)
+        kv_heads = {layer.self_attn.num_kv_heads for layer in self.model.language_model.layers.values()}
+        text = dataclasses.replace(self.cfg.text, num_key_value_heads=kv_heads.pop()) if kv_heads else self.cfg.text
+        return KVCache(text, self.layer_ids, num_slots, max_len, dtype or p.dtype, device or p.device)
 
     def set_impl(self, experts: str | None = None, attention: str | None = None, vision_attention: str | None = None,
                  layer: str | None = None):
