@@ -6,6 +6,7 @@ import argparse
 
 from ..engine.build import RunOptions
 from ..errors import UserError
+from ..parallel.grid import MOE_MODES
 
 
 def _int_list(text: str) -> list[int]:
@@ -24,7 +25,9 @@ def _float_list(text: str) -> list[float]:
 
 def add_run_args(p: argparse.ArgumentParser, max_batch: int = 8) -> None:
     p.add_argument("--model", required=True, help="HF checkpoint directory (config.json, safetensors, tokenizer)")
-    p.add_argument("--stages", type=int, default=1, help="pipeline stages, one process each (default 1)")
+    p.add_argument("--stages", type=int, default=1,
+                   help="pipeline stages, each of --tensor-parallel-size processes (default 1)")
+    add_grid_args(p)
     p.add_argument("--layers-per-stage", type=_int_list, default=None, help="explicit split, e.g. 22,24,24,24")
     p.add_argument("--gpu-mem", type=_float_list, default=None, metavar="GB[,GB...]",
                    help="GPU memory per stage in GB for the plan (default on cuda: this machine's GPU size)")
@@ -47,15 +50,29 @@ def add_run_args(p: argparse.ArgumentParser, max_batch: int = 8) -> None:
                         "scheme: faster prompts, fp8 rounding of the inputs)")
 
 
+def add_grid_args(p: argparse.ArgumentParser) -> None:
+    """--tensor-parallel-size / --tp and --moe-parallel (run commands, plan, bench)."""
+    p.add_argument("--tensor-parallel-size", "--tp", dest="tp", type=int, default=1, metavar="N",
+                   help="tensor ranks per stage (one process and GPU each): attention heads and experts split N "
+                        "ways, one all-reduce per attention and per MoE block (default 1)")
+    p.add_argument("--moe-parallel", choices=MOE_MODES, default="auto",
+                   help="how a stage's tensor ranks split the experts: ep = whole experts per rank, tp = a slice of "
+                        "every expert's width; auto (default): tp where the width splits into whole fp8 blocks, "
+                        "else ep")
+
+
 def run_options(args) -> RunOptions:
     if args.stages < 1:
         raise UserError(f"--stages {args.stages}: must be at least 1")
+    if args.tp < 1:
+        raise UserError(f"--tensor-parallel-size {args.tp}: must be at least 1")
     if args.max_batch < 1 or args.max_len < 2:
         raise UserError("--max-batch must be >= 1 and --max-len >= 2")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise UserError(f"--prefill-chunk {args.prefill_chunk}: must be at least 1")
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    return RunOptions(model=args.model, stages=args.stages, device=args.device, dtype=dtype,
+    return RunOptions(model=args.model, stages=args.stages, tensor_parallel=args.tp, moe_parallel=args.moe_parallel,
+                      device=args.device, dtype=dtype,
                       max_batch=args.max_batch, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
                       layers_per_stage=args.layers_per_stage,
                       gpu_mem_gb=args.gpu_mem,

@@ -10,7 +10,9 @@ import argparse
 
 from ..model.config import PRESETS, ModelConfig, load_config, preset
 from ..model.param_counts import WEIGHT_DTYPES
+from ..parallel.grid import Grid, check_grid, resolve_moe
 from ..pipeline.plan import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, GB, StagePlan, format_gb, plan_stages
+from .options import add_grid_args
 
 
 def _number_list(kind: type, what: str):
@@ -28,9 +30,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="DIR", help="HF model directory (reads DIR/config.json)")
     src.add_argument("--preset", choices=sorted(PRESETS), help="built-in config")
-    p.add_argument("--stages", type=int, required=True, metavar="S", help="number of pipeline stages (GPUs)")
+    p.add_argument("--stages", type=int, required=True, metavar="S",
+                   help="number of pipeline stages (of --tensor-parallel-size GPUs each)")
+    add_grid_args(p)
     p.add_argument("--gpu-mem", type=_number_list(float, "numbers"), metavar="GB[,GB...]",
-                   help="memory budget in decimal GB: one for every stage, or one per stage")
+                   help="memory budget of a GPU in decimal GB: one for every stage, or one per stage")
     p.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN, metavar="N",
                    help=f"tokens of context per sequence (default {DEFAULT_MAX_SEQ_LEN})")
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="B",
@@ -54,9 +58,13 @@ def default_dtype(cfg: ModelConfig) -> str:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.model) if args.model else preset(args.preset)
     gpu_mem = args.gpu_mem[0] if args.gpu_mem and len(args.gpu_mem) == 1 else args.gpu_mem
+    dtype = args.dtype or default_dtype(cfg)
+    block = tuple(cfg.quantization.weight_block_size) if cfg.quantization and dtype == "fp8" else None
+    grid = Grid(args.stages, args.tp, resolve_moe(cfg, args.tp, args.moe_parallel, block))
+    check_grid(cfg, grid)
     plan = plan_stages(cfg, args.stages, layers_per_stage=args.layers_per_stage, gpu_mem_gb=gpu_mem,
-                       max_seq_len=args.max_seq_len, max_batch=args.max_batch,
-                       dtype=args.dtype or default_dtype(cfg), prefill_chunk=args.prefill_chunk, require_fit=False)
+                       max_seq_len=args.max_seq_len, max_batch=args.max_batch, dtype=dtype,
+                       prefill_chunk=args.prefill_chunk, require_fit=False, tp=grid.tp, moe=grid.moe)
     name = args.model or args.preset
     print(plan.to_json() if args.json else "\n".join(format_plan(plan, name)), flush=True)
     plan.check_fits()
@@ -83,12 +91,13 @@ def _rows(plan: StagePlan) -> list[tuple[str, ...]]:
     rows = [(str(s.index), s.layers_label, s.holds_label, format_gb(s.weights_bytes), format_gb(s.kv_bytes),
              format_gb(s.act_bytes), format_gb(s.total_bytes), _budget_label(s.budget_bytes), _fits_label(s.fits),
              f"{s.decode_bytes / GB:.2f}") for s in plan.stages]
-    st = plan.stages
+    st, n = plan.stages, plan.tp  # the total row: every GPU of the grid
     budgets = [s.budget_bytes for s in st]
-    rows.append(("total", f"0-{plan.num_layers - 1}", "", format_gb(sum(s.weights_bytes for s in st)),
-                 format_gb(sum(s.kv_bytes for s in st)), format_gb(sum(s.act_bytes for s in st)),
-                 format_gb(sum(s.total_bytes for s in st)), _budget_label(None if None in budgets else sum(budgets)),
-                 _fits_label(plan.fits), f"{sum(s.decode_bytes for s in st) / GB:.2f}"))
+    rows.append(("total", f"0-{plan.num_layers - 1}", "", format_gb(n * sum(s.weights_bytes for s in st)),
+                 format_gb(n * sum(s.kv_bytes for s in st)), format_gb(n * sum(s.act_bytes for s in st)),
+                 format_gb(n * sum(s.total_bytes for s in st)),
+                 _budget_label(None if None in budgets else n * sum(budgets)),
+                 _fits_label(plan.fits), f"{n * sum(s.decode_bytes for s in st) / GB:.2f}"))
     return rows
 
 
@@ -104,4 +113,9 @@ def format_plan(plan: StagePlan, model_name: str) -> list[str]:
     title = (f"{model_name}: {len(plan.stages)} stages, {plan.num_layers} decoder layers, dtype {plan.dtype}, "
              f"max-seq-len {plan.max_seq_len}, max-batch {plan.max_batch}, prefill-chunk {plan.prefill_chunk}, "
              f"{'balanced' if plan.balanced else 'fixed'} split, fingerprint {plan.fingerprint()}")
-    return [title] + [line(r) for r in rows]
+    lines = [title]
+    if plan.tp > 1:
+        lines.append(f"grid: {len(plan.stages)} stages x {plan.tp} tensor ranks = {len(plan.stages) * plan.tp} GPUs, "
+                     f"experts split {'by expert' if plan.moe == 'ep' else 'by width'} ({plan.moe}); a stage's "
+                     f"figures are per GPU, the total row is all GPUs'")
+    return lines + [line(r) for r in rows]

@@ -60,8 +60,10 @@ def _die_with_parent() -> None:
 class Supervisor:
     """Owns the worker processes of this machine; any abnormal exit stops them all within ``grace_s``."""
 
-    def __init__(self, argv_for_rank, world: int, grace_s: float = 5.0):
+    def __init__(self, argv_for_rank, world: int, grace_s: float = 5.0, name_of=lambda r: f"stage {r} (rank {r}"):
+        """``name_of(rank)``: how a rank is named in messages, up to its pid (a grid names stage and tensor rank)."""
         self.grace_s = grace_s
+        self.name_of = name_of
         self.procs: dict[int, subprocess.Popen] = {}
         self.failure: str | None = None
         self._stopping = False
@@ -77,7 +79,7 @@ class Supervisor:
                 rc = p.poll()
                 if rc is not None and rc != 0 and not self._stopping:
                     how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
-                    self.failure = (f"stage {rank} (rank {rank}, pid {p.pid} on {socket.gethostname()}) {how}; "
+                    self.failure = (f"{self.name_of(rank)}, pid {p.pid} on {socket.gethostname()}) {how}; "
                                     "stopping all stages")
                     print(f"error: {self.failure}", file=sys.stderr, flush=True)
                     self.kill_all()

@@ -2,6 +2,11 @@
 
 ``StageRuntime.run`` takes the payload that arrives at this stage and returns what leaves it: hidden states for the
 next stage, or the sampled tokens (last stage). With S = 1 the one stage is both first and last.
+
+A stage of several tensor ranks (``group``, parallel/): its leader shares every step it runs with the other ranks
+(payload, visual inputs included, by broadcast), so that all of them run the same step and meet in the same
+all-reduces; the other ranks run what they receive (``pipeline.worker.follow_stage``) and drop their output: the
+leader's is the stage's.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import torch
 
 from ..model.kv_cache import KVCache
 from ..model.qwen3_vl import Qwen3VLMoe
-from .payload import StepPayload, TokenPayload
+from ..parallel.group import StageGroup
+from .payload import StepPayload, TokenPayload, to_wire
 
 
 class Sampler(Protocol):
@@ -28,9 +34,11 @@ class Sampler(Protocol):
 
 class StageRuntime:
     def __init__(self, model: Qwen3VLMoe, cache: KVCache, sampler: Sampler | None, device: torch.device,
-                 stage_index: int = 0):
-        if model.has_head and sampler is None:
+                 stage_index: int = 0, group: StageGroup | None = None):
+        self.leads = group is None or group.is_leader  # its output leaves the stage
+        if model.has_head and sampler is None and self.leads:
             raise ValueError("the last stage needs a sampler")
+        self.group = group
         self.model = model
         self.cache = cache
         self.sampler = sampler
@@ -40,7 +48,15 @@ class StageRuntime:
         self.steps = 0
         self._timers: list[_GpuTimer] = []
 
-    def run(self, p: StepPayload) -> StepPayload | TokenPayload:
+    def signal(self, kind: str) -> None:
+        """A leader passes 'heartbeat' / 'stop' on to the stage's other ranks."""
+        if self.group is not None and self.leads:
+            self.group.share(StepPayload(kind=kind).header(), [])
+
+    def run(self, p: StepPayload) -> StepPayload | TokenPayload | None:
+        """The stage's output for step ``p`` (None on a tensor rank that does not lead the stage)."""
+        if self.group is not None and self.leads:
+            self.group.share(*to_wire(p, visual=True))
         t0 = time.perf_counter()
         timer = _GpuTimer(self.device) if self.device.type == "cuda" else None
         with torch.inference_mode():
@@ -52,7 +68,9 @@ class StageRuntime:
                 hidden=p.hidden.to(self.device, non_blocking=True) if p.hidden is not None else None,
                 visual=p.visual.to(self.device) if p.visual is not None else None,
             )
-            if self.model.has_head:
+            if not self.leads:
+                result = None
+            elif self.model.has_head:
                 result = TokenPayload("tokens", p.mb, self._sample(p, out))
             else:  # a copy: the stage may reuse its output buffer (CUDA-graph replay) while the send is in flight
                 result = StepPayload("step", p.mb, p.step, p.layout, p.positions, p.input_ids, out.clone(),
