@@ -62,6 +62,7 @@ class BenchOptions:
     seed: int = 0
     device: str = "cuda"
     tp: tuple[int, ...] = (1, 2, 4, 8)  # the 'tp' section: tensor-parallel sizes whose one-rank shard it times
+    allreduce_us: float = 15.0  # the 'tp' section's projection: one all-reduce's latency (an input, not measured)
 
 
 class Bench:
@@ -363,8 +364,8 @@ class Bench:
         """Microseconds per layer of each launch group of the fused decode step, each captured alone in a CUDA
         graph over all N layers (weights rotate past L2); the sum against the whole step shows the gaps."""
         from ..kernels.decode_attention import decode_attention
-        from ..kernels.decode_layer import project, qkv_post, rmsnorm, route as fused_route, sum_residual
-        from ..kernels.moe_triton import expert_pairs
+        from ..kernels.decode_layer import project, qkv_post, rmsnorm, route as fused_route
+        from ..kernels.moe_triton import expert_pairs, sum_pairs
         import torch.nn.functional as F
 
         t = self.cfg.text
@@ -397,7 +398,7 @@ class Bench:
                                                 t.norm_topk_prob),
             "experts": lambda l, kv: expert_pairs(h, ids, w, l.mlp.experts.gate_up_proj, l.mlp.experts.down_proj,
                                                   None, moe),
-            "sum_residual": lambda l, kv: sum_residual(y, h, kk),
+            "sum_residual": lambda l, kv: sum_pairs(y, ids, t.num_experts, residual=h),
         }
         res = {}
         for name, fn in pieces.items():
@@ -833,6 +834,13 @@ class Bench:
             self.choose(self.choices.with_moe(e.scales, ids.numel(), best))
             res[rows] = {"best": repr(best), "times_ms": times}
         return res
+
+    # -- tensor parallel -------------------------------------------------------------------------------------------
+    def section_tp(self):
+        """One tensor rank's shard of the real layers at each N, collectives left out (bench/tp.py)."""
+        from .tp import section
+
+        self.results["tp"] = section(self)
 
     # -- report ---------------------------------------------------------------------------------------------------
     def table(self) -> str:
