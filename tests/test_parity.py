@@ -6,7 +6,6 @@ Logits: max abs diff <= 1e-4 at every position. Greedy generation: >= 24 tokens 
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from hf_oracle import hf_model
 from mm_inputs import IMG, VID, chat, image_tokens, pixels, video_tokens
 from qwen_vl_distributed.engine.engine import Engine, Prompt
 from qwen_vl_distributed.engine.sampler import SlotSampler
+from qwen_vl_distributed.engine.sampling import SamplingParams
 from qwen_vl_distributed.model.batch import SeqLayout
 from qwen_vl_distributed.model.config import preset
 from qwen_vl_distributed.model.positions import rope_positions, token_types
@@ -101,7 +101,7 @@ def _prompt(ids, grids_i, pv, grids_v, pvv):
     return Prompt(list(ids), None, pv, grids_i, pvv, grids_v)
 
 
-GREEDY = SimpleNamespace(max_new_tokens=N_NEW, temperature=0.0)
+GREEDY = SamplingParams(max_new_tokens=N_NEW, temperature=0.0)
 
 
 @pytest.mark.parametrize("case", ["text", "image", "images", "video"])
