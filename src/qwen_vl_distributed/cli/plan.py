@@ -59,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.model) if args.model else preset(args.preset)
     gpu_mem = args.gpu_mem[0] if args.gpu_mem and len(args.gpu_mem) == 1 else args.gpu_mem
     dtype = args.dtype or default_dtype(cfg)
-    block = tuple(cfg.quantization.weight_block_size) if cfg.quantization and dtype == "fp8" else None
+    block = None
+    if dtype == "fp8":  # the release's blocks (model.param_counts counts a preset's fp8 in the same 128 x 128)
+        block = tuple(cfg.quantization.weight_block_size) if cfg.quantization else (128, 128)
     grid = Grid(args.stages, args.tp, resolve_moe(cfg, args.tp, args.moe_parallel, block))
     check_grid(cfg, grid)
     plan = plan_stages(cfg, args.stages, layers_per_stage=args.layers_per_stage, gpu_mem_gb=gpu_mem,
@@ -110,12 +112,13 @@ def format_plan(plan: StagePlan, model_name: str) -> list[str]:
         cells = [c.ljust(w) if h in _LEFT else c.rjust(w) for c, w, h in zip(row, widths, _HEADER)]
         return "  ".join(cells).rstrip()
 
-    title = (f"{model_name}: {len(plan.stages)} stages, {plan.num_layers} decoder layers, dtype {plan.dtype}, "
+    n = len(plan.stages)
+    title = (f"{model_name}: {n} stage{'s' if n > 1 else ''}, {plan.num_layers} decoder layers, dtype {plan.dtype}, "
              f"max-seq-len {plan.max_seq_len}, max-batch {plan.max_batch}, prefill-chunk {plan.prefill_chunk}, "
              f"{'balanced' if plan.balanced else 'fixed'} split, fingerprint {plan.fingerprint()}")
     lines = [title]
     if plan.tp > 1:
-        lines.append(f"grid: {len(plan.stages)} stages x {plan.tp} tensor ranks = {len(plan.stages) * plan.tp} GPUs, "
+        lines.append(f"grid: {n} stage{'s' if n > 1 else ''} x {plan.tp} tensor ranks = {n * plan.tp} GPUs, "
                      f"experts split {'by expert' if plan.moe == 'ep' else 'by width'} ({plan.moe}); a stage's "
                      f"figures are per GPU, the total row is all GPUs'")
     return lines + [line(r) for r in rows]

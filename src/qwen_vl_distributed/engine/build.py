@@ -234,7 +234,7 @@ def load_rank(ckpt, plan: StagePlan, grid: Grid, rank: int, device: torch.device
         model = Qwen3VLMoe(ckpt.cfg, layers=(st.start, st.stop), vision=st.holds_vision, embed=st.holds_embed,
                            head=st.holds_head)
     shards = shard_stage(model, grid, tp_rank)
-    name = f"stage {stage}" + (f" tensor rank {tp_rank}" if grid.tp > 1 else "") + f" (layers {st.start}-{st.stop - 1})"
+    name = f"{grid.label(rank)} (layers {st.start}-{st.stop - 1})"
     block = fp8_block(ckpt.cfg, opts)
     if isinstance(ckpt, RandomWeights):
         from ..checkpoint.synth_weights import randomize_module
@@ -279,7 +279,9 @@ def prepare_runtime(model: Qwen3VLMoe, plan: StagePlan, stage: int, device: torc
 
 def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: RunOptions) -> StageRuntime:
     """Rank ``rank``'s stage, loaded and made ready, in this process alone (no tensor group: one rank per stage)."""
-    grid = Grid(opts.stages)
+    grid = make_grid(ckpt.cfg, opts)
+    if grid.tp > 1:
+        raise ValueError("build_runtime builds a stage of one rank; a grid of tensor ranks starts with start_engine")
     return prepare_runtime(load_rank(ckpt, plan, grid, rank, device, opts), plan, grid.coords(rank)[0], device, opts)
 
 
@@ -310,7 +312,7 @@ def _start_grid(opts: RunOptions, ckpt, plan: StagePlan, grid: Grid, eos: list[i
     else:
         where = Placement(0, grid.world, 0, grid.world, f"tcp://127.0.0.1:{free_port()}")
         supervisor = Supervisor(lambda r: opts.worker_argv(r, where.world, where.init_method), where.world,
-                                name_of=lambda r: _rank_name(grid, r))
+                                name_of=lambda r: f"{grid.label(r)} (rank {r}")
     try:
         runtime, transport, ctx = _join(opts, ckpt, plan, grid, where)
     except BaseException:
@@ -339,11 +341,6 @@ def _start_grid(opts: RunOptions, ckpt, plan: StagePlan, grid: Grid, eos: list[i
         pd.shutdown()
 
     return EngineHandle(engine, ckpt.cfg, plan, eos, grid, close, abort)
-
-
-def _rank_name(grid: Grid, rank: int) -> str:
-    stage, tp_rank = grid.coords(rank)
-    return f"stage {stage}" + (f" tensor rank {tp_rank}" if grid.tp > 1 else "") + f" (rank {rank}"
 
 
 def _checked_world(grid: Grid, where: Placement) -> Placement:

@@ -59,10 +59,10 @@ class Grid:
         """The rank of each stage that speaks the pipeline protocol (its tensor rank 0), in stage order."""
         return [self.rank(s, 0) for s in range(self.stages)]
 
-    def describe(self) -> str:
-        if self.tp == 1:
-            return f"{self.stages} stage{'s' if self.stages > 1 else ''}"
-        return f"{self.stages} x {self.tp} grid (stages x tensor ranks, MoE {self.moe})"
+    def label(self, rank: int) -> str:
+        """How messages name a rank: 'stage 1', or 'stage 1 tensor rank 2' with several per stage."""
+        stage, tp_rank = self.coords(rank)
+        return f"stage {stage}" + (f" tensor rank {tp_rank}" if self.tp > 1 else "")
 
     def key(self) -> str:
         """What every rank must agree on (part of the start-up fingerprint)."""

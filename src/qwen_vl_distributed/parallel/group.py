@@ -31,10 +31,6 @@ class StageGroup:
         self.device = device  # where the data group's tensors live (the GPU with NCCL, else the host)
 
     @property
-    def size(self) -> int:
-        return len(self.ranks)
-
-    @property
     def is_leader(self) -> bool:
         return self.tp_rank == 0
 
