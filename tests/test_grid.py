@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
+import time
 
 import pytest
 
 from hf_oracle import hf_model
 from mm_inputs import chat, image_tokens, pixels, video_tokens
-from procs import CLI
+from procs import CLI, alive, children, cmdline, kill_tree, wait_for_output
 from qwen_vl_distributed.checkpoint.synth_processor import write_processor_files
 from qwen_vl_distributed.checkpoint.synth_weights import GENERATION_CONFIG
 from qwen_vl_distributed.engine.build import RunOptions, start_engine
@@ -103,3 +106,25 @@ def test_the_grid_is_part_of_the_plan_fingerprint():
     one, two = plan_stages(cfg, 2, require_fit=False), plan_stages(cfg, 2, require_fit=False, tp=2)
     assert one.layer_ranges == two.layer_ranges and one.fingerprint() != two.fingerprint()
     assert two.fingerprint() != plan_stages(cfg, 2, require_fit=False, tp=2, moe="ep").fingerprint()
+
+
+def test_a_killed_tensor_rank_ends_every_process_with_a_named_error(hf_dir):
+    """Rank 1 is stage 0's second tensor rank: the driver waits for it in every all-reduce."""
+    proc = subprocess.Popen(
+        [*CLI, "generate", "--model", hf_dir, "--tp", "2", "--prompt", "hello", "--max-new-tokens", "2000",
+         "--max-len", "2048", "--temperature", "0", "--quiet", "--stage-timeout", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True)
+    try:
+        wait_for_output(proc, "[thinking] ", 180, then_bytes=4)
+        kids = children(proc.pid)
+        victim = next(p for p in kids if "--rank 1 " in cmdline(p))
+        os.kill(victim, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        time.sleep(0.5)
+        left = [p for p in kids if alive(p)]
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode != 0
+    assert "stage 0 tensor rank 1 (rank 1, pid" in err.decode(errors="replace"), err.decode(errors="replace")[-3000:]
+    assert left == []

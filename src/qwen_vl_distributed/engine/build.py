@@ -337,6 +337,7 @@ def _start_grid(opts: RunOptions, ckpt, plan: StagePlan, grid: Grid, eos: list[i
         """After a failure the other workers stop on their own within moments (their peers are gone), printing
         what they saw; give them that moment, then kill whatever is left."""
         if supervisor:
+            supervisor.await_failure(1.0)  # a dead worker is named by the watcher, not only by its effects here
             supervisor.stop(timeout_s=3.0)
         pd.shutdown()
 

@@ -93,6 +93,15 @@ class Supervisor:
         if self.failure:
             raise StageFailure(self.failure)
 
+    def await_failure(self, timeout_s: float) -> str | None:
+        """After an error seen elsewhere (a collective that failed): give the watcher up to ``timeout_s`` to report a
+        worker that exited (its message names the rank; a dead process's sockets close a moment before it can be
+        reaped); the report, or None."""
+        deadline = time.monotonic() + timeout_s
+        while self.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.failure
+
     def kill_all(self) -> None:
         for p in self.procs.values():
             if p.poll() is None:

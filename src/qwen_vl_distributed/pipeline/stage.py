@@ -20,6 +20,7 @@ from ..model.kv_cache import KVCache
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..parallel.group import StageGroup
 from .payload import StepPayload, TokenPayload, to_wire
+from .transport import StageFailure
 
 
 class Sampler(Protocol):
@@ -55,19 +56,10 @@ class StageRuntime:
 
     def run(self, p: StepPayload) -> StepPayload | TokenPayload | None:
         """The stage's output for step ``p`` (None on a tensor rank that does not lead the stage)."""
-        if self.group is not None and self.leads:
-            self.group.share(*to_wire(p, visual=True))
         t0 = time.perf_counter()
         timer = _GpuTimer(self.device) if self.device.type == "cuda" else None
         with torch.inference_mode():
-            out = self.model(
-                positions=p.positions.to(self.device),
-                layout=p.layout,
-                cache=self.cache,
-                input_ids=p.input_ids.to(self.device) if self.model.has_embed else None,
-                hidden=p.hidden.to(self.device, non_blocking=True) if p.hidden is not None else None,
-                visual=p.visual.to(self.device) if p.visual is not None else None,
-            )
+            out = self._forward(p)
             if not self.leads:
                 result = None
             elif self.model.has_head:
@@ -82,6 +74,28 @@ class StageRuntime:
             self._timers.append(timer)
         self.steps += 1
         return result
+
+    def _forward(self, p: StepPayload) -> torch.Tensor:
+        """The stage's model on step ``p``; a leader first shares the step with the stage's other ranks."""
+        try:
+            if self.group is not None and self.leads:
+                self.group.share(*to_wire(p, visual=True))
+            return self.model(
+                positions=p.positions.to(self.device),
+                layout=p.layout,
+                cache=self.cache,
+                input_ids=p.input_ids.to(self.device) if self.model.has_embed else None,
+                hidden=p.hidden.to(self.device, non_blocking=True) if p.hidden is not None else None,
+                visual=p.visual.to(self.device) if p.visual is not None else None,
+            )
+        except RuntimeError as e:  # a collective whose peer died or hung (the backends raise plain RuntimeErrors)
+            msg = str(e).splitlines()[0] if str(e) else ""
+            if self.group is None or not any(w in msg.lower() for w in ("gloo", "nccl", "timed out")):
+                raise
+            g = self.group
+            raise StageFailure(f"a collective of stage {g.stage} (ranks {g.ranks[0]}-{g.ranks[-1]}) failed: a "
+                               f"tensor rank died or stopped answering; seen by {g.grid.label(g.ranks[g.tp_rank])} "
+                               f"(rank {g.ranks[g.tp_rank]}) ({msg[:160]})") from None
 
     def stats(self) -> dict:
         while self._timers and self._timers[0].done():
