@@ -166,9 +166,11 @@ def fp8_block(cfg: ModelConfig, opts: RunOptions) -> tuple[int, int] | None:
 
 
 def make_grid(cfg: ModelConfig, opts: RunOptions) -> Grid:
-    """The process grid every rank computes alike: stages x tensor ranks and how those split the experts."""
-    grid = Grid(opts.stages, opts.tensor_parallel,
-                resolve_moe(cfg, opts.tensor_parallel, opts.moe_parallel, fp8_block(cfg, opts)))
+    """The process grid every rank computes alike: stages x tensor ranks and how those split the experts (slices of
+    an fp8 checkpoint's experts must hold whole blocks, whether the experts stay fp8 or are dequantised)."""
+    q = cfg.quantization
+    block = tuple(q.weight_block_size) if q is not None and q.quant_method == "fp8" else None
+    grid = Grid(opts.stages, opts.tensor_parallel, resolve_moe(cfg, opts.tensor_parallel, opts.moe_parallel, block))
     check_grid(cfg, grid)
     return grid
 
@@ -270,11 +272,13 @@ def prepare_runtime(model: Qwen3VLMoe, plan: StagePlan, stage: int, device: torc
     enable_fast_paths(model)
     # one extra KV slot that no sequence owns: the decode graphs pad their batch-size buckets into it
     cache = model.new_cache(slots + 1, opts.max_len, dtype, device)
-    top = next(b for b in DEFAULT_BUCKETS + (slots,) if b >= slots)
-    graphed = GraphedStage(model, cache, buckets=tuple(b for b in DEFAULT_BUCKETS if b < top) + (top,))
+    stage_model = model
+    if group is None or group.device.type == "cuda":  # (collectives through the host, gloo, cannot be captured)
+        top = next(b for b in DEFAULT_BUCKETS + (slots,) if b >= slots)
+        stage_model = GraphedStage(model, cache, buckets=tuple(b for b in DEFAULT_BUCKETS if b < top) + (top,))
     # the prompt path's kernels compile now, not in the first requests (runtime.warmup)
-    warm_stage(graphed, cache, graphed.graphs.scratch_slot, plan.prefill_chunk, name, quiet=opts.quiet)
-    return StageRuntime(graphed, cache, sampler, device, stage, group)
+    warm_stage(stage_model, cache, slots, plan.prefill_chunk, name, quiet=opts.quiet)
+    return StageRuntime(stage_model, cache, sampler, device, stage, group)
 
 
 def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: RunOptions) -> StageRuntime:
