@@ -10,7 +10,7 @@ import argparse
 
 from ..model.config import PRESETS, ModelConfig, load_config, preset
 from ..model.param_counts import WEIGHT_DTYPES
-from ..parallel.grid import Grid, check_grid, resolve_moe
+from ..parallel.grid import make_grid
 from ..pipeline.plan import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, GB, StagePlan, format_gb, plan_stages
 from .options import add_grid_args
 
@@ -59,11 +59,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.model) if args.model else preset(args.preset)
     gpu_mem = args.gpu_mem[0] if args.gpu_mem and len(args.gpu_mem) == 1 else args.gpu_mem
     dtype = args.dtype or default_dtype(cfg)
-    block = None
-    if dtype == "fp8":  # the release's blocks (model.param_counts counts a preset's fp8 in the same 128 x 128)
-        block = tuple(cfg.quantization.weight_block_size) if cfg.quantization else (128, 128)
-    grid = Grid(args.stages, args.tp, resolve_moe(cfg, args.tp, args.moe_parallel, block))
-    check_grid(cfg, grid)
+    grid = make_grid(cfg, args.stages, args.tp, args.moe_parallel, fp8=dtype == "fp8")
     plan = plan_stages(cfg, args.stages, layers_per_stage=args.layers_per_stage, gpu_mem_gb=gpu_mem,
                        max_seq_len=args.max_seq_len, max_batch=args.max_batch, dtype=dtype,
                        prefill_chunk=args.prefill_chunk, require_fit=False, tp=grid.tp, moe=grid.moe)

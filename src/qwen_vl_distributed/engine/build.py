@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..model.config import ModelConfig, QuantizationConfig
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..pipeline import distributed as pd
-from ..parallel.grid import Grid, check_grid, resolve_moe
+from ..parallel.grid import Grid, make_grid
 from ..parallel.group import StageGroup, stage_groups
 from ..parallel.shard import attach_reduce, shard_stage
 from ..pipeline.executor import LocalExecutor, PipelineExecutor
@@ -75,6 +75,10 @@ class RunOptions:
         if unknown:  # a driver from another version of the code
             raise UserError(f"worker options: unknown field(s) {', '.join(unknown)}")
         return cls(**data)
+
+    def grid(self, cfg: ModelConfig) -> Grid:
+        """The process grid every rank computes alike: stages x tensor ranks and how those split the experts."""
+        return make_grid(cfg, self.stages, self.tensor_parallel, self.moe_parallel)
 
     def worker_argv(self, rank: int, world: int, init_method: str) -> list[str]:
         return ["worker", "--options", self.to_json(), "--rank", str(rank), "--world-size", str(world),
@@ -165,21 +169,11 @@ def fp8_block(cfg: ModelConfig, opts: RunOptions) -> tuple[int, int] | None:
     return tuple(q.weight_block_size)
 
 
-def make_grid(cfg: ModelConfig, opts: RunOptions) -> Grid:
-    """The process grid every rank computes alike: stages x tensor ranks and how those split the experts (slices of
-    an fp8 checkpoint's experts must hold whole blocks, whether the experts stay fp8 or are dequantised)."""
-    q = cfg.quantization
-    block = tuple(q.weight_block_size) if q is not None and q.quant_method == "fp8" else None
-    grid = Grid(opts.stages, opts.tensor_parallel, resolve_moe(cfg, opts.tensor_parallel, opts.moe_parallel, block))
-    check_grid(cfg, grid)
-    return grid
-
-
 def make_plan(cfg: ModelConfig, opts: RunOptions, grid: Grid | None = None) -> StagePlan:
     """The stage plan every rank computes alike (for ``grid``, default: the options'). On CUDA it must fit the GPUs
     (``--gpu-mem``, else the memory of this machine's smallest GPU): a plan that cannot fit is refused before any
     weight is read."""
-    grid = grid or make_grid(cfg, opts)
+    grid = grid or opts.grid(cfg)
     dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}[opts.dtype]
     if dtype == "bf16" and fp8_block(cfg, opts) is not None:
         dtype = "fp8"  # the experts at one byte (plus scales), the rest in bf16
@@ -283,7 +277,7 @@ def prepare_runtime(model: Qwen3VLMoe, plan: StagePlan, stage: int, device: torc
 
 def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: RunOptions) -> StageRuntime:
     """Rank ``rank``'s stage, loaded and made ready, in this process alone (no tensor group: one rank per stage)."""
-    grid = make_grid(ckpt.cfg, opts)
+    grid = opts.grid(ckpt.cfg)
     if grid.tp > 1:
         raise ValueError("build_runtime builds a stage of one rank; a grid of tensor ranks starts with start_engine")
     return prepare_runtime(load_rank(ckpt, plan, grid, rank, device, opts), plan, grid.coords(rank)[0], device, opts)
@@ -296,7 +290,7 @@ def start_engine(opts: RunOptions) -> EngineHandle:
         raise UserError("--device cuda: no CUDA device is available")
     ckpt = open_source(opts)
     eos = [] if isinstance(ckpt, RandomWeights) else read_eos_ids(opts.model)  # random weights: never stop early
-    grid = make_grid(ckpt.cfg, opts)
+    grid = opts.grid(ckpt.cfg)
     plan = make_plan(ckpt.cfg, opts, grid)
     if grid.world == 1:
         if under_torchrun() and torchrun_placement().world != 1:
@@ -399,7 +393,7 @@ def run_worker(opts: RunOptions, where: Placement) -> int:
     """Every rank but the driver: join, then serve steps (a stage's leader) or run what the leader shares (its other
     tensor ranks) until the driver sends 'stop'."""
     ckpt = open_source(opts)
-    grid = make_grid(ckpt.cfg, opts)
+    grid = opts.grid(ckpt.cfg)
     plan = make_plan(ckpt.cfg, opts, grid)
     runtime, transport, ctx = _join(opts, ckpt, plan, grid, _checked_world(grid, where))
     try:

@@ -99,6 +99,17 @@ def resolve_moe(cfg: ModelConfig, tp: int, mode: str, fp8_block: tuple[int, int]
     return "tp" if width_splits or cfg.text.num_experts % tp else "ep"
 
 
+def make_grid(cfg: ModelConfig, stages: int, tp: int, moe: str = "auto", fp8: bool = False) -> Grid:
+    """The grid for ``--stages``, ``--tensor-parallel-size`` and ``--moe-parallel``, checked against the model.
+    Slices of an fp8 checkpoint's experts must hold whole blocks whether they stay fp8 or are dequantised; ``fp8``:
+    plan for fp8 weights in the releases' 128 x 128 blocks where the config names none."""
+    q = cfg.quantization
+    block = tuple(q.weight_block_size) if q is not None and q.quant_method == "fp8" else (128, 128) if fp8 else None
+    grid = Grid(stages, tp, resolve_moe(cfg, tp, moe, block))
+    check_grid(cfg, grid)
+    return grid
+
+
 def check_grid(cfg: ModelConfig, grid: Grid) -> None:
     """Refuse, naming the option and the shape, a grid whose tensor ranks cannot split this model evenly."""
     t, n = cfg.text, grid.tp
