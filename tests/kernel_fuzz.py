@@ -309,14 +309,16 @@ def check_route(rng: random.Random, dtype, device, size: Size) -> None:
         assert_close(w, w_ref, dtype, "route weights", b=b, e=e, k=k)
 
 
-def check_sum_residual(rng: random.Random, dtype, device, size: Size) -> None:
-    from qwen_vl_distributed.kernels.decode_layer import sum_residual
+def check_sum_pairs(rng: random.Random, dtype, device, size: Size) -> None:
+    from qwen_vl_distributed.kernels.moe_triton import sum_pairs
 
     b, k, h = rng.randint(1, size.batch), rng.randint(1, 8), rng.randint(1, size.hidden * 4)
+    e = rng.randint(k, size.experts + k)
     gen = _gen(rng)
+    ids = torch.randint(0, e, (b, k), generator=gen).to(device)
     y, res = randn(gen, b * k, h, dtype=dtype, device=device), randn(gen, b, h, dtype=dtype, device=device)
     ref = res.double() + y.view(b, k, h).double().sum(1)
-    assert_close(sum_residual(y, res, k), ref, dtype, "sum_residual", b=b, k=k, h=h)
+    assert_close(sum_pairs(y, ids, e, residual=res), ref, dtype, "sum_pairs", b=b, k=k, h=h)
 
 
 def _attention_module(rng, size, dtype, device):
@@ -451,7 +453,7 @@ def check_layer_norm(rng: random.Random, dtype, device, size: Size) -> None:
 
 CHECKS = {f.__name__.removeprefix("check_"): f for f in (
     check_decode_attention, check_extend_attention, check_experts, check_fp8_experts, check_align, check_act_quant,
-    check_gemv, check_rmsnorm, check_route, check_sum_residual, check_qkv_post, check_decoder_layer,
+    check_gemv, check_rmsnorm, check_route, check_sum_pairs, check_qkv_post, check_decoder_layer,
     check_vision_rotary, check_layer_norm)}
 
 # checks run in float32 only, and why

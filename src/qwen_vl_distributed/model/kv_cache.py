@@ -23,7 +23,3 @@ class KVCache:
 
     def layer(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[idx], self.v[idx]
-
-    @staticmethod
-    def bytes_needed(cfg: TextConfig, num_layers: int, num_slots: int, max_len: int, itemsize: int) -> int:
-        return 2 * num_layers * num_slots * cfg.num_key_value_heads * max_len * cfg.head_dim * itemsize

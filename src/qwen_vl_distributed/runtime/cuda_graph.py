@@ -26,6 +26,7 @@ from ..model.kv_cache import KVCache
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..model.rope import mrope_axis_tensor, text_inv_freq
 from ..kernels import decode_graph_safe, fused_layers_fit, module_layers
+from ..kernels.choices import DEFAULT, KernelChoices
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 
@@ -55,11 +56,14 @@ def _host_read(what: str) -> RuntimeError:
 
 class DecodeGraphs:
     def __init__(self, model: Qwen3VLMoe, cache: KVCache, scratch_slot: int | None = None,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, fused: bool | None = None):
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, fused: bool | None = None,
+                 choices: KernelChoices = DEFAULT):
         """``fused``: run each layer through kernels.decode_layer (16 launches) rather than the module's eager
         forward; default: where ``kernels.fused_layers_fit``. Steps are captured only where the fused layers or the
-        modules' implementations are graph-safe (``capturable``)."""
+        modules' implementations are graph-safe (``capturable``). ``choices``: the fused layers' tiles
+        (kernels.choices)."""
         self.model = model
+        self.choices = choices
         self.cache = cache
         self.scratch_slot = cache.num_slots - 1 if scratch_slot is None else scratch_slot
         if not 0 <= self.scratch_slot < cache.num_slots:
@@ -115,7 +119,7 @@ class DecodeGraphs:
 
             for idx in m.layer_ids:
                 h = decode_layer(lm.layers[str(idx)], h, *rope, self.cache.layer(idx), self.slots[:b],
-                                 self.starts[:b])
+                                 self.starts[:b], self.choices)
             if not m.has_head:
                 return h
             return m.lm_head(rmsnorm(h, lm.norm.weight, lm.norm.eps)).float()
@@ -196,9 +200,10 @@ class GraphedStage:
     the model's own forward (with ``enable_fast_paths``, its layers run the 'fused' layer impl)."""
 
     def __init__(self, model: Qwen3VLMoe, cache: KVCache, scratch_slot: int | None = None,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, fused: bool | None = None):
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, fused: bool | None = None,
+                 choices: KernelChoices = DEFAULT):
         self.model = model
-        self.graphs = DecodeGraphs(model, cache, scratch_slot, buckets, fused)
+        self.graphs = DecodeGraphs(model, cache, scratch_slot, buckets, fused, choices)
         self.graphs.capture()
 
     def __getattr__(self, name):  # has_head, has_embed, layer_ids, ... come from the model
