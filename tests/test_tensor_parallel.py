@@ -7,14 +7,10 @@ separate processes over gloo is tests/test_grid.py.
 
 from __future__ import annotations
 
-import os
 import threading
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of a Triton kernel module
 
 from checkpoint_testlib import L, small_cfg, stage_model
 from qwen_vl_distributed.checkpoint.index import open_checkpoint
@@ -58,12 +54,17 @@ def _cfg(**text):
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    """One checkpoint per expert layout, and fp8 (per expert, 16x16 blocks) -- the same config for all."""
+    """One checkpoint per expert layout, fp8 (per expert, 16x16 blocks), and tied embeddings (no lm_head.weight
+    stored: the head is read from the embedding) -- the same shapes for all."""
+    import dataclasses
+
     out = {}
     for name, layout, fp8 in (("hf", "hf", False), ("released", "released", False),
-                              ("per-expert", "per-expert", False), ("fp8", "per-expert", True)):
+                              ("per-expert", "per-expert", False), ("fp8", "per-expert", True),
+                              ("tied", "hf", False)):
         d = tmp_path_factory.mktemp(name)
-        write_synthetic_weights(d, _cfg(), seed=3, layout=layout, fp8=fp8, shard_bytes=150_000)
+        cfg = dataclasses.replace(_cfg(), tie_word_embeddings=name == "tied")
+        write_synthetic_weights(d, cfg, seed=3, layout=layout, fp8=fp8, shard_bytes=150_000)
         out[name] = d
     return out
 
@@ -127,6 +128,7 @@ def _run_ranks(models) -> list[list[torch.Tensor]]:
     ("fp8", 2, "tp", False),          # fp8 dequantised at load: slices on block boundaries, scales sliced too
     ("fp8", 2, "tp", True),           # fp8 experts kept fp8: each rank's scales in its slice's place
     ("fp8", 4, "ep", True),
+    ("tied", 2, "tp", False),         # the head, whole on every rank, read from the embedding matrix
 ])
 def test_sharded_ranks_together_equal_the_whole_model(ckpts, ckpt, tp, moe, keep):
     whole = _steps(_load(ckpts[ckpt], keep_fp8=keep))
