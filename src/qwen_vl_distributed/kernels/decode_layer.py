@@ -227,5 +227,3 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
     if mlp.reduce is None:
         return sum_pairs(pairs, ids, gate_up.shape[0], residual=h)
     return h + mlp.reduce(sum_pairs(pairs, ids, gate_up.shape[0]))
-
-
