@@ -166,9 +166,18 @@ def _routing(rng, size, device, tokens=None):
     return torch.tensor(rows).to(device), w, gen
 
 
+def held_elsewhere(rng: random.Random, ids: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert parallel: half the time, a random share of the pairs (up to all of them) get id ``e``, the id of an
+    expert held on another rank, which every experts kernel leaves out."""
+    if rng.random() < 0.5:
+        return ids
+    foreign = torch.rand(ids.shape, generator=_gen(rng)) < rng.random()
+    return torch.where(foreign.to(ids.device), torch.full_like(ids, e), ids)
+
+
 def random_moe_config(rng: random.Random):
     """A tile configuration of the expert kernels, launch orders, partial tiles, TMA and swap included."""
-    from qwen_vl_distributed.kernels.moe_triton import MoeConfig
+    from qwen_vl_distributed.kernels.choices import MoeConfig
 
     bm = rng.choice([16, 32, 64])
     return MoeConfig(bm=bm, bn=rng.choice([16, 32, 64]), bk=rng.choice([16, 32, 64]), warps=4, stages=2,
@@ -178,12 +187,14 @@ def random_moe_config(rng: random.Random):
 
 
 def check_experts(rng: random.Random, dtype, device, size: Size) -> None:
-    """fused_experts with the shipped tile table, or a random tile configuration, against reference_experts."""
+    """fused_experts with the shipped tile table, or a random tile configuration, against reference_experts; some
+    pairs may be of experts held on another rank (id E)."""
     from qwen_vl_distributed.kernels.moe_triton import fused_experts
     from qwen_vl_distributed.model.moe import reference_experts
 
     ids, w, gen = _routing(rng, size, device)
     e = int(ids.max()) + 1 + rng.randint(0, 2)
+    ids = held_elsewhere(rng, ids, e)
     h, i = rng.randint(8, size.hidden), rng.randint(4, size.width)
     x = randn(gen, ids.shape[0], h, dtype=dtype, device=device)
     gate_up = randn(gen, e, 2 * i, h, dtype=dtype, device=device, scale=h ** -0.5)
@@ -207,6 +218,7 @@ def check_fp8_experts(rng: random.Random, dtype, device, size: Size) -> None:
 
     ids, w, gen = _routing(rng, size, device)
     e = int(ids.max()) + 1
+    ids = held_elsewhere(rng, ids, e)
     h, i = rng.randint(16, size.hidden), rng.randint(8, size.width)
     block = (rng.choice([16, 32]), rng.choice([16, 32, 64]))
     x = randn(gen, ids.shape[0], h, dtype=dtype, device=device)
@@ -243,13 +255,13 @@ W8A8_GPU_TOL = 1e-2
 
 
 def check_align(rng: random.Random, dtype, device, size: Size) -> None:
-    """align_triton and align_wide lay out the pairs exactly as align_torch (every pair once, in its expert's
-    blocks)."""
+    """align_triton and align_wide lay out the pairs exactly as align_torch (every pair of an expert held here
+    once, in its expert's blocks; pairs with id E nowhere)."""
     from qwen_vl_distributed.kernels import moe_triton as mt
 
     ids, _, _ = _routing(rng, size, device, tokens=size.tokens * 8)
     e, bm = int(ids.max()) + 1 + rng.randint(0, 3), rng.choice([16, 64, 128])
-    flat = ids.reshape(-1)
+    flat = held_elsewhere(rng, ids, e).reshape(-1)
     rows, blocks = mt.align_torch(flat, e, bm)
     kernels = [mt.align_wide] + ([mt.align_triton] if flat.numel() <= mt.ALIGN_KERNEL_MAX_PAIRS else [])
     for fn in kernels:
@@ -322,14 +334,22 @@ def check_route(rng: random.Random, dtype, device, size: Size) -> None:
         assert_close(w, w_ref, dtype, "route weights", b=b, e=e, k=k)
 
 
-def check_sum_residual(rng: random.Random, dtype, device, size: Size) -> None:
-    from qwen_vl_distributed.kernels.decode_layer import sum_residual
+def check_sum_pairs(rng: random.Random, dtype, device, size: Size) -> None:
+    """Each token's K pair outputs summed (the pairs of experts held elsewhere, id E, left out), plus the residual
+    when there is one."""
+    from qwen_vl_distributed.kernels.moe_triton import sum_pairs
 
     b, k, h = rng.randint(1, size.batch), rng.randint(1, 8), rng.randint(1, size.hidden * 4)
+    e = rng.randint(k, size.experts + k)
     gen = _gen(rng)
+    ids = held_elsewhere(rng, torch.randint(0, e, (b, k), generator=gen), e).to(device)
     y, res = randn(gen, b * k, h, dtype=dtype, device=device), randn(gen, b, h, dtype=dtype, device=device)
-    ref = res.double() + y.view(b, k, h).double().sum(1)
-    assert_close(sum_residual(y, res, k), ref, dtype, "sum_residual", b=b, k=k, h=h)
+    ref = (y.view(b, k, h).double() * (ids < e)[..., None]).sum(1)
+    residual = res if rng.random() < 0.5 else None
+    if residual is not None:
+        ref += res.double()
+    assert_close(sum_pairs(y, ids, e, residual), ref, dtype, "sum_pairs", b=b, k=k, h=h, e=e,
+                 held=int((ids < e).sum()), residual=residual is not None)
 
 
 def _attention_module(rng, size, dtype, device):
@@ -467,7 +487,7 @@ def check_layer_norm(rng: random.Random, dtype, device, size: Size) -> None:
 
 CHECKS = {f.__name__.removeprefix("check_"): f for f in (
     check_decode_attention, check_extend_attention, check_experts, check_fp8_experts, check_align, check_act_quant,
-    check_gemv, check_rmsnorm, check_route, check_sum_residual, check_qkv_post, check_decoder_layer,
+    check_gemv, check_rmsnorm, check_route, check_sum_pairs, check_qkv_post, check_decoder_layer,
     check_vision_rotary, check_layer_norm)}
 
 # checks run in float32 only, and why

@@ -12,11 +12,12 @@ from checkpoint_testlib import L, edit_shard, odd_cfg, small_cfg, stage_model
 from qwen_vl_distributed.checkpoint.index import open_checkpoint
 from qwen_vl_distributed.checkpoint.inspect import inspect_checkpoint
 from qwen_vl_distributed.checkpoint.keymap import markdown_table, params_table
-from qwen_vl_distributed.checkpoint.matching import plan_stage
+from qwen_vl_distributed.checkpoint.matching import plan_load
 from qwen_vl_distributed.checkpoint.spec import StageParts, param_shapes
 from qwen_vl_distributed.checkpoint.synth_weights import write_header_only_checkpoint, write_synthetic_weights
 from qwen_vl_distributed.cli.main import main
 from qwen_vl_distributed.model.config import preset
+from qwen_vl_distributed.pipeline.plan import plan_stages
 
 PARAMS_235B = 235_670_022_896
 
@@ -35,7 +36,9 @@ def test_preset_param_count():
 
 
 def test_inspect_full_size_headers(big):
-    r = inspect_checkpoint(big, num_stages=4)
+    plan = plan_stages(preset("235b-a22b"), 4, require_fit=False)
+    r = inspect_checkpoint(big, [StageParts((s.start, s.stop), s.holds_vision, s.holds_embed, s.holds_head)
+                                 for s in plan.stages])
     assert r["architecture"] == "Qwen3VLMoeForConditionalGeneration"
     assert (r["tensors"], r["params"], r["coverage"]["expected_params"]) == (1388, PARAMS_235B, PARAMS_235B)
     assert 90 <= r["shards"] <= 110
@@ -52,7 +55,7 @@ def test_last_stage_plan_opens_only_its_shards(big):
     ckpt = open_checkpoint(big)
     cfg = ckpt.cfg
     parts = StageParts((47, 94), vision=False, embed=False, head=True)
-    plan = plan_stage(ckpt, param_shapes(cfg, (47, 94), vision=False, embed=False), parts, "stage 1")
+    plan = plan_load(ckpt, param_shapes(cfg, (47, 94), vision=False, embed=False), parts, "stage 1")
     plan.check()
     mine = {f for k, f in ckpt.weight_map.items() if parts.owns(k)}
     assert set(ckpt.opened) == mine == set(plan.files)

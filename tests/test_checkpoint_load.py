@@ -114,7 +114,7 @@ def test_stage_opens_only_its_shards(tmp_path, monkeypatch):
     d = _write(tmp_path / "ck", layout="per-expert", shard_bytes=60_000)
     read = []
     orig = ShardReader.read
-    monkeypatch.setattr(ShardReader, "read", lambda self, info: read.append(info.name) or orig(self, info))
+    monkeypatch.setattr(ShardReader, "read", lambda self, info, index=None: read.append(info.name) or orig(self, info, index))
     m, ckpt, report = _load(d, layers=(2, 4), vision=False, embed=False)
     wm = index(d)["weight_map"]
     mine = {k for k in wm if k.startswith((L + "2.", L + "3.", "model.language_model.norm.", "lm_head."))}
@@ -136,7 +136,7 @@ def test_keys_of_other_stages_are_not_this_stages_business(ckpt_dir):
 
 
 def _no_data_read(monkeypatch):
-    def fail(self, info):
+    def fail(self, info, index=None):
         raise AssertionError(f"read {info.name} before validation finished")
     monkeypatch.setattr(ShardReader, "read", fail)
 

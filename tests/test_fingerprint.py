@@ -1,4 +1,5 @@
-"""The fingerprint ranks compare before starting holds a real digest of the code, and the resolved hub revision."""
+"""The fingerprint ranks compare before starting holds a real digest of the code, the resolved hub revision and the
+process grid."""
 
 from __future__ import annotations
 
@@ -25,10 +26,14 @@ def test_code_digest_follows_every_source_byte(tmp_path):
     assert source_digest(str(copy)) != code_digest()
 
 
-def test_fingerprint_holds_revision_and_code(tmp_path_factory):
+def _fingerprint(ckpt, opts: RunOptions) -> dict[str, str]:
+    grid = opts.grid(ckpt.cfg)
+    return fingerprint(ckpt, make_plan(ckpt.cfg, opts, grid), grid, opts)
+
+
+def test_fingerprint_holds_revision_code_and_grid(tmp_path_factory):
     ckpt = open_checkpoint(tiny_model_dir(tmp_path_factory))
-    opts = RunOptions(model=ckpt.dir, revision="0123abcd")
-    fp = fingerprint(ckpt, make_plan(ckpt.cfg, opts), opts)
-    assert fp["revision"] == "0123abcd" and fp["code"] == code_digest()
-    plain = RunOptions(model=ckpt.dir)
-    assert fingerprint(ckpt, make_plan(ckpt.cfg, plain), plain)["revision"] == "-"
+    fp = _fingerprint(ckpt, RunOptions(model=ckpt.dir, revision="0123abcd"))
+    assert fp["revision"] == "0123abcd" and fp["code"] == code_digest() and fp["grid"] == "1x1"
+    plain = _fingerprint(ckpt, RunOptions(model=ckpt.dir, stages=2, tensor_parallel=2, moe_parallel="ep"))
+    assert plain["revision"] == "-" and plain["grid"] == "2x2/ep"

@@ -8,12 +8,14 @@ Tolerances: fp32 paths agree to ~1e-6 relative (accumulation order only); fp16 t
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from qwen_vl_distributed.kernels import enable_fast_paths, module_layers, register
 from qwen_vl_distributed.kernels.attention import prefill_attention
+from qwen_vl_distributed.kernels.choices import GEMV_MAX_ROWS
 from qwen_vl_distributed.runtime.cuda_graph import DecodeGraphs, GraphedStage
 from qwen_vl_distributed.kernels.grouped import grouped_experts, has_grouped_mm
 from qwen_vl_distributed.kernels.vision_attention import segment_attention
@@ -23,7 +25,7 @@ from qwen_vl_distributed.model.batch import SeqLayout
 from qwen_vl_distributed.model.config import preset
 from qwen_vl_distributed.model.moe import reference_experts
 from qwen_vl_distributed.model.qwen3_vl import Qwen3VLMoe
-from qwen_vl_distributed.model.vision import reference_segment_attention, vision_rotary
+from qwen_vl_distributed.model.vision import VisionAttention, reference_segment_attention, vision_rotary
 from paged import pool_blocks, shuffled_tables
 
 try:
@@ -321,16 +323,17 @@ def test_extend_attention_random_layouts(nh, kvh):
         assert rel(out, reference_cache_attention(q, k_cache, v_cache, layout, 0.25)) < 1e-5, layout
 
 
-def test_prompt_attention_path_keeps_sdpa_only_for_a_lone_long_prompt(monkeypatch):
+def test_prompt_attention_path_keeps_sdpa_only_for_a_lone_long_prompt():
     from qwen_vl_distributed.kernels import attention
+    from qwen_vl_distributed.kernels.choices import DEFAULT
 
-    n = attention.PROMPT_SDPA_MIN_TOKENS
+    n = DEFAULT.prompt_sdpa_min_tokens
     assert attention.prompt_attention_path(SeqLayout([[0]], [0], [n])) == "sdpa"
     assert attention.prompt_attention_path(SeqLayout([[0]], [0], [n - 1])) == "triton"
     assert attention.prompt_attention_path(SeqLayout([[0]], [5], [n])) == "triton"  # a chunk after a prefix
     assert attention.prompt_attention_path(SeqLayout([[0], [1]], [0, 0], [n, 1])) == "triton"  # a mixed step
-    monkeypatch.setattr(attention, "PROMPT_ATTENTION", "sdpa")
-    assert attention.prompt_attention_path(SeqLayout([[0]], [0], [3])) == "sdpa"
+    sdpa = dataclasses.replace(DEFAULT, prompt_attention="sdpa")  # passed in, as the bench passes its choices
+    assert attention.prompt_attention_path(SeqLayout([[0]], [0], [3]), sdpa) == "sdpa"
 
 
 def test_segment_attention_matches_reference():
@@ -384,7 +387,7 @@ def test_fused_vision_blocks_match_the_modules():
         tower = VisionTower(cfg)
     randomize_module(tower, 0, torch.device("cpu"), torch.float32)
     for m in tower.modules():
-        if type(m).__name__ == "VisionAttention":
+        if isinstance(m, VisionAttention):
             m.impl = "fast"
     grid = [(1, 4, 4), (1, 6, 10)]
     px = torch.randn(16 + 60, cfg.patch_dim)
@@ -672,7 +675,7 @@ def test_fused_forward_prompt_rows_packed_qkv_and_heads_per_program(tiny, heads,
     packed = packed_qkv(attn)
     assert packed is not None and torch.equal(packed[:attn.q_proj.out_features], attn.q_proj.weight)
     assert torch.equal(packed[-attn.v_proj.out_features:], attn.v_proj.weight)
-    n = decode_layer.GEMV_MAX_ROWS + 6
+    n = GEMV_MAX_ROWS + 6
     layout = SeqLayout(decode.block_tables[:2], starts=[0, 4], lens=[n, 3])
     pos = torch.cat([torch.arange(0, n), torch.arange(4, 7)]).expand(3, -1)
     _assert_fused_step_equals_model(m, cache, layout, pos, rows=[0, n - 1, n + 2])

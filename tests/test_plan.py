@@ -369,7 +369,8 @@ def test_cli_fp8_checkpoint_plans_as_fp8_experts_says(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("options", [[], ["--device", "cuda", "--gpu-mem", "80"],
-                                     ["--max-batch", "3", "--max-len", "1000", "--prefill-chunk", "300"]])
+                                     ["--max-batch", "3", "--max-len", "1000", "--prefill-chunk", "300"],
+                                     ["--tp", "2", "--moe-parallel", "ep"], ["--tensor-parallel-size", "4"]])
 def test_cli_plan_is_the_plan_serve_uses(tmp_path, capsys, options):
     """One source for the options and their defaults: plan's table is what serve would load with the same
     arguments."""
@@ -383,5 +384,7 @@ def test_cli_plan_is_the_plan_serve_uses(tmp_path, capsys, options):
     main(["plan", *argv, "--json"])
     shown = json.loads(capsys.readouterr().out)
     serve = build_parser().parse_args(["serve", *argv])
-    plan = make_plan(BIG, run_options(serve, resolve_model(str(tmp_path))), require_fit=False)
+    opts = run_options(serve, resolve_model(str(tmp_path)))
+    plan = make_plan(BIG, opts, require_fit=False)
     assert shown == json.loads(plan.to_json())
+    assert shown["tp"] == opts.tensor_parallel and (shown["moe"] == "ep") == ("ep" in options)  # --tp reached it

@@ -46,6 +46,25 @@ def _prefill(rows: dict, attention: dict) -> list[str]:
     return out
 
 
+def _tp(res: dict) -> list[str]:
+    t = res["tp"]
+    p = t["projection"]
+    out = [f"tensor parallel: ms per layer of ONE rank's shard (no collectives; ep: the slowest rank, mean in "
+           f"brackets); whole-model tok/s projected with {p['allreduce_us']:g} us per all-reduce (2 a layer, "
+           f"{p['layers']} layers) + lm_head"]
+    for key, row in t.items():
+        if not key.startswith("N"):
+            continue
+        for b, ms in row["ms_layer"].items():
+            mean = row.get("ms_layer_mean", {}).get(b)
+            proj = p[f"{key}_B{b}"]
+            out.append(f"  {key:<7} B={b:<3} {ms:.4f} ms/layer" + (f" ({mean:.4f})" if mean else "")
+                       + f"  heads {row['heads']}/{row['kv_heads']}  {row['weight_gb_layer']:.2f} GB/layer"
+                       + f"  -> {proj['step_ms']:.2f} ms/step, {proj['tok_s']:.0f} tok/s")
+    out.append("  lm_head ms: " + ", ".join(f"B={b} {ms:.3f}" for b, ms in t["lm_head_ms"].items()))
+    return out
+
+
 def render(res: dict) -> str:
     v = res.get("versions", {})
     lines = [f"device {v.get('device')} | torch {v.get('torch')} | triton {v.get('triton')} | "
@@ -56,6 +75,8 @@ def render(res: dict) -> str:
         lines.append(f"ceilings: copy {c['copy_gbs']:.0f} GB/s, bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s")
     if "decode" in res:
         lines += _decode(res["decode"], res.get("layers", 0))
+    if "tp" in res:
+        lines += _tp(res)
     for b, parts in res.get("decode_breakdown", {}).items():
         lines.append(f"  B={b} us/layer by launch group: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     if "prefill" in res:

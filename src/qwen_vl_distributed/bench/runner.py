@@ -9,8 +9,10 @@ head) on both sides; the whole-model step (embedding + layers + lm_head) is time
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -20,9 +22,11 @@ from ..model.config import preset
 from ..model.moe import reference_experts, route
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..kernels import enable_fast_paths, module_layers, register, use_reference
+from ..kernels.choices import DEFAULT, KernelChoices
 from .models import (build_pair, decode_layer_bytes, default_dtype, kv_cache, ours_from, prefill_layer_flops,
                      randomize_, set_hf_experts, vision_flops)
 from ..runtime.cuda_graph import DecodeGraphs
+from ..pipeline.plan import DEFAULT_KV_BLOCK_SIZE
 from .timing import copy_bandwidth_gbs, cuda_time, matmul_tflops, step_times
 
 BF16 = torch.bfloat16
@@ -43,35 +47,75 @@ def versions() -> dict:
             "transformers": transformers.__version__}
 
 
+@dataclass(frozen=True)
+class BenchOptions:
+    """What ``qwen-vl bench`` runs (cli/bench.py documents each option)."""
+
+    preset: str = "235b-a22b"
+    layers: int = 4
+    batches: tuple[int, ...] = (1, 8, 32)
+    context: int = 512
+    prefill: tuple[int, ...] = (2048, 8192)
+    image: int = 1024
+    greedy_tokens: int = 16
+    skip_hf: bool = False
+    tune: bool = True
+    seed: int = 0
+    device: str = "cuda"
+    tp: tuple[int, ...] = (1, 2, 4, 8)  # the 'tp' section: tensor-parallel sizes whose one-rank shard it times
+    allreduce_us: float = 15.0  # the 'tp' section's projection: one all-reduce's latency (an input, not measured)
+    kv_block_size: int = DEFAULT_KV_BLOCK_SIZE  # tokens per KV block (the decode section also times a contiguous cache beside it)
+
+
 class Bench:
-    def __init__(self, args):
-        self.args = args
-        base = preset(args.preset)
+    """The sections' shared state. Its models are built on first use (a run of the 'tp' section alone builds only
+    its shards); the kernels' choices it has measured (``self.choices``) are passed to every model it builds."""
+
+    def __init__(self, opts: BenchOptions):
+        self.opts = opts
+        base = preset(opts.preset)
         self.full_layers = base.text.num_hidden_layers
-        self.cfg = dataclasses.replace(base, text=dataclasses.replace(base.text, num_hidden_layers=args.layers))
-        self.n = args.layers
-        self.dev = torch.device(args.device)
+        self.cfg = dataclasses.replace(base, text=dataclasses.replace(base.text, num_hidden_layers=opts.layers))
+        self.n = opts.layers
+        self.dev = torch.device(opts.device)
         if self.dev.type == "cuda" and self.dev.index is None:
             self.dev = torch.device("cuda", torch.cuda.current_device())
-        self.batches = sorted({int(b) for b in args.batches.split(",") if b})
+        self.batches = sorted(set(opts.batches))
         self.results: dict = {"command": "qwen-vl " + " ".join(sys.argv[1:]), "versions": versions(),
-                              "preset": args.preset, "layers": self.n, "context": args.context}
-        torch.manual_seed(args.seed)
+                              "preset": opts.preset, "layers": self.n, "context": opts.context}
+        self.choices: KernelChoices = DEFAULT
+        torch.manual_seed(opts.seed)
         torch.set_grad_enabled(False)
-        self._build()
 
-    def _build(self):
-        register()
-        if self.args.skip_hf:
-            self.hf = None
+    def choose(self, choices: KernelChoices) -> None:
+        """Run the fast paths with ``choices`` from now on (the registries are re-bound to them)."""
+        self.choices = choices
+        register(choices)
+
+    @functools.cached_property
+    def _pair(self):
+        register(self.choices)
+        if self.opts.skip_hf:
             with default_dtype(BF16), torch.device(self.dev):
-                self.ours = Qwen3VLMoe(self.cfg).eval()
-            randomize_(self.ours, self.args.seed, self.cfg.text.hidden_size)
-        else:
-            self.hf, self.ours = build_pair(self.cfg, self.dev, self.args.seed)
-        enable_fast_paths(self.ours)
-        self.mid = enable_fast_paths(ours_from(self.cfg, self.ours.state_dict(), layers=(0, self.n), vision=False,
-                                               embed=False, head=False))
+                ours = Qwen3VLMoe(self.cfg).eval()
+            randomize_(ours, self.opts.seed, self.cfg.text.hidden_size)
+            return None, enable_fast_paths(ours, choices=self.choices)
+        hf, ours = build_pair(self.cfg, self.dev, self.opts.seed)
+        return hf, enable_fast_paths(ours, choices=self.choices)
+
+    @property
+    def hf(self):
+        return self._pair[0]
+
+    @property
+    def ours(self) -> Qwen3VLMoe:
+        return self._pair[1]
+
+    @functools.cached_property
+    def mid(self) -> Qwen3VLMoe:
+        """A layers-only stage (no embedding, no head) over the same weights as ``ours``."""
+        return enable_fast_paths(ours_from(self.cfg, self.ours.state_dict(), layers=(0, self.n), vision=False,
+                                           embed=False, head=False), choices=self.choices)
 
     # -- ceilings -------------------------------------------------------------------------------------------------
     def section_ceilings(self):
@@ -123,7 +167,7 @@ class Bench:
             ref = reference_experts(x, ids, w, gu, dn)
             for fast in (fused_experts, grouped_experts) if n == 2048 else (fused_experts,):
                 out[f"moe_{fast.__name__}_T{n}"] = rel(fast(x, ids, w, gu, dn), ref)
-        cache, tables = kv_cache(self.mid, 5, 1024, self.args.kv_block_size)
+        cache, tables = kv_cache(self.mid, 5, 1024, self.opts.kv_block_size)
         kc, vc = cache.layer(0)
         layout = SeqLayout([tables[i] for i in (4, 0, 2, 1)], starts=[0, 100, 511, 1023], lens=[1, 1, 1, 1])
         q = torch.randn(4, t.num_attention_heads, t.head_dim, device=self.dev, dtype=BF16)
@@ -151,7 +195,7 @@ class Bench:
         t = self.cfg.text
         layer = self.mid.model.language_model.layers["0"]
         out = {}
-        bs = self.args.kv_block_size
+        bs = self.opts.kv_block_size
         for b in self.batches:
             cache, tables = kv_cache(self.mid, b, 1024, bs)
             fused_cache, _ = kv_cache(self.mid, b, 1024, bs, fill=False)
@@ -165,7 +209,7 @@ class Bench:
             with module_layers(self.mid):
                 ref = layer(h, rope, cache.layer(0), layout)
             got = decode_layer(layer, h, *rope, fused_cache.layer(0), layout.block_table(self.dev),
-                               layout.tensor("starts", self.dev), layout.row_tables(self.dev, bs))
+                               layout.tensor("starts", self.dev), layout.row_tables(self.dev, bs), self.choices)
             rows = ((got.double() - ref.double()).norm(dim=1) / ref.double().norm(dim=1)).tolist()
             out[f"decode_layer_B{b}"] = statistics.median(rows)  # per-row median: a near-tie in routing can
             out[f"decode_layer_B{b}_rows_over_1e-2"] = float(sum(r > 1e-2 for r in rows))  # flip one row's experts
@@ -200,13 +244,13 @@ class Bench:
                 "vision_fused_block": rel(fused_vision_block(block, x, rope, cu), block(x, rope, cu))}
 
     def _prompt(self, n: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.args.seed + 7)
+        g = torch.Generator().manual_seed(self.opts.seed + 7)
         return torch.randint(0, 150000, (n,), generator=g).to(self.dev)  # below the special/vision token ids
 
     def _ours_logits(self, ids: torch.Tensor) -> torch.Tensor:
         n = ids.numel()
         pos = torch.arange(n, device=self.dev).expand(3, n)
-        cache, tables = kv_cache(self.ours, 1, n, self.args.kv_block_size, fill=False)
+        cache, tables = kv_cache(self.ours, 1, n, self.opts.kv_block_size, fill=False)
         return self.ours(positions=pos, layout=SeqLayout(tables, [0], [n]), cache=cache, input_ids=ids,
                          logits_rows=list(range(n)))
 
@@ -222,7 +266,7 @@ class Bench:
         set_hf_experts(self.hf, "grouped_mm")
         use_reference(self.ours)
         ours_ref = self._ours_logits(ids)
-        enable_fast_paths(self.ours)
+        enable_fast_paths(self.ours, choices=self.choices)
         with module_layers(self.ours):
             ours_module = self._ours_logits(ids)  # the modules' layers around the fast attention and experts
         ours_fast = self._ours_logits(ids)  # the fused layers: what runs
@@ -240,7 +284,7 @@ class Bench:
     def _greedy_parity(self, n: int = 64) -> dict:
         """Greedy tokens after a 64-token prompt: HF (its forward in a loop, dynamic cache) vs ours (fast prefill,
         then decode steps replayed from a CUDA graph of the whole model)."""
-        steps = self.args.greedy_tokens
+        steps = self.opts.greedy_tokens
         ids = self._prompt(n)
         out = self.hf(input_ids=ids[None], use_cache=True)
         pkv, hf_tokens = out.past_key_values, [int(out.logits[0, -1].argmax())]
@@ -250,11 +294,11 @@ class Bench:
                           use_cache=True)
             hf_tokens.append(int(out.logits[0, -1].argmax()))
             hf_logits.append(out.logits[0, -1].float())
-        cache, tables = kv_cache(self.ours, 1, n + steps + 1, self.args.kv_block_size, fill=False)
+        cache, tables = kv_cache(self.ours, 1, n + steps + 1, self.opts.kv_block_size, fill=False)
         logits = self.ours(positions=torch.arange(n, device=self.dev).expand(3, n), layout=SeqLayout(tables, [0], [n]),
                            cache=cache, input_ids=ids)
         ours_tokens = [int(logits[0].argmax())]
-        graphs = DecodeGraphs(self.ours, cache, buckets=(1,))
+        graphs = DecodeGraphs(self.ours, cache, buckets=(1,), choices=self.choices)
         graphs.capture()
         step_rel = []
         for i in range(steps - 1):
@@ -279,7 +323,7 @@ class Bench:
         n = ids.numel()
         use_reference(self.ours)
         try:
-            cache, tables = kv_cache(self.ours, 1, n + len(tokens) + 1, self.args.kv_block_size, fill=False)
+            cache, tables = kv_cache(self.ours, 1, n + len(tokens) + 1, self.opts.kv_block_size, fill=False)
             self.ours(positions=torch.arange(n, device=self.dev).expand(3, n), layout=SeqLayout(tables, [0], [n]),
                       cache=cache, input_ids=ids)
             out = []
@@ -291,18 +335,18 @@ class Bench:
                 out.append(rel(got[0], want))
             return out
         finally:
-            enable_fast_paths(self.ours)
+            enable_fast_paths(self.ours, choices=self.choices)
 
     # -- decode ---------------------------------------------------------------------------------------------------
     def section_decode(self):
         """The layers-only stage's decode step per batch, under graph replay over the paged KV cache; the same
         step over a contiguous cache (one block per sequence: no table lookup per key) is timed in turn with it,
         so their ratio is what paging costs."""
-        ctx = self.args.context
-        graphs, tables = self._decode_graphs(self.mid, self.args.kv_block_size)
-        if not self.args.no_tune:
+        ctx = self.opts.context
+        if self.opts.tune:
             self._tune_moe()
             self.results["gemv_tuning"] = self._tune_gemv(self.batches[0])
+        graphs, tables = self._decode_graphs(self.mid, self.opts.kv_block_size)
         unique = {b: self._unique_experts(graphs, tables, b, ctx) for b in self.batches}
         graphs.capture()
         flat, flat_tables = self._decode_graphs(self.mid, None)
@@ -318,7 +362,7 @@ class Bench:
             if self.hf is not None:
                 r["hf_text_model_direct_step_ms"] = self._hf_decode_layers(b, ctx)
             rows[b] = r
-        self.results["kv_block_size"] = self.args.kv_block_size
+        self.results["kv_block_size"] = self.opts.kv_block_size
         flat = flat_tables = None
         self.results["decode_breakdown"] = {b: self._decode_breakdown(graphs, tables, b, ctx)
                                             for b in (self.batches[0], self.batches[-1])}
@@ -330,8 +374,8 @@ class Bench:
         """Decode graphs of ``model`` for the benchmark's batch sizes over a random cache of max(batches)
         sequences of context + 8 tokens (paged in blocks of ``block_size``, or contiguous: None), and the
         sequences' block tables."""
-        cache, tables = kv_cache(model, max(self.batches), self.args.context + 8, block_size, self.args.seed)
-        return DecodeGraphs(model, cache, buckets=tuple(self.batches)), tables
+        cache, tables = kv_cache(model, max(self.batches), self.opts.context + 8, block_size, self.opts.seed)
+        return DecodeGraphs(model, cache, buckets=tuple(self.batches), choices=self.choices), tables
 
     def _paired_decode_ms(self, a: tuple, b_: tuple, b: int, ctx: int, rounds: int = 5) -> tuple[float, float]:
         """Median ms per replay of two graph sets ((graphs, tables) each) at batch b, timed in alternation so that
@@ -348,8 +392,8 @@ class Bench:
         """Microseconds per layer of each launch group of the fused decode step, each captured alone in a CUDA
         graph over all N layers (weights rotate past L2); the sum against the whole step shows the gaps."""
         from ..kernels.decode_attention import decode_attention
-        from ..kernels.decode_layer import project, qkv_post, rmsnorm, route as fused_route, sum_residual
-        from ..kernels.moe_triton import expert_pairs
+        from ..kernels.decode_layer import project, qkv_post, rmsnorm, route as fused_route
+        from ..kernels.moe_triton import expert_pairs, sum_pairs
         import torch.nn.functional as F
 
         t = self.cfg.text
@@ -367,19 +411,22 @@ class Bench:
         qo = qkv_post(q, k, v, a0, cos, sin, kvs[0], *rows)
         o = qo.view(b, -1)
         w, ids = fused_route(F.linear(h, layers[0].mlp.gate.weight), t.num_experts_per_tok, t.norm_topk_prob)
-        y = expert_pairs(h, ids, w, layers[0].mlp.experts.gate_up_proj, layers[0].mlp.experts.down_proj)
-        kk = t.num_experts_per_tok
+        kk, c = t.num_experts_per_tok, self.choices
+        moe = c.moe_config(ids.numel())
+        y = expert_pairs(h, ids, w, layers[0].mlp.experts.gate_up_proj, layers[0].mlp.experts.down_proj, None, moe)
         pieces = {
             "rmsnorm": lambda l, kv: rmsnorm(h, l.input_layernorm.weight, eps),
             "qkv_gemv": lambda l, kv: project("qkv", h, l.self_attn.q_proj.weight, l.self_attn.k_proj.weight,
-                                              l.self_attn.v_proj.weight),
+                                              l.self_attn.v_proj.weight, choices=c),
             "qk_norm_rope_write": lambda l, kv: qkv_post(q, k, v, l.self_attn, cos, sin, kv, *rows),
             "attention": lambda l, kv: decode_attention(qo, kv[0], kv[1], tabs, starts, a0.scale),
-            "o_gemv": lambda l, kv: project("o", o, l.self_attn.o_proj.weight),
+            "o_gemv": lambda l, kv: project("o", o, l.self_attn.o_proj.weight, choices=c),
             "add_rmsnorm": lambda l, kv: rmsnorm(h, l.post_attention_layernorm.weight, eps, residual=h),
-            "router": lambda l, kv: fused_route(project("router", h, l.mlp.gate.weight)[0], kk, t.norm_topk_prob),
-            "experts": lambda l, kv: expert_pairs(h, ids, w, l.mlp.experts.gate_up_proj, l.mlp.experts.down_proj),
-            "sum_residual": lambda l, kv: sum_residual(y, h, kk),
+            "router": lambda l, kv: fused_route(project("router", h, l.mlp.gate.weight, choices=c)[0], kk,
+                                                t.norm_topk_prob),
+            "experts": lambda l, kv: expert_pairs(h, ids, w, l.mlp.experts.gate_up_proj, l.mlp.experts.down_proj,
+                                                  None, moe),
+            "sum_residual": lambda l, kv: sum_pairs(y, ids, t.num_experts, residual=h),
         }
         res = {}
         for name, fn in pieces.items():
@@ -389,8 +436,8 @@ class Bench:
 
     def _tune_gemv(self, b: int) -> dict:
         """cuBLAS (one launch per weight) vs the one-launch Triton GEMV for each decode projection at batch b, over
-        all N layers in a CUDA graph; the faster goes into decode_layer.GEMV."""
-        from ..kernels import decode_layer as dl
+        all N layers in a CUDA graph; the faster goes into the choices (``KernelChoices.gemv``)."""
+        from ..kernels.decode_layer import project
 
         t = self.cfg.text
         layers = [self.mid.model.language_model.layers[str(i)] for i in self.mid.layer_ids]
@@ -406,15 +453,15 @@ class Bench:
         for use, (inp, weights) in uses.items():
             times = {}
             for tile in [None] + tiles[use]:
-                dl.GEMV[use] = tile
+                c = self.choices.with_gemv(use, tile)
                 try:
                     times[str(tile)] = 1e3 * self._graph_ms(
-                        lambda: [dl.project(use, inp, *weights(l)) for l in layers]) / self.n
+                        lambda: [project(use, inp, *weights(l), choices=c) for l in layers]) / self.n
                 except Exception as e:  # a tile this GPU rejects
                     times[str(tile)] = f"failed: {type(e).__name__}"
             best = min((tl_ for tl_ in [None] + tiles[use] if isinstance(times[str(tl_)], float)),
                        key=lambda tl_: times[str(tl_)])
-            dl.GEMV[use] = best
+            self.choose(self.choices.with_gemv(use, best))
             res[use] = {"us_per_layer": times, "chosen": str(best)}
         return res
 
@@ -452,18 +499,18 @@ class Bench:
         return statistics.mean(counts)
 
     def _tune_moe(self):
-        from ..kernels.grouped import FUSED_MAX_PAIRS
         from .tune import tune
 
         t = self.cfg.text
         layer = self.mid.model.language_model.layers["0"]
         res = {}
         for b in self.batches:
-            if b * t.num_experts_per_tok > FUSED_MAX_PAIRS:
+            if b * t.num_experts_per_tok > self.choices.fused_max_pairs:
                 continue
             x = torch.randn(b, t.hidden_size, device=self.dev, dtype=BF16)
             w, ids = route(layer.mlp.gate(x), t.num_experts_per_tok, t.norm_topk_prob)
             best, times = tune(x, ids, w, layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj)
+            self.choose(self.choices.with_moe(None, ids.numel(), best))
             res[b] = {"best": repr(best), "times_ms": times}
         self.results["moe_tuning"] = res
 
@@ -481,7 +528,7 @@ class Bench:
 
     def _full_decode(self, rows: dict, ctx: int) -> None:
         """Whole-model step (embedding + layers + final norm + lm_head), and the 94-layer extrapolation."""
-        graphs, tables = self._decode_graphs(self.ours, self.args.kv_block_size)
+        graphs, tables = self._decode_graphs(self.ours, self.opts.kv_block_size)
         graphs.capture()
         for b in self.batches:
             self._load(graphs, tables, b, ctx)
@@ -511,13 +558,13 @@ class Bench:
     def section_prefill(self):
         peak = self._ceilings()["matmul_tflops"]
         h = self.cfg.text.hidden_size
-        lengths = [int(x) for x in self.args.prefill.split(",") if x]
-        if not self.args.no_tune:
+        lengths = list(self.opts.prefill)
+        if self.opts.tune:
             self.results["prefill_moe_tuning"] = {n: self._tune_prefill_moe(n) for n in sorted(lengths)}
         self.results["prefill_attention"] = {n: self._prefill_attention_backends(n) for n in lengths}
         rows = {}
         for n in lengths:
-            cache, tables = kv_cache(self.mid, 1, n, self.args.kv_block_size, fill=False)
+            cache, tables = kv_cache(self.mid, 1, n, self.opts.kv_block_size, fill=False)
             x = 0.02 * torch.randn(n, h, device=self.dev, dtype=BF16)
             pos = torch.arange(n, device=self.dev).expand(3, n)
             layout = SeqLayout(tables, [0], [n])
@@ -535,7 +582,7 @@ class Bench:
                 fast = run()
                 use_reference(self.mid)
                 ref = run()
-                enable_fast_paths(self.mid)
+                enable_fast_paths(self.mid, choices=self.choices)
                 r.update(rel_fused_vs_reference=rel(fast, ref), rel_module_fast_vs_reference=rel(module, ref))
             if self.hf is not None:
                 lm = self.hf.model.language_model
@@ -545,20 +592,18 @@ class Bench:
             rows[n] = r
         self.results["prefill"] = rows
 
-    @staticmethod
-    def _with_prompt_attention(path: str, fn):
-        """fn() with kernels.attention.PROMPT_ATTENTION set to ``path``."""
-        from ..kernels import attention
-
-        saved, attention.PROMPT_ATTENTION = attention.PROMPT_ATTENTION, path
+    def _with_prompt_attention(self, path: str, fn):
+        """fn() with the fast paths' prompt attention (``KernelChoices.prompt_attention``) set to ``path``."""
+        chosen = self.choices
+        register(dataclasses.replace(chosen, prompt_attention=path))
         try:
             return fn()
         finally:
-            attention.PROMPT_ATTENTION = saved
+            register(chosen)
 
     def _tune_prefill_moe(self, n: int) -> dict:
         """Grouped GEMM vs the fused Triton kernel (prefill tiles) on one layer's experts for an n-token prompt;
-        where Triton wins, the 'fast' experts impl uses it up to this size (grouped.FUSED_MAX_PAIRS)."""
+        where Triton wins, the 'fast' experts impl uses it up to this size (``KernelChoices.fused_max_pairs``)."""
         from ..kernels import grouped
         from .tune import PREFILL_CANDIDATES, tune
 
@@ -570,10 +615,12 @@ class Bench:
         grouped_ms = cuda_time(lambda: grouped.grouped_experts(x, ids, w, gu, dn), iters=2, reps=5)
         best, times = tune(x, ids, w, gu, dn, PREFILL_CANDIDATES, reps=5, calls=2)
         triton_ms = times.get(repr(best), float("inf"))
+        c = self.choices.with_moe(None, ids.numel(), best)
         if triton_ms < grouped_ms:  # (lengths are tuned in increasing order)
-            grouped.FUSED_MAX_PAIRS = max(grouped.FUSED_MAX_PAIRS, ids.numel())
+            c = dataclasses.replace(c, fused_max_pairs=max(c.fused_max_pairs, ids.numel()))
         else:
-            grouped.FUSED_MAX_PAIRS = min(grouped.FUSED_MAX_PAIRS, ids.numel() - 1)
+            c = dataclasses.replace(c, fused_max_pairs=min(c.fused_max_pairs, ids.numel() - 1))
+        self.choose(c)
         return {"grouped_ms": grouped_ms, "triton_best": repr(best), "triton_ms": times,
                 "flops": 2.0 * n * t.num_experts_per_tok * 3 * t.hidden_size * t.moe_intermediate_size,
                 "chosen": "triton" if triton_ms < grouped_ms else "grouped"}
@@ -599,13 +646,13 @@ class Bench:
         return res
 
     def _cache_attention_paths(self, n: int) -> dict:
-        """The two prompt paths over the KV cache (kernels.attention.PROMPT_ATTENTION), ms per call: a whole n-token
+        """The two prompt paths over the KV cache (KernelChoices.prompt_attention), ms per call: a whole n-token
         prompt, and an n-row chunk continuing n cached tokens; and how far the Triton kernel is from SDPA."""
         from ..kernels.attention import prefill_attention
         from ..kernels.extend_attention import extend_attention
 
         t = self.cfg.text
-        cache, tables = kv_cache(self.mid, 1, 2 * n, self.args.kv_block_size)
+        cache, tables = kv_cache(self.mid, 1, 2 * n, self.opts.kv_block_size)
         k_cache, v_cache = cache.layer(0)
         q = torch.randn(n, t.num_attention_heads, t.head_dim, device=self.dev, dtype=BF16)
         scale = t.head_dim ** -0.5
@@ -620,22 +667,20 @@ class Bench:
     # -- vision ---------------------------------------------------------------------------------------------------
     def section_vision(self):
         v = self.cfg.vision
-        side = self.args.image // v.patch_size
+        side = self.opts.image // v.patch_size
         grid = (1, side, side)
         pixels = torch.randn(side * side, v.patch_dim, device=self.dev, dtype=BF16)
         vis = self.ours.model.visual
-        from ..kernels import vision_attention as va
-
         res = {"grid": list(grid), "backend_orders_ms": {}, "attention_only_ms": self._vision_attention_only(side)}
         self.ours.set_impl(vision_attention="fast")
         vis.runner = None  # eager first: the backend orders, then the reference
         names = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
-        orders = {"default": None, **{f: [f] + [b for b in names if b != f] for f in names[:2]}}
+        orders = {"default": None, **{f: (f, *(b for b in names if b != f)) for f in names[:2]}}
         for label, order in orders.items():
-            va.BACKEND_ORDER = order
+            register(dataclasses.replace(self.choices, vision_backends=order))
             res["backend_orders_ms"][label] = cuda_time(lambda: vis(pixels, [grid]), iters=3, reps=5)
         best = min(res["backend_orders_ms"], key=res["backend_orders_ms"].get)
-        va.BACKEND_ORDER = orders[best]
+        self.choose(dataclasses.replace(self.choices, vision_backends=orders[best]))
         res["ours_fast_ms"] = res["backend_orders_ms"][best]
         res["fast_backend_first"] = best
         self.ours.set_impl(vision_attention="reference")
@@ -693,8 +738,8 @@ class Bench:
             b.mlp.experts.gate_up_proj = torch.nn.Parameter(torch.stack([p[0] for p in pairs]), requires_grad=False)
             b.mlp.experts.down_proj = torch.nn.Parameter(torch.stack([p[1] for p in pairs]), requires_grad=False)
             del pairs
-        enable_fast_paths(fp8)
-        enable_fast_paths(deq)
+        enable_fast_paths(fp8, choices=self.choices)
+        enable_fast_paths(deq, choices=self.choices)
         res: dict = {"block": list(block)}
         h = self.cfg.text.hidden_size
         # exactness: decode-sized rows (1, 8) and a 2048-token prompt; the tile shapes are the same on both sides
@@ -718,7 +763,7 @@ class Bench:
     def _stage_prompt(self, model, x: torch.Tensor) -> torch.Tensor:
         """``model`` (a layers-only stage) on one prompt of x's rows [T, H], in a fresh cache."""
         rows = x.shape[0]
-        cache, tables = kv_cache(model, 1, rows, self.args.kv_block_size, fill=False)
+        cache, tables = kv_cache(model, 1, rows, self.opts.kv_block_size, fill=False)
         pos = torch.arange(rows, device=self.dev).expand(3, rows)
         return model(positions=pos, layout=SeqLayout(tables, [0], [rows]), cache=cache, hidden=x)
 
@@ -735,10 +780,10 @@ class Bench:
     def _fp8_timings(self, fp8, block) -> dict:
         """Tuning (unless --no-tune), decode graphs per batch and prefill, on the fp8 layers as they are set."""
         res: dict = {}
-        n, h, ctx = self.n, self.cfg.text.hidden_size, self.args.context
-        if not self.args.no_tune:  # installs the best tiles for the fp8 steps timed below
+        n, h, ctx = self.n, self.cfg.text.hidden_size, self.opts.context
+        if self.opts.tune:  # installs the best tiles for the fp8 steps timed below
             res["moe_tuning"] = self._tune_moe_fp8(fp8)
-        graphs, tables = self._decode_graphs(fp8, self.args.kv_block_size)
+        graphs, tables = self._decode_graphs(fp8, self.opts.kv_block_size)
         unique = {b: self._unique_experts(graphs, tables, b, ctx) for b in self.batches}
         graphs.capture()
         per_weight = 1.0 + 4.0 / (block[0] * block[1])  # fp8 byte + its share of the fp32 scale
@@ -757,8 +802,8 @@ class Bench:
         torch.cuda.empty_cache()
         prefill = {}
         peak = self._ceilings()["matmul_tflops"]
-        for t in [int(x) for x in self.args.prefill.split(",") if x]:
-            cache, tables = kv_cache(fp8, 1, t, self.args.kv_block_size, fill=False)
+        for t in list(self.opts.prefill):
+            cache, tables = kv_cache(fp8, 1, t, self.opts.kv_block_size, fill=False)
             x = 0.02 * torch.randn(t, h, device=self.dev, dtype=BF16)
             pos = torch.arange(t, device=self.dev).expand(3, t)
             layout = SeqLayout(tables, [0], [t])
@@ -791,15 +836,15 @@ class Bench:
 
     def _tune_moe_fp8(self, model) -> dict:
         """The expert tiles timed on fp8 experts (reduction tiles narrowed to the block width), at the decode
-        batches and the prefill lengths; the fastest go into the experts' tile table (moe_triton.CONFIGS_FP8, or
-        CONFIGS_W8A8) for the timings after."""
+        batches and the prefill lengths; the fastest go into the choices' fp8 (or W8A8) tile table for the timings
+        after."""
         from .tune import FP8_CANDIDATES, FP8_PREFILL_CANDIDATES, W8A8_CANDIDATES, W8A8_PREFILL_CANDIDATES, tune
 
         t = self.cfg.text
         layer = model.model.language_model.layers["0"]
         e = layer.mlp.experts
         res = {}
-        prefill = [int(x) for x in self.args.prefill.split(",") if x]
+        prefill = list(self.opts.prefill)
         decode_cands, prefill_cands = ((W8A8_CANDIDATES, W8A8_PREFILL_CANDIDATES) if e.scales.act_quant
                                        else (FP8_CANDIDATES, FP8_PREFILL_CANDIDATES))
         for rows in self.batches + prefill:
@@ -809,8 +854,16 @@ class Bench:
             best, times = tune(x, ids, w, e.gate_up_proj, e.down_proj, scales=e.scales,
                                candidates=decode_cands if decode else prefill_cands,
                                **({} if decode else {"reps": 5, "calls": 2}))
+            self.choose(self.choices.with_moe(e.scales, ids.numel(), best))
             res[rows] = {"best": repr(best), "times_ms": times}
         return res
+
+    # -- tensor parallel -------------------------------------------------------------------------------------------
+    def section_tp(self):
+        """One tensor rank's shard of the real layers at each N, collectives left out (bench/tp.py)."""
+        from .tp import section
+
+        self.results["tp"] = section(self)
 
     # -- report ---------------------------------------------------------------------------------------------------
     def table(self) -> str:

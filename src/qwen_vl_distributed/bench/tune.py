@@ -1,5 +1,5 @@
-"""The MoE kernel's tile tuner: times candidate tiles on given inputs and installs the fastest in the kernel's
-tile table (``moe_triton.config_table``). Run by ``qwen-vl bench`` before any graph capture, never inside one and
+"""The MoE kernel's tile tuner: times candidate tiles on given inputs and returns the fastest, which ``qwen-vl bench``
+passes on in its kernel choices (``KernelChoices.with_moe``). Run before any graph capture, never inside one and
 never on the product path."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import dataclasses
 
 import torch
 
-from ..kernels.moe_triton import ALIGN_KERNEL_MAX_PAIRS, CONFIGS, MoeConfig, config_table, fused_experts
+from ..kernels.choices import CONFIGS, MoeConfig
+from ..kernels.moe_triton import ALIGN_KERNEL_MAX_PAIRS, fused_experts
 from ..model.quant import ExpertScales
 from .timing import cuda_time
 
@@ -63,9 +64,9 @@ W8A8_PREFILL_CANDIDATES = [CONFIGS[1 << 30]] + [
 def tune(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
          down: torch.Tensor, candidates=CANDIDATES, reps: int = 20, calls: int = 10,
          scales: ExpertScales | None = None) -> tuple[MoeConfig, dict[str, float]]:
-    """Time each candidate on these inputs and install the fastest for this P, in the table for these ``scales``
-    (``config_table``): median of ``reps`` samples of ``calls`` back-to-back calls. Decode sizes are timed as decode
-    runs them, replayed from a CUDA graph (no launch gaps); prefill sizes eagerly (launch cost is noise there)."""
+    """Time each candidate on these inputs and return (the fastest, every candidate's time): median of ``reps``
+    samples of ``calls`` back-to-back calls. Decode sizes are timed as decode runs them, replayed from a CUDA graph
+    (no launch gaps); prefill sizes eagerly (launch cost is noise there)."""
     times: dict = {}
     args = (x, topk_ids, topk_w, gate_up, down, scales)
     for cfg in candidates:
@@ -76,10 +77,7 @@ def tune(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up:
     ran = [c for c in candidates if isinstance(times[repr(c)], float)]
     if not ran:
         raise RuntimeError(f"no MoE tile configuration ran here: {times}")
-    best = min(ran, key=lambda c: times[repr(c)])
-    # a bucket of its own: P in (next smaller bucket, this P] uses it
-    config_table(scales)[topk_ids.numel()] = best
-    return best, times
+    return min(ran, key=lambda c: times[repr(c)]), times
 
 
 def _time_config(args, cfg: MoeConfig, reps: int, calls: int, graphed: bool) -> float:

@@ -14,6 +14,7 @@ Two ways to load one:
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -56,13 +57,28 @@ def resident_problem(piece: Piece, param_shape: tuple[int, ...], block: tuple[in
     return None
 
 
-def place_scale(dst: torch.Tensor, piece: Piece, scale: torch.Tensor) -> None:
-    """Write a stored scale into ``dst``, the resident parameter's scale (see resident_problem)."""
-    s = scale.transpose(-2, -1) if piece.transpose else scale
-    if piece.index == ():                      # fused: all experts; gate_up's blocks split into its two halves
-        dst.copy_(s.reshape(dst.shape))
-    elif len(piece.index) == 2:                # (e, rows): expert e's gate (rows from 0) or up projection
-        e, rows = piece.index
-        dst[e, 0 if rows.start == 0 else 1].copy_(s)
-    else:                                      # (e,): expert e's down projection
-        dst[piece.index].copy_(s)
+def _blocks(ix, size: int, blk: int) -> slice:
+    """The block range of an element range (a slice within [0, size))."""
+    a, b, _ = ix.indices(size)
+    return slice(a // blk, math.ceil(b / blk))
+
+
+def place_scale(dst: torch.Tensor, param: str, weight_shape: tuple[int, ...], index: tuple, scale: torch.Tensor,
+                block: tuple[int, int], transpose: bool) -> None:
+    """Write the stored ``scale`` of the weight region ``index`` (into the resident parameter ``param`` of
+    ``weight_shape``, [E, 2I, H] or [E, H, I]) into ``dst``, the parameter's scale (model.quant.ExpertScales;
+    see resident_problem). ``transpose``: the tensor was stored with its last two dims swapped."""
+    s = scale.transpose(-2, -1) if transpose else scale
+    e, rows, cols = (tuple(index) + (slice(None),) * 3)[:3]
+    cb = _blocks(cols, weight_shape[2], block[1])
+    if not param.endswith("gate_up_proj"):     # down: blocks map one to one
+        dst[e, _blocks(rows, weight_shape[1], block[0]), cb].copy_(s)
+        return
+    inter = weight_shape[1] // 2
+    a, b, _ = rows.indices(2 * inter)
+    if b - a > inter:                          # both halves (a fused tensor): each half blocked from its own row 0
+        target = dst[e, :, :, cb]
+        target.copy_(s.reshape(target.shape))
+        return
+    half = a // inter                          # the gate rows or the up rows (of one expert, or of a shard)
+    dst[e, half, _blocks(slice(a - half * inter, b - half * inter), inter, block[0]), cb].copy_(s)

@@ -1,6 +1,7 @@
 """Describe a checkpoint from its config, index and shard headers alone (no tensor data is read).
 
-Runs in seconds on a full 235B checkpoint: ~100 shard headers of a few hundred KB at most.
+Runs in seconds on a full 235B checkpoint: ~100 shard headers of a few hundred KB at most. What each pipeline stage
+holds is given by the caller (a stage plan's parts), never planned here.
 """
 
 from __future__ import annotations
@@ -10,23 +11,15 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass
+from typing import Sequence
 
-from ..model.config import ModelConfig
-from ..pipeline.plan import plan_stages
 from .errors import MissingKeyError, UnexpectedKeyError
 from .index import Checkpoint, open_checkpoint
-from .matching import plan_stage
+from .matching import plan_load
 from .safetensors_io import FP8_DTYPES
 from .spec import StageParts, param_shapes
 
 SHOW = 5  # names listed per category
-
-
-def stage_parts(cfg: ModelConfig, num_stages: int) -> list[StageParts]:
-    """What each stage holds under the pipeline planner's default split (swap here to change the plan)."""
-    dtype = "fp8" if cfg.quantization else {"float32": "fp32"}.get(cfg.torch_dtype, "bf16")
-    plan = plan_stages(cfg, num_stages, dtype=dtype, require_fit=False)
-    return [StageParts((s.start, s.stop), s.holds_vision, s.holds_embed, s.holds_head) for s in plan.stages]
 
 
 @dataclass(frozen=True)
@@ -53,7 +46,7 @@ def _architecture(ckpt: Checkpoint) -> str:
 def _whole_model(ckpt: Checkpoint):
     """The whole model (all layers, vision, embed, head) matched against the checkpoint; problems collected."""
     parts = StageParts((0, ckpt.cfg.text.num_hidden_layers), True, True, True)
-    return plan_stage(ckpt, param_shapes(ckpt.cfg), parts, "the whole model")
+    return plan_load(ckpt, param_shapes(ckpt.cfg), parts, "the whole model")
 
 
 def _coverage(ckpt: Checkpoint) -> dict:
@@ -69,9 +62,9 @@ def _coverage(ckpt: Checkpoint) -> dict:
     }
 
 
-def _stages(ckpt: Checkpoint, infos: list, num_stages: int) -> list[dict]:
+def _stages(infos: list, stages: Sequence[StageParts]) -> list[dict]:
     out = []
-    for k, parts in enumerate(stage_parts(ckpt.cfg, num_stages)):
+    for k, parts in enumerate(stages):
         mine = [i for i in infos if parts.owns(i.name)]
         out.append({"stage": k, "holds": parts.describe(), "tensors": len(mine),
                     "bytes": sum(i.nbytes for i in mine), "files": len({i.file for i in mine})})
@@ -90,8 +83,9 @@ def transformers_misreads(ckpt: Checkpoint) -> str | None:
             f"2 x moe_intermediate_size it would read this checkpoint's release-orientation experts untransposed")
 
 
-def inspect_checkpoint(directory: str | os.PathLike, num_stages: int = 1) -> dict:
-    """A JSON-able summary of a checkpoint directory: headers only."""
+def inspect_checkpoint(directory: str | os.PathLike, stages: Sequence[StageParts] | None = None) -> dict:
+    """A JSON-able summary of a checkpoint directory: headers only. ``stages``: what each pipeline stage holds (e.g.
+    a stage plan's); None: one stage holding everything."""
     ckpt = open_checkpoint(directory)
     infos = [ckpt.info(k) for k in ckpt.weight_map]
     totals = _totals(infos)
@@ -110,7 +104,7 @@ def inspect_checkpoint(directory: str | os.PathLike, num_stages: int = 1) -> dic
         "fp8": any(i.dtype in FP8_DTYPES for i in infos),
         "quantization": cfg.quantization.quant_method if cfg.quantization else None,
         "coverage": _coverage(ckpt),
-        "stages": _stages(ckpt, infos, num_stages),
+        "stages": _stages(infos, stages or [StageParts((0, cfg.text.num_hidden_layers), True, True, True)]),
     }
 
 

@@ -1,8 +1,8 @@
 """Match a stage's parameters against a checkpoint, from the index and shard headers only (no tensor data).
 
-``plan_stage`` resolves every parameter to the stored tensors that make it (through the key map), and collects every
+``plan_load`` resolves every parameter to the stored tensors that make it (through the key map), and collects every
 problem: config.json disagreeing with the tensors, missing keys, keys of the stage that nothing consumes, shape and
-dtype mismatches. ``StagePlan.check`` raises the first problem, most fundamental kind first; ``inspect`` reports them
+dtype mismatches. ``LoadPlan.check`` raises the first problem, most fundamental kind first; ``inspect`` reports them
 all instead. Only the shards holding keys the stage owns are opened.
 """
 
@@ -47,7 +47,7 @@ _ANCHORS: tuple[tuple[str, int, str, Callable[[ModelConfig], int]], ...] = (
 _ANCHOR_RES = [(re.compile("^" + re.escape(p).replace(r"\{i\}", r"\d+").replace(r"\{e\}", r"\d+") + "$"), d, f, v)
                for p, d, f, v in _ANCHORS]
 
-# raised in this order by StagePlan.check: the most fundamental problem explains the others
+# raised in this order by LoadPlan.check: the most fundamental problem explains the others
 _PRIORITY = (ConfigMismatchError, LayoutError, MissingKeyError, UnexpectedKeyError, ShapeMismatchError, DtypeError)
 
 
@@ -65,7 +65,7 @@ class Item:
 
 
 @dataclass
-class StagePlan:
+class LoadPlan:
     stage_name: str
     parts: StageParts
     params: dict[str, Shape]
@@ -121,7 +121,7 @@ def _check_anchors(ckpt: Checkpoint, infos: Mapping[str, TensorInfo], problems: 
                 break  # one message per config field is enough
 
 
-def _detect_layouts(ckpt: Checkpoint, plan: StagePlan, infos: Mapping[str, TensorInfo]) -> set[int]:
+def _detect_layouts(ckpt: Checkpoint, plan: LoadPlan, infos: Mapping[str, TensorInfo]) -> set[int]:
     """Fill plan.layouts; return the layers whose experts cannot be planned (their problem is already recorded)."""
     by_layer: dict[int, dict[str, Shape]] = defaultdict(dict)
     for key, info in infos.items():
@@ -141,7 +141,7 @@ def _detect_layouts(ckpt: Checkpoint, plan: StagePlan, infos: Mapping[str, Tenso
     return failed
 
 
-def _check_dtype(ckpt: Checkpoint, plan: StagePlan, info: TensorInfo, infos: Mapping[str, TensorInfo],
+def _check_dtype(ckpt: Checkpoint, plan: LoadPlan, info: TensorInfo, infos: Mapping[str, TensorInfo],
                  consumed: set[str]) -> TensorInfo | None:
     """Validate a stored dtype; for fp8 return (and consume) the scale tensor."""
     path = ckpt.path(info.file)
@@ -178,7 +178,7 @@ def _check_dtype(ckpt: Checkpoint, plan: StagePlan, info: TensorInfo, infos: Map
     return scale
 
 
-def _plan_param(ckpt: Checkpoint, plan: StagePlan, name: str, infos: Mapping[str, TensorInfo],
+def _plan_param(ckpt: Checkpoint, plan: LoadPlan, name: str, infos: Mapping[str, TensorInfo],
                 consumed: set[str]) -> None:
     i = layer_of(name)
     items = []
@@ -204,7 +204,7 @@ def _plan_param(ckpt: Checkpoint, plan: StagePlan, name: str, infos: Mapping[str
     plan.items[name] = items
 
 
-def _check_resident(ckpt: Checkpoint, plan: StagePlan, piece: keymap.Piece, info: TensorInfo,
+def _check_resident(ckpt: Checkpoint, plan: LoadPlan, piece: keymap.Piece, info: TensorInfo,
                     scale: TensorInfo | None) -> None:
     """A piece of a parameter the stage keeps in fp8 must be stored fp8 (with its scale), in blocks that map."""
     where = f"{info.name} in {ckpt.path(info.file)}"
@@ -216,7 +216,7 @@ def _check_resident(ckpt: Checkpoint, plan: StagePlan, piece: keymap.Piece, info
                                          f"dequantize"))
 
 
-def _check_resident_blocks(ckpt: Checkpoint, plan: StagePlan, resident: Mapping[str, Shape]) -> None:
+def _check_resident_blocks(ckpt: Checkpoint, plan: LoadPlan, resident: Mapping[str, Shape]) -> None:
     """The stage's fp8 experts must have been made for the checkpoint's block size (their scales' shapes)."""
     for name, have in resident.items():
         if plan.fp8_block is None:
@@ -231,14 +231,14 @@ def _check_resident_blocks(ckpt: Checkpoint, plan: StagePlan, resident: Mapping[
                 f"{ckpt.config_path}'s weight_block_size {list(plan.fp8_block)} gives {list(want)}"))
 
 
-def plan_stage(ckpt: Checkpoint, params: Mapping[str, Shape], parts: StageParts, stage_name: str,
-               resident: Mapping[str, Shape] | None = None) -> StagePlan:
+def plan_load(ckpt: Checkpoint, params: Mapping[str, Shape], parts: StageParts, stage_name: str,
+               resident: Mapping[str, Shape] | None = None) -> LoadPlan:
     """Resolve every parameter of a stage to stored tensors and record every problem; reads headers only.
     ``resident``: the parameters the stage keeps in fp8 -> the shapes of their scales (which are not in ``params``:
     they come with them)."""
     q = ckpt.cfg.quantization
     resident = resident or {}
-    plan = StagePlan(stage_name, parts, dict(params), fp8_block=tuple(q.weight_block_size) if q else None,
+    plan = LoadPlan(stage_name, parts, dict(params), fp8_block=tuple(q.weight_block_size) if q else None,
                      resident=frozenset(resident))
     _check_resident_blocks(ckpt, plan, resident)
     _check_layer_counts(ckpt, plan.problems)

@@ -22,7 +22,7 @@ import torch
 from .errors import CorruptFileError
 
 # safetensors dtype string -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
+ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8),
     "F32": (torch.float32, 4),
     "F16": (torch.float16, 2),
@@ -36,7 +36,7 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "U8": (torch.uint8, 1),
     "BOOL": (torch.bool, 1),
 }
-TORCH_TO_ST = {td: name for name, (td, _) in DTYPES.items()}
+TORCH_TO_ST = {td: name for name, (td, _) in ST_DTYPES.items()}
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 FP8_DTYPES = frozenset({"F8_E4M3"})
 
@@ -95,12 +95,12 @@ def _entry(path: str, file: str, name: str, e: object, data_start: int, size: in
     if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
         raise _corrupt(path, f"tensor {name}: header entry lacks dtype/shape/data_offsets")
     dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in ST_DTYPES:
         raise _corrupt(path, f"tensor {name}: unknown dtype {dtype!r}")
     ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
     if not ints(shape) or not ints(offs) or len(offs) != 2 or offs[0] > offs[1]:
         raise _corrupt(path, f"tensor {name}: bad shape {shape!r} or data_offsets {offs!r}")
-    want = math.prod(shape) * DTYPES[dtype][1]
+    want = math.prod(shape) * ST_DTYPES[dtype][1]
     if offs[1] - offs[0] != want:
         raise _corrupt(path, f"tensor {name}: data_offsets {offs} hold {offs[1] - offs[0]} bytes, "
                              f"but {dtype} {shape} needs {want}")
@@ -140,13 +140,20 @@ class ShardReader:
         self.path = path
         self._mm = np.memmap(path, dtype=np.uint8, mode="r")
 
-    def read(self, info: TensorInfo) -> torch.Tensor:
-        """A fresh CPU tensor (stored dtype and shape) holding ``info``'s bytes; one host copy of one tensor."""
-        torch_dtype, _ = DTYPES[info.dtype]
+    def read(self, info: TensorInfo, index: tuple | None = None) -> torch.Tensor:
+        """A fresh CPU tensor (stored dtype) holding ``info``'s bytes, or with ``index`` (slices, one per leading
+        dim) only that part of the tensor: one host copy of what is asked, never of the whole tensor."""
+        torch_dtype, size = ST_DTYPES[info.dtype]
+        # Byte copies through uint8 views: they work for bf16/fp8, which numpy cannot represent, and for unaligned data.
+        raw = self._mm[info.start:info.end]
+        if index is not None and info.nbytes:
+            part = raw.reshape(*info.shape, size)[index]  # a strided view of the file: nothing is read yet
+            out = torch.empty(part.shape[:-1], dtype=torch_dtype)
+            out.view(torch.uint8).numpy().reshape(part.shape)[...] = part
+            return out
         out = torch.empty(info.shape, dtype=torch_dtype)
         if info.nbytes:
-            # Byte copy through a uint8 view: works for bf16/fp8, which numpy cannot represent, and for unaligned data.
-            out.view(-1).view(torch.uint8).numpy()[:] = self._mm[info.start:info.end]
+            out.view(-1).view(torch.uint8).numpy()[:] = raw
         return out
 
     def close(self) -> None:
@@ -164,7 +171,7 @@ def _header_bytes(entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata:
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for name, dtype, shape in entries:
-        n = math.prod(shape) * DTYPES[dtype][1]
+        n = math.prod(shape) * ST_DTYPES[dtype][1]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")

@@ -25,7 +25,7 @@ from .errors import CheckpointError
 from ..model.quant import quantize_blockwise, scale_shape
 from .fp8 import scale_key
 from .index import INDEX_NAME
-from .safetensors_io import DTYPES, TORCH_TO_ST, write_safetensors
+from .safetensors_io import ST_DTYPES, TORCH_TO_ST, write_safetensors
 from .spec import EMBED, LAYER, Shape, param_shapes
 
 GENERATION_CONFIG = {
@@ -105,7 +105,7 @@ def _shards(entries: list, shard_bytes: int) -> list[list]:
     shards: list[list] = [[]]
     size = 0
     for e in entries:
-        n = math.prod(e[2]) * DTYPES[e[1]][1]
+        n = math.prod(e[2]) * ST_DTYPES[e[1]][1]
         if shards[-1] and size + n > shard_bytes:
             shards.append([])
             size = 0

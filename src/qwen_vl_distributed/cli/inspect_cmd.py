@@ -19,8 +19,16 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint.hub import resolve_model
+    from ..checkpoint.index import open_checkpoint
     from ..checkpoint.inspect import format_report, inspect_checkpoint
+    from ..checkpoint.spec import StageParts
+    from ..pipeline.plan import plan_stages
 
-    report = inspect_checkpoint(resolve_model(args.dir, args.revision).path, num_stages=args.stages)
+    path = resolve_model(args.dir, args.revision).path
+    cfg = open_checkpoint(path).cfg
+    dtype = "fp8" if cfg.quantization else {"float32": "fp32"}.get(cfg.torch_dtype, "bf16")  # the weights as stored
+    plan = plan_stages(cfg, args.stages, dtype=dtype, require_fit=False)
+    parts = [StageParts((s.start, s.stop), s.holds_vision, s.holds_embed, s.holds_head) for s in plan.stages]
+    report = inspect_checkpoint(path, parts)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

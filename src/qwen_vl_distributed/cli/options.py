@@ -13,6 +13,7 @@ import dataclasses
 from ..checkpoint.hub import ModelSource, resolve_model
 from ..engine.build import FP8_EXPERTS_MODES, RunOptions
 from ..errors import UserError
+from ..parallel.grid import MOE_MODES
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunOptions) if f.default is not dataclasses.MISSING}
 
@@ -51,7 +52,15 @@ def model_source(args) -> ModelSource:
 def add_plan_args(p: argparse.ArgumentParser, max_batch: int = DEFAULTS["max_batch"]) -> None:
     """What the stage plan depends on (``engine.build.make_plan``)."""
     p.add_argument("--stages", type=int, default=DEFAULTS["stages"], metavar="S",
-                   help=f"pipeline stages, one process each (default {DEFAULTS['stages']})")
+                   help=f"pipeline stages, each of --tensor-parallel-size processes (default {DEFAULTS['stages']})")
+    p.add_argument("--tensor-parallel-size", "--tp", dest="tensor_parallel", type=int,
+                   default=DEFAULTS["tensor_parallel"], metavar="N",
+                   help="tensor ranks per stage (one process and GPU each): attention heads and experts split N "
+                        f"ways, one all-reduce per attention and per MoE block (default {DEFAULTS['tensor_parallel']})")
+    p.add_argument("--moe-parallel", dest="moe_parallel", choices=MOE_MODES, default=DEFAULTS["moe_parallel"],
+                   help="how a stage's tensor ranks split the experts: ep = whole experts per rank, tp = a slice of "
+                        "every expert's width; auto (default): tp where the width splits into whole fp8 blocks, "
+                        "else ep")
     p.add_argument("--layers-per-stage", dest="layers_per_stage", type=_int_list, default=None, metavar="A,B,...",
                    help="explicit split, e.g. 22,24,24,24")
     p.add_argument("--gpu-mem", dest="gpu_mem_gb", type=_float_list, default=None, metavar="GB[,GB...]",
@@ -100,6 +109,8 @@ def run_options(args, source: ModelSource | None) -> RunOptions:
     directory and revision from ``source`` (None: no checkpoint, as ``plan --preset``)."""
     if args.stages < 1:
         raise UserError(f"--stages {args.stages}: must be at least 1")
+    if args.tensor_parallel < 1:
+        raise UserError(f"--tensor-parallel-size {args.tensor_parallel}: must be at least 1")
     if args.max_batch < 1 or args.max_len < 2:
         raise UserError("--max-batch must be >= 1 and --max-len >= 2")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:

@@ -78,12 +78,13 @@ def _rows(plan: StagePlan) -> list[tuple[str, ...]]:
     rows = [(str(s.index), s.layers_label, s.holds_label, format_gb(s.weights_bytes), format_gb(s.kv_bytes),
              format_gb(s.act_bytes), format_gb(s.total_bytes), _budget_label(s.budget_bytes), _fits_label(s.fits),
              _tokens_label(s.kv_capacity_tokens), f"{s.decode_bytes / GB:.2f}") for s in plan.stages]
-    st = plan.stages
+    st, n = plan.stages, plan.tp  # the total row: every GPU of the grid
     budgets = [s.budget_bytes for s in st]
-    rows.append(("total", f"0-{plan.num_layers - 1}", "", format_gb(sum(s.weights_bytes for s in st)),
-                 format_gb(sum(s.kv_bytes for s in st)), format_gb(sum(s.act_bytes for s in st)),
-                 format_gb(sum(s.total_bytes for s in st)), _budget_label(None if None in budgets else sum(budgets)),
-                 _fits_label(plan.fits), "", f"{sum(s.decode_bytes for s in st) / GB:.2f}"))
+    rows.append(("total", f"0-{plan.num_layers - 1}", "", format_gb(n * sum(s.weights_bytes for s in st)),
+                 format_gb(n * sum(s.kv_bytes for s in st)), format_gb(n * sum(s.act_bytes for s in st)),
+                 format_gb(n * sum(s.total_bytes for s in st)),
+                 _budget_label(None if None in budgets else n * sum(budgets)),
+                 _fits_label(plan.fits), "", f"{n * sum(s.decode_bytes for s in st) / GB:.2f}"))
     return rows
 
 
@@ -96,9 +97,16 @@ def format_plan(plan: StagePlan, model_name: str) -> list[str]:
         cells = [c.ljust(w) if h in _LEFT else c.rjust(w) for c, w, h in zip(row, widths, _HEADER)]
         return "  ".join(cells).rstrip()
 
-    title = (f"{model_name}: {len(plan.stages)} stages, {plan.num_layers} decoder layers, dtype {plan.dtype}, "
+    n = len(plan.stages)
+    title = (f"{model_name}: {n} stage{'s' if n > 1 else ''}, {plan.num_layers} decoder layers, dtype {plan.dtype}, "
              f"max-len {plan.max_seq_len}, max-batch {plan.max_batch}, prefill-chunk {plan.prefill_chunk}, "
              f"{'balanced' if plan.balanced else 'fixed'} split, fingerprint {plan.fingerprint()}")
     kv = (f"KV cache: {plan.max_total_tokens} tokens on every stage ({plan.kv_blocks} blocks of "
           f"{plan.kv_block_size}); sequences of 32k tokens at once: {plan.sequences_of(32768)}")
-    return [title] + [line(r) for r in rows] + [kv]
+    lines = [title]
+    if plan.tp > 1:
+        lines.append(f"grid: {n} stage{'s' if n > 1 else ''} x {plan.tp} tensor ranks = "
+                     f"{n * plan.tp} GPUs, experts split {'by expert' if plan.moe == 'ep' else 'by width'} "
+                     f"({plan.moe}); a stage's figures are per GPU (its KV: the kv heads it holds), the total row is "
+                     "all GPUs'")
+    return lines + [line(r) for r in rows] + [kv]

@@ -1,8 +1,9 @@
-"""Assemble a running system from a model directory: plan, stage processes, weights, engine.
+"""Assemble a running system from a model directory: grid, plan, processes, weights, engine.
 
-One code path for every S: ``start_engine`` builds stage 0 here (S = 1: the whole model, local executor);
-for S > 1 it starts (or, under torchrun, joins) the other stage processes, which run ``run_worker`` with the same
-options. Every rank builds only its own modules and loads only its own tensors.
+One code path for every grid of S stages x N tensor ranks: ``start_engine`` builds rank 0's part here (S = N = 1:
+the whole model, local executor); for more ranks it starts (or, under torchrun, joins) the other processes, which
+run ``run_worker`` with the same options. Every rank builds only its own modules and loads only its own tensors
+(with N > 1, only its slice of each sharded tensor: parallel.shard).
 """
 
 from __future__ import annotations
@@ -22,18 +23,21 @@ from ..errors import UserError
 from ..model.config import ModelConfig, QuantizationConfig
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..pipeline import distributed as pd
+from ..parallel.grid import Grid, make_grid
+from ..parallel.group import StageGroup, stage_groups
+from ..parallel.shard import attach_reduce, shard_stage
 from ..pipeline.executor import LocalExecutor, PipelineExecutor
 from ..pipeline.launch import Placement, Supervisor, torchrun_placement, under_torchrun
 from ..pipeline.plan import DEFAULT_KV_BLOCK_SIZE, StagePlan, plan_stages
 from ..pipeline.stage import StageRuntime
 from ..pipeline.transport import Transport
-from ..pipeline.worker import serve_stage
+from ..pipeline.worker import follow_stage, serve_stage
 from .engine import Engine
 from .grammar import GrammarBackend
 from .sampler import SequenceSampler
 from .threads import set_stage_threads
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -41,6 +45,8 @@ class RunOptions:
     model: str  # a local checkpoint directory (cli.options resolves hub ids and cache folders to one)
     revision: str | None = None  # the hub commit ``model`` is a snapshot of; None for a plain directory
     stages: int = 1
+    tensor_parallel: int = 1  # tensor ranks per stage (processes, GPUs)
+    moe_parallel: str = "auto"  # how a stage's tensor ranks split the experts: ep, tp or auto (parallel.grid)
     device: str = "cpu"
     dtype: str = "float32"
     max_batch: int = 8  # the most sequences running at once (not a memory reservation)
@@ -78,6 +84,10 @@ class RunOptions:
             raise UserError(f"worker options: unknown field(s) {', '.join(unknown)}")
         return cls(**data)
 
+    def grid(self, cfg: ModelConfig) -> Grid:
+        """The process grid every rank computes alike: stages x tensor ranks and how those split the experts."""
+        return make_grid(cfg, self.stages, self.tensor_parallel, self.moe_parallel)
+
     def worker_argv(self, rank: int, world: int, init_method: str) -> list[str]:
         return ["worker", "--options", self.to_json(), "--rank", str(rank), "--world-size", str(world),
                 "--init-method", init_method]
@@ -89,6 +99,7 @@ class EngineHandle:
     cfg: ModelConfig
     plan: StagePlan
     eos_ids: list[int]
+    grid: Grid
     close: callable = field(repr=False, default=lambda: None)  # orderly: 'stop' round the ring, wait for workers
     abort: callable = field(repr=False, default=lambda: None)  # after a failure: kill the workers of this machine
 
@@ -166,10 +177,12 @@ def fp8_block(cfg: ModelConfig, opts: RunOptions) -> tuple[int, int] | None:
     return tuple(q.weight_block_size)
 
 
-def make_plan(cfg: ModelConfig, opts: RunOptions, require_fit: bool = True) -> StagePlan:
-    """The stage plan every rank computes alike (and ``qwen-vl plan`` shows). On CUDA it must fit the GPUs
-    (``--gpu-mem``, else the memory of this machine's smallest GPU): a plan that cannot fit is refused before any
-    weight is read, unless ``require_fit`` is off (the plan then says which stage does not fit)."""
+def make_plan(cfg: ModelConfig, opts: RunOptions, grid: Grid | None = None, require_fit: bool = True) -> StagePlan:
+    """The stage plan every rank computes alike (and ``qwen-vl plan`` shows), for ``grid`` (default: the options').
+    On CUDA it must fit the GPUs (``--gpu-mem``, else the memory of this machine's smallest GPU): a plan that cannot
+    fit is refused before any weight is read, unless ``require_fit`` is off (the plan then says which stage does not
+    fit)."""
+    grid = grid or opts.grid(cfg)
     dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}[opts.dtype]
     if dtype == "bf16" and fp8_block(cfg, opts) is not None:
         dtype = "fp8"  # the experts at one byte (plus scales), the rest in bf16
@@ -182,7 +195,8 @@ def make_plan(cfg: ModelConfig, opts: RunOptions, require_fit: bool = True) -> S
     return plan_stages(cfg, opts.stages, layers_per_stage=opts.layers_per_stage, gpu_mem_gb=budget,
                        max_seq_len=opts.max_len, max_batch=opts.max_batch, dtype=dtype,
                        prefill_chunk=opts.prefill_chunk, max_total_tokens=opts.max_total_tokens,
-                       kv_block_size=opts.kv_block_size, require_fit=require_fit and budget is not None)
+                       kv_block_size=opts.kv_block_size, require_fit=require_fit and budget is not None, tp=grid.tp,
+                       moe=grid.moe)
 
 
 def checkpoint_digest(ckpt) -> str:
@@ -227,52 +241,79 @@ def code_digest() -> str:
     return source_digest(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def fingerprint(ckpt, plan: StagePlan, opts: RunOptions) -> dict[str, str]:
+def fingerprint(ckpt, plan: StagePlan, grid: Grid, opts: RunOptions) -> dict[str, str]:
     """What all ranks must agree on before the first step. Each machine is expected to hold the whole checkpoint
     directory (or the same hub revision in its cache)."""
     from .. import __version__
 
     return {"checkpoint": checkpoint_digest(ckpt), "revision": opts.revision or "-", "plan": plan.fingerprint(),
-            "dtype": opts.dtype, "fp8_experts": opts.fp8_experts, "kv_blocks": f"{plan.kv_blocks}x{plan.kv_block_size}",
-            "max_len": str(opts.max_len), "max_batch": str(opts.max_batch), "version": __version__,
-            "code": code_digest()}
+            "grid": grid.key(), "dtype": opts.dtype, "fp8_experts": opts.fp8_experts,
+            "kv_blocks": f"{plan.kv_blocks}x{plan.kv_block_size}", "max_len": str(opts.max_len),
+            "max_batch": str(opts.max_batch), "version": __version__, "code": code_digest()}
 
 
-def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: RunOptions) -> StageRuntime:
-    """This rank's stage: build its modules on the meta device, load exactly its tensors, allocate its KV pool
-    (``plan.kv_blocks`` blocks, as on every stage, plus the scratch block)."""
-    st = plan.stages[rank]
+def load_rank(ckpt, plan: StagePlan, grid: Grid, rank: int, device: torch.device, opts: RunOptions) -> Qwen3VLMoe:
+    """This rank's part of its stage: its modules built on the meta device and cut to its tensor rank's share,
+    exactly its tensors (or their slices) loaded."""
+    stage, tp_rank = grid.coords(rank)
+    st = plan.stages[stage]
     with torch.device("meta"):
         model = Qwen3VLMoe(ckpt.cfg, layers=(st.start, st.stop), vision=st.holds_vision, embed=st.holds_embed,
                            head=st.holds_head)
-    name = f"stage {rank} (layers {st.start}-{st.stop - 1})"
+    shards = shard_stage(model, grid, tp_rank)
+    name = f"{grid.label(rank)} (layers {st.start}-{st.stop - 1})"
     block = fp8_block(ckpt.cfg, opts)
     if isinstance(ckpt, RandomWeights):
         from ..checkpoint.synth_weights import randomize_module
 
-        randomize_module(model, ckpt.seed, device, DTYPES[opts.dtype])
+        randomize_module(model, ckpt.seed, device, TORCH_DTYPES[opts.dtype])
         if block is not None:
             model.keep_experts_fp8(block, quantize=True, act_quant=opts.fp8_experts == "w8a8")
     else:
         if block is not None:  # the loader copies the stored fp8 experts and their scales as they are
             model.keep_experts_fp8(block, act_quant=opts.fp8_experts == "w8a8")
-        load_stage(model, ckpt, device, DTYPES[opts.dtype], stage_name=name, progress=not opts.quiet,
-                   progress_line=rank)
-    model.eval()
-    sampler = SequenceSampler(_grammars(ckpt)) if st.holds_head else None
-    cache = model.new_cache(plan.kv_blocks, plan.kv_block_size, opts.max_len, DTYPES[opts.dtype], device)
+        load_stage(model, ckpt, device, TORCH_DTYPES[opts.dtype], stage_name=name, progress=not opts.quiet,
+                   progress_line=rank, shards=shards)
+    return model.eval()
+
+
+def prepare_runtime(ckpt, model: Qwen3VLMoe, plan: StagePlan, stage: int, device: torch.device, opts: RunOptions,
+                    group: StageGroup | None = None) -> StageRuntime:
+    """A loaded stage made ready to run: its sharded blocks completed by the group's all-reduce, its KV pool
+    (``plan.kv_blocks`` blocks, as on every stage, plus the scratch block; of the kv heads this rank holds), the
+    last stage's sampler (on its leader alone: the other tensor ranks' logits are dropped), and on a GPU its fast
+    paths, decode graphs and compiled prompt kernels (every tensor rank of the stage runs the same warm-up, meeting
+    in the same all-reduces)."""
+    if group is not None:
+        attach_reduce(model, group.all_reduce)
+    dtype = TORCH_DTYPES[opts.dtype]
+    leads = group is None or group.is_leader
+    sampler = SequenceSampler(_grammars(ckpt)) if model.has_head and leads else None
+    name = f"stage {stage}"
+    cache = model.new_cache(plan.kv_blocks, plan.kv_block_size, opts.max_len, dtype, device)
     if device.type != "cuda":
-        return StageRuntime(model, cache, sampler, device, rank)
+        return StageRuntime(model, cache, sampler, device, stage, group)
     from ..kernels import enable_fast_paths
     from ..runtime.cuda_graph import DEFAULT_BUCKETS, GraphedStage
     from ..runtime.warmup import warm_stage
 
     enable_fast_paths(model)
-    top = next(b for b in DEFAULT_BUCKETS + (opts.max_batch,) if b >= opts.max_batch)
-    stage = GraphedStage(model, cache, buckets=tuple(b for b in DEFAULT_BUCKETS if b < top) + (top,))
+    stage_model = model
+    if group is None or group.device.type == "cuda":  # (collectives through the host, gloo, cannot be captured)
+        top = next(b for b in DEFAULT_BUCKETS + (opts.max_batch,) if b >= opts.max_batch)
+        stage_model = GraphedStage(model, cache, buckets=tuple(b for b in DEFAULT_BUCKETS if b < top) + (top,))
     # the prompt path's kernels compile now, not in the first requests (runtime.warmup)
-    warm_stage(stage, cache, plan.prefill_chunk, name, quiet=opts.quiet)
-    return StageRuntime(stage, cache, sampler, device, rank)
+    warm_stage(stage_model, cache, plan.prefill_chunk, name, quiet=opts.quiet)
+    return StageRuntime(stage_model, cache, sampler, device, stage, group)
+
+
+def build_runtime(ckpt, plan: StagePlan, rank: int, device: torch.device, opts: RunOptions) -> StageRuntime:
+    """Rank ``rank``'s stage, loaded and made ready, in this process alone (no tensor group: one rank per stage)."""
+    grid = opts.grid(ckpt.cfg)
+    if grid.tp > 1:
+        raise ValueError("build_runtime builds a stage of one rank; a grid of tensor ranks starts with start_engine")
+    model = load_rank(ckpt, plan, grid, rank, device, opts)
+    return prepare_runtime(ckpt, model, plan, grid.coords(rank)[0], device, opts)
 
 
 def _grammars(ckpt) -> GrammarBackend | None:
@@ -290,39 +331,43 @@ def new_engine(cfg: ModelConfig, executor, plan: StagePlan, opts: RunOptions, eo
 
 
 def start_engine(opts: RunOptions) -> EngineHandle:
-    if opts.dtype not in DTYPES:
+    if opts.dtype not in TORCH_DTYPES:
         raise UserError(f"--dtype {opts.dtype!r}: choose float32 or bfloat16")
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
     ckpt = open_source(opts)
     eos = [] if isinstance(ckpt, RandomWeights) else read_eos_ids(opts.model)  # random weights: never stop early
-    plan = make_plan(ckpt.cfg, opts)
-    if opts.stages == 1:
+    grid = opts.grid(ckpt.cfg)
+    plan = make_plan(ckpt.cfg, opts, grid)
+    if grid.world == 1:
         if under_torchrun() and torchrun_placement().world != 1:
             raise UserError(f"--stages 1 but torchrun started {torchrun_placement().world} processes "
-                            "(one per stage)")
-        device = pd.stage_device(opts.device, 0)
-        runtime = build_runtime(ckpt, plan, 0, device, opts)
-        return EngineHandle(new_engine(ckpt.cfg, LocalExecutor(runtime), plan, opts, eos), ckpt.cfg, plan, eos)
-    return _start_pipeline(opts, ckpt, plan, eos)
+                            "(one per stage and tensor rank)")
+        runtime = build_runtime(ckpt, plan, 0, pd.stage_device(opts.device, 0), opts)
+        return EngineHandle(new_engine(ckpt.cfg, LocalExecutor(runtime), plan, opts, eos), ckpt.cfg, plan, eos, grid)
+    return _start_grid(opts, ckpt, plan, grid, eos)
 
 
-def _start_pipeline(opts: RunOptions, ckpt, plan: StagePlan, eos: list[int]) -> EngineHandle:
+def _start_grid(opts: RunOptions, ckpt, plan: StagePlan, grid: Grid, eos: list[int]) -> EngineHandle:
     supervisor = listener = None
     if under_torchrun():
-        where = _checked_placement(opts)
-    else:  # every stage on this machine: the rendezvous and the stages' connections on loopback only
+        where = _checked_world(grid, torchrun_placement())
+    else:  # every rank on this machine: the rendezvous and the ranks' connections on loopback only
         pd.pin_to_loopback()
         listener = pd.loopback_listener()
-        where = Placement(0, opts.stages, 0, opts.stages, f"tcp://127.0.0.1:{listener.getsockname()[1]}")
-        supervisor = Supervisor(lambda r: opts.worker_argv(r, where.world, where.init_method), where.world)
+        where = Placement(0, grid.world, 0, grid.world, f"tcp://127.0.0.1:{listener.getsockname()[1]}")
+        supervisor = Supervisor(lambda r: opts.worker_argv(r, where.world, where.init_method), where.world,
+                                name_of=lambda r: f"{grid.label(r)} (rank {r}")
     try:
-        runtime, transport, ctx = _join(opts, ckpt, plan, where, listener)
+        runtime, transport, ctx = _join(opts, ckpt, plan, grid, where, listener)
     except BaseException:
         if supervisor:
             supervisor.kill_all()
         raise
-    executor = PipelineExecutor(runtime, transport, heartbeat_s=opts.stage_timeout_s / 4)
+    if grid.stages == 1:  # one stage of tensor ranks: no ring, heartbeats to the other ranks only
+        executor = LocalExecutor(runtime, heartbeat_s=opts.stage_timeout_s / 4)
+    else:
+        executor = PipelineExecutor(runtime, transport, heartbeat_s=opts.stage_timeout_s / 4)
     engine = new_engine(ckpt.cfg, executor, plan, opts, eos)
 
     def close():
@@ -337,39 +382,52 @@ def _start_pipeline(opts: RunOptions, ckpt, plan: StagePlan, eos: list[int]) -> 
         """After a failure the other workers stop on their own within moments (their peers are gone), printing
         what they saw; give them that moment, then kill whatever is left."""
         if supervisor:
+            supervisor.await_failure(1.0)  # a dead worker is named by the watcher, not only by its effects here
             supervisor.stop(timeout_s=3.0)
         pd.shutdown()
 
-    return EngineHandle(engine, ckpt.cfg, plan, eos, close, abort)
+    return EngineHandle(engine, ckpt.cfg, plan, eos, grid, close, abort)
 
 
-def _checked_placement(opts: RunOptions) -> Placement:
-    where = torchrun_placement()
-    if where.world != opts.stages:
-        raise UserError(f"--stages {opts.stages} but torchrun started {where.world} processes (one per stage)")
+def _checked_world(grid: Grid, where: Placement) -> Placement:
+    if where.world != grid.world:
+        raise UserError(f"--stages {grid.stages} x --tensor-parallel-size {grid.tp} needs {grid.world} processes, "
+                        f"but torchrun started {where.world}")
     return where
 
 
-def _join(opts: RunOptions, ckpt, plan: StagePlan, where: Placement, listener=None):
-    """Common to every rank: process group, agreement, load own stage, ready check, transport. ``listener``: rank
-    0's socket for the rendezvous store, when it serves one (pipeline.distributed.loopback_listener)."""
+def _error_line(e: Exception) -> str:
+    return str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _join(opts: RunOptions, ckpt, plan: StagePlan, grid: Grid, where: Placement, listener=None):
+    """Common to every rank: process group, agreement, the stage's tensor group, load own part, ready check,
+    warm-up (its collectives need every rank of the stage loaded), second ready check, transport. ``listener``:
+    rank 0's socket for the rendezvous store, when it serves one (pipeline.distributed.loopback_listener)."""
     backend = pd.choose_backend(opts.device, where.local_world)
     device = pd.stage_device(opts.device, where.local_rank)
     set_stage_threads(device, where.local_world, os.cpu_count() or 1)  # engine/threads.py
     ctx = pd.init_distributed(where.rank, where.world, where.init_method, backend, device,
                               connect_timeout_s=opts.stage_timeout_s + 120, startup_timeout_s=opts.startup_timeout_s,
-                              listener=listener)
+                              listener=listener, grid=grid)
     try:
-        pd.agree(ctx, {**fingerprint(ckpt, plan, opts), "backend": backend})
-        runtime, error = None, None
+        pd.agree(ctx, {**fingerprint(ckpt, plan, grid, opts), "backend": backend})
+        group = stage_groups(grid, where.rank, backend, device, opts.stage_timeout_s)
+        model, runtime, error = None, None, None
         try:
-            runtime = build_runtime(ckpt, plan, where.rank, device, opts)
+            model = load_rank(ckpt, plan, grid, where.rank, device, opts)
         except Exception as e:  # out of memory, a bad tensor, ...: every rank must hear of it, not hang
-            error = (str(e) if isinstance(e, UserError)
-                     else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            error = _error_line(e)
         pd.report_ready(ctx, error)
-        transport = Transport(where.rank, where.world, backend, device, opts.stage_timeout_s, ctx.peers,
-                              DTYPES[opts.dtype], ctx.control)
+        try:
+            runtime = prepare_runtime(ckpt, model, plan, ctx.stage, device, opts, group)
+        except Exception as e:
+            error = _error_line(e)
+        pd.report_ready(ctx, error)
+        transport = None
+        if where.rank in grid.leaders:
+            transport = Transport(where.rank, grid.leaders, backend, device, opts.stage_timeout_s, ctx.peers,
+                                  TORCH_DTYPES[opts.dtype], ctx.control)
     except BaseException:
         # a start-up that fails after the process group exists tears it down before the error ends the process:
         # left to interpreter exit, its background threads can abort the process (SIGABRT, "terminate called
@@ -380,12 +438,17 @@ def _join(opts: RunOptions, ckpt, plan: StagePlan, where: Placement, listener=No
 
 
 def run_worker(opts: RunOptions, where: Placement) -> int:
-    """A stage other than 0: join, then serve steps until stage 0 sends 'stop'."""
+    """Every rank but the driver: join, then serve steps (a stage's leader) or run what the leader shares (its other
+    tensor ranks) until the driver sends 'stop'."""
     ckpt = open_source(opts)
-    plan = make_plan(ckpt.cfg, opts)
-    runtime, transport, ctx = _join(opts, ckpt, plan, where)
+    grid = opts.grid(ckpt.cfg)
+    plan = make_plan(ckpt.cfg, opts, grid)
+    runtime, transport, ctx = _join(opts, ckpt, plan, grid, _checked_world(grid, where))
     try:
-        serve_stage(runtime, transport, is_last=ctx.is_last)
+        if runtime.leads:
+            serve_stage(runtime, transport, is_last=ctx.is_last)
+        else:
+            follow_stage(runtime, ctx.peers, ctx.rank)
     finally:
         pd.shutdown()
     return 0
@@ -396,4 +459,4 @@ def torchrun_worker(opts: RunOptions) -> int | None:
     exit status; rank 0 (the driver) gets None and goes on."""
     if not under_torchrun() or torchrun_placement().rank == 0:
         return None
-    return run_worker(opts, _checked_placement(opts))
+    return run_worker(opts, torchrun_placement())

@@ -46,10 +46,6 @@ class PromptInputs:
     video_timestamps: list[list[float]] = field(default_factory=list)  # seconds per temporal patch, per video
     prompt: str = ""  # the rendered template, placeholders not yet expanded
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.input_ids)
-
 
 @dataclass(frozen=True)
 class MediaRef:

@@ -12,32 +12,36 @@
 and the name 'fused' to the decoder-layer registry (model.decoder.DECODER_LAYER_IMPLS): the whole layer step through
 the fused layer kernels (kernels.fast_forward), for every step the decode graphs do not replay.
 ``enable_fast_paths(model)`` registers them, selects them on a model and packs each layer's q/k/v weights into one
-buffer (kernels.packing). Importing this package imports no Triton and touches no GPU: the Triton modules load on
-first use on a CUDA tensor, so CPU runs and CI never need either.
+buffer (kernels.packing). Their tunable choices (tiles, size thresholds, backend orders) are one options object,
+``kernels.choices.KernelChoices``, bound when they are registered: the defaults, or what ``qwen-vl bench`` passes.
+Importing this package imports no Triton and touches no GPU: the Triton modules load on first use on a CUDA tensor,
+so CPU runs and CI never need either.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
 from ..model.attention import TextAttention, register_cache_attention
-from ..model.decoder import register_decoder_layer_impl
+from ..model.decoder import DecoderLayer, register_decoder_layer_impl
 from ..model.moe import Experts, register_experts_impl
 from ..model.vision import VISION_ATTENTION_IMPLS
+from .choices import DEFAULT, KernelChoices
 
 
-def _triton_experts(x, topk_ids, topk_w, gate_up, down, scales=None):
+def _triton_experts(x, topk_ids, topk_w, gate_up, down, scales=None, choices: KernelChoices = DEFAULT):
     from .moe_triton import fused_experts
 
-    return fused_experts(x, topk_ids, topk_w, gate_up, down, scales)
+    return fused_experts(x, topk_ids, topk_w, gate_up, down, scales, choices.moe_config(topk_ids.numel(), scales))
 
 
-def _fused_layer(layer, h, rope, kv, layout):
+def _fused_layer(layer, h, rope, kv, layout, choices: KernelChoices = DEFAULT):
     from .fast_forward import fused_decoder_layer
 
-    return fused_decoder_layer(layer, h, rope, kv, layout)
+    return fused_decoder_layer(layer, h, rope, kv, layout, choices)
 
 
 def fp8_runs_on(device) -> bool:
@@ -88,29 +92,32 @@ def _experts(model) -> list[Experts]:
     return [m for m in model.modules() if isinstance(m, Experts)]
 
 
-def register() -> None:
+def register(choices: KernelChoices = DEFAULT) -> None:
+    """Fill the model's registries with the fast paths, bound to ``choices`` (one set per process: the last
+    registration is what every model of the process runs)."""
     from .attention import fast_cache_attention
     from .grouped import fast_experts, grouped_experts
     from .vision_attention import fast_vision_attention
 
-    register_experts_impl("fast", fast_experts)
+    bind = functools.partial
+    register_experts_impl("fast", bind(fast_experts, choices=choices))
     register_experts_impl("grouped", grouped_experts)
-    register_experts_impl("triton", _triton_experts)
-    register_cache_attention("fast", fast_cache_attention)
-    VISION_ATTENTION_IMPLS["fast"] = fast_vision_attention
-    register_decoder_layer_impl("fused", _fused_layer)
+    register_experts_impl("triton", bind(_triton_experts, choices=choices))
+    register_cache_attention("fast", bind(fast_cache_attention, choices=choices))
+    VISION_ATTENTION_IMPLS["fast"] = bind(fast_vision_attention, backends=choices.vision_backends)
+    register_decoder_layer_impl("fused", bind(_fused_layer, choices=choices))
 
 
 def enable_fast_paths(model, experts: str = "fast", attention: str = "fast", vision_attention: str = "fast",
-                      vision_graphs: bool = True, layer: str | None = None):
-    """Register the fast implementations and select them on ``model`` (a Qwen3VLMoe stage), and (on CUDA) replay
-    its vision tower from per-shape CUDA graphs. ``layer``: the decoder-layer impl, by default 'fused' where
-    ``fused_layers_fit`` and the experts and attention are 'fast' (the fused layer has those built in); else the
-    modules' own forward around the chosen attention and experts. Moves the q/k/v weights (kernels.packing): call it
-    before capturing graphs. Returns the model."""
+                      vision_graphs: bool = True, layer: str | None = None, choices: KernelChoices = DEFAULT):
+    """Register the fast implementations (bound to ``choices``) and select them on ``model`` (a Qwen3VLMoe stage),
+    and (on CUDA) replay its vision tower from per-shape CUDA graphs. ``layer``: the decoder-layer impl, by default
+    'fused' where ``fused_layers_fit`` and the experts and attention are 'fast' (the fused layer has those built
+    in); else the modules' own forward around the chosen attention and experts. Moves the q/k/v weights
+    (kernels.packing): call it before capturing graphs. Returns the model."""
     from .packing import pack_qkv
 
-    register()
+    register(choices)
     if layer is None:
         fast = experts == "fast" and attention == "fast"
         layer = "fused" if fast and fused_layers_fit(model) else "reference"
@@ -127,7 +134,7 @@ def enable_fast_paths(model, experts: str = "fast", attention: str = "fast", vis
 def module_layers(model):
     """Inside the block, ``model``'s decoder layers run the modules' own forward (around whichever attention and
     experts impls are selected): what the fused layers are held against."""
-    layers = [m for m in model.modules() if type(m).__name__ == "DecoderLayer"]
+    layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]
     before = [layer.impl for layer in layers]
     for layer in layers:
         layer.impl = "reference"

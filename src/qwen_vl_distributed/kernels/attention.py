@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..model.batch import SeqLayout
 from ..model.kv_cache import gather_kv
+from .choices import DEFAULT, KernelChoices
 
 
 def fast_sdpa_backends():
@@ -63,30 +64,21 @@ def _triton_decode_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     return q.is_cuda and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and q.shape[1] % k_cache.shape[1] == 0
 
 
-# Steps that are not all decode rows (prompts, chunks, mixed steps): "triton" runs kernels.extend_attention, one
-# launch for the step and no per-shape set-up; "sdpa" runs prefill_attention, one cuDNN-first SDPA call per
-# sequence, which cuDNN plans anew for every new shape (kernels/extend_attention.py says what that costs).
-PROMPT_ATTENTION = "triton"
-# ... except a step that is one whole prompt of at least this many rows: there cuDNN's faster kernel (1.77 against
-# 2.28 ms at 8192 rows on the H200) outweighs its ~45 ms plan, and with the default step budget of 8192 the first
-# chunk of every longer prompt has exactly that shape, planned once.
-PROMPT_SDPA_MIN_TOKENS = 8192
-
-
-def prompt_attention_path(layout: SeqLayout) -> str:
-    """Which path a step that is not all decode rows takes on a GPU: "triton" or "sdpa" (see above)."""
-    lone_long = len(layout.lens) == 1 and layout.starts[0] == 0 and layout.lens[0] >= PROMPT_SDPA_MIN_TOKENS
-    return "sdpa" if PROMPT_ATTENTION == "sdpa" or lone_long else "triton"
+def prompt_attention_path(layout: SeqLayout, choices: KernelChoices = DEFAULT) -> str:
+    """Which path a step that is not all decode rows takes on a GPU: "triton" or "sdpa" (kernels.choices)."""
+    lone_long = (len(layout.lens) == 1 and layout.starts[0] == 0
+                 and layout.lens[0] >= choices.prompt_sdpa_min_tokens)
+    return "sdpa" if choices.prompt_attention == "sdpa" or lone_long else "triton"
 
 
 def fast_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: SeqLayout,
-                         scale: float) -> torch.Tensor:
+                         scale: float, choices: KernelChoices = DEFAULT) -> torch.Tensor:
     if layout.is_decode and _triton_decode_ok(q, k_cache):
         from .decode_attention import decode_attention  # Triton only where a GPU runs it
 
         return decode_attention(q, k_cache, v_cache, layout.block_table(q.device),
                                 layout.tensor("starts", q.device), scale)
-    if q.is_cuda and prompt_attention_path(layout) == "triton":
+    if q.is_cuda and prompt_attention_path(layout, choices) == "triton":
         from . import extend_attention as ea
 
         if ea.supported(q, k_cache, v_cache):

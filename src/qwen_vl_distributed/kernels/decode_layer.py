@@ -21,28 +21,17 @@ import triton
 import triton.language as tl
 
 from . import grouped
+from .choices import DEFAULT, KernelChoices
 from .decode_attention import decode_attention
 from .gemv import linear_small
-from .moe_triton import expert_pairs
+from .moe_triton import expert_pairs, sum_pairs
 from .packing import packed_qkv
 
-# Which projections use the one-launch Triton GEMV (kernels.gemv) and its (BN, BK) tile; None: cuBLAS per weight.
-# ``qwen-vl bench`` times both on the device and keeps the faster for its process.
-# Defaults: the faster on an H200 at the 235B shapes, batch 1 (docs/benchmarks.md).
-GEMV: dict[str, tuple[int, int] | None] = {"qkv": (64, 128), "o": (32, 256), "router": None}
 
-
-GEMV_MAX_ROWS = 64  # the GEMV kernel is for decode-sized row counts; cuBLAS above
-
-
-def gemv_tile(use: str, rows: int) -> tuple[int, int] | None:
-    """The GEMV kernel's tile for projection ``use`` at this row count, or None where cuBLAS runs it."""
-    return GEMV.get(use) if rows <= GEMV_MAX_ROWS else None
-
-
-def project(use: str, x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """x @ W^T for each weight (bias-free), through the GEMV kernel or cuBLAS as ``GEMV[use]`` says."""
-    tile = gemv_tile(use, x.shape[0])
+def project(use: str, x: torch.Tensor, *weights: torch.Tensor, choices: KernelChoices = DEFAULT
+            ) -> tuple[torch.Tensor, ...]:
+    """x @ W^T for each weight (bias-free), through the GEMV kernel or cuBLAS as ``choices.gemv[use]`` says."""
+    tile = choices.gemv_tile(use, x.shape[0])
     if tile is None:
         return tuple(F.linear(x, w) for w in weights)
     return linear_small(x, *weights, bn=tile[0], bk=tile[1])
@@ -164,20 +153,6 @@ def _route_kernel(logits_ptr, ids_ptr, w_ptr, E: tl.constexpr, K: tl.constexpr, 
     tl.store(ids_ptr + row * K + kk, top_i, mask=kk < K)
 
 
-@triton.jit
-def _sum_residual_kernel(y_ptr, h_ptr, out_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr):
-    # out[t] = h[t] + round(sum_k y[t*K + k]): the experts' output rounded once, then the residual add rounded
-    t = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = c < H
-    dt = out_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for k in tl.static_range(K):
-        acc += tl.load(y_ptr + (t * K + k) * H + c, mask=m, other=0.0).to(tl.float32)
-    h = tl.load(h_ptr + t * H + c, mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * H + c, (h + acc.to(dt).to(tl.float32)).to(dt), mask=m)
-
-
 def route(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, E] -> (weights [B, K] in logits' dtype, ids [B, K] int32), as model.moe.route."""
     b, e = logits.shape
@@ -213,46 +188,46 @@ def qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets) -> torch.Tens
 
 
 def decode_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                 tables: torch.Tensor, starts: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                 tables: torch.Tensor, starts: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor],
+                 choices: KernelChoices = DEFAULT) -> torch.Tensor:
     """``layer`` (a DecoderLayer) on h [B, H] for one token per sequence; cos/sin [B, D] in h's dtype; device
     tensors: tables [B, W] block tables, starts [B] (tokens cached before this one), rows: the (block, offset)
     [B] each where each sequence's new k/v go."""
     scale = layer.self_attn.scale
     return fused_layer(layer, h, cos, sin, kv, *rows,
-                       lambda q: decode_attention(q, kv[0], kv[1], tables, starts, scale))
+                       lambda q: decode_attention(q, kv[0], kv[1], tables, starts, scale), choices)
 
 
 def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                row_blocks: torch.Tensor, row_offsets: torch.Tensor, attend) -> torch.Tensor:
+                row_blocks: torch.Tensor, row_offsets: torch.Tensor, attend, choices: KernelChoices = DEFAULT
+                ) -> torch.Tensor:
     """``layer`` on T rows h [T, H]: row t's k/v go to cache block row_blocks[t], offset row_offsets[t] (device
     tensors [T]); ``attend(q [T, NH, D]) -> [T, NH, D]`` reads the cache after that write."""
     attn, mlp = layer.self_attn, layer.mlp
     t = h.shape[0]
     x = rmsnorm(h, layer.input_layernorm.weight, layer.input_layernorm.eps)
-    # where cuBLAS projects (prompt rows; decode rows too if GEMV["qkv"] is None): one GEMM for q, k and v over the
-    # packed weight (kernels.packing)
-    packed = packed_qkv(attn) if gemv_tile("qkv", t) is None else None
+    # where cuBLAS projects (prompt rows; decode rows too if choices.gemv["qkv"] is None): one GEMM for q, k and v
+    # over the packed weight (kernels.packing)
+    packed = packed_qkv(attn) if choices.gemv_tile("qkv", t) is None else None
     if packed is not None:
         q, k, v = F.linear(x, packed).split([attn.q_proj.out_features, attn.k_proj.out_features,
                                              attn.v_proj.out_features], dim=1)
     elif attn.q_proj.bias is None:
-        q, k, v = project("qkv", x, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+        q, k, v = project("qkv", x, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, choices=choices)
     else:
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
     o = attend(qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets)).reshape(t, -1)
-    o = project("o", o, attn.o_proj.weight)[0] if attn.o_proj.bias is None else attn.o_proj(o)
+    o = project("o", o, attn.o_proj.weight, choices=choices)[0] if attn.o_proj.bias is None else attn.o_proj(o)
+    if attn.reduce is not None:  # tensor parallel: this rank's heads' share of o_proj, summed over the ranks
+        o = attn.reduce(o)
     h, x = rmsnorm(o, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps, residual=h)
-    w, ids = route(project("router", x, mlp.gate.weight)[0], mlp.top_k, mlp.normalize)
+    w, ids = route(project("router", x, mlp.gate.weight, choices=choices)[0], mlp.top_k, mlp.normalize)
+    ids, w = mlp.experts.local_routing(ids, w)  # expert parallel: ids of experts held elsewhere become E
     gate_up, down, scales = mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.experts.scales
-    if ids.numel() > grouped.FUSED_MAX_PAIRS and scales is None:  # large chunks: grouped GEMM (returns the K-sum)
-        return h + grouped.grouped_experts(x, ids.long(), w, gate_up, down)
-    return sum_residual(expert_pairs(x, ids, w, gate_up, down, scales), h, mlp.top_k)
-
-
-def sum_residual(y: torch.Tensor, h: torch.Tensor, k: int) -> torch.Tensor:
-    """y [B*K, H] pair outputs, h [B, H] -> h + round(fp32 sum over each row's K pairs)."""
-    b, hidden = h.shape
-    out = torch.empty_like(h)
-    block = 1024
-    _sum_residual_kernel[(b, triton.cdiv(hidden, block))](y, h, out, hidden, K=k, BLOCK=block, num_warps=4)
-    return out
+    if ids.numel() > choices.fused_max_pairs and scales is None:  # large chunks: grouped GEMM (returns the K-sum)
+        y = grouped.grouped_experts(x, ids.long(), w, gate_up, down)
+        return h + (y if mlp.reduce is None else mlp.reduce(y))
+    pairs = expert_pairs(x, ids, w, gate_up, down, scales, choices.moe_config(ids.numel(), scales))
+    if mlp.reduce is None:
+        return sum_pairs(pairs, ids, gate_up.shape[0], residual=h)
+    return h + mlp.reduce(sum_pairs(pairs, ids, gate_up.shape[0]))

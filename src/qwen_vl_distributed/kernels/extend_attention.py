@@ -34,7 +34,7 @@ LOG2E = 1.4426950408889634
 # pipeline stages. H200, 235B shapes (scripts/extend_attention_probe.py, 16 tiles): rows 64 / 4 warps / 3 stages
 # was fastest for a 2048-row prompt (0.21 ms; cuDNN 0.19) and a mixed step (8 decode rows + a 512-row chunk: 0.13
 # ms; SDPA per sequence 1.06); rows 128 / 4 warps / 2 stages for a 2048-row chunk after 6144 cached (1.05 ms; cuDNN
-# with its mask 1.75) and an 8192-row prompt (2.28 ms; cuDNN 1.77, see PROMPT_SDPA_MIN_TOKENS in kernels.attention).
+# with its mask 1.75) and an 8192-row prompt (2.28 ms; cuDNN 1.77, see PROMPT_SDPA_MIN_TOKENS in kernels.choices).
 CONFIGS = {2048: (64, 64, 4, 3), 1 << 30: (128, 64, 4, 2)}
 
 

@@ -17,13 +17,15 @@ import torch
 
 from ..model.batch import SeqLayout
 from .attention import fast_cache_attention
+from .choices import DEFAULT, KernelChoices
 from .decode_layer import fused_layer
 
 
 def fused_decoder_layer(layer, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                        kv: tuple[torch.Tensor, torch.Tensor], layout: SeqLayout) -> torch.Tensor:
+                        kv: tuple[torch.Tensor, torch.Tensor], layout: SeqLayout,
+                        choices: KernelChoices = DEFAULT) -> torch.Tensor:
     """``layer(h, rope, kv, layout)`` (a DecoderLayer) through the fused kernels."""
     row_blocks, row_offsets = layout.row_tables(h.device, kv[0].shape[2])  # once per step, shared by the layers
     scale = layer.self_attn.scale
     return fused_layer(layer, h, rope[0], rope[1], kv, row_blocks, row_offsets,
-                       lambda q: fast_cache_attention(q, kv[0], kv[1], layout, scale))
+                       lambda q: fast_cache_attention(q, kv[0], kv[1], layout, scale, choices), choices)

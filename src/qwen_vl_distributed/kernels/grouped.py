@@ -14,11 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.moe import reference_experts
-
-# P at or below this goes to the fused Triton kernel on CUDA, above it to grouped GEMM. On an H200 at the 235B
-# shapes the Triton kernel (prefill tiles) beat grouped_mm at 2048 and 8192 tokens (P = 16384, 65536:
-# docs/benchmarks.md), so the default covers those; ``qwen-vl bench`` re-measures and moves it.
-FUSED_MAX_PAIRS = 65536
+from .choices import DEFAULT, KernelChoices
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -42,30 +38,32 @@ def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tenso
     t, k = topk_ids.shape
     e, h_dim, inter = down.shape
     flat = topk_ids.reshape(-1)
-    order = torch.sort(flat, stable=True).indices  # pair indices grouped by expert
-    counts = torch.zeros(e, dtype=torch.int32, device=x.device).scatter_add_(
+    order = torch.sort(flat, stable=True).indices  # pair indices grouped by expert (id e, held elsewhere, last)
+    counts = torch.zeros(e + 1, dtype=torch.int32, device=x.device).scatter_add_(
         0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offs = counts.cumsum(0, dtype=torch.int32)
+    offs = counts[:e].cumsum(0, dtype=torch.int32)
     xs = x[order // k]  # [P, H] token rows in expert order
     z = _grouped_mm(xs, gate_up.transpose(1, 2), offs)  # [P, 2I]
     h = F.silu(z[:, :inter]) * z[:, inter:]
-    y = _grouped_mm(h, down.transpose(1, 2), offs)  # [P, H]
+    y = _grouped_mm(h, down.transpose(1, 2), offs)  # [P, H]; rows past the last group are not computed
     y = y * topk_w.reshape(-1)[order, None].to(y.dtype)  # rounded like the reference's bf16 product
     unsorted = torch.empty_like(y)
     unsorted[order] = y
+    unsorted.masked_fill_((flat == e)[:, None], 0)  # pairs of experts held elsewhere add nothing
     return unsorted.view(t, k, h_dim).float().sum(1).to(x.dtype)
 
 
 def fast_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
-                 down: torch.Tensor, scales=None) -> torch.Tensor:
-    """Fused Triton kernel for decode-sized P on CUDA (and for every P with fp8 experts), grouped GEMM for larger
-    P; the reference elsewhere."""
-    if x.is_cuda and (topk_ids.numel() <= FUSED_MAX_PAIRS or scales is not None):
+                 down: torch.Tensor, scales=None, choices: KernelChoices = DEFAULT) -> torch.Tensor:
+    """Fused Triton kernel for P up to ``choices.fused_max_pairs`` on CUDA (and for every P with fp8 experts),
+    grouped GEMM for larger P; the reference elsewhere."""
+    if x.is_cuda and (topk_ids.numel() <= choices.fused_max_pairs or scales is not None):
         from . import fp8_fits
         from .moe_triton import fused_experts  # Triton only where a GPU runs it
 
         if fp8_fits(scales):
-            return fused_experts(x, topk_ids, topk_w, gate_up, down, scales)
+            return fused_experts(x, topk_ids, topk_w, gate_up, down, scales,
+                                 choices.moe_config(topk_ids.numel(), scales))
     elif x.is_cuda and x.dtype == torch.bfloat16 and has_grouped_mm():
         return grouped_experts(x, topk_ids, topk_w, gate_up, down)
     return reference_experts(x, topk_ids, topk_w, gate_up, down, scales)

@@ -25,7 +25,6 @@ activation dtype before the activation and before the routed weight, as ``F.line
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -33,102 +32,13 @@ import triton.language as tl
 
 from ..model.quant import FP8_DTYPE, ExpertScales
 from . import fp8_fits, fp8_min_block_width
+from .choices import CONFIGS, CONFIGS_FP8, CONFIGS_W8A8, DEFAULT, MoeConfig  # noqa: F401 (the tile tables' home)
 from .tiles import fit_stages, load_k_tile, mma
 
 # The single-program align kernel holds all pairs in one block (a sort of next_pow2(P) keys); above this, the
 # one-program-per-expert kernel (align_wide) runs.
 ALIGN_KERNEL_MAX_PAIRS = 4096
 MAX_GRID_Y = 65535  # CUDA's limit on the grid's second dimension (the row blocks' when cols_first)
-
-
-@dataclass(frozen=True)
-class MoeConfig:
-    """Tile shape of the two expert kernels (BM rows of one expert, BN output columns, BK reduction step)."""
-
-    bm: int = 16
-    bn: int = 64
-    bk: int = 128
-    warps: int = 4
-    stages: int = 4
-    down_bn: int = 64
-    down_bk: int = 128
-    down_warps: int = 4
-    down_stages: int = 4
-    # Launch order. False: program_id(0) walks the row blocks, so the programs in flight share one column tile and
-    # each reads a different expert's weights (decode: few rows, weights dominate). True: the column tiles of one
-    # row block are launched together, so a block's gathered activation rows are read from HBM once and then hit
-    # in L2, and the blocks of one expert run together and share its weight tiles in L2 (prefill).
-    cols_first: bool = False
-    # Partial tiles: a block whose real rows fit in its first BM/4 or BM/2 rows multiplies only those (more
-    # tl.dot shapes in the same kernel). Each expert is then padded to BM/4 rows of compute while its weight
-    # tiles are still read once per BM rows: at ~BM tokens per expert (a 2048-token prompt at E = 128, K = 8)
-    # most experts' second block is a sliver. Needs BM >= 64 (tl.dot takes 16 rows at least).
-    split: bool = False
-    # Weight tiles through TMA (a host-side tensor descriptor over the [E * rows, K] weight matrix) instead of
-    # pointer loads; activation rows stay gathered by pointer. Needs the output width to be a multiple of the
-    # column tile (so a tile never crosses into the next expert's rows); otherwise the pointer path runs.
-    tma: bool = False
-    # The product as weights @ activations^T: the weight tile is the MMA's first operand and the output tile is
-    # transposed in registers before the store. Hopper's wgmma takes its first operand from registers, where an
-    # fp8 weight tile is dequantised; the second always comes from shared memory. (Tuned for fp8 experts.)
-    swap: bool = False
-
-    def __post_init__(self):
-        if self.split and self.bm < 64:
-            raise ValueError(f"MoeConfig: split needs bm >= 64 (a quarter tile of at least 16 rows), got bm={self.bm}")
-
-
-# chosen per P (pairs) bucket: the smallest bucket >= P wins; tune() may overwrite entries in-process
-# Defaults: the fastest of ``CANDIDATES`` / ``PREFILL_CANDIDATES`` on an H200 at the 235B shapes
-# (docs/benchmarks.md); at decode sizes the top few were within 2% of each other.
-CONFIGS: dict[int, MoeConfig] = {
-    64: MoeConfig(bn=64, bk=128, warps=4, stages=3, down_bn=64, down_bk=128, down_stages=3),  # B = 1..8 at K = 8
-    256: MoeConfig(bn=32, bk=256, warps=4, stages=3, down_bn=64, down_bk=256, down_stages=3),  # B = 32
-    # prefill: 128 tokens of one expert per tile, column tiles first, half tiles, TMA weight loads
-    1 << 30: MoeConfig(bm=128, bn=128, bk=64, warps=8, stages=4, down_bn=256, down_bk=64, down_warps=8,
-                       down_stages=4, cols_first=True, split=True, tma=True),
-}
-
-
-# fp8 experts (reduction tiles at most one scale block wide): their own table, since dequantising in registers
-# moves the balance between loads and math. The fastest of FP8_CANDIDATES / FP8_PREFILL_CANDIDATES on an H200 at
-# the 235B shapes with 128x128 blocks (docs/benchmarks.md): at B = 1..8 the bf16 decode tile; at B = 32 the weights
-# as the MMA's first operand (swap) with TMA loads (2-5% ahead of the next); prompts, the bf16 prompt tile. Not
-# swapped there: that was 5% faster, but on the H200 the 8-warp prompt tile with the dequantised weights as the
-# first operand doubled the error of an experts call (rel 8.7e-3 against float32 products of the dequantised
-# weights, 4.8e-3 unswapped and in bf16; tests/gpu/test_kernels_gpu.py holds the shipped tiles to bf16's error),
-# where the decode tiles' swap changes nothing.
-CONFIGS_FP8: dict[int, MoeConfig] = {
-    64: CONFIGS[64],
-    256: MoeConfig(bn=64, bk=128, warps=4, stages=3, down_bn=64, down_bk=128, down_stages=3, tma=True, swap=True),
-    1 << 30: CONFIGS[1 << 30],
-}
-
-
-# W8A8 experts (fp8 weights times fp8 inputs, both scaled per block): the weight tile goes to the tensor cores as
-# loaded. The fastest of W8A8_CANDIDATES / W8A8_PREFILL_CANDIDATES on an H200 at the 235B shapes with 128x128 blocks
-# (docs/benchmarks.md): decode, the bf16 decode tile with the weights as the MMA's first operand (B = 1..32 within 1%
-# of the best); prompts, 64 tokens of one expert by 128 columns with the whole 128-column group per step.
-_W8A8_DECODE = MoeConfig(bn=64, bk=128, warps=4, stages=3, down_bn=64, down_bk=128, down_stages=3, swap=True)
-CONFIGS_W8A8: dict[int, MoeConfig] = {
-    64: _W8A8_DECODE,
-    256: _W8A8_DECODE,
-    1 << 30: MoeConfig(bm=64, bn=128, bk=128, warps=4, stages=4, down_bn=128, down_bk=128, down_warps=4,
-                       down_stages=4, cols_first=True, tma=True),
-}
-
-
-def config_table(scales: ExpertScales | None) -> dict[int, MoeConfig]:
-    """The tile table for experts with these scales: bf16 / fp32 (None), fp8 weights (dequantised per tile), or
-    W8A8 (``scales.act_quant``)."""
-    if scales is None:
-        return CONFIGS
-    return CONFIGS_W8A8 if scales.act_quant else CONFIGS_FP8
-
-
-def config_for(pairs: int, scales: ExpertScales | None = None) -> MoeConfig:
-    table = config_table(scales)
-    return table[min(b for b in table if b >= pairs)]
 
 
 def num_blocks(pairs: int, experts: int, bm: int) -> int:
@@ -241,16 +151,18 @@ def align_torch(flat_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Te
     p, dev = flat_ids.numel(), flat_ids.device
     nb = num_blocks(p, experts, bm)
     ids = flat_ids.long()
-    order = torch.sort(ids, stable=True).indices  # pairs by expert, ties in pair order
-    counts = torch.zeros(experts, dtype=torch.long, device=dev).scatter_add_(0, ids, torch.ones_like(ids))
+    order = torch.sort(ids, stable=True).indices  # pairs by expert, ties in pair order; id E (held elsewhere) last
+    counts = torch.zeros(experts + 1, dtype=torch.long, device=dev).scatter_add_(0, ids, torch.ones_like(ids))
+    counts = counts[:experts]
     padded = (counts + bm - 1) // bm * bm
     shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)
     s_exp = ids[order]
-    row = torch.arange(p, device=dev) + shift[s_exp]
+    held = s_exp < experts
+    row = (torch.arange(p, device=dev) + shift[s_exp.clamp(max=experts - 1)])[held]
     rows = torch.full((nb * bm,), p, dtype=torch.int32, device=dev)
-    rows[row] = order.int()
+    rows[row] = order[held].int()
     block_expert = torch.full((nb,), experts, dtype=torch.int32, device=dev)
-    block_expert[row // bm] = s_exp.int()
+    block_expert[row // bm] = s_exp[held].int()
     return rows, block_expert
 
 
@@ -515,9 +427,41 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
                   ) -> torch.Tensor:
     """x [T, H], topk_ids/topk_w [T, K], gate_up [E, 2I, H], down [E, H, I] (fp8 with ``scales``) -> [T, H] in
     x's dtype."""
-    t, k = topk_ids.shape
     y = expert_pairs(x, topk_ids, topk_w, gate_up, down, scales, config)
-    return y.view(t, k, -1).sum(1)  # torch accumulates a bf16 sum in fp32 and rounds once
+    return sum_pairs(y, topk_ids, gate_up.shape[0])
+
+
+@triton.jit
+def _sum_pairs_kernel(y_ptr, ids_ptr, h_ptr, out_ptr, H, E, K: tl.constexpr, BLOCK: tl.constexpr,
+                      HAS_RES: tl.constexpr):
+    # out[t] = [h[t] +] round(sum_k y[t*K + k] over the pairs whose expert is held here, id < E): the experts' output
+    # accumulated in fp32 and rounded once, then the residual add rounded
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < H
+    dt = out_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for k in tl.static_range(K):
+        held = tl.load(ids_ptr + t * K + k) < E  # a pair of an expert held elsewhere has no output row
+        acc += tl.load(y_ptr + (t * K + k) * H + c, mask=m & held, other=0.0).to(tl.float32)
+    acc = acc.to(dt).to(tl.float32)
+    if HAS_RES:
+        acc += tl.load(h_ptr + t * H + c, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + c, acc.to(dt), mask=m)
+
+
+def sum_pairs(y: torch.Tensor, topk_ids: torch.Tensor, experts: int, residual: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """y [T*K, H] pair outputs -> [T, H]: each token's K pairs summed in fp32 and rounded once (pairs with id
+    ``experts`` -- held elsewhere -- left out), plus ``residual`` [T, H] (rounded again) if given."""
+    t, k = topk_ids.shape
+    hidden = y.shape[1]
+    out = torch.empty(t, hidden, dtype=y.dtype, device=y.device)
+    block = 1024
+    _sum_pairs_kernel[(t, triton.cdiv(hidden, block))](y, topk_ids.contiguous(), y if residual is None else residual,
+                                                       out, hidden, experts, K=k, BLOCK=block,
+                                                       HAS_RES=residual is not None, num_warps=4)
+    return out
 
 
 def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
@@ -525,7 +469,7 @@ def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, 
                  ) -> torch.Tensor:
     """Each (token, expert) pair's weighted expert output, y [P, H] in x's dtype (pair p = t*K + k), before the
     K-sum."""
-    cfg = config or config_for(topk_ids.numel(), scales)
+    cfg = config or DEFAULT.moe_config(topk_ids.numel(), scales)
     if scales is not None:  # a reduction tile within one scale block, and at least as wide as tl.dot takes
         least = fp8_min_block_width(scales)
         if not fp8_fits(scales):

@@ -20,17 +20,14 @@ import torch.nn.functional as F
 
 from ..model.vision import reference_vision_attention
 
-# SDPA backend priority for vision (non-causal, head_dim 72); None: torch's own choice, which measured fastest on
-# the H200 (docs/benchmarks.md). ``qwen-vl bench`` times the orders and keeps the fastest for its process.
-BACKEND_ORDER: list[str] | None = None
-
-
-def _backends():
-    if BACKEND_ORDER is None:
+def _backends(order: tuple[str, ...] | None):
+    """SDPA backend priority for vision (non-causal, head_dim 72): ``KernelChoices.vision_backends``; None: torch's
+    own choice, which measured fastest on the H200 (docs/benchmarks.md)."""
+    if order is None:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    order = [getattr(SDPBackend, name) for name in BACKEND_ORDER]
+    order = [getattr(SDPBackend, name) for name in order]
     try:
         return sdpa_kernel(order, set_priority=True)
     except TypeError:  # a torch without set_priority: plain allow-list
@@ -78,28 +75,28 @@ def graph_safe():
 
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
-                      scale: float) -> torch.Tensor:
+                      scale: float, backends: tuple[str, ...] | None = None) -> torch.Tensor:
     """q, k, v [N, heads, d] -> [N, heads, d], attention inside each segment."""
     if not q.is_cuda or getattr(_graph_safe, "depth", 0) or torch.cuda.is_current_stream_capturing():
-        return per_segment_attention(q, k, v, cu_seqlens, scale)
-    with _backends():
+        return per_segment_attention(q, k, v, cu_seqlens, scale, backends)
+    with _backends(backends):
         if len(cu_seqlens) == 2:
             return _sdpa(q, k, v, scale)
         out = _varlen(q, k, v, cu_seqlens, scale)
-        return out if out is not None else per_segment_attention(q, k, v, cu_seqlens, scale)
+        return out if out is not None else per_segment_attention(q, k, v, cu_seqlens, scale, backends)
 
 
 def per_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
-                          scale: float) -> torch.Tensor:
+                          scale: float, backends: tuple[str, ...] | None = None) -> torch.Tensor:
     out = torch.empty_like(q)
-    with _backends() if q.is_cuda else contextlib.nullcontext():
+    with _backends(backends) if q.is_cuda else contextlib.nullcontext():
         for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
             out[a:b] = _sdpa(q[a:b], k[a:b], v[a:b], scale)
     return out
 
 
 def fast_vision_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cu_seqlens: list[int],
-                          heads: int, scale: float) -> torch.Tensor:
+                          heads: int, scale: float, backends: tuple[str, ...] | None = None) -> torch.Tensor:
     """Same function as ``model.vision.reference_vision_attention``: qkv [N, 3*heads*d] -> [N, heads*d]."""
     if not qkv.is_cuda:
         return reference_vision_attention(qkv, rope, cu_seqlens, heads, scale)
@@ -108,4 +105,4 @@ def fast_vision_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Ten
     n = qkv.shape[0]
     q, k = rotate_qk(qkv, rope, heads)
     v = qkv.view(n, 3, heads, -1)[:, 2]
-    return segment_attention(q, k, v, cu_seqlens, scale).reshape(n, -1)
+    return segment_attention(q, k, v, cu_seqlens, scale, backends).reshape(n, -1)

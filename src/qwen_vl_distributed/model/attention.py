@@ -16,7 +16,7 @@ from torch import nn
 from .batch import SeqLayout
 from .config import TextConfig
 from .kv_cache import gather_kv
-from .layers import RMSNorm, apply_rotary
+from .layers import ReduceFn, RMSNorm, apply_rotary
 
 # name -> fn(q [T, NH, D], k_cache [NB, KVH, BS, D], v_cache, layout, scale) -> [T, NH, D]
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, SeqLayout, float], torch.Tensor]
@@ -67,6 +67,9 @@ def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v
 
 
 class TextAttention(nn.Module):
+    """``num_heads`` / ``num_kv_heads`` are the heads this module holds: all of them, or (tensor parallel, set from
+    outside by parallel/) one rank's share, whose o_proj output ``reduce`` sums over the ranks."""
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
@@ -81,6 +84,7 @@ class TextAttention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)  # per head, before RoPE
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.impl = "reference"
+        self.reduce: ReduceFn | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor],
                 layout: SeqLayout) -> torch.Tensor:
@@ -94,4 +98,5 @@ class TextAttention(nn.Module):
         k_cache, v_cache = kv
         write_cache(k_cache, v_cache, k, v, layout)
         o = CACHE_ATTENTION_IMPLS[self.impl](q, k_cache, v_cache, layout, self.scale)
-        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+        out = self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+        return out if self.reduce is None else self.reduce(out)

@@ -6,8 +6,15 @@ then multiplies by the weight; rotary cos/sin tables are built in fp32.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
+
+# Completes a partial sum: a module holding one tensor-parallel rank's share of its weights (some heads, some experts,
+# part of each expert's width) computes its share of the output; this sums the shares of all ranks of the group (an
+# all-reduce). Set on the module from outside (parallel/); None in a whole module. [T, H] -> [T, H].
+ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class RMSNorm(nn.Module):

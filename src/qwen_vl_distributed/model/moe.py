@@ -8,7 +8,13 @@ store them: half the memory and half the bytes a decode step reads, computing wi
 dequantising at load time gives (``model.quant``).
 
 ``EXPERTS_IMPLS`` is the one interface for every implementation: the plain loop over experts here is the
-reference; grouped-GEMM and fused Triton paths register themselves from ``kernels/``.
+reference; grouped-GEMM and fused Triton paths register themselves from ``kernels/``. Every implementation takes
+expert ids in [0, E] for the E experts it is given: a pair with id E belongs to no expert held here and contributes
+nothing (expert parallel: ``Experts.expert_range``).
+
+Tensor / expert parallel (set from outside by parallel/, never here): an ``Experts`` module may hold a part of each
+expert's width, or the experts [first, stop) of the router's E (``expert_range``); either way its output is a partial
+sum that ``SparseMoE.reduce`` completes.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
+from .layers import ReduceFn
 from .quant import FP8_DTYPE, ExpertScales, expert_scale_shapes, quantize_experts
 
 # name -> fn(x [T, H], topk_ids [T, K], topk_w [T, K], gate_up [E, 2I, H], down [E, H, I], scales) -> [T, H];
@@ -38,9 +45,11 @@ def reference_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Ten
     """Loop over the experts that were hit, in index order; accumulate weighted outputs into x's dtype. fp8 experts
     are dequantised one at a time, as they are used; W8A8 ones (scales.act_quant) multiply quantised inputs."""
     out = torch.zeros_like(x)
-    inter = down.shape[-1]
+    num, inter = down.shape[0], down.shape[-1]
     w8a8 = scales is not None and scales.act_quant
     for e in torch.unique(topk_ids).tolist():
+        if e >= num:  # a pair of an expert held elsewhere
+            continue
         tok, slot = torch.where(topk_ids == e)  # tokens routed to e, and which of their K choices it was
         if w8a8:  # inputs quantised per token and group too (model.quant.w8a8_linear)
             z = scales.w8a8_gate_up(e, x[tok], gate_up)
@@ -74,6 +83,17 @@ class Experts(nn.Module):
         self.fp8_block: tuple[int, int] | None = None
         self.fp8_act_quant = False  # W8A8: inputs quantised per token and group too (model.quant.w8a8_linear)
         self.impl = "reference"
+        self.expert_range: tuple[int, int] | None = None  # expert parallel: the router's experts held here
+
+    def local_routing(self, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's choices [T, K] in this module's expert ids: with ``expert_range`` [first, stop), expert
+        first + j is local j, and a pair of an expert held elsewhere gets id E (held here) and weight 0."""
+        if self.expert_range is None:
+            return topk_ids, topk_w
+        first, stop = self.expert_range
+        foreign = (topk_ids < first) | (topk_ids >= stop)
+        ids = torch.where(foreign, stop - first, topk_ids - first)
+        return ids.to(topk_ids.dtype), topk_w.masked_fill(foreign, 0)
 
     def keep_fp8(self, block: tuple[int, int], act_quant: bool = False) -> None:
         """Hold the weights as block-quantised fp8 (``block`` = rows, cols of one scale's block) plus fp32 scales,
@@ -109,7 +129,8 @@ class Experts(nn.Module):
         return ExpertScales(self.gate_up_proj_scale_inv, self.down_proj_scale_inv, self.fp8_block, self.fp8_act_quant)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
-        return EXPERTS_IMPLS[self.impl](x, topk_ids, topk_w, self.gate_up_proj, self.down_proj, self.scales)
+        ids, w = self.local_routing(topk_ids, topk_w)
+        return EXPERTS_IMPLS[self.impl](x, ids, w, self.gate_up_proj, self.down_proj, self.scales)
 
 
 class SparseMoE(nn.Module):
@@ -119,7 +140,9 @@ class SparseMoE(nn.Module):
         self.normalize = cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router; key mlp.gate.weight
         self.experts = Experts(cfg)
+        self.reduce: ReduceFn | None = None  # tensor / expert parallel: sums the ranks' partial outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.normalize)
-        return self.experts(x, ids, weights)
+        out = self.experts(x, ids, weights)
+        return out if self.reduce is None else self.reduce(out)

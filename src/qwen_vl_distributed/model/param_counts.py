@@ -9,6 +9,11 @@ Weight bytes per dtype:
   byte plus one fp32 scale per 128x128 block (``weight_scale_inv`` [ceil(out/128), ceil(in/128)]), counted as
   separate gate / up / down matrices as the release stores them; everything else in bf16, the attention
   projections included (the release stores them in fp8 too; loading dequantises them, ~3% of the weights).
+
+With ``tp`` tensor ranks per stage (parallel.grid), ``component_bytes`` gives ONE rank's bytes: the query heads and
+the experts (whole experts or a slice of each one's width: the same bytes) split N ways, the kv heads split or, with
+more ranks than kv heads, one kv head per rank; norms, router, vision tower, embedding and lm_head whole on every
+rank.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 
 from .config import ModelConfig
 
-DTYPES = ("bf16", "fp8", "fp32")
+WEIGHT_DTYPES = ("bf16", "fp8", "fp32")
 _PLAIN_BYTES = {"bf16": 2, "fp8": 2, "fp32": 4}  # bytes of a parameter that fp8 leaves unquantised
 _SCALE_BYTES = 4  # fp32 weight_scale_inv
 
@@ -140,8 +145,8 @@ class ComponentBytes:
 
 
 def _check_dtype(dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
 
 
 def _block_size(cfg: ModelConfig) -> tuple[int, int]:
@@ -155,29 +160,45 @@ def _fp8_matrix(out_features: int, in_features: int, block: tuple[int, int]) -> 
     return out_features * in_features + _SCALE_BYTES * scales
 
 
-def _quantised_bytes(cfg: ModelConfig, dtype: str) -> tuple[int, int]:
-    """(attention projections, one expert) in bytes: the matrices the fp8 release quantises, of which a run keeps
-    the experts in fp8."""
-    p = layer_params(cfg)
+def local_kv_heads(cfg: ModelConfig, tp: int) -> int:
+    """The kv heads one of ``tp`` tensor ranks holds: its share, or one (replicated) with more ranks than heads."""
+    return max(cfg.text.num_key_value_heads // tp, 1)
+
+
+def _attention(cfg: ModelConfig, tp: int) -> int:
+    """q, k, v, o projection parameters of one tensor rank."""
+    t = cfg.text
+    q = t.q_dim // tp
+    kv = local_kv_heads(cfg, tp) * t.head_dim
+    return 2 * _linear(q, t.hidden_size) + 2 * _linear(kv, t.hidden_size)
+
+
+def _quantised_bytes(cfg: ModelConfig, dtype: str, tp: int) -> tuple[int, int]:
+    """(attention projections, all experts) in bytes on one of ``tp`` tensor ranks: the matrices the fp8 release
+    quantises, of which a run keeps the experts in fp8."""
+    p, e = layer_params(cfg), cfg.text.num_experts
     b = _PLAIN_BYTES[dtype]
+    attention = b * _attention(cfg, tp)
     if dtype != "fp8":
-        return b * p.attention, b * p.expert
+        return attention, b * e * p.expert // tp
     t, blk = cfg.text, _block_size(cfg)
     h, i = t.hidden_size, t.moe_intermediate_size
-    return b * p.attention, 2 * _fp8_matrix(i, h, blk) + _fp8_matrix(h, i, blk)
+    return attention, e * (2 * _fp8_matrix(i, h, blk) + _fp8_matrix(h, i, blk)) // tp
 
 
-def component_bytes(cfg: ModelConfig, dtype: str) -> ComponentBytes:
+def component_bytes(cfg: ModelConfig, dtype: str, tp: int = 1) -> ComponentBytes:
+    """Weight bytes per component on one of ``tp`` tensor ranks of a stage (the whole model's with tp = 1)."""
     _check_dtype(dtype)
     p, plain = model_params(cfg), _PLAIN_BYTES[dtype]
-    attention, expert = _quantised_bytes(cfg, dtype)
+    attention, experts = _quantised_bytes(cfg, dtype, tp)
     rest = plain * (p.layer.qk_norm + p.layer.router + p.layer.norms)  # never quantised
+    t = cfg.text
     return ComponentBytes(
         dtype=dtype,
         vision=plain * p.vision.total,
         embed=plain * p.embed,
-        layer=attention + rest + cfg.text.num_experts * expert,
-        layer_active=attention + rest + cfg.text.num_experts_per_tok * expert,
+        layer=attention + rest + experts,
+        layer_active=attention + rest + t.num_experts_per_tok * experts // t.num_experts,
         final_norm=plain * p.final_norm,
         lm_head=plain * p.lm_head,
     )

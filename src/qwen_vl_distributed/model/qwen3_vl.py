@@ -11,6 +11,7 @@ Shapes: T packed tokens of the step, H hidden, V vocab, M visual tokens in the s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -18,11 +19,13 @@ from torch import nn
 
 from .batch import SeqLayout
 from .config import ModelConfig
+from .attention import TextAttention
 from .decoder import DecoderLayer
 from .kv_cache import KVCache
 from .layers import RMSNorm
+from .moe import Experts
 from .rope import text_rope_tables
-from .vision import VisionTower
+from .vision import VisionAttention, VisionTower
 
 
 @dataclass
@@ -97,32 +100,32 @@ class Qwen3VLMoe(nn.Module):
 
     def new_cache(self, num_blocks: int, block_size: int, max_seq_len: int | None = None,
                   dtype: torch.dtype | None = None, device=None) -> KVCache:
-        """A pool of ``num_blocks`` KV blocks (plus the scratch block) for this stage's layers; block tables cover
-        up to ``max_seq_len`` tokens (default: the whole pool)."""
+        """A pool of ``num_blocks`` KV blocks (plus the scratch block) for this stage's layers, of the kv heads its
+        attention holds (all of them, or a tensor rank's share); block tables cover up to ``max_seq_len`` tokens
+        (default: the whole pool)."""
         p = next(self.parameters())
-        return KVCache(self.cfg.text, self.layer_ids, num_blocks, block_size, max_seq_len or num_blocks * block_size,
+        kv_heads = {layer.self_attn.num_kv_heads for layer in self.model.language_model.layers.values()}
+        text = dataclasses.replace(self.cfg.text, num_key_value_heads=kv_heads.pop()) if kv_heads else self.cfg.text
+        return KVCache(text, self.layer_ids, num_blocks, block_size, max_seq_len or num_blocks * block_size,
                        dtype or p.dtype, device or p.device)
 
     def set_impl(self, experts: str | None = None, attention: str | None = None, vision_attention: str | None = None,
                  layer: str | None = None):
         """Choose the implementation behind each kernel interface (see model.moe / model.attention / model.vision /
         model.decoder)."""
+        choices = ((DecoderLayer, layer), (Experts, experts), (TextAttention, attention),
+                   (VisionAttention, vision_attention))
         for m in self.modules():
-            if layer and type(m).__name__ == "DecoderLayer":
-                m.impl = layer
-            if experts and type(m).__name__ == "Experts":
-                m.impl = experts
-            if attention and type(m).__name__ == "TextAttention":
-                m.impl = attention
-            if vision_attention and type(m).__name__ == "VisionAttention":
-                m.impl = vision_attention
+            for kind, impl in choices:
+                if impl and isinstance(m, kind):
+                    m.impl = impl
 
     def keep_experts_fp8(self, block: tuple[int, int], quantize: bool = False, act_quant: bool = False) -> None:
         """Hold every expert weight of this stage in block-quantised fp8 (model.moe.Experts.keep_fp8): before
         loading an fp8 checkpoint, whose experts are then copied as stored instead of dequantised. ``quantize``:
         quantise the weights the experts hold now instead (random-weight benchmarks). ``act_quant``: W8A8."""
         for m in self.modules():
-            if type(m).__name__ == "Experts":
+            if isinstance(m, Experts):
                 (m.quantize_fp8 if quantize else m.keep_fp8)(block, act_quant)
 
     # -- forward pieces --------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Process-group set-up, the start-up agreement, and the ready check.
 
-``DistContext`` is the one object that carries parallel state (rank, world, backend, device, peers); it is created
+``DistContext`` is the one object that carries parallel state (rank, grid, backend, device, peers); it is created
 once at start-up and passed in -- nothing reaches for globals.
 
 The rendezvous store (torch's TCPStore: any key can be read, set or deleted by whoever connects, without a password)
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..parallel.grid import Grid
 from .transport import PeerInfo, StageFailure
 
 
@@ -35,14 +36,16 @@ class DistContext:
     device: torch.device
     peers: list[PeerInfo]
     control: Any  # process group for control messages (gloo); None means the default group
+    grid: Grid | None = None  # None: one process per stage (rank = stage)
 
     @property
-    def is_first(self) -> bool:
-        return self.rank == 0
+    def stage(self) -> int:
+        return self.rank if self.grid is None else self.grid.coords(self.rank)[0]
 
     @property
     def is_last(self) -> bool:
-        return self.rank == self.world - 1
+        stages = self.world if self.grid is None else self.grid.stages
+        return self.stage == stages - 1
 
 
 def choose_backend(device: str, local_world: int) -> str:
@@ -94,10 +97,11 @@ def _store(init_method: str, rank: int, world: int, timeout: timedelta, listener
 
 def init_distributed(rank: int, world: int, init_method: str, backend: str, device: torch.device,
                      connect_timeout_s: float, startup_timeout_s: float,
-                     listener: socket.socket | None = None) -> DistContext:
+                     listener: socket.socket | None = None, grid: Grid | None = None) -> DistContext:
     """The main group (data plane) with a short timeout, so a rank whose peers never come gives up within
     ``connect_timeout_s``; the gloo control group with the long one, since loading a big stage takes minutes.
-    ``listener``: rank 0's socket for the store of a ``tcp://`` init method (``loopback_listener``)."""
+    ``listener``: rank 0's socket for the store of a ``tcp://`` init method (``loopback_listener``). ``grid``:
+    stages x tensor ranks (None: one rank per stage)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack of this stage (a hang's where)
@@ -108,10 +112,11 @@ def init_distributed(rank: int, world: int, init_method: str, backend: str, devi
     where = {"store": store} if store is not None else {"init_method": init_method}
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **where, **kw)
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=startup_timeout_s))
-    me = PeerInfo(rank, socket.gethostname(), os.getpid())
+    stage, tp_rank = grid.coords(rank) if grid is not None else (rank, 0)
+    me = PeerInfo(rank, socket.gethostname(), os.getpid(), stage, tp_rank if grid is not None and grid.tp > 1 else None)
     peers: list[Any] = [None] * world
     dist.all_gather_object(peers, me, group=control)
-    return DistContext(rank, world, backend, device, peers, control)
+    return DistContext(rank, world, backend, device, peers, control, grid)
 
 
 def agree(ctx: DistContext, fingerprint: dict[str, str]) -> None:

@@ -14,10 +14,15 @@ from .stage import StageRuntime
 
 
 class LocalExecutor:
+    """The one stage runs here (with tensor ranks, this process leads them: ``heartbeat_s`` keeps their waits
+    bounded while the driver is idle)."""
+
     num_stages = 1
 
-    def __init__(self, runtime: StageRuntime):
+    def __init__(self, runtime: StageRuntime, heartbeat_s: float | None = None):
         self.runtime = runtime
+        self.heartbeat_s = heartbeat_s
+        self._last_traffic = time.monotonic()
         self._done: deque[TokenPayload] = deque()
 
     def submit(self, p: StepPayload) -> None:
@@ -25,6 +30,7 @@ class LocalExecutor:
         assert isinstance(out, TokenPayload), "a single stage must hold the whole model"
         out.stats = [self.runtime.stats()]
         self._done.append(out)
+        self._last_traffic = time.monotonic()
 
     def collect(self) -> TokenPayload:
         return self._done.popleft()
@@ -33,10 +39,13 @@ class LocalExecutor:
         return [self.runtime.stats()]
 
     def idle(self) -> None:
-        """Called when the driver has nothing to do (lets a pipeline send heartbeats)."""
+        """Called when the driver has nothing to do: heartbeats to the stage's other tensor ranks, if any."""
+        if self.heartbeat_s is not None and time.monotonic() - self._last_traffic >= self.heartbeat_s:
+            self.runtime.signal("heartbeat")
+            self._last_traffic = time.monotonic()
 
     def shutdown(self) -> None:
-        pass
+        self.runtime.signal("stop")
 
 
 class PipelineExecutor:
@@ -69,6 +78,7 @@ class PipelineExecutor:
         """With nothing in flight, prove every stage alive every ``heartbeat_s`` (and keep their waits bounded)."""
         if time.monotonic() - self._last_traffic < self.heartbeat_s:
             return
+        self.runtime.signal("heartbeat")
         self.transport.send_step(StepPayload(kind="heartbeat"))
         back = self.transport.recv_tokens()
         if back.kind != "heartbeat":
@@ -77,6 +87,7 @@ class PipelineExecutor:
 
     def shutdown(self) -> None:
         """Send 'stop' round the ring and wait for it to come back, so every stage has left its loop."""
+        self.runtime.signal("stop")
         self.transport.send_step(StepPayload(kind="stop"))
         while self.transport.recv_tokens().kind != "stop":
             pass

@@ -20,9 +20,6 @@ from dataclasses import dataclass
 
 from .transport import StageFailure
 
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 def under_torchrun() -> bool:
     """torchrun (or any env:// launcher) sets these for each process it starts."""
     return all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
@@ -63,8 +60,10 @@ def _die_with_parent() -> None:
 class Supervisor:
     """Owns the worker processes of this machine; any abnormal exit stops them all within ``grace_s``."""
 
-    def __init__(self, argv_for_rank, world: int, grace_s: float = 5.0):
+    def __init__(self, argv_for_rank, world: int, grace_s: float = 5.0, name_of=lambda r: f"stage {r} (rank {r}"):
+        """``name_of(rank)``: how a rank is named in messages, up to its pid (a grid names stage and tensor rank)."""
         self.grace_s = grace_s
+        self.name_of = name_of
         self.procs: dict[int, subprocess.Popen] = {}
         self.failure: str | None = None
         self._stopping = False
@@ -80,7 +79,7 @@ class Supervisor:
                 rc = p.poll()
                 if rc is not None and rc != 0 and not self._stopping:
                     how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
-                    self.failure = (f"stage {rank} (rank {rank}, pid {p.pid} on {socket.gethostname()}) {how}; "
+                    self.failure = (f"{self.name_of(rank)}, pid {p.pid} on {socket.gethostname()}) {how}; "
                                     "stopping all stages")
                     print(f"error: {self.failure}", file=sys.stderr, flush=True)
                     self.kill_all()
@@ -93,6 +92,15 @@ class Supervisor:
     def check(self) -> None:
         if self.failure:
             raise StageFailure(self.failure)
+
+    def await_failure(self, timeout_s: float) -> str | None:
+        """After an error seen elsewhere (a collective that failed): give the watcher up to ``timeout_s`` to report a
+        worker that exited (its message names the rank; a dead process's sockets close a moment before it can be
+        reaped); the report, or None."""
+        deadline = time.monotonic() + timeout_s
+        while self.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.failure
 
     def kill_all(self) -> None:
         for p in self.procs.values():

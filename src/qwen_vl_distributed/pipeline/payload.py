@@ -22,12 +22,17 @@ StepPayload (stage s -> stage s+1), for T packed tokens of B sequences:
 TokenPayload (last stage -> stage 0): mb, tokens [B] int64 in layout order (-1 for open prompts), logprobs (None,
 or per row None or [logprob of the sampled token, [[token id, logprob], ...] the most likely first]; JSON), and
 every stage's busy-time stats.
+
+On the wire (``to_wire`` / ``from_wire``) a StepPayload is a JSON-able header (everything small, the token ids and
+positions included) and the tensors it announces: the block tables (one flat int32 tensor; between stages it
+travels on the control channel), hidden, and -- only within stage 0's tensor-parallel group, which shares the step
+the driver made -- the step's pixels and visual masks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -61,7 +66,7 @@ class StepPayload:
                      new_seqs={str(k): v for k, v in self.new_seqs.items()}, continued=self.continued,
                      open_prompts=self.open_prompts, released=self.released,
                      hidden=list(self.hidden.shape) if self.hidden is not None else None,
-                     dtype=str(self.hidden.dtype).removeprefix("torch.") if self.hidden is not None else None)
+                     dtype=_dtype_name(self.hidden) if self.hidden is not None else None)
         return h
 
     @staticmethod
@@ -76,3 +81,51 @@ class TokenPayload:
     tokens: torch.Tensor | None = None  # [B] int64
     logprobs: list | None = None  # per row: None or [logprob, [[id, logprob], ...]]; None when no row asked
     stats: list[dict[str, Any]] = field(default_factory=list)  # per-stage busy time, stage order
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+_VISUAL_TENSORS = ("pixel_values", "pixel_values_videos", "image_mask", "video_mask")
+
+
+def to_wire(p: StepPayload, visual: bool = False) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """(header, tensors): for a step, the block tables flat in one int32 host tensor (``header["table_lens"]``
+    cuts it), then hidden if present, then with ``visual`` the step's image / video tensors."""
+    h = p.header()
+    tensors = []
+    if p.layout is None:
+        return h, tensors
+    h["ids"] = p.input_ids.tolist()
+    h["pos"] = p.positions.tolist()
+    tensors.append(torch.tensor([b for t in p.layout.block_tables for b in t], dtype=torch.int32))
+    if p.hidden is not None:
+        tensors.append(p.hidden)
+    if visual and p.visual is not None:
+        v = p.visual
+        present = [(name, getattr(v, name)) for name in _VISUAL_TENSORS if getattr(v, name) is not None]
+        h["visual"] = {"image_grid_thw": v.image_grid_thw, "video_grid_thw": v.video_grid_thw,
+                       "tensors": [[name, list(t.shape), _dtype_name(t)] for name, t in present]}
+        tensors += [t for _, t in present]
+    return h, tensors
+
+
+def from_wire(h: dict[str, Any], take: Callable[[tuple[int, ...], torch.dtype], torch.Tensor]) -> StepPayload:
+    """The payload of a header; ``take(shape, dtype)`` gives the next announced tensor (``to_wire``'s order)."""
+    if h["kind"] != "step":
+        return StepPayload(kind=h["kind"], stats=h["stats"])
+    flat = take((sum(h["table_lens"]),), torch.int32)
+    tables = [t.tolist() for t in flat.cpu().split(h["table_lens"])]
+    hidden = take(tuple(h["hidden"]), getattr(torch, h["dtype"])) if h["hidden"] is not None else None
+    visual = None
+    if h.get("visual"):
+        v = h["visual"]
+        grids = {k: [tuple(g) for g in v[k]] if v[k] else None for k in ("image_grid_thw", "video_grid_thw")}
+        visual = VisualInputs(**grids, **{name: take(tuple(shape), getattr(torch, dtype))
+                                          for name, shape, dtype in v["tensors"]})
+    new = {int(k): val for k, val in h["new_seqs"].items()}
+    return StepPayload("step", h["mb"], h["step"], SeqLayout(tables, h["starts"], h["lens"]),
+                       torch.tensor(h["pos"], dtype=torch.long), torch.tensor(h["ids"], dtype=torch.long), hidden,
+                       new, visual, stats=h["stats"], continued=h["continued"], open_prompts=h["open_prompts"],
+                       seq_ids=h["seq_ids"], released=h["released"])

@@ -23,6 +23,10 @@ Balancing: decode is memory-bound, so a stage's time per decode step is taken as
 reads per token: attention + router + norms + the top-k experts per layer, plus lm_head on the last stage (~2.8 layers
 of the 235B in bf16, ~4.2 in fp8). Vision and embedding cost ~nothing at decode. The balancer minimises the slowest
 stage subject to the memory budgets, then evens out the other stages (smallest sum of squared stage times).
+
+With ``tp`` tensor ranks per stage (a grid of stages x tp GPUs, parallel.grid) every figure of a stage is ONE GPU's:
+its share of the heads and experts (``model.param_counts``), its kv heads' cache, its workspace; the budget is a
+GPU's memory.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Callable, Sequence
 
 from ..errors import UserError
 from ..model.config import ModelConfig
-from ..model.param_counts import DTYPES, ComponentBytes, component_bytes
+from ..model.param_counts import WEIGHT_DTYPES, ComponentBytes, component_bytes, local_kv_heads
 
 GB = 10**9  # budgets and reports are in decimal GB, as GPU memory is sold
 DEFAULT_MAX_SEQ_LEN = 32768
@@ -109,6 +113,8 @@ class StagePlan:
     balanced: bool  # False when the layer counts were given explicitly
     kv_block_size: int = DEFAULT_KV_BLOCK_SIZE
     kv_blocks: int = 0  # blocks in every stage's KV pool (sequences' blocks; the scratch block is extra)
+    tp: int = 1  # tensor ranks (GPUs) per stage: every stage figure is one GPU's
+    moe: str = "tp"  # how they split the experts (parallel.grid), with tp > 1
 
     @property
     def max_total_tokens(self) -> int:
@@ -139,12 +145,15 @@ class StagePlan:
         for s in self.stages:
             if s.fits is False:
                 prefix = "no split fits the memory budgets: " if self.balanced else ""
+                per_gpu = " per GPU" if self.tp > 1 else ""
                 raise PlanError(f"{prefix}stage {s.index} (layers {s.layers_label}) needs "
-                                f"{format_gb(s.total_bytes)} GB > {s.budget_bytes / GB:g} GB budget")
+                                f"{format_gb(s.total_bytes)} GB{per_gpu} > {s.budget_bytes / GB:g} GB budget")
 
     def fingerprint(self) -> str:
-        """Short stable hash of the layer ranges: ranks compare it before the first step."""
-        key = json.dumps({"num_layers": self.num_layers, "ranges": [list(r) for r in self.layer_ranges]},
+        """Short stable hash of the layer ranges (and the tensor ranks per stage): ranks compare it before the
+        first step."""
+        grid = {"tp": self.tp, "moe": self.moe} if self.tp > 1 else {}
+        key = json.dumps({"num_layers": self.num_layers, "ranges": [list(r) for r in self.layer_ranges], **grid},
                          separators=(",", ":"))
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -201,7 +210,8 @@ def _act_dtype_bytes(dtype: str) -> int:
     return 4 if dtype == "fp32" else 2  # fp8 weights still compute and cache in bf16
 
 
-def _workspace_bytes(cfg: ModelConfig, dtype: str, chunk: int, image_tokens: int, max_batch: int) -> tuple[int, int, int]:
+def _workspace_bytes(cfg: ModelConfig, dtype: str, chunk: int, image_tokens: int, max_batch: int, tp: int = 1,
+                     moe: str = "tp") -> tuple[int, int, int]:
     """(per decoder pass, vision tower on stage 0, sampling on the last stage) activation bytes.
 
     Decoder, T = the most tokens one step carries (max(prefill chunk, largest image + max_batch decode rows)), live
@@ -212,10 +222,14 @@ def _workspace_bytes(cfg: ModelConfig, dtype: str, chunk: int, image_tokens: int
     Vision, N = 4 x image tokens patches: fp32 pixel rows; per block 2 [N, D] hidden, qkv [N, 3D], attention out,
     2 [N, I_v] MLP buffers; merged and DeepStack features [image tokens, H] kept through the decoder pass.
     Sampling: 3 fp32 [max_batch, vocab] (logits, probabilities, a sorted copy for top-p).
+    A tensor rank holds its heads' q, k, v; every (token, expert) pair's buffers, its slice of the width (moe tp)
+    or the whole width (ep: the kernels' buffers hold all pairs, its experts' or not).
     """
     t, v, b = cfg.text, cfg.vision, _act_dtype_bytes(dtype)
-    h, i, k = t.hidden_size, t.moe_intermediate_size, t.num_experts_per_tok
-    per_token = 4 * h + 2 * (t.q_dim + 2 * t.kv_dim) + t.q_dim + k * (2 * h + 3 * i)
+    h, k = t.hidden_size, t.num_experts_per_tok
+    i = t.moe_intermediate_size // (tp if moe == "tp" else 1)
+    q, kv = t.q_dim // tp, local_kv_heads(cfg, tp) * t.head_dim
+    per_token = 4 * h + 2 * (q + 2 * kv) + q + k * (2 * h + 3 * i)
     # the most tokens one step carries: a chunk, or -- the engine never splits an image -- the largest image
     # beside every sequence's decode token
     step = max(chunk, image_tokens + max_batch)
@@ -228,11 +242,14 @@ def _workspace_bytes(cfg: ModelConfig, dtype: str, chunk: int, image_tokens: int
     return decoder, vision, head
 
 
-def _costs(cfg: ModelConfig, dtype: str, kv_tokens: int, max_batch: int, chunk: int, image_tokens: int) -> _Costs:
+def _costs(cfg: ModelConfig, dtype: str, kv_tokens: int, max_batch: int, chunk: int, image_tokens: int,
+           tp: int = 1, moe: str = "tp") -> _Costs:
+    """A tensor rank's costs: its share of the weights, the KV of its kv heads (each rank holds the pool's every
+    block, for its heads), its workspace."""
     t = cfg.text
-    layer_ws, vision_ws, head_ws = _workspace_bytes(cfg, dtype, chunk, image_tokens, max_batch)
-    return _Costs(component_bytes(cfg, dtype), 2 * t.kv_dim * _act_dtype_bytes(dtype), kv_tokens, layer_ws, vision_ws,
-                  head_ws)
+    kv_token_layer = 2 * local_kv_heads(cfg, tp) * t.head_dim * _act_dtype_bytes(dtype)
+    layer_ws, vision_ws, head_ws = _workspace_bytes(cfg, dtype, chunk, image_tokens, max_batch, tp, moe)
+    return _Costs(component_bytes(cfg, dtype, tp), kv_token_layer, kv_tokens, layer_ws, vision_ws, head_ws)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -343,8 +360,8 @@ def _budgets(gpu_mem_gb: float | Sequence[float] | None, num_stages: int) -> lis
 
 
 def _check_limits(dtype: str, **limits: int | None) -> None:
-    if dtype not in DTYPES:
-        raise PlanError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in WEIGHT_DTYPES:
+        raise PlanError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
     for name, value in limits.items():
         if value is not None and value < 1:
             raise PlanError(f"{name} must be at least 1, got {value}")
@@ -368,14 +385,16 @@ def plan_stages(cfg: ModelConfig, num_stages: int, *, layers_per_stage: Sequence
                 gpu_mem_gb: float | Sequence[float] | None = None, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
                 max_batch: int = DEFAULT_MAX_BATCH, dtype: str = "bf16", prefill_chunk: int | None = None,
                 max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS, max_total_tokens: int | None = None,
-                kv_block_size: int = DEFAULT_KV_BLOCK_SIZE, require_fit: bool = True) -> StagePlan:
-    """Split the decoder layers of ``cfg`` into ``num_stages`` contiguous stages and size the KV pool.
+                kv_block_size: int = DEFAULT_KV_BLOCK_SIZE, require_fit: bool = True, tp: int = 1,
+                moe: str = "tp") -> StagePlan:
+    """Split the decoder layers of ``cfg`` into ``num_stages`` contiguous stages of ``tp`` tensor ranks each (``moe``:
+    how those split the experts, parallel.grid) and size the KV pool.
 
     ``layers_per_stage`` fixes the counts; otherwise they are balanced on decode bytes within ``gpu_mem_gb`` (one
-    budget for all stages or one per stage, decimal GB). ``prefill_chunk`` defaults to ``default_prefill_chunk``
-    (what the engine uses when not told); the largest image is capped at ``max_seq_len`` tokens. The KV pool holds
-    ``max_total_tokens`` (rounded up to whole blocks); by default max_seq_len x max_batch, grown with budgets to
-    all that the tightest stage has room for once the layers are placed.
+    budget for all stages or one per stage, decimal GB, per GPU). ``prefill_chunk`` defaults to
+    ``default_prefill_chunk`` (what the engine uses when not told); the largest image is capped at ``max_seq_len``
+    tokens. The KV pool holds ``max_total_tokens`` (rounded up to whole blocks); by default max_seq_len x max_batch,
+    grown with budgets to all that the tightest GPU has room for once the layers are placed.
     With ``require_fit`` a stage over its budget raises PlanError; otherwise the plan is returned with ``fits``
     False on that stage.
     """
@@ -387,10 +406,12 @@ def plan_stages(cfg: ModelConfig, num_stages: int, *, layers_per_stage: Sequence
     _check_shape(num_layers, num_stages, num_ds)
     budgets = _budgets(gpu_mem_gb, num_stages)
     image_tokens = min(max_image_tokens, max_seq_len)
+    if tp < 1:
+        raise PlanError(f"tensor ranks per stage must be at least 1, got {tp}")
     fill = max_total_tokens is None and budgets is not None  # the pool takes what the budgets leave
     pool = max_total_tokens or max_seq_len * max_batch
     blocks = -(-pool // kv_block_size)
-    costs = _costs(cfg, dtype, (blocks + 1) * kv_block_size, max_batch, chunk, image_tokens)
+    costs = _costs(cfg, dtype, (blocks + 1) * kv_block_size, max_batch, chunk, image_tokens, tp, moe)
     if layers_per_stage is not None:
         counts = _check_counts(layers_per_stage, num_layers, num_stages, num_ds)
     else:
@@ -402,7 +423,7 @@ def plan_stages(cfg: ModelConfig, num_stages: int, *, layers_per_stage: Sequence
     plan = StagePlan(stages=_build_stages(costs, counts, budgets), num_layers=num_layers, dtype=dtype,
                      max_seq_len=max_seq_len, max_batch=max_batch, prefill_chunk=chunk,
                      max_image_tokens=image_tokens, balanced=layers_per_stage is None, kv_block_size=kv_block_size,
-                     kv_blocks=blocks)
+                     kv_blocks=blocks, tp=tp, moe=moe)
     if require_fit:
         plan.check_fits()
     return plan

@@ -3,6 +3,11 @@ sampler.
 
 ``StageRuntime.run`` takes the payload that arrives at this stage and returns what leaves it: hidden states for the
 next stage, or the sampled tokens (last stage). With S = 1 the one stage is both first and last.
+
+A stage of several tensor ranks (``group``, parallel/): its leader shares every step it runs with the other ranks
+(payload, visual inputs included, by broadcast), so that all of them run the same step and meet in the same
+all-reduces; the other ranks run what they receive (``pipeline.worker.follow_stage``) and drop their output: the
+leader's is the stage's.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import torch
 
 from ..model.kv_cache import KVCache
 from ..model.qwen3_vl import Qwen3VLMoe
-from .payload import StepPayload, TokenPayload
+from ..parallel.group import StageGroup
+from .payload import StepPayload, TokenPayload, to_wire
+from .transport import StageFailure
 
 
 class Sampler(Protocol):
@@ -34,9 +41,11 @@ class Sampler(Protocol):
 
 class StageRuntime:
     def __init__(self, model: Qwen3VLMoe, cache: KVCache, sampler: Sampler | None, device: torch.device,
-                 stage_index: int = 0):
-        if model.has_head and sampler is None:
+                 stage_index: int = 0, group: StageGroup | None = None):
+        self.leads = group is None or group.is_leader  # its output leaves the stage
+        if model.has_head and sampler is None and self.leads:
             raise ValueError("the last stage needs a sampler")
+        self.group = group
         self.model = model
         self.cache = cache
         self.sampler = sampler
@@ -46,19 +55,20 @@ class StageRuntime:
         self.steps = 0
         self._timers: list[_GpuTimer] = []
 
-    def run(self, p: StepPayload) -> StepPayload | TokenPayload:
+    def signal(self, kind: str) -> None:
+        """A leader passes 'heartbeat' / 'stop' on to the stage's other ranks."""
+        if self.group is not None and self.leads:
+            self.group.share(StepPayload(kind=kind).header(), [])
+
+    def run(self, p: StepPayload) -> StepPayload | TokenPayload | None:
+        """The stage's output for step ``p`` (None on a tensor rank that does not lead the stage)."""
         t0 = time.perf_counter()
         timer = _GpuTimer(self.device) if self.device.type == "cuda" else None
         with torch.inference_mode():
-            out = self.model(
-                positions=p.positions.to(self.device),
-                layout=p.layout,
-                cache=self.cache,
-                input_ids=p.input_ids.to(self.device) if self.model.has_embed else None,
-                hidden=p.hidden.to(self.device, non_blocking=True) if p.hidden is not None else None,
-                visual=p.visual.to(self.device) if p.visual is not None else None,
-            )
-            if self.model.has_head:
+            out = self._forward(p)
+            if not self.leads:
+                result = None
+            elif self.model.has_head:
                 result = TokenPayload("tokens", p.mb, *self._sample(p, out))
             else:  # a copy: the stage may reuse its output buffer (CUDA-graph replay) while the send is in flight
                 result = StepPayload("step", p.mb, p.step, p.layout, p.positions, p.input_ids, out.clone(),
@@ -71,6 +81,28 @@ class StageRuntime:
             self._timers.append(timer)
         self.steps += 1
         return result
+
+    def _forward(self, p: StepPayload) -> torch.Tensor:
+        """The stage's model on step ``p``; a leader first shares the step with the stage's other ranks."""
+        try:
+            if self.group is not None and self.leads:
+                self.group.share(*to_wire(p, visual=True))
+            return self.model(
+                positions=p.positions.to(self.device),
+                layout=p.layout,
+                cache=self.cache,
+                input_ids=p.input_ids.to(self.device) if self.model.has_embed else None,
+                hidden=p.hidden.to(self.device, non_blocking=True) if p.hidden is not None else None,
+                visual=p.visual.to(self.device) if p.visual is not None else None,
+            )
+        except RuntimeError as e:  # a collective whose peer died or hung (the backends raise plain RuntimeErrors)
+            msg = str(e).splitlines()[0] if str(e) else ""
+            if self.group is None or not any(w in msg.lower() for w in ("gloo", "nccl", "timed out")):
+                raise
+            g = self.group
+            raise StageFailure(f"a collective of stage {g.stage} (ranks {g.ranks[0]}-{g.ranks[-1]}) failed: a "
+                               f"tensor rank died or stopped answering; seen by {g.grid.label(g.ranks[g.tp_rank])} "
+                               f"(rank {g.ranks[g.tp_rank]}) ({msg[:160]})") from None
 
     def stats(self) -> dict:
         while self._timers and self._timers[0].done():

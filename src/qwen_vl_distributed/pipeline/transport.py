@@ -1,5 +1,8 @@
 """Payloads over torch.distributed point-to-point, around the ring stage 0 -> 1 -> ... -> S-1 -> 0.
 
+With tensor ranks (parallel/), the ring joins the stages' leaders (``ring``: their global ranks in stage order);
+a leader shares what it receives with its stage's other ranks (pipeline.stage).
+
 Two planes. The control plane always runs on a gloo group (host memory, TCP): a length (int64 [1]) and a JSON
 header holding everything small -- kind, micro-batch, layout, new sequences' sampling parameters, per-stage stats,
 and the step's token ids and M-RoPE positions (or, on the way back to stage 0, the sampled tokens) -- then the
@@ -24,8 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
-from ..model.batch import SeqLayout
-from .payload import StepPayload, TokenPayload
+from .payload import StepPayload, TokenPayload, from_wire, to_wire
 
 STEP_TAG, TOKEN_TAG = 0, 1
 HEADER_BYTES = 4096  # the first control message of every payload: 8-byte length, then JSON (rest follows if longer)
@@ -43,15 +45,21 @@ class PeerInfo:
     rank: int
     host: str
     pid: int
+    stage: int
+    tp_rank: int | None = None  # the tensor rank within the stage, with more than one per stage
 
     def describe(self) -> str:
-        return f"stage {self.rank} (rank {self.rank}, pid {self.pid} on {self.host})"
+        tensor = "" if self.tp_rank is None else f" tensor rank {self.tp_rank}"
+        return f"stage {self.stage}{tensor} (rank {self.rank}, pid {self.pid} on {self.host})"
 
 
 class Transport:
-    def __init__(self, rank: int, world: int, backend: str, device: torch.device, timeout_s: float,
+    def __init__(self, rank: int, ring: list[int], backend: str, device: torch.device, timeout_s: float,
                  peers: list[PeerInfo], hidden_dtype: torch.dtype, control=None):
-        self.rank, self.world, self.backend = rank, world, backend
+        """``ring``: the global ranks of the stages (their leaders), in stage order; ``rank`` is one of them."""
+        self.rank, self.ring, self.backend = rank, ring, backend
+        self.world = len(ring)  # stages
+        self._at = ring.index(rank)
         self.control = control  # gloo group for headers; None: the default group (already gloo)
         self.device = device if backend == "nccl" else torch.device("cpu")
         self.timeout_s = timeout_s
@@ -61,50 +69,41 @@ class Transport:
 
     @property
     def next_rank(self) -> int:
-        return (self.rank + 1) % self.world
+        return self.ring[(self._at + 1) % self.world]
 
     @property
     def prev_rank(self) -> int:
-        return (self.rank - 1) % self.world
+        return self.ring[(self._at - 1) % self.world]
 
     # -- steps ------------------------------------------------------------------------------------------------------
     def send_step(self, p: StepPayload) -> None:
-        header = p.header()
-        data, tables = [], []
-        if p.layout is not None:
-            header["ids"] = p.input_ids.tolist()
-            header["pos"] = p.positions.tolist()
-            tables.append(torch.tensor([b for t in p.layout.block_tables for b in t], dtype=torch.int32))
-            if p.hidden is not None:
-                data.append(p.hidden.to(self.device, self.hidden_dtype))
-                header["dtype"] = str(self.hidden_dtype).removeprefix("torch.")  # what is actually sent
+        header, tensors = to_wire(p)  # visual inputs never cross a stage boundary
+        tables, data = tensors[:1], tensors[1:]  # the block tables go on the control plane
+        if data:  # the hidden states, as this run's activations travel
+            data = [data[0].to(self.device, self.hidden_dtype)]
+            header["dtype"] = str(self.hidden_dtype).removeprefix("torch.")  # what is actually sent
         self._send(header, data, self.next_rank, STEP_TAG, tables)
 
     def recv_step(self) -> StepPayload:
         h = self._recv_header(self.prev_rank, STEP_TAG)
-        if h["kind"] != "step":
-            return StepPayload(kind=h["kind"], stats=h["stats"])
-        flat = torch.empty(sum(h["table_lens"]), dtype=torch.int32)
-        self._wait(self._irecv(flat, self.prev_rank, STEP_TAG, self.control), self.prev_rank, control=True)
-        hidden = None
-        if h["hidden"] is not None:
-            hidden = self._recv_tensor(tuple(h["hidden"]), getattr(torch, h["dtype"]), self.prev_rank, STEP_TAG)
-        tables = [t.tolist() for t in flat.split(h["table_lens"])]
-        layout = SeqLayout(tables, h["starts"], h["lens"])
-        new = {int(k): v for k, v in h["new_seqs"].items()}
-        return StepPayload("step", h["mb"], h["step"], layout, torch.tensor(h["pos"], dtype=torch.long),
-                           torch.tensor(h["ids"], dtype=torch.long), hidden, new, stats=h["stats"],
-                           continued=h["continued"], open_prompts=h["open_prompts"], seq_ids=h["seq_ids"],
-                           released=h["released"])
+
+        def take(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            if dtype == torch.int32:  # the block tables (to_wire's first tensor), on the control plane
+                flat = torch.empty(shape, dtype=dtype)
+                self._wait(self._irecv(flat, self.prev_rank, STEP_TAG, self.control), self.prev_rank, control=True)
+                return flat
+            return self._recv_tensor(shape, dtype, self.prev_rank, STEP_TAG)
+
+        return from_wire(h, take)
 
     # -- tokens back to stage 0 ---------------------------------------------------------------------------------
     def send_tokens(self, p: TokenPayload) -> None:
         header = {"kind": p.kind, "mb": p.mb, "stats": p.stats,
                   "tokens": None if p.tokens is None else p.tokens.tolist(), "logprobs": p.logprobs}
-        self._send(header, [], 0, TOKEN_TAG)
+        self._send(header, [], self.ring[0], TOKEN_TAG)
 
     def recv_tokens(self) -> TokenPayload:
-        h = self._recv_header(self.world - 1, TOKEN_TAG)
+        h = self._recv_header(self.ring[-1], TOKEN_TAG)
         tokens = None if h["tokens"] is None else torch.tensor(h["tokens"], dtype=torch.long)
         return TokenPayload(h["kind"], h["mb"], tokens, h["logprobs"], h["stats"])
 

@@ -29,6 +29,7 @@ from ..model.kv_cache import KVCache
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..model.rope import mrope_axis_tensor, text_inv_freq
 from ..kernels import decode_graph_safe, fused_layers_fit, module_layers
+from ..kernels.choices import DEFAULT, KernelChoices
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 
@@ -65,11 +66,13 @@ def _host_read(what: str) -> RuntimeError:
 
 class DecodeGraphs:
     def __init__(self, model: Qwen3VLMoe, cache: KVCache, buckets: tuple[int, ...] = DEFAULT_BUCKETS,
-                 fused: bool | None = None):
+                 fused: bool | None = None, choices: KernelChoices = DEFAULT):
         """``fused``: run each layer through kernels.decode_layer (16 launches) rather than the module's eager
         forward; default: where ``kernels.fused_layers_fit``. Steps are captured only where the fused layers or the
-        modules' implementations are graph-safe (``capturable``)."""
+        modules' implementations are graph-safe (``capturable``). ``choices``: the fused layers' tiles
+        (kernels.choices)."""
         self.model = model
+        self.choices = choices
         self.cache = cache
         self.scratch = cache.scratch_block
         self.buckets = tuple(sorted(set(buckets)))
@@ -124,7 +127,7 @@ class DecodeGraphs:
             rows = (self.rows[1, :b], self.rows[2, :b])
             for idx in m.layer_ids:
                 h = decode_layer(lm.layers[str(idx)], h, *rope, self.cache.layer(idx), self.tables[:b],
-                                 self.rows[0, :b], rows)
+                                 self.rows[0, :b], rows, self.choices)
             if not m.has_head:
                 return h
             return m.lm_head(rmsnorm(h, lm.norm.weight, lm.norm.eps)).float()
@@ -214,9 +217,9 @@ class GraphedStage:
     the model's own forward (with ``enable_fast_paths``, its layers run the 'fused' layer impl)."""
 
     def __init__(self, model: Qwen3VLMoe, cache: KVCache, buckets: tuple[int, ...] = DEFAULT_BUCKETS,
-                 fused: bool | None = None):
+                 fused: bool | None = None, choices: KernelChoices = DEFAULT):
         self.model = model
-        self.graphs = DecodeGraphs(model, cache, buckets, fused)
+        self.graphs = DecodeGraphs(model, cache, buckets, fused, choices)
         self.graphs.capture()
 
     def __getattr__(self, name):  # has_head, has_embed, layer_ids, ... come from the model

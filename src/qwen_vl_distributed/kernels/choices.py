@@ -1,0 +1,161 @@
+"""The fast paths' tunable choices: one options object that is passed in, never module state a caller rewrites.
+
+The product runs the defaults here (the fastest measured on an H200 at the 235B shapes: docs/benchmarks.md).
+``qwen-vl bench`` times alternatives on the device and passes the faster ones to the models it builds
+(``enable_fast_paths(model, choices=...)``, ``DecodeGraphs(..., choices=...)``). Plain data, no Triton: importable
+on any machine.
+
+- ``gemv``: which decode projections use the one-launch Triton GEMV (kernels.gemv) and its (BN, BK) tile; None:
+  cuBLAS per weight.
+- ``moe``: the expert kernels' tile tables (``MoeConfig`` per pair-count bucket) for bf16 / fp32 experts, fp8 experts
+  and W8A8 experts (kernels.moe_triton).
+- ``fused_max_pairs``: up to this many (token, expert) pairs the fused Triton experts run on CUDA, grouped GEMM above
+  (kernels.grouped).
+- ``prompt_attention`` / ``prompt_sdpa_min_tokens``: the path of steps that are not all decode rows
+  (kernels.attention).
+- ``vision_backends``: the SDPA backend priority of vision attention, None for torch's own (kernels.vision_attention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Mapping
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Tile shape of the two expert kernels (BM rows of one expert, BN output columns, BK reduction step)."""
+
+    bm: int = 16
+    bn: int = 64
+    bk: int = 128
+    warps: int = 4
+    stages: int = 4
+    down_bn: int = 64
+    down_bk: int = 128
+    down_warps: int = 4
+    down_stages: int = 4
+    # Launch order. False: program_id(0) walks the row blocks, so the programs in flight share one column tile and
+    # each reads a different expert's weights (decode: few rows, weights dominate). True: the column tiles of one
+    # row block are launched together, so a block's gathered activation rows are read from HBM once and then hit
+    # in L2, and the blocks of one expert run together and share its weight tiles in L2 (prefill).
+    cols_first: bool = False
+    # Partial tiles: a block whose real rows fit in its first BM/4 or BM/2 rows multiplies only those (more
+    # tl.dot shapes in the same kernel). Each expert is then padded to BM/4 rows of compute while its weight
+    # tiles are still read once per BM rows: at ~BM tokens per expert (a 2048-token prompt at E = 128, K = 8)
+    # most experts' second block is a sliver. Needs BM >= 64 (tl.dot takes 16 rows at least).
+    split: bool = False
+    # Weight tiles through TMA (a host-side tensor descriptor over the [E * rows, K] weight matrix) instead of
+    # pointer loads; activation rows stay gathered by pointer. Needs the output width to be a multiple of the
+    # column tile (so a tile never crosses into the next expert's rows); otherwise the pointer path runs.
+    tma: bool = False
+    # The product as weights @ activations^T: the weight tile is the MMA's first operand and the output tile is
+    # transposed in registers before the store. Hopper's wgmma takes its first operand from registers, where an
+    # fp8 weight tile is dequantised; the second always comes from shared memory. (Tuned for fp8 experts.)
+    swap: bool = False
+
+    def __post_init__(self):
+        if self.split and self.bm < 64:
+            raise ValueError(f"MoeConfig: split needs bm >= 64 (a quarter tile of at least 16 rows), got bm={self.bm}")
+
+
+# chosen per P (pairs) bucket: the smallest bucket >= P wins.
+# Defaults: the fastest of ``CANDIDATES`` / ``PREFILL_CANDIDATES`` on an H200 at the 235B shapes
+# (docs/benchmarks.md); at decode sizes the top few were within 2% of each other.
+CONFIGS: dict[int, MoeConfig] = {
+    64: MoeConfig(bn=64, bk=128, warps=4, stages=3, down_bn=64, down_bk=128, down_stages=3),  # B = 1..8 at K = 8
+    256: MoeConfig(bn=32, bk=256, warps=4, stages=3, down_bn=64, down_bk=256, down_stages=3),  # B = 32
+    # prefill: 128 tokens of one expert per tile, column tiles first, half tiles, TMA weight loads
+    1 << 30: MoeConfig(bm=128, bn=128, bk=64, warps=8, stages=4, down_bn=256, down_bk=64, down_warps=8,
+                       down_stages=4, cols_first=True, split=True, tma=True),
+}
+
+
+# fp8 experts (reduction tiles at most one scale block wide): their own table, since dequantising in registers
+# moves the balance between loads and math. The fastest of FP8_CANDIDATES / FP8_PREFILL_CANDIDATES on an H200 at
+# the 235B shapes with 128x128 blocks (docs/benchmarks.md): at B = 1..8 the bf16 decode tile; at B = 32 the weights
+# as the MMA's first operand (swap) with TMA loads (2-5% ahead of the next); prompts, the bf16 prompt tile. Not
+# swapped there: that was 5% faster, but on the H200 the 8-warp prompt tile with the dequantised weights as the
+# first operand doubled the error of an experts call (rel 8.7e-3 against float32 products of the dequantised
+# weights, 4.8e-3 unswapped and in bf16; tests/gpu/test_kernels_gpu.py holds the shipped tiles to bf16's error),
+# where the decode tiles' swap changes nothing.
+CONFIGS_FP8: dict[int, MoeConfig] = {
+    64: CONFIGS[64],
+    256: MoeConfig(bn=64, bk=128, warps=4, stages=3, down_bn=64, down_bk=128, down_stages=3, tma=True, swap=True),
+    1 << 30: CONFIGS[1 << 30],
+}
+
+
+# W8A8 experts (fp8 weights times fp8 inputs, both scaled per block): the weight tile goes to the tensor cores as
+# loaded. The fastest of W8A8_CANDIDATES / W8A8_PREFILL_CANDIDATES on an H200 at the 235B shapes with 128x128 blocks
+# (docs/benchmarks.md): decode, the bf16 decode tile with the weights as the MMA's first operand (B = 1..32 within 1%
+# of the best); prompts, 64 tokens of one expert by 128 columns with the whole 128-column group per step.
+_W8A8_DECODE = MoeConfig(bn=64, bk=128, warps=4, stages=3, down_bn=64, down_bk=128, down_stages=3, swap=True)
+CONFIGS_W8A8: dict[int, MoeConfig] = {
+    64: _W8A8_DECODE,
+    256: _W8A8_DECODE,
+    1 << 30: MoeConfig(bm=64, bn=128, bk=128, warps=4, stages=4, down_bn=128, down_bk=128, down_warps=4,
+                       down_stages=4, cols_first=True, tma=True),
+}
+
+
+# Defaults: the faster on an H200 at the 235B shapes, batch 1 (docs/benchmarks.md).
+GEMV_TILES: dict[str, tuple[int, int] | None] = {"qkv": (64, 128), "o": (32, 256), "router": None}
+GEMV_MAX_ROWS = 64  # the GEMV kernel is for decode-sized row counts; cuBLAS above
+
+# On an H200 at the 235B shapes the Triton kernel (prefill tiles) beat grouped_mm at 2048 and 8192 tokens
+# (P = 16384, 65536: docs/benchmarks.md).
+FUSED_MAX_PAIRS = 65536
+
+# Steps that are not all decode rows (prompts, chunks, mixed steps): "triton" runs kernels.extend_attention, one
+# launch for the step and no per-shape set-up; "sdpa" runs kernels.attention.prefill_attention, one cuDNN-first SDPA
+# call per sequence, which cuDNN plans anew for every new shape (kernels/extend_attention.py says what that costs)
+# ... except a step that is one whole prompt of at least PROMPT_SDPA_MIN_TOKENS rows: there cuDNN's faster kernel
+# (1.77 against 2.28 ms at 8192 rows on the H200) outweighs its ~45 ms plan, and with the default step budget of
+# 8192 the first chunk of every longer prompt has exactly that shape, planned once.
+PROMPT_ATTENTION = "triton"
+PROMPT_SDPA_MIN_TOKENS = 8192
+
+MOE_KINDS = ("bf16", "fp8", "w8a8")
+
+
+def moe_kind(scales) -> str:
+    """Which tile table experts with these scales (model.quant.ExpertScales, or None) use."""
+    if scales is None:
+        return "bf16"
+    return "w8a8" if scales.act_quant else "fp8"
+
+
+@dataclass(frozen=True)
+class KernelChoices:
+    gemv: Mapping[str, tuple[int, int] | None] = field(default_factory=lambda: dict(GEMV_TILES))
+    moe: Mapping[str, Mapping[int, MoeConfig]] = field(
+        default_factory=lambda: {"bf16": dict(CONFIGS), "fp8": dict(CONFIGS_FP8), "w8a8": dict(CONFIGS_W8A8)})
+    fused_max_pairs: int = FUSED_MAX_PAIRS
+    prompt_attention: str = PROMPT_ATTENTION
+    prompt_sdpa_min_tokens: int = PROMPT_SDPA_MIN_TOKENS
+    vision_backends: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.prompt_attention not in ("triton", "sdpa"):
+            raise ValueError(f"prompt_attention {self.prompt_attention!r}: choose 'triton' or 'sdpa'")
+
+    def gemv_tile(self, use: str, rows: int) -> tuple[int, int] | None:
+        """The GEMV kernel's tile for projection ``use`` at this row count, or None where cuBLAS runs it."""
+        return self.gemv.get(use) if rows <= GEMV_MAX_ROWS else None
+
+    def moe_config(self, pairs: int, scales=None) -> MoeConfig:
+        """The expert kernels' tile for ``pairs`` (token, expert) pairs of experts with these scales."""
+        table = self.moe[moe_kind(scales)]
+        return table[min(b for b in table if b >= pairs)]
+
+    def with_gemv(self, use: str, tile: tuple[int, int] | None) -> "KernelChoices":
+        return dataclasses.replace(self, gemv={**self.gemv, use: tile})
+
+    def with_moe(self, scales, pairs: int, config: MoeConfig) -> "KernelChoices":
+        """These choices with ``config`` for P in (the next smaller bucket, ``pairs``] of the experts' table."""
+        kind = moe_kind(scales)
+        return dataclasses.replace(self, moe={**self.moe, kind: {**self.moe[kind], pairs: config}})
+
+
+DEFAULT = KernelChoices()
