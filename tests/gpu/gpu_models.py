@@ -9,7 +9,6 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint_testlib import edit_config
 from hf_oracle import hf_model
 from mm_inputs import chat, image_tokens, pixels, video_tokens
 from qwen_vl_distributed.engine.engine import Prompt
@@ -45,9 +44,6 @@ def write_hf_checkpoint(cfg: ModelConfig, directory: str, released: bool = False
     hf = hf_model(cfg, seed=seed)
     hf.generation_config.eos_token_id = EOS  # as the released generation_config.json has it
     hf.save_pretrained(directory)
-    # The experts count also under the releases' spelling (num_experts; transformers 5 writes num_local_experts),
-    # so these GPU tests do not depend on which spellings the config reader takes (tests/test_checkpoint_*.py).
-    edit_config(directory, lambda c: c["text_config"].setdefault("num_experts", cfg.text.num_experts))
     if released:  # (a tiny model is one file: HF shards past its max_shard_size)
         path = os.path.join(directory, "model.safetensors")
         tensors = load_file(path)
