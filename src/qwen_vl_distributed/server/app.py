@@ -113,7 +113,10 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     auth = Depends(_api_key_check(state.settings.api_key))
     limit = state.max_body_bytes
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    # GET in the schema; HEAD the same handler under its own route (one route with both methods gives the schema
+    # two operations of one id, which FastAPI warns about)
+    @app.head("/health", include_in_schema=False)
+    @app.get("/health")
     async def health() -> JSONResponse:
         if state.engine.alive:
             return JSONResponse({"status": "ok"})
