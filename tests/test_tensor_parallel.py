@@ -279,3 +279,38 @@ def test_experts_of_other_ranks_add_nothing_in_every_impl(ckpts, impl):
             lids, lw = e.local_routing(ids, w)
             total += fn(x, lids, lw, e.gate_up_proj, e.down_proj)
     assert torch.allclose(total, want, atol=1e-5), (total - want).abs().max()
+
+
+def test_ranks_that_share_a_gpu_share_its_memory_in_the_plan(monkeypatch):
+    """More ranks on this machine than GPUs (they then share one: pipeline.distributed.stage_device): the default
+    budget is the GPU's memory divided among them, so the KV pool that fills the rest is not counted twice."""
+    import types
+
+    from qwen_vl_distributed.engine.build import RunOptions, make_plan
+    from qwen_vl_distributed.model.config import preset
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=8e9))
+    cfg = preset("tiny")
+    budgets = {tp: make_plan(cfg, RunOptions(model="-", device="cuda", dtype="bfloat16", tensor_parallel=tp,
+                                             max_len=64, max_batch=2)).stages[0].budget_bytes for tp in (1, 2)}
+    assert budgets[1] == 8e9 and budgets[2] == 4e9
+
+
+def test_a_heartbeat_to_a_dead_tensor_rank_is_a_named_stage_failure():
+    """The leader's heartbeats and 'stop' go to its tensor ranks through the group: a closed connection there ends
+    the run with the stage's ranks named, as one in a step does."""
+    from qwen_vl_distributed.pipeline.stage import StageRuntime
+    from qwen_vl_distributed.pipeline.transport import StageFailure
+
+    class DeadGroup:
+        grid, stage, tp_rank, ranks, is_leader = Grid(1, 2), 0, 0, [0, 1], True
+
+        def share(self, header, tensors):
+            raise RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+
+    m = stage_model(small_cfg(), vision=False, head=False)  # (meta: nothing runs)
+    runtime = StageRuntime(m, None, None, torch.device("cpu"), 0, DeadGroup())
+    with pytest.raises(StageFailure, match=r"a collective of stage 0 \(ranks 0-1\) failed: a tensor rank died"):
+        runtime.signal("heartbeat")

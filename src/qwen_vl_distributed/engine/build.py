@@ -179,8 +179,9 @@ def fp8_block(cfg: ModelConfig, opts: RunOptions) -> tuple[int, int] | None:
 
 def make_plan(cfg: ModelConfig, opts: RunOptions, grid: Grid | None = None, require_fit: bool = True) -> StagePlan:
     """The stage plan every rank computes alike (and ``qwen-vl plan`` shows), for ``grid`` (default: the options').
-    On CUDA it must fit the GPUs (``--gpu-mem``, else the memory of this machine's smallest GPU): a plan that cannot
-    fit is refused before any weight is read, unless ``require_fit`` is off (the plan then says which stage does not
+    On CUDA it must fit the GPUs (``--gpu-mem``, else the memory of this machine's smallest GPU, divided among the
+    ranks that share one where there are more ranks than GPUs): a plan that cannot fit is refused before any weight
+    is read, unless ``require_fit`` is off (the plan then says which stage does not
     fit)."""
     grid = grid or opts.grid(cfg)
     dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}[opts.dtype]
@@ -188,8 +189,12 @@ def make_plan(cfg: ModelConfig, opts: RunOptions, grid: Grid | None = None, requ
         dtype = "fp8"  # the experts at one byte (plus scales), the rest in bf16
     budget = opts.gpu_mem_gb
     if budget is None and opts.device == "cuda" and torch.cuda.is_available():
-        budget = [min(torch.cuda.get_device_properties(i).total_memory
-                      for i in range(torch.cuda.device_count())) / 1e9]
+        gpus = torch.cuda.device_count()
+        # ranks of this machine that share a GPU (more of them than GPUs: pipeline.distributed.stage_device) share
+        # its memory too
+        local = torchrun_placement().local_world if under_torchrun() else grid.world
+        budget = [min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus)) / 1e9
+                  / -(-local // gpus)]
     if budget is not None and len(budget) == 1:
         budget = budget[0]
     return plan_stages(cfg, opts.stages, layers_per_stage=opts.layers_per_stage, gpu_mem_gb=budget,

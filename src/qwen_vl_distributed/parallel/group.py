@@ -3,7 +3,7 @@ and the broadcast that gives every rank of the stage the step its leader receive
 
 Two groups per stage, as in the pipeline's transport: ``data`` on the main backend (NCCL between GPUs, gloo on CPU)
 for the all-reduces and the step's tensors, and ``control`` on gloo for the small header (a pickled dict that names
-the tensors that follow), so a follower's wait for the next step is bounded by the group's timeout and never holds a
+the tensors that follow) and the step's block tables, so a follower's wait for the next step is bounded by the group's timeout and never holds a
 GPU stream. Every rank creates every stage's groups, in stage order (``torch.distributed.new_group`` must be called
 by all ranks alike), and keeps its own.
 """
@@ -39,12 +39,18 @@ class StageGroup:
         dist.all_reduce(x, group=self.data)
         return x
 
+    def _plane(self, dtype: torch.dtype):
+        """(group, device) a shared tensor travels on: integer tables (the step's block tables) with the header on
+        the host, so a follower reads them without waiting for its GPU; everything else on the data group."""
+        return (self.control, torch.device("cpu")) if dtype == torch.int32 else (self.data, self.device)
+
     def share(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> None:
         """Leader: send a header and its tensors to the stage's other ranks."""
         manifest = [(tuple(t.shape), t.dtype) for t in tensors]
         dist.broadcast_object_list([(header, manifest)], src=self.leader, group=self.control)
         for t in tensors:
-            dist.broadcast(t.to(self.device).contiguous(), src=self.leader, group=self.data)
+            group, device = self._plane(t.dtype)
+            dist.broadcast(t.to(device).contiguous(), src=self.leader, group=group)
 
     def receive(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
         """Follower: the next header and tensors the leader shares (waits at most the group's timeout)."""
@@ -53,8 +59,9 @@ class StageGroup:
         header, manifest = box[0]
         tensors = []
         for shape, dtype in manifest:
-            t = torch.empty(shape, dtype=dtype, device=self.device)
-            dist.broadcast(t, src=self.leader, group=self.data)
+            group, device = self._plane(dtype)
+            t = torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(t, src=self.leader, group=group)
             tensors.append(t)
         return header, tensors
 

@@ -71,12 +71,13 @@ def loopback_listener() -> socket.socket:
 
 
 def pin_to_loopback() -> None:
-    """All stages on this machine: gloo's connections between them on the loopback interface too (gloo binds the
-    address the host name resolves to otherwise, often a network one). gloo reads its interface from the
-    environment only; set here, before any process group, it reaches the stages started after it as well. A
-    user's own setting wins."""
+    """All ranks on this machine: gloo's connections between them, and NCCL's bootstrap sockets, on the loopback
+    interface too (both bind the address the host name resolves to otherwise, often a network one; NCCL's data
+    between GPUs of one machine does not use sockets). Both read their interface from the environment only; set
+    here, before any process group, it reaches the ranks started after it as well. A user's own setting wins."""
     if "lo" in {name for _, name in socket.if_nameindex()}:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
 
 
 def _store(init_method: str, rank: int, world: int, timeout: timedelta, listener: socket.socket | None):

@@ -58,7 +58,10 @@ class StageRuntime:
     def signal(self, kind: str) -> None:
         """A leader passes 'heartbeat' / 'stop' on to the stage's other ranks."""
         if self.group is not None and self.leads:
-            self.group.share(StepPayload(kind=kind).header(), [])
+            try:
+                self.group.share(StepPayload(kind=kind).header(), [])
+            except RuntimeError as e:
+                raise self._collective_failure(e) from None
 
     def run(self, p: StepPayload) -> StepPayload | TokenPayload | None:
         """The stage's output for step ``p`` (None on a tensor rank that does not lead the stage)."""
@@ -96,13 +99,17 @@ class StageRuntime:
                 visual=p.visual.to(self.device) if p.visual is not None else None,
             )
         except RuntimeError as e:  # a collective whose peer died or hung (the backends raise plain RuntimeErrors)
-            msg = str(e).splitlines()[0] if str(e) else ""
-            if self.group is None or not any(w in msg.lower() for w in ("gloo", "nccl", "timed out")):
-                raise
-            g = self.group
-            raise StageFailure(f"a collective of stage {g.stage} (ranks {g.ranks[0]}-{g.ranks[-1]}) failed: a "
-                               f"tensor rank died or stopped answering; seen by {g.grid.label(g.ranks[g.tp_rank])} "
-                               f"(rank {g.ranks[g.tp_rank]}) ({msg[:160]})") from None
+            raise self._collective_failure(e) from None
+
+    def _collective_failure(self, e: RuntimeError) -> Exception:
+        """A StageFailure naming the stage's ranks for an error of one of its collectives; ``e`` itself otherwise."""
+        msg = str(e).splitlines()[0] if str(e) else ""
+        if self.group is None or not any(w in msg.lower() for w in ("gloo", "nccl", "timed out", "connection")):
+            return e
+        g = self.group
+        return StageFailure(f"a collective of stage {g.stage} (ranks {g.ranks[0]}-{g.ranks[-1]}) failed: a tensor "
+                            f"rank died or stopped answering; seen by {g.grid.label(g.ranks[g.tp_rank])} "
+                            f"(rank {g.ranks[g.tp_rank]}) ({msg[:160]})")
 
     def stats(self) -> dict:
         while self._timers and self._timers[0].done():
