@@ -263,6 +263,14 @@ def test_error_too_many_stages_for_deepstack():
                                  "layers and every other stage at least one layer (at most 2 stages)")
 
 
+def test_error_fewer_layers_than_deepstack_layers():
+    """(Random-weight benchmarks choose the layer count: 2 layers of the tiny preset, whose vision taps 3.)"""
+    for layers_per_stage in (None, [2]):
+        assert error(tiny(2), 1, layers_per_stage=layers_per_stage) == (
+            "2 decoder layers are fewer than the model's 3 DeepStack layers (vision_config.deepstack_visual_indexes), "
+            "which stage 0 must hold")
+
+
 def test_error_layers_do_not_sum():
     assert error(BIG, 3, layers_per_stage=[30, 30, 30]) == \
         "layers per stage sum to 90 but the model has 94 decoder layers"

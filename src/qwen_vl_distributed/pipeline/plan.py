@@ -326,6 +326,9 @@ def _check_shape(num_layers: int, num_stages: int, num_deepstack: int) -> None:
     if num_stages > num_layers:
         raise PlanError(f"cannot split {num_layers} decoder layers into {num_stages} stages "
                         "(each stage needs at least one layer)")
+    if num_layers < num_deepstack:
+        raise PlanError(f"{num_layers} decoder layers are fewer than the model's {num_deepstack} DeepStack layers "
+                        "(vision_config.deepstack_visual_indexes), which stage 0 must hold")
     if num_stages > 1 and num_layers - num_deepstack < num_stages - 1:
         raise PlanError(f"cannot split {num_layers} decoder layers into {num_stages} stages: stage 0 must own the "
                         f"{num_deepstack} DeepStack layers and every other stage at least one layer "
