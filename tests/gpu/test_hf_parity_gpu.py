@@ -61,7 +61,7 @@ def checkpoint(request, tmp_path_factory):
 
 def start(model_dir: str, stages: int, dtype: str):
     return start_engine(RunOptions(model=model_dir, stages=stages, device=DEVICE, dtype=dtype, max_batch=4,
-                                   max_len=MAX_LEN, prefill_chunk=CHUNK, quiet=True))
+                                   max_len=MAX_LEN, max_total_tokens=4 * MAX_LEN, prefill_chunk=CHUNK, quiet=True))
 
 
 def greedy(handle, cfg) -> list[list[int]]:

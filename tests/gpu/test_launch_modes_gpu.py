@@ -22,7 +22,8 @@ pytestmark = pytest.mark.gpu
 
 def generate(prefix: list[str], model: str, *extra: str, env: dict | None = None) -> list[int]:
     args = ["generate", "--model", model, "--prompt", "hi there", "--image", sample_image_path(),
-            "--max-new-tokens", "12", "--temperature", "0", "--json", "--quiet", "--device", "cuda", *extra]
+            "--max-new-tokens", "12", "--temperature", "0", "--json", "--quiet", "--device", "cuda",
+            "--max-total-tokens", "8192", *extra]
     r = subprocess.run(prefix + args, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert r.returncode == 0, f"{' '.join(prefix[-3:])} {' '.join(extra)}: {r.stderr[-2000:]}"
     return json.loads(r.stdout.strip().splitlines()[-1])["token_ids"]

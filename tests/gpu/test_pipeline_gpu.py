@@ -50,7 +50,8 @@ def tiny(tmp_path_factory):
 
 def start(model: str, stages: int, chunk: int | None = None, fp8: str = "auto"):
     return start_engine(RunOptions(model=model, stages=stages, device="cuda", dtype="float32", max_batch=4,
-                                   max_len=256, prefill_chunk=chunk, fp8_experts=fp8, quiet=True))
+                                   max_len=256, max_total_tokens=1024, prefill_chunk=chunk, fp8_experts=fp8,
+                                   quiet=True))
 
 
 def run(handle, prompts: list[Prompt]) -> list[list[int]]:
