@@ -156,7 +156,7 @@ def test_ranks_that_resolve_different_revisions_refuse_to_start(tmp_path, model_
         _, err = p.communicate(timeout=240)
         assert p.returncode == 3, err.decode()
         assert "start-up agreement failed: the ranks disagree on revision" in err.decode()
-        assert f"(rank 0, pid" in err.decode() and COMMIT in err.decode() and OTHER in err.decode()
+        assert "(rank 0, pid" in err.decode() and COMMIT in err.decode() and OTHER in err.decode()
 
 
 def test_download_is_asked_of_huggingface_hub_only_with_the_flag(cache, monkeypatch):

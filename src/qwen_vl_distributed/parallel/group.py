@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..pipeline.payload import on_host_plane
 from .grid import Grid
 
 
@@ -40,9 +41,9 @@ class StageGroup:
         return x
 
     def _plane(self, dtype: torch.dtype):
-        """(group, device) a shared tensor travels on: integer tables (the step's block tables) with the header on
-        the host, so a follower reads them without waiting for its GPU; everything else on the data group."""
-        return (self.control, torch.device("cpu")) if dtype == torch.int32 else (self.data, self.device)
+        """(group, device) a shared tensor travels on (pipeline.payload.on_host_plane: the step's block tables with
+        the header on the host; everything else on the data group)."""
+        return (self.control, torch.device("cpu")) if on_host_plane(dtype) else (self.data, self.device)
 
     def share(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> None:
         """Leader: send a header and its tensors to the stage's other ranks."""

@@ -90,6 +90,12 @@ def _dtype_name(t: torch.Tensor) -> str:
 _VISUAL_TENSORS = ("pixel_values", "pixel_values_videos", "image_mask", "video_mask")
 
 
+def on_host_plane(dtype: torch.dtype) -> bool:
+    """Whether a tensor of the wire form travels with the header on the host (gloo) plane rather than the data one:
+    the block tables, its one int32 tensor, which the receiver reads at once without waiting for a GPU."""
+    return dtype == torch.int32
+
+
 def to_wire(p: StepPayload, visual: bool = False) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """(header, tensors): for a step, the block tables flat in one int32 host tensor (``header["table_lens"]``
     cuts it), then hidden if present, then with ``visual`` the step's image / video tensors."""

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
-from .payload import StepPayload, TokenPayload, from_wire, to_wire
+from .payload import StepPayload, TokenPayload, from_wire, on_host_plane, to_wire
 
 STEP_TAG, TOKEN_TAG = 0, 1
 HEADER_BYTES = 4096  # the first control message of every payload: 8-byte length, then JSON (rest follows if longer)
@@ -78,7 +78,8 @@ class Transport:
     # -- steps ------------------------------------------------------------------------------------------------------
     def send_step(self, p: StepPayload) -> None:
         header, tensors = to_wire(p)  # visual inputs never cross a stage boundary
-        tables, data = tensors[:1], tensors[1:]  # the block tables go on the control plane
+        tables = [t for t in tensors if on_host_plane(t.dtype)]  # the block tables, on the control plane
+        data = [t for t in tensors if not on_host_plane(t.dtype)]
         if data:  # the hidden states, as this run's activations travel
             data = [data[0].to(self.device, self.hidden_dtype)]
             header["dtype"] = str(self.hidden_dtype).removeprefix("torch.")  # what is actually sent
@@ -88,7 +89,7 @@ class Transport:
         h = self._recv_header(self.prev_rank, STEP_TAG)
 
         def take(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-            if dtype == torch.int32:  # the block tables (to_wire's first tensor), on the control plane
+            if on_host_plane(dtype):  # the block tables, on the control plane
                 flat = torch.empty(shape, dtype=dtype)
                 self._wait(self._irecv(flat, self.prev_rank, STEP_TAG, self.control), self.prev_rank, control=True)
                 return flat
