@@ -77,6 +77,14 @@ def render(res: dict) -> str:
         lines += _decode(res["decode"], res.get("layers", 0))
     if "tp" in res:
         lines += _tp(res)
+    pdl = res.get("decode_pdl", {})
+    if "skipped" in pdl:
+        lines.append(f"  programmatic dependent launch: skipped ({pdl['skipped']})")
+    for b, r in pdl.items():
+        if isinstance(r, dict):
+            lines.append(f"  B={b}: programmatic dependent launch {_f(r['pdl_ms_layer'], '.4f')} ms/L, without "
+                         f"{_f(r['plain_ms_layer'], '.4f')} ms/L: with / without {_f(r['pdl_over_plain'], '.4f')}, "
+                         f"outputs {'identical' if r['equal'] else 'DIFFERENT'}")
     for b, parts in res.get("decode_breakdown", {}).items():
         lines.append(f"  B={b} us/layer by launch group: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     if "prefill" in res:

@@ -364,18 +364,43 @@ class Bench:
             rows[b] = r
         self.results["kv_block_size"] = self.opts.kv_block_size
         flat = flat_tables = None
+        self.results["decode_pdl"] = self._pdl_decode(graphs, tables, ctx)
         self.results["decode_breakdown"] = {b: self._decode_breakdown(graphs, tables, b, ctx)
                                             for b in (self.batches[0], self.batches[-1])}
         graphs = None  # free this stage's graphs before the whole-model ones are captured
         self._full_decode(rows, ctx)
         self.results["decode"] = rows
 
-    def _decode_graphs(self, model, block_size: int | None) -> tuple[DecodeGraphs, list[list[int]]]:
+    def _decode_graphs(self, model, block_size: int | None, choices: KernelChoices | None = None
+                       ) -> tuple[DecodeGraphs, list[list[int]]]:
         """Decode graphs of ``model`` for the benchmark's batch sizes over a random cache of max(batches)
         sequences of context + 8 tokens (paged in blocks of ``block_size``, or contiguous: None), and the
         sequences' block tables."""
         cache, tables = kv_cache(model, max(self.batches), self.opts.context + 8, block_size, self.opts.seed)
-        return DecodeGraphs(model, cache, buckets=tuple(self.batches), choices=self.choices), tables
+        return DecodeGraphs(model, cache, buckets=tuple(self.batches), choices=choices or self.choices), tables
+
+    def _pdl_decode(self, graphs: DecodeGraphs, tables: list[list[int]], ctx: int) -> dict:
+        """The decode step with the fused layer's kernels launched with programmatic dependent launch against the
+        same step without it (kernels.pdl), timed in alternation; and whether the two give the same hidden
+        states bit for bit."""
+        from ..kernels.pdl import pdl_runs_on
+
+        if not pdl_runs_on(self.dev):
+            return {"skipped": "programmatic dependent launch needs compute capability 9.0+ and Triton's gdc"}
+        on = dataclasses.replace(self.choices, pdl=not self.choices.pdl)
+        other, other_tables = self._decode_graphs(self.mid, self.opts.kv_block_size, on)
+        other.capture()
+        res = {"pdl_in_default_choices": self.choices.pdl}
+        for b in self.batches:
+            ms, other_ms = self._paired_decode_ms((graphs, tables), (other, other_tables), b, ctx)
+            outs, x = [], torch.randn(b, self.cfg.text.hidden_size, device=self.dev, dtype=BF16)
+            for g, tabs in ((graphs, tables), (other, other_tables)):
+                g.load(tabs[:b], [ctx] * b, torch.full((3, b), ctx), hidden=x)
+                outs.append(g.replay(b).clone())
+            pdl_ms, plain_ms = (ms, other_ms) if self.choices.pdl else (other_ms, ms)
+            res[b] = {"plain_ms_layer": plain_ms / self.n, "pdl_ms_layer": pdl_ms / self.n,
+                      "pdl_over_plain": pdl_ms / plain_ms, "equal": bool(torch.equal(*outs))}
+        return res
 
     def _paired_decode_ms(self, a: tuple, b_: tuple, b: int, ctx: int, rounds: int = 5) -> tuple[float, float]:
         """Median ms per replay of two graph sets ((graphs, tables) each) at batch b, timed in alternation so that

@@ -14,6 +14,7 @@ on any machine.
 - ``prompt_attention`` / ``prompt_sdpa_min_tokens``: the path of steps that are not all decode rows
   (kernels.attention).
 - ``vision_backends``: the SDPA backend priority of vision attention, None for torch's own (kernels.vision_attention).
+- ``pdl``: launch the fused layer's kernels with programmatic dependent launch where the GPU can (kernels.pdl).
 """
 
 from __future__ import annotations
@@ -116,6 +117,9 @@ FUSED_MAX_PAIRS = 65536
 PROMPT_ATTENTION = "triton"
 PROMPT_SDPA_MIN_TOKENS = 8192
 
+# Programmatic dependent launch of the fused layer's kernels (kernels.pdl): off until measured on the device.
+PDL = False
+
 MOE_KINDS = ("bf16", "fp8", "w8a8")
 
 
@@ -135,6 +139,7 @@ class KernelChoices:
     prompt_attention: str = PROMPT_ATTENTION
     prompt_sdpa_min_tokens: int = PROMPT_SDPA_MIN_TOKENS
     vision_backends: tuple[str, ...] | None = None
+    pdl: bool = PDL
 
     def __post_init__(self):
         if self.prompt_attention not in ("triton", "sdpa"):

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import grid_dependency, launch_options
 from .tiles import mma, padded_head_dim
 
 BLOCK_N = 64  # keys per inner step
@@ -53,7 +54,8 @@ def key_rows(base, tab, keys, km, s_b, s_l, BS: tl.constexpr, PAGED: tl.constexp
 def _split_kernel(q_ptr, k_ptr, v_ptr, tab_ptr, starts_ptr, o_ptr, lse_ptr, scale,
                   sq_t, sq_h, st_b, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                   NH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                  BN: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr, PAGED: tl.constexpr):
+                  BN: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr, PAGED: tl.constexpr, PDL: tl.constexpr):
+    grid_dependency(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -99,7 +101,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, tab_ptr, starts_ptr, o_ptr, lse_ptr, scal
 
 @triton.jit
 def _merge_kernel(o_ptr, lse_ptr, out_ptr, so_t, so_h, NH: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                  NS: tl.constexpr, NSP: tl.constexpr):
+                  NS: tl.constexpr, NSP: tl.constexpr, PDL: tl.constexpr):
+    grid_dependency(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, NSP)
@@ -119,10 +122,11 @@ def num_splits(batch: int, kv_heads: int, max_len: int) -> int:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                     starts: torch.Tensor, scale: float) -> torch.Tensor:
+                     starts: torch.Tensor, scale: float, pdl: bool = False) -> torch.Tensor:
     """q [B, NH, D]; k/v_cache [NB, KVH, BS, D]; tables [B, W] int32 block tables and starts [B] (tokens cached
     before this step's token, which is already written), device tensors -> [B, NH, D]. W x BS bounds every
-    sequence's length (it sets the number of splits)."""
+    sequence's length (it sets the number of splits). ``pdl``: launch with programmatic dependent launch
+    (kernels.pdl)."""
     bsz, nh, dim = q.shape
     kvh, bs = k_cache.shape[1], k_cache.shape[2]
     g = nh // kvh
@@ -136,8 +140,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NH=nh, G=g, GP=max(16, triton.next_power_of_2(g)), D=dim, DP=dp, BN=BLOCK_N, NS=ns, BS=bs if paged else 1,
-        PAGED=paged, num_warps=4, num_stages=2)
+        PAGED=paged, PDL=pdl, num_warps=4, num_stages=2, **launch_options(pdl))
     out = torch.empty_like(q)
     _merge_kernel[(bsz, nh)](part_o, part_lse, out, out.stride(0), out.stride(1), NH=nh, D=dim, DP=dp, NS=ns,
-                             NSP=max(2, triton.next_power_of_2(ns)), num_warps=4)
+                             NSP=max(2, triton.next_power_of_2(ns)), PDL=pdl, num_warps=4, **launch_options(pdl))
     return out

@@ -15,6 +15,8 @@ Rounding follows the reference op by op: every place the module rounds a product
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -26,6 +28,7 @@ from .decode_attention import decode_attention
 from .gemv import linear_small
 from .moe_triton import expert_pairs, sum_pairs
 from .packing import packed_qkv
+from .pdl import grid_dependency, launch_options, pdl_runs_on
 
 
 def project(use: str, x: torch.Tensor, *weights: torch.Tensor, choices: KernelChoices = DEFAULT
@@ -34,12 +37,24 @@ def project(use: str, x: torch.Tensor, *weights: torch.Tensor, choices: KernelCh
     tile = choices.gemv_tile(use, x.shape[0])
     if tile is None:
         return tuple(F.linear(x, w) for w in weights)
-    return linear_small(x, *weights, bn=tile[0], bk=tile[1])
+    return linear_small(x, *weights, bn=tile[0], bk=tile[1], pdl=uses_pdl(choices, x.device))
+
+
+def uses_pdl(choices: KernelChoices, device: torch.device) -> bool:
+    """Whether the fused layer's kernels launch with programmatic dependent launch here (kernels.pdl)."""
+    return choices.pdl and _pdl_runs_on(device.type, device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_runs_on(kind: str, index: int | None) -> bool:
+    return pdl_runs_on(torch.device(kind, index))
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, H, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, H, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+                    PDL: tl.constexpr):
     # one row per program: [h = x + res (stored)]; y = w * round(h * rsqrt(mean(h^2) + eps))
+    grid_dependency(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     m = c < H
@@ -54,13 +69,16 @@ def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, H, eps, HAS_RES: tl.con
     tl.store(y_ptr + row * H + c, (w * n).to(dt), mask=m)
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """x [B, H] -> norm(x); with ``residual``: (h = x + residual, norm(h))."""
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+            pdl: bool = False):
+    """x [B, H] -> norm(x); with ``residual``: (h = x + residual, norm(h)). ``pdl``: launch with programmatic
+    dependent launch (kernels.pdl)."""
     b, h = x.shape
     y = torch.empty_like(x)
     hsum = torch.empty_like(x) if residual is not None else y
     _rmsnorm_kernel[(b,)](x, residual if residual is not None else x, weight, y, hsum, h, eps,
-                          HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h), num_warps=8)
+                          HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h), PDL=pdl, num_warps=8,
+                          **launch_options(pdl))
     return (hsum, y) if residual is not None else y
 
 
@@ -89,7 +107,9 @@ def _norm_rope(a, b, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, HALF: tl.con
 @triton.jit
 def _qkv_post_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, blocks_ptr, offs_ptr,
                      qo_ptr, kc_ptr, vc_ptr, eps, sq, skv, sc_b, sc_h, sc_l,
-                     NH: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, HB: tl.constexpr):
+                     NH: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, HB: tl.constexpr,
+                     PDL: tl.constexpr):
+    grid_dependency(PDL)
     # program (b, j) takes HB heads of row b: j < cdiv(NH, HB): query heads from j*HB -> qo [B, NH, D]; else kv
     # heads from (j - cdiv(NH, HB))*HB -> k/v caches at (block, offset) of the row. Row b of q / k / v starts at
     # b*sq / b*skv.
@@ -131,7 +151,8 @@ def _qkv_post_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, bloc
 
 @triton.jit
 def _route_kernel(logits_ptr, ids_ptr, w_ptr, E: tl.constexpr, K: tl.constexpr, EB: tl.constexpr,
-                  KB: tl.constexpr, NORMALIZE: tl.constexpr):
+                  KB: tl.constexpr, NORMALIZE: tl.constexpr, PDL: tl.constexpr):
+    grid_dependency(PDL)
     # one row per program: softmax (fp32) -> top-K (descending, lowest index on ties) -> renormalise -> dtype
     row = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, EB)
@@ -153,13 +174,13 @@ def _route_kernel(logits_ptr, ids_ptr, w_ptr, E: tl.constexpr, K: tl.constexpr, 
     tl.store(ids_ptr + row * K + kk, top_i, mask=kk < K)
 
 
-def route(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, k: int, normalize: bool, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, E] -> (weights [B, K] in logits' dtype, ids [B, K] int32), as model.moe.route."""
     b, e = logits.shape
     w = torch.empty(b, k, dtype=logits.dtype, device=logits.device)
     ids = torch.empty(b, k, dtype=torch.int32, device=logits.device)
     _route_kernel[(b,)](logits, ids, w, E=e, K=k, EB=triton.next_power_of_2(e), KB=max(2, triton.next_power_of_2(k)),
-                        NORMALIZE=normalize, num_warps=4)
+                        NORMALIZE=normalize, PDL=pdl, num_warps=4, **launch_options(pdl))
     return w, ids
 
 
@@ -169,7 +190,7 @@ def route(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, 
 QKV_POST_HEADS = {64: (1, 1), 1 << 30: (8, 4)}
 
 
-def qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets) -> torch.Tensor:
+def qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets, pdl: bool = False) -> torch.Tensor:
     """q [B, NH*D], k/v [B, KVH*D] raw projections (rows may be strided, e.g. views into one packed q/k/v
     output) -> normed, rotated q [B, NH, D]; row b's k, v written to the cache at block row_blocks[b], offset
     row_offsets[b] (device tensors [B])."""
@@ -183,7 +204,8 @@ def qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets) -> torch.Tens
     _qkv_post_kernel[grid](q, k, v, attn.q_norm.weight, attn.k_norm.weight, cos, sin, row_blocks, row_offsets,
                            qo, k_cache, v_cache, attn.q_norm.eps, q.stride(0), k.stride(0), k_cache.stride(0),
                            k_cache.stride(1), k_cache.stride(2), NH=nh, KVH=kvh, D=d,
-                           HP=triton.next_power_of_2(d // 2), HB=hb, num_warps=warps)
+                           HP=triton.next_power_of_2(d // 2), HB=hb, PDL=pdl, num_warps=warps,
+                           **launch_options(pdl))
     return qo
 
 
@@ -194,8 +216,9 @@ def decode_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k
     tensors: tables [B, W] block tables, starts [B] (tokens cached before this one), rows: the (block, offset)
     [B] each where each sequence's new k/v go."""
     scale = layer.self_attn.scale
+    pdl = uses_pdl(choices, h.device)
     return fused_layer(layer, h, cos, sin, kv, *rows,
-                       lambda q: decode_attention(q, kv[0], kv[1], tables, starts, scale), choices)
+                       lambda q: decode_attention(q, kv[0], kv[1], tables, starts, scale, pdl=pdl), choices)
 
 
 def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
@@ -205,7 +228,8 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
     tensors [T]); ``attend(q [T, NH, D]) -> [T, NH, D]`` reads the cache after that write."""
     attn, mlp = layer.self_attn, layer.mlp
     t = h.shape[0]
-    x = rmsnorm(h, layer.input_layernorm.weight, layer.input_layernorm.eps)
+    pdl = uses_pdl(choices, h.device)
+    x = rmsnorm(h, layer.input_layernorm.weight, layer.input_layernorm.eps, pdl=pdl)
     # where cuBLAS projects (prompt rows; decode rows too if choices.gemv["qkv"] is None): one GEMM for q, k and v
     # over the packed weight (kernels.packing)
     packed = packed_qkv(attn) if choices.gemv_tile("qkv", t) is None else None
@@ -216,12 +240,13 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
         q, k, v = project("qkv", x, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, choices=choices)
     else:
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    o = attend(qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets)).reshape(t, -1)
+    o = attend(qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets, pdl)).reshape(t, -1)
     o = project("o", o, attn.o_proj.weight, choices=choices)[0] if attn.o_proj.bias is None else attn.o_proj(o)
     if attn.reduce is not None:  # tensor parallel: this rank's heads' share of o_proj, summed over the ranks
         o = attn.reduce(o)
-    h, x = rmsnorm(o, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps, residual=h)
-    w, ids = route(project("router", x, mlp.gate.weight, choices=choices)[0], mlp.top_k, mlp.normalize)
+    h, x = rmsnorm(o, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps, residual=h,
+                   pdl=pdl)
+    w, ids = route(project("router", x, mlp.gate.weight, choices=choices)[0], mlp.top_k, mlp.normalize, pdl)
     ids, w = mlp.experts.local_routing(ids, w)  # expert parallel: ids of experts held elsewhere become E
     gate_up, down, scales = mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.experts.scales
     if ids.numel() > choices.fused_max_pairs and scales is None:  # large chunks: grouped GEMM (returns the K-sum)

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import grid_dependency, launch_options
 from .tiles import fit_stages, load_k_tile, mma
 
 BN, BK, WARPS, STAGES = 32, 256, 4, 4
@@ -19,7 +20,8 @@ BN, BK, WARPS, STAGES = 32, 256, 4, 4
 
 @triton.jit(do_not_specialize=["B"])  # one compile per row bucket BM, whatever the row count (runtime.warmup)
 def _gemv_kernel(x_ptr, w0, w1, w2, y0, y1, y2, B, K, N0, N1, N2,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    grid_dependency(PDL)
     pid = tl.program_id(0)
     nb0 = tl.cdiv(N0, BN)
     nb1 = tl.cdiv(N1, BN)
@@ -47,8 +49,9 @@ def _gemv_kernel(x_ptr, w0, w1, w2, y0, y1, y2, B, K, N0, N1, N2,
 
 
 def linear_small(x: torch.Tensor, *weights: torch.Tensor, bn: int = BN, bk: int = BK, warps: int = WARPS,
-                 stages: int = STAGES) -> tuple[torch.Tensor, ...]:
-    """(x @ W_0^T, x @ W_1^T, ...) for 1 to 3 bias-free weights of equal K, in one launch. x [B, K], B <= 64."""
+                 stages: int = STAGES, pdl: bool = False) -> tuple[torch.Tensor, ...]:
+    """(x @ W_0^T, x @ W_1^T, ...) for 1 to 3 bias-free weights of equal K, in one launch. x [B, K], B <= 64.
+    ``pdl``: launch with programmatic dependent launch (kernels.pdl)."""
     if not 1 <= len(weights) <= 3:
         raise ValueError("linear_small takes one to three weights")
     b, k = x.shape
@@ -59,6 +62,6 @@ def linear_small(x: torch.Tensor, *weights: torch.Tensor, bn: int = BN, bk: int 
     ns = [w.shape[0] for w in weights] + [0] * (3 - len(weights))
     grid = (sum(triton.cdiv(n, bn) for n in ns),)
     bm = max(16, triton.next_power_of_2(b))
-    _gemv_kernel[grid](x, *ws, *ys, b, k, *ns, BM=bm, BN=bn, BK=bk, EVEN_K=k % bk == 0, num_warps=warps,
-                       num_stages=fit_stages(stages, (bm + bn) * bk * x.element_size()))
+    _gemv_kernel[grid](x, *ws, *ys, b, k, *ns, BM=bm, BN=bn, BK=bk, EVEN_K=k % bk == 0, PDL=pdl, num_warps=warps,
+                       num_stages=fit_stages(stages, (bm + bn) * bk * x.element_size()), **launch_options(pdl))
     return tuple(outs)
