@@ -176,6 +176,57 @@ def test_w8a8_experts_kernels_match_the_w8a8_reference(dtype, block, order):
     assert rel(out, reference_experts(x, ids, w, gq, dq, scales)) > 1e-3  # the inputs were rounded to fp8
 
 
+# (tokens, hidden, expert width, block, tile): ragged token counts, a hidden size that is a multiple of the group and
+# one that ends in a partial group, expert widths that do and do not; column tiles of one and of two groups, every
+# launch order, partial tiles, TMA and swap
+FUSED_QUANT_CASES = [(37, 64, 48, (16, 32), {}),
+                     (90, 80, 48, (32, 32), {"bn": 64, "cols_first": True}),
+                     (90, 64, 64, (16, 32), {"bm": 64, "split": True, "tma": True}),
+                     (23, 80, 64, (32, 32), {"bn": 64, "swap": True}),
+                     (90, 96, 40, (32, 32), {"bm": 64, "split": True, "tma": True, "swap": True})]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t,h,i,block,order", FUSED_QUANT_CASES)
+def test_w8a8_quantisation_fused_into_the_gate_up_kernel_gives_the_same_bits(dtype, t, h, i, block, order):
+    """W8A8 with x quantised in the gate/up kernel's prologue (BK = the group) and h in its epilogue (BN whole
+    groups): h in fp8, its scales and the experts' output equal, bit for bit, what the separate act_quant launches
+    and the same kernels give."""
+    from qwen_vl_distributed.kernels.moe_triton import MoeConfig, align, fused_act_quant, fused_experts, gate_up_pairs
+
+    x, ids, w, gate_up, down = moe_inputs(t, 2, 8, h, i, dtype, seed=t, crowd=True)
+    x[1] = 0  # an all-zero row: scale 1
+    gq, dq, scales, _, _ = fp8_experts(gate_up, down, block)
+    w8a8 = scales._replace(act_quant=True)
+    fused = MoeConfig(**{"bm": 16, "bn": 32, "bk": 32, "down_bn": 16, "down_bk": 32, **order})
+    apart = dataclasses.replace(fused, fuse_act_quant=False)
+    assert fused_act_quant(fused, w8a8) == (True, True) and fused_act_quant(apart, w8a8) == (False, False)
+    rows, blocks = align(ids, 8, fused.bm)
+    (h1, s1), (h2, s2) = (gate_up_pairs(x, ids.shape, rows, blocks, gq, cfg, w8a8) for cfg in (fused, apart))
+    assert h1.dtype == h2.dtype == torch.float8_e4m3fn and s1.shape == (t * 2, -(-i // 32))
+    assert torch.equal(h1.view(torch.uint8), h2.view(torch.uint8)) and torch.equal(s1, s2)
+    out = fused_experts(x, ids, w, gq, dq, w8a8, config=fused)
+    assert torch.equal(out, fused_experts(x, ids, w, gq, dq, w8a8, config=apart))
+    assert rel(out, reference_experts(x, ids, w, gq, dq, w8a8)) < (1e-5 if dtype == torch.float32 else 3e-3)
+
+
+@needs_triton
+def test_w8a8_fuses_only_whole_groups():
+    """x's quantisation moves into the kernel only where its reduction tile is the whole group, h's only where the
+    column tile also holds whole groups; elsewhere (or asked not to) the act_quant launches stay."""
+    from qwen_vl_distributed.kernels.moe_triton import MoeConfig, fused_act_quant
+
+    _, _, _, gate_up, down = moe_inputs(1, 1, 2, 64, 48, torch.float32)
+    scales = fp8_experts(gate_up, down, (32, 32))[2]
+    w8a8 = scales._replace(act_quant=True)
+    assert fused_act_quant(MoeConfig(bn=64, bk=32), w8a8) == (True, True)
+    assert fused_act_quant(MoeConfig(bn=16, bk=32), w8a8) == (True, False)
+    assert fused_act_quant(MoeConfig(bn=64, bk=16), w8a8) == (False, False)
+    assert fused_act_quant(MoeConfig(bn=64, bk=32, fuse_act_quant=False), w8a8) == (False, False)
+    assert fused_act_quant(MoeConfig(bn=64, bk=32), scales) == (False, False)  # weight-only fp8: nothing to quantise
+
+
 def test_fp8_block_rule_and_the_reference_for_blocks_the_kernels_cannot_tile():
     """The kernels take blocks of a power-of-two width >= 16, >= 32 for W8A8 (which path a CUDA tensor then takes
     shows on the GPU); fast_experts' reference on fp8 experts equals the reference on the dequantised weights, and
