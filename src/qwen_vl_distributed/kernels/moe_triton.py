@@ -18,6 +18,11 @@ fp8-resident experts (model.quant.ExpertScales): each weight tile is loaded as f
 block scales in fp32, rounded once to the activations' dtype, before the product: the same bf16 weights that
 dequantising at load time gives, from half the bytes. The reduction tile is then at most one block wide.
 
+W8A8 experts (``ExpertScales.act_quant``): both products take fp8 inputs, quantised per token and group of the
+block width (kernels.fp8_quant). Where the gate/up tile allows (``fused_act_quant``), the gate/up kernel quantises
+the x tile it loads (its reduction tile is the whole group) and the h tile it computes (its column tile whole groups)
+and stores h in fp8 with its scales; elsewhere an act_quant launch runs before each product. The same bits either way.
+
 Rounding follows the reference (model.moe.reference_experts): the gate/up and down products are rounded to the
 activation dtype before the activation and before the routed weight, as ``F.linear`` in bf16 would.
 """
