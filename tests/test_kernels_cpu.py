@@ -15,7 +15,7 @@ import torch
 
 from qwen_vl_distributed.kernels import enable_fast_paths, module_layers, register
 from qwen_vl_distributed.kernels.attention import prefill_attention
-from qwen_vl_distributed.kernels.choices import GEMV_MAX_ROWS
+from qwen_vl_distributed.kernels.choices import DEFAULT, GEMV_MAX_ROWS
 from qwen_vl_distributed.runtime.cuda_graph import DecodeGraphs, GraphedStage
 from qwen_vl_distributed.kernels.grouped import grouped_experts, has_grouped_mm
 from qwen_vl_distributed.kernels.vision_attention import segment_attention
@@ -174,6 +174,90 @@ def test_w8a8_experts_kernels_match_the_w8a8_reference(dtype, block, order):
     ref = reference_experts(x, ids, w, gq, dq, w8a8)
     assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
     assert rel(out, reference_experts(x, ids, w, gq, dq, scales)) > 1e-3  # the inputs were rounded to fp8
+
+
+# (tokens, hidden, expert width, block, tile): ragged token counts, a hidden size that is a multiple of the group and
+# one that ends in a partial group, expert widths that do and do not; column tiles of one and of two groups, every
+# launch order, partial tiles, TMA and swap
+FUSED_QUANT_CASES = [(37, 64, 48, (16, 32), {}),
+                     (90, 80, 48, (32, 32), {"bn": 64, "cols_first": True}),
+                     (90, 64, 64, (16, 32), {"bm": 64, "split": True, "tma": True}),
+                     (23, 80, 64, (32, 32), {"bn": 64, "swap": True}),
+                     (90, 96, 40, (32, 32), {"bm": 64, "split": True, "tma": True, "swap": True})]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t,h,i,block,order", FUSED_QUANT_CASES)
+def test_w8a8_quantisation_fused_into_the_gate_up_kernel_gives_the_same_bits(dtype, t, h, i, block, order):
+    """W8A8 with x quantised in the gate/up kernel's prologue (BK = the group) and h in its epilogue (BN whole
+    groups): h in fp8, its scales and the experts' output equal, bit for bit, what the separate act_quant launches
+    and the same kernels give."""
+    from qwen_vl_distributed.kernels.moe_triton import MoeConfig, align, fused_act_quant, fused_experts, gate_up_pairs
+
+    x, ids, w, gate_up, down = moe_inputs(t, 2, 8, h, i, dtype, seed=t, crowd=True)
+    x[1] = 0  # an all-zero row: scale 1
+    gq, dq, scales, _, _ = fp8_experts(gate_up, down, block)
+    w8a8 = scales._replace(act_quant=True)
+    fused = MoeConfig(**{"bm": 16, "bn": 32, "bk": 32, "down_bn": 16, "down_bk": 32, **order})
+    apart = dataclasses.replace(fused, fuse_act_quant=False)
+    assert fused_act_quant(fused, w8a8) == (True, True) and fused_act_quant(apart, w8a8) == (False, False)
+    rows, blocks = align(ids, 8, fused.bm)
+    (h1, s1), (h2, s2) = (gate_up_pairs(x, ids.shape, rows, blocks, gq, cfg, w8a8) for cfg in (fused, apart))
+    assert h1.dtype == h2.dtype == torch.float8_e4m3fn and s1.shape == (t * 2, -(-i // 32))
+    assert torch.equal(h1.view(torch.uint8), h2.view(torch.uint8)) and torch.equal(s1, s2)
+    out = fused_experts(x, ids, w, gq, dq, w8a8, config=fused)
+    assert torch.equal(out, fused_experts(x, ids, w, gq, dq, w8a8, config=apart))
+    assert rel(out, reference_experts(x, ids, w, gq, dq, w8a8)) < (1e-5 if dtype == torch.float32 else 3e-3)
+
+
+@needs_triton
+def test_w8a8_fuses_only_whole_groups():
+    """x's quantisation moves into the kernel only where its reduction tile is the whole group, h's only where the
+    column tile also holds whole groups; elsewhere (or asked not to) the act_quant launches stay."""
+    from qwen_vl_distributed.kernels.moe_triton import MoeConfig, fused_act_quant
+
+    _, _, _, gate_up, down = moe_inputs(1, 1, 2, 64, 48, torch.float32)
+    scales = fp8_experts(gate_up, down, (32, 32))[2]
+    w8a8 = scales._replace(act_quant=True)
+    assert fused_act_quant(MoeConfig(bn=64, bk=32), w8a8) == (True, True)
+    assert fused_act_quant(MoeConfig(bn=16, bk=32), w8a8) == (True, False)
+    assert fused_act_quant(MoeConfig(bn=64, bk=16), w8a8) == (False, False)
+    assert fused_act_quant(MoeConfig(bn=64, bk=32, fuse_act_quant=False), w8a8) == (False, False)
+    assert fused_act_quant(MoeConfig(bn=64, bk=32), scales) == (False, False)  # weight-only fp8: nothing to quantise
+
+
+@needs_triton
+def test_the_experts_ab_benchmark_runs_every_path_and_reports_it():
+    """bench/experts_ab.py (section fp8's one-experts-call A/B) on a tiny stage under the interpreter, with a
+    counting timer in place of CUDA events: every path runs once per size, the two W8A8 paths agree bit for bit,
+    and the report shows each path's ratio to bf16."""
+    from qwen_vl_distributed.bench.experts_ab import PATHS, experts_ab
+    from qwen_vl_distributed.bench.report import render
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    stage = dict(layers=(0, 1), vision=False, embed=False, head=False)
+    bf16, fp8 = Qwen3VLMoe(cfg, **stage), Qwen3VLMoe(cfg, **stage)
+    experts = bf16.model.language_model.layers["0"].mlp.experts
+    for p in (experts.gate_up_proj, experts.down_proj):  # the module leaves them to the loader
+        p.data.normal_(0, 0.2)
+    fp8.load_state_dict(bf16.state_dict())
+    fp8.model.language_model.layers["0"].mlp.experts.quantize_fp8((32, 32))
+    ran = []
+    timed = {"bf16": 2.0, "fp8": 1.0, "w8a8_apart": 0.8, "w8a8_fused": 0.5}
+
+    def timer(fn):
+        ran.append(fn())
+        return timed[PATHS[(len(ran) - 1) % len(PATHS)]]
+
+    res = experts_ab(bf16, fp8, DEFAULT, [5, 9], timer=timer)
+    assert len(ran) == 8 and all(y.shape == (n, cfg.text.hidden_size) for y, n in zip(ran, [5] * 4 + [9] * 4))
+    assert res[9]["w8a8_fused_equal"] and res[9]["speedup_vs_bf16"] == {"fp8": 2.0, "w8a8_apart": 2.5,
+                                                                         "w8a8_fused": 4.0}
+    text = render({"fp8": {"block": [32, 32], "call_ab": res}})
+    assert "experts call alone, 9 tokens: bf16 2.000 ms, fp8 1.000 ms (2.00x), W8A8 separate quant 0.800 ms " \
+           "(2.50x), W8A8 fused quant 0.500 ms (4.00x); W8A8 fused vs separate identical" in text
 
 
 def test_fp8_block_rule_and_the_reference_for_blocks_the_kernels_cannot_tile():
@@ -718,7 +802,7 @@ def test_fit_stages_keeps_the_bf16_tiles_and_shrinks_float32_ones_into_shared_me
     from qwen_vl_distributed.kernels import moe_triton as mt
     from qwen_vl_distributed.kernels.tiles import fit_stages
 
-    for c in [*mt.CONFIGS.values(), *tune.CANDIDATES, *tune.PREFILL_CANDIDATES]:
+    for c in [*mt.CONFIGS.values(), *tune.CANDIDATES, *tune.PREFILL_CANDIDATES, *tune.FP8_PREFILL_CANDIDATES]:
         assert fit_stages(c.stages, (c.bm + 2 * c.bn) * c.bk * 2) == c.stages
         assert fit_stages(c.down_stages, (c.bm + c.down_bn) * c.down_bk * 2) == c.down_stages
     assert fit_stages(4, (64 + 64) * 128 * 4) == 3 and fit_stages(4, (64 + 64) * 128 * 2) == 4  # GEMV, 64 rows

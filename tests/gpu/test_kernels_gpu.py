@@ -91,3 +91,44 @@ def test_fp8_experts_err_like_bfloat16_at_the_released_shapes(tokens):
     w8a8 = rel(fused_experts(x, ids, w, gq, dq, scales._replace(act_quant=True)), ref)
     print(f"{tokens} tokens: rel vs float32 bf16 {bf16:.3e} fp8 {fp8:.3e} w8a8 {w8a8:.3e}")
     assert bf16 < 1e-2 and fp8 < 1.25 * bf16 and w8a8 < 15 * bf16, (bf16, fp8, w8a8)
+
+
+# the shipped W8A8 tile of each size, and tiles that fuse h's quantisation at decode sizes too (the swapped epilogue
+# of one and of two 128-column groups)
+_W8A8_EXTRA_TILES = [
+    dict(bn=128, bk=128, warps=4, stages=3, down_bn=64, down_bk=128, down_stages=3, swap=True),
+    dict(bm=64, bn=256, bk=128, warps=8, stages=2, down_bn=128, down_bk=128, down_warps=8, down_stages=3,
+         cols_first=True, split=True, tma=True, swap=True),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="the fp8 kernels need compute capability 8.9+")
+@pytest.mark.parametrize("tokens", [1, 8, 2048])
+@pytest.mark.parametrize("tile", [None, *_W8A8_EXTRA_TILES], ids=["shipped", "bn128-swap", "bn256-split-swap"])
+def test_w8a8_fused_quantisation_equals_the_separate_launches_at_the_released_shapes(tokens, tile):
+    """W8A8 at the 235B's shapes (128 experts, 4096 x 1536, top-8, 128 x 128 blocks): x quantised in the gate/up
+    kernel's prologue and h in its epilogue give the fp8 h, its scales and the experts' output bit for bit as the
+    separate act_quant launches with the same tile."""
+    import dataclasses
+
+    from qwen_vl_distributed.kernels.choices import DEFAULT, MoeConfig
+    from qwen_vl_distributed.kernels.moe_triton import align, fused_act_quant, fused_experts, gate_up_pairs
+    from qwen_vl_distributed.model.moe import route
+    from qwen_vl_distributed.model.quant import quantize_experts
+
+    torch.manual_seed(tokens)
+    e, h, i, k, dev, bf = 128, 4096, 1536, 8, "cuda", torch.bfloat16
+    gq, dq, scales = quantize_experts((torch.randn(e, 2 * i, h, device=dev) * 0.02).to(bf),
+                                      (torch.randn(e, h, i, device=dev) * 0.02).to(bf), (128, 128))
+    w8a8 = scales._replace(act_quant=True)
+    x = (torch.randn(tokens, h, device=dev) * torch.rand(tokens, 1, device=dev) * 4).to(bf)
+    w, ids = route(torch.randn(tokens, e, device=dev), k, True)
+    fused = DEFAULT.moe_config(ids.numel(), w8a8) if tile is None else MoeConfig(**tile)
+    apart = dataclasses.replace(fused, fuse_act_quant=False)
+    assert fused_act_quant(fused, w8a8)[0], fused
+    rows, blocks = align(ids, e, fused.bm)
+    (h1, s1), (h2, s2) = (gate_up_pairs(x, ids.shape, rows, blocks, gq, cfg, w8a8) for cfg in (fused, apart))
+    assert torch.equal(h1.view(torch.uint8), h2.view(torch.uint8)) and torch.equal(s1, s2)
+    assert torch.equal(fused_experts(x, ids, w, gq, dq, w8a8, config=fused),
+                       fused_experts(x, ids, w, gq, dq, w8a8, config=apart))

@@ -121,6 +121,7 @@ def render(res: dict) -> str:
             for t, r in part.get("prefill", {}).items():
                 lines.append(f"  {name} prefill {t}: {_f(r['ms_layer'])} ms/L (bf16 {_f(r.get('bf16_ms_layer'))}), "
                              f"MFU {_f(100 * r['mfu'], '.1f')}%")
+        lines += _experts_ab(f8.get("call_ab", {}))
     vis = res.get("vision")
     if vis:
         lines.append(f"vision {vis['grid']}: ours {_f(vis.get('ours_fast_ms'))} ms "
@@ -153,3 +154,15 @@ def render(res: dict) -> str:
     for name, err in res.get("errors", {}).items():
         lines.append(f"ERROR in {name}: {err}")
     return "\n".join(lines)
+
+
+def _experts_ab(ab: dict) -> list[str]:
+    """One experts call alone per prefill length: each path's ms and its speed-up over bf16."""
+    names = {"fp8": "fp8", "w8a8_apart": "W8A8 separate quant", "w8a8_fused": "W8A8 fused quant"}
+    lines = []
+    for t, r in ab.items():
+        ms, up = r["ms"], r["speedup_vs_bf16"]
+        lines.append(f"  experts call alone, {t} tokens: bf16 {_f(ms['bf16'], '.3f')} ms, " + ", ".join(
+            f"{label} {_f(ms[k], '.3f')} ms ({_f(up[k], '.2f')}x)" for k, label in names.items())
+            + f"; W8A8 fused vs separate {'identical' if r['w8a8_fused_equal'] else 'DIFFERENT'}")
+    return lines

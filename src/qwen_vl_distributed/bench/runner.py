@@ -751,7 +751,8 @@ class Bench:
         """The middle stage's layers with their experts quantised to fp8 in the releases' 128x128 blocks (kept fp8,
         ``Experts.quantize_fp8``) against a twin holding those same weights dequantised to bf16: outputs
         compared bit for bit (the fp8 kernels compute with the dequantised weights), then decode and prefill
-        timed on the fp8 layers, as they are and W8A8 (their inputs quantised too)."""
+        timed on the fp8 layers, as they are and W8A8 (their inputs quantised too); then one experts call alone at
+        each prefill length, bf16 / fp8 / W8A8 with and without its quantisation fused (bench/experts_ab.py)."""
         block, n = (128, 128), self.n
         stage = dict(layers=(0, n), vision=False, embed=False, head=False)
         fp8 = ours_from(self.cfg, self.mid.state_dict(), **stage)
@@ -783,6 +784,9 @@ class Bench:
         for layer in fp8.model.language_model.layers.values():
             layer.mlp.experts.fp8_act_quant = True
         res["w8a8"] = self._fp8_timings(fp8, block)
+        from .experts_ab import experts_ab
+
+        res["call_ab"] = experts_ab(self.mid, fp8, self.choices, list(self.opts.prefill))
         self.results["fp8"] = res
 
     def _stage_prompt(self, model, x: torch.Tensor) -> torch.Tensor:

@@ -41,11 +41,20 @@ PREFILL_CANDIDATES = [_PREFILL_TILES[0]] + [
 
 
 # fp8 experts: the decode candidates as they are and with the weights as the MMA's first operand; prompt tiles
-# unswapped (CONFIGS_FP8)
+# unswapped (CONFIGS_FP8). A program dequantises each [BN, BK] weight tile in registers for its BM rows, so prompts
+# also try tiles that spread that work over more rows (BM 256), the whole 128-column scale block per step (one
+# scale load and one dequantisation pass per block) and wider down tiles, all with 8 warps; not yet timed.
+_FP8_PREFILL_TILES = [
+    MoeConfig(bm=128, bn=128, bk=128, warps=8, stages=2, down_bn=256, down_bk=128, down_warps=8, down_stages=2),
+    MoeConfig(bm=128, bn=64, bk=128, warps=8, stages=3, down_bn=256, down_bk=128, down_warps=8, down_stages=2),
+    MoeConfig(bm=256, bn=64, bk=64, warps=8, stages=3, down_bn=128, down_bk=64, down_warps=8, down_stages=3),
+    MoeConfig(bm=256, bn=64, bk=128, warps=8, stages=2, down_bn=128, down_bk=128, down_warps=8, down_stages=2),
+]
 FP8_CANDIDATES = [dataclasses.replace(c, swap=swap) for c in CANDIDATES for swap in (False, True)]
 FP8_PREFILL_CANDIDATES = [dataclasses.replace(CONFIGS[1 << 30], tma=tma, split=split)
                           for tma in (False, True) for split in (False, True)] + [
-    dataclasses.replace(_PREFILL_TILES[2], cols_first=True, split=True, tma=True)]  # unswapped: see CONFIGS_FP8
+    dataclasses.replace(c, cols_first=True, split=True, tma=tma)  # unswapped: see CONFIGS_FP8
+    for c in (_PREFILL_TILES[2], *_FP8_PREFILL_TILES) for tma in (False, True)]
 
 
 # W8A8 experts: fp8 products want the whole 128-column group per reduction step (each step's product is scaled and

@@ -54,6 +54,10 @@ class MoeConfig:
     # transposed in registers before the store. Hopper's wgmma takes its first operand from registers, where an
     # fp8 weight tile is dequantised; the second always comes from shared memory. (Tuned for fp8 experts.)
     swap: bool = False
+    # W8A8: quantise the experts' inputs inside the gate/up kernel (x in its prologue where bk is the scale block's
+    # width, h in its epilogue where bn is a multiple of it: kernels.moe_triton.fused_act_quant), the same bits as
+    # the separate act_quant launches; False keeps those launches (the benchmark's A/B).
+    fuse_act_quant: bool = True
 
     def __post_init__(self):
         if self.split and self.bm < 64:

@@ -18,6 +18,11 @@ fp8-resident experts (model.quant.ExpertScales): each weight tile is loaded as f
 block scales in fp32, rounded once to the activations' dtype, before the product: the same bf16 weights that
 dequantising at load time gives, from half the bytes. The reduction tile is then at most one block wide.
 
+W8A8 experts (``ExpertScales.act_quant``): both products take fp8 inputs, quantised per token and group of the
+block width (kernels.fp8_quant). Where the gate/up tile allows (``fused_act_quant``), the gate/up kernel quantises
+the x tile it loads (its reduction tile is the whole group) and the h tile it computes (its column tile whole groups)
+and stores h in fp8 with its scales; elsewhere an act_quant launch runs before each product. The same bits either way.
+
 Rounding follows the reference (model.moe.reference_experts): the gate/up and down products are rounded to the
 activation dtype before the activation and before the routed weight, as ``F.linear`` in bf16 would.
 """
@@ -33,6 +38,7 @@ import triton.language as tl
 from ..model.quant import FP8_DTYPE, ExpertScales
 from . import fp8_fits, fp8_min_block_width
 from .choices import CONFIGS, CONFIGS_FP8, CONFIGS_W8A8, DEFAULT, MoeConfig  # noqa: F401 (the tile tables' home)
+from .fp8_quant import act_quant, quant_groups, quant_rows
 from .tiles import fit_stages, load_k_tile, mma
 
 # The single-program align kernel holds all pairs in one block (a sort of next_pow2(P) keys); above this, the
@@ -171,48 +177,6 @@ def align_torch(flat_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Te
 
 
 @triton.jit
-def _round_e4m3(v):
-    """v (fp32, |v| <= 448) rounded to nearest-even on e4m3's grid, in fp32, so that the conversion after it is exact
-    whatever its own rounding (the GPU's rounds to nearest; Triton's CPU interpreter truncates): 4 significant bits
-    for normals (|v| >= 2^-6), steps of 2^-9 below."""
-    bits = v.to(tl.int32, bitcast=True)
-    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6) - 3            # the exponent of v's e4m3 step
-    step = ((e + 127) << 23).to(tl.float32, bitcast=True)
-    t = v / step                                                     # exact: a power of two, |t| < 16
-    r = (t + 12582912.0) - 12582912.0                                # 1.5 * 2^23: fp32 addition rounds to even
-    return r * step
-
-
-@triton.jit(do_not_specialize=["T"])
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, T, KD, G, BT: tl.constexpr, BC: tl.constexpr):
-    # rows [BT * pid0, +BT) of x [T, KD], column group pid1 of BC columns -> q (fp8) and s [T, G] (fp32):
-    # model.quant.quantize_activations
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
-    g = tl.program_id(1)
-    cols = g * BC + tl.arange(0, BC)
-    rmask = rows < T
-    mask = rmask[:, None] & (cols < KD)[None, :]
-    offs = rows[:, None].to(tl.int64) * KD + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)
-    s = tl.where(amax > 0, amax / 448.0, 1.0)
-    q = _round_e4m3(tl.clamp(x / s[:, None], -448.0, 448.0))
-    tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + rows.to(tl.int64) * G + g, s, mask=rmask)
-
-
-def act_quant(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """model.quant.quantize_activations of a contiguous x [T, K] in one launch: (x fp8 [T, K], scales [T, G])."""
-    t, kd = x.shape
-    g = triton.cdiv(kd, group)
-    q = torch.empty(t, kd, dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty(t, g, dtype=torch.float32, device=x.device)
-    bt = 16
-    _act_quant_kernel[(triton.cdiv(t, bt), g)](x, q, s, t, kd, g, BT=bt, BC=group, num_warps=4)
-    return q, s
-
-
-@triton.jit
 def _block_and_column(COLS_FIRST: tl.constexpr):
     """(row block, column tile) of this program; the grid is (column tiles, blocks) when COLS_FIRST."""
     if COLS_FIRST:
@@ -258,20 +222,47 @@ def _accumulate(a, w, acc, sa, s_ptrs, cmask, k0, BC: tl.constexpr, FP8: tl.cons
 
 
 @triton.jit
-def _input_scales(as_ptrs, rmask, k0, BC: tl.constexpr, ACT8: tl.constexpr, ROWS: tl.constexpr):
-    """W8A8: the rows' input scales of the column group at k0 (as_ptrs: each row's first group); else unused ones."""
-    if ACT8:
+def _w8a8_input(a, as_ptrs, rmask, k0, BC: tl.constexpr, ACT8: tl.constexpr, QX: tl.constexpr,
+                ROWS: tl.constexpr):
+    """(the reduction step's activation tile, the rows' input scales). QX (W8A8, BK = BC): ``a`` is the whole
+    group of each row in the activations' dtype, quantised here as act_quant does; else with ACT8 it is fp8
+    already and its scales are loaded (as_ptrs: each row's first group); else ``a`` as it is and unused scales."""
+    if QX:
+        q, sa = quant_rows(a.to(tl.float32))
+        a = q.to(tl.float8e4nv)
+    elif ACT8:
         sa = tl.load(as_ptrs + k0 // BC, mask=rmask, other=0.0)
     else:
         sa = tl.full([ROWS], 1.0, tl.float32)
-    return sa
+    return a, sa
 
 
 @triton.jit
-def _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, K: tl.constexpr,
-                  BM: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-                  TMA: tl.constexpr, FP8: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr,
-                  ACT8: tl.constexpr):
+def _store_h(h, h_ptr, hs_ptr, rows, rmask, cols, cmask, col, I, ROWS: tl.constexpr, BN: tl.constexpr,
+             BC: tl.constexpr, SWAP: tl.constexpr, QH: tl.constexpr):
+    """Store the gate/up tile's h ([ROWS, BN], or [BN, ROWS] with SWAP) at its pairs' rows of h [P, I]. QH (W8A8,
+    BN a multiple of BC): h quantised per row and group of BC columns first, its scales stored in hs [P, cdiv(I, BC)]
+    (columns past I are 0 in h, so a partial last group's amax is its real columns')."""
+    rows64 = rows.to(tl.int64)
+    if QH:
+        if SWAP:
+            h = tl.trans(h)
+        q, s = quant_groups(h, ROWS, BN, BC)
+        groups = tl.cdiv(I, BC)
+        g = col * (BN // BC) + tl.arange(0, BN // BC)
+        tl.store(hs_ptr + rows64[:, None] * groups + g[None, :], s, mask=rmask[:, None] & (g < groups)[None, :])
+        tl.store(h_ptr + rows64[:, None] * I + cols[None, :], q, mask=rmask[:, None] & cmask[None, :])
+    elif SWAP:  # h is [BN, ROWS]
+        tl.store(h_ptr + rows64[None, :] * I + cols[:, None], h, mask=rmask[None, :] & cmask[:, None])
+    else:
+        tl.store(h_ptr + rows64[:, None] * I + cols[None, :], h, mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG,
+                  K: tl.constexpr, BM: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  EVEN_K: tl.constexpr, TMA: tl.constexpr, FP8: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                  SWAP: tl.constexpr, ACT8: tl.constexpr, QX: tl.constexpr, QH: tl.constexpr):
     # the first ROWS rows of block blk against columns [col*BN, col*BN + BN) of expert e's gate and up halves
     rows = tl.load(rows_ptr + blk * BM + tl.arange(0, ROWS))
     rmask = rows < P
@@ -280,7 +271,10 @@ def _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, blk, col, e, P, 
     cmask = cols < I
     kk = tl.arange(0, BK)
     a_ptrs = x_ptr + tok[:, None] * H + kk[None, :]
-    dt = h_ptr.dtype.element_ty
+    if QX:  # h_ptr may be fp8 (QH): the activations' dtype is x's
+        dt = x_ptr.dtype.element_ty
+    else:
+        dt = h_ptr.dtype.element_ty
     # FP8: s_ptr = scales [E, 2, SR, SC] (gate's row blocks, then up's); the row block of a gate / up column
     sg_ptrs = s_ptr + e * (2 * SR * SC) + (cols // BR) * SC
     su_ptrs = sg_ptrs + SR * SC
@@ -295,7 +289,7 @@ def _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, blk, col, e, P, 
         g_row = (e * (2 * I) + col * BN).to(tl.int32)
         for k0 in range(0, H, BK):
             a = load_k_tile(a_ptrs, rmask, k0, kk, H, EVEN_K)
-            sa = _input_scales(as_ptrs, rmask, k0, BC, ACT8, ROWS)
+            a, sa = _w8a8_input(a, as_ptrs, rmask, k0, BC, ACT8, QX, ROWS)
             acc_g = _accumulate(a, w_ptr.load([g_row, k0]), acc_g, sa, sg_ptrs, cmask, k0, BC, FP8, ACT8, dt, SWAP)
             acc_u = _accumulate(a, w_ptr.load([g_row + I, k0]), acc_u, sa, su_ptrs, cmask, k0, BC, FP8, ACT8, dt,
                                 SWAP)
@@ -305,7 +299,7 @@ def _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, blk, col, e, P, 
         u_ptrs = g_ptrs + I * H
         for k0 in range(0, H, BK):
             a = load_k_tile(a_ptrs, rmask, k0, kk, H, EVEN_K)
-            sa = _input_scales(as_ptrs, rmask, k0, BC, ACT8, ROWS)
+            a, sa = _w8a8_input(a, as_ptrs, rmask, k0, BC, ACT8, QX, ROWS)
             wg = load_k_tile(g_ptrs, cmask, k0, kk, H, EVEN_K)
             wu = load_k_tile(u_ptrs, cmask, k0, kk, H, EVEN_K)
             acc_g = _accumulate(a, wg, acc_g, sa, sg_ptrs, cmask, k0, BC, FP8, ACT8, dt, SWAP)
@@ -317,20 +311,19 @@ def _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, blk, col, e, P, 
     u = acc_u.to(dt).to(tl.float32)
     act = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
     h = (act * u).to(dt)
-    if SWAP:  # h is [BN, ROWS]
-        tl.store(h_ptr + rows[None, :].to(tl.int64) * I + cols[:, None], h, mask=rmask[None, :] & cmask[:, None])
-    else:
-        tl.store(h_ptr + rows[:, None].to(tl.int64) * I + cols[None, :], h, mask=rmask[:, None] & cmask[None, :])
+    _store_h(h, h_ptr, hs_ptr, rows, rmask, cols, cmask, col, I, ROWS, BN, BC, SWAP, QH)
 
 
 @triton.jit(do_not_specialize=["P"])
-def _gate_up_kernel(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, block_expert_ptr, P, H, I, SR, SC, AG,
+def _gate_up_kernel(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, rows_ptr, block_expert_ptr, P, H, I, SR, SC, AG,
                     K: tl.constexpr, E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     EVEN_K: tl.constexpr, COLS_FIRST: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr,
-                    FP8: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr, ACT8: tl.constexpr):
+                    FP8: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr, ACT8: tl.constexpr,
+                    QX: tl.constexpr, QH: tl.constexpr):
     # x [T, H]; w = gate_up [E, 2I, H] (gate rows [0, I), up rows [I, 2I)); h [P, I]; FP8: w is fp8 and s_ptr its
     # block scales (BR x BC blocks), else s_ptr is unused; ACT8 (W8A8, with FP8): x is fp8 too, as_ptr its scales
-    # [T, AG] (one per BC columns)
+    # [T, AG] (one per BC columns), or with QX x is in the activations' dtype and quantised here (BK = BC); QH: h
+    # is stored in fp8 and its scales in hs_ptr [P, cdiv(I, BC)] (BN a multiple of BC)
     blk, col = _block_and_column(COLS_FIRST)
     e = tl.load(block_expert_ptr + blk).to(tl.int64)
     if e >= E:
@@ -339,17 +332,17 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, block_expert_p
     # come first in its run, so the first row past the quarter / half decides)
     if SPLIT:
         if tl.load(rows_ptr + blk * BM + BM // 4) >= P:
-            _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, K, BM,
-                          BM // 4, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8)
+            _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, K,
+                          BM, BM // 4, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, QX, QH)
         elif tl.load(rows_ptr + blk * BM + BM // 2) >= P:
-            _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, K, BM,
-                          BM // 2, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8)
+            _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, K,
+                          BM, BM // 2, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, QX, QH)
         else:
-            _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, K, BM,
-                          BM, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8)
+            _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, K,
+                          BM, BM, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, QX, QH)
     else:
-        _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, K, BM, BM, BN,
-                      BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8)
+        _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, K, BM,
+                      BM, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, QX, QH)
 
 
 @triton.jit
@@ -375,14 +368,14 @@ def _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, co
         w_row = (e * H + col * BN).to(tl.int32)
         for k0 in range(0, I, BK):
             a = load_k_tile(a_ptrs, rmask, k0, kk, I, EVEN_K)
-            sa = _input_scales(as_ptrs, rmask, k0, BC, ACT8, ROWS)
+            a, sa = _w8a8_input(a, as_ptrs, rmask, k0, BC, ACT8, False, ROWS)
             acc = _accumulate(a, w_ptr.load([w_row, k0]), acc, sa, s_ptrs, cmask, k0, BC, FP8, ACT8, dt, SWAP)
             a_ptrs += BK
     else:
         w_ptrs = w_ptr + e * H * I + cols[:, None].to(tl.int64) * I + kk[None, :]  # [BN, BK]
         for k0 in range(0, I, BK):
             a = load_k_tile(a_ptrs, rmask, k0, kk, I, EVEN_K)
-            sa = _input_scales(as_ptrs, rmask, k0, BC, ACT8, ROWS)
+            a, sa = _w8a8_input(a, as_ptrs, rmask, k0, BC, ACT8, False, ROWS)
             w = load_k_tile(w_ptrs, cmask, k0, kk, I, EVEN_K)
             acc = _accumulate(a, w, acc, sa, s_ptrs, cmask, k0, BC, FP8, ACT8, dt, SWAP)
             a_ptrs += BK
@@ -479,13 +472,18 @@ def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, 
         cfg = dataclasses.replace(cfg, bk=min(max(cfg.bk, least), bc), down_bk=min(max(cfg.down_bk, least), bc))
     x = x.contiguous()
     rows, block_expert = align(topk_ids, gate_up.shape[0], cfg.bm)
-    if scales is not None and scales.act_quant:  # W8A8: each product's inputs quantised per token and group
-        xq, xs = act_quant(x, scales.block[1])
-        h = gate_up_pairs(xq, topk_ids.shape, rows, block_expert, gate_up, cfg, scales, xs, x.dtype)
-        hq, hs = act_quant(h, scales.block[1])
-        return down_pairs(hq, topk_w, rows, block_expert, down, cfg, scales, hs, x.dtype)
-    h = gate_up_pairs(x, topk_ids.shape, rows, block_expert, gate_up, cfg, scales)
-    return down_pairs(h, topk_w, rows, block_expert, down, cfg, scales)
+    h, h_scales = gate_up_pairs(x, topk_ids.shape, rows, block_expert, gate_up, cfg, scales)
+    return down_pairs(h, topk_w, rows, block_expert, down, cfg, scales, h_scales, x.dtype)
+
+
+def fused_act_quant(cfg: MoeConfig, scales: ExpertScales | None) -> tuple[bool, bool]:
+    """W8A8 (``scales.act_quant``) with tile ``cfg``: whether the gate/up kernel quantises x in its prologue and h
+    in its epilogue, instead of an act_quant launch before each product. x: where the reduction tile is the whole
+    column group (a row's scale is then the amax of the very tile the kernel loads); h: where its column tile also
+    holds whole groups. Both give the bits the separate launches give; ``cfg.fuse_act_quant`` off keeps those."""
+    if scales is None or not scales.act_quant or not cfg.fuse_act_quant or cfg.bk != scales.block[1]:
+        return False, False
+    return True, cfg.bn % scales.block[1] == 0
 
 
 def align(topk_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -496,39 +494,50 @@ def align(topk_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tensor, 
     return align_wide(flat, experts, bm)
 
 
-def _scale_args(scales: torch.Tensor | None, block: tuple[int, int] | None, weight: torch.Tensor,
+def _scale_args(scales: ExpertScales | None, w_scales: torch.Tensor | None, weight: torch.Tensor,
                 input_scales: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int, int, int, dict]:
-    """The kernels' fp8 arguments: (weight scales [.., SR, SC], input scales [rows, AG], SR, SC, AG, constexprs
-    FP8 / BR / BC / ACT8); placeholder pointers the kernel never reads where there are none."""
+    """The kernels' fp8 arguments for one weight (``w_scales``, its part of ``scales``): (weight scales [.., SR, SC],
+    input scales [rows, AG], SR, SC, AG, constexprs FP8 / BR / BC / ACT8); placeholder pointers the kernel never
+    reads where there are none (no fp8, or W8A8 inputs the kernel quantises itself)."""
     if scales is None:
         return weight, weight, 0, 0, 0, dict(FP8=False, BR=1, BC=1, ACT8=False)
-    act8 = input_scales is not None
-    return (scales.contiguous(), input_scales if act8 else scales, scales.shape[-2], scales.shape[-1],
-            input_scales.shape[-1] if act8 else 0, dict(FP8=True, BR=block[0], BC=block[1], ACT8=act8))
+    given = input_scales is not None
+    return (w_scales.contiguous(), input_scales if given else w_scales, w_scales.shape[-2], w_scales.shape[-1],
+            input_scales.shape[-1] if given else 0,
+            dict(FP8=True, BR=scales.block[0], BC=scales.block[1], ACT8=scales.act_quant))
 
 
 def gate_up_pairs(x: torch.Tensor, routed: torch.Size, rows: torch.Tensor, block_expert: torch.Tensor,
-                  gate_up: torch.Tensor, cfg: MoeConfig, scales: ExpertScales | None = None,
-                  x_scales: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """h [P, I] = silu(x[token] @ gate^T) * (x[token] @ up^T) per pair, for aligned rows; x contiguous [>= T, H],
-    routed = (T, K) the routing's shape. W8A8: x is fp8 with ``x_scales`` [T, H / block width], and h comes out in
-    ``out_dtype``."""
+                  gate_up: torch.Tensor, cfg: MoeConfig, scales: ExpertScales | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(h [P, I], its scales or None): h = silu(x[token] @ gate^T) * (x[token] @ up^T) per pair, for aligned rows;
+    x contiguous [>= T, H] in the activations' dtype, routed = (T, K) the routing's shape. W8A8
+    (``scales.act_quant``): x and h quantised per token and group of the block width, inside the kernel where
+    ``fused_act_quant`` says so, else by act_quant launches; h comes out in fp8 with its scales [P, cdiv(I, bc)]."""
     e, two_i, h_dim = gate_up.shape
     (t, k), inter, nb = routed, two_i // 2, block_expert.numel()
-    p = t * k
-    h = torch.empty(p, inter, dtype=out_dtype or x.dtype, device=x.device)
+    p, dtype = t * k, x.dtype
+    w8a8 = scales is not None and scales.act_quant
+    qx, qh = fused_act_quant(cfg, scales)
+    x_scales = None
+    if w8a8 and not qx:
+        x, x_scales = act_quant(x, scales.block[1])
+    h = torch.empty(p, inter, dtype=FP8_DTYPE if qh else dtype, device=x.device)
+    h_scales = (torch.empty(p, triton.cdiv(inter, scales.block[1]), dtype=torch.float32, device=x.device) if qh
+                else None)
     grid, cols_first = _grid(nb, triton.cdiv(inter, cfg.bn), cfg)
     arg, tma = _weight_arg(gate_up, cfg.tma, inter, cfg.bn, cfg.bk)
-    s_ptr, as_ptr, sr, sc, ag, fp8 = _scale_args(scales.gate_up if scales else None,
-                                                 scales.block if scales else None, gate_up, x_scales)
+    s_ptr, as_ptr, sr, sc, ag, fp8 = _scale_args(scales, scales.gate_up if scales else None, gate_up, x_scales)
     _gate_up_kernel[grid](
-        x, arg, s_ptr, as_ptr, h, rows, block_expert, p, h_dim, inter, sr, sc, ag, K=k, E=e,
+        x, arg, s_ptr, as_ptr, h, h if h_scales is None else h_scales, rows, block_expert, p, h_dim, inter, sr, sc, ag, K=k, E=e,
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, EVEN_K=h_dim % cfg.bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split,
-        TMA=tma, SWAP=cfg.swap, **fp8, num_warps=cfg.warps,
+        TMA=tma, SWAP=cfg.swap, QX=qx, QH=qh, **fp8, num_warps=cfg.warps,
         # x; gate, up -- an fp8 weight tile is dequantised into a tile of x's dtype (fp8 too for W8A8), so it is
         # counted at that size
         num_stages=fit_stages(cfg.stages, (cfg.bm + 2 * cfg.bn) * cfg.bk * x.element_size()))
-    return h
+    if w8a8 and not qh:
+        return act_quant(h, scales.block[1])
+    return h, h_scales
 
 
 def down_pairs(h: torch.Tensor, topk_w: torch.Tensor, rows: torch.Tensor, block_expert: torch.Tensor,
@@ -542,8 +551,7 @@ def down_pairs(h: torch.Tensor, topk_w: torch.Tensor, rows: torch.Tensor, block_
     y = torch.empty(p, h_dim, dtype=dtype, device=h.device)
     grid, cols_first = _grid(nb, triton.cdiv(h_dim, cfg.down_bn), cfg)
     arg, tma = _weight_arg(down, cfg.tma, h_dim, cfg.down_bn, cfg.down_bk)
-    s_ptr, as_ptr, sr, sc, ag, fp8 = _scale_args(scales.down if scales else None, scales.block if scales else None,
-                                                 down, h_scales)
+    s_ptr, as_ptr, sr, sc, ag, fp8 = _scale_args(scales, scales.down if scales else None, down, h_scales)
     _down_kernel[grid](
         h, arg, s_ptr, as_ptr, y, topk_w.reshape(-1).to(dtype), rows, block_expert, p, h_dim, inter, sr, sc, ag,
         E=e, BM=cfg.bm, BN=cfg.down_bn, BK=cfg.down_bk,
