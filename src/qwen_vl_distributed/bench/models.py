@@ -136,3 +136,20 @@ def kv_cache(model: Qwen3VLMoe, seqs: int, length: int, block_size: int | None, 
             cache.k[i].normal_()
             cache.v[i].normal_()
     return cache, [order[i * per:(i + 1) * per] for i in range(seqs)]
+
+
+def random_vision_tower(cfg: ModelConfig, device, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """The vision tower alone with random weights and the 'fast' attention core that ``enable_fast_paths``
+    selects (for the vision scripts and GPU tests, which need no decoder layers)."""
+    from ..checkpoint.synth_weights import randomize_module
+    from ..kernels import register
+    from ..model.vision import VisionAttention, VisionTower
+
+    register()
+    with torch.device("meta"):
+        tower = VisionTower(cfg.vision)
+    randomize_module(tower, seed, torch.device(device), dtype)
+    for m in tower.modules():
+        if isinstance(m, VisionAttention):
+            m.impl = "fast"
+    return tower.eval()

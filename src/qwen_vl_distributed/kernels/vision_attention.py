@@ -18,7 +18,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from ..model.vision import reference_vision_attention
+from ..model.vision import reference_vision_attention, vision_rotary
 
 def _backends(order: tuple[str, ...] | None):
     """SDPA backend priority for vision (non-causal, head_dim 72): ``KernelChoices.vision_backends``; None: torch's
@@ -106,3 +106,60 @@ def fast_vision_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Ten
     q, k = rotate_qk(qkv, rope, heads)
     v = qkv.view(n, 3, heads, -1)[:, 2]
     return segment_attention(q, k, v, cu_seqlens, scale, backends).reshape(n, -1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Coded segments: attention whose segments are data in device memory, so that one CUDA graph serves every grid of a
+# padded patch count (runtime/vision_graph.py). q and k get ``dp - d`` more head columns holding a code of the row's
+# segment: q's is one-hot, k's is 0 at its own segment and -big elsewhere, so q.k gains exactly 0 inside a segment
+# and -big across (every product with a zero is an exact zero): the softmax gives keys of other segments weight
+# exactly 0, and v's extra columns are 0. One dense SDPA over the padded rows then equals the per-segment attention
+# up to the kernels' own summation order. cuDNN runs head_dim 72 in a 128-wide tile, so the extra columns of
+# dp = 80 are free there (docs/benchmarks.md); the dense call costs rows^2, which the bucket policy bounds.
+
+
+def coded_head_dim(d: int) -> int:
+    """The padded head dim: at least two code columns (one segment and the padding rows), a multiple of 8."""
+    return (d + 2 + 7) // 8 * 8
+
+
+def coded_buffer(segment: torch.Tensor, heads: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """[3, N, heads, dp] q/k/v rows with the code columns of ``segment`` [N] (int64, < dp - d) written; columns
+    [0, d) are filled per block by ``coded_attention``. Host-synchronisation free (it may be captured)."""
+    n, dp = segment.shape[0], coded_head_dim(d)
+    big = torch.finfo(dtype).max / 4  # finite, so that 0 * big is 0 (not nan) and big * scale stays finite
+    own = torch.arange(dp - d, device=segment.device)[None, :] == segment[:, None]  # [N, dp - d]
+    buf = torch.zeros(3, n, heads, dp, dtype=dtype, device=segment.device)
+    buf[0, :, :, d:] = own.to(dtype)[:, None, :]
+    buf[1, :, :, d:] = torch.where(own, 0.0, -big).to(dtype)[:, None, :]
+    return buf
+
+
+def coded_attention(buf: torch.Tensor, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], heads: int,
+                    scale: float, backends: tuple[str, ...] | None = None) -> torch.Tensor:
+    """Same function as ``fast_vision_attention`` with the segments coded in ``buf`` (``coded_buffer``):
+    qkv [N, 3*heads*d] -> [N, heads*d]."""
+    n, d = qkv.shape[0], qkv.shape[1] // (3 * heads)
+    if qkv.is_cuda:
+        from .vision_rotary import rotate_qkv_into  # Triton only where a GPU runs it
+
+        rotate_qkv_into(qkv, rope, heads, buf)
+    else:
+        q, k, v = qkv.view(n, 3, heads, d).unbind(1)
+        buf[0, :, :, :d] = vision_rotary(q, rope)
+        buf[1, :, :, :d] = vision_rotary(k, rope)
+        buf[2, :, :, :d] = v
+    with _backends(backends) if qkv.is_cuda else contextlib.nullcontext():
+        o = _sdpa(buf[0], buf[1], buf[2], scale)
+    return o[:, :, :d].reshape(n, -1)
+
+
+class CodedSegments:
+    """A vision attention core (``VisionAttentionFn``) over the segments coded in ``buf``; the cu_seqlens it is
+    passed are ignored (a bucket graph passes the padded rows as one segment)."""
+
+    def __init__(self, buf: torch.Tensor, backends: tuple[str, ...] | None = None):
+        self.buf, self.backends = buf, backends
+
+    def __call__(self, qkv, rope, cu_seqlens, heads, scale):
+        return coded_attention(self.buf, qkv, rope, heads, scale, self.backends)

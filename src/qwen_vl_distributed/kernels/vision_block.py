@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..model.vision import VISION_ATTENTION_IMPLS, VisionBlock
+from ..model.vision import VISION_ATTENTION_IMPLS, VisionAttentionFn, VisionBlock
 
 
 @triton.jit(do_not_specialize=["N"])  # one compile for every patch count (see moe_triton._align_kernel)
@@ -69,12 +69,13 @@ def fused_vision_block(block: VisionBlock, x: torch.Tensor, rope: tuple[torch.Te
 
 
 def fused_block_forward(block: VisionBlock, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                        cu_seqlens: list[int]) -> torch.Tensor:
-    """The fused computation itself (on CPU only under Triton's interpreter, as the tests run it)."""
+                        cu_seqlens: list[int], core: VisionAttentionFn | None = None) -> torch.Tensor:
+    """The fused computation itself (on CPU only under Triton's interpreter, as the tests run it). ``core``: the
+    attention core, by default the block's own impl (a bucket graph passes its coded segments)."""
     attn, mlp = block.attn, block.mlp
     x = x.contiguous()
     _, h = layer_norm(x, block.norm1)
-    core = VISION_ATTENTION_IMPLS[attn.impl]
+    core = core or VISION_ATTENTION_IMPLS[attn.impl]
     a = attn.proj(core(attn.qkv(h), rope, cu_seqlens, attn.num_heads, attn.head_dim**-0.5))
     x, h = layer_norm(a, block.norm2, residual=x)  # (a + x: the same sum as x + a)
     fc1 = mlp.linear_fc1

@@ -7,6 +7,7 @@ in-block row, in-block col); every per-patch table here is produced in that orde
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import torch
@@ -83,13 +84,14 @@ def bilinear_taps(h: int, w: int, side: int, merge: int, device=None) -> tuple[t
     return idx, wts
 
 
+def segment_lengths(grid_thw: list[tuple[int, int, int]]) -> list[int]:
+    """The patch count of each attention segment (one per item and temporal slice), in order."""
+    return [h * w for t, h, w in grid_thw for _ in range(t)]
+
+
 def segment_bounds(grid_thw: list[tuple[int, int, int]]) -> list[int]:
-    """cu_seqlens: one attention segment per (item, temporal slice)."""
-    cu = [0]
-    for t, h, w in grid_thw:
-        for _ in range(t):
-            cu.append(cu[-1] + h * w)
-    return cu
+    """cu_seqlens: the bounds of the attention segments."""
+    return [0, *itertools.accumulate(segment_lengths(grid_thw))]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -214,17 +216,23 @@ class VisionTower(nn.Module):
                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The computation itself: no host synchronisation, so it can be captured in a CUDA graph. ``block_fn``
         (block, x, rope, cu_seqlens) -> x replaces the blocks' own forward (kernels/: a fused block)."""
+        tables = self.position_tables(grid_thw, pixels.device)
+        return self.run_tables(pixels, tables, segment_bounds(grid_thw), block_fn)
+
+    def run_tables(self, pixels: torch.Tensor, tables: tuple[torch.Tensor, ...], cu_seqlens: list[int],
+                   block_fn: BlockFn | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``run_layers`` from the per-patch tables of ``position_tables``: a CUDA graph that reads them from device
+        memory serves every grid of its patch count (runtime/vision_graph.py)."""
         x = self.patch_embed(pixels)
-        idx, wts, rows, cols = self.position_tables(grid_thw, x.device)
+        idx, wts, rows, cols = tables
         # weighted sum of the 4 taps in fp32, one cast to the hidden dtype (as the reference does)
         pos = (self.pos_embed(idx) * wts[:, :, None]).sum(1)
         x = x + pos.to(x.dtype)
         rope = vision_rope_tables(rows, cols, self.cfg.head_dim, self.cfg.rope_theta)
-        cu = segment_bounds(grid_thw)
         taps = list(self.cfg.deepstack_visual_indexes)
         deepstack: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
-            x = block_fn(block, x, rope, cu) if block_fn is not None else block(x, rope, cu)
+            x = block_fn(block, x, rope, cu_seqlens) if block_fn is not None else block(x, rope, cu_seqlens)
             if i in taps:
                 deepstack.append(self.deepstack_merger_list[taps.index(i)](x))
         return self.merger(x), deepstack

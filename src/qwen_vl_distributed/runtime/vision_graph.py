@@ -1,63 +1,132 @@
-"""CUDA-graph replay of the vision tower, one graph per image/video shape.
+"""CUDA-graph replay of the vision tower.
 
 The tower's 27 blocks launch ~800 small kernels for one image; launched from Python that host time exceeds the GPU
-time of the elementwise work (docs/benchmarks.md). A request's grid list (t, h, w per item) fixes every shape, so
-the tower is captured once per grid list and replayed: the pixels are copied into the graph's static input, the
-outputs are cloned out. The blocks run fused (``kernels.vision_block``) unless ``fused_blocks=False``. Shapes
-past ``max_patches`` run eagerly (launch overhead matters little there, and each graph keeps its own activation
-memory); at most ``max_graphs`` shapes are kept, least recently used first out.
+time of the elementwise work (docs/benchmarks.md), so the tower is replayed from CUDA graphs. The blocks run fused
+(``kernels.vision_block``) unless ``fused_blocks=False``. A capture (a warm-up run, the capture, new attention
+plans) costs ~100 ms, so a new image size does not get one (``runtime.vision_policy`` decides):
+- a bucket graph: the tower over a padded patch count (``BucketTower``) whose per-image data -- pixels, position
+  embedding taps, rotary coordinates, each row's segment -- are inputs in device memory. Every grid list of the
+  bucket replays it; its attention is one dense SDPA with the segments coded in extra head columns
+  (``kernels.vision_attention.coded_attention``). Bucket graphs exist only with fused blocks.
+- an exact graph per grid list, captured once the list has been seen ``exact_after`` times: the steady state of a
+  repeated size runs the unpadded computation, as one graph per shape always did.
+All graphs of one runner share one memory pool: they replay one at a time and their outputs are cloned at once,
+so the memory they hold is the largest one's activations, not the sum.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
-from ..model.vision import VisionTower
-from ..kernels.vision_attention import graph_safe
+from ..kernels.vision_attention import CodedSegments, coded_buffer, coded_head_dim, graph_safe
+from ..model.vision import VisionTower, segment_lengths
+from .vision_policy import BUCKET, CAPTURE, EAGER, VisionGraphPolicy
+
+
+class BucketTower:
+    """The tower over ``rows`` padded patches, reading its per-image data from static buffers: ``load`` fills them
+    for a grid list of at most ``rows`` patches, ``forward`` runs the (capturable) computation."""
+
+    def __init__(self, tower: VisionTower, rows: int, pixel_dtype: torch.dtype, device):
+        cfg = tower.cfg
+        self.tower, self.rows = tower, rows
+        self.pad_slot = coded_head_dim(cfg.head_dim) - cfg.head_dim - 1  # the padding rows' own segment
+        self.dtype = next(tower.parameters()).dtype
+        self.pixels = torch.zeros(rows, cfg.patch_dim, dtype=pixel_dtype, device=device)
+        self.tables = (torch.zeros(rows, 4, dtype=torch.long, device=device),
+                       torch.zeros(rows, 4, dtype=torch.float32, device=device),
+                       torch.zeros(rows, dtype=torch.long, device=device),
+                       torch.zeros(rows, dtype=torch.long, device=device))
+        self.segment = torch.full((rows,), self.pad_slot, dtype=torch.long, device=device)
+
+    def load(self, pixels: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> None:
+        n = pixels.shape[0]
+        lengths = segment_lengths(grid_thw)
+        segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        fills = zip((self.pixels, *self.tables, self.segment),
+                    (pixels, *self.tower.position_tables(grid_thw, pixels.device), segment),
+                    (0, 0, 0, 0, 0, self.pad_slot))
+        for dst, src, pad in fills:  # the padding rows: zero pixels at table entry 0, a segment of their own
+            dst[:n].copy_(src)
+            dst[n:].fill_(pad)
+
+    def forward(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        from ..kernels.vision_block import fused_block_forward  # Triton: only where the tower runs on a GPU
+
+        cfg = self.tower.cfg
+        core = CodedSegments(coded_buffer(self.segment, cfg.num_heads, cfg.head_dim, self.dtype))
+        return self.tower.run_tables(self.pixels, self.tables, [0, self.rows],
+                                     lambda block, x, rope, cu: fused_block_forward(block, x, rope, cu, core))
+
+    def __call__(self, pixels: torch.Tensor, grid_thw) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Eagerly, what the bucket graph computes: load, forward, the real rows' outputs."""
+        self.load(pixels, grid_thw)
+        return unpad(self.forward(), pixels.shape[0])
+
+
+def unpad(out: tuple[torch.Tensor, list[torch.Tensor]], n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Copies of the merged rows of the first n patches (4 patches per merged row)."""
+    merged, taps = out
+    return merged[: n // 4].clone(), [t[: n // 4].clone() for t in taps]
 
 
 class GraphedVision:
-    def __init__(self, tower: VisionTower, max_graphs: int = 4, max_patches: int = 16384, fused_blocks: bool = True):
+    def __init__(self, tower: VisionTower, max_graphs: int = 4, max_patches: int = 16384, fused_blocks: bool = True,
+                 buckets: bool = True, exact_after: int | None = 4):
         self.tower = tower
         self.block_fn = None
         if fused_blocks:
             from ..kernels.vision_block import fused_vision_block  # Triton: only built where the tower runs on a GPU
 
             self.block_fn = fused_vision_block
-        self.max_graphs = max_graphs
-        self.max_patches = max_patches
-        self.graphs: OrderedDict = OrderedDict()
+        slots = coded_head_dim(tower.cfg.head_dim) - tower.cfg.head_dim
+        self.policy = VisionGraphPolicy(max_graphs, max_patches, exact_after, buckets and fused_blocks, slots)
+        self.buckets: dict = {}  # (rows, dtype, device) -> (graph, BucketTower, outputs); at most one per bucket
+        self.pool = None  # the memory pool every graph of this runner shares
 
     def __call__(self, pixels: torch.Tensor, grid_thw: list[tuple[int, int, int]]):
-        if not pixels.is_cuda or pixels.shape[0] > self.max_patches:
+        if not pixels.is_cuda:
             return self.tower.run_layers(pixels, grid_thw, self.block_fn)
         key = (tuple(tuple(g) for g in grid_thw), pixels.dtype, pixels.device)
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self._capture(pixels, grid_thw)
-            self.graphs[key] = entry
-            while len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
-        graph, static_in, (merged, taps) = entry
+        kind, rows = self.policy.choose(key, segment_lengths(grid_thw))
+        if kind == EAGER:
+            return self.tower.run_layers(pixels, grid_thw, self.block_fn)
+        if kind == BUCKET:
+            graph, bucket, out = self._bucket(rows, pixels)
+            bucket.load(pixels, grid_thw)
+            graph.replay()
+            return unpad(out, pixels.shape[0])
+        if kind == CAPTURE:
+            static_in = pixels.clone()
+            graph, out = self._capture(lambda: self.tower.run_layers(static_in, grid_thw, self.block_fn), pixels)
+            self.policy.keep(key, (graph, static_in, out))
+        graph, static_in, (merged, taps) = self.policy.exact[key]
         static_in.copy_(pixels)
         graph.replay()
         return merged.clone(), [t.clone() for t in taps]
 
-    def _capture(self, pixels: torch.Tensor, grid_thw):
-        static_in = pixels.clone()
-        side = torch.cuda.Stream(pixels.device)
-        side.wait_stream(torch.cuda.current_stream(pixels.device))
+    def _bucket(self, rows: int, pixels: torch.Tensor):
+        key = (rows, pixels.dtype, pixels.device)
+        if key not in self.buckets:
+            bucket = BucketTower(self.tower, rows, pixels.dtype, pixels.device)
+            graph, out = self._capture(bucket.forward, pixels)
+            self.buckets[key] = (graph, bucket, out)
+        return self.buckets[key]
+
+    def _capture(self, fn, like: torch.Tensor):
+        """A CUDA graph of ``fn()`` and its outputs; ``fn`` reads only static tensors."""
+        side = torch.cuda.Stream(like.device)
+        side.wait_stream(torch.cuda.current_stream(like.device))
         # warm-up: lazy inits, Triton compiles, cuBLAS/cuDNN plans -- for the very calls the capture records
         with torch.cuda.stream(side), torch.inference_mode(), graph_safe():
-            self.tower.run_layers(static_in, grid_thw, self.block_fn)
-        torch.cuda.current_stream(pixels.device).wait_stream(side)
+            fn()
+        torch.cuda.current_stream(like.device).wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode(), graph_safe():
-            out = self.tower.run_layers(static_in, grid_thw, self.block_fn)
-        return graph, static_in, out
+        with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode(), graph_safe():
+            out = fn()
+        return graph, out
 
 
 def enable_vision_graphs(model, fused_blocks: bool = True) -> None:

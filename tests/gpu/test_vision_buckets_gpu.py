@@ -1,0 +1,61 @@
+"""Bucket graphs of the vision tower at the 235B dimensions (27 blocks, 16 heads of 72, random weights, bf16): a
+replay equals the same padded computation run eagerly, bit for bit, for two grids of one bucket and for two images
+in one grid list; and equals the unpadded tower within bf16 rounding (the padded matmuls and the 80-wide attention
+are other kernels). The exact graph a repeated size gets equals the eager tower bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_vl_distributed.bench.models import random_vision_tower
+from qwen_vl_distributed.model.config import preset
+from qwen_vl_distributed.model.vision import segment_bounds
+from qwen_vl_distributed.runtime.vision_graph import BucketTower, GraphedVision
+from qwen_vl_distributed.runtime.vision_policy import bucket_rows
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def tower():
+    return random_vision_tower(preset("235b-a22b"), "cuda")
+
+
+def pixels(tower, grid, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    n = segment_bounds(grid)[-1]
+    return torch.randn(n, tower.cfg.patch_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+
+
+@torch.inference_mode()
+def test_bucket_replay_equals_the_padded_tower_eagerly(tower):
+    runner = GraphedVision(tower, exact_after=None)
+    grids = ([(1, 62, 62)], [(1, 64, 62)], [(1, 60, 64), (1, 8, 8)])
+    assert len({bucket_rows(segment_bounds(g)[-1]) for g in grids}) == 1  # all in the 4096-row bucket
+    for seed, grid in enumerate(grids):
+        px = pixels(tower, grid, seed)
+        out, taps = runner(px, grid)
+        eager, eager_taps = BucketTower(tower, 4096, px.dtype, px.device)(px, grid)
+        assert torch.equal(out, eager) and all(torch.equal(a, b) for a, b in zip(taps, eager_taps)), grid
+        ref, ref_taps = tower.run_layers(px, grid, runner.block_fn)
+        assert rel(out, ref) < 3e-2 and all(rel(a, b) < 3e-2 for a, b in zip(taps, ref_taps)), (grid, rel(out, ref))
+    assert len(runner.buckets) == 1 and not runner.policy.exact
+
+
+@torch.inference_mode()
+def test_a_repeated_size_gets_its_exact_graph(tower):
+    runner = GraphedVision(tower, exact_after=2)
+    grid = [(1, 40, 52)]
+    px = pixels(tower, grid, 7)
+    first, _ = runner(px, grid)
+    assert len(runner.buckets) == 1 and not runner.policy.exact
+    second, taps = runner(px, grid)
+    assert len(runner.policy.exact) == 1
+    ref, ref_taps = tower.run_layers(px, grid, runner.block_fn)
+    assert torch.equal(second, ref) and all(torch.equal(a, b) for a, b in zip(taps, ref_taps))
+    assert rel(first, ref) < 3e-2
