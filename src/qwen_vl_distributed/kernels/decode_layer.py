@@ -252,7 +252,7 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
     if ids.numel() > choices.fused_max_pairs and scales is None:  # large chunks: grouped GEMM (returns the K-sum)
         y = grouped.grouped_experts(x, ids.long(), w, gate_up, down)
         return h + (y if mlp.reduce is None else mlp.reduce(y))
-    pairs = expert_pairs(x, ids, w, gate_up, down, scales, choices.moe_config(ids.numel(), scales))
+    pairs = expert_pairs(x, ids, w, gate_up, down, scales, choices.moe_config(ids.numel(), scales), pdl)
     if mlp.reduce is None:
-        return sum_pairs(pairs, ids, gate_up.shape[0], residual=h)
-    return h + mlp.reduce(sum_pairs(pairs, ids, gate_up.shape[0]))
+        return sum_pairs(pairs, ids, gate_up.shape[0], residual=h, pdl=pdl)
+    return h + mlp.reduce(sum_pairs(pairs, ids, gate_up.shape[0], pdl=pdl))

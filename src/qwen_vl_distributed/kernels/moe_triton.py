@@ -39,6 +39,7 @@ from ..model.quant import FP8_DTYPE, ExpertScales
 from . import fp8_fits, fp8_min_block_width
 from .choices import CONFIGS, CONFIGS_FP8, CONFIGS_W8A8, DEFAULT, MoeConfig  # noqa: F401 (the tile tables' home)
 from .fp8_quant import act_quant, quant_groups, quant_rows
+from .pdl import grid_dependency, launch_options
 from .tiles import fit_stages, load_k_tile, mma
 
 # The single-program align kernel holds all pairs in one block (a sort of next_pow2(P) keys); above this, the
@@ -60,7 +61,9 @@ def num_blocks(pairs: int, experts: int, bm: int) -> int:
 # a count that is 1 or a multiple of 16, and a prompt length seen first would wait seconds for the compiler.
 @triton.jit(do_not_specialize=["P", "NB"])
 def _align_kernel(ids_ptr, rows_ptr, block_expert_ptr, offset_ptr, P, NB,
-                  E: tl.constexpr, BM: tl.constexpr, PB: tl.constexpr, EB: tl.constexpr, FILL: tl.constexpr):
+                  E: tl.constexpr, BM: tl.constexpr, PB: tl.constexpr, EB: tl.constexpr, FILL: tl.constexpr,
+                  PDL: tl.constexpr):
+    grid_dependency(PDL)
     # One program. ids [P] expert of each pair; offset_ptr [EB] int32 scratch.
     p = tl.arange(0, PB)
     ids = tl.load(ids_ptr + p, mask=p < P, other=E).to(tl.int32)  # padding pairs go to bin E (EB > E)
@@ -90,7 +93,8 @@ def _align_kernel(ids_ptr, rows_ptr, block_expert_ptr, offset_ptr, P, NB,
     tl.store(block_expert_ptr + row // BM, s_exp, mask=valid)
 
 
-def align_triton(flat_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
+def align_triton(flat_ids: torch.Tensor, experts: int, bm: int, pdl: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     p = flat_ids.numel()
     nb = num_blocks(p, experts, bm)
     rows = torch.empty(nb * bm, dtype=torch.int32, device=flat_ids.device)
@@ -99,7 +103,7 @@ def align_triton(flat_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.T
     scratch = torch.empty(eb, dtype=torch.int32, device=flat_ids.device)
     pb = max(16, triton.next_power_of_2(p))
     _align_kernel[(1,)](flat_ids, rows, block_expert, scratch, p, nb, E=experts, BM=bm, PB=pb, EB=eb,
-                        FILL=1024, num_warps=4 if pb <= 1024 else 8)
+                        FILL=1024, PDL=pdl, num_warps=4 if pb <= 1024 else 8, **launch_options(pdl))
     return rows, block_expert
 
 
@@ -319,7 +323,8 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, rows_ptr, block_
                     K: tl.constexpr, E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     EVEN_K: tl.constexpr, COLS_FIRST: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr,
                     FP8: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr, ACT8: tl.constexpr,
-                    QX: tl.constexpr, QH: tl.constexpr):
+                    QX: tl.constexpr, QH: tl.constexpr, PDL: tl.constexpr):
+    grid_dependency(PDL)
     # x [T, H]; w = gate_up [E, 2I, H] (gate rows [0, I), up rows [I, 2I)); h [P, I]; FP8: w is fp8 and s_ptr its
     # block scales (BR x BC blocks), else s_ptr is unused; ACT8 (W8A8, with FP8): x is fp8 too, as_ptr its scales
     # [T, AG] (one per BC columns), or with QX x is in the activations' dtype and quantised here (BK = BC); QH: h
@@ -393,7 +398,8 @@ def _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, co
 def _down_kernel(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, block_expert_ptr, P, H, I, SR, SC, AG,
                  E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
                  COLS_FIRST: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, FP8: tl.constexpr,
-                 BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr, ACT8: tl.constexpr):
+                 BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr, ACT8: tl.constexpr, PDL: tl.constexpr):
+    grid_dependency(PDL)
     # h [P, I]; w = down [E, H, I]; y [P, H] = round(round(h @ w^T) * routed weight of the pair); FP8 / ACT8 as in
     # _gate_up_kernel (ACT8: h is fp8, as_ptr its scales [P, AG])
     blk, col = _block_and_column(COLS_FIRST)
@@ -426,7 +432,8 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
 
 @triton.jit
 def _sum_pairs_kernel(y_ptr, ids_ptr, h_ptr, out_ptr, H, E, K: tl.constexpr, BLOCK: tl.constexpr,
-                      HAS_RES: tl.constexpr):
+                      HAS_RES: tl.constexpr, PDL: tl.constexpr):
+    grid_dependency(PDL)
     # out[t] = [h[t] +] round(sum_k y[t*K + k] over the pairs whose expert is held here, id < E): the experts' output
     # accumulated in fp32 and rounded once, then the residual add rounded
     t = tl.program_id(0).to(tl.int64)
@@ -443,25 +450,27 @@ def _sum_pairs_kernel(y_ptr, ids_ptr, h_ptr, out_ptr, H, E, K: tl.constexpr, BLO
     tl.store(out_ptr + t * H + c, acc.to(dt), mask=m)
 
 
-def sum_pairs(y: torch.Tensor, topk_ids: torch.Tensor, experts: int, residual: torch.Tensor | None = None
-              ) -> torch.Tensor:
+def sum_pairs(y: torch.Tensor, topk_ids: torch.Tensor, experts: int, residual: torch.Tensor | None = None,
+              pdl: bool = False) -> torch.Tensor:
     """y [T*K, H] pair outputs -> [T, H]: each token's K pairs summed in fp32 and rounded once (pairs with id
-    ``experts`` -- held elsewhere -- left out), plus ``residual`` [T, H] (rounded again) if given."""
+    ``experts`` -- held elsewhere -- left out), plus ``residual`` [T, H] (rounded again) if given. ``pdl``: launch
+    with programmatic dependent launch (kernels.pdl)."""
     t, k = topk_ids.shape
     hidden = y.shape[1]
     out = torch.empty(t, hidden, dtype=y.dtype, device=y.device)
     block = 1024
     _sum_pairs_kernel[(t, triton.cdiv(hidden, block))](y, topk_ids.contiguous(), y if residual is None else residual,
                                                        out, hidden, experts, K=k, BLOCK=block,
-                                                       HAS_RES=residual is not None, num_warps=4)
+                                                       HAS_RES=residual is not None, PDL=pdl, num_warps=4,
+                                                       **launch_options(pdl))
     return out
 
 
 def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
-                 down: torch.Tensor, scales: ExpertScales | None = None, config: MoeConfig | None = None
-                 ) -> torch.Tensor:
+                 down: torch.Tensor, scales: ExpertScales | None = None, config: MoeConfig | None = None,
+                 pdl: bool = False) -> torch.Tensor:
     """Each (token, expert) pair's weighted expert output, y [P, H] in x's dtype (pair p = t*K + k), before the
-    K-sum."""
+    K-sum. ``pdl``: launch the kernels with programmatic dependent launch (kernels.pdl)."""
     cfg = config or DEFAULT.moe_config(topk_ids.numel(), scales)
     if scales is not None:  # a reduction tile within one scale block, and at least as wide as tl.dot takes
         least = fp8_min_block_width(scales)
@@ -471,9 +480,9 @@ def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, 
         bc = scales.block[1]
         cfg = dataclasses.replace(cfg, bk=min(max(cfg.bk, least), bc), down_bk=min(max(cfg.down_bk, least), bc))
     x = x.contiguous()
-    rows, block_expert = align(topk_ids, gate_up.shape[0], cfg.bm)
-    h, h_scales = gate_up_pairs(x, topk_ids.shape, rows, block_expert, gate_up, cfg, scales)
-    return down_pairs(h, topk_w, rows, block_expert, down, cfg, scales, h_scales, x.dtype)
+    rows, block_expert = align(topk_ids, gate_up.shape[0], cfg.bm, pdl)
+    h, h_scales = gate_up_pairs(x, topk_ids.shape, rows, block_expert, gate_up, cfg, scales, pdl)
+    return down_pairs(h, topk_w, rows, block_expert, down, cfg, scales, h_scales, x.dtype, pdl)
 
 
 def fused_act_quant(cfg: MoeConfig, scales: ExpertScales | None) -> tuple[bool, bool]:
@@ -486,11 +495,12 @@ def fused_act_quant(cfg: MoeConfig, scales: ExpertScales | None) -> tuple[bool, 
     return True, cfg.bn % scales.block[1] == 0
 
 
-def align(topk_ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, block_expert) for these routing choices (see the module docstring)."""
+def align(topk_ids: torch.Tensor, experts: int, bm: int, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, block_expert) for these routing choices (see the module docstring); ``pdl`` for decode-sized
+    routings (the wide kernel of long prompts launches plainly)."""
     flat = topk_ids.reshape(-1)
     if flat.numel() <= ALIGN_KERNEL_MAX_PAIRS:
-        return align_triton(flat, experts, bm)
+        return align_triton(flat, experts, bm, pdl)
     return align_wide(flat, experts, bm)
 
 
@@ -508,7 +518,7 @@ def _scale_args(scales: ExpertScales | None, w_scales: torch.Tensor | None, weig
 
 
 def gate_up_pairs(x: torch.Tensor, routed: torch.Size, rows: torch.Tensor, block_expert: torch.Tensor,
-                  gate_up: torch.Tensor, cfg: MoeConfig, scales: ExpertScales | None = None
+                  gate_up: torch.Tensor, cfg: MoeConfig, scales: ExpertScales | None = None, pdl: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(h [P, I], its scales or None): h = silu(x[token] @ gate^T) * (x[token] @ up^T) per pair, for aligned rows;
     x contiguous [>= T, H] in the activations' dtype, routed = (T, K) the routing's shape. W8A8
@@ -529,9 +539,10 @@ def gate_up_pairs(x: torch.Tensor, routed: torch.Size, rows: torch.Tensor, block
     arg, tma = _weight_arg(gate_up, cfg.tma, inter, cfg.bn, cfg.bk)
     s_ptr, as_ptr, sr, sc, ag, fp8 = _scale_args(scales, scales.gate_up if scales else None, gate_up, x_scales)
     _gate_up_kernel[grid](
-        x, arg, s_ptr, as_ptr, h, h if h_scales is None else h_scales, rows, block_expert, p, h_dim, inter, sr, sc, ag, K=k, E=e,
-        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, EVEN_K=h_dim % cfg.bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split,
-        TMA=tma, SWAP=cfg.swap, QX=qx, QH=qh, **fp8, num_warps=cfg.warps,
+        x, arg, s_ptr, as_ptr, h, h if h_scales is None else h_scales, rows, block_expert, p, h_dim, inter, sr, sc,
+        ag, K=k, E=e, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, EVEN_K=h_dim % cfg.bk == 0, COLS_FIRST=cols_first,
+        SPLIT=cfg.split, TMA=tma, SWAP=cfg.swap, QX=qx, QH=qh, **fp8, PDL=pdl, num_warps=cfg.warps,
+        **launch_options(pdl),
         # x; gate, up -- an fp8 weight tile is dequantised into a tile of x's dtype (fp8 too for W8A8), so it is
         # counted at that size
         num_stages=fit_stages(cfg.stages, (cfg.bm + 2 * cfg.bn) * cfg.bk * x.element_size()))
@@ -542,7 +553,8 @@ def gate_up_pairs(x: torch.Tensor, routed: torch.Size, rows: torch.Tensor, block
 
 def down_pairs(h: torch.Tensor, topk_w: torch.Tensor, rows: torch.Tensor, block_expert: torch.Tensor,
                down: torch.Tensor, cfg: MoeConfig, scales: ExpertScales | None = None,
-               h_scales: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+               h_scales: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, pdl: bool = False
+               ) -> torch.Tensor:
     """y [P, H] = round(h @ down^T) times each pair's routed weight, for aligned rows. W8A8: h is fp8 with
     ``h_scales`` [P, I / block width], and y comes out in ``out_dtype``."""
     e, h_dim, inter = down.shape
@@ -556,7 +568,7 @@ def down_pairs(h: torch.Tensor, topk_w: torch.Tensor, rows: torch.Tensor, block_
         h, arg, s_ptr, as_ptr, y, topk_w.reshape(-1).to(dtype), rows, block_expert, p, h_dim, inter, sr, sc, ag,
         E=e, BM=cfg.bm, BN=cfg.down_bn, BK=cfg.down_bk,
         EVEN_K=inter % cfg.down_bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split, TMA=tma, SWAP=cfg.swap, **fp8,
-        num_warps=cfg.down_warps,
+        PDL=pdl, num_warps=cfg.down_warps, **launch_options(pdl),
         num_stages=fit_stages(cfg.down_stages, (cfg.bm + cfg.down_bn) * cfg.down_bk * h.element_size()))
     return y
 
