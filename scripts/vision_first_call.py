@@ -1,9 +1,8 @@
 """What an image of a new size costs on stage 0, as serving runs the tower (fused blocks replayed from CUDA graphs,
 ``runtime.vision_graph``), under two policies in the same run:
 - old: one graph per grid list, captured at its first sight (``buckets=False, exact_after=1``);
-- new: the padded bucket graph until a size has been seen ``exact_after`` (4) times, then its own graph.
-For each policy, wall time of calls 1..5 of each new grid (call 4 captures the exact graph under the new policy;
-call 5 is the steady state). Each policy gets its own sizes, so that neither finds the other's attention plans.
+- new: the padded bucket graph of its patch count, on every sight (the first size of a bucket pays its capture).
+For each policy, wall time of calls 1..5 of each new grid (call 5 is the steady state). Each policy gets its own sizes, so that neither finds the other's attention plans.
 Real 235B vision dimensions, random weights, bf16. Usage on a GPU machine (~1 minute):
 
     PYTHONPATH=src python3 scripts/vision_first_call.py

@@ -26,21 +26,24 @@ def test_bucket_rows_pad_at_most_an_eighth_and_hold_whole_merge_blocks():
     assert len({bucket_rows(n) for n in range(4, 16385, 4)}) <= 8 * 6 + 1  # 8 per doubling above 256
 
 
-def test_policy_buckets_new_sizes_and_captures_repeated_ones():
+def test_policy_buckets_every_sight_and_captures_repeated_lists_no_bucket_fits():
     policy = VisionGraphPolicy(max_graphs=2, exact_after=3, slots=8)
-    assert policy.choose("a", [4096]) == (BUCKET, 4096)
+    for _ in range(5):  # the same answer however often a size is seen
+        assert policy.choose("a", [4096]) == (BUCKET, 4096)
     assert policy.choose("b", [3844]) == (BUCKET, 4096)  # another size, the same bucket
-    assert policy.choose("a", [4096]) == (BUCKET, 4096)
-    assert policy.choose("a", [4096]) == (CAPTURE, 0)  # the third sight
-    policy.keep("a", "graph a")
-    assert policy.choose("a", [4096]) == (EXACT, 0) and policy.exact["a"] == "graph a"
-    for key in ("b", "c"):
+    many = [64] * 8  # 8 segments and the padding need 9 code slots: no bucket
+    assert policy.choose("m", many) == (EAGER, 0)
+    assert policy.choose("m", many) == (EAGER, 0)
+    assert policy.choose("m", many) == (CAPTURE, 0)  # the third sight
+    policy.keep("m", "graph m")
+    assert policy.choose("m", many) == (EXACT, 0) and policy.exact["m"] == "graph m"
+    for key in ("n", "o"):
         for _ in range(3):
-            kind, _ = policy.choose(key, [1000])
+            kind, _ = policy.choose(key, many)
         assert kind == CAPTURE
         policy.keep(key, f"graph {key}")
-    assert list(policy.exact) == ["b", "c"]  # "a", least recently used, went out
-    assert policy.choose("a", [4096]) == (BUCKET, 4096)  # and counts its sightings again
+    assert list(policy.exact) == ["n", "o"]  # "m", least recently used, went out
+    assert policy.choose("m", many) == (EAGER, 0)  # and counts its sightings again
 
 
 def test_policy_falls_back_to_eager_where_no_bucket_fits():
@@ -60,10 +63,11 @@ def test_policy_falls_back_to_eager_where_no_bucket_fits():
 
 def test_policy_remembers_a_bounded_number_of_sizes():
     policy = VisionGraphPolicy(exact_after=2, remember=3)
+    many = [64] * 8
     for key in range(10):
-        policy.choose(key, [256])
+        policy.choose(key, many)
     assert list(policy.seen) == [7, 8, 9]
-    assert policy.choose(0, [256])[0] == BUCKET and policy.choose(9, [256])[0] == CAPTURE
+    assert policy.choose(0, many)[0] == EAGER and policy.choose(9, many)[0] == CAPTURE
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -7,9 +7,10 @@ plans) costs ~100 ms, so a new image size does not get one (``runtime.vision_pol
 - a bucket graph: the tower over a padded patch count (``BucketTower``) whose per-image data -- pixels, position
   embedding taps, rotary coordinates, each row's segment -- are inputs in device memory. Every grid list of the
   bucket replays it; its attention is one dense SDPA with the segments coded in extra head columns
-  (``kernels.vision_attention.coded_attention``). Bucket graphs exist only with fused blocks.
-- an exact graph per grid list, captured once the list has been seen ``exact_after`` times: the steady state of a
-  repeated size runs the unpadded computation, as one graph per shape always did.
+  (``kernels.vision_attention.coded_attention``). Bucket graphs exist only with fused blocks. A grid list a
+  bucket fits runs there on every sight, so its answer never depends on how often its size was seen.
+- an exact graph per grid list no bucket fits (more segments than the code slots, long videos), captured once the
+  list has been seen ``exact_after`` times; until then it runs eagerly, which computes the same bits.
 All graphs of one runner share one memory pool: they replay one at a time and their outputs are cloned at once,
 so the memory they hold is the largest one's activations, not the sum.
 """

@@ -1,11 +1,15 @@
 """Which way the graphed vision tower runs a grid list: pure bookkeeping, no GPU (tests/test_kernels_cpu.py).
 
-- EXACT: replay the CUDA graph captured for exactly this grid list (least recently used out past ``max_graphs``).
-- CAPTURE: capture one for it now: a grid list seen ``exact_after`` times (its later calls are the steady state).
 - BUCKET: replay the graph of its bucket, a padded patch count whose graph reads the per-image data (tables,
   segments) from device memory, so a new image size costs no capture (``runtime.vision_graph.BucketTower``).
+  Every grid list a bucket fits runs there, on every sight: the padded computation's result differs from the
+  unpadded one by summation order, and a request must not change its answer with how often its size was seen.
+- EXACT: replay the CUDA graph captured for exactly this grid list (least recently used out past ``max_graphs``):
+  grid lists no bucket fits, whose unpadded graph computes the very bits the eager tower does.
+- CAPTURE: capture one for it now: such a grid list seen ``exact_after`` times (its later calls are the steady
+  state).
 - EAGER: run the tower without a graph: past ``max_patches`` (launch overhead matters little there, and a graph
-  keeps its activations), or a new grid list no bucket fits.
+  keeps its activations), or a grid list no bucket fits, before its ``exact_after``-th sight.
 A bucket fits when the grid list has at most ``slots - 1`` segments (the padding rows take one code slot) and its
 one dense attention over the bucket's rows costs at most ``dense_limit`` times the per-segment attention (a video's
 slices would pay rows^2 against the sum of their squares), or the bucket is at most ``dense_floor`` rows.
@@ -46,6 +50,9 @@ class VisionGraphPolicy:
         n = sum(segments)
         if n > self.max_patches:
             return EAGER, 0
+        rows = self.bucket(segments)
+        if rows:
+            return BUCKET, rows
         if key in self.exact:
             self.exact.move_to_end(key)
             return EXACT, 0
@@ -55,8 +62,7 @@ class VisionGraphPolicy:
             self.seen.popitem(last=False)
         if self.exact_after is not None and seen >= self.exact_after:
             return CAPTURE, 0
-        rows = self.bucket(segments)
-        return (BUCKET, rows) if rows else (EAGER, 0)
+        return EAGER, 0
 
     def bucket(self, segments: list[int]) -> int:
         """The bucket's rows for these segments, or 0 where none fits."""
