@@ -20,6 +20,7 @@ import torch
 from ..model.kv_cache import KVCache
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..parallel.group import StageGroup
+from .host_phases import HostPhases
 from .payload import StepPayload, TokenPayload, to_wire
 from .transport import StageFailure
 
@@ -54,6 +55,7 @@ class StageRuntime:
         self.busy_s = 0.0  # time spent computing steps (GPU time on CUDA)
         self.steps = 0
         self._timers: list[_GpuTimer] = []
+        self.host_phases: HostPhases | None = None  # opt-in host timers (bench-pipeline), off by default
 
     def signal(self, kind: str) -> None:
         """A leader passes 'heartbeat' / 'stop' on to the stage's other ranks."""
@@ -69,6 +71,8 @@ class StageRuntime:
         timer = _GpuTimer(self.device) if self.device.type == "cuda" else None
         with torch.inference_mode():
             out = self._forward(p)
+            if self.host_phases:
+                self.host_phases.lap("launch")
             if not self.leads:
                 result = None
             elif self.model.has_head:
@@ -120,6 +124,8 @@ class StageRuntime:
         """Tokens [B] in layout order: sampled for decoding sequences and finished prompts, -1 for open prompts
         (a chunk short of the prompt's end, or a preempted sequence computed again: its logits row is dropped);
         and the log-probabilities of the rows that asked for them (TokenPayload.logprobs), or None when no row did."""
+        if self.host_phases:
+            self.host_phases.wait(self.device)
         for sid in p.released:
             self.sampler.release(sid)
         ids = p.input_ids.tolist()
@@ -134,11 +140,15 @@ class StageRuntime:
         logprobs: list | None = None
         if rows:
             drawn = self.sampler.sample([p.seq_ids[i] for i in rows], logits[rows])
+            if self.host_phases:
+                self.host_phases.lap("sample")
             tokens[rows] = drawn.tokens.cpu()
             if any(lp is not None for lp in drawn.logprobs):
                 logprobs = [None] * len(p.seq_ids)
                 for i, lp in zip(rows, drawn.logprobs):
                     logprobs[i] = None if lp is None else [lp.logprob, [list(t) for t in lp.top]]
+        if self.host_phases:
+            self.host_phases.lap("tokens")
         return tokens, logprobs
 
 
