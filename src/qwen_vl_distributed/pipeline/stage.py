@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..model.batch import to_device
 from ..model.kv_cache import KVCache
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..parallel.group import StageGroup
@@ -95,15 +96,20 @@ class StageRuntime:
             if self.group is not None and self.leads:
                 self.group.share(*to_wire(p, visual=True))
             return self.model(
-                positions=p.positions.to(self.device),
+                positions=self._on_device(p.positions),
                 layout=p.layout,
                 cache=self.cache,
-                input_ids=p.input_ids.to(self.device) if self.model.has_embed else None,
+                input_ids=self._on_device(p.input_ids) if self.model.has_embed else None,
                 hidden=p.hidden.to(self.device, non_blocking=True) if p.hidden is not None else None,
                 visual=p.visual.to(self.device) if p.visual is not None else None,
             )
         except RuntimeError as e:  # a collective whose peer died or hung (the backends raise plain RuntimeErrors)
             raise self._collective_failure(e) from None
+
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the stage's device; from the host through pinned memory, queued: a plain ``.to`` waits for
+        the stream, that is for every step still running on the GPU, before the host may launch the next."""
+        return to_device(t, self.device) if t.device.type == "cpu" else t.to(self.device)
 
     def _collective_failure(self, e: RuntimeError) -> Exception:
         """A StageFailure naming the stage's ranks for an error of one of its collectives; ``e`` itself otherwise."""
@@ -139,7 +145,8 @@ class StageRuntime:
         tokens = torch.full((len(p.seq_ids),), -1, dtype=torch.long)
         logprobs: list | None = None
         if rows:
-            drawn = self.sampler.sample([p.seq_ids[i] for i in rows], logits[rows])
+            drawn = self.sampler.sample([p.seq_ids[i] for i in rows],
+                                        logits if len(rows) == len(p.seq_ids) else logits[rows])
             if self.host_phases:
                 self.host_phases.lap("sample")
             tokens[rows] = drawn.tokens.cpu()
