@@ -1,5 +1,6 @@
 """``qwen-vl bench-pipeline``: the S-stage pipeline end to end (engine, processes, transport) on random weights of
-real dimensions: per-token latency of one sequence, and throughput with several sequences in flight."""
+real dimensions: per-token latency of one sequence, throughput with several sequences in flight, and (one stage)
+the host's share of a decode step at several batch sizes (bench.host_share)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import time
 
 import torch
 
+from ..bench.host_share import BATCHES, host_share
 from ..engine.build import RunOptions, start_engine
 from ..engine.engine import Prompt
 from ..engine.sampling import SamplingParams
+from ..errors import UserError
 from ..model.config import PRESETS
 
 
@@ -30,6 +33,10 @@ def add_parser(sub) -> None:
                    help="experts quantised to fp8 (128x128 blocks) and kept so, as a run of an FP8 release keeps them")
     p.add_argument("--w8a8", action="store_true",
                    help="as --fp8, and the experts' inputs quantised too (--fp8-experts w8a8)")
+    p.add_argument("--host-batches", default=None,
+                   help="batch sizes of the host-share section, e.g. 1,4,8 (default with --stages 1: "
+                        f"{','.join(map(str, BATCHES))}; 0: skip it); needs --stages 1")
+    p.add_argument("--host-steps", type=int, default=32, help="decode steps timed per batch size (host share)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.set_defaults(run=run)
 
@@ -66,11 +73,33 @@ def _phases(snaps: list[list[dict]]) -> list[dict]:
     return out
 
 
+def _host_batches(args) -> tuple[int, ...]:
+    """The host-share section's batch sizes; () to skip it."""
+    if args.host_steps < 1:
+        raise UserError(f"--host-steps {args.host_steps}: must be at least 1")
+    if args.host_batches is None:
+        return BATCHES if args.stages == 1 else ()
+    try:
+        sizes = tuple(int(x) for x in args.host_batches.split(","))
+    except ValueError:
+        raise UserError(f"--host-batches {args.host_batches!r}: expected batch sizes like 1,4,8") from None
+    if sizes == (0,):
+        return ()
+    if any(b < 1 for b in sizes):
+        raise UserError(f"--host-batches {args.host_batches!r}: batch sizes must be at least 1")
+    if args.stages != 1:
+        raise UserError("--host-batches: the host-share section times the stage in the driver's process; "
+                        "run it with --stages 1")
+    return sizes
+
+
 def run(args) -> int:
     n_seq = args.sequences or 4 * args.stages
+    batches = _host_batches(args)
+    new = max(args.new_tokens, 2 * args.host_steps + 8 if batches else 0)
     opts = RunOptions(model=None, stages=args.stages, device=args.device,
-                      dtype="bfloat16" if args.device == "cuda" else "float32", max_batch=max(n_seq, 1),
-                      max_len=args.prompt_len + args.new_tokens + 8, quiet=True, random_preset=args.preset,
+                      dtype="bfloat16" if args.device == "cuda" else "float32", max_batch=max(n_seq, *batches, 1),
+                      max_len=args.prompt_len + new + 8, quiet=True, random_preset=args.preset,
                       random_layers=args.layers, random_fp8=args.fp8 or args.w8a8,
                       fp8_experts="w8a8" if args.w8a8 else "keep")
     handle = start_engine(opts)
@@ -86,6 +115,7 @@ def run(args) -> int:
                                    temperature=args.temperature)
         tokens = sum(len(s.output) for s in seqs)
         snaps.append(engine.executor.stage_stats())
+        host = host_share(engine, batches, args.prompt_len, args.host_steps, args.temperature, seed=4)
     finally:
         handle.close()
     result = {
@@ -104,6 +134,8 @@ def run(args) -> int:
                        "outputs_digest": hashlib.sha256(json.dumps([s.output for s in seqs]).encode()).hexdigest()[:16]},
         "stage_busy_s": _phases(snaps),
     }
+    if batches:
+        result["host_share"] = host
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

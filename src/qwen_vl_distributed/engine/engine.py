@@ -45,6 +45,7 @@ from ..model.config import ModelConfig
 from ..model.kv_cache import blocks_for
 from ..model.positions import IMAGE, VIDEO, rope_positions, token_types, visual_items
 from ..model.qwen3_vl import VisualInputs
+from ..pipeline.host_phases import HostPhases
 from ..pipeline.payload import StepPayload
 from ..pipeline.plan import DEFAULT_KV_BLOCK_SIZE
 from .kv_blocks import BlockPool, MediaSpan, name_blocks
@@ -180,6 +181,7 @@ class Engine:
         self._counts = {"prompt_tokens": 0, "cached_tokens": 0, "computed_tokens": 0, "preemptions": 0}
         self._ids = itertools.count()
         self._step = itertools.count()
+        self.host_phases: HostPhases | None = None  # opt-in host timers (bench-pipeline), off by default
 
     # -- requests ---------------------------------------------------------------------------------------------------
     def check(self, prompt_len: int, max_new_tokens: int) -> int:
@@ -244,6 +246,8 @@ class Engine:
     # -- the loop -------------------------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         """Admit, submit a step for every idle group, then collect one finished step's tokens."""
+        if self.host_phases:
+            self.host_phases.begin()
         self._admit()
         for g in range(self.num_groups):
             if g not in self.in_flight:
@@ -332,9 +336,13 @@ class Engine:
     # -- steps ----------------------------------------------------------------------------------------------------
     def _submit(self, group: int) -> None:
         members = self._step_members(group)
+        if self.host_phases:
+            self.host_phases.lap("schedule")
         if not members:
             return
         payload = self._build_step(group, members)
+        if self.host_phases:
+            self.host_phases.lap("payload")
         self.in_flight[group] = members
         self.order.append(group)
         self.executor.submit(payload)
@@ -494,6 +502,8 @@ class Engine:
             if s.done:
                 s.t_done = now
                 self._release(s)
+        if self.host_phases:
+            self.host_phases.lap("bookkeeping")
         return events
 
     def _release(self, seq: Sequence) -> None:

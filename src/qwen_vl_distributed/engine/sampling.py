@@ -311,17 +311,22 @@ def draw(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Seq
     logits = apply_bias(apply_penalties(given, params, histories or [None] * B), params, banned)
     if bitmask is not None:  # (in place: on a copy, never on the caller's logits)
         logits = apply_bitmask(logits.clone() if logits is given else logits, *bitmask)
-    out = logits.argmax(dim=-1)
-    temps = _col([1.0 if p.greedy else p.temperature for p in params], logits)
-    scaled = logits / temps if any(not p.greedy for p in params) else logits
     rows = [i for i, p in enumerate(params) if not p.greedy]
-    if rows:
-        sel = torch.tensor(rows, device=logits.device)
-        kept = filter_top_k_top_p(scaled[sel], [params[i].top_k for i in rows], [params[i].top_p for i in rows],
-                                  [params[i].min_p for i in rows])
-        probs = kept.softmax(dim=-1)
-        noise = torch.stack([_exponential(V, generators[i], logits.device) for i in rows])
-        out[sel] = (probs / noise).argmax(dim=-1)
+    if not rows:
+        out = logits.argmax(dim=-1)
+        return Draw(out, _logprobs(logits, out, params))
+    scaled = logits / _col([1.0 if p.greedy else p.temperature for p in params], logits)
+    every = len(rows) == B  # every row samples (the common case): no gather, no scatter, no greedy argmax
+    sel = None if every else torch.tensor(rows, device=logits.device)
+    kept = filter_top_k_top_p(scaled if every else scaled[sel], [params[i].top_k for i in rows],
+                              [params[i].top_p for i in rows], [params[i].min_p for i in rows])
+    noise = torch.stack([_exponential(V, generators[i], logits.device) for i in rows])
+    drawn = (kept.softmax(dim=-1) / noise).argmax(dim=-1)
+    if every:
+        out = drawn
+    else:
+        out = logits.argmax(dim=-1)
+        out[sel] = drawn
     return Draw(out, _logprobs(scaled, out, params))
 
 

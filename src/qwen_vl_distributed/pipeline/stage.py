@@ -17,9 +17,11 @@ from typing import Any, Protocol
 
 import torch
 
+from ..model.batch import to_device
 from ..model.kv_cache import KVCache
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..parallel.group import StageGroup
+from .host_phases import HostPhases
 from .payload import StepPayload, TokenPayload, to_wire
 from .transport import StageFailure
 
@@ -54,6 +56,7 @@ class StageRuntime:
         self.busy_s = 0.0  # time spent computing steps (GPU time on CUDA)
         self.steps = 0
         self._timers: list[_GpuTimer] = []
+        self.host_phases: HostPhases | None = None  # opt-in host timers (bench-pipeline), off by default
 
     def signal(self, kind: str) -> None:
         """A leader passes 'heartbeat' / 'stop' on to the stage's other ranks."""
@@ -69,6 +72,8 @@ class StageRuntime:
         timer = _GpuTimer(self.device) if self.device.type == "cuda" else None
         with torch.inference_mode():
             out = self._forward(p)
+            if self.host_phases:
+                self.host_phases.lap("launch")
             if not self.leads:
                 result = None
             elif self.model.has_head:
@@ -91,15 +96,20 @@ class StageRuntime:
             if self.group is not None and self.leads:
                 self.group.share(*to_wire(p, visual=True))
             return self.model(
-                positions=p.positions.to(self.device),
+                positions=self._on_device(p.positions),
                 layout=p.layout,
                 cache=self.cache,
-                input_ids=p.input_ids.to(self.device) if self.model.has_embed else None,
+                input_ids=self._on_device(p.input_ids) if self.model.has_embed else None,
                 hidden=p.hidden.to(self.device, non_blocking=True) if p.hidden is not None else None,
                 visual=p.visual.to(self.device) if p.visual is not None else None,
             )
         except RuntimeError as e:  # a collective whose peer died or hung (the backends raise plain RuntimeErrors)
             raise self._collective_failure(e) from None
+
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the stage's device; from the host through pinned memory, queued: a plain ``.to`` waits for
+        the stream, that is for every step still running on the GPU, before the host may launch the next."""
+        return to_device(t, self.device) if t.device.type == "cpu" else t.to(self.device)
 
     def _collective_failure(self, e: RuntimeError) -> Exception:
         """A StageFailure naming the stage's ranks for an error of one of its collectives; ``e`` itself otherwise."""
@@ -120,6 +130,8 @@ class StageRuntime:
         """Tokens [B] in layout order: sampled for decoding sequences and finished prompts, -1 for open prompts
         (a chunk short of the prompt's end, or a preempted sequence computed again: its logits row is dropped);
         and the log-probabilities of the rows that asked for them (TokenPayload.logprobs), or None when no row did."""
+        if self.host_phases:
+            self.host_phases.wait(self.device)
         for sid in p.released:
             self.sampler.release(sid)
         ids = p.input_ids.tolist()
@@ -133,12 +145,17 @@ class StageRuntime:
         tokens = torch.full((len(p.seq_ids),), -1, dtype=torch.long)
         logprobs: list | None = None
         if rows:
-            drawn = self.sampler.sample([p.seq_ids[i] for i in rows], logits[rows])
+            drawn = self.sampler.sample([p.seq_ids[i] for i in rows],
+                                        logits if len(rows) == len(p.seq_ids) else logits[rows])
+            if self.host_phases:
+                self.host_phases.lap("sample")
             tokens[rows] = drawn.tokens.cpu()
             if any(lp is not None for lp in drawn.logprobs):
                 logprobs = [None] * len(p.seq_ids)
                 for i, lp in zip(rows, drawn.logprobs):
                     logprobs[i] = None if lp is None else [lp.logprob, [list(t) for t in lp.top]]
+        if self.host_phases:
+            self.host_phases.lap("tokens")
         return tokens, logprobs
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.batch import SeqLayout
+from ..model.batch import SeqLayout, to_device
 from ..model.kv_cache import KVCache
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..model.rope import mrope_axis_tensor, text_inv_freq
@@ -168,7 +168,9 @@ class DecodeGraphs:
 
     def load(self, tables: list[list[int]], starts: list[int], positions: torch.Tensor,
              input_ids: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> int:
-        """Copy one step's inputs into the static buffers, padding to the bucket; returns the bucket."""
+        """Copy one step's inputs into the static buffers, padding to the bucket; returns the bucket. The host
+        lists go over in one pinned copy, queued without a stream sync: per row its start, the block and offset its
+        k/v go to, and its block table, zero-padded."""
         n = len(starts)
         b = self.bucket(n)
         bs = self.cache.block_size
@@ -177,13 +179,10 @@ class DecodeGraphs:
         width = max(len(t) for t in self._host.block_tables)
         if width > self.tables.shape[1]:
             raise ValueError(f"a block table of {width} blocks is wider than the cache's {self.tables.shape[1]}")
-        table = torch.zeros(b, width, dtype=torch.int32)
-        for i, t in enumerate(self._host.block_tables):
-            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        self.tables[:b, :width].copy_(table, non_blocking=True)
-        pos = torch.tensor(self._host.starts)
-        rows = torch.stack([pos, table.long().gather(1, (pos // bs)[:, None])[:, 0], pos % bs])
-        self.rows[:, :b].copy_(rows, non_blocking=True)
+        packed = to_device(torch.tensor([[s, t[s // bs], s % bs] + t + [0] * (width - len(t))
+                                         for s, t in zip(self._host.starts, self._host.block_tables)]), self.device)
+        self.rows[:, :b].copy_(packed[:, :3].T)
+        self.tables[:b, :width].copy_(packed[:, 3:])
         self.positions[:, :n].copy_(positions, non_blocking=True)
         self.positions[:, n:b].zero_()
         if self.model.has_embed:

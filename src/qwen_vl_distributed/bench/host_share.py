@@ -1,0 +1,106 @@
+"""The host's share of a decode step (bench-pipeline's ``host_share`` section), for a one-stage engine.
+
+For each batch size B: the engine's decode step wall time in steady state (B sequences decoding, many steps,
+timers off), against the device time of the same step alone -- the stage's captured decode graph for B replayed
+back to back (it holds the embedding, the layers, the final norm and lm_head) and the sampler's draw on its
+logits, both timed with CUDA events -- and a per-phase breakdown of the host's part from ``HostPhases`` (a second
+run of as many steps with the timers on). With one stage nothing overlaps the host's work with the GPU's: what
+the step takes beyond replay and draw is the host's share. On CPU the "replay" is the same decode step run eagerly
+on the graph's buffers, timed by the clock, so that the section runs (and is tested) without a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..engine.engine import Engine, Prompt
+from ..engine.sampling import SamplingParams, draw, make_generator
+from ..pipeline.host_phases import HostPhases
+from ..runtime.cuda_graph import DecodeGraphs
+
+BATCHES = (1, 4, 8)
+WARM_STEPS = 3
+
+
+def host_share(engine: Engine, batches: tuple[int, ...], prompt_len: int, steps: int, temperature: float,
+               seed: int) -> list[dict]:
+    """One row per batch size (see the module's docstring); ``engine`` must run its one stage in this process."""
+    runtime = engine.executor.runtime
+    return [_batch_row(engine, runtime, b, prompt_len, steps, temperature, seed + b) for b in batches]
+
+
+def _batch_row(engine: Engine, runtime, b: int, prompt_len: int, steps: int, temperature: float,
+               seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    seqs = [engine.add(Prompt(torch.randint(1000, 100000, (prompt_len,), generator=g).tolist()),
+                       SamplingParams(temperature=temperature, seed=seed * 1000 + i, stop_token_ids=(),
+                                      max_new_tokens=2 * steps + WARM_STEPS + 1))
+            for i in range(b)]
+    while any(s.t_first_token is None for s in seqs):  # the prompts' steps
+        engine.step()
+    for _ in range(WARM_STEPS):
+        engine.step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    step_s = (time.perf_counter() - t0) / steps
+    phases = HostPhases()
+    engine.host_phases = runtime.host_phases = phases
+    try:
+        for _ in range(steps):
+            engine.step()
+    finally:
+        engine.host_phases = runtime.host_phases = None
+    if any(len(s.output) != 2 * steps + WARM_STEPS + 1 for s in seqs) or engine.has_work():
+        raise RuntimeError(f"host share, batch {b}: the measured steps were not all {b}-row decode steps")
+    replay_ms, captured, logits = _replay_ms(runtime, b, steps)
+    sample_ms = _sample_ms(logits, temperature, steps)
+    step_ms = step_s * 1e3
+    host_ms = step_ms - replay_ms - sample_ms
+    return {"batch": b, "step_ms": round(step_ms, 4), "graph_replay_ms": round(replay_ms, 4), "captured": captured,
+            "sample_ms": round(sample_ms, 4), "host_ms": round(host_ms, 4),
+            "host_share": round(host_ms / step_ms, 4), "phases_ms": phases.per_step_ms()}
+
+
+def _replay_ms(runtime, b: int, n: int) -> tuple[float, bool, torch.Tensor]:
+    """Device time of the stage's decode step for b rows alone (the graph's buffers hold the engine's last step),
+    whether it is a captured graph, and the step's logits [b, V]."""
+    graphs = getattr(runtime.model, "graphs", None)
+    if graphs is None:  # no GraphedStage (CPU): the same step, eager, on b rows in the cache's scratch block
+        graphs = DecodeGraphs(runtime.model, runtime.cache, buckets=(b,))
+        zeros = torch.zeros(b, dtype=torch.long)
+        graphs.load([[graphs.scratch]] * b, [0] * b, zeros.expand(3, -1), zeros,
+                    torch.zeros(b, runtime.model.cfg.text.hidden_size, dtype=graphs.dtype))
+    bucket = graphs.bucket(b)
+    ms = _timed_ms(lambda: graphs.replay(bucket), n, graphs.device)
+    return ms, bucket in graphs.graphs, graphs.replay(bucket)[:b].float()
+
+
+def _sample_ms(logits: torch.Tensor, temperature: float, n: int) -> float:
+    """The sampler's draw on logits [B, V] as a step makes it: each row with its own seeded generator."""
+    b = logits.shape[0]
+    params = [SamplingParams(temperature=temperature, seed=i) for i in range(b)]
+    gens = [make_generator(i, logits.device) for i in range(b)]
+    return _timed_ms(lambda: draw(logits, params, gens), n, logits.device)
+
+
+def _timed_ms(fn, n: int, device: torch.device) -> float:
+    """Mean milliseconds of ``fn`` run n times back to back after one warm-up run: CUDA events on a GPU (device
+    time, plus any gaps the host leaves between launches), the clock on CPU."""
+    with torch.inference_mode():
+        fn()
+        if device.type != "cuda":
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            return (time.perf_counter() - t0) * 1e3 / n
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        begin.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / n
