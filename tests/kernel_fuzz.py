@@ -124,12 +124,17 @@ def check_decode_attention(rng: random.Random, dtype, device, size: Size) -> Non
 
 
 def check_extend_attention(rng: random.Random, dtype, device, size: Size) -> None:
+    from qwen_vl_distributed.kernels.choices import SplitKV
     from qwen_vl_distributed.kernels.extend_attention import extend_attention
     from qwen_vl_distributed.model.attention import reference_cache_attention
 
-    split = draw_split(rng)
+    # split-KV: half the time pieces of any size (rounded up to the key step) over a grid the step's keys cannot
+    # fill, so that every block with a few key steps of prefix is cut, over long sequences; else shipped or none
+    cut = rng.random() < 0.5
+    split = (SplitKV(programs=1 << 20, min_keys=rng.randint(1, 100)) if cut
+             else rng.choice([SplitKV(), SplitKV(programs=0)]))
     b = rng.randint(1, size.batch)
-    length = rng.randint(size.length // 2 if split.programs > 1 << 16 else 2, size.length)  # cut: long prefixes
+    length = rng.randint(size.length // 2 if cut else 2, size.length)
     lens, starts = [], []
     for _ in range(b):  # prompts from 0, chunks after a cached prefix (the longest one can be), decode rows
         n = 1 if rng.random() < 0.25 else rng.randint(1, min(size.rows, length))
@@ -144,18 +149,6 @@ def check_extend_attention(rng: random.Random, dtype, device, size: Size) -> Non
     ref = reference_cache_attention(q.double(), kc.double(), vc.double(), layout, scale)
     assert_close(out, ref, dtype, "extend_attention", nh=nh, kvh=kc.shape[1], d=d, block_size=bs, starts=starts,
                  lens=lens, split=split)
-
-
-def draw_split(rng: random.Random):
-    """Split-KV of the cache attention: half the time pieces of any size (rounded up to the key step) over a grid
-    the step's keys cannot fill, so that every block past two key steps of prefix is cut; else the shipped one or
-    none."""
-    from qwen_vl_distributed.kernels.choices import SplitKV
-
-    kind = rng.randrange(4)
-    if kind < 2:  # (check_extend_attention draws long sequences for this one)
-        return SplitKV(programs=1 << 20, min_keys=rng.randint(1, 100))
-    return SplitKV() if kind == 2 else SplitKV(programs=0)
 
 
 # -- experts --------------------------------------------------------------------------------------------------------

@@ -119,7 +119,6 @@ PROMPT_ATTENTION = "triton"
 PROMPT_SDPA_MIN_TOKENS = 8192
 
 
-
 @dataclass(frozen=True)
 class SplitKV:
     """Split-KV of the Triton attention over the cache (kernels.extend_attention): a row block whose keys exceed
