@@ -124,25 +124,31 @@ def check_decode_attention(rng: random.Random, dtype, device, size: Size) -> Non
 
 
 def check_extend_attention(rng: random.Random, dtype, device, size: Size) -> None:
+    from qwen_vl_distributed.kernels.choices import SplitKV
     from qwen_vl_distributed.kernels.extend_attention import extend_attention
     from qwen_vl_distributed.model.attention import reference_cache_attention
 
+    # split-KV: half the time pieces of any size (rounded up to the key step) over a grid the step's keys cannot
+    # fill, so that every block with a few key steps of prefix is cut, over long sequences; else shipped or none
+    cut = rng.random() < 0.5
+    split = (SplitKV(programs=1 << 20, min_keys=rng.randint(1, 100)) if cut
+             else rng.choice([SplitKV(), SplitKV(programs=0)]))
     b = rng.randint(1, size.batch)
-    length = rng.randint(2, size.length)
+    length = rng.randint(size.length // 2 if cut else 2, size.length)
     lens, starts = [], []
-    for _ in range(b):  # prompts from 0, chunks after a cached prefix, decode rows
+    for _ in range(b):  # prompts from 0, chunks after a cached prefix (the longest one can be), decode rows
         n = 1 if rng.random() < 0.25 else rng.randint(1, min(size.rows, length))
         lens.append(n)
-        starts.append(0 if rng.random() < 0.3 else rng.randint(0, length - n))
+        starts.append(rng.choice([0, length - n, rng.randint(0, length - n)]))
     kc, vc, tables, nh, gen = _cache(rng, size, dtype, device, [a + n for a, n in zip(starts, lens)], length)
     d, bs = kc.shape[3], kc.shape[2]
     layout = SeqLayout(tables, starts, lens)
     q = randn(gen, layout.num_tokens, nh, d, dtype=dtype, device=device)
     scale = d ** -0.5
-    out = extend_attention(q, kc, vc, layout, scale)
+    out = extend_attention(q, kc, vc, layout, scale, split)
     ref = reference_cache_attention(q.double(), kc.double(), vc.double(), layout, scale)
     assert_close(out, ref, dtype, "extend_attention", nh=nh, kvh=kc.shape[1], d=d, block_size=bs, starts=starts,
-                 lens=lens)
+                 lens=lens, split=split)
 
 
 # -- experts --------------------------------------------------------------------------------------------------------

@@ -407,6 +407,83 @@ def test_extend_attention_random_layouts(nh, kvh):
         assert rel(out, reference_cache_attention(q, k_cache, v_cache, layout, 0.25)) < 1e-5, layout
 
 
+FORCE_SPLIT = dict(programs=1 << 20, min_keys=1)  # every row block cut at each key step below its first row
+
+
+@needs_triton
+@pytest.mark.parametrize("tile,block_size", [(0, 16), (1, 16), (0, None), (1, 64)])
+@pytest.mark.parametrize("dtype,nh", [(torch.float32, 6), (torch.float16, 6), (torch.float32, 16)])
+def test_extend_attention_split_kv_matches_reference(dtype, nh, tile, block_size, monkeypatch):
+    """Split-KV: decode rows after 0, 127, 128, 129 and 299 cached keys (no cut; none just below two key steps;
+    one cut on and just after; several), a chunk after a long prefix and a prompt from 0, every block cut as
+    finely as the key step allows: the reference's result, and the unsplit launch's to summation order."""
+    from qwen_vl_distributed.kernels import extend_attention as ea
+    from qwen_vl_distributed.kernels.choices import SplitKV
+
+    monkeypatch.setattr(ea, "CONFIGS", {1 << 30: list(ea.CONFIGS.values())[tile]})
+    k_cache, v_cache, _, tables = cache_inputs(dtype, s=8, length=300, nh=nh, block_size=block_size)
+    layout = SeqLayout([tables[i] for i in (0, 1, 2, 3, 4, 5, 6)], starts=[299, 0, 127, 200, 128, 0, 129],
+                       lens=[1, 1, 1, 37, 1, 45, 1])
+    q = torch.randn(layout.num_tokens, nh, 16).to(dtype)
+    split = SplitKV(**FORCE_SPLIT)
+    bn = ea.config(layout.num_tokens)[1]
+    plan = ea.step_plan(layout, ea.block_rows(nh // 2, ea.config(layout.num_tokens)[0]), bn, 2, split, "cpu")
+    assert plan.split_blocks >= 4 and plan.items >= 2 * plan.split_blocks
+    out = ea.extend_attention(q, k_cache, v_cache, layout, 0.25, split)
+    ref = reference_cache_attention(q.float(), k_cache.float(), v_cache.float(), layout, 0.25)
+    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+    whole = ea.extend_attention(q, k_cache, v_cache, layout, 0.25, SplitKV(programs=0))
+    assert rel(out, whole) < (1e-6 if dtype == torch.float32 else 2e-3)
+
+
+@needs_triton
+@pytest.mark.parametrize("programs,min_keys", [(0, 1), (264, 256), (1 << 20, 1), (40, 100)])
+def test_step_plan_pieces_cover_each_row_block_once(programs, min_keys):
+    """The host plan of a split step, on random layouts: each row block's pieces tile its keys [0, hi) without
+    gap or overlap, every cut is a multiple of the piece size (a multiple of the key step) below the block's
+    first row (so each row sees a key
+    of each piece), split pieces own disjoint partial rows in piece order, and the items run longest first (row
+    order, one item per block, where no block is cut)."""
+    from qwen_vl_distributed.kernels.choices import SplitKV
+    from qwen_vl_distributed.kernels.extend_attention import split_keys, step_plan
+
+    g = torch.Generator().manual_seed(programs)
+    bm, bn, kvh = 4, 64, 2
+    split_blocks = 0
+    for _ in range(6):
+        b = int(torch.randint(1, 7, (1,), generator=g))
+        starts = [int(x) for x in torch.randint(0, 700, (b,), generator=g)]
+        lens = [1 if int(torch.randint(0, 2, (1,), generator=g)) else int(torch.randint(1, 30, (1,), generator=g))
+                for _ in range(b)]
+        split = SplitKV(programs, min_keys)
+        plan = step_plan(SeqLayout([[0]] * b, starts, lens), bm, bn, kvh, split, "cpu")
+        split_blocks += plan.split_blocks
+        tab = plan.table.tolist()
+        seq, r0, lo, hi, part = (tab[i][:plan.items] for i in range(3, 8))
+        blocks = {(i, r): [] for i, n in enumerate(lens) for r in range(0, n, bm)}
+        assert len(seq) == plan.items and len(blocks) <= plan.items
+        for i, r, a, z, p in zip(seq, r0, lo, hi, part):
+            blocks[(i, r)].append((a, z, p))
+        chunk = split_keys(torch.tensor([starts[i] + min(r + bm, lens[i]) for i, r in blocks]), kvh, bn, split)
+        assert chunk % bn == 0 and (chunk >= min_keys if programs else chunk == 0)
+        for (i, r), pieces in blocks.items():
+            pieces.sort()
+            full = (starts[i] + r) // bn * bn
+            assert pieces[0][0] == 0 and pieces[-1][1] == starts[i] + min(r + bm, lens[i]), (i, r, pieces)
+            assert all(z == a2 and z % chunk == 0 and z < full for (_, z, _), (a2, _, _) in zip(pieces, pieces[1:]))
+            assert (len(pieces) == 1) == (pieces[0][2] == -1)
+            if len(pieces) > 1:
+                rows = min(bm, lens[i] - r)
+                assert [p for _, _, p in pieces] == [pieces[0][2] + k * rows for k in range(len(pieces))]
+        assert sorted(p for p in part if p >= 0) == sorted(set(p for p in part if p >= 0))
+        sizes = [z - a for a, z in zip(lo, hi)]
+        if plan.split_blocks:
+            assert sizes == sorted(sizes, reverse=True)
+        else:
+            assert list(zip(seq, r0)) == list(blocks)
+    assert (split_blocks > 0) == (programs > 0)
+
+
 def test_prompt_attention_path_keeps_sdpa_only_for_a_lone_long_prompt():
     from qwen_vl_distributed.kernels import attention
     from qwen_vl_distributed.kernels.choices import DEFAULT

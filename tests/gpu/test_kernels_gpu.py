@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kernel_fuzz import CHECKS, GPU, rel, run_check
+from paged import pool_blocks, shuffled_tables
 
 pytestmark = pytest.mark.gpu
 SEEDS = range(3)
@@ -132,3 +133,32 @@ def test_w8a8_fused_quantisation_equals_the_separate_launches_at_the_released_sh
     assert torch.equal(h1.view(torch.uint8), h2.view(torch.uint8)) and torch.equal(s1, s2)
     assert torch.equal(fused_experts(x, ids, w, gq, dq, w8a8, config=fused),
                        fused_experts(x, ids, w, gq, dq, w8a8, config=apart))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_mixed_step_split_kv_at_the_released_shapes(dtype):
+    """A mixed step at the 235B's attention shape (64 query heads over 4 kv heads of 128, shuffled blocks of 16):
+    4 decode rows after 2k-12k cached tokens, a 512-row chunk after 1024 and a 64-row prompt. The shipped split
+    cuts the three longest decode rows into pieces; the result equals the float32 reference (the dtype's tolerance), and
+    the unsplit launch's to summation order."""
+    from qwen_vl_distributed.kernels import extend_attention as ea
+    from qwen_vl_distributed.kernels.choices import DEFAULT, SplitKV
+    from qwen_vl_distributed.model.attention import reference_cache_attention
+    from qwen_vl_distributed.model.batch import SeqLayout
+
+    torch.manual_seed(0)
+    dev, nh, kvh, d, bs = "cuda", 64, 4, 128, 16
+    starts, lens = [12000, 9001, 4095, 2048, 1024, 0], [1, 1, 1, 1, 512, 64]
+    tables = shuffled_tables([a + n for a, n in zip(starts, lens)], bs)
+    kc, vc = (torch.randn(pool_blocks(tables), kvh, bs, d, device=dev).to(dtype) for _ in range(2))
+    layout = SeqLayout(tables, starts, lens)
+    q = torch.randn(layout.num_tokens, nh, d, device=dev).to(dtype)
+    tile_rows, bn = ea.config(layout.num_tokens)[:2]
+    plan = ea.step_plan(layout, ea.block_rows(nh // kvh, tile_rows), bn, kvh, DEFAULT.extend_split, dev)
+    assert plan.split_blocks == 3  # 12000, 9001 and 4095 cached: more than the step's fair share (~2.9k keys)
+    out = ea.extend_attention(q, kc, vc, layout, d ** -0.5)
+    ref = reference_cache_attention(q.float(), kc.float(), vc.float(), layout, d ** -0.5)
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(out, ref) < bound, f"split: rel {rel(out, ref):.2e}"
+    whole = ea.extend_attention(q, kc, vc, layout, d ** -0.5, SplitKV(programs=0))
+    assert rel(out, whole) < (1e-6 if dtype == torch.float32 else 1e-2)

@@ -82,5 +82,5 @@ def fast_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         from . import extend_attention as ea
 
         if ea.supported(q, k_cache, v_cache):
-            return ea.extend_attention(q, k_cache, v_cache, layout, scale)
+            return ea.extend_attention(q, k_cache, v_cache, layout, scale, choices.extend_split)
     return prefill_attention(q, k_cache, v_cache, layout, scale)

@@ -13,6 +13,8 @@ on any machine.
   (kernels.grouped).
 - ``prompt_attention`` / ``prompt_sdpa_min_tokens``: the path of steps that are not all decode rows
   (kernels.attention).
+- ``extend_split``: split-KV of that Triton path (``SplitKV``): how finely a row block's key range is cut over
+  programs, so the decode rows of a long sequence in a mixed step do not leave the GPU idle (kernels.extend_attention).
 - ``vision_backends``: the SDPA backend priority of vision attention, None for torch's own (kernels.vision_attention).
 - ``pdl``: launch the fused layer's kernels with programmatic dependent launch where the GPU can (kernels.pdl).
 """
@@ -124,6 +126,22 @@ PROMPT_SDPA_MIN_TOKENS = 8192
 # Programmatic dependent launch of the fused layer's kernels (kernels.pdl): off until measured on the device.
 PDL = False
 
+
+@dataclass(frozen=True)
+class SplitKV:
+    """Split-KV of the Triton attention over the cache (kernels.extend_attention): a row block whose keys exceed
+    the step's fair share (all its row blocks' keys over ``programs`` programs, at least ``min_keys``) is cut into
+    pieces of that many keys, run as programs of their own and merged by log-sum-exp. ``programs`` 0: no split,
+    every row block one program in row order. 264 programs: ~2 waves on 132 SMs, as the decode kernel aims for."""
+
+    programs: int = 264
+    min_keys: int = 256
+
+    def __post_init__(self):
+        if self.programs < 0 or self.min_keys < 1:
+            raise ValueError(f"SplitKV: programs >= 0 and min_keys >= 1, got {self.programs}, {self.min_keys}")
+
+
 MOE_KINDS = ("bf16", "fp8", "w8a8")
 
 
@@ -142,6 +160,7 @@ class KernelChoices:
     fused_max_pairs: int = FUSED_MAX_PAIRS
     prompt_attention: str = PROMPT_ATTENTION
     prompt_sdpa_min_tokens: int = PROMPT_SDPA_MIN_TOKENS
+    extend_split: SplitKV = SplitKV()
     vision_backends: tuple[str, ...] | None = None
     pdl: bool = PDL
 
