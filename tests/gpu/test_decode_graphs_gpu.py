@@ -82,3 +82,30 @@ def test_graph_replay_equals_the_reference_forward_step_after_step(base, fused):
         assert rel(out, want) < 1e-5, f"decode step {step}: rel {rel(out, want):.2e}"
         ids = want.argmax(-1)
         starts = [s + 1 for s in starts]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs compute capability 9.0+")
+def test_programmatic_dependent_launch_changes_no_bit(base):
+    """The fused decode step with its kernels launched with PDL (kernels.pdl: each waits on the grid before it)
+    gives the very bits of plain launches, step after step, under graph replay."""
+    import dataclasses
+
+    from qwen_vl_distributed.kernels.choices import DEFAULT
+
+    outs = []
+    for pdl in (False, True):
+        fast = enable_fast_paths(copy.deepcopy(base), vision_graphs=False)
+        cache = fast.new_cache(pool_blocks(TABLES), BLOCK, 32)
+        ids = prefill(fast, cache).argmax(-1)
+        graphs = DecodeGraphs(fast, cache, buckets=(4,), fused=True, choices=dataclasses.replace(DEFAULT, pdl=pdl))
+        graphs.capture()
+        starts, steps = [len(p) for p in PROMPTS], []
+        for _ in range(STEPS):
+            pos = torch.tensor(starts, device="cuda").expand(3, -1)
+            out = graphs.run(positions=pos, layout=layout_of(starts, [1, 1, 1]), input_ids=ids).clone()
+            steps.append(out)
+            ids = out.argmax(-1)
+            starts = [s + 1 for s in starts]
+        outs.append(steps)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
