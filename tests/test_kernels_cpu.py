@@ -199,7 +199,7 @@ def test_w8a8_quantisation_fused_into_the_gate_up_kernel_gives_the_same_bits(dty
     x[1] = 0  # an all-zero row: scale 1
     gq, dq, scales, _, _ = fp8_experts(gate_up, down, block)
     w8a8 = scales._replace(act_quant=True)
-    fused = MoeConfig(**{"bm": 16, "bn": 32, "bk": 32, "down_bn": 16, "down_bk": 32, **order})
+    fused = MoeConfig(**{"bm": 16, "bn": 32, "bk": 32, "down_bn": 16, "down_bk": 32, "fuse_act_quant": True, **order})
     apart = dataclasses.replace(fused, fuse_act_quant=False)
     assert fused_act_quant(fused, w8a8) == (True, True) and fused_act_quant(apart, w8a8) == (False, False)
     rows, blocks = align(ids, 8, fused.bm)
@@ -220,11 +220,12 @@ def test_w8a8_fuses_only_whole_groups():
     _, _, _, gate_up, down = moe_inputs(1, 1, 2, 64, 48, torch.float32)
     scales = fp8_experts(gate_up, down, (32, 32))[2]
     w8a8 = scales._replace(act_quant=True)
-    assert fused_act_quant(MoeConfig(bn=64, bk=32), w8a8) == (True, True)
-    assert fused_act_quant(MoeConfig(bn=16, bk=32), w8a8) == (True, False)
-    assert fused_act_quant(MoeConfig(bn=64, bk=16), w8a8) == (False, False)
-    assert fused_act_quant(MoeConfig(bn=64, bk=32, fuse_act_quant=False), w8a8) == (False, False)
-    assert fused_act_quant(MoeConfig(bn=64, bk=32), scales) == (False, False)  # weight-only fp8: nothing to quantise
+    on = dict(fuse_act_quant=True)
+    assert fused_act_quant(MoeConfig(bn=64, bk=32, **on), w8a8) == (True, True)
+    assert fused_act_quant(MoeConfig(bn=16, bk=32, **on), w8a8) == (True, False)
+    assert fused_act_quant(MoeConfig(bn=64, bk=16, **on), w8a8) == (False, False)
+    assert fused_act_quant(MoeConfig(bn=64, bk=32), w8a8) == (False, False)  # the default: separate launches
+    assert fused_act_quant(MoeConfig(bn=64, bk=32, **on), scales) == (False, False)  # weight-only fp8: nothing to quantise
 
 
 @needs_triton

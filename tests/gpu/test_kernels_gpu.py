@@ -125,7 +125,8 @@ def test_w8a8_fused_quantisation_equals_the_separate_launches_at_the_released_sh
     w8a8 = scales._replace(act_quant=True)
     x = (torch.randn(tokens, h, device=dev) * torch.rand(tokens, 1, device=dev) * 4).to(bf)
     w, ids = route(torch.randn(tokens, e, device=dev), k, True)
-    fused = DEFAULT.moe_config(ids.numel(), w8a8) if tile is None else MoeConfig(**tile)
+    fused = dataclasses.replace(DEFAULT.moe_config(ids.numel(), w8a8) if tile is None else MoeConfig(**tile),
+                                fuse_act_quant=True)
     apart = dataclasses.replace(fused, fuse_act_quant=False)
     assert fused_act_quant(fused, w8a8)[0], fused
     rows, blocks = align(ids, e, fused.bm)
@@ -154,7 +155,7 @@ def test_mixed_step_split_kv_at_the_released_shapes(dtype):
     layout = SeqLayout(tables, starts, lens)
     q = torch.randn(layout.num_tokens, nh, d, device=dev).to(dtype)
     tile_rows, bn = ea.config(layout.num_tokens)[:2]
-    plan = ea.step_plan(layout, ea.block_rows(nh // kvh, tile_rows), bn, kvh, DEFAULT.extend_split, dev)
+    plan = ea.step_plan(layout, ea.block_rows(nh // kvh, tile_rows), bn, kvh, SplitKV(), dev)
     assert plan.split_blocks == 3  # 12000, 9001 and 4095 cached: more than the step's fair share (~2.9k keys)
     out = ea.extend_attention(q, kc, vc, layout, d ** -0.5)
     ref = reference_cache_attention(q.float(), kc.float(), vc.float(), layout, d ** -0.5)

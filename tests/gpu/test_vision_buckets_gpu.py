@@ -35,7 +35,7 @@ def pixels(tower, grid, seed):
 
 @torch.inference_mode()
 def test_bucket_replay_equals_the_padded_tower_eagerly(tower):
-    runner = GraphedVision(tower, exact_after=None)
+    runner = GraphedVision(tower, buckets=True, exact_after=None)
     grids = ([(1, 62, 62)], [(1, 64, 62)], [(1, 60, 64), (1, 8, 8)])
     assert len({bucket_rows(segment_bounds(g)[-1]) for g in grids}) == 1  # all in the 4096-row bucket
     for seed, grid in enumerate(grids):
@@ -50,7 +50,7 @@ def test_bucket_replay_equals_the_padded_tower_eagerly(tower):
 
 @torch.inference_mode()
 def test_a_size_gives_the_same_answer_on_every_sight_and_unbucketed_lists_get_exact_graphs(tower):
-    runner = GraphedVision(tower, exact_after=2)
+    runner = GraphedVision(tower, buckets=True, exact_after=2)
     grid = [(1, 40, 52)]
     px = pixels(tower, grid, 7)
     first, _ = runner(px, grid)

@@ -39,7 +39,7 @@ def experts_ab(bf16_model, fp8_model, choices: KernelChoices, rows: list[int], t
         x = 0.02 * torch.randn(n, text.hidden_size, device=gq.device, dtype=bf.experts.gate_up_proj.dtype)
         w, ids = route(bf.gate(x), text.num_experts_per_tok, text.norm_topk_prob)
         tile8, fused = choices.moe_config(ids.numel(), keep), choices.moe_config(ids.numel(), w8a8)
-        apart = dataclasses.replace(fused, fuse_act_quant=False)
+        fused, apart = (dataclasses.replace(fused, fuse_act_quant=f) for f in (True, False))
         runs = {
             "bf16": lambda: fast_experts(x, ids, w, bf.experts.gate_up_proj, bf.experts.down_proj, choices=choices),
             "fp8": lambda: fused_experts(x, ids, w, gq, dq, keep, tile8),

@@ -125,8 +125,8 @@ def render(res: dict) -> str:
     vis = res.get("vision")
     if vis:
         lines.append(f"vision {vis['grid']}: ours {_f(vis.get('ours_fast_ms'))} ms "
-                     f"(graph, fused blocks: bucket {_f(vis.get('ours_graph_ms'))}, exact "
-                     f"{_f(vis.get('ours_graph_exact_ms'))}; graph, module blocks "
+                     f"(graph, fused blocks: exact {_f(vis.get('ours_graph_ms'))}, bucket "
+                     f"{_f(vis.get('ours_graph_bucket_ms'))}; graph, module blocks "
                      f"{_f(vis.get('ours_graph_unfused_ms'))}, eager {_f(vis.get('ours_eager_fast_ms'))}, "
                      f"fused graph vs eager rel {_f(vis.get('rel_graph_vs_eager'), '.1e')}; "
                      f"reference attention {_f(vis.get('ours_reference_ms'))} ms, "

@@ -71,9 +71,15 @@ def unpad(out: tuple[torch.Tensor, list[torch.Tensor]], n: int) -> tuple[torch.T
     return merged[: n // 4].clone(), [t[: n // 4].clone() for t in taps]
 
 
+# Bucket graphs are off by default until tests/gpu/test_vision_buckets_gpu.py has passed on a GPU (their capture
+# runs only there); then the runner takes buckets=True, exact_after=4. Off, every grid list gets its own graph at
+# its first sight.
+BUCKETS, EXACT_AFTER = False, 1
+
+
 class GraphedVision:
     def __init__(self, tower: VisionTower, max_graphs: int = 4, max_patches: int = 16384, fused_blocks: bool = True,
-                 buckets: bool = True, exact_after: int | None = 4):
+                 buckets: bool = BUCKETS, exact_after: int | None = EXACT_AFTER):
         self.tower = tower
         self.block_fn = None
         if fused_blocks:
