@@ -2,7 +2,8 @@
 ``runtime.vision_graph``), under two policies in the same run:
 - old: one graph per grid list, captured at its first sight (``buckets=False, exact_after=1``);
 - new: the padded bucket graph of its patch count, on every sight (the first size of a bucket pays its capture).
-For each policy, wall time of calls 1..5 of each new grid (call 5 is the steady state). Each policy gets its own sizes, so that neither finds the other's attention plans.
+For each policy, wall time of calls 1..5 of each new grid (call 5 is the steady state). Each policy gets its own
+sizes, so that neither finds the other's attention plans.
 Real 235B vision dimensions, random weights, bf16. Usage on a GPU machine (~1 minute):
 
     PYTHONPATH=src python3 scripts/vision_first_call.py

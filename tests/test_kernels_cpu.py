@@ -225,7 +225,8 @@ def test_w8a8_fuses_only_whole_groups():
     assert fused_act_quant(MoeConfig(bn=16, bk=32, **on), w8a8) == (True, False)
     assert fused_act_quant(MoeConfig(bn=64, bk=16, **on), w8a8) == (False, False)
     assert fused_act_quant(MoeConfig(bn=64, bk=32), w8a8) == (False, False)  # the default: separate launches
-    assert fused_act_quant(MoeConfig(bn=64, bk=32, **on), scales) == (False, False)  # weight-only fp8: nothing to quantise
+    # weight-only fp8: nothing to quantise
+    assert fused_act_quant(MoeConfig(bn=64, bk=32, **on), scales) == (False, False)
 
 
 @needs_triton
