@@ -17,7 +17,7 @@ import itertools
 import torch
 
 from qwen_vl_distributed.kernels import extend_attention as ea
-from qwen_vl_distributed.kernels.choices import DEFAULT, SplitKV
+from qwen_vl_distributed.kernels.choices import SplitKV
 from qwen_vl_distributed.kernels.attention import prefill_attention
 from qwen_vl_distributed.bench.timing import cuda_time
 from qwen_vl_distributed.model.batch import SeqLayout
@@ -40,7 +40,7 @@ def split_ab() -> None:
         "8 decode rows at 4k + a 2048-row prompt": ([4096 - 1 - 37 * i for i in range(8)] + [0], [1] * 8 + [2048]),
         "1 decode row at 32k + a 64-row chunk after 64": ([32767, 64], [1, 64]),
     }
-    splits = {"no split (programs 0)": SplitKV(programs=0), "shipped": DEFAULT.extend_split,
+    splits = {"no split (programs 0)": SplitKV(programs=0), "to ship (SplitKV())": SplitKV(),
               "programs 132": SplitKV(programs=132), "programs 528": SplitKV(programs=528)}
     scale = d ** -0.5
     for name, (starts, lens) in cases.items():

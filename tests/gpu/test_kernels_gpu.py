@@ -143,7 +143,7 @@ def test_mixed_step_split_kv_at_the_released_shapes(dtype):
     cuts the three longest decode rows into pieces; the result equals the float32 reference (the dtype's tolerance), and
     the unsplit launch's to summation order."""
     from qwen_vl_distributed.kernels import extend_attention as ea
-    from qwen_vl_distributed.kernels.choices import DEFAULT, SplitKV
+    from qwen_vl_distributed.kernels.choices import SplitKV
     from qwen_vl_distributed.model.attention import reference_cache_attention
     from qwen_vl_distributed.model.batch import SeqLayout
 
@@ -157,7 +157,7 @@ def test_mixed_step_split_kv_at_the_released_shapes(dtype):
     tile_rows, bn = ea.config(layout.num_tokens)[:2]
     plan = ea.step_plan(layout, ea.block_rows(nh // kvh, tile_rows), bn, kvh, SplitKV(), dev)
     assert plan.split_blocks == 3  # 12000, 9001 and 4095 cached: more than the step's fair share (~2.9k keys)
-    out = ea.extend_attention(q, kc, vc, layout, d ** -0.5)
+    out = ea.extend_attention(q, kc, vc, layout, d ** -0.5, SplitKV())
     ref = reference_cache_attention(q.float(), kc.float(), vc.float(), layout, d ** -0.5)
     bound = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel(out, ref) < bound, f"split: rel {rel(out, ref):.2e}"
