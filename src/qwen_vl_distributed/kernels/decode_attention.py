@@ -140,8 +140,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NH=nh, G=g, GP=max(16, triton.next_power_of_2(g)), D=dim, DP=dp, BN=BLOCK_N, NS=ns, BS=bs if paged else 1,
-        PAGED=paged, PDL=pdl, num_warps=4, num_stages=2, **launch_options(pdl))
+        PAGED=paged, num_warps=4, num_stages=2, **launch_options(pdl))
     out = torch.empty_like(q)
     _merge_kernel[(bsz, nh)](part_o, part_lse, out, out.stride(0), out.stride(1), NH=nh, D=dim, DP=dp, NS=ns,
-                             NSP=max(2, triton.next_power_of_2(ns)), PDL=pdl, num_warps=4, **launch_options(pdl))
+                             NSP=max(2, triton.next_power_of_2(ns)), num_warps=4, **launch_options(pdl))
     return out

@@ -77,7 +77,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     y = torch.empty_like(x)
     hsum = torch.empty_like(x) if residual is not None else y
     _rmsnorm_kernel[(b,)](x, residual if residual is not None else x, weight, y, hsum, h, eps,
-                          HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h), PDL=pdl, num_warps=8,
+                          HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h), num_warps=8,
                           **launch_options(pdl))
     return (hsum, y) if residual is not None else y
 
@@ -180,7 +180,7 @@ def route(logits: torch.Tensor, k: int, normalize: bool, pdl: bool = False) -> t
     w = torch.empty(b, k, dtype=logits.dtype, device=logits.device)
     ids = torch.empty(b, k, dtype=torch.int32, device=logits.device)
     _route_kernel[(b,)](logits, ids, w, E=e, K=k, EB=triton.next_power_of_2(e), KB=max(2, triton.next_power_of_2(k)),
-                        NORMALIZE=normalize, PDL=pdl, num_warps=4, **launch_options(pdl))
+                        NORMALIZE=normalize, num_warps=4, **launch_options(pdl))
     return w, ids
 
 
@@ -204,7 +204,7 @@ def qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets, pdl: bool = F
     _qkv_post_kernel[grid](q, k, v, attn.q_norm.weight, attn.k_norm.weight, cos, sin, row_blocks, row_offsets,
                            qo, k_cache, v_cache, attn.q_norm.eps, q.stride(0), k.stride(0), k_cache.stride(0),
                            k_cache.stride(1), k_cache.stride(2), NH=nh, KVH=kvh, D=d,
-                           HP=triton.next_power_of_2(d // 2), HB=hb, PDL=pdl, num_warps=warps,
+                           HP=triton.next_power_of_2(d // 2), HB=hb, num_warps=warps,
                            **launch_options(pdl))
     return qo
 

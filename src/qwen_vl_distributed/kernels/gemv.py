@@ -62,6 +62,6 @@ def linear_small(x: torch.Tensor, *weights: torch.Tensor, bn: int = BN, bk: int 
     ns = [w.shape[0] for w in weights] + [0] * (3 - len(weights))
     grid = (sum(triton.cdiv(n, bn) for n in ns),)
     bm = max(16, triton.next_power_of_2(b))
-    _gemv_kernel[grid](x, *ws, *ys, b, k, *ns, BM=bm, BN=bn, BK=bk, EVEN_K=k % bk == 0, PDL=pdl, num_warps=warps,
+    _gemv_kernel[grid](x, *ws, *ys, b, k, *ns, BM=bm, BN=bn, BK=bk, EVEN_K=k % bk == 0, num_warps=warps,
                        num_stages=fit_stages(stages, (bm + bn) * bk * x.element_size()), **launch_options(pdl))
     return tuple(outs)

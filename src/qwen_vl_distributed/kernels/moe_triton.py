@@ -103,7 +103,7 @@ def align_triton(flat_ids: torch.Tensor, experts: int, bm: int, pdl: bool = Fals
     scratch = torch.empty(eb, dtype=torch.int32, device=flat_ids.device)
     pb = max(16, triton.next_power_of_2(p))
     _align_kernel[(1,)](flat_ids, rows, block_expert, scratch, p, nb, E=experts, BM=bm, PB=pb, EB=eb,
-                        FILL=1024, PDL=pdl, num_warps=4 if pb <= 1024 else 8, **launch_options(pdl))
+                        FILL=1024, num_warps=4 if pb <= 1024 else 8, **launch_options(pdl))
     return rows, block_expert
 
 
@@ -461,7 +461,7 @@ def sum_pairs(y: torch.Tensor, topk_ids: torch.Tensor, experts: int, residual: t
     block = 1024
     _sum_pairs_kernel[(t, triton.cdiv(hidden, block))](y, topk_ids.contiguous(), y if residual is None else residual,
                                                        out, hidden, experts, K=k, BLOCK=block,
-                                                       HAS_RES=residual is not None, PDL=pdl, num_warps=4,
+                                                       HAS_RES=residual is not None, num_warps=4,
                                                        **launch_options(pdl))
     return out
 
@@ -541,7 +541,7 @@ def gate_up_pairs(x: torch.Tensor, routed: torch.Size, rows: torch.Tensor, block
     _gate_up_kernel[grid](
         x, arg, s_ptr, as_ptr, h, h if h_scales is None else h_scales, rows, block_expert, p, h_dim, inter, sr, sc,
         ag, K=k, E=e, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, EVEN_K=h_dim % cfg.bk == 0, COLS_FIRST=cols_first,
-        SPLIT=cfg.split, TMA=tma, SWAP=cfg.swap, QX=qx, QH=qh, **fp8, PDL=pdl, num_warps=cfg.warps,
+        SPLIT=cfg.split, TMA=tma, SWAP=cfg.swap, QX=qx, QH=qh, **fp8, num_warps=cfg.warps,
         **launch_options(pdl),
         # x; gate, up -- an fp8 weight tile is dequantised into a tile of x's dtype (fp8 too for W8A8), so it is
         # counted at that size
@@ -568,7 +568,7 @@ def down_pairs(h: torch.Tensor, topk_w: torch.Tensor, rows: torch.Tensor, block_
         h, arg, s_ptr, as_ptr, y, topk_w.reshape(-1).to(dtype), rows, block_expert, p, h_dim, inter, sr, sc, ag,
         E=e, BM=cfg.bm, BN=cfg.down_bn, BK=cfg.down_bk,
         EVEN_K=inter % cfg.down_bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split, TMA=tma, SWAP=cfg.swap, **fp8,
-        PDL=pdl, num_warps=cfg.down_warps, **launch_options(pdl),
+        num_warps=cfg.down_warps, **launch_options(pdl),
         num_stages=fit_stages(cfg.down_stages, (cfg.bm + cfg.down_bn) * cfg.down_bk * h.element_size()))
     return y
 

@@ -30,8 +30,10 @@ def grid_dependency(PDL: tl.constexpr):
 
 
 def launch_options(pdl: bool) -> dict:
-    """The launch keyword that asks for PDL (none when off, so any Triton takes the call)."""
-    return {"launch_pdl": True} if pdl else {}
+    """A chain kernel's launch keywords: its ``PDL`` constexpr, and with it on the launch attribute that asks for
+    PDL (absent when off, so any Triton takes the call). One place, so a kernel is never launched with PDL without
+    compiling its wait."""
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
 def pdl_runs_on(device) -> bool:
