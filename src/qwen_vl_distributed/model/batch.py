@@ -98,9 +98,10 @@ def aligned_rows(rows: list[torch.Tensor], dtype: torch.dtype, device) -> torch.
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on ``device`` without a stream sync: the driver may stage a copy from pageable memory through
-    pinned memory and wait for the stream first; a copy from pinned memory is queued (torch's caching host
-    allocator reuses the pinned block once the copy has run). Never during CUDA-graph capture."""
-    if torch.device(device).type == "cuda":
+    """``t`` on ``device``; from the host to a GPU without a stream sync: the driver may stage a copy from pageable
+    memory through pinned memory and wait for the stream first (that is, for every step still running on the GPU);
+    a copy from pinned memory is queued (torch's caching host allocator reuses the pinned block once the copy has
+    run). Never during CUDA-graph capture."""
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)

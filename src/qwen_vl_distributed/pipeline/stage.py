@@ -96,20 +96,15 @@ class StageRuntime:
             if self.group is not None and self.leads:
                 self.group.share(*to_wire(p, visual=True))
             return self.model(
-                positions=self._on_device(p.positions),
+                positions=to_device(p.positions, self.device),
                 layout=p.layout,
                 cache=self.cache,
-                input_ids=self._on_device(p.input_ids) if self.model.has_embed else None,
+                input_ids=to_device(p.input_ids, self.device) if self.model.has_embed else None,
                 hidden=p.hidden.to(self.device, non_blocking=True) if p.hidden is not None else None,
                 visual=p.visual.to(self.device) if p.visual is not None else None,
             )
         except RuntimeError as e:  # a collective whose peer died or hung (the backends raise plain RuntimeErrors)
             raise self._collective_failure(e) from None
-
-    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` on the stage's device; from the host through pinned memory, queued: a plain ``.to`` waits for
-        the stream, that is for every step still running on the GPU, before the host may launch the next."""
-        return to_device(t, self.device) if t.device.type == "cpu" else t.to(self.device)
 
     def _collective_failure(self, e: RuntimeError) -> Exception:
         """A StageFailure naming the stage's ranks for an error of one of its collectives; ``e`` itself otherwise."""
