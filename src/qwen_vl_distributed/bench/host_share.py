@@ -19,6 +19,7 @@ from ..engine.engine import Engine, Prompt
 from ..engine.sampling import SamplingParams, draw, make_generator
 from ..pipeline.host_phases import HostPhases
 from ..runtime.cuda_graph import DecodeGraphs
+from .timing import cuda_time
 
 BATCHES = (1, 4, 8)
 WARM_STEPS = 3
@@ -90,17 +91,10 @@ def _timed_ms(fn, n: int, device: torch.device) -> float:
     """Mean milliseconds of ``fn`` run n times back to back after one warm-up run: CUDA events on a GPU (device
     time, plus any gaps the host leaves between launches), the clock on CPU."""
     with torch.inference_mode():
+        if device.type == "cuda":
+            return cuda_time(fn, iters=n, reps=1, warmup=1)
         fn()
-        if device.type != "cuda":
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            return (time.perf_counter() - t0) * 1e3 / n
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        begin.record()
+        t0 = time.perf_counter()
         for _ in range(n):
             fn()
-        end.record()
-        end.synchronize()
-        return begin.elapsed_time(end) / n
+        return (time.perf_counter() - t0) * 1e3 / n
