@@ -33,6 +33,22 @@ def test_bench_pipeline_reports_the_host_share_per_batch_size_on_cpu(tmp_path):
         assert row["host_ms"] == pytest.approx(row["step_ms"] - row["graph_replay_ms"] - row["sample_ms"], abs=1e-3)
         assert list(row["phases_ms"]) == list(PHASES)  # every phase of a decode step was timed, in step order
         assert all(v >= 0 for v in row["phases_ms"].values())
+        assert row["run_ahead_step_ms"] > 0  # the same steps run one step ahead, timed in the same run
+
+
+def test_bench_pipeline_run_ahead_gives_the_same_tokens_and_needs_one_stage(tmp_path):
+    digests = []
+    for extra in ([], ["--run-ahead"]):
+        out = tmp_path / f"r{len(extra)}.json"
+        r = _bench("--stages", "1", "--host-batches", "0", "--sequences", "3", "--new-tokens", "6",
+                   "--json", str(out), *extra)
+        assert r.returncode == 0, r.stderr
+        result = json.loads(out.read_text())
+        assert result["run_ahead"] is bool(extra)
+        digests.append(result["throughput"]["outputs_digest"])
+    assert digests[0] == digests[1]
+    r = _bench("--stages", "2", "--host-batches", "0", "--run-ahead")
+    assert r.returncode != 0 and "--run-ahead: needs --stages 1" in r.stderr
 
 
 def test_the_host_share_section_is_refused_where_it_cannot_run():

@@ -5,7 +5,9 @@ timers off), against the device time of the same step alone -- the stage's captu
 back to back (it holds the embedding, the layers, the final norm and lm_head) and the sampler's draw on its
 logits, both timed with CUDA events -- and a per-phase breakdown of the host's part from ``HostPhases`` (a second
 run of as many steps with the timers on). With one stage nothing overlaps the host's work with the GPU's: what
-the step takes beyond replay and draw is the host's share. On CPU the "replay" is the same decode step run eagerly
+the step takes beyond replay and draw is the host's share. A third run of as many steps runs one step ahead
+(``Engine.run_ahead``: each step submitted before the previous one's tokens are read), so the host's work overlaps
+the GPU's: ``run_ahead_step_ms`` against ``step_ms`` is what that buys, in the same run. On CPU the "replay" is the same decode step run eagerly
 on the graph's buffers, timed by the clock, so that the section runs (and is tested) without a GPU.
 """
 
@@ -37,7 +39,7 @@ def _batch_row(engine: Engine, runtime, b: int, prompt_len: int, steps: int, tem
     g = torch.Generator().manual_seed(seed)
     seqs = [engine.add(Prompt(torch.randint(1000, 100000, (prompt_len,), generator=g).tolist()),
                        SamplingParams(temperature=temperature, seed=seed * 1000 + i, stop_token_ids=(),
-                                      max_new_tokens=2 * steps + WARM_STEPS + 1))
+                                      max_new_tokens=3 * steps + WARM_STEPS + 1))
             for i in range(b)]
     while any(s.t_first_token is None for s in seqs):  # the prompts' steps
         engine.step()
@@ -54,7 +56,8 @@ def _batch_row(engine: Engine, runtime, b: int, prompt_len: int, steps: int, tem
             engine.step()
     finally:
         engine.host_phases = runtime.host_phases = None
-    if any(len(s.output) != 2 * steps + WARM_STEPS + 1 for s in seqs) or engine.has_work():
+    ahead_s = _run_ahead_s(engine, steps)
+    if any(len(s.output) != 3 * steps + WARM_STEPS + 1 for s in seqs) or engine.has_work():
         raise RuntimeError(f"host share, batch {b}: the measured steps were not all {b}-row decode steps")
     replay_ms, captured, logits = _replay_ms(runtime, b, steps)
     sample_ms = _sample_ms(logits, temperature, steps)
@@ -62,7 +65,30 @@ def _batch_row(engine: Engine, runtime, b: int, prompt_len: int, steps: int, tem
     host_ms = step_ms - replay_ms - sample_ms
     return {"batch": b, "step_ms": round(step_ms, 4), "graph_replay_ms": round(replay_ms, 4), "captured": captured,
             "sample_ms": round(sample_ms, 4), "host_ms": round(host_ms, 4),
-            "host_share": round(host_ms / step_ms, 4), "phases_ms": phases.per_step_ms()}
+            "host_share": round(host_ms / step_ms, 4), "phases_ms": phases.per_step_ms(),
+            "run_ahead_step_ms": None if ahead_s is None else round(ahead_s * 1e3, 4)}
+
+
+def _run_ahead_s(engine: Engine, steps: int) -> float | None:
+    """Seconds per step of ``steps`` decode steps run one step ahead (then the rest of the sequences' tokens in
+    the engine's own mode); None where the executor cannot run ahead. On CPU the step itself waits for its
+    tokens, so nothing overlaps there."""
+    if not getattr(engine.executor, "can_run_ahead", False):
+        for _ in range(steps):
+            engine.step()
+        return None
+    was = engine.run_ahead
+    engine.executor.run_ahead()
+    engine.run_ahead = True
+    try:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        return (time.perf_counter() - t0) / steps
+    finally:
+        engine.run_ahead = was  # a step still ahead is collected by the next step() as usual
+        while engine.has_work():
+            engine.step()
 
 
 def _replay_ms(runtime, b: int, n: int) -> tuple[float, bool, torch.Tensor]:

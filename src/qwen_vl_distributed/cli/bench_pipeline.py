@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
                    help="batch sizes of the host-share section, e.g. 1,4,8 (default with --stages 1: "
                         f"{','.join(map(str, BATCHES))}; 0: skip it); needs --stages 1")
     p.add_argument("--host-steps", type=int, default=32, help="decode steps timed per batch size (host share)")
+    p.add_argument("--run-ahead", action="store_true",
+                   help="the engine runs one step ahead throughout (needs --stages 1; the host-share section "
+                        "times both orders either way)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.set_defaults(run=run)
 
@@ -96,12 +99,15 @@ def _host_batches(args) -> tuple[int, ...]:
 def run(args) -> int:
     n_seq = args.sequences or 4 * args.stages
     batches = _host_batches(args)
-    new = max(args.new_tokens, 2 * args.host_steps + 8 if batches else 0)
+    new = max(args.new_tokens, 3 * args.host_steps + 8 if batches else 0)
+    if args.run_ahead and args.stages != 1:
+        raise UserError(f"--run-ahead: needs --stages 1 (got {args.stages}); with several stages the micro-batch "
+                        "groups already overlap the driver's work")
     opts = RunOptions(model=None, stages=args.stages, device=args.device,
                       dtype="bfloat16" if args.device == "cuda" else "float32", max_batch=max(n_seq, *batches, 1),
                       max_len=args.prompt_len + new + 8, quiet=True, random_preset=args.preset,
                       random_layers=args.layers, random_fp8=args.fp8 or args.w8a8,
-                      fp8_experts="w8a8" if args.w8a8 else "keep")
+                      fp8_experts="w8a8" if args.w8a8 else "keep", run_ahead=args.run_ahead)
     handle = start_engine(opts)
     try:
         engine = handle.engine
@@ -120,6 +126,7 @@ def run(args) -> int:
         handle.close()
     result = {
         "temperature": args.temperature,
+        "run_ahead": args.run_ahead,
         "fp8_experts": "w8a8" if args.w8a8 else args.fp8,
         "preset": args.preset, "layers": args.layers, "stages": args.stages, "plan": [list(r) for r in
                                                                                       handle.plan.layer_ranges],

@@ -56,6 +56,8 @@ class RunOptions:
     max_total_tokens: int | None = None
     kv_block_size: int = DEFAULT_KV_BLOCK_SIZE  # tokens per KV block
     prefix_cache: bool = True  # reuse the KV blocks of earlier requests' identical prefixes
+    # submit a decode step before reading the previous one's tokens (one stage of one rank; off until measured)
+    run_ahead: bool = False
     prefill_chunk: int | None = None  # tokens per step; None: plan.default_prefill_chunk(max_len, max_batch)
     layers_per_stage: list[int] | None = None
     gpu_mem_gb: list[float] | None = None  # per-stage budgets; default on CUDA: this machine's GPU memory
@@ -332,7 +334,8 @@ def _grammars(ckpt) -> GrammarBackend | None:
 def new_engine(cfg: ModelConfig, executor, plan: StagePlan, opts: RunOptions, eos: list[int]) -> Engine:
     """The driver over ``executor``, with the plan's KV pool."""
     return Engine(cfg, executor, opts.max_batch, opts.max_len, eos, num_blocks=plan.kv_blocks,
-                  block_size=plan.kv_block_size, prefix_cache=opts.prefix_cache, max_step_tokens=plan.prefill_chunk)
+                  block_size=plan.kv_block_size, prefix_cache=opts.prefix_cache, max_step_tokens=plan.prefill_chunk,
+                  run_ahead=opts.run_ahead)
 
 
 def start_engine(opts: RunOptions) -> EngineHandle:

@@ -158,9 +158,10 @@ def _digest(prompt: Prompt, item: tuple) -> bytes:
 class Engine:
     def __init__(self, cfg: ModelConfig, executor, max_batch: int, max_len: int, eos_ids: list[int], *,
                  num_blocks: int | None = None, block_size: int = DEFAULT_KV_BLOCK_SIZE, prefix_cache: bool = True,
-                 num_groups: int | None = None, max_step_tokens: int | None = None):
+                 num_groups: int | None = None, max_step_tokens: int | None = None, run_ahead: bool = False):
         """``num_blocks`` KV blocks of ``block_size`` tokens (every stage's pool; default: room for ``max_batch``
-        sequences of ``max_len``); ``max_batch``: the most sequences running at once."""
+        sequences of ``max_len``); ``max_batch``: the most sequences running at once; ``run_ahead``: submit a
+        group's next decode step before reading the tokens of the one in flight (one stage of one rank only)."""
         self.cfg = cfg
         # Tokens one step may carry (decodes plus prompt chunks): bounds activation memory and how long a prompt
         # holds up the running sequences; the stage plan's workspace estimate uses the same number (its
@@ -176,12 +177,18 @@ class Engine:
         self.running: dict[int, Sequence] = {}
         # group -> its step in flight: (sequence, end of its prompt chunk, or -1 for a decode row)
         self.in_flight: dict[int, list[tuple[Sequence, int]]] = {}
+        # group -> a decode step submitted behind its step in flight, before that one's tokens were read (run-ahead)
+        self.ahead: dict[int, list[tuple[Sequence, int]]] = {}
+        self._flight_step: dict[int, int] = {}  # group -> the step number of its newest submitted step
         self.order: deque[int] = deque()  # groups in submission order (the pipeline is FIFO)
         self._released: list[int] = []  # ended sequences whose sampler state the next step drops
         self._counts = {"prompt_tokens": 0, "cached_tokens": 0, "computed_tokens": 0, "preemptions": 0}
         self._ids = itertools.count()
         self._step = itertools.count()
         self.host_phases: HostPhases | None = None  # opt-in host timers (bench-pipeline), off by default
+        self.run_ahead = run_ahead
+        if run_ahead:
+            executor.run_ahead()
 
     # -- requests ---------------------------------------------------------------------------------------------------
     def check(self, prompt_len: int, max_new_tokens: int) -> int:
@@ -229,8 +236,13 @@ class Engine:
         if seq in self.waiting:
             self.waiting.remove(seq)
             self._released.append(seq.id)  # preempted after its first token: the sampler still holds its state
-        elif not any(seq is s for members in self.in_flight.values() for s, _ in members):
+        elif not self._in_flight(seq):
             self._release(seq)
+
+    def _in_flight(self, seq: Sequence) -> bool:
+        """Whether a submitted step not yet collected has a row of seq."""
+        steps = itertools.chain(self.in_flight.values(), self.ahead.values())
+        return any(seq is s for members in steps for s, _ in members)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.in_flight)
@@ -252,6 +264,8 @@ class Engine:
         for g in range(self.num_groups):
             if g not in self.in_flight:
                 self._submit(g)
+            if self.run_ahead and g in self.in_flight and g not in self.ahead:
+                self._submit_ahead(g)
         if not self.in_flight:
             self.executor.idle()
             return []
@@ -345,6 +359,42 @@ class Engine:
             self.host_phases.lap("payload")
         self.in_flight[group] = members
         self.order.append(group)
+        self._flight_step[group] = payload.step
+        self.executor.submit(payload)
+
+    def _submit_ahead(self, group: int) -> None:
+        """Run ahead: submit the group's next decode step before the tokens of its step in flight are read, taking
+        them as input ids on the device (docs/distributed_design.md, "Running one step ahead"). Only when that step
+        is all decode rows and holds every sequence of the group (a prompt waiting for its turn goes in the next
+        synchronous step) and no row has a grammar (its mask needs the token on the host); a row whose step in
+        flight gives its last token (length) sits out. A sequence that stops at the step in flight has a row here
+        whose token is dropped; its blocks are freed when this step comes back."""
+        prev = self.in_flight[group]
+        if any(end != -1 for _, end in prev):
+            return
+        live = [(i, s) for i, (s, _) in enumerate(prev) if not s.done]
+        members = {s.id for s in self.running.values() if s.group == group and not s.done}
+        if members != {s.id for _, s in live} or any(s.params.grammar is not None for _, s in live):
+            return
+        rows = [(i, s) for i, s in live if len(s.output) + 1 < s.max_new_tokens]
+        bs = self.pool.block_size
+        grow = [s for _, s in rows if s.num_cached + 1 >= len(s.blocks) * bs]
+        if not rows or len(grow) > self.pool.num_free:  # (no preemption for a step run ahead: the next one waits)
+            return
+        for s in grow:
+            s.blocks += self.pool.allocate(1)
+        step_rows = _StepRows(bs)
+        for _, s in rows:
+            n = s.num_cached + 1  # its token in flight is the input; the prefix cache names the block on collect
+            step_rows.add(s, n, [0], torch.full((3, 1), n + s.rope_delta, dtype=torch.long), [0])
+        payload = step_rows.payload(group, next(self._step), self._released)
+        payload.ids_from = (self._flight_step[group], [i for i, _ in rows])
+        self._released = []
+        if self.host_phases:
+            self.host_phases.lap("payload")
+        self.ahead[group] = [(s, -1) for _, s in rows]
+        self.order.append(group)
+        self._flight_step[group] = payload.step
         self.executor.submit(payload)
 
     def _step_members(self, group: int) -> list[tuple[Sequence, int]]:
@@ -353,7 +403,7 @@ class Engine:
         within max_step_tokens. The first prompt chunk always goes (at least one token, or one whole
         image/video), so no prompt starves."""
         members = [s for s in self.running.values() if s.group == group and not s.done]
-        busy = {s.id for step in self.in_flight.values() for s, _ in step}
+        busy = {s.id for step in itertools.chain(self.in_flight.values(), self.ahead.values()) for s, _ in step}
         step: list[tuple[Sequence, int]] = []
         for s in members:
             if s.prefilled and s.id in self.running and self._grow(s, busy, step):
@@ -480,12 +530,17 @@ class Engine:
         if result.mb != group:
             raise EngineError(f"pipeline returned micro-batch {result.mb}, expected {group}")
         members = self.in_flight.pop(group)
+        behind = self.ahead.pop(group, None)  # its step run ahead becomes the group's step in flight
+        if behind is not None:
+            self.in_flight[group] = behind
+        held = {s.id for s, _ in behind or ()}  # blocks still written by the step behind: freed when it is back
         now = time.perf_counter()
         events = []
         logprobs = result.logprobs or [None] * len(members)
         for (s, end), tok, lp in zip(members, result.tokens.tolist(), logprobs):
-            if s.done:  # aborted while in flight
-                self._release(s)
+            if s.done:  # aborted while in flight, or (run-ahead) ended at the step before
+                if s.id not in held:
+                    self._release(s)
                 continue
             if end != -1 and (end < s.target or s.output):  # a chunk short of the end, or a recomputation
                 s.prefilled = end == s.target
@@ -501,7 +556,11 @@ class Engine:
             events.append(TokenEvent(s, tok, s.done, lp))
             if s.done:
                 s.t_done = now
-                self._release(s)
+                if s.id not in held:
+                    self._release(s)
+        for s, _ in behind or ():
+            if not s.done:  # the step behind writes the KV of the token just read: its full blocks get names
+                self._name_full_blocks(s, s.num_cached + 1)
         if self.host_phases:
             self.host_phases.lap("bookkeeping")
         return events

@@ -73,12 +73,14 @@ class SequenceSampler:
         banned = [st.min_tokens_stop if st.drawn < st.params.min_tokens else () for st in states]
         out = draw(logits, [st.params for st in states], [st.generator for st in states],
                    [st.history for st in states], banned, self._masks(states, logits.device))
-        for st, tok in zip(states, out.tokens.tolist()):
+        # the tokens go to the host only for a grammar (it advances on the host); penalties count them on the device
+        host = out.tokens.tolist() if any(st.grammar is not None for st in states) else None
+        for i, st in enumerate(states):
             st.drawn += 1
             if st.history is not None:
-                st.history.append(tok)
+                st.history.append(out.tokens[i])
             if st.grammar is not None:
-                st.grammar.accept(tok)
+                st.grammar.accept(host[i])
         return out
 
     def _masks(self, states: list[_SeqState], device: torch.device) -> tuple[torch.Tensor, list[int]] | None:

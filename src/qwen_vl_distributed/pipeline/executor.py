@@ -21,6 +21,7 @@ class LocalExecutor:
 
     def __init__(self, runtime: StageRuntime, heartbeat_s: float | None = None):
         self.runtime = runtime
+        self.can_run_ahead = runtime.can_run_ahead
         self.heartbeat_s = heartbeat_s
         self._last_traffic = time.monotonic()
         self._done: deque[TokenPayload] = deque()
@@ -32,8 +33,18 @@ class LocalExecutor:
         self._done.append(out)
         self._last_traffic = time.monotonic()
 
+    def run_ahead(self) -> None:
+        """Let the driver submit a step before it collects the one before (``StepPayload.ids_from``): the stage
+        keeps its sampled tokens on the device and copies them back behind the step."""
+        if not self.can_run_ahead:
+            raise ValueError("running ahead needs the one stage of one rank in this process")
+        self.runtime.defer_tokens = True
+
     def collect(self) -> TokenPayload:
-        return self._done.popleft()
+        out = self._done.popleft()
+        if out.ready is not None:  # the tokens' copy to the host, queued behind their step
+            out.ready.synchronize()
+        return out
 
     def stage_stats(self) -> list[dict]:
         return [self.runtime.stats()]
@@ -51,6 +62,7 @@ class LocalExecutor:
 class PipelineExecutor:
     """Stage 0 of an S-stage pipeline, driven by the engine in this process."""
 
+    can_run_ahead = False  # the micro-batch groups keep the stages busy while the driver works
     def __init__(self, runtime: StageRuntime, transport, heartbeat_s: float):
         self.runtime = runtime
         self.transport = transport

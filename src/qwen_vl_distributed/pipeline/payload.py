@@ -18,6 +18,9 @@ StepPayload (stage s -> stage s+1), for T packed tokens of B sequences:
   open_prompts  seq ids whose rows are not sampled: a prompt not finished after this step, or a preempted
               sequence's tokens being computed again
   released    seq ids that ended (finished, aborted): the last stage drops their sampler state
+  ids_from    (step, rows) or None: a step run ahead (one stage of one rank only, never on the wire) takes its
+              input ids on the device from the tokens that step ``step`` sampled, row ``rows[i]`` for its row i;
+              ``input_ids`` then holds placeholders
   visual      images/videos of the step (stage 0 only: DeepStack layers live there, so visual data never crosses)
 TokenPayload (last stage -> stage 0): mb, tokens [B] int64 in layout order (-1 for open prompts), logprobs (None,
 or per row None or [logprob of the sampled token, [[token id, logprob], ...] the most likely first]; JSON), and
@@ -56,6 +59,7 @@ class StepPayload:
     open_prompts: list[int] = field(default_factory=list)
     seq_ids: list[int] = field(default_factory=list)
     released: list[int] = field(default_factory=list)
+    ids_from: tuple[int, list[int]] | None = None
 
     def header(self) -> dict[str, Any]:
         """The small JSON part of the payload (everything but the tensors and the block tables)."""
@@ -81,6 +85,7 @@ class TokenPayload:
     tokens: torch.Tensor | None = None  # [B] int64
     logprobs: list | None = None  # per row: None or [logprob, [[id, logprob], ...]]; None when no row asked
     stats: list[dict[str, Any]] = field(default_factory=list)  # per-stage busy time, stage order
+    ready: Any = None  # a CUDA event recorded after the tokens' copy to the host was queued (run-ahead), or None
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -99,6 +104,8 @@ def on_host_plane(dtype: torch.dtype) -> bool:
 def to_wire(p: StepPayload, visual: bool = False) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """(header, tensors): for a step, the block tables flat in one int32 host tensor (``header["table_lens"]``
     cuts it), then hidden if present, then with ``visual`` the step's image / video tensors."""
+    if p.ids_from is not None:
+        raise ValueError("a step run ahead takes its input ids from the device: it cannot cross a process")
     h = p.header()
     tensors = []
     if p.layout is None:

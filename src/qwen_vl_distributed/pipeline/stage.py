@@ -8,6 +8,10 @@ A stage of several tensor ranks (``group``, parallel/): its leader shares every 
 (payload, visual inputs included, by broadcast), so that all of them run the same step and meet in the same
 all-reduces; the other ranks run what they receive (``pipeline.worker.follow_stage``) and drop their output: the
 leader's is the stage's.
+
+Running ahead (one stage of one rank, ``defer_tokens``): the sampled tokens stay on the device for the next step,
+which the driver may submit before it reads them (``StepPayload.ids_from`` names the rows it takes as input ids),
+and their copy to the host is queued behind the step, with an event the executor waits on when the driver collects.
 """
 
 from __future__ import annotations
@@ -57,6 +61,14 @@ class StageRuntime:
         self.steps = 0
         self._timers: list[_GpuTimer] = []
         self.host_phases: HostPhases | None = None  # opt-in host timers (bench-pipeline), off by default
+        self.defer_tokens = False  # run-ahead: leave the tokens on the device, copy them back behind the step
+        self._last_tokens: tuple[int, torch.Tensor] | None = None  # (step, its tokens on the device) when deferring
+
+    @property
+    def can_run_ahead(self) -> bool:
+        """Whether a step may take its input ids from the previous step's tokens on the device: the one stage
+        (embedding and sampler in this process) of one rank (no other rank that would need the ids)."""
+        return self.group is None and self.model.has_embed and self.model.has_head
 
     def signal(self, kind: str) -> None:
         """A leader passes 'heartbeat' / 'stop' on to the stage's other ranks."""
@@ -77,7 +89,8 @@ class StageRuntime:
             if not self.leads:
                 result = None
             elif self.model.has_head:
-                result = TokenPayload("tokens", p.mb, *self._sample(p, out))
+                tokens, logprobs, ready = self._sample(p, out)
+                result = TokenPayload("tokens", p.mb, tokens, logprobs, ready=ready)
             else:  # a copy: the stage may reuse its output buffer (CUDA-graph replay) while the send is in flight
                 result = StepPayload("step", p.mb, p.step, p.layout, p.positions, p.input_ids, out.clone(),
                                      p.new_seqs, continued=p.continued, open_prompts=p.open_prompts,
@@ -99,12 +112,23 @@ class StageRuntime:
                 positions=to_device(p.positions, self.device),
                 layout=p.layout,
                 cache=self.cache,
-                input_ids=to_device(p.input_ids, self.device) if self.model.has_embed else None,
+                input_ids=self._input_ids(p) if self.model.has_embed else None,
                 hidden=p.hidden.to(self.device, non_blocking=True) if p.hidden is not None else None,
                 visual=p.visual.to(self.device) if p.visual is not None else None,
             )
         except RuntimeError as e:  # a collective whose peer died or hung (the backends raise plain RuntimeErrors)
             raise self._collective_failure(e) from None
+
+    def _input_ids(self, p: StepPayload) -> torch.Tensor:
+        """The step's token ids on the device: the payload's, or for a step run ahead the rows of the previous
+        step's tokens it names (never read back to the host)."""
+        if p.ids_from is None:
+            return to_device(p.input_ids, self.device)
+        step, rows = p.ids_from
+        if self._last_tokens is None or self._last_tokens[0] != step:
+            have = None if self._last_tokens is None else self._last_tokens[0]
+            raise RuntimeError(f"step {p.step} runs ahead of step {step}, but the stage holds the tokens of {have}")
+        return self._last_tokens[1][to_device(torch.tensor(rows, dtype=torch.long), self.device)]
 
     def _collective_failure(self, e: RuntimeError) -> Exception:
         """A StageFailure naming the stage's ranks for an error of one of its collectives; ``e`` itself otherwise."""
@@ -121,10 +145,11 @@ class StageRuntime:
             self.busy_s += self._timers.pop(0).seconds()
         return {"stage": self.stage_index, "busy_s": round(self.busy_s, 6), "steps": self.steps}
 
-    def _sample(self, p: StepPayload, logits: torch.Tensor) -> tuple[torch.Tensor, list | None]:
+    def _sample(self, p: StepPayload, logits: torch.Tensor) -> tuple[torch.Tensor, list | None, object]:
         """Tokens [B] in layout order: sampled for decoding sequences and finished prompts, -1 for open prompts
         (a chunk short of the prompt's end, or a preempted sequence computed again: its logits row is dropped);
-        and the log-probabilities of the rows that asked for them (TokenPayload.logprobs), or None when no row did."""
+        the log-probabilities of the rows that asked for them (TokenPayload.logprobs), or None when no row did;
+        and, with ``defer_tokens`` on a GPU, the event after which the host tokens may be read (else None)."""
         if self.host_phases:
             self.host_phases.wait(self.device)
         for sid in p.released:
@@ -137,21 +162,41 @@ class StageRuntime:
             elif sid in p.continued:
                 self.sampler.extend(sid, ids[offsets[i]:offsets[i + 1]])
         rows = [i for i, sid in enumerate(p.seq_ids) if sid not in p.open_prompts]
-        tokens = torch.full((len(p.seq_ids),), -1, dtype=torch.long)
+        every = len(rows) == len(p.seq_ids)
+        where = logits.device if self.defer_tokens else torch.device("cpu")
+        tokens = torch.full((len(p.seq_ids),), -1, dtype=torch.long, device=where)
         logprobs: list | None = None
         if rows:
-            drawn = self.sampler.sample([p.seq_ids[i] for i in rows],
-                                        logits if len(rows) == len(p.seq_ids) else logits[rows])
+            drawn = self.sampler.sample([p.seq_ids[i] for i in rows], logits if every else logits[rows])
             if self.host_phases:
                 self.host_phases.lap("sample")
-            tokens[rows] = drawn.tokens.cpu()
+            if every:
+                tokens = drawn.tokens.to(where)
+            else:
+                tokens[to_device(torch.tensor(rows, dtype=torch.long), where)] = drawn.tokens.to(where)
             if any(lp is not None for lp in drawn.logprobs):
                 logprobs = [None] * len(p.seq_ids)
                 for i, lp in zip(rows, drawn.logprobs):
                     logprobs[i] = None if lp is None else [lp.logprob, [list(t) for t in lp.top]]
+        ready = None
+        if self.defer_tokens:
+            self._last_tokens = (p.step, tokens)
+            tokens, ready = _copy_back(tokens)
         if self.host_phases:
             self.host_phases.lap("tokens")
-        return tokens, logprobs
+        return tokens, logprobs, ready
+
+
+def _copy_back(tokens: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """A host copy of device tokens, queued behind the step (pinned memory, no wait), and the event to wait on
+    before reading it; on the CPU a plain copy and no event."""
+    if tokens.device.type != "cuda":
+        return tokens.clone(), None
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(tokens.device))
+    return host, ready
 
 
 class _GpuTimer:
