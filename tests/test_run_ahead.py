@@ -205,3 +205,35 @@ def test_run_ahead_needs_one_stage_of_one_rank():
     for extra in (["--stages", "2"], ["--tp", "2"]):
         with pytest.raises(UserError, match="--run-ahead: needs one stage of one rank"):
             run_options(p.parse_args(["--run-ahead", *extra]), None)
+
+
+def test_running_ahead_is_refused_where_the_stage_cannot_gather_the_ids(model):
+    cfg, m = model
+    rt = StageRuntime(m, m.new_cache(16, BS, 64), SequenceSampler(), "cpu")
+    with pytest.raises(ValueError, match="one group"):
+        Engine(cfg, LocalExecutor(rt), 4, 64, eos_ids=[], num_blocks=16, block_size=BS, num_groups=2,
+               run_ahead=True)
+    from qwen_vl_distributed.engine.build import RunOptions, start_engine
+    for grid in (dict(stages=2), dict(tensor_parallel=2)):  # refused before any process starts
+        with pytest.raises(UserError, match="--run-ahead: needs one stage of one rank"):
+            start_engine(RunOptions(model=None, random_preset="tiny", random_layers=2, quiet=True, run_ahead=True,
+                                    **grid))
+
+
+@pytest.mark.parametrize("run_ahead", [False, True])
+def test_the_host_share_section_times_both_orders_and_leaves_the_engine_as_it_was(run_ahead):
+    from qwen_vl_distributed.bench.host_share import host_share
+    from qwen_vl_distributed.engine.build import RunOptions, start_engine
+    handle = start_engine(RunOptions(model=None, random_preset="tiny", random_layers=4, max_batch=4, max_len=64,
+                                     quiet=True, run_ahead=run_ahead))
+    try:
+        engine = handle.engine
+        steps = []
+        submit = engine.executor.submit
+        engine.executor.submit = lambda p: (steps.append(p), submit(p))
+        rows = host_share(engine, (1, 2), prompt_len=6, steps=4, temperature=1.0, seed=1)
+        assert all(r["run_ahead_step_ms"] > 0 for r in rows)
+        assert sum(p.ids_from is not None for p in steps) >= 2 * 4  # each row's timed steps ran ahead
+        assert engine.run_ahead is run_ahead and engine.executor.runtime.defer_tokens is run_ahead
+    finally:
+        handle.close()

@@ -53,3 +53,36 @@ def test_run_ahead_gives_the_tokens_of_the_synchronous_order_on_cuda(dtype):
     ahead, n = _outputs(True, dtype)
     assert none == 0 and n > 20
     assert ahead == sync
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_step_run_ahead_never_waits_for_the_gpu():
+    """Submitting a step run ahead queues its work without one synchronising call (torch's sync debug mode makes
+    any such call raise): the sampler's small host lists go over pinned, the tokens come back behind the step. With
+    temperature, top-k / top-p / min-p, penalties, min_tokens, logit_bias and greedy rows in one batch."""
+    h = start_engine(RunOptions(model=None, random_preset="tiny", random_layers=4, device="cuda", dtype="bfloat16",
+                                max_batch=8, max_len=128, quiet=True, run_ahead=True))
+    try:
+        engine = h.engine
+        submit, checked = engine.executor.submit, []
+
+        def strict(p):
+            if p.ids_from is None:
+                return submit(p)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                submit(p)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            checked.append(p.step)
+        engine.executor.submit = strict
+        kinds = [dict(temperature=1.0, top_p=0.9, top_k=50, seed=1), dict(temperature=0.0),
+                 dict(temperature=0.7, min_p=0.05, seed=2, repetition_penalty=1.2, presence_penalty=0.3),
+                 dict(temperature=0.9, seed=3, min_tokens=6, stop_token_ids=(7,), logit_bias={5: 2.0})]
+        for i, kw in enumerate(kinds):
+            engine.add(Prompt([1000 + i, 2000, 3000 + i, 4000]),
+                       SamplingParams(max_new_tokens=16, **{"stop_token_ids": (), **kw}))
+        engine.run_until_done()
+        assert len(checked) >= 10
+    finally:
+        h.close()

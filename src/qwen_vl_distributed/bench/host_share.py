@@ -4,10 +4,11 @@ For each batch size B: the engine's decode step wall time in steady state (B seq
 timers off), against the device time of the same step alone -- the stage's captured decode graph for B replayed
 back to back (it holds the embedding, the layers, the final norm and lm_head) and the sampler's draw on its
 logits, both timed with CUDA events -- and a per-phase breakdown of the host's part from ``HostPhases`` (a second
-run of as many steps with the timers on). With one stage nothing overlaps the host's work with the GPU's: what
-the step takes beyond replay and draw is the host's share. A third run of as many steps runs one step ahead
-(``Engine.run_ahead``: each step submitted before the previous one's tokens are read), so the host's work overlaps
-the GPU's: ``run_ahead_step_ms`` against ``step_ms`` is what that buys, in the same run. On CPU the "replay" is the same decode step run eagerly
+run of as many steps with the timers on), both in the synchronous order, whatever the engine's setting: nothing
+overlaps the host's work with the GPU's, and what the step takes beyond replay and draw is the host's share. A
+third run of as many steps (after WARM_STEPS untimed) runs one step ahead (``Engine.set_run_ahead``: each step submitted
+before the previous one's tokens are read), so the host's work overlaps the GPU's: ``run_ahead_step_ms`` against
+``step_ms`` is what that buys, in the same run. On CPU the "replay" is the same decode step run eagerly
 on the graph's buffers, timed by the clock, so that the section runs (and is tested) without a GPU.
 """
 
@@ -25,13 +26,25 @@ from .timing import cuda_time
 
 BATCHES = (1, 4, 8)
 WARM_STEPS = 3
+TAIL_STEPS = 2  # tokens left after the timed run-ahead steps, so that the last of them also has a step behind it
+
+
+def tokens_needed(steps: int) -> int:
+    """New tokens each sequence of a row makes: its first, the warm-up, the two synchronous runs, the run ahead
+    (its warm-up, its timed steps, the tail)."""
+    return 1 + WARM_STEPS + 2 * steps + WARM_STEPS + steps + TAIL_STEPS
 
 
 def host_share(engine: Engine, batches: tuple[int, ...], prompt_len: int, steps: int, temperature: float,
                seed: int) -> list[dict]:
     """One row per batch size (see the module's docstring); ``engine`` must run its one stage in this process."""
     runtime = engine.executor.runtime
-    return [_batch_row(engine, runtime, b, prompt_len, steps, temperature, seed + b) for b in batches]
+    was = engine.run_ahead
+    engine.set_run_ahead(False)
+    try:
+        return [_batch_row(engine, runtime, b, prompt_len, steps, temperature, seed + b) for b in batches]
+    finally:
+        engine.set_run_ahead(was)
 
 
 def _batch_row(engine: Engine, runtime, b: int, prompt_len: int, steps: int, temperature: float,
@@ -39,7 +52,7 @@ def _batch_row(engine: Engine, runtime, b: int, prompt_len: int, steps: int, tem
     g = torch.Generator().manual_seed(seed)
     seqs = [engine.add(Prompt(torch.randint(1000, 100000, (prompt_len,), generator=g).tolist()),
                        SamplingParams(temperature=temperature, seed=seed * 1000 + i, stop_token_ids=(),
-                                      max_new_tokens=3 * steps + WARM_STEPS + 1))
+                                      max_new_tokens=tokens_needed(steps)))
             for i in range(b)]
     while any(s.t_first_token is None for s in seqs):  # the prompts' steps
         engine.step()
@@ -57,7 +70,7 @@ def _batch_row(engine: Engine, runtime, b: int, prompt_len: int, steps: int, tem
     finally:
         engine.host_phases = runtime.host_phases = None
     ahead_s = _run_ahead_s(engine, steps)
-    if any(len(s.output) != 3 * steps + WARM_STEPS + 1 for s in seqs) or engine.has_work():
+    if any(len(s.output) != tokens_needed(steps) for s in seqs) or engine.has_work():
         raise RuntimeError(f"host share, batch {b}: the measured steps were not all {b}-row decode steps")
     replay_ms, captured, logits = _replay_ms(runtime, b, steps)
     sample_ms = _sample_ms(logits, temperature, steps)
@@ -70,23 +83,21 @@ def _batch_row(engine: Engine, runtime, b: int, prompt_len: int, steps: int, tem
 
 
 def _run_ahead_s(engine: Engine, steps: int) -> float | None:
-    """Seconds per step of ``steps`` decode steps run one step ahead (then the rest of the sequences' tokens in
-    the engine's own mode); None where the executor cannot run ahead. On CPU the step itself waits for its
-    tokens, so nothing overlaps there."""
-    if not getattr(engine.executor, "can_run_ahead", False):
-        for _ in range(steps):
-            engine.step()
-        return None
-    was = engine.run_ahead
-    engine.executor.run_ahead()
-    engine.run_ahead = True
+    """Seconds per step of ``steps`` decode steps run one step ahead, after WARM_STEPS untimed ones, then the tail
+    in the synchronous order; None where the executor cannot run ahead (those steps then run synchronously). On
+    the CPU the step itself waits for its tokens, so nothing overlaps there."""
+    ahead = getattr(engine.executor, "can_run_ahead", False)
+    if ahead:
+        engine.set_run_ahead(True)
     try:
+        for _ in range(WARM_STEPS):
+            engine.step()
         t0 = time.perf_counter()
         for _ in range(steps):
             engine.step()
-        return (time.perf_counter() - t0) / steps
+        return (time.perf_counter() - t0) / steps if ahead else None
     finally:
-        engine.run_ahead = was  # a step still ahead is collected by the next step() as usual
+        engine.set_run_ahead(False)  # a step still ahead is collected by the next step() as usual
         while engine.has_work():
             engine.step()
 

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from ..bench.host_share import BATCHES, host_share
+from ..bench.host_share import BATCHES, host_share, tokens_needed
 from ..engine.build import RunOptions, start_engine
 from ..engine.engine import Prompt
 from ..engine.sampling import SamplingParams
@@ -99,7 +99,7 @@ def _host_batches(args) -> tuple[int, ...]:
 def run(args) -> int:
     n_seq = args.sequences or 4 * args.stages
     batches = _host_batches(args)
-    new = max(args.new_tokens, 3 * args.host_steps + 8 if batches else 0)
+    new = max(args.new_tokens, tokens_needed(args.host_steps) if batches else 0)
     if args.run_ahead and args.stages != 1:
         raise UserError(f"--run-ahead: needs --stages 1 (got {args.stages}); with several stages the micro-batch "
                         "groups already overlap the driver's work")

@@ -346,6 +346,9 @@ def start_engine(opts: RunOptions) -> EngineHandle:
     ckpt = open_source(opts)
     eos = [] if isinstance(ckpt, RandomWeights) else read_eos_ids(opts.model)  # random weights: never stop early
     grid = opts.grid(ckpt.cfg)
+    if opts.run_ahead and grid.world != 1:  # (before any process starts)
+        raise UserError(f"--run-ahead: needs one stage of one rank (the grid has {grid.stages} stage(s) of "
+                        f"{grid.tp} rank(s))")
     plan = make_plan(ckpt.cfg, opts, grid)
     if grid.world == 1:
         if under_torchrun() and torchrun_placement().world != 1:

@@ -186,9 +186,19 @@ class Engine:
         self._ids = itertools.count()
         self._step = itertools.count()
         self.host_phases: HostPhases | None = None  # opt-in host timers (bench-pipeline), off by default
-        self.run_ahead = run_ahead
+        self.run_ahead = False
         if run_ahead:
-            executor.run_ahead()
+            self.set_run_ahead(True)
+
+    def set_run_ahead(self, on: bool) -> None:
+        """Submit each group's next decode step before reading the tokens of its step in flight (on), or not. The
+        stage gathers the ids on the device from the step before, so this needs the one stage of one rank in this
+        process and one group. Switching off with a step ahead in flight is fine: the next steps collect it."""
+        if on and (not getattr(self.executor, "can_run_ahead", False) or self.num_groups != 1):
+            raise ValueError("running ahead needs one stage of one rank in the driver's process and one group")
+        if on or self.run_ahead:
+            self.executor.run_ahead(on)
+        self.run_ahead = on
 
     # -- requests ---------------------------------------------------------------------------------------------------
     def check(self, prompt_len: int, max_new_tokens: int) -> int:

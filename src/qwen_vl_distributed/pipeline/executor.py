@@ -33,12 +33,12 @@ class LocalExecutor:
         self._done.append(out)
         self._last_traffic = time.monotonic()
 
-    def run_ahead(self) -> None:
+    def run_ahead(self, on: bool = True) -> None:
         """Let the driver submit a step before it collects the one before (``StepPayload.ids_from``): the stage
-        keeps its sampled tokens on the device and copies them back behind the step."""
-        if not self.can_run_ahead:
+        keeps its sampled tokens on the device and copies them back behind the step (off: read back at once)."""
+        if on and not self.can_run_ahead:
             raise ValueError("running ahead needs the one stage of one rank in this process")
-        self.runtime.defer_tokens = True
+        self.runtime.defer_tokens = on
 
     def collect(self) -> TokenPayload:
         out = self._done.popleft()
