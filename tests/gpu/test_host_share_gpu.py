@@ -20,7 +20,7 @@ def handle():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     h = start_engine(RunOptions(model=None, random_preset="tiny", random_layers=4, device="cuda", dtype="float32",
-                                max_batch=8, max_len=96, quiet=True))
+                                max_batch=8, max_len=96, max_total_tokens=8192, quiet=True))
     yield h
     h.close()
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.gpu
 
 def _outputs(run_ahead: bool, dtype: str) -> tuple[list, int]:
     h = start_engine(RunOptions(model=None, random_preset="tiny", random_layers=4, device="cuda", dtype=dtype,
-                                max_batch=8, max_len=128, quiet=True, run_ahead=run_ahead))
+                                max_batch=8, max_len=128, max_total_tokens=8192, quiet=True, run_ahead=run_ahead))
     try:
         engine = h.engine
         ahead = 0
@@ -61,7 +61,7 @@ def test_a_step_run_ahead_never_waits_for_the_gpu():
     any such call raise): the sampler's small host lists go over pinned, the tokens come back behind the step. With
     temperature, top-k / top-p / min-p, penalties, min_tokens, logit_bias and greedy rows in one batch."""
     h = start_engine(RunOptions(model=None, random_preset="tiny", random_layers=4, device="cuda", dtype="bfloat16",
-                                max_batch=8, max_len=128, quiet=True, run_ahead=True))
+                                max_batch=8, max_len=128, max_total_tokens=8192, quiet=True, run_ahead=True))
     try:
         engine = h.engine
         submit, checked = engine.executor.submit, []

@@ -197,7 +197,7 @@ class TokenHistory:
         """Record a sampled token (an int or a 0-d / 1-element tensor, no host sync needed)."""
         t = torch.as_tensor(token, dtype=torch.long, device=self.counts.device).reshape(1)
         self.counts.index_add_(0, t, torch.ones(1, dtype=torch.int32, device=t.device))
-        self.seen[t] = True
+        self.seen.index_fill_(0, t, True)  # (``seen[t] = True`` would copy a host scalar: a stream sync)
 
 
 def _on(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -248,7 +248,7 @@ def apply_bias(logits: torch.Tensor, params: Sequence[SamplingParams],
             logits[i, ids] += _on([b for _, b in pairs], logits.device, logits.dtype)
         ban = [t for t in (banned[i] if banned else ()) if t < V]
         if ban:
-            logits[i, _on(ban, logits.device)] = float("-inf")
+            logits[i].index_fill_(0, _on(ban, logits.device), float("-inf"))  # (a scalar: no host tensor)
     return logits
 
 
