@@ -201,10 +201,42 @@ def test_run_ahead_needs_one_stage_of_one_rank():
     from qwen_vl_distributed.cli.options import add_run_args, run_options
     p = argparse.ArgumentParser()
     add_run_args(p, model=False)
-    assert run_options(p.parse_args(["--run-ahead"]), None).run_ahead
+    assert run_options(p.parse_args(["--run-ahead"]), None).run_ahead is True
+    assert run_options(p.parse_args(["--no-run-ahead"]), None).run_ahead is False
+    assert run_options(p.parse_args(["--stages", "2"]), None).run_ahead is None  # auto: off where it cannot be
+    with pytest.raises(SystemExit):
+        p.parse_args(["--run-ahead", "--no-run-ahead"])
     for extra in (["--stages", "2"], ["--tp", "2"]):
         with pytest.raises(UserError, match="--run-ahead: needs one stage of one rank"):
             run_options(p.parse_args(["--run-ahead", *extra]), None)
+
+
+def test_by_default_a_one_stage_engine_runs_ahead_on_cuda_only():
+    from qwen_vl_distributed.engine.build import RunOptions, new_engine
+
+    class Executor:
+        num_stages = 1
+        can_run_ahead = True
+
+        def __init__(self):
+            self.calls = []
+
+        def run_ahead(self, on=True):
+            self.calls.append(on)
+
+    cfg = preset("tiny")
+
+    class Plan:
+        kv_blocks, kv_block_size, prefill_chunk = 16, BS, 64
+    for device, given, expect in (("cuda", None, True), ("cpu", None, False), ("cuda", False, False),
+                                  ("cpu", True, True)):
+        ex = Executor()
+        opts = RunOptions(model=None, device=device, max_batch=2, max_len=32, run_ahead=given)
+        assert new_engine(cfg, ex, Plan, opts, []).run_ahead is expect and ex.calls == ([True] if expect else [])
+    ex = Executor()
+    ex.can_run_ahead = False  # (a stage of several tensor ranks, or the first of several stages)
+    assert new_engine(cfg, ex, Plan, RunOptions(model=None, device="cuda", max_batch=2, max_len=32), []).run_ahead \
+        is False
 
 
 def test_running_ahead_is_refused_where_the_stage_cannot_gather_the_ids(model):

@@ -98,9 +98,12 @@ def add_run_args(p: argparse.ArgumentParser, max_batch: int = DEFAULTS["max_batc
     add_plan_args(p, max_batch)
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="compute every prompt whole instead of reusing earlier requests' cached prefixes")
-    p.add_argument("--run-ahead", dest="run_ahead", action="store_true",
-                   help="submit each decode step before reading the previous step's tokens, so that the host's "
-                        "work overlaps the GPU's (one stage of one GPU only; the same tokens)")
+    ahead = p.add_mutually_exclusive_group()
+    ahead.add_argument("--run-ahead", dest="run_ahead", action="store_const", const=True, default=None,
+                       help="submit each decode step before reading the previous step's tokens, so that the host's "
+                            "work overlaps the GPU's (one stage of one rank only; default: on there, on CUDA)")
+    ahead.add_argument("--no-run-ahead", dest="run_ahead", action="store_const", const=False,
+                       help="read each step's tokens before submitting the next (the synchronous order)")
     p.add_argument("--stage-timeout", dest="stage_timeout_s", type=float, default=DEFAULTS["stage_timeout_s"],
                    metavar="SEC",
                    help="seconds of silence after which a stage is declared hung and every process stops")
@@ -120,7 +123,7 @@ def run_options(args, source: ModelSource | None) -> RunOptions:
         raise UserError(f"--prefill-chunk {args.prefill_chunk}: must be at least 1")
     if args.max_total_tokens is not None and args.max_total_tokens < 1:
         raise UserError(f"--max-total-tokens {args.max_total_tokens}: must be at least 1")
-    if getattr(args, "run_ahead", False) and (args.stages != 1 or args.tensor_parallel != 1):
+    if getattr(args, "run_ahead", None) is True and (args.stages != 1 or args.tensor_parallel != 1):
         raise UserError(f"--run-ahead: needs one stage of one rank (got --stages {args.stages} "
                         f"--tensor-parallel-size {args.tensor_parallel}); with several stages the micro-batch "
                         "groups already overlap the driver's work")

@@ -56,8 +56,9 @@ class RunOptions:
     max_total_tokens: int | None = None
     kv_block_size: int = DEFAULT_KV_BLOCK_SIZE  # tokens per KV block
     prefix_cache: bool = True  # reuse the KV blocks of earlier requests' identical prefixes
-    # submit a decode step before reading the previous one's tokens (one stage of one rank; off until measured)
-    run_ahead: bool = False
+    # submit a decode step before reading the previous one's tokens (one stage of one rank): True, False, or None:
+    # on where it can be, with one stage of one rank on CUDA (on the CPU the step waits for itself: nothing to gain)
+    run_ahead: bool | None = None
     prefill_chunk: int | None = None  # tokens per step; None: plan.default_prefill_chunk(max_len, max_batch)
     layers_per_stage: list[int] | None = None
     gpu_mem_gb: list[float] | None = None  # per-stage budgets; default on CUDA: this machine's GPU memory
@@ -333,9 +334,12 @@ def _grammars(ckpt) -> GrammarBackend | None:
 
 def new_engine(cfg: ModelConfig, executor, plan: StagePlan, opts: RunOptions, eos: list[int]) -> Engine:
     """The driver over ``executor``, with the plan's KV pool."""
+    run_ahead = opts.run_ahead
+    if run_ahead is None:
+        run_ahead = opts.device == "cuda" and getattr(executor, "can_run_ahead", False)
     return Engine(cfg, executor, opts.max_batch, opts.max_len, eos, num_blocks=plan.kv_blocks,
                   block_size=plan.kv_block_size, prefix_cache=opts.prefix_cache, max_step_tokens=plan.prefill_chunk,
-                  run_ahead=opts.run_ahead)
+                  run_ahead=run_ahead)
 
 
 def start_engine(opts: RunOptions) -> EngineHandle:
@@ -346,7 +350,7 @@ def start_engine(opts: RunOptions) -> EngineHandle:
     ckpt = open_source(opts)
     eos = [] if isinstance(ckpt, RandomWeights) else read_eos_ids(opts.model)  # random weights: never stop early
     grid = opts.grid(ckpt.cfg)
-    if opts.run_ahead and grid.world != 1:  # (before any process starts)
+    if opts.run_ahead is True and grid.world != 1:  # (before any process starts)
         raise UserError(f"--run-ahead: needs one stage of one rank (the grid has {grid.stages} stage(s) of "
                         f"{grid.tp} rank(s))")
     plan = make_plan(ckpt.cfg, opts, grid)

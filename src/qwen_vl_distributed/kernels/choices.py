@@ -124,10 +124,11 @@ FUSED_MAX_PAIRS = 65536
 PROMPT_ATTENTION = "triton"
 PROMPT_SDPA_MIN_TOKENS = 8192
 
-# Split-KV of the Triton attention over the cache (``SplitKV``): off by default until tests/gpu has held it to the
-# reference on a GPU and scripts/extend_attention_probe.py --split has timed it there; SplitKV() is the setting to
-# ship then.
-EXTEND_SPLIT_PROGRAMS = 0
+# Split-KV of the Triton attention over the cache (``SplitKV``): on since tests/gpu held it to the reference on an
+# H100 and scripts/extend_attention_probe.py --split timed it there (2026-12-07): 8 decode rows at 32k + a 512-row
+# chunk 0.945 -> 0.318 ms, one row at 32k + a 64-row chunk 0.891 -> 0.072 ms, 8 rows at 4k + a 2048-row prompt
+# 0.441 -> 0.444 ms (docs/benchmarks.md). 0: no split.
+EXTEND_SPLIT_PROGRAMS = 264
 
 # Programmatic dependent launch of the fused layer's kernels (kernels.pdl): off until measured on the device.
 PDL = False
