@@ -16,6 +16,7 @@ from ..engine.engine import Prompt
 from ..engine.sampling import SamplingParams
 from ..errors import UserError
 from ..model.config import PRESETS
+from .options import add_run_ahead_args
 
 
 def add_parser(sub) -> None:
@@ -37,12 +38,7 @@ def add_parser(sub) -> None:
                    help="batch sizes of the host-share section, e.g. 1,4,8 (default with --stages 1: "
                         f"{','.join(map(str, BATCHES))}; 0: skip it); needs --stages 1")
     p.add_argument("--host-steps", type=int, default=32, help="decode steps timed per batch size (host share)")
-    ahead = p.add_mutually_exclusive_group()
-    ahead.add_argument("--run-ahead", dest="run_ahead", action="store_const", const=True, default=None,
-                       help="the engine runs one step ahead (needs --stages 1; default: as serve, on with one stage "
-                            "on CUDA; the host-share section times both orders either way)")
-    ahead.add_argument("--no-run-ahead", dest="run_ahead", action="store_const", const=False,
-                       help="the engine reads each step's tokens before submitting the next")
+    add_run_ahead_args(p)  # (the host-share section times both orders either way)
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.set_defaults(run=run)
 

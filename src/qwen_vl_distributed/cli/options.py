@@ -91,6 +91,16 @@ def add_plan_args(p: argparse.ArgumentParser, max_batch: int = DEFAULTS["max_bat
                         "scheme: faster prompts, fp8 rounding of the inputs)")
 
 
+def add_run_ahead_args(p: argparse.ArgumentParser) -> None:
+    """--run-ahead / --no-run-ahead into ``run_ahead``: True, False, or None (the default: RunOptions decides)."""
+    ahead = p.add_mutually_exclusive_group()
+    ahead.add_argument("--run-ahead", dest="run_ahead", action="store_const", const=True, default=None,
+                       help="submit each decode step before reading the previous step's tokens, so that the host's "
+                            "work overlaps the GPU's (one stage of one rank only; default: on there, on CUDA)")
+    ahead.add_argument("--no-run-ahead", dest="run_ahead", action="store_const", const=False,
+                       help="read each step's tokens before submitting the next (the synchronous order)")
+
+
 def add_run_args(p: argparse.ArgumentParser, max_batch: int = DEFAULTS["max_batch"], model: bool = True) -> None:
     """``model``: take --model (commands that run a checkpoint); without, the caller says what runs."""
     if model:
@@ -98,12 +108,7 @@ def add_run_args(p: argparse.ArgumentParser, max_batch: int = DEFAULTS["max_batc
     add_plan_args(p, max_batch)
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="compute every prompt whole instead of reusing earlier requests' cached prefixes")
-    ahead = p.add_mutually_exclusive_group()
-    ahead.add_argument("--run-ahead", dest="run_ahead", action="store_const", const=True, default=None,
-                       help="submit each decode step before reading the previous step's tokens, so that the host's "
-                            "work overlaps the GPU's (one stage of one rank only; default: on there, on CUDA)")
-    ahead.add_argument("--no-run-ahead", dest="run_ahead", action="store_const", const=False,
-                       help="read each step's tokens before submitting the next (the synchronous order)")
+    add_run_ahead_args(p)
     p.add_argument("--stage-timeout", dest="stage_timeout_s", type=float, default=DEFAULTS["stage_timeout_s"],
                    metavar="SEC",
                    help="seconds of silence after which a stage is declared hung and every process stops")
