@@ -131,10 +131,11 @@ def kv_cache(model: Qwen3VLMoe, seqs: int, length: int, block_size: int | None, 
     cache = model.new_cache(seqs * per, bs, length)
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(seqs * per, generator=g).tolist() if block_size else list(range(seqs * per))
-    if fill:
+    if fill:  # (seeded on the device: two caches made alike hold the same numbers)
+        gd = torch.Generator(device=cache.k[model.layer_ids[0]].device).manual_seed(seed)
         for i in model.layer_ids:
-            cache.k[i].normal_()
-            cache.v[i].normal_()
+            cache.k[i].normal_(generator=gd)
+            cache.v[i].normal_(generator=gd)
     return cache, [order[i * per:(i + 1) * per] for i in range(seqs)]
 
 

@@ -388,7 +388,9 @@ class Bench:
         if not pdl_runs_on(self.dev):
             return {"skipped": "programmatic dependent launch needs compute capability 9.0+ and Triton's gdc"}
         on = dataclasses.replace(self.choices, pdl=not self.choices.pdl)
-        other, other_tables = self._decode_graphs(self.mid, self.opts.kv_block_size, on)
+        # over the same cache and tables: both write the step's k/v into the same slot and read the same keys
+        # (a second cache, or a capture's warm-up writing a real block, made the outputs differ without any race)
+        other, other_tables = DecodeGraphs(self.mid, graphs.cache, buckets=tuple(self.batches), choices=on), tables
         other.capture()
         res = {"pdl_in_default_choices": self.choices.pdl}
         for b in self.batches:

@@ -87,8 +87,10 @@ class DecodeGraphs:
         self.hidden = torch.zeros(n, t.hidden_size, dtype=self.dtype, device=dev)
         self.positions = torch.zeros(3, n, dtype=torch.long, device=dev)
         self.tables = torch.full((n, cache.max_blocks_per_seq), self.scratch, dtype=torch.int32, device=dev)
-        # per row: start (tokens cached before it), block and offset its k/v go to
+        # per row: start (tokens cached before it), block and offset its k/v go to; until a step is loaded (the
+        # capture's warm-up runs) every row writes the scratch block, never a block a sequence may hold
         self.rows = torch.zeros(3, n, dtype=torch.long, device=dev)
+        self.rows[1].fill_(self.scratch)
         # rotary tables made once: the shared device axis map, and the inverse frequencies (text_rope_tables makes
         # those per call: a few kernels that a captured decode step need not replay)
         self._axis = mrope_axis_tensor(t.head_dim // 2, tuple(t.mrope_section), str(dev))
