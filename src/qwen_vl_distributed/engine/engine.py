@@ -35,7 +35,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -249,10 +249,14 @@ class Engine:
         elif not self._in_flight(seq):
             self._release(seq)
 
+    def _flying(self) -> Iterator[Sequence]:
+        """The sequences of every step submitted and not yet collected (a sequence once per step it is in)."""
+        for members in itertools.chain(self.in_flight.values(), self.ahead.values()):
+            yield from (s for s, _ in members)
+
     def _in_flight(self, seq: Sequence) -> bool:
         """Whether a submitted step not yet collected has a row of seq."""
-        steps = itertools.chain(self.in_flight.values(), self.ahead.values())
-        return any(seq is s for members in steps for s, _ in members)
+        return any(seq is s for s in self._flying())
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.in_flight)
@@ -365,9 +369,13 @@ class Engine:
         if not members:
             return
         payload = self._build_step(group, members)
+        self.in_flight[group] = members
+        self._send(group, payload)
+
+    def _send(self, group: int, payload: StepPayload) -> None:
+        """Submit the group's step (its rows already recorded in flight or ahead)."""
         if self.host_phases:
             self.host_phases.lap("payload")
-        self.in_flight[group] = members
         self.order.append(group)
         self._flight_step[group] = payload.step
         self.executor.submit(payload)
@@ -397,15 +405,10 @@ class Engine:
         for _, s in rows:
             n = s.num_cached + 1  # its token in flight is the input; the prefix cache names the block on collect
             step_rows.add(s, n, [0], torch.full((3, 1), n + s.rope_delta, dtype=torch.long), [0])
-        payload = step_rows.payload(group, next(self._step), self._released)
+        payload = self._seal(step_rows, group)
         payload.ids_from = (self._flight_step[group], [i for i, _ in rows])
-        self._released = []
-        if self.host_phases:
-            self.host_phases.lap("payload")
         self.ahead[group] = [(s, -1) for _, s in rows]
-        self.order.append(group)
-        self._flight_step[group] = payload.step
-        self.executor.submit(payload)
+        self._send(group, payload)
 
     def _step_members(self, group: int) -> list[tuple[Sequence, int]]:
         """(sequence, end) for the group's next step: every decoding sequence that has room for its next token
@@ -413,7 +416,7 @@ class Engine:
         within max_step_tokens. The first prompt chunk always goes (at least one token, or one whole
         image/video), so no prompt starves."""
         members = [s for s in self.running.values() if s.group == group and not s.done]
-        busy = {s.id for step in itertools.chain(self.in_flight.values(), self.ahead.values()) for s, _ in step}
+        busy = {s.id for s in self._flying()}
         step: list[tuple[Sequence, int]] = []
         for s in members:
             if s.prefilled and s.id in self.running and self._grow(s, busy, step):
@@ -485,6 +488,10 @@ class Engine:
             s.n_prefilled = end
             self._counts["computed_tokens"] += end - a
             self._name_full_blocks(s, end)
+        return self._seal(rows, group)
+
+    def _seal(self, rows: "_StepRows", group: int) -> StepPayload:
+        """The step's payload, numbered, carrying the sequences released since the last one."""
         payload = rows.payload(group, next(self._step), self._released)
         self._released = []
         return payload

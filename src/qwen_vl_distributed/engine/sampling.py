@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..model.batch import to_device
+from ..model.batch import list_to_device
 from .media import RequestError
 
 
@@ -200,15 +200,8 @@ class TokenHistory:
         self.seen.index_fill_(0, t, True)  # (``seen[t] = True`` would copy a host scalar: a stream sync)
 
 
-def _on(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A small host list as a tensor on ``device``, queued without waiting for the stream (a plain
-    ``torch.tensor(values, device=gpu)`` synchronises with every queued kernel: a step run ahead would wait for
-    its own forward pass)."""
-    return to_device(torch.tensor(values, dtype=dtype), device)
-
-
 def _col(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return _on(values, like.device, like.dtype).unsqueeze(1)  # [B, 1]
+    return list_to_device(values, like.device, like.dtype).unsqueeze(1)  # [B, 1]
 
 
 def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
@@ -244,11 +237,11 @@ def apply_bias(logits: torch.Tensor, params: Sequence[SamplingParams],
     for i in rows:
         pairs = [(t, b) for t, b in params[i].logit_bias if t < V]
         if pairs:
-            ids = _on([t for t, _ in pairs], logits.device)
-            logits[i, ids] += _on([b for _, b in pairs], logits.device, logits.dtype)
+            ids = list_to_device([t for t, _ in pairs], logits.device)
+            logits[i, ids] += list_to_device([b for _, b in pairs], logits.device, logits.dtype)
         ban = [t for t in (banned[i] if banned else ()) if t < V]
         if ban:
-            logits[i].index_fill_(0, _on(ban, logits.device), float("-inf"))  # (a scalar: no host tensor)
+            logits[i].index_fill_(0, list_to_device(ban, logits.device), float("-inf"))  # (a scalar: no host tensor)
     return logits
 
 
@@ -261,7 +254,7 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[in
     allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :V]  # [R, V]
     if len(rows) == logits.shape[0]:  # every row (the common case): no gather / scatter
         return logits.masked_fill_(~allowed, float("-inf"))
-    idx = _on(list(rows), logits.device)
+    idx = list_to_device(list(rows), logits.device)
     logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
     return logits
 
@@ -277,7 +270,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequen
     if any(min_p):  # p_j >= min_p * p_max  <=>  logit_j >= logit_max + log(min_p)
         floor = sorted_vals[:, :1] + torch.log(_col([m if m > 0 else 0.0 for m in min_p], logits))
         sorted_vals = sorted_vals.masked_fill(sorted_vals < floor, float("-inf"))
-    ks = _on([k if 0 < k < V else V for k in top_k], logits.device)
+    ks = list_to_device([k if 0 < k < V else V for k in top_k], logits.device)
     kth = sorted_vals.gather(1, (ks - 1).unsqueeze(1))  # [B, 1]
     sorted_vals = sorted_vals.masked_fill(sorted_vals < kth, float("-inf"))
     probs = sorted_vals.softmax(dim=-1)
@@ -325,7 +318,7 @@ def draw(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Seq
         return Draw(out, _logprobs(logits, out, params))
     scaled = logits / _col([1.0 if p.greedy else p.temperature for p in params], logits)
     every = len(rows) == B  # every row samples (the common case): no gather, no scatter, no greedy argmax
-    sel = None if every else _on(rows, logits.device)
+    sel = None if every else list_to_device(rows, logits.device)
     kept = filter_top_k_top_p(scaled if every else scaled[sel], [params[i].top_k for i in rows],
                               [params[i].top_p for i in rows], [params[i].min_p for i in rows])
     noise = torch.stack([_exponential(V, generators[i], logits.device) for i in rows])

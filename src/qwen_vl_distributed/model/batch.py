@@ -105,3 +105,9 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     if torch.device(device).type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def list_to_device(values: list, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list as a tensor on ``device``, through ``to_device``: queued, never waiting for the stream (a
+    plain ``torch.tensor(values, device=gpu)`` synchronises with every queued kernel)."""
+    return to_device(torch.tensor(values, dtype=dtype), device)

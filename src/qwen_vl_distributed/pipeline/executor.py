@@ -63,6 +63,7 @@ class PipelineExecutor:
     """Stage 0 of an S-stage pipeline, driven by the engine in this process."""
 
     can_run_ahead = False  # the micro-batch groups keep the stages busy while the driver works
+
     def __init__(self, runtime: StageRuntime, transport, heartbeat_s: float):
         self.runtime = runtime
         self.transport = transport

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..model.batch import to_device
+from ..model.batch import list_to_device, to_device
 from ..model.kv_cache import KVCache
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..parallel.group import StageGroup
@@ -128,7 +128,7 @@ class StageRuntime:
         if self._last_tokens is None or self._last_tokens[0] != step:
             have = None if self._last_tokens is None else self._last_tokens[0]
             raise RuntimeError(f"step {p.step} runs ahead of step {step}, but the stage holds the tokens of {have}")
-        return self._last_tokens[1][to_device(torch.tensor(rows, dtype=torch.long), self.device)]
+        return self._last_tokens[1][list_to_device(rows, self.device)]
 
     def _collective_failure(self, e: RuntimeError) -> Exception:
         """A StageFailure naming the stage's ranks for an error of one of its collectives; ``e`` itself otherwise."""
@@ -173,7 +173,7 @@ class StageRuntime:
             if every:
                 tokens = drawn.tokens.to(where)
             else:
-                tokens[to_device(torch.tensor(rows, dtype=torch.long), where)] = drawn.tokens.to(where)
+                tokens[list_to_device(rows, where)] = drawn.tokens.to(where)
             if any(lp is not None for lp in drawn.logprobs):
                 logprobs = [None] * len(p.seq_ids)
                 for i, lp in zip(rows, drawn.logprobs):
