@@ -302,8 +302,19 @@ def check_gemv(rng: random.Random, dtype, device, size: Size) -> None:
     x = randn(gen, b, kd, dtype=dtype, device=device)
     ws = [randn(gen, rng.randint(1, size.hidden), kd, dtype=dtype, device=device) for _ in range(rng.randint(1, 3))]
     bn, bk = rng.choice([16, 32, 64]), rng.choice([32, 64, 128, 256])
-    for out, w in zip(linear_small(x, *ws, bn=bn, bk=bk), ws):
-        assert_close(out, x.double() @ w.double().T, dtype, "linear_small", b=b, k=kd, n=w.shape[0], bn=bn, bk=bk)
+    norm = None
+    if rng.random() < 0.5:  # the input's RMSNorm inside the kernel (decode_layer's norm fusion)
+        from qwen_vl_distributed.model.layers import RMSNorm
+
+        norm = RMSNorm(kd, 1e-6).to(dtype).to(device)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.1 * torch.randn(kd, generator=gen))
+    with torch.no_grad():
+        outs = linear_small(x, *ws, bn=bn, bk=bk, norm=None if norm is None else (norm.weight, norm.eps))
+        xn = x if norm is None else norm(x)
+    for out, w in zip(outs, ws):
+        assert_close(out, xn.double() @ w.double().T, dtype, "linear_small", b=b, k=kd, n=w.shape[0], bn=bn, bk=bk,
+                     norm=norm is not None)
 
 
 def check_rmsnorm(rng: random.Random, dtype, device, size: Size) -> None:
@@ -338,6 +349,50 @@ def check_route(rng: random.Random, dtype, device, size: Size) -> None:
         w_ref, ids_ref = route(logits, k, normalize)
         assert torch.equal(ids.long(), ids_ref), f"route ids b={b} e={e} k={k} {dtype}"
         assert_close(w, w_ref, dtype, "route weights", b=b, e=e, k=k)
+
+
+def check_norm_route(rng: random.Random, dtype, device, size: Size) -> None:
+    """kernels.router: residual + RMSNorm + the router GEMV over hidden slices + top-k, against the RMSNorm module
+    and the router's logits in float64 from the kernel's own x: h exact, x close, the chosen experts a top-K of the
+    reference logits (up to the dtype's rounding of near ties), the weights the reference softmax's there; and for
+    one token the experts' block layout (pair j alone in block j)."""
+    from qwen_vl_distributed.kernels.router import norm_route
+    from qwen_vl_distributed.model.layers import RMSNorm
+
+    b, hd = (1 if rng.random() < 0.4 else rng.randint(2, 16)), rng.randint(1, size.hidden * 2)
+    e = rng.randint(2, min(size.experts * 2, 256))
+    k, bm, sw = rng.randint(1, min(e, 8)), rng.choice([16, 64]), rng.choice([16, 32, 64])
+    normalize = rng.random() < 0.5
+    gen = _gen(rng)
+    norm = RMSNorm(hd, 1e-6).to(dtype).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(hd, generator=gen))
+    o, res = (randn(gen, b, hd, dtype=dtype, device=device) for _ in range(2))
+    router = randn(gen, e, hd, dtype=dtype, device=device)
+    shape = dict(b=b, hidden=hd, e=e, k=k, slice=sw, normalize=normalize)
+    with torch.no_grad():
+        h, x, w, ids, aligned = norm_route(o, res, norm.weight, norm.eps, router, k, normalize, align_bm=bm,
+                                           slice_width=sw)
+        assert torch.equal(h, res + o), f"norm_route h {shape} {dtype}"
+        assert_close(x, norm(res + o), dtype, "norm_route x", **shape)
+    logits = (x.double() @ router.double().T).to(dtype).double()
+    ids = ids.long()
+    assert ids.shape == (b, k) and ((ids >= 0) & (ids < e)).all(), f"norm_route ids {shape}"
+    assert all(len(set(r)) == k for r in ids.tolist()), f"norm_route repeats an expert {shape}"
+    chosen = logits.gather(1, ids)
+    rest = logits.scatter(1, ids, float("-inf")).max(1).values
+    slack = 4 * torch.finfo(dtype).eps * logits.abs().amax(1)  # the logits' rounding in the kernel's sum order
+    assert (chosen.min(1).values >= rest - slack).all(), f"norm_route: not a top-{k} {shape} {dtype}"
+    p = torch.softmax(logits, 1).gather(1, ids)
+    assert_close(w, p / p.sum(1, keepdim=True) if normalize else p, dtype, "norm_route weights", **shape)
+    if b == 1:
+        rows, block_expert = aligned
+        assert block_expert.tolist() == ids[0].tolist(), f"norm_route block experts {shape}"
+        want = torch.full((k, bm), k, dtype=torch.int32)
+        want[:, 0] = torch.arange(k)
+        assert torch.equal(rows.cpu().view(k, bm), want), f"norm_route rows {shape}"
+    else:
+        assert aligned is None
 
 
 def check_sum_pairs(rng: random.Random, dtype, device, size: Size) -> None:
@@ -418,6 +473,7 @@ def check_decoder_layer(rng: random.Random, dtype, device, size: Size) -> None:
     module's forward with the reference attention and experts: output rows and the cache it wrote. float32 only:
     in 16-bit dtypes a 1-ulp change of the router's input flips near-tied expert choices (docs/parity.md)."""
     from qwen_vl_distributed.checkpoint.synth_weights import randomize_module
+    from qwen_vl_distributed.kernels.choices import DEFAULT, GEMV_MAX_ROWS
     from qwen_vl_distributed.kernels.fast_forward import fused_decoder_layer
     from qwen_vl_distributed.model.decoder import DecoderLayer
     from qwen_vl_distributed.model.kv_cache import KVCache
@@ -448,11 +504,13 @@ def check_decoder_layer(rng: random.Random, dtype, device, size: Size) -> None:
     ref_cache.v[0].copy_(cache.v[0])
     h = randn(gen, layout.num_tokens, text.hidden_size, dtype=dtype, device=device)
     rope = _rope(gen, layout.num_tokens, d, dtype, device)
+    choices = dataclasses.replace(DEFAULT, norm_fusion_rows=rng.choice([0, GEMV_MAX_ROWS]))
     with torch.no_grad():
         ref = layer(h, rope, ref_cache.layer(0), layout)
-        out = fused_decoder_layer(layer, h, rope, cache.layer(0), layout)
+        out = fused_decoder_layer(layer, h, rope, cache.layer(0), layout, choices)
     shape = dict(d=d, nh=text.num_attention_heads, kvh=kvh, hidden=text.hidden_size, e=e,
-                 k=text.num_experts_per_tok, i=text.moe_intermediate_size, block_size=bs, starts=starts, lens=lens)
+                 k=text.num_experts_per_tok, i=text.moe_intermediate_size, block_size=bs, starts=starts, lens=lens,
+                 norm_fusion_rows=choices.norm_fusion_rows)
     assert_close(out, ref, dtype, "fused decoder layer", **shape)
     assert_close(cache.k[0], ref_cache.k[0], dtype, "fused decoder layer k cache", **shape)
 
@@ -493,7 +551,7 @@ def check_layer_norm(rng: random.Random, dtype, device, size: Size) -> None:
 
 CHECKS = {f.__name__.removeprefix("check_"): f for f in (
     check_decode_attention, check_extend_attention, check_experts, check_fp8_experts, check_align, check_act_quant,
-    check_gemv, check_rmsnorm, check_route, check_sum_pairs, check_qkv_post, check_decoder_layer,
+    check_gemv, check_rmsnorm, check_route, check_norm_route, check_sum_pairs, check_qkv_post, check_decoder_layer,
     check_vision_rotary, check_layer_norm)}
 
 # checks run in float32 only, and why

@@ -717,24 +717,32 @@ def _decode_case(model, dtype, max_len: int = 16):
 
 
 @needs_triton
+@pytest.mark.parametrize("rows", [3, 1])
+@pytest.mark.parametrize("norms", [0, GEMV_MAX_ROWS], ids=["norm-launches", "norms-fused"])
 @pytest.mark.parametrize("dtype,fp8", [(torch.float32, False), (torch.float16, False), (torch.float32, True)])
-def test_decode_layer_matches_module(tiny, dtype, fp8):
+def test_decode_layer_matches_module(tiny, dtype, fp8, norms, rows):
     """(bf16 is checked on the GPU: the interpreter truncates fp32 -> bf16 instead of rounding to nearest.) fp8: the
-    layer's experts quantised in 16x16 blocks and kept fp8 (partial blocks: I = 24)."""
+    layer's experts quantised in 16x16 blocks and kept fp8 (partial blocks: I = 24). ``norms``: the norms inside
+    the next kernels up to that many rows (kernels.router; one row: the router lays out the experts' blocks)."""
     from qwen_vl_distributed.kernels.decode_layer import decode_layer
 
     m, cache, layout, _, rope = _decode_case(tiny[1], dtype)
+    if rows == 1:
+        layout = SeqLayout(layout.block_tables[1:2], starts=layout.starts[1:2], lens=[1])
+        rope = tuple(r[1:2] for r in rope)
     layer = m.model.language_model.layers["1"]
     if fp8:
         layer.mlp.experts.quantize_fp8((16, 16))
         assert layer.mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
-    h = torch.randn(3, m.cfg.text.hidden_size).to(dtype)
+    h = torch.randn(rows, m.cfg.text.hidden_size).to(dtype)
     fused_cache = copy.deepcopy(cache)
+    choices = dataclasses.replace(DEFAULT, norm_fusion_rows=norms)
     with torch.no_grad():
         with module_layers(m):
             ref = layer(h, rope, cache.layer(1), layout)
         out = decode_layer(layer, h, *rope, fused_cache.layer(1), layout.block_table("cpu"),
-                           layout.tensor("starts", "cpu"), layout.row_tables("cpu", cache.block_size))
+                           layout.tensor("starts", "cpu"), layout.row_tables("cpu", cache.block_size),
+                           choices=choices)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     assert rel(out, ref) < tol
     assert rel(fused_cache.k[1], cache.k[1]) < tol and rel(fused_cache.v[1], cache.v[1]) < tol
@@ -753,15 +761,95 @@ def test_route_kernel_matches_reference():
 
 
 @needs_triton
-def test_fused_decode_graph_step_equals_forward(tiny):
+@pytest.mark.parametrize("norms", [0, 4], ids=["norm-launches", "norms-fused"])
+def test_fused_decode_graph_step_equals_forward(tiny, norms):
     m, cache, layout, pos, _ = _decode_case(tiny[1], torch.float32)
     ids = torch.tensor([11, 12, 13])
     ref_cache = copy.deepcopy(cache)
     with torch.no_grad(), module_layers(m):
         ref = m(positions=pos, layout=layout, cache=ref_cache, input_ids=ids)
-    graphs = DecodeGraphs(m, cache, buckets=(4,), fused=True)
+    graphs = DecodeGraphs(m, cache, buckets=(4,), fused=True,
+                          choices=dataclasses.replace(DEFAULT, norm_fusion_rows=norms))
     out = graphs.run(positions=pos, layout=layout, input_ids=ids)
     assert rel(out, ref) < 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b", [1, 5])
+def test_gemv_with_the_norm_inside_equals_norm_then_gemv(dtype, b):
+    from qwen_vl_distributed.kernels.decode_layer import rmsnorm
+    from qwen_vl_distributed.kernels.gemv import linear_small
+
+    torch.manual_seed(b)
+    x = (torch.randn(b, 200) * 3).to(dtype)  # K = 200: the last tile partial, the squares summed over 4 tiles
+    nw = (torch.randn(200) * 0.1 + 1).to(dtype)
+    weights = [torch.randn(n, 200).to(dtype) for n in (80, 16, 40)]
+    normed = rmsnorm(x, nw, 1e-6)
+    outs = linear_small(x, *weights, bn=16, bk=64, norm=(nw, 1e-6))
+    for out, w in zip(outs, weights):
+        assert rel(out, linear_small(normed, w, bn=16, bk=64)[0]) < (1e-6 if dtype == torch.float32 else 2e-3)
+    x[0, 0] = 1e3  # the norm is of each row on its own: a change in row 0 leaves the other rows' outputs alone
+    again = linear_small(x, *weights, bn=16, bk=64, norm=(nw, 1e-6))
+    assert not torch.equal(again[0][0], outs[0][0]) and torch.equal(again[0][1:], outs[0][1:])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_norm_route_equals_the_norm_the_router_and_route(dtype, b, normalize):
+    """kernels.router against the separate launches: h and x as the residual RMSNorm gives them, the top-k of the
+    rounded logits; hidden 100 over slices of 32 (a partial last slice), 20 experts (not a power of two)."""
+    from qwen_vl_distributed.kernels.decode_layer import rmsnorm, route as fused_route
+    from qwen_vl_distributed.kernels.moe_triton import align, expert_pairs
+    from qwen_vl_distributed.kernels.router import norm_route
+    from qwen_vl_distributed.model.moe import route
+
+    torch.manual_seed(b)
+    o, res = (torch.randn(b, 100).to(dtype) for _ in range(2))
+    nw = (torch.randn(100) * 0.1 + 1).to(dtype)
+    router = torch.randn(20, 100).to(dtype)
+    h, x, w, ids, aligned = norm_route(o, res, nw, 1e-6, router, 4, normalize, align_bm=16, slice_width=32)
+    h_ref, x_ref = rmsnorm(o, nw, 1e-6, residual=res)
+    assert torch.equal(h, h_ref) and rel(x, x_ref) < (1e-6 if dtype == torch.float32 else 1e-3)
+    logits = x.float() @ router.float().T
+    w_ref, ids_ref = route(logits.to(dtype), 4, normalize)
+    assert torch.equal(ids.long(), ids_ref) and rel(w, w_ref) < (1e-6 if dtype == torch.float32 else 1e-3)
+    w_k, ids_k = fused_route(logits.to(dtype), 4, normalize)
+    assert torch.equal(ids, ids_k)
+    if b > 1:
+        assert aligned is None
+        return
+    rows, block_expert = aligned  # one token: pair j alone in block j, on its expert
+    assert block_expert.tolist() == ids[0].tolist()
+    assert rows.view(4, 16)[:, 0].tolist() == [0, 1, 2, 3] and (rows.view(4, 16)[:, 1:] == 4).all()
+    gate_up, down = torch.randn(20, 48, 100).to(dtype) * 0.1, torch.randn(20, 100, 24).to(dtype) * 0.1
+    cfg = DEFAULT.moe_config(4)
+    assert cfg.bm == 16
+    want = expert_pairs(x, ids, w, gate_up, down, None, cfg)
+    assert torch.equal(expert_pairs(x, ids, w, gate_up, down, None, cfg, aligned=aligned), want)
+    assert align(ids, 20, 16)[1].numel() > block_expert.numel()  # the sorted layout's bound has spare blocks
+
+
+def test_the_norm_fusion_ab_is_reported_per_batch():
+    from qwen_vl_distributed.bench.report import render
+
+    ab = {"norm_fusion_rows_default": 0,
+          1: {"plain_ms_layer": 0.2, "fused_ms_layer": 0.19, "fused_over_plain": 0.95, "fused_here": True,
+              "equal": False, "rel": 1.5e-3},
+          32: {"plain_ms_layer": 0.5, "fused_ms_layer": 0.5, "fused_over_plain": 1.0, "fused_here": False,
+               "equal": True, "rel": 0.0}}
+    text = render({"decode_norm_fusion": ab})
+    assert ("B=1: norms inside the next kernels 0.1900 ms/L, as launches 0.2000 ms/L: fused / launches 0.9500, "
+            "outputs rel 1.50e-03") in text
+    assert "B=32: norms inside the next kernels 0.5000 ms/L, as launches 0.5000 ms/L: fused / launches 1.0000 (not " \
+           "fused at this batch), outputs identical" in text
+
+
+def test_norm_fusion_rows_are_a_decode_batch():
+    with pytest.raises(ValueError, match="norm_fusion_rows"):
+        dataclasses.replace(DEFAULT, norm_fusion_rows=GEMV_MAX_ROWS + 1)
 
 
 @needs_triton

@@ -60,21 +60,30 @@ def test_the_fused_layers_take_every_head_dim(base):
     assert fused_layers_fit(base)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-layers", "module-layers"])
-def test_graph_replay_equals_the_reference_forward_step_after_step(base, fused):
+@pytest.mark.parametrize("fused,norms", [(True, 0), (True, 4), (False, 0)],
+                         ids=["fused-layers", "fused-layers-norms-inside", "module-layers"])
+@pytest.mark.parametrize("batch", [3, 1])
+def test_graph_replay_equals_the_reference_forward_step_after_step(base, fused, norms, batch):
+    """``norms``: KernelChoices.norm_fusion_rows (kernels.router; at batch 1 the router lays out the experts'
+    blocks itself)."""
+    import dataclasses
+
+    from qwen_vl_distributed.kernels.choices import DEFAULT
+
     fast = enable_fast_paths(copy.deepcopy(base), vision_graphs=False)
     ref = use_reference(copy.deepcopy(base))
     cache, ref_cache = (m.new_cache(pool_blocks(TABLES), BLOCK, 32) for m in (fast, ref))
-    ids = prefill(ref, ref_cache).argmax(-1)
+    ids = prefill(ref, ref_cache).argmax(-1)[:batch]
     for i in ref.layer_ids:
         cache.k[i].copy_(ref_cache.k[i])
         cache.v[i].copy_(ref_cache.v[i])
-    graphs = DecodeGraphs(fast, cache, buckets=(1, 4), fused=fused)
+    graphs = DecodeGraphs(fast, cache, buckets=(1, 4), fused=fused,
+                          choices=dataclasses.replace(DEFAULT, norm_fusion_rows=norms))
     graphs.capture()
     assert sorted(graphs.graphs) == [1, 4]
-    starts = [len(p) for p in PROMPTS]
+    starts = [len(p) for p in PROMPTS][:batch]
     for step in range(STEPS):
-        layout = layout_of(starts, [1, 1, 1])
+        layout = layout_of(starts, [1] * batch)
         pos = torch.tensor(starts, device="cuda").expand(3, -1)
         out = graphs.run(positions=pos, layout=layout, input_ids=ids).clone()  # bucket 4: one padding row
         with torch.inference_mode():

@@ -365,6 +365,7 @@ class Bench:
         self.results["kv_block_size"] = self.opts.kv_block_size
         flat = flat_tables = None
         self.results["decode_pdl"] = self._pdl_decode(graphs, tables, ctx)
+        self.results["decode_norm_fusion"] = self._norm_fusion_decode(graphs, tables, ctx)
         self.results["decode_breakdown"] = {b: self._decode_breakdown(graphs, tables, b, ctx)
                                             for b in (self.batches[0], self.batches[-1])}
         graphs = None  # free this stage's graphs before the whole-model ones are captured
@@ -387,21 +388,49 @@ class Bench:
 
         if not pdl_runs_on(self.dev):
             return {"skipped": "programmatic dependent launch needs compute capability 9.0+ and Triton's gdc"}
-        on = dataclasses.replace(self.choices, pdl=not self.choices.pdl)
+        ab = self._decode_ab(graphs, tables, ctx, dataclasses.replace(self.choices, pdl=not self.choices.pdl))
+        res = {"pdl_in_default_choices": self.choices.pdl}
+        for b, r in ab.items():
+            pdl_ms, plain_ms = ((r["default_ms"], r["other_ms"]) if self.choices.pdl
+                                else (r["other_ms"], r["default_ms"]))
+            res[b] = {"plain_ms_layer": plain_ms / self.n, "pdl_ms_layer": pdl_ms / self.n,
+                      "pdl_over_plain": pdl_ms / plain_ms, "equal": r["equal"], "rel": r["rel"]}
+        return res
+
+    def _norm_fusion_decode(self, graphs: DecodeGraphs, tables: list[list[int]], ctx: int) -> dict:
+        """The decode step with the norms inside the next kernels (``KernelChoices.norm_fusion_rows``:
+        kernels.router, kernels.gemv) against separate norm launches, timed in alternation, with how far apart
+        their hidden states are (the fp32 sums run in another order, so not bit for bit)."""
+        from ..kernels.choices import GEMV_MAX_ROWS
+
+        on = self.choices.norm_fusion_rows
+        other = 0 if on else min(max(self.batches), GEMV_MAX_ROWS)
+        ab = self._decode_ab(graphs, tables, ctx, dataclasses.replace(self.choices, norm_fusion_rows=other))
+        res = {"norm_fusion_rows_default": on}
+        for b, r in ab.items():
+            fused_ms, plain_ms = (r["default_ms"], r["other_ms"]) if on else (r["other_ms"], r["default_ms"])
+            res[b] = {"plain_ms_layer": plain_ms / self.n, "fused_ms_layer": fused_ms / self.n,
+                      "fused_over_plain": fused_ms / plain_ms, "fused_here": b <= max(on, other),
+                      "equal": r["equal"], "rel": r["rel"]}
+        return res
+
+    def _decode_ab(self, graphs: DecodeGraphs, tables: list[list[int]], ctx: int, other_choices: KernelChoices
+                   ) -> dict:
+        """Per batch: the decode step of ``graphs`` (this run's choices) and of graphs with ``other_choices``, ms
+        per step timed in alternation, and whether (``equal``) / how far (``rel``) their hidden states differ."""
         # over the same cache and tables: both write the step's k/v into the same slot and read the same keys
         # (a second cache, or a capture's warm-up writing a real block, made the outputs differ without any race)
-        other, other_tables = DecodeGraphs(self.mid, graphs.cache, buckets=tuple(self.batches), choices=on), tables
+        other = DecodeGraphs(self.mid, graphs.cache, buckets=tuple(self.batches), choices=other_choices)
         other.capture()
-        res = {"pdl_in_default_choices": self.choices.pdl}
+        res = {}
         for b in self.batches:
-            ms, other_ms = self._paired_decode_ms((graphs, tables), (other, other_tables), b, ctx)
+            ms, other_ms = self._paired_decode_ms((graphs, tables), (other, tables), b, ctx)
             outs, x = [], torch.randn(b, self.cfg.text.hidden_size, device=self.dev, dtype=BF16)
-            for g, tabs in ((graphs, tables), (other, other_tables)):
-                g.load(tabs[:b], [ctx] * b, torch.full((3, b), ctx), hidden=x)
+            for g in (graphs, other):
+                g.load(tables[:b], [ctx] * b, torch.full((3, b), ctx), hidden=x)
                 outs.append(g.replay(b).clone())
-            pdl_ms, plain_ms = (ms, other_ms) if self.choices.pdl else (other_ms, ms)
-            res[b] = {"plain_ms_layer": plain_ms / self.n, "pdl_ms_layer": pdl_ms / self.n,
-                      "pdl_over_plain": pdl_ms / plain_ms, "equal": bool(torch.equal(*outs))}
+            res[b] = {"default_ms": ms, "other_ms": other_ms, "equal": bool(torch.equal(*outs)),
+                      "rel": rel(outs[1], outs[0])}
         return res
 
     def _paired_decode_ms(self, a: tuple, b_: tuple, b: int, ctx: int, rounds: int = 5) -> tuple[float, float]:
@@ -421,6 +450,7 @@ class Bench:
         from ..kernels.decode_attention import decode_attention
         from ..kernels.decode_layer import project, qkv_post, rmsnorm, route as fused_route
         from ..kernels.moe_triton import expert_pairs, sum_pairs
+        from ..kernels.router import norm_route
         import torch.nn.functional as F
 
         t = self.cfg.text
@@ -451,6 +481,13 @@ class Bench:
             "add_rmsnorm": lambda l, kv: rmsnorm(h, l.post_attention_layernorm.weight, eps, residual=h),
             "router": lambda l, kv: fused_route(project("router", h, l.mlp.gate.weight, choices=c)[0], kk,
                                                 t.norm_topk_prob),
+            # the fused alternatives (KernelChoices.norm_fusion_rows): not part of the sum below
+            "qkv_gemv_with_norm": lambda l, kv: project(
+                "qkv", h, l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight,
+                choices=c, norm=(l.input_layernorm.weight, eps)),
+            "add_norm_router": lambda l, kv: norm_route(h, h, l.post_attention_layernorm.weight, eps,
+                                                        l.mlp.gate.weight, kk, t.norm_topk_prob,
+                                                        align_bm=moe.bm),
             "experts": lambda l, kv: expert_pairs(h, ids, w, l.mlp.experts.gate_up_proj, l.mlp.experts.down_proj,
                                                   None, moe),
             "sum_residual": lambda l, kv: sum_pairs(y, ids, t.num_experts, residual=h),
@@ -458,7 +495,7 @@ class Bench:
         res = {}
         for name, fn in pieces.items():
             res[name] = 1e3 * self._graph_ms(lambda: [fn(l, kv) for l, kv in zip(layers, kvs)]) / self.n
-        res["sum_of_pieces"] = sum(res.values())
+        res["sum_of_pieces"] = sum(v for k, v in res.items() if k not in ("qkv_gemv_with_norm", "add_norm_router"))
         return res
 
     def _tune_gemv(self, b: int) -> dict:

@@ -17,6 +17,8 @@ on any machine.
   programs, so the decode rows of a long sequence in a mixed step do not leave the GPU idle (kernels.extend_attention).
 - ``vision_backends``: the SDPA backend priority of vision attention, None for torch's own (kernels.vision_attention).
 - ``pdl``: launch the fused layer's kernels with programmatic dependent launch where the GPU can (kernels.pdl).
+- ``norm_fusion_rows``: up to this many rows the fused layer runs its RMSNorms inside the following kernels (the
+  input norm in the q/k/v GEMV, residual + norm + router in two launches: kernels.router); 0: separate launches.
 """
 
 from __future__ import annotations
@@ -134,6 +136,12 @@ EXTEND_SPLIT_PROGRAMS = 264
 PDL = False
 
 
+# The fused layer's norms inside the next kernels (kernels.router, kernels.gemv) up to this many rows: 3-4 launches
+# fewer per layer at batch 1. Off (0) until measured on the device (bench decode: ``decode_norm_fusion``); each
+# program re-reads its rows whole to sum their squares, so it is meant for decode-sized batches only.
+NORM_FUSION_ROWS = 0
+
+
 @dataclass(frozen=True)
 class SplitKV:
     """Split-KV of the Triton attention over the cache (kernels.extend_attention): a row block whose keys exceed
@@ -170,10 +178,13 @@ class KernelChoices:
     extend_split: SplitKV = SplitKV(programs=EXTEND_SPLIT_PROGRAMS)
     vision_backends: tuple[str, ...] | None = None
     pdl: bool = PDL
+    norm_fusion_rows: int = NORM_FUSION_ROWS
 
     def __post_init__(self):
         if self.prompt_attention not in ("triton", "sdpa"):
             raise ValueError(f"prompt_attention {self.prompt_attention!r}: choose 'triton' or 'sdpa'")
+        if not 0 <= self.norm_fusion_rows <= GEMV_MAX_ROWS:
+            raise ValueError(f"norm_fusion_rows {self.norm_fusion_rows}: 0 (off) to {GEMV_MAX_ROWS} rows")
 
     def gemv_tile(self, use: str, rows: int) -> tuple[int, int] | None:
         """The GEMV kernel's tile for projection ``use`` at this row count, or None where cuBLAS runs it."""

@@ -8,6 +8,9 @@ CUDA-graph replay each costs ~2 us of launch latency and tail -- more than the a
 Shapes: B sequences (rows), H hidden, NH/KVH query/kv heads, D head_dim, E experts, K per token, P = B*K pairs.
 Launches: rmsnorm | q, k, v GEMV (cuBLAS) | q/k norm + rotary + cache write | split-KV attention (2) | o GEMV |
 residual + rmsnorm | router GEMV | softmax + top-k | align + gate/up + down (3) | K-sum + residual.
+Up to ``KernelChoices.norm_fusion_rows`` rows, 3 to 4 fewer: the input norm runs inside the q/k/v GEMV
+(kernels.gemv), and residual + norm + router GEMV + top-k are two launches that, for one token, also lay out the
+experts' blocks (kernels.router).
 
 Rounding follows the reference op by op: every place the module rounds a product or sum to the activation dtype
 (bf16), the kernels round too (``.to(dt).to(tl.float32)``), so results differ only by reduction order.
@@ -29,15 +32,20 @@ from .gemv import linear_small
 from .moe_triton import expert_pairs, sum_pairs
 from .packing import packed_qkv
 from .pdl import grid_dependency, launch_options, pdl_runs_on
+from .router import norm_route, topk_softmax
 
 
-def project(use: str, x: torch.Tensor, *weights: torch.Tensor, choices: KernelChoices = DEFAULT
-            ) -> tuple[torch.Tensor, ...]:
-    """x @ W^T for each weight (bias-free), through the GEMV kernel or cuBLAS as ``choices.gemv[use]`` says."""
+def project(use: str, x: torch.Tensor, *weights: torch.Tensor, choices: KernelChoices = DEFAULT,
+            norm: tuple[torch.Tensor, float] | None = None) -> tuple[torch.Tensor, ...]:
+    """x @ W^T for each weight (bias-free), through the GEMV kernel or cuBLAS as ``choices.gemv[use]`` says.
+    ``norm`` = (weight, eps): of rmsnorm(x), inside the GEMV kernel (which ``use`` must run there)."""
     tile = choices.gemv_tile(use, x.shape[0])
     if tile is None:
+        if norm is not None:
+            raise ValueError(f"project({use!r}, norm=...): the norm is fused into the GEMV kernel, and cuBLAS runs "
+                             f"{x.shape[0]} rows of {use!r}")
         return tuple(F.linear(x, w) for w in weights)
-    return linear_small(x, *weights, bn=tile[0], bk=tile[1], pdl=uses_pdl(choices, x.device))
+    return linear_small(x, *weights, bn=tile[0], bk=tile[1], pdl=uses_pdl(choices, x.device), norm=norm)
 
 
 def uses_pdl(choices: KernelChoices, device: torch.device) -> bool:
@@ -157,19 +165,8 @@ def _route_kernel(logits_ptr, ids_ptr, w_ptr, E: tl.constexpr, K: tl.constexpr, 
     row = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, EB)
     logits = tl.load(logits_ptr + row * E + e, mask=e < E, other=float("-inf")).to(tl.float32)
-    p = tl.exp(logits - tl.max(logits, 0))
-    p = p / tl.sum(p, 0)
     kk = tl.arange(0, KB)
-    top_w = tl.zeros((KB,), tl.float32)
-    top_i = tl.zeros((KB,), tl.int32)
-    for k in tl.static_range(K):
-        best = tl.max(p, 0)
-        idx = tl.min(tl.where(p == best, e, EB), 0)
-        top_w = tl.where(kk == k, best, top_w)
-        top_i = tl.where(kk == k, idx, top_i)
-        p = tl.where(e == idx, -1.0, p)
-    if NORMALIZE:
-        top_w = top_w / tl.sum(top_w, 0)
+    top_w, top_i = topk_softmax(logits, e, kk, K, EB, NORMALIZE)
     tl.store(w_ptr + row * K + kk, top_w.to(w_ptr.dtype.element_ty), mask=kk < K)
     tl.store(ids_ptr + row * K + kk, top_i, mask=kk < K)
 
@@ -229,7 +226,10 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
     attn, mlp = layer.self_attn, layer.mlp
     t = h.shape[0]
     pdl = uses_pdl(choices, h.device)
-    x = rmsnorm(h, layer.input_layernorm.weight, layer.input_layernorm.eps, pdl=pdl)
+    fuse = t <= choices.norm_fusion_rows  # the norms inside the following kernels (kernels.router, kernels.gemv)
+    norm_in = layer.input_layernorm
+    fuse_in = fuse and attn.q_proj.bias is None and choices.gemv_tile("qkv", t) is not None
+    x = h if fuse_in else rmsnorm(h, norm_in.weight, norm_in.eps, pdl=pdl)
     # where cuBLAS projects (prompt rows; decode rows too if choices.gemv["qkv"] is None): one GEMM for q, k and v
     # over the packed weight (kernels.packing)
     packed = packed_qkv(attn) if choices.gemv_tile("qkv", t) is None else None
@@ -237,22 +237,31 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
         q, k, v = F.linear(x, packed).split([attn.q_proj.out_features, attn.k_proj.out_features,
                                              attn.v_proj.out_features], dim=1)
     elif attn.q_proj.bias is None:
-        q, k, v = project("qkv", x, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, choices=choices)
+        q, k, v = project("qkv", x, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, choices=choices,
+                          norm=(norm_in.weight, norm_in.eps) if fuse_in else None)
     else:
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
     o = attend(qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets, pdl)).reshape(t, -1)
     o = project("o", o, attn.o_proj.weight, choices=choices)[0] if attn.o_proj.bias is None else attn.o_proj(o)
     if attn.reduce is not None:  # tensor parallel: this rank's heads' share of o_proj, summed over the ranks
         o = attn.reduce(o)
-    h, x = rmsnorm(o, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps, residual=h,
-                   pdl=pdl)
-    w, ids = route(project("router", x, mlp.gate.weight, choices=choices)[0], mlp.top_k, mlp.normalize, pdl)
-    ids, w = mlp.experts.local_routing(ids, w)  # expert parallel: ids of experts held elsewhere become E
     gate_up, down, scales = mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.experts.scales
+    post, aligned = layer.post_attention_layernorm, None
+    if fuse and mlp.gate.bias is None:
+        # one token on the Triton experts of this module's own ids: the router lays the experts' blocks out itself
+        direct = (t == 1 and mlp.experts.expert_range is None
+                  and (mlp.top_k <= choices.fused_max_pairs or scales is not None))
+        bm = choices.moe_config(t * mlp.top_k, scales).bm if direct else None
+        h, x, w, ids, aligned = norm_route(o, h, post.weight, post.eps, mlp.gate.weight, mlp.top_k, mlp.normalize,
+                                           align_bm=bm, pdl=pdl)
+    else:
+        h, x = rmsnorm(o, post.weight, post.eps, residual=h, pdl=pdl)
+        w, ids = route(project("router", x, mlp.gate.weight, choices=choices)[0], mlp.top_k, mlp.normalize, pdl)
+    ids, w = mlp.experts.local_routing(ids, w)  # expert parallel: ids of experts held elsewhere become E
     if ids.numel() > choices.fused_max_pairs and scales is None:  # large chunks: grouped GEMM (returns the K-sum)
         y = grouped.grouped_experts(x, ids.long(), w, gate_up, down)
         return h + (y if mlp.reduce is None else mlp.reduce(y))
-    pairs = expert_pairs(x, ids, w, gate_up, down, scales, choices.moe_config(ids.numel(), scales), pdl)
+    pairs = expert_pairs(x, ids, w, gate_up, down, scales, choices.moe_config(ids.numel(), scales), pdl, aligned)
     if mlp.reduce is None:
         return sum_pairs(pairs, ids, gate_up.shape[0], residual=h, pdl=pdl)
     return h + mlp.reduce(sum_pairs(pairs, ids, gate_up.shape[0], pdl=pdl))

@@ -4,6 +4,10 @@ Shapes: x [B, K]; weights W_i [N_i, K] (nn.Linear layout); outputs y_i [B, N_i] 
 rounded once to x's dtype (as cuBLAS does). Why: the q, k and v projections of a decode step are three GEMVs of
 very different sizes (8192, 512, 512 rows); three cuBLAS launches leave the GPU part-idle in each, one launch over
 the stacked rows keeps every SM streaming weights. Program j owns BN consecutive rows of the stack [W_0; W_1; W_2].
+
+With ``norm`` the input is first put through an RMSNorm inside the kernel (``y_i = rmsnorm(x) @ W_i^T``): every
+program sums its rows' squares itself (the B rows come from L2, a few KB) and normalises each tile it loads, rounding
+as ``decode_layer.rmsnorm`` does, so the decode step saves the norm's launch.
 """
 
 from __future__ import annotations
@@ -13,14 +17,15 @@ import triton
 import triton.language as tl
 
 from .pdl import grid_dependency, launch_options
-from .tiles import fit_stages, load_k_tile, mma
+from .tiles import fit_stages, load_k_tile, mma, norm_tile, row_rstd
 
 BN, BK, WARPS, STAGES = 32, 256, 4, 4
 
 
 @triton.jit(do_not_specialize=["B"])  # one compile per row bucket BM, whatever the row count (runtime.warmup)
-def _gemv_kernel(x_ptr, w0, w1, w2, y0, y1, y2, B, K, N0, N1, N2,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w0, w1, w2, y0, y1, y2, nw_ptr, eps, B, K, N0, N1, N2,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr,
+                 PDL: tl.constexpr):
     grid_dependency(PDL)
     pid = tl.program_id(0)
     nb0 = tl.cdiv(N0, BN)
@@ -38,9 +43,15 @@ def _gemv_kernel(x_ptr, w0, w1, w2, y0, y1, y2, B, K, N0, N1, N2,
     kk = tl.arange(0, BK)
     x_ptrs = x_ptr + b[:, None] * K + kk[None, :]
     w_ptrs = w + rows[:, None].to(tl.int64) * K + kk[None, :]
+    dt = x_ptr.dtype.element_ty
+    rstd = tl.zeros((BM,), tl.float32)
+    if NORM:
+        rstd = row_rstd(x_ptrs, bmask, kk, K, eps, EVEN_K, BM, BK)
     acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
         a = load_k_tile(x_ptrs, bmask, k0, kk, K, EVEN_K)
+        if NORM:
+            a = norm_tile(a, rstd, nw_ptr, k0, kk, K, dt)
         wt = load_k_tile(w_ptrs, rmask, k0, kk, K, EVEN_K)
         acc = mma(a, tl.trans(wt), acc)
         x_ptrs += BK
@@ -49,8 +60,10 @@ def _gemv_kernel(x_ptr, w0, w1, w2, y0, y1, y2, B, K, N0, N1, N2,
 
 
 def linear_small(x: torch.Tensor, *weights: torch.Tensor, bn: int = BN, bk: int = BK, warps: int = WARPS,
-                 stages: int = STAGES, pdl: bool = False) -> tuple[torch.Tensor, ...]:
+                 stages: int = STAGES, pdl: bool = False, norm: tuple[torch.Tensor, float] | None = None
+                 ) -> tuple[torch.Tensor, ...]:
     """(x @ W_0^T, x @ W_1^T, ...) for 1 to 3 bias-free weights of equal K, in one launch. x [B, K], B <= 64.
+    ``norm`` = (weight [K], eps): the products of rmsnorm(x) instead (``decode_layer.rmsnorm``'s rounding).
     ``pdl``: launch with programmatic dependent launch (kernels.pdl)."""
     if not 1 <= len(weights) <= 3:
         raise ValueError("linear_small takes one to three weights")
@@ -62,6 +75,8 @@ def linear_small(x: torch.Tensor, *weights: torch.Tensor, bn: int = BN, bk: int 
     ns = [w.shape[0] for w in weights] + [0] * (3 - len(weights))
     grid = (sum(triton.cdiv(n, bn) for n in ns),)
     bm = max(16, triton.next_power_of_2(b))
-    _gemv_kernel[grid](x, *ws, *ys, b, k, *ns, BM=bm, BN=bn, BK=bk, EVEN_K=k % bk == 0, num_warps=warps,
+    nw, eps = norm if norm is not None else (x, 0.0)
+    _gemv_kernel[grid](x, *ws, *ys, nw, eps, b, k, *ns, BM=bm, BN=bn, BK=bk, EVEN_K=k % bk == 0,
+                       NORM=norm is not None, num_warps=warps,
                        num_stages=fit_stages(stages, (bm + bn) * bk * x.element_size()), **launch_options(pdl))
     return tuple(outs)

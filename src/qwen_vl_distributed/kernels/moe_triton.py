@@ -468,9 +468,10 @@ def sum_pairs(y: torch.Tensor, topk_ids: torch.Tensor, experts: int, residual: t
 
 def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
                  down: torch.Tensor, scales: ExpertScales | None = None, config: MoeConfig | None = None,
-                 pdl: bool = False) -> torch.Tensor:
+                 pdl: bool = False, aligned: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Each (token, expert) pair's weighted expert output, y [P, H] in x's dtype (pair p = t*K + k), before the
-    K-sum. ``pdl``: launch the kernels with programmatic dependent launch (kernels.pdl)."""
+    K-sum. ``pdl``: launch the kernels with programmatic dependent launch (kernels.pdl). ``aligned``: the
+    (rows, block_expert) layout in blocks of the config's bm, already made (kernels.router), instead of ``align``."""
     cfg = config or DEFAULT.moe_config(topk_ids.numel(), scales)
     if scales is not None:  # a reduction tile within one scale block, and at least as wide as tl.dot takes
         least = fp8_min_block_width(scales)
@@ -480,7 +481,7 @@ def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, 
         bc = scales.block[1]
         cfg = dataclasses.replace(cfg, bk=min(max(cfg.bk, least), bc), down_bk=min(max(cfg.down_bk, least), bc))
     x = x.contiguous()
-    rows, block_expert = align(topk_ids, gate_up.shape[0], cfg.bm, pdl)
+    rows, block_expert = aligned if aligned is not None else align(topk_ids, gate_up.shape[0], cfg.bm, pdl)
     h, h_scales = gate_up_pairs(x, topk_ids.shape, rows, block_expert, gate_up, cfg, scales, pdl)
     return down_pairs(h, topk_w, rows, block_expert, down, cfg, scales, h_scales, x.dtype, pdl)
 

@@ -19,6 +19,27 @@ def load_k_tile(ptrs, row_mask, k0, kk, KD, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def row_rstd(ptrs, row_mask, kk, KD, eps, EVEN_K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """RMSNorm's 1 / sqrt(mean(x^2) + eps) of each of the BM rows of a row-major [rows, KD] operand (``ptrs`` at
+    its first [BM, BK] tile), summed tile by tile in fp32."""
+    ss = tl.zeros((BM,), tl.float32)
+    for k0 in range(0, KD, BK):
+        a = load_k_tile(ptrs, row_mask, k0, kk, KD, EVEN_K).to(tl.float32)
+        ss += tl.sum(a * a, 1)
+        ptrs += BK
+    return 1.0 / tl.sqrt(ss / KD + eps)
+
+
+@triton.jit
+def norm_tile(a, rstd, w_ptr, k0, kk, KD, dt):
+    """The RMSNorm of tile ``a`` [rows, BK] at reduction offset k0, in ``dt``: w * round(a * rstd) rounded, the
+    rounding of ``decode_layer.rmsnorm`` (columns past KD: weight 0)."""
+    w = tl.load(w_ptr + k0 + kk, mask=(k0 + kk) < KD, other=0.0).to(tl.float32)
+    n = (a.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32)
+    return (w[None, :] * n).to(dt)
+
+
+@triton.jit
 def mma(a, b, acc):
     """acc + a @ b (fp32 accumulator). float32 operands multiply in full IEEE float32, as torch's float32 matmul
     does; Triton's default would round them to TF32 (~1e-3 relative). 16-bit operands: the tensor cores as usual."""

@@ -1,0 +1,146 @@
+"""The MoE router of a decode step in two launches: residual add + RMSNorm + router GEMV split over the hidden
+dimension, then the top-k choice with, for one token, the experts' block layout written beside it.
+
+Shapes: B rows (decode tokens), H hidden, E experts, K experts per token; S = cdiv(H, SW) slices of SW hidden
+columns.
+
+Why: at batch 1 the unfused chain after the o projection is four short launches -- residual + RMSNorm, the router
+GEMV (cuBLAS, 128 x 4096: a handful of blocks read 1 MB), softmax + top-k, and the experts' alignment -- each paying
+a launch, a tail and a ramp inside the graph, ~9 us of the router alone against ~0.4 us of bytes. Here:
+
+1. ``_norm_router_kernel``, program s of S: h = round(o + residual) and x = rmsnorm(h) for its SW columns (every
+   program first sums the whole rows' squares itself: B * H values from L2), stores those columns of h and x (the
+   residual stream and the experts' input), and the partial logits x[:, slice] @ W[:, slice]^T in fp32 into a
+   scratch [S, B, E]. Every program reads E * SW weights, so the 1 MB is spread over ~all SMs.
+2. ``_route_partials_kernel``, one program per row: the S partials summed in a fixed order (deterministic), rounded
+   once to the activations' dtype (as the router's linear layer rounds its output), then softmax in fp32, top-K and
+   renormalisation exactly as ``decode_layer.route``. For one token it also writes the aligned layout the expert
+   kernels take (kernels.moe_triton): its K choices are K distinct experts, so block j holds pair j alone and no
+   sort is needed -- the alignment launch is gone too.
+
+Rounding is the unfused chain's op by op; the logits differ from cuBLAS's only by the fp32 summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .pdl import grid_dependency, launch_options
+
+SLICE = 32  # hidden columns per program of the router GEMV: 128 programs at H = 4096 (the H100 has 132 SMs)
+
+
+@triton.jit
+def topk_softmax(logits, e, kk, K: tl.constexpr, EB: tl.constexpr, NORMALIZE: tl.constexpr):
+    """Softmax (fp32) of one row's ``logits`` [EB] (-inf past E) -> (top-K weights, ids) [KB]: descending, the
+    lowest index on ties, renormalised over the K if NORMALIZE (model.moe.route's choice)."""
+    p = tl.exp(logits - tl.max(logits, 0))
+    p = p / tl.sum(p, 0)
+    top_w = tl.zeros(kk.shape, tl.float32)
+    top_i = tl.zeros(kk.shape, tl.int32)
+    for k in tl.static_range(K):
+        best = tl.max(p, 0)
+        idx = tl.min(tl.where(p == best, e, EB), 0)
+        top_w = tl.where(kk == k, best, top_w)
+        top_i = tl.where(kk == k, idx, top_i)
+        p = tl.where(e == idx, -1.0, p)
+    if NORMALIZE:
+        top_w = top_w / tl.sum(top_w, 0)
+    return top_w, top_i
+
+
+@triton.jit(do_not_specialize=["B"])
+def _norm_router_kernel(o_ptr, res_ptr, nw_ptr, w_ptr, h_ptr, x_ptr, part_ptr, B, H, E, eps,
+                        BM: tl.constexpr, SW: tl.constexpr, EB: tl.constexpr, CH: tl.constexpr,
+                        PDL: tl.constexpr):
+    grid_dependency(PDL)
+    s = tl.program_id(0)
+    dt = x_ptr.dtype.element_ty
+    b = tl.arange(0, BM)
+    bm = b < B
+    # the whole rows' sum of squares of h = round(o + residual), CH columns at a time
+    c = tl.arange(0, CH)
+    ss = tl.zeros((BM,), tl.float32)
+    for c0 in range(0, H, CH):
+        m = bm[:, None] & ((c0 + c) < H)[None, :]
+        off = b[:, None] * H + (c0 + c)[None, :]
+        hv = (tl.load(o_ptr + off, mask=m, other=0.0).to(tl.float32)
+              + tl.load(res_ptr + off, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        ss += tl.sum(hv * hv, 1)
+    rstd = 1.0 / tl.sqrt(ss / H + eps)
+    # this program's columns: h and x stored, x into the partial product
+    col = s * SW + tl.arange(0, SW)
+    cm = col < H
+    m = bm[:, None] & cm[None, :]
+    off = b[:, None] * H + col[None, :]
+    hv = (tl.load(o_ptr + off, mask=m, other=0.0).to(tl.float32)
+          + tl.load(res_ptr + off, mask=m, other=0.0).to(tl.float32)).to(dt)
+    tl.store(h_ptr + off, hv, mask=m)
+    n = (hv.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32)
+    xv = (tl.load(nw_ptr + col, mask=cm, other=0.0).to(tl.float32)[None, :] * n).to(dt)
+    tl.store(x_ptr + off, xv, mask=m)
+    e = tl.arange(0, EB)
+    wt = tl.load(w_ptr + e[:, None].to(tl.int64) * H + col[None, :], mask=(e < E)[:, None] & cm[None, :], other=0.0)
+    if xv.dtype == tl.float32:
+        part = tl.dot(xv, tl.trans(wt), input_precision="ieee")
+    else:
+        part = tl.dot(xv, tl.trans(wt))
+    tl.store(part_ptr + (s * B + b[:, None]) * E + e[None, :], part, mask=bm[:, None] & (e < E)[None, :])
+
+
+@triton.jit(do_not_specialize=["B"])
+def _route_partials_kernel(part_ptr, w_out, ids_out, rows_ptr, block_expert_ptr, S, B, E,
+                           K: tl.constexpr, EB: tl.constexpr, KB: tl.constexpr, SB: tl.constexpr,
+                           BM: tl.constexpr, NORMALIZE: tl.constexpr, ALIGN: tl.constexpr, PDL: tl.constexpr):
+    grid_dependency(PDL)
+    row = tl.program_id(0)
+    e = tl.arange(0, EB)
+    sb = tl.arange(0, SB)
+    acc = tl.zeros((EB,), tl.float32)
+    for s0 in range(0, S, SB):
+        m = ((s0 + sb) < S)[:, None] & (e < E)[None, :]
+        acc += tl.sum(tl.load(part_ptr + ((s0 + sb[:, None]) * B + row) * E + e[None, :], mask=m, other=0.0), 0)
+    dt = w_out.dtype.element_ty
+    logits = tl.where(e < E, acc.to(dt).to(tl.float32), float("-inf"))  # the router's output, rounded
+    kk = tl.arange(0, KB)
+    top_w, top_i = topk_softmax(logits, e, kk, K, EB, NORMALIZE)
+    tl.store(w_out + row * K + kk, top_w.to(dt), mask=kk < K)
+    tl.store(ids_out + row * K + kk, top_i, mask=kk < K)
+    if ALIGN:  # one token (one program): block j is pair j alone, on expert ids[j]; the rest of its rows padding
+        r = tl.arange(0, KB)[:, None] * BM + tl.arange(0, BM)[None, :]
+        first = (tl.arange(0, BM) == 0)[None, :]
+        tl.store(rows_ptr + r, tl.where(first, r // BM, K), mask=r < K * BM)
+        tl.store(block_expert_ptr + kk, top_i, mask=kk < K)
+
+
+def norm_route(o: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+               router: torch.Tensor, k: int, normalize: bool, align_bm: int | None = None, pdl: bool = False,
+               slice_width: int = SLICE):
+    """The decode chain from the attention output to the experts' routing, in two launches: o, residual [B, H]
+    -> (h = o + residual, x = rmsnorm(h), routed weights [B, K] in o's dtype, expert ids [B, K] int32, aligned):
+    aligned = (rows [K * bm], block_expert [K]) as ``moe_triton.align`` lays them out for one token when
+    ``align_bm`` is given and B = 1, else None. router [E, H] is the gate's bias-free weight."""
+    b, hidden = o.shape
+    e = router.shape[0]
+    o, residual = o.contiguous(), residual.contiguous()
+    h, x = torch.empty_like(o), torch.empty_like(o)
+    s = triton.cdiv(hidden, slice_width)
+    part = torch.empty(s, b, e, dtype=torch.float32, device=o.device)
+    bm = max(16, triton.next_power_of_2(b))
+    eb = max(16, triton.next_power_of_2(e))
+    _norm_router_kernel[(s,)](o, residual, norm_weight, router, h, x, part, b, hidden, e, eps, BM=bm,
+                              SW=slice_width, EB=eb, CH=min(1024, triton.next_power_of_2(hidden)),
+                              num_warps=4, **launch_options(pdl))
+    w = torch.empty(b, k, dtype=o.dtype, device=o.device)
+    ids = torch.empty(b, k, dtype=torch.int32, device=o.device)
+    aligned = None
+    if align_bm is not None and b == 1:
+        aligned = (torch.empty(k * align_bm, dtype=torch.int32, device=o.device),
+                   torch.empty(k, dtype=torch.int32, device=o.device))
+    rows, block_expert = aligned if aligned is not None else (ids, ids)
+    _route_partials_kernel[(b,)](part, w, ids, rows, block_expert, s, b, e, K=k, EB=eb,
+                                 KB=max(2, triton.next_power_of_2(k)), SB=16, BM=align_bm or 16,
+                                 NORMALIZE=normalize, ALIGN=aligned is not None, num_warps=4, **launch_options(pdl))
+    return h, x, w, ids, aligned
