@@ -61,6 +61,28 @@ def test_policy_falls_back_to_eager_where_no_bucket_fits():
         VisionGraphPolicy(exact_after=0)
 
 
+def test_eager_runs_of_a_list_that_may_get_a_graph_use_the_graphs_attention():
+    """Until its graph is captured a grid list runs eagerly; it must run the per-segment attention the graph will
+    hold (``graph_safe``), not the varlen kernel, or its first sights give other bits than the later ones. Past
+    ``max_patches`` (never graphed) it keeps the faster kernel."""
+    from qwen_vl_distributed.kernels import vision_attention
+    from qwen_vl_distributed.runtime.vision_graph import GraphedVision
+
+    class Tower:
+        cfg = preset("tiny").vision
+
+        def run_layers(self, pixels, grid, block_fn):
+            return getattr(vision_attention._graph_safe, "depth", 0) > 0
+
+    runner = GraphedVision(Tower(), max_patches=100, fused_blocks=False, buckets=False, exact_after=4)
+    assert runner.eager(torch.zeros(64, 1), [(1, 8, 8)]) is True
+    assert runner.eager(torch.zeros(144, 1), [(1, 12, 12)]) is False
+    never = GraphedVision(Tower(), fused_blocks=False, buckets=False, exact_after=None)
+    assert never.eager(torch.zeros(64, 1), [(1, 8, 8)]) is False
+    assert VisionGraphPolicy(exact_after=2, max_patches=10).may_capture(10)
+    assert not VisionGraphPolicy(exact_after=2, max_patches=10).may_capture(11)
+
+
 def test_policy_remembers_a_bounded_number_of_sizes():
     policy = VisionGraphPolicy(exact_after=2, remember=3)
     many = [64] * 8

@@ -10,12 +10,16 @@ plans) costs ~100 ms, so a new image size does not get one (``runtime.vision_pol
   (``kernels.vision_attention.coded_attention``). Bucket graphs exist only with fused blocks. A grid list a
   bucket fits runs there on every sight, so its answer never depends on how often its size was seen.
 - an exact graph per grid list no bucket fits (more segments than the code slots, long videos), captured once the
-  list has been seen ``exact_after`` times; until then it runs eagerly, which computes the same bits.
+  list has been seen ``exact_after`` times; until then it runs eagerly with the kernels the graph will hold (the
+  per-segment attention of ``graph_safe``, not the varlen kernel an uncaptured call would take), so it computes
+  the same bits on every sight.
 All graphs of one runner share one memory pool: they replay one at a time and their outputs are cloned at once,
 so the memory they hold is the largest one's activations, not the sum.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -97,7 +101,7 @@ class GraphedVision:
         key = (tuple(tuple(g) for g in grid_thw), pixels.dtype, pixels.device)
         kind, rows = self.policy.choose(key, segment_lengths(grid_thw))
         if kind == EAGER:
-            return self.tower.run_layers(pixels, grid_thw, self.block_fn)
+            return self.eager(pixels, grid_thw)
         if kind == BUCKET:
             graph, bucket, out = self._bucket(rows, pixels)
             bucket.load(pixels, grid_thw)
@@ -111,6 +115,13 @@ class GraphedVision:
         static_in.copy_(pixels)
         graph.replay()
         return merged.clone(), [t.clone() for t in taps]
+
+    def eager(self, pixels: torch.Tensor, grid_thw: list[tuple[int, int, int]]):
+        """The tower without a graph. A list that may get its own graph later runs as that graph will
+        (tests/gpu/test_vision_buckets_gpu.py: varlen attention differed from the per-segment SDPA by a bf16
+        rounding, so its first sights gave other bits than its graph)."""
+        with graph_safe() if self.policy.may_capture(pixels.shape[0]) else contextlib.nullcontext():
+            return self.tower.run_layers(pixels, grid_thw, self.block_fn)
 
     def _bucket(self, rows: int, pixels: torch.Tensor):
         key = (rows, pixels.dtype, pixels.device)

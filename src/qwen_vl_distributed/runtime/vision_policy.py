@@ -64,6 +64,11 @@ class VisionGraphPolicy:
             return CAPTURE, 0
         return EAGER, 0
 
+    def may_capture(self, patches: int) -> bool:
+        """Whether a grid list of this many patches that no bucket fits can get a graph of its own (at its
+        ``exact_after``-th sight): its eager runs must then compute what that graph will."""
+        return self.exact_after is not None and patches <= self.max_patches
+
     def bucket(self, segments: list[int]) -> int:
         """The bucket's rows for these segments, or 0 where none fits."""
         if not self.buckets or len(segments) > self.slots - 1:
