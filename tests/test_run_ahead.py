@@ -119,8 +119,17 @@ def test_sampling_penalties_logprobs_stops_and_arrivals_give_the_same_tokens(mod
 
 
 def test_logprobs_ride_along(model):
+    """The same log-probabilities either way; a step run ahead leaves them unread (like its tokens) until the
+    driver collects it, so a row asking for them does not make the draw wait for the device."""
     script = {0: [(_prompt(5), SamplingParams(temperature=0.8, seed=5, max_new_tokens=6, logprobs=3))]}
     sync, ahead = _engine(model, False), _engine(model, True)
+    unread = []
+    submit = ahead.executor.submit
+
+    def watch(p):
+        submit(p)
+        unread.append(callable(ahead.executor._done[-1].logprobs))
+    ahead.executor.submit = watch
     got = {}
     for name, eng in (("sync", sync), ("ahead", ahead)):
         seq = eng.add(*script[0][0])
@@ -130,6 +139,7 @@ def test_logprobs_ride_along(model):
         got[name] = [(e.token, e.logprobs[0], [t for t, _ in e.logprobs[1]]) for e in events]
         assert [e.token for e in events] == seq.output
     assert got["ahead"] == got["sync"]
+    assert len(unread) == 6 and all(unread)
 
 
 def test_an_abort_while_a_step_runs_ahead_drops_its_token_and_frees_its_blocks(model):

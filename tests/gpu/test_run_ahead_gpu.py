@@ -59,7 +59,8 @@ def test_run_ahead_gives_the_tokens_of_the_synchronous_order_on_cuda(dtype):
 def test_a_step_run_ahead_never_waits_for_the_gpu():
     """Submitting a step run ahead queues its work without one synchronising call (torch's sync debug mode makes
     any such call raise): the sampler's small host lists go over pinned, the tokens come back behind the step. With
-    temperature, top-k / top-p / min-p, penalties, min_tokens, logit_bias and greedy rows in one batch."""
+    temperature, top-k / top-p / min-p, penalties, min_tokens, logit_bias, log-probabilities and greedy rows in one
+    batch."""
     h = start_engine(RunOptions(model=None, random_preset="tiny", random_layers=4, device="cuda", dtype="bfloat16",
                                 max_batch=8, max_len=128, max_total_tokens=8192, quiet=True, run_ahead=True))
     try:
@@ -78,7 +79,8 @@ def test_a_step_run_ahead_never_waits_for_the_gpu():
         engine.executor.submit = strict
         kinds = [dict(temperature=1.0, top_p=0.9, top_k=50, seed=1), dict(temperature=0.0),
                  dict(temperature=0.7, min_p=0.05, seed=2, repetition_penalty=1.2, presence_penalty=0.3),
-                 dict(temperature=0.9, seed=3, min_tokens=6, stop_token_ids=(7,), logit_bias={5: 2.0})]
+                 dict(temperature=0.9, seed=3, min_tokens=6, stop_token_ids=(7,), logit_bias={5: 2.0}),
+                 dict(temperature=0.6, seed=4, logprobs=3), dict(temperature=0.0, logprobs=0)]
         for i, kw in enumerate(kinds):
             engine.add(Prompt([1000 + i, 2000, 3000 + i, 4000]),
                        SamplingParams(max_new_tokens=16, **{"stop_token_ids": (), **kw}))

@@ -291,9 +291,49 @@ class TokenLogprobs:
 
 
 @dataclass
+class PendingLogprobs:
+    """The log-probabilities of a draw as tensors, on the device until ``to_host``: the sampled token's of each of
+    ``rows`` (``chosen`` [R]) and the ``ns[r]`` most likely tokens' (``top_lp`` / ``top_ids`` [R, max n]), of a
+    draw of ``width`` rows. ``lists`` reads them (after the device work and any queued copy: the caller's wait)."""
+
+    width: int
+    rows: list[int]
+    ns: list[int]
+    chosen: torch.Tensor
+    top_lp: torch.Tensor
+    top_ids: torch.Tensor
+
+    def to_host(self) -> "PendingLogprobs":
+        """Copies into pinned host memory queued behind the draw (no wait); on the CPU, itself."""
+        if self.chosen.device.type != "cuda":
+            return self
+        return PendingLogprobs(self.width, self.rows, self.ns,
+                               *(_pinned_copy(t) for t in (self.chosen, self.top_lp, self.top_ids)))
+
+    def lists(self) -> list[TokenLogprobs | None]:
+        """Per row of the draw: None where the row asked for none."""
+        result: list[TokenLogprobs | None] = [None] * self.width
+        chosen, top_lp, top_ids = self.chosen.tolist(), self.top_lp.tolist(), self.top_ids.tolist()
+        for r, (i, n) in enumerate(zip(self.rows, self.ns)):
+            result[i] = TokenLogprobs(chosen[r], list(zip(top_ids[r][:n], top_lp[r][:n])))
+        return result
+
+
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+@dataclass
 class Draw:
     tokens: torch.Tensor  # int64 [B]
-    logprobs: list[TokenLogprobs | None]  # per row; None where the row's params ask for none
+    pending: PendingLogprobs | None = None  # the log-probabilities asked for, not yet read; None: no row asked
+
+    @property
+    def logprobs(self) -> list[TokenLogprobs | None]:
+        """Per row; None where the row's params ask for none. Reading them waits for the draw's device work."""
+        return self.pending.lists() if self.pending is not None else [None] * self.tokens.shape[0]
 
 
 def draw(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
@@ -331,21 +371,18 @@ def draw(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Seq
     return Draw(out, _logprobs(scaled, out, params))
 
 
-def _logprobs(scaled: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]) -> list:
+def _logprobs(scaled: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]
+              ) -> PendingLogprobs | None:
+    """The rows' log-probabilities as device tensors (no host sync), or None where no row asks for any."""
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-    result: list[TokenLogprobs | None] = [None] * len(params)
     if not rows:
-        return result
-    sel = torch.tensor(rows, device=scaled.device)
+        return None
+    sel = list_to_device(rows, scaled.device)
     lp = torch.log_softmax(scaled[sel], dim=-1)  # [R, V]
-    chosen = lp.gather(1, tokens[sel].unsqueeze(1)).squeeze(1).tolist()
-    k = max(params[i].logprobs for i in rows)
-    top_lp, top_ids = (lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
-    top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
-    for r, i in enumerate(rows):
-        n = params[i].logprobs
-        result[i] = TokenLogprobs(chosen[r], list(zip(top_ids[r][:n], top_lp[r][:n])))
-    return result
+    chosen = lp.gather(1, tokens[sel].unsqueeze(1)).squeeze(1)
+    ns = [params[i].logprobs for i in rows]
+    top_lp, top_ids = (lp.topk(max(ns), dim=-1) if max(ns) else (lp[:, :0], lp[:, :0].long()))
+    return PendingLogprobs(len(params), rows, ns, chosen, top_lp, top_ids)
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],

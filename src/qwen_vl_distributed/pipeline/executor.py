@@ -41,10 +41,7 @@ class LocalExecutor:
         self.runtime.defer_tokens = on
 
     def collect(self) -> TokenPayload:
-        out = self._done.popleft()
-        if out.ready is not None:  # the tokens' copy to the host, queued behind their step
-            out.ready.synchronize()
-        return out
+        return self._done.popleft().settle()  # the tokens' copy to the host, queued behind their step
 
     def stage_stats(self) -> list[dict]:
         return [self.runtime.stats()]

@@ -83,9 +83,20 @@ class TokenPayload:
     kind: str
     mb: int = -1
     tokens: torch.Tensor | None = None  # [B] int64
-    logprobs: list | None = None  # per row: None or [logprob, [[id, logprob], ...]]; None when no row asked
+    logprobs: Any = None  # per row: None or [logprob, [[id, logprob], ...]]; None when no row asked (run-ahead:
+    # a callable giving that list, until ``settle``)
     stats: list[dict[str, Any]] = field(default_factory=list)  # per-stage busy time, stage order
     ready: Any = None  # a CUDA event recorded after the tokens' copy to the host was queued (run-ahead), or None
+
+    def settle(self) -> "TokenPayload":
+        """Wait for the tokens' (and log-probabilities') copy to the host, if one is queued, and read the
+        log-probabilities into their lists: a step run ahead leaves both for the collector."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        if callable(self.logprobs):
+            self.logprobs = self.logprobs()
+        return self
 
 
 def _dtype_name(t: torch.Tensor) -> str:

@@ -174,10 +174,11 @@ class StageRuntime:
                 tokens = drawn.tokens.to(where)
             else:
                 tokens[list_to_device(rows, where)] = drawn.tokens.to(where)
-            if any(lp is not None for lp in drawn.logprobs):
-                logprobs = [None] * len(p.seq_ids)
-                for i, lp in zip(rows, drawn.logprobs):
-                    logprobs[i] = None if lp is None else [lp.logprob, [list(t) for t in lp.top]]
+            pending = getattr(drawn, "pending", None)
+            if pending is not None and self.defer_tokens:  # read with the tokens, after their event
+                logprobs = _LateLogprobs(pending.to_host(), rows, len(p.seq_ids))
+            elif any(lp is not None for lp in drawn.logprobs):
+                logprobs = _payload_logprobs(drawn.logprobs, rows, len(p.seq_ids))
         ready = None
         if self.defer_tokens:
             self._last_tokens = (p.step, tokens)
@@ -185,6 +186,25 @@ class StageRuntime:
         if self.host_phases:
             self.host_phases.lap("tokens")
         return tokens, logprobs, ready
+
+
+def _payload_logprobs(drawn: list, rows: list[int], width: int) -> list:
+    """A draw's per-row log-probabilities (rows ``rows`` of the layout) as TokenPayload.logprobs."""
+    out: list = [None] * width
+    for i, lp in zip(rows, drawn):
+        out[i] = None if lp is None else [lp.logprob, [list(t) for t in lp.top]]
+    return out
+
+
+class _LateLogprobs:
+    """TokenPayload.logprobs of a step run ahead: the draw's log-probabilities copied back behind the step like its
+    tokens, turned into lists once the payload's ``ready`` event has passed (``TokenPayload.settle``)."""
+
+    def __init__(self, pending, rows: list[int], width: int):
+        self.pending, self.rows, self.width = pending, rows, width
+
+    def __call__(self) -> list:
+        return _payload_logprobs(self.pending.lists(), self.rows, self.width)
 
 
 def _copy_back(tokens: torch.Tensor) -> tuple[torch.Tensor, object]:
