@@ -24,7 +24,7 @@ BN, BK, WARPS, STAGES = 32, 256, 4, 4
 
 @triton.jit(do_not_specialize=["B"])  # one compile per row bucket BM, whatever the row count (runtime.warmup)
 def _gemv_kernel(x_ptr, w0, w1, w2, y0, y1, y2, nw_ptr, eps, B, K, N0, N1, N2,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr, KP: tl.constexpr,
                  PDL: tl.constexpr):
     grid_dependency(PDL)
     pid = tl.program_id(0)
@@ -46,7 +46,7 @@ def _gemv_kernel(x_ptr, w0, w1, w2, y0, y1, y2, nw_ptr, eps, B, K, N0, N1, N2,
     dt = x_ptr.dtype.element_ty
     rstd = tl.zeros((BM,), tl.float32)
     if NORM:
-        rstd = row_rstd(x_ptrs, bmask, kk, K, eps, EVEN_K, BM, BK)
+        rstd = row_rstd(x_ptr, x_ptr, B, K, eps, False, BM, KP)
     acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
         a = load_k_tile(x_ptrs, bmask, k0, kk, K, EVEN_K)
@@ -77,6 +77,6 @@ def linear_small(x: torch.Tensor, *weights: torch.Tensor, bn: int = BN, bk: int 
     bm = max(16, triton.next_power_of_2(b))
     nw, eps = norm if norm is not None else (x, 0.0)
     _gemv_kernel[grid](x, *ws, *ys, nw, eps, b, k, *ns, BM=bm, BN=bn, BK=bk, EVEN_K=k % bk == 0,
-                       NORM=norm is not None, num_warps=warps,
+                       NORM=norm is not None, KP=triton.next_power_of_2(k) if norm is not None else 1, num_warps=warps,
                        num_stages=fit_stages(stages, (bm + bn) * bk * x.element_size()), **launch_options(pdl))
     return tuple(outs)

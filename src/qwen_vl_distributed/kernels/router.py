@@ -9,7 +9,8 @@ GEMV (cuBLAS, 128 x 4096: a handful of blocks read 1 MB), softmax + top-k, and t
 a launch, a tail and a ramp inside the graph, ~9 us of the router alone against ~0.4 us of bytes. Here:
 
 1. ``_norm_router_kernel``, program s of S: h = round(o + residual) and x = rmsnorm(h) for its SW columns (every
-   program first sums the whole rows' squares itself: B * H values from L2), stores those columns of h and x (the
+   program first sums the whole rows' squares itself: B * H values from L2, a row per load), stores those columns
+   of h and x (the
    residual stream and the experts' input), and the partial logits x[:, slice] @ W[:, slice]^T in fp32 into a
    scratch [S, B, E]. Every program reads E * SW weights, so the 1 MB is spread over ~all SMs.
 2. ``_route_partials_kernel``, one program per row: the S partials summed in a fixed order (deterministic), rounded
@@ -28,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .pdl import grid_dependency, launch_options
+from .tiles import row_rstd
 
 SLICE = 32  # hidden columns per program of the router GEMV: 128 programs at H = 4096 (the H100 has 132 SMs)
 
@@ -53,23 +55,14 @@ def topk_softmax(logits, e, kk, K: tl.constexpr, EB: tl.constexpr, NORMALIZE: tl
 
 @triton.jit(do_not_specialize=["B"])
 def _norm_router_kernel(o_ptr, res_ptr, nw_ptr, w_ptr, h_ptr, x_ptr, part_ptr, B, H, E, eps,
-                        BM: tl.constexpr, SW: tl.constexpr, EB: tl.constexpr, CH: tl.constexpr,
+                        BM: tl.constexpr, SW: tl.constexpr, EB: tl.constexpr, HP: tl.constexpr,
                         PDL: tl.constexpr):
     grid_dependency(PDL)
     s = tl.program_id(0)
     dt = x_ptr.dtype.element_ty
     b = tl.arange(0, BM)
     bm = b < B
-    # the whole rows' sum of squares of h = round(o + residual), CH columns at a time
-    c = tl.arange(0, CH)
-    ss = tl.zeros((BM,), tl.float32)
-    for c0 in range(0, H, CH):
-        m = bm[:, None] & ((c0 + c) < H)[None, :]
-        off = b[:, None] * H + (c0 + c)[None, :]
-        hv = (tl.load(o_ptr + off, mask=m, other=0.0).to(tl.float32)
-              + tl.load(res_ptr + off, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-        ss += tl.sum(hv * hv, 1)
-    rstd = 1.0 / tl.sqrt(ss / H + eps)
+    rstd = row_rstd(o_ptr, res_ptr, B, H, eps, True, BM, HP)  # of the whole rows of h = round(o + residual)
     # this program's columns: h and x stored, x into the partial product
     col = s * SW + tl.arange(0, SW)
     cm = col < H
@@ -131,8 +124,8 @@ def norm_route(o: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
     bm = max(16, triton.next_power_of_2(b))
     eb = max(16, triton.next_power_of_2(e))
     _norm_router_kernel[(s,)](o, residual, norm_weight, router, h, x, part, b, hidden, e, eps, BM=bm,
-                              SW=slice_width, EB=eb, CH=min(1024, triton.next_power_of_2(hidden)),
-                              num_warps=4, **launch_options(pdl))
+                              SW=slice_width, EB=eb, HP=triton.next_power_of_2(hidden), num_warps=4,
+                              **launch_options(pdl))
     w = torch.empty(b, k, dtype=o.dtype, device=o.device)
     ids = torch.empty(b, k, dtype=torch.int32, device=o.device)
     aligned = None
@@ -141,6 +134,7 @@ def norm_route(o: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
                    torch.empty(k, dtype=torch.int32, device=o.device))
     rows, block_expert = aligned if aligned is not None else (ids, ids)
     _route_partials_kernel[(b,)](part, w, ids, rows, block_expert, s, b, e, K=k, EB=eb,
-                                 KB=max(2, triton.next_power_of_2(k)), SB=16, BM=align_bm or 16,
-                                 NORMALIZE=normalize, ALIGN=aligned is not None, num_warps=4, **launch_options(pdl))
+                                 KB=max(2, triton.next_power_of_2(k)), SB=min(128, triton.next_power_of_2(s)),
+                                 BM=align_bm or 16, NORMALIZE=normalize, ALIGN=aligned is not None, num_warps=8,
+                                 **launch_options(pdl))
     return h, x, w, ids, aligned

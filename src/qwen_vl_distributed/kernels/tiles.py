@@ -19,15 +19,21 @@ def load_k_tile(ptrs, row_mask, k0, kk, KD, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def row_rstd(ptrs, row_mask, kk, KD, eps, EVEN_K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    """RMSNorm's 1 / sqrt(mean(x^2) + eps) of each of the BM rows of a row-major [rows, KD] operand (``ptrs`` at
-    its first [BM, BK] tile), summed tile by tile in fp32."""
-    ss = tl.zeros((BM,), tl.float32)
-    for k0 in range(0, KD, BK):
-        a = load_k_tile(ptrs, row_mask, k0, kk, KD, EVEN_K).to(tl.float32)
-        ss += tl.sum(a * a, 1)
-        ptrs += BK
-    return 1.0 / tl.sqrt(ss / KD + eps)
+def row_rstd(x_ptr, res_ptr, B, KD, eps, HAS_RES: tl.constexpr, BM: tl.constexpr, KP: tl.constexpr):
+    """RMSNorm's 1 / sqrt(mean(h^2) + eps) of each of the B (<= BM) rows of a row-major [B, KD] operand, h = x, or
+    round(x + res) with HAS_RES; 0 past B. Each row is loaded whole (KP >= KD, a power of two) in one go: a decode
+    kernel's prologue pays one memory round trip per row, not one per tile."""
+    r = tl.arange(0, BM)
+    c = tl.arange(0, KP)
+    m = c < KD
+    rstd = tl.zeros((BM,), tl.float32)
+    for b in range(B):
+        v = tl.load(x_ptr + b * KD + c, mask=m, other=0.0).to(tl.float32)
+        if HAS_RES:
+            v = (v + tl.load(res_ptr + b * KD + c, mask=m, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+            v = v.to(tl.float32)
+        rstd = tl.where(r == b, 1.0 / tl.sqrt(tl.sum(v * v, 0) / KD + eps), rstd)
+    return rstd
 
 
 @triton.jit
