@@ -17,7 +17,8 @@ from qwen_vl_distributed.engine.sampling import SamplingParams
 pytestmark = pytest.mark.gpu
 
 
-def _outputs(run_ahead: bool, dtype: str) -> tuple[list, int]:
+def _outputs(run_ahead: bool, dtype: str) -> tuple[list, int, dict]:
+    """(each sequence's tokens, steps run ahead, the log-probabilities of the sequences that asked for them)."""
     h = start_engine(RunOptions(model=None, random_preset="tiny", random_layers=4, device="cuda", dtype=dtype,
                                 max_batch=8, max_len=128, max_total_tokens=8192, quiet=True, run_ahead=run_ahead))
     try:
@@ -30,18 +31,21 @@ def _outputs(run_ahead: bool, dtype: str) -> tuple[list, int]:
             ahead += p.ids_from is not None
             submit(p)
         engine.executor.submit = counting
-        seqs, k = [], 0
+        seqs, k, logprobs = [], 0, {}
         plan = {0: [(0, 1.0, 24), (1, 0.0, 30), (2, 0.8, 20), (3, 1.0, 12), (4, 0.0, 9)]}
         while k <= max(plan) or engine.has_work():
             for i, temp, n in plan.get(k, []):
                 g = torch.Generator().manual_seed(i)
                 params = SamplingParams(temperature=temp, seed=10 + i, max_new_tokens=n, stop_token_ids=(),
-                                        repetition_penalty=1.2 if i == 2 else 1.0)
+                                        repetition_penalty=1.2 if i == 2 else 1.0,
+                                        logprobs={0: 3, 4: 0}.get(i))
                 seqs.append(engine.add(Prompt(torch.randint(1000, 100000, (9 + 3 * i,), generator=g).tolist()),
                                        params))
-            engine.step()
+            for ev in engine.step():
+                if ev.logprobs is not None:
+                    logprobs.setdefault(ev.seq.id, []).append(ev.logprobs)
             k += 1
-        return [s.output for s in seqs], ahead
+        return [s.output for s in seqs], ahead, logprobs
     finally:
         h.close()
 
@@ -49,10 +53,14 @@ def _outputs(run_ahead: bool, dtype: str) -> tuple[list, int]:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_run_ahead_gives_the_tokens_of_the_synchronous_order_on_cuda(dtype):
-    sync, none = _outputs(False, dtype)
-    ahead, n = _outputs(True, dtype)
+    """Tokens, and the log-probabilities read back behind their step (pinned copies, read after the step's event),
+    equal the synchronous order's."""
+    sync, none, sync_lp = _outputs(False, dtype)
+    ahead, n, ahead_lp = _outputs(True, dtype)
     assert none == 0 and n > 20
     assert ahead == sync
+    assert sorted(len(v) for v in sync_lp.values()) == [9, 24]
+    assert ahead_lp == sync_lp
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -138,8 +138,8 @@ EXTEND_SPLIT_PROGRAMS = 264
 PDL = True
 
 
-# The fused layer's norms inside the next kernels (kernels.router, kernels.gemv) up to this many rows: 3-4 launches
-# fewer per layer at batch 1. Off (0) until measured on the device (bench decode: ``decode_norm_fusion``); each
+# The fused layer's norms inside the next kernels (kernels.router, kernels.gemv) up to this many rows: 3 launches
+# fewer per layer at batch 1, 2 above. Off (0) until measured on the device (bench decode: ``decode_norm_fusion``); each
 # program re-reads its rows whole to sum their squares, so it is meant for decode-sized batches only.
 NORM_FUSION_ROWS = 0
 

@@ -8,7 +8,7 @@ CUDA-graph replay each costs ~2 us of launch latency and tail -- more than the a
 Shapes: B sequences (rows), H hidden, NH/KVH query/kv heads, D head_dim, E experts, K per token, P = B*K pairs.
 Launches: rmsnorm | q, k, v GEMV (cuBLAS) | q/k norm + rotary + cache write | split-KV attention (2) | o GEMV |
 residual + rmsnorm | router GEMV | softmax + top-k | align + gate/up + down (3) | K-sum + residual.
-Up to ``KernelChoices.norm_fusion_rows`` rows, 3 to 4 fewer: the input norm runs inside the q/k/v GEMV
+Up to ``KernelChoices.norm_fusion_rows`` rows, 2 fewer (3 for one token): the input norm runs inside the q/k/v GEMV
 (kernels.gemv), and residual + norm + router GEMV + top-k are two launches that, for one token, also lay out the
 experts' blocks (kernels.router).
 

@@ -177,8 +177,10 @@ class StageRuntime:
             pending = getattr(drawn, "pending", None)
             if pending is not None and self.defer_tokens:  # read with the tokens, after their event
                 logprobs = _LateLogprobs(pending.to_host(), rows, len(p.seq_ids))
-            elif any(lp is not None for lp in drawn.logprobs):
-                logprobs = _payload_logprobs(drawn.logprobs, rows, len(p.seq_ids))
+            else:
+                drawn_lp = drawn.logprobs  # read once: each read copies the device's values to the host
+                if any(lp is not None for lp in drawn_lp):
+                    logprobs = _payload_logprobs(drawn_lp, rows, len(p.seq_ids))
         ready = None
         if self.defer_tokens:
             self._last_tokens = (p.step, tokens)

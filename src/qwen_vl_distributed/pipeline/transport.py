@@ -99,6 +99,7 @@ class Transport:
 
     # -- tokens back to stage 0 ---------------------------------------------------------------------------------
     def send_tokens(self, p: TokenPayload) -> None:
+        p.settle()  # a step's tokens and log-probabilities as host values (a no-op unless the stage ran ahead)
         header = {"kind": p.kind, "mb": p.mb, "stats": p.stats,
                   "tokens": None if p.tokens is None else p.tokens.tolist(), "logprobs": p.logprobs}
         self._send(header, [], self.ring[0], TOKEN_TAG)
