@@ -189,19 +189,22 @@ FUSED_QUANT_CASES = [(37, 64, 48, (16, 32), {}),
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("t,h,i,block,order", FUSED_QUANT_CASES)
-def test_w8a8_quantisation_fused_into_the_gate_up_kernel_gives_the_same_bits(dtype, t, h, i, block, order):
-    """W8A8 with x quantised in the gate/up kernel's prologue (BK = the group) and h in its epilogue (BN whole
-    groups): h in fp8, its scales and the experts' output equal, bit for bit, what the separate act_quant launches
-    and the same kernels give."""
+@pytest.mark.parametrize("with_x", [True, False], ids=["x-and-h", "h-only"])
+def test_w8a8_quantisation_fused_into_the_gate_up_kernel_gives_the_same_bits(dtype, t, h, i, block, order, with_x):
+    """W8A8 with x quantised in the gate/up kernel's prologue (BK = the group; ``with_x``) and h in its epilogue
+    (BN whole groups): h in fp8, its scales and the experts' output equal, bit for bit, what the separate act_quant
+    launches and the same kernels give. h-only: x comes in fp8 from its launch, so the kernel takes the
+    activations' dtype from elsewhere for its roundings."""
     from qwen_vl_distributed.kernels.moe_triton import MoeConfig, align, fused_act_quant, fused_experts, gate_up_pairs
 
     x, ids, w, gate_up, down = moe_inputs(t, 2, 8, h, i, dtype, seed=t, crowd=True)
     x[1] = 0  # an all-zero row: scale 1
     gq, dq, scales, _, _ = fp8_experts(gate_up, down, block)
     w8a8 = scales._replace(act_quant=True)
-    fused = MoeConfig(**{"bm": 16, "bn": 32, "bk": 32, "down_bn": 16, "down_bk": 32, "fuse_act_quant": True, **order})
+    fused = MoeConfig(**{"bm": 16, "bn": 32, "bk": 32, "down_bn": 16, "down_bk": 32, "fuse_act_quant": True,
+                         "fuse_x_quant": with_x, **order})
     apart = dataclasses.replace(fused, fuse_act_quant=False)
-    assert fused_act_quant(fused, w8a8) == (True, True) and fused_act_quant(apart, w8a8) == (False, False)
+    assert fused_act_quant(fused, w8a8) == (with_x, True) and fused_act_quant(apart, w8a8) == (False, False)
     rows, blocks = align(ids, 8, fused.bm)
     (h1, s1), (h2, s2) = (gate_up_pairs(x, ids.shape, rows, blocks, gq, cfg, w8a8) for cfg in (fused, apart))
     assert h1.dtype == h2.dtype == torch.float8_e4m3fn and s1.shape == (t * 2, -(-i // 32))
@@ -225,6 +228,9 @@ def test_w8a8_fuses_only_whole_groups():
     assert fused_act_quant(MoeConfig(bn=16, bk=32, **on), w8a8) == (True, False)
     assert fused_act_quant(MoeConfig(bn=64, bk=16, **on), w8a8) == (False, False)
     assert fused_act_quant(MoeConfig(bn=64, bk=32), w8a8) == (False, False)  # the default: separate launches
+    h_only = dict(on, fuse_x_quant=False)  # x by its launch, h in the epilogue wherever the column tile holds groups
+    assert fused_act_quant(MoeConfig(bn=64, bk=16, **h_only), w8a8) == (False, True)
+    assert fused_act_quant(MoeConfig(bn=16, bk=32, **h_only), w8a8) == (False, False)
     # weight-only fp8: nothing to quantise
     assert fused_act_quant(MoeConfig(bn=64, bk=32, **on), scales) == (False, False)
 
@@ -247,19 +253,20 @@ def test_the_experts_ab_benchmark_runs_every_path_and_reports_it():
     fp8.load_state_dict(bf16.state_dict())
     fp8.model.language_model.layers["0"].mlp.experts.quantize_fp8((32, 32))
     ran = []
-    timed = {"bf16": 2.0, "fp8": 1.0, "w8a8_apart": 0.8, "w8a8_fused": 0.5}
+    timed = {"bf16": 2.0, "fp8": 1.0, "w8a8_apart": 0.8, "w8a8_fused": 0.5, "w8a8_fused_h": 0.4}
 
     def timer(fn):
         ran.append(fn())
         return timed[PATHS[(len(ran) - 1) % len(PATHS)]]
 
     res = experts_ab(bf16, fp8, DEFAULT, [5, 9], timer=timer)
-    assert len(ran) == 8 and all(y.shape == (n, cfg.text.hidden_size) for y, n in zip(ran, [5] * 4 + [9] * 4))
-    assert res[9]["w8a8_fused_equal"] and res[9]["speedup_vs_bf16"] == {"fp8": 2.0, "w8a8_apart": 2.5,
-                                                                         "w8a8_fused": 4.0}
+    assert len(ran) == 10 and all(y.shape == (n, cfg.text.hidden_size) for y, n in zip(ran, [5] * 5 + [9] * 5))
+    assert res[9]["w8a8_fused_equal"] and res[9]["w8a8_fused_h_equal"]
+    assert res[9]["speedup_vs_bf16"] == {"fp8": 2.0, "w8a8_apart": 2.5, "w8a8_fused": 4.0, "w8a8_fused_h": 5.0}
     text = render({"fp8": {"block": [32, 32], "call_ab": res}})
     assert "experts call alone, 9 tokens: bf16 2.000 ms, fp8 1.000 ms (2.00x), W8A8 separate quant 0.800 ms " \
-           "(2.50x), W8A8 fused quant 0.500 ms (4.00x); W8A8 fused vs separate identical" in text
+           "(2.50x), W8A8 fused quant 0.500 ms (4.00x), W8A8 h quant fused 0.400 ms (5.00x); vs separate: W8A8 " \
+           "fused quant identical and W8A8 h quant fused identical" in text
 
 
 def test_fp8_block_rule_and_the_reference_for_blocks_the_kernels_cannot_tile():

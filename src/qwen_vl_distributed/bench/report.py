@@ -165,11 +165,14 @@ def render(res: dict) -> str:
 
 def _experts_ab(ab: dict) -> list[str]:
     """One experts call alone per prefill length: each path's ms and its speed-up over bf16."""
-    names = {"fp8": "fp8", "w8a8_apart": "W8A8 separate quant", "w8a8_fused": "W8A8 fused quant"}
+    names = {"fp8": "fp8", "w8a8_apart": "W8A8 separate quant", "w8a8_fused": "W8A8 fused quant",
+             "w8a8_fused_h": "W8A8 h quant fused"}
     lines = []
     for t, r in ab.items():
         ms, up = r["ms"], r["speedup_vs_bf16"]
+        same = " and ".join(f"{names[k]} {'identical' if r[f'{k}_equal'] else 'DIFFERENT'}"
+                            for k in ("w8a8_fused", "w8a8_fused_h") if f"{k}_equal" in r)
         lines.append(f"  experts call alone, {t} tokens: bf16 {_f(ms['bf16'], '.3f')} ms, " + ", ".join(
-            f"{label} {_f(ms[k], '.3f')} ms ({_f(up[k], '.2f')}x)" for k, label in names.items())
-            + f"; W8A8 fused vs separate {'identical' if r['w8a8_fused_equal'] else 'DIFFERENT'}")
+            f"{label} {_f(ms[k], '.3f')} ms ({_f(up[k], '.2f')}x)" for k, label in names.items() if k in ms)
+            + f"; vs separate: {same}")
     return lines

@@ -63,6 +63,9 @@ class MoeConfig:
     # the separate act_quant launches in the CPU interpreter; False keeps those launches (the benchmark's A/B).
     # Off by default until tests/gpu has held the fused kernels to the separate launches on a GPU.
     fuse_act_quant: bool = False
+    # With fuse_act_quant: x's quantisation in the prologue too; False: x by its act_quant launch and only h in the
+    # gate/up epilogue (the benchmark's third W8A8 path: the fused prologue measured slower on the H100).
+    fuse_x_quant: bool = True
 
     def __post_init__(self):
         if self.split and self.bm < 64:

@@ -24,8 +24,8 @@ BN, BK, WARPS, STAGES = 32, 256, 4, 4
 
 @triton.jit(do_not_specialize=["B"])  # one compile per row bucket BM, whatever the row count (runtime.warmup)
 def _gemv_kernel(x_ptr, w0, w1, w2, y0, y1, y2, nw_ptr, eps, B, K, N0, N1, N2,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr, KP: tl.constexpr,
-                 PDL: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr,
+                 KP: tl.constexpr, PDL: tl.constexpr):
     grid_dependency(PDL)
     pid = tl.program_id(0)
     nb0 = tl.cdiv(N0, BN)

@@ -263,7 +263,7 @@ def _store_h(h, h_ptr, hs_ptr, rows, rmask, cols, cmask, col, I, ROWS: tl.conste
 
 
 @triton.jit
-def _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG,
+def _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, dt_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG,
                   K: tl.constexpr, BM: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   EVEN_K: tl.constexpr, TMA: tl.constexpr, FP8: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
                   SWAP: tl.constexpr, ACT8: tl.constexpr, QX: tl.constexpr, QH: tl.constexpr):
@@ -275,10 +275,7 @@ def _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, rows_ptr, blk, col
     cmask = cols < I
     kk = tl.arange(0, BK)
     a_ptrs = x_ptr + tok[:, None] * H + kk[None, :]
-    if QX:  # h_ptr may be fp8 (QH): the activations' dtype is x's
-        dt = x_ptr.dtype.element_ty
-    else:
-        dt = h_ptr.dtype.element_ty
+    dt = dt_ptr.dtype.element_ty  # the activations' dtype (x and h may both be fp8)
     # FP8: s_ptr = scales [E, 2, SR, SC] (gate's row blocks, then up's); the row block of a gate / up column
     sg_ptrs = s_ptr + e * (2 * SR * SC) + (cols // BR) * SC
     su_ptrs = sg_ptrs + SR * SC
@@ -319,16 +316,18 @@ def _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, rows_ptr, blk, col
 
 
 @triton.jit(do_not_specialize=["P"])
-def _gate_up_kernel(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, rows_ptr, block_expert_ptr, P, H, I, SR, SC, AG,
+def _gate_up_kernel(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, dt_ptr, rows_ptr, block_expert_ptr, P, H, I, SR, SC,
+                    AG,
                     K: tl.constexpr, E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     EVEN_K: tl.constexpr, COLS_FIRST: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr,
                     FP8: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr, ACT8: tl.constexpr,
                     QX: tl.constexpr, QH: tl.constexpr, PDL: tl.constexpr):
     grid_dependency(PDL)
-    # x [T, H]; w = gate_up [E, 2I, H] (gate rows [0, I), up rows [I, 2I)); h [P, I]; FP8: w is fp8 and s_ptr its
-    # block scales (BR x BC blocks), else s_ptr is unused; ACT8 (W8A8, with FP8): x is fp8 too, as_ptr its scales
-    # [T, AG] (one per BC columns), or with QX x is in the activations' dtype and quantised here (BK = BC); QH: h
-    # is stored in fp8 and its scales in hs_ptr [P, cdiv(I, BC)] (BN a multiple of BC)
+    # x [T, H]; w = gate_up [E, 2I, H] (gate rows [0, I), up rows [I, 2I)); h [P, I]; dt_ptr: any tensor of the
+    # activations' dtype (only its element type is read: with W8A8 x and h may both be fp8); FP8: w is fp8 and
+    # s_ptr its block scales (BR x BC blocks), else s_ptr is unused; ACT8 (W8A8, with FP8): x is fp8 too, as_ptr
+    # its scales [T, AG] (one per BC columns), or with QX x is in the activations' dtype and quantised here
+    # (BK = BC); QH: h is stored in fp8 and its scales in hs_ptr [P, cdiv(I, BC)] (BN a multiple of BC)
     blk, col = _block_and_column(COLS_FIRST)
     e = tl.load(block_expert_ptr + blk).to(tl.int64)
     if e >= E:
@@ -337,17 +336,20 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, rows_ptr, block_
     # come first in its run, so the first row past the quarter / half decides)
     if SPLIT:
         if tl.load(rows_ptr + blk * BM + BM // 4) >= P:
-            _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, K,
+            _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, dt_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC,
+                          AG, K,
                           BM, BM // 4, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, QX, QH)
         elif tl.load(rows_ptr + blk * BM + BM // 2) >= P:
-            _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, K,
+            _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, dt_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC,
+                          AG, K,
                           BM, BM // 2, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, QX, QH)
         else:
-            _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, K,
+            _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, dt_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC,
+                          AG, K,
                           BM, BM, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, QX, QH)
     else:
-        _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, K, BM,
-                      BM, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, QX, QH)
+        _gate_up_tile(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, dt_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG,
+                      K, BM, BM, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, QX, QH)
 
 
 @triton.jit
@@ -490,10 +492,16 @@ def fused_act_quant(cfg: MoeConfig, scales: ExpertScales | None) -> tuple[bool, 
     """W8A8 (``scales.act_quant``) with tile ``cfg``: whether the gate/up kernel quantises x in its prologue and h
     in its epilogue, instead of an act_quant launch before each product. x: where the reduction tile is the whole
     column group (a row's scale is then the amax of the very tile the kernel loads); h: where its column tile also
-    holds whole groups. Both give the bits the separate launches give; ``cfg.fuse_act_quant`` off keeps those."""
-    if scales is None or not scales.act_quant or not cfg.fuse_act_quant or cfg.bk != scales.block[1]:
+    holds whole groups (with ``cfg.fuse_x_quant``, only where x's is fused too). Both give the bits the separate
+    launches give; ``cfg.fuse_act_quant`` off keeps those."""
+    if scales is None or not scales.act_quant or not cfg.fuse_act_quant:
         return False, False
-    return True, cfg.bn % scales.block[1] == 0
+    whole_h = cfg.bn % scales.block[1] == 0
+    if not cfg.fuse_x_quant:
+        return False, whole_h
+    if cfg.bk != scales.block[1]:
+        return False, False
+    return True, whole_h
 
 
 def align(topk_ids: torch.Tensor, experts: int, bm: int, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -530,7 +538,7 @@ def gate_up_pairs(x: torch.Tensor, routed: torch.Size, rows: torch.Tensor, block
     p, dtype = t * k, x.dtype
     w8a8 = scales is not None and scales.act_quant
     qx, qh = fused_act_quant(cfg, scales)
-    x_scales = None
+    x_scales, act = None, x  # act: of the activations' dtype, for the kernel's roundings
     if w8a8 and not qx:
         x, x_scales = act_quant(x, scales.block[1])
     h = torch.empty(p, inter, dtype=FP8_DTYPE if qh else dtype, device=x.device)
@@ -540,8 +548,8 @@ def gate_up_pairs(x: torch.Tensor, routed: torch.Size, rows: torch.Tensor, block
     arg, tma = _weight_arg(gate_up, cfg.tma, inter, cfg.bn, cfg.bk)
     s_ptr, as_ptr, sr, sc, ag, fp8 = _scale_args(scales, scales.gate_up if scales else None, gate_up, x_scales)
     _gate_up_kernel[grid](
-        x, arg, s_ptr, as_ptr, h, h if h_scales is None else h_scales, rows, block_expert, p, h_dim, inter, sr, sc,
-        ag, K=k, E=e, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, EVEN_K=h_dim % cfg.bk == 0, COLS_FIRST=cols_first,
+        x, arg, s_ptr, as_ptr, h, h if h_scales is None else h_scales, act, rows, block_expert, p, h_dim, inter, sr,
+        sc, ag, K=k, E=e, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, EVEN_K=h_dim % cfg.bk == 0, COLS_FIRST=cols_first,
         SPLIT=cfg.split, TMA=tma, SWAP=cfg.swap, QX=qx, QH=qh, **fp8, num_warps=cfg.warps,
         **launch_options(pdl),
         # x; gate, up -- an fp8 weight tile is dequantised into a tile of x's dtype (fp8 too for W8A8), so it is
