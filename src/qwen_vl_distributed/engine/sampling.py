@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..model.batch import list_to_device
+from ..model.batch import list_to_device, to_host_queued
 from .media import RequestError
 
 
@@ -308,7 +308,7 @@ class PendingLogprobs:
         if self.chosen.device.type != "cuda":
             return self
         return PendingLogprobs(self.width, self.rows, self.ns,
-                               *(_pinned_copy(t) for t in (self.chosen, self.top_lp, self.top_ids)))
+                               *(to_host_queued(t) for t in (self.chosen, self.top_lp, self.top_ids)))
 
     def lists(self) -> list[TokenLogprobs | None]:
         """Per row of the draw: None where the row asked for none."""
@@ -317,12 +317,6 @@ class PendingLogprobs:
         for r, (i, n) in enumerate(zip(self.rows, self.ns)):
             result[i] = TokenLogprobs(chosen[r], list(zip(top_ids[r][:n], top_lp[r][:n])))
         return result
-
-
-def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host
 
 
 @dataclass

@@ -228,11 +228,12 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
     pdl = uses_pdl(choices, h.device)
     fuse = t <= choices.norm_fusion_rows  # the norms inside the following kernels (kernels.router, kernels.gemv)
     norm_in = layer.input_layernorm
-    fuse_in = fuse and attn.q_proj.bias is None and choices.gemv_tile("qkv", t) is not None
+    qkv_tile = choices.gemv_tile("qkv", t)
+    fuse_in = fuse and attn.q_proj.bias is None and qkv_tile is not None
     x = h if fuse_in else rmsnorm(h, norm_in.weight, norm_in.eps, pdl=pdl)
     # where cuBLAS projects (prompt rows; decode rows too if choices.gemv["qkv"] is None): one GEMM for q, k and v
     # over the packed weight (kernels.packing)
-    packed = packed_qkv(attn) if choices.gemv_tile("qkv", t) is None else None
+    packed = packed_qkv(attn) if qkv_tile is None else None
     if packed is not None:
         q, k, v = F.linear(x, packed).split([attn.q_proj.out_features, attn.k_proj.out_features,
                                              attn.v_proj.out_features], dim=1)

@@ -10,9 +10,8 @@ a launch, a tail and a ramp inside the graph, ~9 us of the router alone against 
 
 1. ``_norm_router_kernel``, program s of S: h = round(o + residual) and x = rmsnorm(h) for its SW columns (every
    program first sums the whole rows' squares itself: B * H values from L2, a row per load), stores those columns
-   of h and x (the
-   residual stream and the experts' input), and the partial logits x[:, slice] @ W[:, slice]^T in fp32 into a
-   scratch [S, B, E]. Every program reads E * SW weights, so the 1 MB is spread over ~all SMs.
+   of h and x (the residual stream and the experts' input), and the partial logits x[:, slice] @ W[:, slice]^T in
+   fp32 into a scratch [S, B, E]. Every program reads E * SW weights, so the 1 MB is spread over ~all SMs.
 2. ``_route_partials_kernel``, one program per row: the S partials summed in a fixed order (deterministic), rounded
    once to the activations' dtype (as the router's linear layer rounds its output), then softmax in fp32, top-K and
    renormalisation exactly as ``decode_layer.route``. For one token it also writes the aligned layout the expert

@@ -107,6 +107,14 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device)
 
 
+def to_host_queued(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of device tensor ``t``, queued on the current stream (no wait): read it only after an
+    event recorded behind it has passed."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
 def list_to_device(values: list, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A small host list as a tensor on ``device``, through ``to_device``: queued, never waiting for the stream (a
     plain ``torch.tensor(values, device=gpu)`` synchronises with every queued kernel)."""

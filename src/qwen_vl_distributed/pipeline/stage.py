@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..model.batch import list_to_device, to_device
+from ..model.batch import list_to_device, to_device, to_host_queued
 from ..model.kv_cache import KVCache
 from ..model.qwen3_vl import Qwen3VLMoe
 from ..parallel.group import StageGroup
@@ -214,8 +214,7 @@ def _copy_back(tokens: torch.Tensor) -> tuple[torch.Tensor, object]:
     before reading it; on the CPU a plain copy and no event."""
     if tokens.device.type != "cuda":
         return tokens.clone(), None
-    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-    host.copy_(tokens, non_blocking=True)
+    host = to_host_queued(tokens)
     ready = torch.cuda.Event()
     ready.record(torch.cuda.current_stream(tokens.device))
     return host, ready
