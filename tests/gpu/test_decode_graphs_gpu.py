@@ -97,7 +97,7 @@ def _switches():
     from qwen_vl_distributed.kernels.choices import L2Prefetch
 
     return {"pdl": ({"pdl": False}, {"pdl": True}),
-            "l2-prefetch": ({"l2_prefetch": None}, {"l2_prefetch": L2Prefetch(o_mb=24, experts_mb=12, next_mb=24, max_rows=4)})}
+            "l2-prefetch": ({"l2_prefetch": None}, {"l2_prefetch": L2Prefetch(o_mb=24, experts_mb=12, max_rows=4)})}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),

@@ -426,12 +426,11 @@ class Bench:
             return {"skipped": "the bulk L2 prefetch needs a CUDA GPU of compute capability 9.0+"}
         base = self.choices.l2_prefetch
         variants = [None] if base is not None else []
-        variants += [L2Prefetch(o_mb=o, experts_mb=e, next_mb=n)
-                     for o, e, n in ((24, 0, 0), (0, 12, 0), (0, 0, 30), (24, 12, 0), (24, 12, 30), (40, 24, 30))]
+        variants += [L2Prefetch(o_mb=o, experts_mb=e) for o, e in ((24, 0), (0, 12), (24, 12), (40, 24))]
         res = {"l2_prefetch_default": None if base is None else dataclasses.asdict(base)}
         for v in variants:
             ab = self._decode_ab(graphs, tables, ctx, dataclasses.replace(self.choices, l2_prefetch=v))
-            name = "none" if v is None else f"o{v.o_mb:g}_experts{v.experts_mb:g}_next{v.next_mb:g}"
+            name = "none" if v is None else f"o{v.o_mb:g}_experts{v.experts_mb:g}"
             res[name] = {b: {"default_ms_layer": r["default_ms"] / self.n, "variant_ms_layer": r["other_ms"] / self.n,
                              "variant_over_default": r["other_ms"] / r["default_ms"], "equal": r["equal"]}
                          for b, r in ab.items()}

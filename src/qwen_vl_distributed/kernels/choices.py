@@ -160,22 +160,16 @@ class L2Prefetch:
     to ``max_rows`` rows (decode-sized steps): ``o_mb`` MB of the o projection's weight by the q/k norm + rotary
     kernel (the window: it and attention), ``experts_mb`` MB of the chosen experts' gate/up weights by the experts'
     block layout kernel (the window: it and the gate/up kernel's first wave), spread over ``programs`` extra
-    programs of that kernel, and ``next_mb`` MB of the next layer's packed q/k/v weight by the residual + norm
-    kernel before the router (the window: the router and top-k; kept in L2 past the experts' stream by the
-    evict-last policy). 0: not that window."""
+    programs of that kernel. 0: not that window."""
 
     o_mb: float = 24.0
     experts_mb: float = 12.0
-    next_mb: float = 0.0
     programs: int = 64
     max_rows: int = 8
 
     def __post_init__(self):
-        if min(self.o_mb, self.experts_mb, self.next_mb) < 0 or self.programs < 1 or self.max_rows < 1:
-            raise ValueError(f"L2Prefetch: o_mb, experts_mb, next_mb >= 0, programs, max_rows >= 1; got {self}")
-
-    def next_bytes(self, rows: int) -> int:
-        return int(self.next_mb * 1e6) if rows <= self.max_rows else 0
+        if self.o_mb < 0 or self.experts_mb < 0 or self.programs < 1 or self.max_rows < 1:
+            raise ValueError(f"L2Prefetch: o_mb, experts_mb >= 0, programs, max_rows >= 1; got {self}")
 
     def o_bytes(self, rows: int) -> int:
         return int(self.o_mb * 1e6) if rows <= self.max_rows else 0

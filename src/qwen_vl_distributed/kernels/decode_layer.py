@@ -60,24 +60,10 @@ def _pdl_runs_on(kind: str, index: int | None) -> bool:
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, H, eps, B, pf_ptr, pf_rows, pf_row_bytes, pf_head, pf_parts,
-                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr, PF_RB: tl.constexpr,
+def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, H, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
                     PDL: tl.constexpr):
     # one row per program: [h = x + res (stored)]; y = w * round(h * rsqrt(mean(h^2) + eps))
-    # PREFETCH: programs B .. B + pf_parts - 1 ask L2 for the head of the rows of pf_ptr instead, evict-last (the
-    # next layer's q/k/v weight, past the experts' stream: kernels.prefetch)
     grid_dependency(PDL)
-    if PREFETCH:
-        if tl.program_id(0) >= B:
-            prefetch_row_heads(pf_ptr, pf_rows, pf_row_bytes, pf_head, tl.program_id(0) - B, pf_parts, PF_RB, True)
-        else:
-            _rmsnorm_row(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, H, eps, HAS_RES, BLOCK)
-    else:
-        _rmsnorm_row(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, H, eps, HAS_RES, BLOCK)
-
-
-@triton.jit
-def _rmsnorm_row(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, H, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     m = c < H
@@ -93,23 +79,15 @@ def _rmsnorm_row(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, H, eps, HAS_RES: tl.conste
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-            pdl: bool = False, prefetch: tuple[torch.Tensor, int, int] | None = None):
+            pdl: bool = False):
     """x [B, H] -> norm(x); with ``residual``: (h = x + residual, norm(h)). ``pdl``: launch with programmatic
-    dependent launch (kernels.pdl). ``prefetch`` = (weight, bytes, programs): that many more programs ask L2 for
-    about ``bytes`` of ``weight``, the head of each row, to be kept past a stream (kernels.prefetch)."""
+    dependent launch (kernels.pdl)."""
     b, h = x.shape
     y = torch.empty_like(x)
     hsum = torch.empty_like(x) if residual is not None else y
-    pf, pf_rows, pf_row_bytes, pf_head, parts = x, 1, 0, 0, 1
-    if prefetch is not None and prefetch[1] > 0 and prefetch_runs_on(x.device):
-        pf, parts = prefetch[0], prefetch[2]
-        pf_rows, pf_row_bytes, pf_head = row_heads(pf, prefetch[1])
-    extra = parts if pf_head > 0 else 0
-    _rmsnorm_kernel[(b + extra,)](x, residual if residual is not None else x, weight, y, hsum, h, eps, b, pf, pf_rows,
-                                  pf_row_bytes, pf_head, parts, HAS_RES=residual is not None,
-                                  BLOCK=triton.next_power_of_2(h), PREFETCH=extra > 0,
-                                  PF_RB=triton.next_power_of_2(triton.cdiv(pf_rows, parts)), num_warps=8,
-                                  **launch_options(pdl))
+    _rmsnorm_kernel[(b,)](x, residual if residual is not None else x, weight, y, hsum, h, eps,
+                          HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h), num_warps=8,
+                          **launch_options(pdl))
     return (hsum, y) if residual is not None else y
 
 
@@ -243,24 +221,21 @@ def qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets, pdl: bool = F
 
 def decode_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
                  tables: torch.Tensor, starts: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor],
-                 choices: KernelChoices = DEFAULT, next_layer=None) -> torch.Tensor:
+                 choices: KernelChoices = DEFAULT) -> torch.Tensor:
     """``layer`` (a DecoderLayer) on h [B, H] for one token per sequence; cos/sin [B, D] in h's dtype; device
     tensors: tables [B, W] block tables, starts [B] (tokens cached before this one), rows: the (block, offset)
-    [B] each where each sequence's new k/v go. ``next_layer``: the layer that runs next, whose q/k/v weight this
-    one may prefetch (``KernelChoices.l2_prefetch``)."""
+    [B] each where each sequence's new k/v go."""
     scale = layer.self_attn.scale
     pdl = uses_pdl(choices, h.device)
     return fused_layer(layer, h, cos, sin, kv, *rows,
-                       lambda q: decode_attention(q, kv[0], kv[1], tables, starts, scale, pdl=pdl), choices,
-                       next_layer)
+                       lambda q: decode_attention(q, kv[0], kv[1], tables, starts, scale, pdl=pdl), choices)
 
 
 def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                row_blocks: torch.Tensor, row_offsets: torch.Tensor, attend, choices: KernelChoices = DEFAULT,
-                next_layer=None) -> torch.Tensor:
+                row_blocks: torch.Tensor, row_offsets: torch.Tensor, attend, choices: KernelChoices = DEFAULT
+                ) -> torch.Tensor:
     """``layer`` on T rows h [T, H]: row t's k/v go to cache block row_blocks[t], offset row_offsets[t] (device
-    tensors [T]); ``attend(q [T, NH, D]) -> [T, NH, D]`` reads the cache after that write. ``next_layer``: see
-    ``decode_layer``."""
+    tensors [T]); ``attend(q [T, NH, D]) -> [T, NH, D]`` reads the cache after that write."""
     attn, mlp = layer.self_attn, layer.mlp
     t = h.shape[0]
     pdl = uses_pdl(choices, h.device)
@@ -296,9 +271,7 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
         h, x, w, ids, aligned = norm_route(o, h, post.weight, post.eps, mlp.gate.weight, mlp.top_k, mlp.normalize,
                                            align_bm=bm, pdl=pdl)
     else:
-        nxt = packed_qkv(next_layer.self_attn) if pf is not None and next_layer is not None else None
-        h, x = rmsnorm(o, post.weight, post.eps, residual=h, pdl=pdl,
-                       prefetch=(nxt, pf.next_bytes(t), pf.programs) if nxt is not None else None)
+        h, x = rmsnorm(o, post.weight, post.eps, residual=h, pdl=pdl)
         w, ids = route(project("router", x, mlp.gate.weight, choices=choices)[0], mlp.top_k, mlp.normalize, pdl)
     ids, w = mlp.experts.local_routing(ids, w)  # expert parallel: ids of experts held elsewhere become E
     if ids.numel() > choices.fused_max_pairs and scales is None:  # large chunks: grouped GEMM (returns the K-sum)

@@ -29,19 +29,11 @@ ALIGN = 16  # bytes: a bulk prefetch's address and size are multiples of 16
 
 
 @triton.jit
-def bulk_prefetch_l2(addr, nbytes, KEEP: tl.constexpr = False):
+def bulk_prefetch_l2(addr, nbytes):
     """Ask L2 to fetch ``nbytes`` (int32 tensor) from each address (int64 tensor) of a tensor; returns zeros (a
-    value only so the asm has an output; the instruction is kept as a side effect). ``KEEP``: with the evict-last
-    cache policy, so that a stream read in between (the experts' weights) evicts other lines first."""
-    if KEEP:
-        out = tl.inline_asm_elementwise(
-            "{\n\t.reg .b64 pol;\n\tcreatepolicy.fractional.L2::evict_last.b64 pol;\n\t"
-            "cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol;\n\tmov.u32 $0, 0;\n\t}",
-            "=r,l,r", [addr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        out = tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                                        [addr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-    return out
+    value only so the asm has an output; the instruction is kept as a side effect)."""
+    return tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
+                                     [addr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -57,12 +49,11 @@ def row_head_addresses(base_ptr, rows, row_bytes, part, parts, RB: tl.constexpr)
 
 
 @triton.jit
-def prefetch_row_heads(base_ptr, rows, row_bytes, head_bytes, part, parts, RB: tl.constexpr,
-                       KEEP: tl.constexpr = False):
+def prefetch_row_heads(base_ptr, rows, row_bytes, head_bytes, part, parts, RB: tl.constexpr):
     """Program ``part`` of ``parts`` prefetches the first ``head_bytes`` of its share of the rows
-    (``row_head_addresses``); ``KEEP``: see ``bulk_prefetch_l2``."""
+    (``row_head_addresses``)."""
     addr = row_head_addresses(base_ptr, rows, row_bytes, part, parts, RB)
-    bulk_prefetch_l2(addr, tl.full((RB,), 0, tl.int32) + head_bytes, KEEP)
+    bulk_prefetch_l2(addr, tl.full((RB,), 0, tl.int32) + head_bytes)
 
 
 def row_heads(weight: torch.Tensor, budget_bytes: int) -> tuple[int, int, int]:

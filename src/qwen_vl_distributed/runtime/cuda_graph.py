@@ -127,11 +127,9 @@ class DecodeGraphs:
             from ..kernels.decode_layer import decode_layer, rmsnorm
 
             rows = (self.rows[1, :b], self.rows[2, :b])
-            ids = list(m.layer_ids)
-            for i, idx in enumerate(ids):
-                nxt = lm.layers[str(ids[i + 1])] if i + 1 < len(ids) else None  # its q/k/v may be prefetched
+            for idx in m.layer_ids:
                 h = decode_layer(lm.layers[str(idx)], h, *rope, self.cache.layer(idx), self.tables[:b],
-                                 self.rows[0, :b], rows, self.choices, nxt)
+                                 self.rows[0, :b], rows, self.choices)
             if not m.has_head:
                 return h
             return m.lm_head(rmsnorm(h, lm.norm.weight, lm.norm.eps)).float()
