@@ -91,16 +91,6 @@ def render(res: dict) -> str:
                          f"{_f(r['plain_ms_layer'], '.4f')} ms/L: fused / launches {_f(r['fused_over_plain'], '.4f')}"
                          + ("" if r["fused_here"] else " (not fused at this batch)")
                          + f", outputs {'identical' if r['equal'] else 'rel ' + _f(r['rel'], '.2e')}")
-    pf = res.get("decode_l2_prefetch", {})
-    if "skipped" in pf:
-        lines.append(f"  L2 prefetch: skipped ({pf['skipped']})")
-    for name, per_b in pf.items():
-        if name in ("skipped", "l2_prefetch_default") or not isinstance(per_b, dict):
-            continue
-        for b, r in per_b.items():
-            lines.append(f"  B={b}: L2 prefetch {name} {_f(r['variant_ms_layer'], '.4f')} ms/L, default "
-                         f"{_f(r['default_ms_layer'], '.4f')} ms/L: ratio {_f(r['variant_over_default'], '.4f')}, "
-                         f"outputs {'identical' if r['equal'] else 'DIFFERENT'}")
     for b, parts in res.get("decode_breakdown", {}).items():
         lines.append(f"  B={b} us/layer by launch group: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     if "prefill" in res:

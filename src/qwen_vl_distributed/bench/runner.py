@@ -366,7 +366,6 @@ class Bench:
         flat = flat_tables = None
         self.results["decode_pdl"] = self._pdl_decode(graphs, tables, ctx)
         self.results["decode_norm_fusion"] = self._norm_fusion_decode(graphs, tables, ctx)
-        self.results["decode_l2_prefetch"] = self._l2_prefetch_decode(graphs, tables, ctx)
         self.results["decode_breakdown"] = {b: self._decode_breakdown(graphs, tables, b, ctx)
                                             for b in (self.batches[0], self.batches[-1])}
         graphs = None  # free this stage's graphs before the whole-model ones are captured
@@ -413,27 +412,6 @@ class Bench:
             res[b] = {"plain_ms_layer": plain_ms / self.n, "fused_ms_layer": fused_ms / self.n,
                       "fused_over_plain": fused_ms / plain_ms, "fused_here": b <= max(on, other),
                       "equal": r["equal"], "rel": r["rel"]}
-        return res
-
-    def _l2_prefetch_decode(self, graphs: DecodeGraphs, tables: list[list[int]], ctx: int) -> dict:
-        """The decode step with the chain's L2 prefetches (``KernelChoices.l2_prefetch``, kernels.prefetch) at a
-        few sizes against the step without, each timed in alternation with this run's choices; a prefetch is a
-        cache hint, so the hidden states must be equal bit for bit."""
-        from ..kernels.choices import L2Prefetch
-        from ..kernels.prefetch import prefetch_runs_on
-
-        if not prefetch_runs_on(self.dev):
-            return {"skipped": "the bulk L2 prefetch needs a CUDA GPU of compute capability 9.0+"}
-        base = self.choices.l2_prefetch
-        variants = [None] if base is not None else []
-        variants += [L2Prefetch(o_mb=o, experts_mb=e) for o, e in ((24, 0), (0, 12), (24, 12), (40, 24))]
-        res = {"l2_prefetch_default": None if base is None else dataclasses.asdict(base)}
-        for v in variants:
-            ab = self._decode_ab(graphs, tables, ctx, dataclasses.replace(self.choices, l2_prefetch=v))
-            name = "none" if v is None else f"o{v.o_mb:g}_experts{v.experts_mb:g}"
-            res[name] = {b: {"default_ms_layer": r["default_ms"] / self.n, "variant_ms_layer": r["other_ms"] / self.n,
-                             "variant_over_default": r["other_ms"] / r["default_ms"], "equal": r["equal"]}
-                         for b, r in ab.items()}
         return res
 
     def _decode_ab(self, graphs: DecodeGraphs, tables: list[list[int]], ctx: int, other_choices: KernelChoices

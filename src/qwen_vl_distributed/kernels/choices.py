@@ -19,8 +19,6 @@ on any machine.
 - ``pdl``: launch the fused layer's kernels with programmatic dependent launch where the GPU can (kernels.pdl).
 - ``norm_fusion_rows``: up to this many rows the fused layer runs its RMSNorms inside the following kernels (the
   input norm in the q/k/v GEMV, residual + norm + router in two launches: kernels.router); 0: separate launches.
-- ``l2_prefetch``: how much of the next weight the decode chain's short kernels ask L2 to fetch (``L2Prefetch``,
-  kernels.prefetch); None: no prefetch.
 """
 
 from __future__ import annotations
@@ -149,35 +147,6 @@ PDL = True
 NORM_FUSION_ROWS = 0
 
 
-# Prefetch into L2 in the decode chain's latency-bound windows (kernels.prefetch): off (None) until bench decode
-# (``decode_l2_prefetch``) has timed it on the device.
-L2_PREFETCH = None
-
-
-@dataclass(frozen=True)
-class L2Prefetch:
-    """Bytes of the next weight pulled into L2 in a latency-bound window of the decode chain (kernels.prefetch), up
-    to ``max_rows`` rows (decode-sized steps): ``o_mb`` MB of the o projection's weight by the q/k norm + rotary
-    kernel (the window: it and attention), ``experts_mb`` MB of the chosen experts' gate/up weights by the experts'
-    block layout kernel (the window: it and the gate/up kernel's first wave), spread over ``programs`` extra
-    programs of that kernel. 0: not that window."""
-
-    o_mb: float = 24.0
-    experts_mb: float = 12.0
-    programs: int = 64
-    max_rows: int = 8
-
-    def __post_init__(self):
-        if self.o_mb < 0 or self.experts_mb < 0 or self.programs < 1 or self.max_rows < 1:
-            raise ValueError(f"L2Prefetch: o_mb, experts_mb >= 0, programs, max_rows >= 1; got {self}")
-
-    def o_bytes(self, rows: int) -> int:
-        return int(self.o_mb * 1e6) if rows <= self.max_rows else 0
-
-    def experts_bytes(self, rows: int) -> int:
-        return int(self.experts_mb * 1e6) if rows <= self.max_rows else 0
-
-
 @dataclass(frozen=True)
 class SplitKV:
     """Split-KV of the Triton attention over the cache (kernels.extend_attention): a row block whose keys exceed
@@ -215,7 +184,6 @@ class KernelChoices:
     vision_backends: tuple[str, ...] | None = None
     pdl: bool = PDL
     norm_fusion_rows: int = NORM_FUSION_ROWS
-    l2_prefetch: L2Prefetch | None = L2_PREFETCH
 
     def __post_init__(self):
         if self.prompt_attention not in ("triton", "sdpa"):

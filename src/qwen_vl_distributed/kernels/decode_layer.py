@@ -32,7 +32,6 @@ from .gemv import linear_small
 from .moe_triton import expert_pairs, sum_pairs
 from .packing import packed_qkv
 from .pdl import grid_dependency, launch_options, pdl_runs_on
-from .prefetch import prefetch_row_heads, prefetch_runs_on, row_heads
 from .router import norm_route, topk_softmax
 
 
@@ -116,14 +115,9 @@ def _norm_rope(a, b, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, HALF: tl.con
 @triton.jit
 def _qkv_post_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, blocks_ptr, offs_ptr,
                      qo_ptr, kc_ptr, vc_ptr, eps, sq, skv, sc_b, sc_h, sc_l,
-                     pf_ptr, pf_rows, pf_row_bytes, pf_head,
                      NH: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, HB: tl.constexpr,
-                     PREFETCH: tl.constexpr, PF_RB: tl.constexpr, PDL: tl.constexpr):
+                     PDL: tl.constexpr):
     grid_dependency(PDL)
-    if PREFETCH:  # the head of every row of the next weight (the o projection's) into L2: kernels.prefetch
-        prefetch_row_heads(pf_ptr, pf_rows, pf_row_bytes, pf_head,
-                           tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
-                           tl.num_programs(0) * tl.num_programs(1), PF_RB)
     # program (b, j) takes HB heads of row b: j < cdiv(NH, HB): query heads from j*HB -> qo [B, NH, D]; else kv
     # heads from (j - cdiv(NH, HB))*HB -> k/v caches at (block, offset) of the row. Row b of q / k / v starts at
     # b*sq / b*skv.
@@ -193,12 +187,10 @@ def route(logits: torch.Tensor, k: int, normalize: bool, pdl: bool = False) -> t
 QKV_POST_HEADS = {64: (1, 1), 1 << 30: (8, 4)}
 
 
-def qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets, pdl: bool = False,
-             prefetch: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+def qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets, pdl: bool = False) -> torch.Tensor:
     """q [B, NH*D], k/v [B, KVH*D] raw projections (rows may be strided, e.g. views into one packed q/k/v
     output) -> normed, rotated q [B, NH, D]; row b's k, v written to the cache at block row_blocks[b], offset
-    row_offsets[b] (device tensors [B]). ``prefetch`` = (weight, bytes): the programs also ask L2 for about that
-    many bytes of ``weight`` (the head of each row: kernels.prefetch); only where ``prefetch_runs_on``."""
+    row_offsets[b] (device tensors [B])."""
     k_cache, v_cache = kv
     b = q.shape[0]
     nh, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -206,16 +198,11 @@ def qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets, pdl: bool = F
     hb, warps = QKV_POST_HEADS[min(n for n in QKV_POST_HEADS if n >= b)]
     qo = torch.empty(b, nh, d, dtype=q.dtype, device=q.device)
     grid = (b, triton.cdiv(nh, hb) + triton.cdiv(kvh, hb))
-    pf, pf_rows, pf_row_bytes, pf_head = q, 1, 0, 0
-    if prefetch is not None and prefetch[1] > 0 and prefetch_runs_on(q.device):
-        pf = prefetch[0]
-        pf_rows, pf_row_bytes, pf_head = row_heads(pf, prefetch[1])
     _qkv_post_kernel[grid](q, k, v, attn.q_norm.weight, attn.k_norm.weight, cos, sin, row_blocks, row_offsets,
                            qo, k_cache, v_cache, attn.q_norm.eps, q.stride(0), k.stride(0), k_cache.stride(0),
-                           k_cache.stride(1), k_cache.stride(2), pf, pf_rows, pf_row_bytes, pf_head,
-                           NH=nh, KVH=kvh, D=d, HP=triton.next_power_of_2(d // 2), HB=hb,
-                           PREFETCH=pf_head > 0, PF_RB=triton.next_power_of_2(triton.cdiv(pf_rows, grid[0] * grid[1])),
-                           num_warps=warps, **launch_options(pdl))
+                           k_cache.stride(1), k_cache.stride(2), NH=nh, KVH=kvh, D=d,
+                           HP=triton.next_power_of_2(d // 2), HB=hb, num_warps=warps,
+                           **launch_options(pdl))
     return qo
 
 
@@ -255,9 +242,7 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
                           norm=(norm_in.weight, norm_in.eps) if fuse_in else None)
     else:
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    pf = choices.l2_prefetch
-    o_pf = (attn.o_proj.weight, pf.o_bytes(t)) if pf is not None else None
-    o = attend(qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets, pdl, o_pf)).reshape(t, -1)
+    o = attend(qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets, pdl)).reshape(t, -1)
     o = project("o", o, attn.o_proj.weight, choices=choices)[0] if attn.o_proj.bias is None else attn.o_proj(o)
     if attn.reduce is not None:  # tensor parallel: this rank's heads' share of o_proj, summed over the ranks
         o = attn.reduce(o)
@@ -277,8 +262,7 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
     if ids.numel() > choices.fused_max_pairs and scales is None:  # large chunks: grouped GEMM (returns the K-sum)
         y = grouped.grouped_experts(x, ids.long(), w, gate_up, down)
         return h + (y if mlp.reduce is None else mlp.reduce(y))
-    pairs = expert_pairs(x, ids, w, gate_up, down, scales, choices.moe_config(ids.numel(), scales), pdl, aligned,
-                         prefetch=(pf.experts_bytes(t), pf.programs) if pf is not None else None)
+    pairs = expert_pairs(x, ids, w, gate_up, down, scales, choices.moe_config(ids.numel(), scales), pdl, aligned)
     if mlp.reduce is None:
         return sum_pairs(pairs, ids, gate_up.shape[0], residual=h, pdl=pdl)
     return h + mlp.reduce(sum_pairs(pairs, ids, gate_up.shape[0], pdl=pdl))

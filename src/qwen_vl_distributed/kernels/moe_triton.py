@@ -40,7 +40,6 @@ from . import fp8_fits, fp8_min_block_width
 from .choices import CONFIGS, CONFIGS_FP8, CONFIGS_W8A8, DEFAULT, MoeConfig  # noqa: F401 (the tile tables' home)
 from .fp8_quant import act_quant, quant_groups, quant_rows
 from .pdl import grid_dependency, launch_options
-from .prefetch import prefetch_row_heads, prefetch_runs_on, row_heads
 from .tiles import fit_stages, load_k_tile, mma
 
 # The single-program align kernel holds all pairs in one block (a sort of next_pow2(P) keys); above this, the
@@ -61,30 +60,10 @@ def num_blocks(pairs: int, experts: int, bm: int) -> int:
 # Token and pair counts are never specialised (``do_not_specialize``): by default Triton compiles a new variant for
 # a count that is 1 or a multiple of 16, and a prompt length seen first would wait seconds for the compiler.
 @triton.jit(do_not_specialize=["P", "NB"])
-def _align_kernel(ids_ptr, rows_ptr, block_expert_ptr, offset_ptr, P, NB, pf_ptr, pf_expert_bytes, pf_rows,
-                  pf_row_bytes, pf_head, pf_parts,
+def _align_kernel(ids_ptr, rows_ptr, block_expert_ptr, offset_ptr, P, NB,
                   E: tl.constexpr, BM: tl.constexpr, PB: tl.constexpr, EB: tl.constexpr, FILL: tl.constexpr,
-                  PREFETCH: tl.constexpr, PF_RB: tl.constexpr, PDL: tl.constexpr):
+                  PDL: tl.constexpr):
     grid_dependency(PDL)
-    if PREFETCH:
-        if tl.program_id(0) > 0:
-            # prefetch programs (kernels.prefetch): program 1 + j*pf_parts + part asks L2 for the head of its share
-            # of the rows of pair j's expert's weight (pf_ptr [E, rows, ..], experts pf_expert_bytes apart)
-            q = tl.program_id(0) - 1
-            j = q // pf_parts
-            e = tl.load(ids_ptr + j, mask=j < P, other=E).to(tl.int64)
-            if e < E:
-                prefetch_row_heads(pf_ptr + e * pf_expert_bytes, pf_rows, pf_row_bytes, pf_head, q % pf_parts,
-                                   pf_parts, PF_RB)
-        else:
-            _align_one(ids_ptr, rows_ptr, block_expert_ptr, offset_ptr, P, NB, E, BM, PB, EB, FILL)
-    else:
-        _align_one(ids_ptr, rows_ptr, block_expert_ptr, offset_ptr, P, NB, E, BM, PB, EB, FILL)
-
-
-@triton.jit
-def _align_one(ids_ptr, rows_ptr, block_expert_ptr, offset_ptr, P, NB,
-               E: tl.constexpr, BM: tl.constexpr, PB: tl.constexpr, EB: tl.constexpr, FILL: tl.constexpr):
     # One program. ids [P] expert of each pair; offset_ptr [EB] int32 scratch.
     p = tl.arange(0, PB)
     ids = tl.load(ids_ptr + p, mask=p < P, other=E).to(tl.int32)  # padding pairs go to bin E (EB > E)
@@ -114,10 +93,8 @@ def _align_one(ids_ptr, rows_ptr, block_expert_ptr, offset_ptr, P, NB,
     tl.store(block_expert_ptr + row // BM, s_exp, mask=valid)
 
 
-def align_triton(flat_ids: torch.Tensor, experts: int, bm: int, pdl: bool = False,
-                 prefetch: tuple[torch.Tensor, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``prefetch`` = (weight [E, rows, cols], bytes, programs): that many more programs ask L2 for about
-    ``bytes`` of the chosen experts' weights, the head of each row (kernels.prefetch), where the GPU can."""
+def align_triton(flat_ids: torch.Tensor, experts: int, bm: int, pdl: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     p = flat_ids.numel()
     nb = num_blocks(p, experts, bm)
     rows = torch.empty(nb * bm, dtype=torch.int32, device=flat_ids.device)
@@ -125,17 +102,8 @@ def align_triton(flat_ids: torch.Tensor, experts: int, bm: int, pdl: bool = Fals
     eb = triton.next_power_of_2(experts + 1)
     scratch = torch.empty(eb, dtype=torch.int32, device=flat_ids.device)
     pb = max(16, triton.next_power_of_2(p))
-    pf, pf_expert_bytes, pf_rows, pf_row_bytes, pf_head, parts = flat_ids, 0, 1, 0, 0, 1
-    if prefetch is not None and prefetch[1] > 0 and prefetch_runs_on(flat_ids.device):
-        pf = prefetch[0]
-        pf_rows, pf_row_bytes, pf_head = row_heads(pf, prefetch[1] // p)
-        pf_expert_bytes = pf.stride(0) * pf.element_size()
-        parts = max(1, prefetch[2] // p)
-    extra = p * parts if pf_head > 0 else 0
-    _align_kernel[(1 + extra,)](flat_ids, rows, block_expert, scratch, p, nb, pf, pf_expert_bytes, pf_rows,
-                                pf_row_bytes, pf_head, parts, E=experts, BM=bm, PB=pb, EB=eb, FILL=1024,
-                                PREFETCH=extra > 0, PF_RB=triton.next_power_of_2(triton.cdiv(pf_rows, parts)),
-                                num_warps=4 if pb <= 1024 else 8, **launch_options(pdl))
+    _align_kernel[(1,)](flat_ids, rows, block_expert, scratch, p, nb, E=experts, BM=bm, PB=pb, EB=eb,
+                        FILL=1024, num_warps=4 if pb <= 1024 else 8, **launch_options(pdl))
     return rows, block_expert
 
 
@@ -502,13 +470,10 @@ def sum_pairs(y: torch.Tensor, topk_ids: torch.Tensor, experts: int, residual: t
 
 def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
                  down: torch.Tensor, scales: ExpertScales | None = None, config: MoeConfig | None = None,
-                 pdl: bool = False, aligned: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 prefetch: tuple[int, int] | None = None) -> torch.Tensor:
+                 pdl: bool = False, aligned: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Each (token, expert) pair's weighted expert output, y [P, H] in x's dtype (pair p = t*K + k), before the
     K-sum. ``pdl``: launch the kernels with programmatic dependent launch (kernels.pdl). ``aligned``: the
-    (rows, block_expert) layout in blocks of the config's bm, already made (kernels.router), instead of ``align``.
-    ``prefetch`` = (bytes, programs): ``align`` asks L2 for about that many bytes of the chosen experts' gate/up
-    weights over that many more programs (kernels.prefetch)."""
+    (rows, block_expert) layout in blocks of the config's bm, already made (kernels.router), instead of ``align``."""
     cfg = config or DEFAULT.moe_config(topk_ids.numel(), scales)
     if scales is not None:  # a reduction tile within one scale block, and at least as wide as tl.dot takes
         least = fp8_min_block_width(scales)
@@ -518,11 +483,7 @@ def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, 
         bc = scales.block[1]
         cfg = dataclasses.replace(cfg, bk=min(max(cfg.bk, least), bc), down_bk=min(max(cfg.down_bk, least), bc))
     x = x.contiguous()
-    if aligned is not None:
-        rows, block_expert = aligned
-    else:
-        rows, block_expert = align(topk_ids, gate_up.shape[0], cfg.bm, pdl,
-                                   (gate_up, *prefetch) if prefetch is not None else None)
+    rows, block_expert = aligned if aligned is not None else align(topk_ids, gate_up.shape[0], cfg.bm, pdl)
     h, h_scales = gate_up_pairs(x, topk_ids.shape, rows, block_expert, gate_up, cfg, scales, pdl)
     return down_pairs(h, topk_w, rows, block_expert, down, cfg, scales, h_scales, x.dtype, pdl)
 
@@ -543,13 +504,12 @@ def fused_act_quant(cfg: MoeConfig, scales: ExpertScales | None) -> tuple[bool, 
     return True, whole_h
 
 
-def align(topk_ids: torch.Tensor, experts: int, bm: int, pdl: bool = False,
-          prefetch: tuple[torch.Tensor, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def align(topk_ids: torch.Tensor, experts: int, bm: int, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, block_expert) for these routing choices (see the module docstring); ``pdl`` for decode-sized
-    routings (the wide kernel of long prompts launches plainly); ``prefetch``: see ``align_triton``."""
+    routings (the wide kernel of long prompts launches plainly)."""
     flat = topk_ids.reshape(-1)
     if flat.numel() <= ALIGN_KERNEL_MAX_PAIRS:
-        return align_triton(flat, experts, bm, pdl, prefetch)
+        return align_triton(flat, experts, bm, pdl)
     return align_wide(flat, experts, bm)
 
 
