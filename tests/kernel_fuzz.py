@@ -504,13 +504,14 @@ def check_decoder_layer(rng: random.Random, dtype, device, size: Size) -> None:
     ref_cache.v[0].copy_(cache.v[0])
     h = randn(gen, layout.num_tokens, text.hidden_size, dtype=dtype, device=device)
     rope = _rope(gen, layout.num_tokens, d, dtype, device)
-    choices = dataclasses.replace(DEFAULT, norm_fusion_rows=rng.choice([0, GEMV_MAX_ROWS]))
+    choices = dataclasses.replace(DEFAULT, norm_router_rows=rng.choice([0, GEMV_MAX_ROWS]),
+                                  norm_qkv_rows=rng.choice([0, GEMV_MAX_ROWS]))
     with torch.no_grad():
         ref = layer(h, rope, ref_cache.layer(0), layout)
         out = fused_decoder_layer(layer, h, rope, cache.layer(0), layout, choices)
     shape = dict(d=d, nh=text.num_attention_heads, kvh=kvh, hidden=text.hidden_size, e=e,
                  k=text.num_experts_per_tok, i=text.moe_intermediate_size, block_size=bs, starts=starts, lens=lens,
-                 norm_fusion_rows=choices.norm_fusion_rows)
+                 norm_router_rows=choices.norm_router_rows, norm_qkv_rows=choices.norm_qkv_rows)
     assert_close(out, ref, dtype, "fused decoder layer", **shape)
     assert_close(cache.k[0], ref_cache.k[0], dtype, "fused decoder layer k cache", **shape)
 

@@ -743,7 +743,7 @@ def test_decode_layer_matches_module(tiny, dtype, fp8, norms, rows):
         assert layer.mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
     h = torch.randn(rows, m.cfg.text.hidden_size).to(dtype)
     fused_cache = copy.deepcopy(cache)
-    choices = dataclasses.replace(DEFAULT, norm_fusion_rows=norms)
+    choices = dataclasses.replace(DEFAULT, norm_router_rows=norms, norm_qkv_rows=norms)
     with torch.no_grad():
         with module_layers(m):
             ref = layer(h, rope, cache.layer(1), layout)
@@ -776,7 +776,7 @@ def test_fused_decode_graph_step_equals_forward(tiny, norms):
     with torch.no_grad(), module_layers(m):
         ref = m(positions=pos, layout=layout, cache=ref_cache, input_ids=ids)
     graphs = DecodeGraphs(m, cache, buckets=(4,), fused=True,
-                          choices=dataclasses.replace(DEFAULT, norm_fusion_rows=norms))
+                          choices=dataclasses.replace(DEFAULT, norm_router_rows=norms, norm_qkv_rows=norms))
     out = graphs.run(positions=pos, layout=layout, input_ids=ids)
     assert rel(out, ref) < 1e-5
 
@@ -842,21 +842,22 @@ def test_norm_route_equals_the_norm_the_router_and_route(dtype, b, normalize):
 def test_the_norm_fusion_ab_is_reported_per_batch():
     from qwen_vl_distributed.bench.report import render
 
-    ab = {"norm_fusion_rows_default": 0,
+    ab = {"default": 0,
           1: {"plain_ms_layer": 0.2, "fused_ms_layer": 0.19, "fused_over_plain": 0.95, "fused_here": True,
               "equal": False, "rel": 1.5e-3},
           32: {"plain_ms_layer": 0.5, "fused_ms_layer": 0.5, "fused_over_plain": 1.0, "fused_here": False,
                "equal": True, "rel": 0.0}}
-    text = render({"decode_norm_fusion": ab})
-    assert ("B=1: norms inside the next kernels 0.1900 ms/L, as launches 0.2000 ms/L: fused / launches 0.9500, "
-            "outputs rel 1.50e-03") in text
-    assert "B=32: norms inside the next kernels 0.5000 ms/L, as launches 0.5000 ms/L: fused / launches 1.0000 (not " \
+    text = render({"decode_norm_fusion": {"norm_router_rows": ab, "norm_qkv_rows": ab}})
+    assert ("B=1: residual + norm + router in two launches 0.1900 ms/L, as launches 0.2000 ms/L: fused / launches "
+            "0.9500, outputs rel 1.50e-03") in text
+    assert "B=32: the norm in the q/k/v GEMV 0.5000 ms/L, as launches 0.5000 ms/L: fused / launches 1.0000 (not " \
            "fused at this batch), outputs identical" in text
 
 
-def test_norm_fusion_rows_are_a_decode_batch():
-    with pytest.raises(ValueError, match="norm_fusion_rows"):
-        dataclasses.replace(DEFAULT, norm_fusion_rows=GEMV_MAX_ROWS + 1)
+@pytest.mark.parametrize("name", ["norm_router_rows", "norm_qkv_rows"])
+def test_norm_fusion_rows_are_a_decode_batch(name):
+    with pytest.raises(ValueError, match=name):
+        dataclasses.replace(DEFAULT, **{name: GEMV_MAX_ROWS + 1})
 
 
 @needs_triton

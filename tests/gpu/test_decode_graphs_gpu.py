@@ -60,12 +60,12 @@ def test_the_fused_layers_take_every_head_dim(base):
     assert fused_layers_fit(base)
 
 
-@pytest.mark.parametrize("fused,norms", [(True, 0), (True, 4), (False, 0)],
-                         ids=["fused-layers", "fused-layers-norms-inside", "module-layers"])
+@pytest.mark.parametrize("fused,norms", [(True, (0, 0)), (True, (4, 4)), (True, (4, 0)), (False, (0, 0))],
+                         ids=["fused-layers", "fused-layers-norms-inside", "fused-layers-router-norm", "module-layers"])
 @pytest.mark.parametrize("batch", [3, 1])
 def test_graph_replay_equals_the_reference_forward_step_after_step(base, fused, norms, batch):
-    """``norms``: KernelChoices.norm_fusion_rows (kernels.router; at batch 1 the router lays out the experts'
-    blocks itself)."""
+    """``norms``: KernelChoices.norm_router_rows, norm_qkv_rows (kernels.router, where at batch 1 the router lays out
+    the experts' blocks itself; kernels.gemv)."""
     import dataclasses
 
     from qwen_vl_distributed.kernels.choices import DEFAULT
@@ -78,7 +78,7 @@ def test_graph_replay_equals_the_reference_forward_step_after_step(base, fused, 
         cache.k[i].copy_(ref_cache.k[i])
         cache.v[i].copy_(ref_cache.v[i])
     graphs = DecodeGraphs(fast, cache, buckets=(1, 4), fused=fused,
-                          choices=dataclasses.replace(DEFAULT, norm_fusion_rows=norms))
+                          choices=dataclasses.replace(DEFAULT, norm_router_rows=norms[0], norm_qkv_rows=norms[1]))
     graphs.capture()
     assert sorted(graphs.graphs) == [1, 4]
     starts = [len(p) for p in PROMPTS][:batch]

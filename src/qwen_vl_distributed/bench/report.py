@@ -85,12 +85,16 @@ def render(res: dict) -> str:
             lines.append(f"  B={b}: programmatic dependent launch {_f(r['pdl_ms_layer'], '.4f')} ms/L, without "
                          f"{_f(r['plain_ms_layer'], '.4f')} ms/L: with / without {_f(r['pdl_over_plain'], '.4f')}, "
                          f"outputs {'identical' if r['equal'] else 'DIFFERENT'}")
-    for b, r in res.get("decode_norm_fusion", {}).items():
-        if isinstance(r, dict):
-            lines.append(f"  B={b}: norms inside the next kernels {_f(r['fused_ms_layer'], '.4f')} ms/L, as launches "
-                         f"{_f(r['plain_ms_layer'], '.4f')} ms/L: fused / launches {_f(r['fused_over_plain'], '.4f')}"
-                         + ("" if r["fused_here"] else " (not fused at this batch)")
-                         + f", outputs {'identical' if r['equal'] else 'rel ' + _f(r['rel'], '.2e')}")
+    what = {"norm_router_rows": "residual + norm + router in two launches",
+            "norm_qkv_rows": "the norm in the q/k/v GEMV"}
+    for name, per_b in res.get("decode_norm_fusion", {}).items():
+        for b, r in per_b.items():
+            if isinstance(r, dict):
+                lines.append(f"  B={b}: {what.get(name, name)} {_f(r['fused_ms_layer'], '.4f')} ms/L, as launches "
+                             f"{_f(r['plain_ms_layer'], '.4f')} ms/L: fused / launches "
+                             f"{_f(r['fused_over_plain'], '.4f')}"
+                             + ("" if r["fused_here"] else " (not fused at this batch)")
+                             + f", outputs {'identical' if r['equal'] else 'rel ' + _f(r['rel'], '.2e')}")
     for b, parts in res.get("decode_breakdown", {}).items():
         lines.append(f"  B={b} us/layer by launch group: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     if "prefill" in res:

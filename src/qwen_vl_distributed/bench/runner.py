@@ -398,20 +398,23 @@ class Bench:
         return res
 
     def _norm_fusion_decode(self, graphs: DecodeGraphs, tables: list[list[int]], ctx: int) -> dict:
-        """The decode step with the norms inside the next kernels (``KernelChoices.norm_fusion_rows``:
-        kernels.router, kernels.gemv) against separate norm launches, timed in alternation, with how far apart
-        their hidden states are (the fp32 sums run in another order, so not bit for bit)."""
+        """Per switch (``KernelChoices.norm_router_rows``: residual + norm + router in two launches, kernels.router;
+        ``norm_qkv_rows``: the input norm inside the q/k/v GEMV, kernels.gemv): the decode step with that norm inside
+        the next kernels against its own launch, timed in alternation, with how far apart their hidden states are
+        (the fp32 sums run in another order, so not bit for bit)."""
         from ..kernels.choices import GEMV_MAX_ROWS
 
-        on = self.choices.norm_fusion_rows
-        other = 0 if on else min(max(self.batches), GEMV_MAX_ROWS)
-        ab = self._decode_ab(graphs, tables, ctx, dataclasses.replace(self.choices, norm_fusion_rows=other))
-        res = {"norm_fusion_rows_default": on}
-        for b, r in ab.items():
-            fused_ms, plain_ms = (r["default_ms"], r["other_ms"]) if on else (r["other_ms"], r["default_ms"])
-            res[b] = {"plain_ms_layer": plain_ms / self.n, "fused_ms_layer": fused_ms / self.n,
-                      "fused_over_plain": fused_ms / plain_ms, "fused_here": b <= max(on, other),
-                      "equal": r["equal"], "rel": r["rel"]}
+        res = {}
+        for name in ("norm_router_rows", "norm_qkv_rows"):
+            on = getattr(self.choices, name)
+            other = 0 if on else min(max(self.batches), GEMV_MAX_ROWS)
+            ab = self._decode_ab(graphs, tables, ctx, dataclasses.replace(self.choices, **{name: other}))
+            res[name] = {"default": on}
+            for b, r in ab.items():
+                fused_ms, plain_ms = (r["default_ms"], r["other_ms"]) if on else (r["other_ms"], r["default_ms"])
+                res[name][b] = {"plain_ms_layer": plain_ms / self.n, "fused_ms_layer": fused_ms / self.n,
+                                "fused_over_plain": fused_ms / plain_ms, "fused_here": b <= max(on, other),
+                                "equal": r["equal"], "rel": r["rel"]}
         return res
 
     def _decode_ab(self, graphs: DecodeGraphs, tables: list[list[int]], ctx: int, other_choices: KernelChoices
@@ -481,7 +484,7 @@ class Bench:
             "add_rmsnorm": lambda l, kv: rmsnorm(h, l.post_attention_layernorm.weight, eps, residual=h),
             "router": lambda l, kv: fused_route(project("router", h, l.mlp.gate.weight, choices=c)[0], kk,
                                                 t.norm_topk_prob),
-            # the fused alternatives (KernelChoices.norm_fusion_rows): not part of the sum below
+            # the fused alternatives (KernelChoices.norm_qkv_rows, norm_router_rows): not part of the sum below
             "qkv_gemv_with_norm": lambda l, kv: project(
                 "qkv", h, l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight,
                 choices=c, norm=(l.input_layernorm.weight, eps)),

@@ -17,8 +17,10 @@ on any machine.
   programs, so the decode rows of a long sequence in a mixed step do not leave the GPU idle (kernels.extend_attention).
 - ``vision_backends``: the SDPA backend priority of vision attention, None for torch's own (kernels.vision_attention).
 - ``pdl``: launch the fused layer's kernels with programmatic dependent launch where the GPU can (kernels.pdl).
-- ``norm_fusion_rows``: up to this many rows the fused layer runs its RMSNorms inside the following kernels (the
-  input norm in the q/k/v GEMV, residual + norm + router in two launches: kernels.router); 0: separate launches.
+- ``norm_router_rows``: up to this many rows the fused layer runs residual + RMSNorm + router GEMV + top-k as two
+  launches (kernels.router); 0: separate launches.
+- ``norm_qkv_rows``: up to this many rows the input RMSNorm runs inside the q/k/v GEMV (kernels.gemv); 0: its own
+  launch.
 """
 
 from __future__ import annotations
@@ -141,10 +143,14 @@ EXTEND_SPLIT_PROGRAMS = 264
 PDL = True
 
 
-# The fused layer's norms inside the next kernels (kernels.router, kernels.gemv) up to this many rows: 3 launches
-# fewer per layer at batch 1, 2 above. Off (0) until measured on the device (bench decode: ``decode_norm_fusion``); each
-# program re-reads its rows whole to sum their squares, so it is meant for decode-sized batches only.
-NORM_FUSION_ROWS = 0
+# The fused layer's norms inside the next kernels up to this many rows (each program re-reads its rows whole to sum
+# their squares, so they are meant for decode-sized batches only). Residual + norm + router + top-k in two launches
+# (kernels.router; for one token the top-k kernel also lays out the experts' blocks): 2 launches fewer at batch 1.
+# The input norm inside the q/k/v GEMV (kernels.gemv): 1 fewer. Off (0) until bench decode (``decode_norm_fusion``)
+# times each: on an H100 and an H200 (2026-12-07) both together were 6.7-8.5% slower at batch 1, the q/k/v GEMV with
+# the norm 36.6 against 22.4 + 2.0 us apart (H200), residual + norm + router 8.1 against 2.0 + 9.2.
+NORM_ROUTER_ROWS = 0
+NORM_QKV_ROWS = 0
 
 
 @dataclass(frozen=True)
@@ -183,13 +189,15 @@ class KernelChoices:
     extend_split: SplitKV = SplitKV(programs=EXTEND_SPLIT_PROGRAMS)
     vision_backends: tuple[str, ...] | None = None
     pdl: bool = PDL
-    norm_fusion_rows: int = NORM_FUSION_ROWS
+    norm_router_rows: int = NORM_ROUTER_ROWS
+    norm_qkv_rows: int = NORM_QKV_ROWS
 
     def __post_init__(self):
         if self.prompt_attention not in ("triton", "sdpa"):
             raise ValueError(f"prompt_attention {self.prompt_attention!r}: choose 'triton' or 'sdpa'")
-        if not 0 <= self.norm_fusion_rows <= GEMV_MAX_ROWS:
-            raise ValueError(f"norm_fusion_rows {self.norm_fusion_rows}: 0 (off) to {GEMV_MAX_ROWS} rows")
+        for name in ("norm_router_rows", "norm_qkv_rows"):
+            if not 0 <= getattr(self, name) <= GEMV_MAX_ROWS:
+                raise ValueError(f"{name} {getattr(self, name)}: 0 (off) to {GEMV_MAX_ROWS} rows")
 
     def gemv_tile(self, use: str, rows: int) -> tuple[int, int] | None:
         """The GEMV kernel's tile for projection ``use`` at this row count, or None where cuBLAS runs it."""

@@ -8,9 +8,9 @@ CUDA-graph replay each costs ~2 us of launch latency and tail -- more than the a
 Shapes: B sequences (rows), H hidden, NH/KVH query/kv heads, D head_dim, E experts, K per token, P = B*K pairs.
 Launches: rmsnorm | q, k, v GEMV (cuBLAS) | q/k norm + rotary + cache write | split-KV attention (2) | o GEMV |
 residual + rmsnorm | router GEMV | softmax + top-k | align + gate/up + down (3) | K-sum + residual.
-Up to ``KernelChoices.norm_fusion_rows`` rows, 2 fewer (3 for one token): the input norm runs inside the q/k/v GEMV
-(kernels.gemv), and residual + norm + router GEMV + top-k are two launches that, for one token, also lay out the
-experts' blocks (kernels.router).
+Up to ``KernelChoices.norm_qkv_rows`` rows, 1 fewer: the input norm runs inside the q/k/v GEMV (kernels.gemv); up
+to ``norm_router_rows``, 1 fewer (2 for one token): residual + norm + router GEMV + top-k are two launches that, for
+one token, also lay out the experts' blocks (kernels.router).
 
 Rounding follows the reference op by op: every place the module rounds a product or sum to the activation dtype
 (bf16), the kernels round too (``.to(dt).to(tl.float32)``), so results differ only by reduction order.
@@ -226,10 +226,10 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
     attn, mlp = layer.self_attn, layer.mlp
     t = h.shape[0]
     pdl = uses_pdl(choices, h.device)
-    fuse = t <= choices.norm_fusion_rows  # the norms inside the following kernels (kernels.router, kernels.gemv)
     norm_in = layer.input_layernorm
     qkv_tile = choices.gemv_tile("qkv", t)
-    fuse_in = fuse and attn.q_proj.bias is None and qkv_tile is not None
+    # the norms inside the following kernels (kernels.gemv, kernels.router)
+    fuse_in = t <= choices.norm_qkv_rows and attn.q_proj.bias is None and qkv_tile is not None
     x = h if fuse_in else rmsnorm(h, norm_in.weight, norm_in.eps, pdl=pdl)
     # where cuBLAS projects (prompt rows; decode rows too if choices.gemv["qkv"] is None): one GEMM for q, k and v
     # over the packed weight (kernels.packing)
@@ -248,7 +248,7 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
         o = attn.reduce(o)
     gate_up, down, scales = mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.experts.scales
     post, aligned = layer.post_attention_layernorm, None
-    if fuse and mlp.gate.bias is None:
+    if t <= choices.norm_router_rows and mlp.gate.bias is None:
         # one token on the Triton experts of this module's own ids: the router lays the experts' blocks out itself
         direct = (t == 1 and mlp.experts.expert_range is None
                   and (mlp.top_k <= choices.fused_max_pairs or scales is not None))
