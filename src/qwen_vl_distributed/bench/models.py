@@ -113,6 +113,26 @@ def prefill_layer_flops(cfg: ModelConfig, tokens: int) -> float:
     return 2.0 * dense * tokens + attn
 
 
+def prefill_layer_floor(cfg: ModelConfig, tokens: int, copy_gbs: float, matmul_tflops: float) -> dict:
+    """The least time one layer of a ``tokens`` prompt can take on a GPU of this copy bandwidth and bf16 matmul
+    peak, and the MFU that time would be: the experts' part (the weights of every expert the prompt hits, expected
+    under uniform routing, read once; or their K-per-token FLOPs at the peak, whichever is longer) plus the rest
+    (attention weights and router read once, or the projections' and attention's FLOPs at the peak). The two run one
+    after the other inside a layer, so they add. A measured MFU reads against ``mfu_at_floor``, not 100%."""
+    t = cfg.text
+    e, k = t.num_experts, t.num_experts_per_tok
+    hit = e * (1.0 - (1.0 - k / e) ** tokens)
+    bw, peak = copy_gbs * 1e9, matmul_tflops * 1e12
+    expert_flops = 2.0 * tokens * k * expert_params(cfg)
+    experts_s = max(2.0 * hit * expert_params(cfg) / bw, expert_flops / peak)
+    total = prefill_layer_flops(cfg, tokens)
+    rest_s = max(2.0 * (attention_params(cfg) + e * t.hidden_size) / bw, (total - expert_flops) / peak)
+    floor_s = experts_s + rest_s
+    return {"floor_ms": 1e3 * floor_s, "experts_ms": 1e3 * experts_s, "rest_ms": 1e3 * rest_s,
+            "experts_bound": "memory" if experts_s > expert_flops / peak else "compute",
+            "mfu_at_floor": total / floor_s / peak}
+
+
 def vision_flops(cfg: ModelConfig, patches: int) -> float:
     v = cfg.vision
     per_block = 2 * patches * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)

@@ -37,6 +37,12 @@ def _prefill(rows: dict, attention: dict) -> list[str]:
                    f"{_f(r.get('ours_sdpa_attention_ms_layer')):>7} {_f(r.get('ours_tflops'), '.0f'):>8} "
                    f"{_f(100 * r.get('ours_mfu', 0), '.1f'):>5}% {_f(r.get('hf_ms_layer')):>8} "
                    f"{_f(100 * r['hf_mfu'] if 'hf_mfu' in r else None, '.1f'):>6}% {_f(r.get('speedup'), '.1f'):>6}")
+    for n, r in rows.items():
+        f = r.get("floor")
+        if f:
+            out.append(f"  T={n}: floor {_f(f['floor_ms'])} ms/L (experts {_f(f['experts_ms'])}, {f['experts_bound']}-"
+                       f"bound; rest {_f(f['rest_ms'])}): MFU at the floor {_f(100 * f['mfu_at_floor'], '.1f')}%, "
+                       f"ours at {_f(100 * r['ours_frac_of_floor'], '.1f')}% of the floor's speed")
     for n, a in attention.items():
         if "prompt_triton_extend_ms" in a:
             out.append(f"  attention over the cache, T={n}, ms per call, Triton / SDPA: whole prompt "

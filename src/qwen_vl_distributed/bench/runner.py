@@ -24,7 +24,7 @@ from ..model.qwen3_vl import Qwen3VLMoe
 from ..kernels import enable_fast_paths, module_layers, register, use_reference
 from ..kernels.choices import DEFAULT, KernelChoices
 from .models import (build_pair, decode_layer_bytes, default_dtype, kv_cache, ours_from, prefill_layer_flops,
-                     randomize_, set_hf_experts, vision_flops)
+                     prefill_layer_floor, randomize_, set_hf_experts, vision_flops)
 from ..runtime.cuda_graph import DecodeGraphs
 from ..pipeline.plan import DEFAULT_KV_BLOCK_SIZE
 from .timing import copy_bandwidth_gbs, cuda_time, matmul_tflops, step_times
@@ -644,7 +644,9 @@ class Bench:
             sdpa_ms = self._with_prompt_attention("sdpa", lambda: cuda_time(run, iters=2, reps=7, warmup=2))
             tf = self.n * prefill_layer_flops(self.cfg, n) / (ms * 1e-3) / 1e12
             r = {"ours_ms_layer": ms / self.n, "ours_tflops": tf, "ours_mfu": tf / peak,
-                 "ours_module_path_ms_layer": module_ms / self.n, "ours_sdpa_attention_ms_layer": sdpa_ms / self.n}
+                 "ours_module_path_ms_layer": module_ms / self.n, "ours_sdpa_attention_ms_layer": sdpa_ms / self.n,
+                 "floor": prefill_layer_floor(self.cfg, n, self._ceilings()["copy_gbs"], peak)}
+            r["ours_frac_of_floor"] = r["floor"]["floor_ms"] / r["ours_ms_layer"]
             if n == 2048:  # the fused path and the module path with fast impls against the reference impls
                 fast = run()
                 use_reference(self.mid)
