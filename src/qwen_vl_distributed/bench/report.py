@@ -94,7 +94,7 @@ def render(res: dict) -> str:
     what = {"norm_router_rows": "residual + norm + router in two launches",
             "norm_qkv_rows": "the norm in the q/k/v GEMV"}
     for name, per_b in res.get("decode_norm_fusion", {}).items():
-        for b, r in per_b.items():
+        for b, r in (per_b.items() if isinstance(per_b, dict) else ()):
             if isinstance(r, dict):
                 lines.append(f"  B={b}: {what.get(name, name)} {_f(r['fused_ms_layer'], '.4f')} ms/L, as launches "
                              f"{_f(r['plain_ms_layer'], '.4f')} ms/L: fused / launches "
