@@ -39,8 +39,9 @@ class Sampler(Protocol):
     def extend(self, seq_id: int, prompt_ids: list[int]) -> None: ...
 
     def sample(self, seq_ids: list[int], logits: torch.Tensor) -> Any:
-        """A draw: ``.tokens`` int64 [B] and ``.logprobs``, per row None or an object with ``logprob`` (float) and
-        ``top`` ([(token id, logprob)])."""
+        """A draw: ``.tokens`` int64 [B]; ``.logprobs``, per row None or an object with ``logprob`` (float) and
+        ``top`` ([(token id, logprob)]); and ``.pending``, the same log-probabilities not yet read from the device
+        (``engine.sampling.PendingLogprobs``: ``to_host``, ``lists``), None where no row asked for any."""
 
     def release(self, seq_id: int) -> None: ...
 
@@ -174,9 +175,8 @@ class StageRuntime:
                 tokens = drawn.tokens.to(where)
             else:
                 tokens[list_to_device(rows, where)] = drawn.tokens.to(where)
-            pending = getattr(drawn, "pending", None)
-            if pending is not None and self.defer_tokens:  # read with the tokens, after their event
-                logprobs = _LateLogprobs(pending.to_host(), rows, len(p.seq_ids))
+            if drawn.pending is not None and self.defer_tokens:  # read with the tokens, after their event
+                logprobs = _LateLogprobs(drawn.pending.to_host(), rows, len(p.seq_ids))
             else:
                 drawn_lp = drawn.logprobs  # read once: each read copies the device's values to the host
                 if any(lp is not None for lp in drawn_lp):
