@@ -839,6 +839,48 @@ def test_norm_route_equals_the_norm_the_router_and_route(dtype, b, normalize):
     assert align(ids, 20, 16)[1].numel() > block_expert.numel()  # the sorted layout's bound has spare blocks
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("k", [200, 64, 40])
+def test_weights_loaded_before_the_wait_give_the_same_bits(dtype, k):
+    """kernels.gemv's ``pre_wait`` tiles and kernels.router's ``early`` slice: the same products in the same order,
+    so the same bits as without; K = 200 (a partial last tile), 64 (one tile: the second early tile does not
+    exist) and 40 (less than a tile)."""
+    from qwen_vl_distributed.kernels.gemv import linear_small
+    from qwen_vl_distributed.kernels.router import norm_route
+
+    torch.manual_seed(k)
+    x = torch.randn(3, k).to(dtype)
+    nw = (torch.randn(k) * 0.1 + 1).to(dtype)
+    weights = [torch.randn(n, k).to(dtype) for n in (80, 16, 40)]
+    for norm in (None, (nw, 1e-6)):
+        want = linear_small(x, *weights, bn=16, bk=64, norm=norm)
+        for pre in (1, 2):
+            got = linear_small(x, *weights, bn=16, bk=64, norm=norm, pre_wait=pre)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (pre, norm is not None)
+    with pytest.raises(ValueError, match="pre_wait 3"):
+        linear_small(x, *weights, pre_wait=3)
+    router = torch.randn(20, k).to(dtype)
+    want = norm_route(x, x * 0.5, nw, 1e-6, router, 4, True, slice_width=32)
+    got = norm_route(x, x * 0.5, nw, 1e-6, router, 4, True, slice_width=32, early=True)
+    assert all(torch.equal(a, b) for a, b in zip(got[:4], want[:4]))
+
+
+def test_the_pre_wait_ab_is_reported_per_batch():
+    from qwen_vl_distributed.bench.report import render
+
+    r = {"default_ms_layer": 0.15, "other_ms_layer": 0.147, "other_over_default": 0.98, "equal": True, "rel": 0.0}
+    text = render({"decode_pre_wait": {"default": 0, 2: {1: r}}})
+    assert ("B=1: weights before the wait, 2 tiles 0.1470 ms/L against 0 tiles 0.1500 ms/L: 0.9800, outputs "
+            "identical") in text
+    assert "skipped (no PDL)" in render({"decode_pre_wait": {"skipped": "no PDL"}})
+
+
+def test_pre_wait_is_zero_one_or_two_tiles():
+    with pytest.raises(ValueError, match="pre_wait 4"):
+        dataclasses.replace(DEFAULT, pre_wait=4)
+
+
 def test_the_norm_fusion_ab_is_reported_per_batch():
     from qwen_vl_distributed.bench.report import render
 

@@ -93,28 +93,35 @@ def test_graph_replay_equals_the_reference_forward_step_after_step(base, fused, 
         starts = [s + 1 for s in starts]
 
 
+def _graph_steps(base, choices):
+    fast = enable_fast_paths(copy.deepcopy(base), vision_graphs=False)
+    cache = fast.new_cache(pool_blocks(TABLES), BLOCK, 32)
+    ids = prefill(fast, cache).argmax(-1)
+    graphs = DecodeGraphs(fast, cache, buckets=(4,), fused=True, choices=choices)
+    graphs.capture()
+    starts, steps = [len(p) for p in PROMPTS], []
+    for _ in range(STEPS):
+        pos = torch.tensor(starts, device="cuda").expand(3, -1)
+        out = graphs.run(positions=pos, layout=layout_of(starts, [1, 1, 1]), input_ids=ids).clone()
+        steps.append(out)
+        ids = out.argmax(-1)
+        starts = [s + 1 for s in starts]
+    return steps
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="programmatic dependent launch needs compute capability 9.0+")
-def test_programmatic_dependent_launch_changes_no_bit(base):
-    """The fused decode step with its kernels launched with PDL (kernels.pdl: each waits on the grid before it)
-    gives the very bits of plain launches, step after step, under graph replay."""
+@pytest.mark.parametrize("norm_router", [0, 4], ids=["router-apart", "router-norm"])
+def test_programmatic_dependent_launch_changes_no_bit(base, norm_router):
+    """The fused decode step with its kernels launched with PDL (kernels.pdl: each waits on the grid before it), and
+    with weight tiles loaded before that wait (``pre_wait`` 1 and 2: the GEMVs, and the fused router's slice with
+    ``norm_router``), gives the very bits of plain launches, step after step, under graph replay."""
     import dataclasses
 
     from qwen_vl_distributed.kernels.choices import DEFAULT
 
-    outs = []
-    for pdl in (False, True):
-        fast = enable_fast_paths(copy.deepcopy(base), vision_graphs=False)
-        cache = fast.new_cache(pool_blocks(TABLES), BLOCK, 32)
-        ids = prefill(fast, cache).argmax(-1)
-        graphs = DecodeGraphs(fast, cache, buckets=(4,), fused=True, choices=dataclasses.replace(DEFAULT, pdl=pdl))
-        graphs.capture()
-        starts, steps = [len(p) for p in PROMPTS], []
-        for _ in range(STEPS):
-            pos = torch.tensor(starts, device="cuda").expand(3, -1)
-            out = graphs.run(positions=pos, layout=layout_of(starts, [1, 1, 1]), input_ids=ids).clone()
-            steps.append(out)
-            ids = out.argmax(-1)
-            starts = [s + 1 for s in starts]
-        outs.append(steps)
-    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    plain = dataclasses.replace(DEFAULT, pdl=False, norm_router_rows=norm_router, pre_wait=0)
+    want = _graph_steps(base, plain)
+    for pdl, pre in ((True, 0), (True, 1), (True, 2)):
+        got = _graph_steps(base, dataclasses.replace(plain, pdl=pdl, pre_wait=pre))
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (pdl, pre)

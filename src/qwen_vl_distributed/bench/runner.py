@@ -366,6 +366,7 @@ class Bench:
         flat = flat_tables = None
         self.results["decode_pdl"] = self._pdl_decode(graphs, tables, ctx)
         self.results["decode_norm_fusion"] = self._norm_fusion_decode(graphs, tables, ctx)
+        self.results["decode_pre_wait"] = self._pre_wait_decode(graphs, tables, ctx)
         self.results["decode_breakdown"] = {b: self._decode_breakdown(graphs, tables, b, ctx)
                                             for b in (self.batches[0], self.batches[-1])}
         graphs = None  # free this stage's graphs before the whole-model ones are captured
@@ -415,6 +416,24 @@ class Bench:
                 res[name][b] = {"plain_ms_layer": plain_ms / self.n, "fused_ms_layer": fused_ms / self.n,
                                 "fused_over_plain": fused_ms / plain_ms, "fused_here": b <= max(on, other),
                                 "equal": r["equal"], "rel": r["rel"]}
+        return res
+
+    def _pre_wait_decode(self, graphs: DecodeGraphs, tables: list[list[int]], ctx: int) -> dict:
+        """The decode step with each other ``KernelChoices.pre_wait`` (weight tiles the GEMV and router programs
+        load before their grid-dependency wait) against this run's, timed in alternation; the sums are the same,
+        so the outputs should be identical. Needs PDL on (without it there is no wait to load before)."""
+        from ..kernels.pdl import pdl_runs_on
+
+        if not (self.choices.pdl and pdl_runs_on(self.dev)):
+            return {"skipped": "weights before the wait need programmatic dependent launch on"}
+        res = {"default": self.choices.pre_wait}
+        for pre in (0, 1, 2):
+            if pre == self.choices.pre_wait:
+                continue
+            ab = self._decode_ab(graphs, tables, ctx, dataclasses.replace(self.choices, pre_wait=pre))
+            res[pre] = {b: {"default_ms_layer": r["default_ms"] / self.n, "other_ms_layer": r["other_ms"] / self.n,
+                            "other_over_default": r["other_ms"] / r["default_ms"], "equal": r["equal"],
+                            "rel": r["rel"]} for b, r in ab.items()}
         return res
 
     def _decode_ab(self, graphs: DecodeGraphs, tables: list[list[int]], ctx: int, other_choices: KernelChoices

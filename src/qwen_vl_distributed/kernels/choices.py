@@ -21,6 +21,8 @@ on any machine.
   launches (kernels.router); 0: separate launches.
 - ``norm_qkv_rows``: up to this many rows the input RMSNorm runs inside the q/k/v GEMV (kernels.gemv); 0: its own
   launch.
+- ``pre_wait``: with PDL, the weight tiles each q/k/v and o GEMV program loads before its grid-dependency wait (0, 1
+  or 2), and (> 0) the fused router's weight slice too (kernels.gemv, kernels.router).
 """
 
 from __future__ import annotations
@@ -152,6 +154,11 @@ PDL = True
 NORM_ROUTER_ROWS = 0
 NORM_QKV_ROWS = 0
 
+# Weights read before the wait (with PDL): each program of the q/k/v and o GEMV loads its first PRE_WAIT weight tiles
+# (0, 1 or 2), and each program of the fused router its weight slice (PRE_WAIT > 0), before it waits for the grid
+# before it, so those loads overlap the predecessor's tail. Off (0) until bench decode (``decode_pre_wait``) times it.
+PRE_WAIT = 0
+
 
 @dataclass(frozen=True)
 class SplitKV:
@@ -191,6 +198,7 @@ class KernelChoices:
     pdl: bool = PDL
     norm_router_rows: int = NORM_ROUTER_ROWS
     norm_qkv_rows: int = NORM_QKV_ROWS
+    pre_wait: int = PRE_WAIT
 
     def __post_init__(self):
         if self.prompt_attention not in ("triton", "sdpa"):
@@ -198,6 +206,8 @@ class KernelChoices:
         for name in ("norm_router_rows", "norm_qkv_rows"):
             if not 0 <= getattr(self, name) <= GEMV_MAX_ROWS:
                 raise ValueError(f"{name} {getattr(self, name)}: 0 (off) to {GEMV_MAX_ROWS} rows")
+        if self.pre_wait not in (0, 1, 2):
+            raise ValueError(f"pre_wait {self.pre_wait}: 0 (off), 1 or 2 weight tiles")
 
     def gemv_tile(self, use: str, rows: int) -> tuple[int, int] | None:
         """The GEMV kernel's tile for projection ``use`` at this row count, or None where cuBLAS runs it."""

@@ -45,7 +45,9 @@ def project(use: str, x: torch.Tensor, *weights: torch.Tensor, choices: KernelCh
             raise ValueError(f"project({use!r}, norm=...): the norm is fused into the GEMV kernel, and cuBLAS runs "
                              f"{x.shape[0]} rows of {use!r}")
         return tuple(F.linear(x, w) for w in weights)
-    return linear_small(x, *weights, bn=tile[0], bk=tile[1], pdl=uses_pdl(choices, x.device), norm=norm)
+    pdl = uses_pdl(choices, x.device)
+    return linear_small(x, *weights, bn=tile[0], bk=tile[1], pdl=pdl, norm=norm,
+                        pre_wait=choices.pre_wait if pdl else 0)
 
 
 def uses_pdl(choices: KernelChoices, device: torch.device) -> bool:
@@ -254,7 +256,7 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
                   and (mlp.top_k <= choices.fused_max_pairs or scales is not None))
         bm = choices.moe_config(t * mlp.top_k, scales).bm if direct else None
         h, x, w, ids, aligned = norm_route(o, h, post.weight, post.eps, mlp.gate.weight, mlp.top_k, mlp.normalize,
-                                           align_bm=bm, pdl=pdl)
+                                           align_bm=bm, pdl=pdl, early=pdl and choices.pre_wait > 0)
     else:
         h, x = rmsnorm(o, post.weight, post.eps, residual=h, pdl=pdl)
         w, ids = route(project("router", x, mlp.gate.weight, choices=choices)[0], mlp.top_k, mlp.normalize, pdl)

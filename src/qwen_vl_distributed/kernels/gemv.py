@@ -8,6 +8,11 @@ the stacked rows keeps every SM streaming weights. Program j owns BN consecutive
 With ``norm`` the input is first put through an RMSNorm inside the kernel (``y_i = rmsnorm(x) @ W_i^T``): every
 program sums its rows' squares itself (the B rows come from L2, a few KB) and normalises each tile it loads, rounding
 as ``decode_layer.rmsnorm`` does, so the decode step saves the norm's launch.
+
+With ``pre_wait`` = n (1 or 2) and programmatic dependent launch, every program loads its first n weight tiles
+before it waits for the grid before it (kernels.pdl): the weights are never written by the chain, so the loads may
+run under the predecessor's tail, where HBM idles, and only the input waits. The early tiles are multiplied in
+order before the loop's, so the sums are the same as without.
 """
 
 from __future__ import annotations
@@ -25,8 +30,7 @@ BN, BK, WARPS, STAGES = 32, 256, 4, 4
 @triton.jit(do_not_specialize=["B"])  # one compile per row bucket BM, whatever the row count (runtime.warmup)
 def _gemv_kernel(x_ptr, w0, w1, w2, y0, y1, y2, nw_ptr, eps, B, K, N0, N1, N2,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr,
-                 KP: tl.constexpr, PDL: tl.constexpr):
-    grid_dependency(PDL)
+                 KP: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     nb0 = tl.cdiv(N0, BN)
     nb1 = tl.cdiv(N1, BN)
@@ -44,11 +48,29 @@ def _gemv_kernel(x_ptr, w0, w1, w2, y0, y1, y2, nw_ptr, eps, B, K, N0, N1, N2,
     x_ptrs = x_ptr + b[:, None] * K + kk[None, :]
     w_ptrs = w + rows[:, None].to(tl.int64) * K + kk[None, :]
     dt = x_ptr.dtype.element_ty
+    # the first PRE weight tiles, before the wait (nothing in the chain writes weights)
+    if PRE >= 1:
+        w_first = load_k_tile(w_ptrs, rmask, 0, kk, K, EVEN_K)
+    if PRE >= 2:
+        w_second = load_k_tile(w_ptrs + BK, rmask, BK, kk, K, EVEN_K)
+    grid_dependency(PDL)
     rstd = tl.zeros((BM,), tl.float32)
     if NORM:
         rstd = row_rstd(x_ptr, x_ptr, B, K, eps, False, BM, KP)
     acc = tl.zeros((BM, BN), tl.float32)
-    for k0 in range(0, K, BK):
+    if PRE >= 1:
+        a = load_k_tile(x_ptrs, bmask, 0, kk, K, EVEN_K)
+        if NORM:
+            a = norm_tile(a, rstd, nw_ptr, 0, kk, K, dt)
+        acc = mma(a, tl.trans(w_first), acc)
+    if PRE >= 2:
+        a = load_k_tile(x_ptrs + BK, bmask, BK, kk, K, EVEN_K)
+        if NORM:
+            a = norm_tile(a, rstd, nw_ptr, BK, kk, K, dt)
+        acc = mma(a, tl.trans(w_second), acc)
+    x_ptrs += PRE * BK
+    w_ptrs += PRE * BK
+    for k0 in range(PRE * BK, K, BK):
         a = load_k_tile(x_ptrs, bmask, k0, kk, K, EVEN_K)
         if NORM:
             a = norm_tile(a, rstd, nw_ptr, k0, kk, K, dt)
@@ -60,13 +82,16 @@ def _gemv_kernel(x_ptr, w0, w1, w2, y0, y1, y2, nw_ptr, eps, B, K, N0, N1, N2,
 
 
 def linear_small(x: torch.Tensor, *weights: torch.Tensor, bn: int = BN, bk: int = BK, warps: int = WARPS,
-                 stages: int = STAGES, pdl: bool = False, norm: tuple[torch.Tensor, float] | None = None
-                 ) -> tuple[torch.Tensor, ...]:
+                 stages: int = STAGES, pdl: bool = False, norm: tuple[torch.Tensor, float] | None = None,
+                 pre_wait: int = 0) -> tuple[torch.Tensor, ...]:
     """(x @ W_0^T, x @ W_1^T, ...) for 1 to 3 bias-free weights of equal K, in one launch. x [B, K], B <= 64.
     ``norm`` = (weight [K], eps): the products of rmsnorm(x) instead (``decode_layer.rmsnorm``'s rounding).
-    ``pdl``: launch with programmatic dependent launch (kernels.pdl)."""
+    ``pdl``: launch with programmatic dependent launch (kernels.pdl); ``pre_wait`` (0, 1 or 2): weight tiles each
+    program loads before its wait for the grid before it."""
     if not 1 <= len(weights) <= 3:
         raise ValueError("linear_small takes one to three weights")
+    if pre_wait not in (0, 1, 2):
+        raise ValueError(f"linear_small: pre_wait {pre_wait}: 0, 1 or 2 weight tiles")
     b, k = x.shape
     x = x.contiguous()
     outs = [torch.empty(b, w.shape[0], dtype=x.dtype, device=x.device) for w in weights]
@@ -77,6 +102,7 @@ def linear_small(x: torch.Tensor, *weights: torch.Tensor, bn: int = BN, bk: int 
     bm = max(16, triton.next_power_of_2(b))
     nw, eps = norm if norm is not None else (x, 0.0)
     _gemv_kernel[grid](x, *ws, *ys, nw, eps, b, k, *ns, BM=bm, BN=bn, BK=bk, EVEN_K=k % bk == 0,
-                       NORM=norm is not None, KP=triton.next_power_of_2(k) if norm is not None else 1, num_warps=warps,
+                       NORM=norm is not None, KP=triton.next_power_of_2(k) if norm is not None else 1,
+                       PRE=min(pre_wait, triton.cdiv(k, bk)), num_warps=warps,
                        num_stages=fit_stages(stages, (bm + bn) * bk * x.element_size()), **launch_options(pdl))
     return tuple(outs)

@@ -55,16 +55,21 @@ def topk_softmax(logits, e, kk, K: tl.constexpr, EB: tl.constexpr, NORMALIZE: tl
 @triton.jit(do_not_specialize=["B"])
 def _norm_router_kernel(o_ptr, res_ptr, nw_ptr, w_ptr, h_ptr, x_ptr, part_ptr, B, H, E, eps,
                         BM: tl.constexpr, SW: tl.constexpr, EB: tl.constexpr, HP: tl.constexpr,
-                        PDL: tl.constexpr):
-    grid_dependency(PDL)
+                        EARLY: tl.constexpr, PDL: tl.constexpr):
     s = tl.program_id(0)
+    col = s * SW + tl.arange(0, SW)
+    cm = col < H
+    e = tl.arange(0, EB)
+    w_ptrs = w_ptr + e[:, None].to(tl.int64) * H + col[None, :]
+    w_mask = (e < E)[:, None] & cm[None, :]
+    if EARLY:  # the router's weight slice before the wait for the grid before (nothing in the chain writes it)
+        wt = tl.load(w_ptrs, mask=w_mask, other=0.0)
+    grid_dependency(PDL)
     dt = x_ptr.dtype.element_ty
     b = tl.arange(0, BM)
     bm = b < B
     rstd = row_rstd(o_ptr, res_ptr, B, H, eps, True, BM, HP)  # of the whole rows of h = round(o + residual)
     # this program's columns: h and x stored, x into the partial product
-    col = s * SW + tl.arange(0, SW)
-    cm = col < H
     m = bm[:, None] & cm[None, :]
     off = b[:, None] * H + col[None, :]
     hv = (tl.load(o_ptr + off, mask=m, other=0.0).to(tl.float32)
@@ -73,8 +78,8 @@ def _norm_router_kernel(o_ptr, res_ptr, nw_ptr, w_ptr, h_ptr, x_ptr, part_ptr, B
     n = (hv.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32)
     xv = (tl.load(nw_ptr + col, mask=cm, other=0.0).to(tl.float32)[None, :] * n).to(dt)
     tl.store(x_ptr + off, xv, mask=m)
-    e = tl.arange(0, EB)
-    wt = tl.load(w_ptr + e[:, None].to(tl.int64) * H + col[None, :], mask=(e < E)[:, None] & cm[None, :], other=0.0)
+    if not EARLY:
+        wt = tl.load(w_ptrs, mask=w_mask, other=0.0)
     if xv.dtype == tl.float32:
         part = tl.dot(xv, tl.trans(wt), input_precision="ieee")
     else:
@@ -109,11 +114,12 @@ def _route_partials_kernel(part_ptr, w_out, ids_out, rows_ptr, block_expert_ptr,
 
 def norm_route(o: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                router: torch.Tensor, k: int, normalize: bool, align_bm: int | None = None, pdl: bool = False,
-               slice_width: int = SLICE):
+               slice_width: int = SLICE, early: bool = False):
     """The decode chain from the attention output to the experts' routing, in two launches: o, residual [B, H]
     -> (h = o + residual, x = rmsnorm(h), routed weights [B, K] in o's dtype, expert ids [B, K] int32, aligned):
     aligned = (rows [K * bm], block_expert [K]) as ``moe_triton.align`` lays them out for one token when
-    ``align_bm`` is given and B = 1, else None. router [E, H] is the gate's bias-free weight."""
+    ``align_bm`` is given and B = 1, else None. router [E, H] is the gate's bias-free weight. ``early``: each program
+    loads its slice of the router's weight before it waits for the grid before it (kernels.pdl)."""
     b, hidden = o.shape
     e = router.shape[0]
     o, residual = o.contiguous(), residual.contiguous()
@@ -123,7 +129,7 @@ def norm_route(o: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
     bm = max(16, triton.next_power_of_2(b))
     eb = max(16, triton.next_power_of_2(e))
     _norm_router_kernel[(s,)](o, residual, norm_weight, router, h, x, part, b, hidden, e, eps, BM=bm,
-                              SW=slice_width, EB=eb, HP=triton.next_power_of_2(hidden), num_warps=4,
+                              SW=slice_width, EB=eb, HP=triton.next_power_of_2(hidden), EARLY=early, num_warps=4,
                               **launch_options(pdl))
     w = torch.empty(b, k, dtype=o.dtype, device=o.device)
     ids = torch.empty(b, k, dtype=torch.int32, device=o.device)
