@@ -141,6 +141,29 @@ def test_fp8_experts_kernels_compute_with_the_dequantised_weights(dtype, block, 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["bf16", "fp8", "w8a8"])
+@pytest.mark.parametrize("order", [{}, {"cols_first": True}, {"bm": 64, "split": True}, {"swap": True},
+                                   {"bm": 64, "split": True, "tma": True}])
+def test_the_down_kernel_reading_its_first_tile_before_the_wait_gives_the_same_bits(dtype, kind, order):
+    """``expert_pairs(pre_wait=True)``: the block's expert and the first down tile read before the grid wait, the
+    rest as before: the same products in the same order (unused blocks leave early; TMA tiles ignore it). I = 48
+    over down tiles of 16 (several steps) and of 64 (one partial step)."""
+    from qwen_vl_distributed.kernels.moe_triton import MoeConfig, expert_pairs
+
+    x, ids, w, gate_up, down = moe_inputs(90, 2, 8, 64, 48, dtype, seed=5, crowd=True)
+    scales = None
+    if kind != "bf16":
+        gate_up, down, scales, _, _ = fp8_experts(gate_up, down, (16, 32))
+        scales = scales._replace(act_quant=kind == "w8a8")
+    for down_bk in (16, 64):
+        bk = 32 if kind != "bf16" else 16
+        cfg = MoeConfig(**{"bm": 16, "bn": 16, "bk": bk, "down_bn": 16, "down_bk": down_bk, **order})
+        want = expert_pairs(x, ids, w, gate_up, down, scales, cfg)
+        assert torch.equal(expert_pairs(x, ids, w, gate_up, down, scales, cfg, pre_wait=True), want), down_bk
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_act_quant_kernel_matches_reference(dtype):
     """The W8A8 input quantisation in one launch equals model.quant.quantize_activations bit for bit: rows past a
     16-row tile, a partial last group (K = 80 in groups of 32), an all-zero row."""
@@ -866,19 +889,60 @@ def test_weights_loaded_before_the_wait_give_the_same_bits(dtype, k):
     assert all(torch.equal(a, b) for a, b in zip(got[:4], want[:4]))
 
 
-def test_the_pre_wait_ab_is_reported_per_batch():
+def test_the_decode_variants_are_reported_per_batch():
     from qwen_vl_distributed.bench.report import render
 
     r = {"default_ms_layer": 0.15, "other_ms_layer": 0.147, "other_over_default": 0.98, "equal": True, "rel": 0.0}
-    text = render({"decode_pre_wait": {"default": 0, 2: {1: r}}})
-    assert ("B=1: weights before the wait, 2 tiles 0.1470 ms/L against 0 tiles 0.1500 ms/L: 0.9800, outputs "
-            "identical") in text
-    assert "skipped (no PDL)" in render({"decode_pre_wait": {"skipped": "no PDL"}})
+    text = render({"decode_variants": {"default": "pdl 1, 0 tiles, packed top-k off",
+                                       "pdl 2, 2 tiles before the wait": {1: r}}})
+    assert ("B=1: pdl 2, 2 tiles before the wait 0.1470 ms/L against this run's (pdl 1, 0 tiles, packed top-k off) "
+            "0.1500 ms/L: 0.9800, outputs identical") in text
+    assert "decode variants: no PDL: skipped" in render({"decode_variants": {"skipped": "no PDL", "default": "x"}})
 
 
-def test_pre_wait_is_zero_one_or_two_tiles():
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_packed_top_k_picks_what_the_two_reductions_pick(dtype, normalize):
+    """kernels.router.topk_softmax with PACKED: the same ids and weights, bit for bit, as a max then a min per
+    pick -- on ties (equal logits: the lower index first), on weights that underflow to 0 (logits 100 below the
+    max: real experts tie with the padding columns past E and must still win), and on E = 20 (not a power of
+    two) -- in the unfused route kernel and the fused router."""
+    from qwen_vl_distributed.kernels.decode_layer import route
+    from qwen_vl_distributed.kernels.router import norm_route
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 20) * 3
+    logits[1, [3, 7, 11]] = 5.0  # a three-way tie at the top
+    logits[2] = 0.5  # all equal
+    logits[3, :] = -200.0
+    logits[3, [2, 9]] = 10.0  # two real weights, the rest exp() == 0
+    logits = logits.to(dtype)
+    for k in (4, 8):
+        w, ids = route(logits, k, normalize)
+        for packed, warps in ((True, 4), (False, 1), (True, 1)):
+            w_p, ids_p = route(logits, k, normalize, packed=packed, warps=warps)
+            assert torch.equal(ids_p, ids) and torch.equal(w_p, w), (k, packed, warps)
+    assert ids[1, :3].tolist() == [3, 7, 11] and ids[2].tolist() == list(range(8))
+    assert ids[3, :2].tolist() == [2, 9] and ids[3, 2:].tolist() == [0, 1, 3, 4, 5, 6]
+    o, res = torch.randn(3, 100).to(dtype), torch.randn(3, 100).to(dtype)
+    nw, router = (torch.randn(100) * 0.1 + 1).to(dtype), torch.randn(20, 100).to(dtype)
+    want = norm_route(o, res, nw, 1e-6, router, 4, normalize, slice_width=32)
+    got = norm_route(o, res, nw, 1e-6, router, 4, normalize, slice_width=32, packed=True)
+    assert all(torch.equal(a, b) for a, b in zip(got[:4], want[:4]))
+
+
+def test_pre_wait_is_zero_one_or_two_tiles_and_pdl_a_mode():
+    from qwen_vl_distributed.kernels.pdl import launch_options
+
     with pytest.raises(ValueError, match="pre_wait 4"):
         dataclasses.replace(DEFAULT, pre_wait=4)
+    with pytest.raises(ValueError, match="pdl 3"):
+        dataclasses.replace(DEFAULT, pdl=3)
+    with pytest.raises(ValueError, match="route_warps 3"):
+        dataclasses.replace(DEFAULT, route_warps=3)
+    assert launch_options(False) == {"PDL": 0} and launch_options(True) == {"PDL": 1, "launch_pdl": True}
+    assert launch_options(2) == {"PDL": 2, "launch_pdl": True}
 
 
 def test_the_norm_fusion_ab_is_reported_per_batch():

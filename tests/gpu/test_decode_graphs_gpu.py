@@ -114,14 +114,18 @@ def _graph_steps(base, choices):
 @pytest.mark.parametrize("norm_router", [0, 4], ids=["router-apart", "router-norm"])
 def test_programmatic_dependent_launch_changes_no_bit(base, norm_router):
     """The fused decode step with its kernels launched with PDL (kernels.pdl: each waits on the grid before it), and
-    with weight tiles loaded before that wait (``pre_wait`` 1 and 2: the GEMVs, and the fused router's slice with
-    ``norm_router``), gives the very bits of plain launches, step after step, under graph replay."""
+    with weight tiles loaded before that wait (``pre_wait`` 1 and 2: the GEMVs, the experts' first down tile, and
+    the fused router's slice with ``norm_router``), with each program letting the next grid launch before its
+    wait (pdl 2), and with the top-k by packed keys in one warp, gives the very bits of plain launches, step after
+    step, under graph replay."""
     import dataclasses
 
     from qwen_vl_distributed.kernels.choices import DEFAULT
 
     plain = dataclasses.replace(DEFAULT, pdl=False, norm_router_rows=norm_router, pre_wait=0)
     want = _graph_steps(base, plain)
-    for pdl, pre in ((True, 0), (True, 1), (True, 2)):
-        got = _graph_steps(base, dataclasses.replace(plain, pdl=pdl, pre_wait=pre))
-        assert all(torch.equal(a, b) for a, b in zip(got, want)), (pdl, pre)
+    variants = [dict(pdl=pdl, pre_wait=pre) for pdl, pre in ((True, 0), (True, 1), (True, 2), (2, 0), (2, 2))]
+    variants.append(dict(pdl=True, packed_topk=True, route_warps=1))  # the top-k's own variants
+    for variant in variants:
+        got = _graph_steps(base, dataclasses.replace(plain, **variant))
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), variant

@@ -54,15 +54,17 @@ def test_a_size_gives_the_same_answer_on_every_sight_and_unbucketed_lists_get_ex
     runner = GraphedVision(tower, buckets=True, exact_after=2)
     grid = [(1, 40, 52)]
     px = pixels(tower, grid, 7)
-    first, _ = runner(px, grid)
-    again, _ = runner(px, grid)
+    first, _ = runner(px, grid)  # the bucket's capture: the warm-up's answer
+    again, _ = runner(px, grid)  # its first replay
     assert torch.equal(first, again) and len(runner.buckets) == 1 and not runner.policy.exact
     many = [(1, 8, 8)] * 8  # 8 segments and the padding need 9 code slots: no bucket
     px = pixels(tower, many, 8)
     eager, _ = runner(px, many)
-    second, taps = runner(px, many)
+    second, taps = runner(px, many)  # captures, and answers with the capture's warm-up
     assert len(runner.policy.exact) == 1
+    third, third_taps = runner(px, many)  # the graph's first replay
     with graph_safe():  # the per-segment attention a capture runs, as the eager tower runs it in a graph
         ref, ref_taps = tower.run_layers(px, many, runner.block_fn)
-    assert torch.equal(eager, ref) and torch.equal(second, ref)
+    assert torch.equal(eager, ref) and torch.equal(second, ref) and torch.equal(third, ref)
     assert all(torch.equal(a, b) for a, b in zip(taps, ref_taps))
+    assert all(torch.equal(a, b) for a, b in zip(third_taps, ref_taps))

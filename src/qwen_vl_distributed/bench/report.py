@@ -101,15 +101,14 @@ def render(res: dict) -> str:
                              f"{_f(r['fused_over_plain'], '.4f')}"
                              + ("" if r["fused_here"] else " (not fused at this batch)")
                              + f", outputs {'identical' if r['equal'] else 'rel ' + _f(r['rel'], '.2e')}")
-    pre = res.get("decode_pre_wait", {})
-    if "skipped" in pre:
-        lines.append(f"  weights before the wait: skipped ({pre['skipped']})")
-    for n, per_b in pre.items():
+    var = res.get("decode_variants", {})
+    if "skipped" in var:
+        lines.append(f"  decode variants: {var['skipped']}: skipped")
+    for name, per_b in var.items():
         for b, r in (per_b.items() if isinstance(per_b, dict) else ()):
-            lines.append(f"  B={b}: weights before the wait, {n} tiles {_f(r['other_ms_layer'], '.4f')} ms/L against "
-                         f"{pre['default']} tiles {_f(r['default_ms_layer'], '.4f')} ms/L: "
-                         f"{_f(r['other_over_default'], '.4f')}, outputs "
-                         + ("identical" if r["equal"] else "rel " + _f(r["rel"], ".2e")))
+            lines.append(f"  B={b}: {name} {_f(r['other_ms_layer'], '.4f')} ms/L against this run's "
+                         f"({var['default']}) {_f(r['default_ms_layer'], '.4f')} ms/L: {_f(r['other_over_default'], '.4f')}"
+                         ", outputs " + ("identical" if r["equal"] else "rel " + _f(r["rel"], ".2e")))
     for b, parts in res.get("decode_breakdown", {}).items():
         lines.append(f"  B={b} us/layer by launch group: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     if "prefill" in res:

@@ -366,7 +366,7 @@ class Bench:
         flat = flat_tables = None
         self.results["decode_pdl"] = self._pdl_decode(graphs, tables, ctx)
         self.results["decode_norm_fusion"] = self._norm_fusion_decode(graphs, tables, ctx)
-        self.results["decode_pre_wait"] = self._pre_wait_decode(graphs, tables, ctx)
+        self.results["decode_variants"] = self._variant_decode(graphs, tables, ctx)
         self.results["decode_breakdown"] = {b: self._decode_breakdown(graphs, tables, b, ctx)
                                             for b in (self.batches[0], self.batches[-1])}
         graphs = None  # free this stage's graphs before the whole-model ones are captured
@@ -418,22 +418,35 @@ class Bench:
                                 "equal": r["equal"], "rel": r["rel"]}
         return res
 
-    def _pre_wait_decode(self, graphs: DecodeGraphs, tables: list[list[int]], ctx: int) -> dict:
-        """The decode step with each other ``KernelChoices.pre_wait`` (weight tiles the GEMV and router programs
-        load before their grid-dependency wait) against this run's, timed in alternation; the sums are the same,
-        so the outputs should be identical. Needs PDL on (without it there is no wait to load before)."""
+    def _variant_decode(self, graphs: DecodeGraphs, tables: list[list[int]], ctx: int) -> dict:
+        """The decode step with each other launch variant against this run's, timed in alternation: programmatic
+        dependent launch with the wait first (1) or the successor let go first (2, ``kernels.pdl.EARLY``), each with
+        0, 1 or 2 weight tiles loaded before the wait (``KernelChoices.pre_wait``); the top-k by packed keys
+        (``packed_topk``) turned over, and its kernel with one warp (``route_warps``). Each computes the same sums, so the outputs should be identical. The launch
+        variants need PDL (without it there is no wait to load before)."""
         from ..kernels.pdl import pdl_runs_on
 
-        if not (self.choices.pdl and pdl_runs_on(self.dev)):
-            return {"skipped": "weights before the wait need programmatic dependent launch on"}
-        res = {"default": self.choices.pre_wait}
-        for pre in (0, 1, 2):
-            if pre == self.choices.pre_wait:
-                continue
-            ab = self._decode_ab(graphs, tables, ctx, dataclasses.replace(self.choices, pre_wait=pre))
-            res[pre] = {b: {"default_ms_layer": r["default_ms"] / self.n, "other_ms_layer": r["other_ms"] / self.n,
-                            "other_over_default": r["other_ms"] / r["default_ms"], "equal": r["equal"],
-                            "rel": r["rel"]} for b, r in ab.items()}
+        here = (int(self.choices.pdl), self.choices.pre_wait)
+        res = {"default": f"pdl {here[0]}, {here[1]} tiles, packed top-k {'on' if self.choices.packed_topk else 'off'}"}
+        variants = {f"packed top-k {'off' if self.choices.packed_topk else 'on'}":
+                    dataclasses.replace(self.choices, packed_topk=not self.choices.packed_topk)}
+        for warps in (1, 4):
+            if warps != self.choices.route_warps:
+                variants[f"top-k kernel with {warps} warps"] = dataclasses.replace(self.choices, route_warps=warps)
+                variants[f"top-k kernel with {warps} warps, packed"] = dataclasses.replace(
+                    self.choices, route_warps=warps, packed_topk=True)
+        if pdl_runs_on(self.dev):
+            for pdl, pre in ((1, 0), (1, 1), (1, 2), (2, 0), (2, 2)):
+                if (pdl, pre) != here:
+                    variants[f"pdl {pdl}, {pre} tiles before the wait"] = dataclasses.replace(
+                        self.choices, pdl=pdl, pre_wait=pre)
+        else:
+            res["skipped"] = "the launch variants need programmatic dependent launch"
+        for name, choices in variants.items():
+            ab = self._decode_ab(graphs, tables, ctx, choices)
+            res[name] = {b: {"default_ms_layer": r["default_ms"] / self.n, "other_ms_layer": r["other_ms"] / self.n,
+                             "other_over_default": r["other_ms"] / r["default_ms"], "equal": r["equal"],
+                             "rel": r["rel"]} for b, r in ab.items()}
         return res
 
     def _decode_ab(self, graphs: DecodeGraphs, tables: list[list[int]], ctx: int, other_choices: KernelChoices

@@ -16,13 +16,17 @@ on any machine.
 - ``extend_split``: split-KV of that Triton path (``SplitKV``): how finely a row block's key range is cut over
   programs, so the decode rows of a long sequence in a mixed step do not leave the GPU idle (kernels.extend_attention).
 - ``vision_backends``: the SDPA backend priority of vision attention, None for torch's own (kernels.vision_attention).
-- ``pdl``: launch the fused layer's kernels with programmatic dependent launch where the GPU can (kernels.pdl).
+- ``pdl``: launch the fused layer's kernels with programmatic dependent launch where the GPU can (kernels.pdl); 2:
+  each program lets the next grid launch before it waits rather than after.
 - ``norm_router_rows``: up to this many rows the fused layer runs residual + RMSNorm + router GEMV + top-k as two
   launches (kernels.router); 0: separate launches.
 - ``norm_qkv_rows``: up to this many rows the input RMSNorm runs inside the q/k/v GEMV (kernels.gemv); 0: its own
   launch.
 - ``pre_wait``: with PDL, the weight tiles each q/k/v and o GEMV program loads before its grid-dependency wait (0, 1
-  or 2), and (> 0) the fused router's weight slice too (kernels.gemv, kernels.router).
+  or 2), and (> 0) the fused router's weight slice and the experts' first down tile too (kernels.gemv,
+  kernels.router, kernels.moe_triton).
+- ``packed_topk``: the decode top-k picks by one reduction each (kernels.router.topk_softmax); ``route_warps``:
+  the warps of the unfused top-k kernel's program.
 """
 
 from __future__ import annotations
@@ -155,9 +159,16 @@ NORM_ROUTER_ROWS = 0
 NORM_QKV_ROWS = 0
 
 # Weights read before the wait (with PDL): each program of the q/k/v and o GEMV loads its first PRE_WAIT weight tiles
-# (0, 1 or 2), and each program of the fused router its weight slice (PRE_WAIT > 0), before it waits for the grid
-# before it, so those loads overlap the predecessor's tail. Off (0) until bench decode (``decode_pre_wait``) times it.
+# (0, 1 or 2), and (PRE_WAIT > 0) each program of the fused router its weight slice and each program of the experts'
+# down kernel its first tile, before it waits for the grid before it, so those loads overlap the predecessor's tail. Off (0) until bench decode (``decode_pre_wait``) times it.
 PRE_WAIT = 0
+
+# The decode top-k (kernels.router.topk_softmax) picks each expert by one reduction over 64-bit (weight, index) keys
+# instead of a max and then a min: the same picks and weights in half the cross-warp reductions, on the batch-1 chain
+# between the router and the experts. Off until bench decode (``decode_packed_topk``) times it.
+PACKED_TOPK = False
+# Warps of the unfused top-k kernel's program (one per row): with one, its reductions are all within a warp.
+ROUTE_WARPS = 4
 
 
 @dataclass(frozen=True)
@@ -195,10 +206,12 @@ class KernelChoices:
     prompt_sdpa_min_tokens: int = PROMPT_SDPA_MIN_TOKENS
     extend_split: SplitKV = SplitKV(programs=EXTEND_SPLIT_PROGRAMS)
     vision_backends: tuple[str, ...] | None = None
-    pdl: bool = PDL
+    pdl: bool | int = PDL
     norm_router_rows: int = NORM_ROUTER_ROWS
     norm_qkv_rows: int = NORM_QKV_ROWS
     pre_wait: int = PRE_WAIT
+    packed_topk: bool = PACKED_TOPK
+    route_warps: int = ROUTE_WARPS
 
     def __post_init__(self):
         if self.prompt_attention not in ("triton", "sdpa"):
@@ -206,6 +219,11 @@ class KernelChoices:
         for name in ("norm_router_rows", "norm_qkv_rows"):
             if not 0 <= getattr(self, name) <= GEMV_MAX_ROWS:
                 raise ValueError(f"{name} {getattr(self, name)}: 0 (off) to {GEMV_MAX_ROWS} rows")
+        if self.pdl not in (0, 1, 2):
+            raise ValueError(f"pdl {self.pdl!r}: False (off), True (wait, then let the next grid launch) or 2 (let it "
+                             f"launch, then wait: kernels.pdl)")
+        if self.route_warps not in (1, 2, 4, 8):
+            raise ValueError(f"route_warps {self.route_warps}: 1, 2, 4 or 8")
         if self.pre_wait not in (0, 1, 2):
             raise ValueError(f"pre_wait {self.pre_wait}: 0 (off), 1 or 2 weight tiles")
 

@@ -50,9 +50,10 @@ def project(use: str, x: torch.Tensor, *weights: torch.Tensor, choices: KernelCh
                         pre_wait=choices.pre_wait if pdl else 0)
 
 
-def uses_pdl(choices: KernelChoices, device: torch.device) -> bool:
-    """Whether the fused layer's kernels launch with programmatic dependent launch here (kernels.pdl)."""
-    return choices.pdl and _pdl_runs_on(device.type, device.index)
+def uses_pdl(choices: KernelChoices, device: torch.device) -> int:
+    """How the fused layer's kernels launch here: 0 plainly, else the programmatic dependent launch mode of
+    ``choices.pdl`` (kernels.pdl)."""
+    return int(choices.pdl) if choices.pdl and _pdl_runs_on(device.type, device.index) else 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,25 +162,28 @@ def _qkv_post_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, bloc
 
 @triton.jit
 def _route_kernel(logits_ptr, ids_ptr, w_ptr, E: tl.constexpr, K: tl.constexpr, EB: tl.constexpr,
-                  KB: tl.constexpr, NORMALIZE: tl.constexpr, PDL: tl.constexpr):
+                  KB: tl.constexpr, NORMALIZE: tl.constexpr, PACKED: tl.constexpr, PDL: tl.constexpr):
     grid_dependency(PDL)
     # one row per program: softmax (fp32) -> top-K (descending, lowest index on ties) -> renormalise -> dtype
     row = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, EB)
     logits = tl.load(logits_ptr + row * E + e, mask=e < E, other=float("-inf")).to(tl.float32)
     kk = tl.arange(0, KB)
-    top_w, top_i = topk_softmax(logits, e, kk, K, EB, NORMALIZE)
+    top_w, top_i = topk_softmax(logits, e, kk, K, EB, NORMALIZE, PACKED)
     tl.store(w_ptr + row * K + kk, top_w.to(w_ptr.dtype.element_ty), mask=kk < K)
     tl.store(ids_ptr + row * K + kk, top_i, mask=kk < K)
 
 
-def route(logits: torch.Tensor, k: int, normalize: bool, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, E] -> (weights [B, K] in logits' dtype, ids [B, K] int32), as model.moe.route."""
+def route(logits: torch.Tensor, k: int, normalize: bool, pdl: bool = False, packed: bool = False, warps: int = 4
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, E] -> (weights [B, K] in logits' dtype, ids [B, K] int32), as model.moe.route; ``packed``: one
+    reduction per pick (kernels.router.topk_softmax); ``warps`` per row's program (one warp: no cross-warp
+    reduction at all, E / 32 logits a lane)."""
     b, e = logits.shape
     w = torch.empty(b, k, dtype=logits.dtype, device=logits.device)
     ids = torch.empty(b, k, dtype=torch.int32, device=logits.device)
     _route_kernel[(b,)](logits, ids, w, E=e, K=k, EB=triton.next_power_of_2(e), KB=max(2, triton.next_power_of_2(k)),
-                        NORMALIZE=normalize, num_warps=4, **launch_options(pdl))
+                        NORMALIZE=normalize, PACKED=packed, num_warps=warps, **launch_options(pdl))
     return w, ids
 
 
@@ -256,15 +260,18 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
                   and (mlp.top_k <= choices.fused_max_pairs or scales is not None))
         bm = choices.moe_config(t * mlp.top_k, scales).bm if direct else None
         h, x, w, ids, aligned = norm_route(o, h, post.weight, post.eps, mlp.gate.weight, mlp.top_k, mlp.normalize,
-                                           align_bm=bm, pdl=pdl, early=pdl and choices.pre_wait > 0)
+                                           align_bm=bm, pdl=pdl, early=bool(pdl) and choices.pre_wait > 0,
+                                           packed=choices.packed_topk)
     else:
         h, x = rmsnorm(o, post.weight, post.eps, residual=h, pdl=pdl)
-        w, ids = route(project("router", x, mlp.gate.weight, choices=choices)[0], mlp.top_k, mlp.normalize, pdl)
+        w, ids = route(project("router", x, mlp.gate.weight, choices=choices)[0], mlp.top_k, mlp.normalize, pdl,
+                       choices.packed_topk, choices.route_warps)
     ids, w = mlp.experts.local_routing(ids, w)  # expert parallel: ids of experts held elsewhere become E
     if ids.numel() > choices.fused_max_pairs and scales is None:  # large chunks: grouped GEMM (returns the K-sum)
         y = grouped.grouped_experts(x, ids.long(), w, gate_up, down)
         return h + (y if mlp.reduce is None else mlp.reduce(y))
-    pairs = expert_pairs(x, ids, w, gate_up, down, scales, choices.moe_config(ids.numel(), scales), pdl, aligned)
+    pairs = expert_pairs(x, ids, w, gate_up, down, scales, choices.moe_config(ids.numel(), scales), pdl, aligned,
+                         pre_wait=pdl == 1 and choices.pre_wait > 0)  # reads the layout: not with EARLY
     if mlp.reduce is None:
         return sum_pairs(pairs, ids, gate_up.shape[0], residual=h, pdl=pdl)
     return h + mlp.reduce(sum_pairs(pairs, ids, gate_up.shape[0], pdl=pdl))

@@ -39,7 +39,7 @@ from ..model.quant import FP8_DTYPE, ExpertScales
 from . import fp8_fits, fp8_min_block_width
 from .choices import CONFIGS, CONFIGS_FP8, CONFIGS_W8A8, DEFAULT, MoeConfig  # noqa: F401 (the tile tables' home)
 from .fp8_quant import act_quant, quant_groups, quant_rows
-from .pdl import grid_dependency, launch_options
+from .pdl import EARLY, grid_dependency, launch_options
 from .tiles import fit_stages, load_k_tile, mma
 
 # The single-program align kernel holds all pairs in one block (a sort of next_pow2(P) keys); above this, the
@@ -353,10 +353,11 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, as_ptr, h_ptr, hs_ptr, dt_ptr, rows_ptr
 
 
 @triton.jit
-def _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG,
+def _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, w_first, P, H, I, SR, SC, AG,
                BM: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
                TMA: tl.constexpr, FP8: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr,
-               ACT8: tl.constexpr):
+               ACT8: tl.constexpr, PRE: tl.constexpr):
+    # PRE (pointer loads only): w_first is the weight tile at reduction offset 0, loaded before the grid wait
     rows = tl.load(rows_ptr + blk * BM + tl.arange(0, ROWS))
     rmask = rows < P
     rows64 = rows.to(tl.int64)
@@ -380,7 +381,13 @@ def _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, co
             a_ptrs += BK
     else:
         w_ptrs = w_ptr + e * H * I + cols[:, None].to(tl.int64) * I + kk[None, :]  # [BN, BK]
-        for k0 in range(0, I, BK):
+        if PRE:  # the first step with the early tile, in the loop's order
+            a = load_k_tile(a_ptrs, rmask, 0, kk, I, EVEN_K)
+            a, sa = _w8a8_input(a, as_ptrs, rmask, 0, BC, ACT8, False, ROWS)
+            acc = _accumulate(a, w_first, acc, sa, s_ptrs, cmask, 0, BC, FP8, ACT8, dt, SWAP)
+            a_ptrs += BK
+            w_ptrs += BK
+        for k0 in range(PRE * BK, I, BK):
             a = load_k_tile(a_ptrs, rmask, k0, kk, I, EVEN_K)
             a, sa = _w8a8_input(a, as_ptrs, rmask, k0, BC, ACT8, False, ROWS)
             w = load_k_tile(w_ptrs, cmask, k0, kk, I, EVEN_K)
@@ -400,27 +407,44 @@ def _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, co
 def _down_kernel(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, block_expert_ptr, P, H, I, SR, SC, AG,
                  E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
                  COLS_FIRST: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, FP8: tl.constexpr,
-                 BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr, ACT8: tl.constexpr, PDL: tl.constexpr):
-    grid_dependency(PDL)
+                 BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr, ACT8: tl.constexpr, PRE: tl.constexpr,
+                 PDL: tl.constexpr):
     # h [P, I]; w = down [E, H, I]; y [P, H] = round(round(h @ w^T) * routed weight of the pair); FP8 / ACT8 as in
     # _gate_up_kernel (ACT8: h is fp8, as_ptr its scales [P, AG])
+    # PRE (pointer loads): the block's expert and the first weight tile are read before the grid wait. The layout
+    # was written before the gate/up kernel, at least two grids back: every chain kernel waits for its predecessor
+    # before it lets its successor launch, so when this grid starts the grid before the one it waits on is complete
+    # and its writes are in L2 (read past L1 all the same). A program of an unused block leaves without waiting;
+    # every other program waits.
     blk, col = _block_and_column(COLS_FIRST)
-    e = tl.load(block_expert_ptr + blk).to(tl.int64)
-    if e >= E:
-        return
+    w_first = blk
+    if PRE:
+        e = tl.load(block_expert_ptr + blk, cache_modifier=".cg").to(tl.int64)
+        if e >= E:
+            return
+        cols = col * BN + tl.arange(0, BN)
+        kk = tl.arange(0, BK)
+        w_first = load_k_tile(w_ptr + e * H * I + cols[:, None].to(tl.int64) * I + kk[None, :], cols < H, 0, kk, I,
+                              EVEN_K)
+        grid_dependency(PDL)
+    else:
+        grid_dependency(PDL)
+        e = tl.load(block_expert_ptr + blk).to(tl.int64)
+        if e >= E:
+            return
     if SPLIT:  # as in _gate_up_kernel
         if tl.load(rows_ptr + blk * BM + BM // 4) >= P:
-            _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, BM,
-                       BM // 4, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8)
+            _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, w_first, P, H, I, SR,
+                       SC, AG, BM, BM // 4, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, PRE)
         elif tl.load(rows_ptr + blk * BM + BM // 2) >= P:
-            _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, BM,
-                       BM // 2, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8)
+            _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, w_first, P, H, I, SR,
+                       SC, AG, BM, BM // 2, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, PRE)
         else:
-            _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, BM,
-                       BM, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8)
+            _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, w_first, P, H, I, SR,
+                       SC, AG, BM, BM, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, PRE)
     else:
-        _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, P, H, I, SR, SC, AG, BM, BM,
-                   BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8)
+        _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, w_first, P, H, I, SR, SC,
+                   AG, BM, BM, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, PRE)
 
 
 def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
@@ -470,10 +494,12 @@ def sum_pairs(y: torch.Tensor, topk_ids: torch.Tensor, experts: int, residual: t
 
 def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
                  down: torch.Tensor, scales: ExpertScales | None = None, config: MoeConfig | None = None,
-                 pdl: bool = False, aligned: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 pdl: bool = False, aligned: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 pre_wait: bool = False) -> torch.Tensor:
     """Each (token, expert) pair's weighted expert output, y [P, H] in x's dtype (pair p = t*K + k), before the
     K-sum. ``pdl``: launch the kernels with programmatic dependent launch (kernels.pdl). ``aligned``: the
-    (rows, block_expert) layout in blocks of the config's bm, already made (kernels.router), instead of ``align``."""
+    (rows, block_expert) layout in blocks of the config's bm, already made (kernels.router), instead of ``align``.
+    ``pre_wait`` (with ``pdl``): the down kernel reads its first weight tile before its grid wait."""
     cfg = config or DEFAULT.moe_config(topk_ids.numel(), scales)
     if scales is not None:  # a reduction tile within one scale block, and at least as wide as tl.dot takes
         least = fp8_min_block_width(scales)
@@ -485,7 +511,7 @@ def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, 
     x = x.contiguous()
     rows, block_expert = aligned if aligned is not None else align(topk_ids, gate_up.shape[0], cfg.bm, pdl)
     h, h_scales = gate_up_pairs(x, topk_ids.shape, rows, block_expert, gate_up, cfg, scales, pdl)
-    return down_pairs(h, topk_w, rows, block_expert, down, cfg, scales, h_scales, x.dtype, pdl)
+    return down_pairs(h, topk_w, rows, block_expert, down, cfg, scales, h_scales, x.dtype, pdl, pre_wait)
 
 
 def fused_act_quant(cfg: MoeConfig, scales: ExpertScales | None) -> tuple[bool, bool]:
@@ -562,10 +588,12 @@ def gate_up_pairs(x: torch.Tensor, routed: torch.Size, rows: torch.Tensor, block
 
 def down_pairs(h: torch.Tensor, topk_w: torch.Tensor, rows: torch.Tensor, block_expert: torch.Tensor,
                down: torch.Tensor, cfg: MoeConfig, scales: ExpertScales | None = None,
-               h_scales: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, pdl: bool = False
-               ) -> torch.Tensor:
+               h_scales: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, pdl: bool = False,
+               pre_wait: bool = False) -> torch.Tensor:
     """y [P, H] = round(h @ down^T) times each pair's routed weight, for aligned rows. W8A8: h is fp8 with
-    ``h_scales`` [P, I / block width], and y comes out in ``out_dtype``."""
+    ``h_scales`` [P, I / block width], and y comes out in ``out_dtype``. ``pre_wait``: the block's expert and first
+    weight tile are read before the grid wait (pointer loads only; the layout must come from before the gate/up
+    kernel, as it does in ``expert_pairs``)."""
     e, h_dim, inter = down.shape
     p, nb = h.shape[0], block_expert.numel()
     dtype = out_dtype or h.dtype
@@ -577,7 +605,7 @@ def down_pairs(h: torch.Tensor, topk_w: torch.Tensor, rows: torch.Tensor, block_
         h, arg, s_ptr, as_ptr, y, topk_w.reshape(-1).to(dtype), rows, block_expert, p, h_dim, inter, sr, sc, ag,
         E=e, BM=cfg.bm, BN=cfg.down_bn, BK=cfg.down_bk,
         EVEN_K=inter % cfg.down_bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split, TMA=tma, SWAP=cfg.swap, **fp8,
-        num_warps=cfg.down_warps, **launch_options(pdl),
+        PRE=pre_wait and not tma and int(pdl) != EARLY, num_warps=cfg.down_warps, **launch_options(pdl),
         num_stages=fit_stages(cfg.down_stages, (cfg.bm + cfg.down_bn) * cfg.down_bk * h.element_size()))
     return y
 

@@ -34,19 +34,32 @@ SLICE = 32  # hidden columns per program of the router GEMV: 128 programs at H =
 
 
 @triton.jit
-def topk_softmax(logits, e, kk, K: tl.constexpr, EB: tl.constexpr, NORMALIZE: tl.constexpr):
+def topk_softmax(logits, e, kk, K: tl.constexpr, EB: tl.constexpr, NORMALIZE: tl.constexpr,
+                 PACKED: tl.constexpr = False):
     """Softmax (fp32) of one row's ``logits`` [EB] (-inf past E) -> (top-K weights, ids) [KB]: descending, the
-    lowest index on ties, renormalised over the K if NORMALIZE (model.moe.route's choice)."""
+    lowest index on ties, renormalised over the K if NORMALIZE (model.moe.route's choice). PACKED: each pick is
+    one reduction, not two -- the max of 64-bit keys (p's bits above, EB - 1 - e below: p >= 0, whose bits order
+    as the values do, and on a tie the lower index wins) -- the same picks and weights."""
     p = tl.exp(logits - tl.max(logits, 0))
     p = p / tl.sum(p, 0)
     top_w = tl.zeros(kk.shape, tl.float32)
     top_i = tl.zeros(kk.shape, tl.int32)
-    for k in tl.static_range(K):
-        best = tl.max(p, 0)
-        idx = tl.min(tl.where(p == best, e, EB), 0)
-        top_w = tl.where(kk == k, best, top_w)
-        top_i = tl.where(kk == k, idx, top_i)
-        p = tl.where(e == idx, -1.0, p)
+    if PACKED:
+        key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (EB - 1 - e).to(tl.int64)
+        for k in tl.static_range(K):
+            best = tl.max(key, 0)
+            w = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            idx = (EB - 1 - (best & 0xFFFFFFFF)).to(tl.int32)
+            top_w = tl.where(kk == k, w, top_w)
+            top_i = tl.where(kk == k, idx, top_i)
+            key = tl.where(key == best, -1, key)
+    else:
+        for k in tl.static_range(K):
+            best = tl.max(p, 0)
+            idx = tl.min(tl.where(p == best, e, EB), 0)
+            top_w = tl.where(kk == k, best, top_w)
+            top_i = tl.where(kk == k, idx, top_i)
+            p = tl.where(e == idx, -1.0, p)
     if NORMALIZE:
         top_w = top_w / tl.sum(top_w, 0)
     return top_w, top_i
@@ -90,7 +103,8 @@ def _norm_router_kernel(o_ptr, res_ptr, nw_ptr, w_ptr, h_ptr, x_ptr, part_ptr, B
 @triton.jit(do_not_specialize=["B"])
 def _route_partials_kernel(part_ptr, w_out, ids_out, rows_ptr, block_expert_ptr, S, B, E,
                            K: tl.constexpr, EB: tl.constexpr, KB: tl.constexpr, SB: tl.constexpr,
-                           BM: tl.constexpr, NORMALIZE: tl.constexpr, ALIGN: tl.constexpr, PDL: tl.constexpr):
+                           BM: tl.constexpr, NORMALIZE: tl.constexpr, ALIGN: tl.constexpr, PACKED: tl.constexpr,
+                           PDL: tl.constexpr):
     grid_dependency(PDL)
     row = tl.program_id(0)
     e = tl.arange(0, EB)
@@ -102,7 +116,7 @@ def _route_partials_kernel(part_ptr, w_out, ids_out, rows_ptr, block_expert_ptr,
     dt = w_out.dtype.element_ty
     logits = tl.where(e < E, acc.to(dt).to(tl.float32), float("-inf"))  # the router's output, rounded
     kk = tl.arange(0, KB)
-    top_w, top_i = topk_softmax(logits, e, kk, K, EB, NORMALIZE)
+    top_w, top_i = topk_softmax(logits, e, kk, K, EB, NORMALIZE, PACKED)
     tl.store(w_out + row * K + kk, top_w.to(dt), mask=kk < K)
     tl.store(ids_out + row * K + kk, top_i, mask=kk < K)
     if ALIGN:  # one token (one program): block j is pair j alone, on expert ids[j]; the rest of its rows padding
@@ -114,12 +128,13 @@ def _route_partials_kernel(part_ptr, w_out, ids_out, rows_ptr, block_expert_ptr,
 
 def norm_route(o: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                router: torch.Tensor, k: int, normalize: bool, align_bm: int | None = None, pdl: bool = False,
-               slice_width: int = SLICE, early: bool = False):
+               slice_width: int = SLICE, early: bool = False, packed: bool = False):
     """The decode chain from the attention output to the experts' routing, in two launches: o, residual [B, H]
     -> (h = o + residual, x = rmsnorm(h), routed weights [B, K] in o's dtype, expert ids [B, K] int32, aligned):
     aligned = (rows [K * bm], block_expert [K]) as ``moe_triton.align`` lays them out for one token when
     ``align_bm`` is given and B = 1, else None. router [E, H] is the gate's bias-free weight. ``early``: each program
-    loads its slice of the router's weight before it waits for the grid before it (kernels.pdl)."""
+    loads its slice of the router's weight before it waits for the grid before it (kernels.pdl); ``packed``: the
+    top-k picks by one reduction each (``topk_softmax``)."""
     b, hidden = o.shape
     e = router.shape[0]
     o, residual = o.contiguous(), residual.contiguous()
@@ -140,6 +155,7 @@ def norm_route(o: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
     rows, block_expert = aligned if aligned is not None else (ids, ids)
     _route_partials_kernel[(b,)](part, w, ids, rows, block_expert, s, b, e, K=k, EB=eb,
                                  KB=max(2, triton.next_power_of_2(k)), SB=min(128, triton.next_power_of_2(s)),
-                                 BM=align_bm or 16, NORMALIZE=normalize, ALIGN=aligned is not None, num_warps=8,
+                                 BM=align_bm or 16, NORMALIZE=normalize, ALIGN=aligned is not None, PACKED=packed,
+                                 num_warps=8,
                                  **launch_options(pdl))
     return h, x, w, ids, aligned

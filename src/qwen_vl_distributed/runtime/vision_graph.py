@@ -3,7 +3,9 @@
 The tower's 27 blocks launch ~800 small kernels for one image; launched from Python that host time exceeds the GPU
 time of the elementwise work (docs/benchmarks.md), so the tower is replayed from CUDA graphs. The blocks run fused
 (``kernels.vision_block``) unless ``fused_blocks=False``. A capture (a warm-up run, the capture, new attention
-plans) costs ~100 ms, so a new image size does not get one (``runtime.vision_policy`` decides):
+plans) costs ~100 ms; the call that captures answers with its warm-up run (the graph's very kernels on the same
+inputs) rather than a replay after it. So that a new image size need not pay for one (``runtime.vision_policy``
+decides):
 - a bucket graph: the tower over a padded patch count (``BucketTower``) whose per-image data -- pixels, position
   embedding taps, rotary coordinates, each row's segment -- are inputs in device memory. Every grid list of the
   bucket replays it; its attention is one dense SDPA with the segments coded in extra head columns
@@ -103,14 +105,23 @@ class GraphedVision:
         if kind == EAGER:
             return self.eager(pixels, grid_thw)
         if kind == BUCKET:
-            graph, bucket, out = self._bucket(rows, pixels)
+            bkey = (rows, pixels.dtype, pixels.device)
+            if bkey not in self.buckets:  # a new bucket: the capture's warm-up computed this call's answer
+                bucket = BucketTower(self.tower, rows, pixels.dtype, pixels.device)
+                bucket.load(pixels, grid_thw)
+                graph, out, first = self._capture(bucket.forward, pixels)
+                self.buckets[bkey] = (graph, bucket, out)
+                return unpad(first, pixels.shape[0])
+            graph, bucket, out = self.buckets[bkey]
             bucket.load(pixels, grid_thw)
             graph.replay()
             return unpad(out, pixels.shape[0])
-        if kind == CAPTURE:
+        if kind == CAPTURE:  # the capture's warm-up ran the graph's very kernels on these pixels: its answer
             static_in = pixels.clone()
-            graph, out = self._capture(lambda: self.tower.run_layers(static_in, grid_thw, self.block_fn), pixels)
+            graph, out, first = self._capture(lambda: self.tower.run_layers(static_in, grid_thw, self.block_fn),
+                                              pixels)
             self.policy.keep(key, (graph, static_in, out))
+            return first
         graph, static_in, (merged, taps) = self.policy.exact[key]
         static_in.copy_(pixels)
         graph.replay()
@@ -123,28 +134,27 @@ class GraphedVision:
         with graph_safe() if self.policy.may_capture(pixels.shape[0]) else contextlib.nullcontext():
             return self.tower.run_layers(pixels, grid_thw, self.block_fn)
 
-    def _bucket(self, rows: int, pixels: torch.Tensor):
-        key = (rows, pixels.dtype, pixels.device)
-        if key not in self.buckets:
-            bucket = BucketTower(self.tower, rows, pixels.dtype, pixels.device)
-            graph, out = self._capture(bucket.forward, pixels)
-            self.buckets[key] = (graph, bucket, out)
-        return self.buckets[key]
-
     def _capture(self, fn, like: torch.Tensor):
-        """A CUDA graph of ``fn()`` and its outputs; ``fn`` reads only static tensors."""
+        """(a CUDA graph of ``fn()``, the outputs it replays into, the warm-up's outputs); ``fn`` reads only static
+        tensors. The warm-up runs the very kernels the capture records on the same inputs, so its outputs are what
+        a first replay would give (tests/gpu/test_vision_buckets_gpu.py holds them equal): the call that captures
+        returns them and skips that replay."""
+        current = torch.cuda.current_stream(like.device)
         side = torch.cuda.Stream(like.device)
-        side.wait_stream(torch.cuda.current_stream(like.device))
+        side.wait_stream(current)
         # warm-up: lazy inits, Triton compiles, cuBLAS/cuDNN plans -- for the very calls the capture records
         with torch.cuda.stream(side), torch.inference_mode(), graph_safe():
-            fn()
-        torch.cuda.current_stream(like.device).wait_stream(side)
+            first = fn()
+        current.wait_stream(side)
+        merged, taps = first
+        for t in (merged, *taps):  # made on the side stream, read on this one
+            t.record_stream(current)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode(), graph_safe():
             out = fn()
-        return graph, out
+        return graph, out, first
 
 
 def enable_vision_graphs(model, fused_blocks: bool = True) -> None:
