@@ -164,6 +164,37 @@ def test_the_down_kernel_reading_its_first_tile_before_the_wait_gives_the_same_b
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["bf16", "w8a8"])
+@pytest.mark.parametrize("order", [{}, {"cols_first": True}, {"swap": True}, {"bm": 64, "split": True}])
+@pytest.mark.parametrize("t", [1, 5])
+def test_the_k_sum_in_the_down_launch_equals_sum_pairs(dtype, kind, order, t):
+    """``expert_pairs(summed=...)``: the last program of each column tile to arrive sums the tokens' pairs there
+    (kernels.arrivals): the very bits of ``sum_pairs`` after the pairs, with and without the residual, with a pair
+    held elsewhere (id E: no output row) and with the first tile read before the wait; H = 80 over column tiles of
+    16 and 32 (a partial last tile). The counters are back at 0 afterwards, so the next launch counts from 0."""
+    from qwen_vl_distributed.kernels.arrivals import counters
+    from qwen_vl_distributed.kernels.moe_triton import MoeConfig, expert_pairs, sum_pairs
+
+    x, ids, w, gate_up, down = moe_inputs(t, 3, 8, 80, 48, dtype, seed=t, crowd=False)
+    ids[0, 1] = 8  # an expert held by another rank
+    scales = None
+    if kind != "bf16":
+        gate_up, down, scales, _, _ = fp8_experts(gate_up, down, (16, 32))
+        scales = scales._replace(act_quant=True)
+    res = torch.randn(t, 80).to(dtype)
+    for down_bn in (16, 32):
+        cfg = MoeConfig(**{"bm": 16, "bn": 16, "bk": 32, "down_bn": down_bn, "down_bk": 16, **order})
+        pairs = expert_pairs(x, ids, w, gate_up, down, scales, cfg)
+        for residual in (res, None):
+            want = sum_pairs(pairs, ids, 8, residual=residual)
+            for pre in (False, True):
+                got = expert_pairs(x, ids, w, gate_up, down, scales, cfg, pre_wait=pre, summed=(residual,))
+                assert got.shape == (t, 80) and torch.equal(got, want), (down_bn, residual is None, pre)
+    assert not counters(x.device, 8).any()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_act_quant_kernel_matches_reference(dtype):
     """The W8A8 input quantisation in one launch equals model.quant.quantize_activations bit for bit: rows past a
     16-row tile, a partial last group (K = 80 in groups of 32), an all-zero row."""
@@ -753,7 +784,8 @@ def _decode_case(model, dtype, max_len: int = 16):
 def test_decode_layer_matches_module(tiny, dtype, fp8, norms, rows):
     """(bf16 is checked on the GPU: the interpreter truncates fp32 -> bf16 instead of rounding to nearest.) fp8: the
     layer's experts quantised in 16x16 blocks and kept fp8 (partial blocks: I = 24). ``norms``: the norms inside
-    the next kernels up to that many rows (kernels.router; one row: the router lays out the experts' blocks)."""
+    the next kernels up to that many rows (kernels.router; one row: the router lays out the experts' blocks), and
+    the K-sum in the down kernel's launch (kernels.arrivals)."""
     from qwen_vl_distributed.kernels.decode_layer import decode_layer
 
     m, cache, layout, _, rope = _decode_case(tiny[1], dtype)
@@ -766,7 +798,8 @@ def test_decode_layer_matches_module(tiny, dtype, fp8, norms, rows):
         assert layer.mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
     h = torch.randn(rows, m.cfg.text.hidden_size).to(dtype)
     fused_cache = copy.deepcopy(cache)
-    choices = dataclasses.replace(DEFAULT, norm_router_rows=norms, norm_qkv_rows=norms)
+    choices = dataclasses.replace(DEFAULT, norm_router_rows=norms, norm_qkv_rows=norms,
+                                  sum_in_down_rows=norms)
     with torch.no_grad():
         with module_layers(m):
             ref = layer(h, rope, cache.layer(1), layout)
@@ -799,7 +832,8 @@ def test_fused_decode_graph_step_equals_forward(tiny, norms):
     with torch.no_grad(), module_layers(m):
         ref = m(positions=pos, layout=layout, cache=ref_cache, input_ids=ids)
     graphs = DecodeGraphs(m, cache, buckets=(4,), fused=True,
-                          choices=dataclasses.replace(DEFAULT, norm_router_rows=norms, norm_qkv_rows=norms))
+                          choices=dataclasses.replace(DEFAULT, norm_router_rows=norms, norm_qkv_rows=norms,
+                                  sum_in_down_rows=norms))
     out = graphs.run(positions=pos, layout=layout, input_ids=ids)
     assert rel(out, ref) < 1e-5
 
@@ -960,7 +994,7 @@ def test_the_norm_fusion_ab_is_reported_per_batch():
            "fused at this batch), outputs identical" in text
 
 
-@pytest.mark.parametrize("name", ["norm_router_rows", "norm_qkv_rows"])
+@pytest.mark.parametrize("name", ["norm_router_rows", "norm_qkv_rows", "sum_in_down_rows"])
 def test_norm_fusion_rows_are_a_decode_batch(name):
     with pytest.raises(ValueError, match=name):
         dataclasses.replace(DEFAULT, **{name: GEMV_MAX_ROWS + 1})

@@ -422,7 +422,8 @@ class Bench:
         """The decode step with each other launch variant against this run's, timed in alternation: programmatic
         dependent launch with the wait first (1) or the successor let go first (2, ``kernels.pdl.EARLY``), each with
         0, 1 or 2 weight tiles loaded before the wait (``KernelChoices.pre_wait``); the top-k by packed keys
-        (``packed_topk``) turned over, and its kernel with one warp (``route_warps``). Each computes the same sums, so the outputs should be identical. The launch
+        (``packed_topk``) turned over, and its kernel with one warp (``route_warps``); the K-sum in the down
+        kernel's launch (``sum_in_down_rows``) turned over. Each computes the same sums, so the outputs should be identical. The launch
         variants need PDL (without it there is no wait to load before)."""
         from ..kernels.pdl import pdl_runs_on
 
@@ -430,6 +431,11 @@ class Bench:
         res = {"default": f"pdl {here[0]}, {here[1]} tiles, packed top-k {'on' if self.choices.packed_topk else 'off'}"}
         variants = {f"packed top-k {'off' if self.choices.packed_topk else 'on'}":
                     dataclasses.replace(self.choices, packed_topk=not self.choices.packed_topk)}
+        from ..kernels.choices import GEMV_MAX_ROWS
+
+        fold = 0 if self.choices.sum_in_down_rows else min(max(self.batches), GEMV_MAX_ROWS)
+        variants[f"K-sum {'apart' if fold == 0 else 'in the down launch'}"] = dataclasses.replace(
+            self.choices, sum_in_down_rows=fold)
         for warps in (1, 4):
             if warps != self.choices.route_warps:
                 variants[f"top-k kernel with {warps} warps"] = dataclasses.replace(self.choices, route_warps=warps)

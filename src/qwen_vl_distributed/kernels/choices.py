@@ -27,6 +27,8 @@ on any machine.
   kernels.router, kernels.moe_triton).
 - ``packed_topk``: the decode top-k picks by one reduction each (kernels.router.topk_softmax); ``route_warps``:
   the warps of the unfused top-k kernel's program.
+- ``sum_in_down_rows``: up to this many rows the experts' K-sum runs in the down kernel's launch
+  (kernels.arrivals); 0: its own launch.
 """
 
 from __future__ import annotations
@@ -170,6 +172,11 @@ PACKED_TOPK = False
 # Warps of the unfused top-k kernel's program (one per row): with one, its reductions are all within a warp.
 ROUTE_WARPS = 4
 
+# Up to this many rows the experts' K-sum (and the residual add) runs in the down kernel's launch: the last program of
+# each column tile to finish sums the tokens' pairs there (kernels.arrivals), one launch fewer a layer. 0: its own
+# launch. Off until bench decode (``decode_variants``) times it.
+SUM_IN_DOWN_ROWS = 0
+
 
 @dataclass(frozen=True)
 class SplitKV:
@@ -212,11 +219,12 @@ class KernelChoices:
     pre_wait: int = PRE_WAIT
     packed_topk: bool = PACKED_TOPK
     route_warps: int = ROUTE_WARPS
+    sum_in_down_rows: int = SUM_IN_DOWN_ROWS
 
     def __post_init__(self):
         if self.prompt_attention not in ("triton", "sdpa"):
             raise ValueError(f"prompt_attention {self.prompt_attention!r}: choose 'triton' or 'sdpa'")
-        for name in ("norm_router_rows", "norm_qkv_rows"):
+        for name in ("norm_router_rows", "norm_qkv_rows", "sum_in_down_rows"):
             if not 0 <= getattr(self, name) <= GEMV_MAX_ROWS:
                 raise ValueError(f"{name} {getattr(self, name)}: 0 (off) to {GEMV_MAX_ROWS} rows")
         if self.pdl not in (0, 1, 2):

@@ -7,7 +7,8 @@ CUDA-graph replay each costs ~2 us of launch latency and tail -- more than the a
 
 Shapes: B sequences (rows), H hidden, NH/KVH query/kv heads, D head_dim, E experts, K per token, P = B*K pairs.
 Launches: rmsnorm | q, k, v GEMV (cuBLAS) | q/k norm + rotary + cache write | split-KV attention (2) | o GEMV |
-residual + rmsnorm | router GEMV | softmax + top-k | align + gate/up + down (3) | K-sum + residual.
+residual + rmsnorm | router GEMV | softmax + top-k | align + gate/up + down (3) | K-sum + residual; up to
+``KernelChoices.sum_in_down_rows`` rows the K-sum runs in the down kernel's launch (kernels.arrivals).
 Up to ``KernelChoices.norm_qkv_rows`` rows, 1 fewer: the input norm runs inside the q/k/v GEMV (kernels.gemv); up
 to ``norm_router_rows``, 1 fewer (2 for one token): residual + norm + router GEMV + top-k are two launches that, for
 one token, also lay out the experts' blocks (kernels.router).
@@ -270,8 +271,13 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
     if ids.numel() > choices.fused_max_pairs and scales is None:  # large chunks: grouped GEMM (returns the K-sum)
         y = grouped.grouped_experts(x, ids.long(), w, gate_up, down)
         return h + (y if mlp.reduce is None else mlp.reduce(y))
-    pairs = expert_pairs(x, ids, w, gate_up, down, scales, choices.moe_config(ids.numel(), scales), pdl, aligned,
-                         pre_wait=pdl == 1 and choices.pre_wait > 0)  # reads the layout: not with EARLY
+    cfg = choices.moe_config(ids.numel(), scales)
+    pre = pdl == 1 and choices.pre_wait > 0  # reads the layout before the wait: not with EARLY
+    if t <= choices.sum_in_down_rows:  # the K-sum (and the residual) in the down kernel's launch
+        out = expert_pairs(x, ids, w, gate_up, down, scales, cfg, pdl, aligned, pre_wait=pre,
+                           summed=(h if mlp.reduce is None else None,))
+        return out if mlp.reduce is None else h + mlp.reduce(out)
+    pairs = expert_pairs(x, ids, w, gate_up, down, scales, cfg, pdl, aligned, pre_wait=pre)
     if mlp.reduce is None:
         return sum_pairs(pairs, ids, gate_up.shape[0], residual=h, pdl=pdl)
     return h + mlp.reduce(sum_pairs(pairs, ids, gate_up.shape[0], pdl=pdl))

@@ -39,6 +39,7 @@ from ..model.quant import FP8_DTYPE, ExpertScales
 from . import fp8_fits, fp8_min_block_width
 from .choices import CONFIGS, CONFIGS_FP8, CONFIGS_W8A8, DEFAULT, MoeConfig  # noqa: F401 (the tile tables' home)
 from .fp8_quant import act_quant, quant_groups, quant_rows
+from .arrivals import counters, last_arrival
 from .pdl import EARLY, grid_dependency, launch_options
 from .tiles import fit_stages, load_k_tile, mma
 
@@ -403,48 +404,78 @@ def _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, co
         tl.store(y_ptr + rows64[:, None] * H + cols[None, :], y, mask=rmask[:, None] & cmask[None, :])
 
 
-@triton.jit(do_not_specialize=["P"])
+@triton.jit
+def _sum_last(y_ptr, ids_ptr, res_ptr, out_ptr, count_ptr, col, NBLK, T, H, E, K: tl.constexpr, BN: tl.constexpr,
+              HAS_RES: tl.constexpr):
+    """SUM: the last of the NBLK programs of column tile ``col`` to arrive sums, for every token, its K pairs'
+    outputs over the tile's columns as ``_sum_pairs_kernel`` does (fp32, rounded once, then the residual added and
+    rounded), from what the others stored (kernels.arrivals)."""
+    if last_arrival(count_ptr + col, NBLK):
+        c = col * BN + tl.arange(0, BN)
+        m = c < H
+        dt = out_ptr.dtype.element_ty
+        for t in range(T):
+            acc = tl.zeros((BN,), tl.float32)
+            for k in tl.static_range(K):
+                held = tl.load(ids_ptr + t * K + k) < E
+                acc += tl.load(y_ptr + (t * K + k) * H + c, mask=m & held, other=0.0,
+                               cache_modifier=".cg").to(tl.float32)
+            acc = acc.to(dt).to(tl.float32)
+            if HAS_RES:
+                acc += tl.load(res_ptr + t * H + c, mask=m, other=0.0).to(tl.float32)
+            tl.store(out_ptr + t * H + c, acc.to(dt), mask=m)  # T * K * H: decode sizes, int32
+
+
+@triton.jit(do_not_specialize=["P", "T"])
 def _down_kernel(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, block_expert_ptr, P, H, I, SR, SC, AG,
+                 ids_ptr, res_ptr, out_ptr, count_ptr, T, NBLK,
                  E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
                  COLS_FIRST: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, FP8: tl.constexpr,
                  BR: tl.constexpr, BC: tl.constexpr, SWAP: tl.constexpr, ACT8: tl.constexpr, PRE: tl.constexpr,
-                 PDL: tl.constexpr):
+                 SUM: tl.constexpr, K: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr):
     # h [P, I]; w = down [E, H, I]; y [P, H] = round(round(h @ w^T) * routed weight of the pair); FP8 / ACT8 as in
     # _gate_up_kernel (ACT8: h is fp8, as_ptr its scales [P, AG])
     # PRE (pointer loads): the block's expert and the first weight tile are read before the grid wait. The layout
     # was written before the gate/up kernel, at least two grids back: every chain kernel waits for its predecessor
     # before it lets its successor launch, so when this grid starts the grid before the one it waits on is complete
-    # and its writes are in L2 (read past L1 all the same). A program of an unused block leaves without waiting;
-    # every other program waits.
+    # and its writes are in L2 (read past L1 all the same). Without SUM a program of an unused block leaves without
+    # waiting; every other program waits.
+    # SUM: the K-sum too (``_sum_last``): out [T, H] from ids [T, K] (and the residual res [T, H] with HAS_RES);
+    # every program of a column tile arrives at its counter, those of unused blocks too.
     blk, col = _block_and_column(COLS_FIRST)
     w_first = blk
     if PRE:
         e = tl.load(block_expert_ptr + blk, cache_modifier=".cg").to(tl.int64)
-        if e >= E:
-            return
+        if not SUM:
+            if e >= E:
+                return
         cols = col * BN + tl.arange(0, BN)
         kk = tl.arange(0, BK)
-        w_first = load_k_tile(w_ptr + e * H * I + cols[:, None].to(tl.int64) * I + kk[None, :], cols < H, 0, kk, I,
-                              EVEN_K)
+        w_first = load_k_tile(w_ptr + e * H * I + cols[:, None].to(tl.int64) * I + kk[None, :], (cols < H) & (e < E),
+                              0, kk, I, EVEN_K)
         grid_dependency(PDL)
     else:
         grid_dependency(PDL)
         e = tl.load(block_expert_ptr + blk).to(tl.int64)
-        if e >= E:
-            return
-    if SPLIT:  # as in _gate_up_kernel
-        if tl.load(rows_ptr + blk * BM + BM // 4) >= P:
-            _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, w_first, P, H, I, SR,
-                       SC, AG, BM, BM // 4, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, PRE)
-        elif tl.load(rows_ptr + blk * BM + BM // 2) >= P:
-            _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, w_first, P, H, I, SR,
-                       SC, AG, BM, BM // 2, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, PRE)
+        if not SUM:
+            if e >= E:
+                return
+    if e < E:
+        if SPLIT:  # as in _gate_up_kernel
+            if tl.load(rows_ptr + blk * BM + BM // 4) >= P:
+                _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, w_first, P, H, I,
+                           SR, SC, AG, BM, BM // 4, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, PRE)
+            elif tl.load(rows_ptr + blk * BM + BM // 2) >= P:
+                _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, w_first, P, H, I,
+                           SR, SC, AG, BM, BM // 2, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, PRE)
+            else:
+                _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, w_first, P, H, I,
+                           SR, SC, AG, BM, BM, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, PRE)
         else:
             _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, w_first, P, H, I, SR,
                        SC, AG, BM, BM, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, PRE)
-    else:
-        _down_tile(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, blk, col, e, w_first, P, H, I, SR, SC,
-                   AG, BM, BM, BN, BK, EVEN_K, TMA, FP8, BR, BC, SWAP, ACT8, PRE)
+    if SUM:
+        _sum_last(y_ptr, ids_ptr, res_ptr, out_ptr, count_ptr, col, NBLK, T, H, E, K, BN, HAS_RES)
 
 
 def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
@@ -495,11 +526,13 @@ def sum_pairs(y: torch.Tensor, topk_ids: torch.Tensor, experts: int, residual: t
 def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
                  down: torch.Tensor, scales: ExpertScales | None = None, config: MoeConfig | None = None,
                  pdl: bool = False, aligned: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 pre_wait: bool = False) -> torch.Tensor:
+                 pre_wait: bool = False, summed: tuple[torch.Tensor | None] | None = None) -> torch.Tensor:
     """Each (token, expert) pair's weighted expert output, y [P, H] in x's dtype (pair p = t*K + k), before the
     K-sum. ``pdl``: launch the kernels with programmatic dependent launch (kernels.pdl). ``aligned``: the
     (rows, block_expert) layout in blocks of the config's bm, already made (kernels.router), instead of ``align``.
-    ``pre_wait`` (with ``pdl``): the down kernel reads its first weight tile before its grid wait."""
+    ``pre_wait`` (with ``pdl``): the down kernel reads its first weight tile before its grid wait. ``summed`` =
+    (residual [T, H] or None,): the K-sum too, in the down kernel's launch -- ``sum_pairs(y, topk_ids, E,
+    residual)`` -- and that [T, H] is returned."""
     cfg = config or DEFAULT.moe_config(topk_ids.numel(), scales)
     if scales is not None:  # a reduction tile within one scale block, and at least as wide as tl.dot takes
         least = fp8_min_block_width(scales)
@@ -511,7 +544,8 @@ def expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, 
     x = x.contiguous()
     rows, block_expert = aligned if aligned is not None else align(topk_ids, gate_up.shape[0], cfg.bm, pdl)
     h, h_scales = gate_up_pairs(x, topk_ids.shape, rows, block_expert, gate_up, cfg, scales, pdl)
-    return down_pairs(h, topk_w, rows, block_expert, down, cfg, scales, h_scales, x.dtype, pdl, pre_wait)
+    return down_pairs(h, topk_w, rows, block_expert, down, cfg, scales, h_scales, x.dtype, pdl, pre_wait,
+                      None if summed is None else (topk_ids, summed[0]))
 
 
 def fused_act_quant(cfg: MoeConfig, scales: ExpertScales | None) -> tuple[bool, bool]:
@@ -589,11 +623,14 @@ def gate_up_pairs(x: torch.Tensor, routed: torch.Size, rows: torch.Tensor, block
 def down_pairs(h: torch.Tensor, topk_w: torch.Tensor, rows: torch.Tensor, block_expert: torch.Tensor,
                down: torch.Tensor, cfg: MoeConfig, scales: ExpertScales | None = None,
                h_scales: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, pdl: bool = False,
-               pre_wait: bool = False) -> torch.Tensor:
+               pre_wait: bool = False, summed: tuple[torch.Tensor, torch.Tensor | None] | None = None
+               ) -> torch.Tensor:
     """y [P, H] = round(h @ down^T) times each pair's routed weight, for aligned rows. W8A8: h is fp8 with
     ``h_scales`` [P, I / block width], and y comes out in ``out_dtype``. ``pre_wait``: the block's expert and first
     weight tile are read before the grid wait (pointer loads only; the layout must come from before the gate/up
-    kernel, as it does in ``expert_pairs``)."""
+    kernel, as it does in ``expert_pairs``). ``summed`` = (topk_ids [T, K], residual [T, H] or None): the last program
+    of each column tile to finish also sums each token's K pairs there (kernels.arrivals), and the [T, H] sum is
+    returned instead of y."""
     e, h_dim, inter = down.shape
     p, nb = h.shape[0], block_expert.numel()
     dtype = out_dtype or h.dtype
@@ -601,13 +638,23 @@ def down_pairs(h: torch.Tensor, topk_w: torch.Tensor, rows: torch.Tensor, block_
     grid, cols_first = _grid(nb, triton.cdiv(h_dim, cfg.down_bn), cfg)
     arg, tma = _weight_arg(down, cfg.tma, h_dim, cfg.down_bn, cfg.down_bk)
     s_ptr, as_ptr, sr, sc, ag, fp8 = _scale_args(scales, scales.down if scales else None, down, h_scales)
+    col_tiles = triton.cdiv(h_dim, cfg.down_bn)
+    if summed is not None:
+        ids, residual = summed
+        t, k = ids.shape
+        out = torch.empty(t, h_dim, dtype=dtype, device=h.device)
+        sums = (ids.contiguous(), y if residual is None else residual.contiguous(), out,
+                counters(h.device, col_tiles), t, nb)
+    else:
+        k, sums = 1, (y, y, y, rows, 0, nb)
     _down_kernel[grid](
         h, arg, s_ptr, as_ptr, y, topk_w.reshape(-1).to(dtype), rows, block_expert, p, h_dim, inter, sr, sc, ag,
+        *sums, SUM=summed is not None, K=k, HAS_RES=summed is not None and summed[1] is not None,
         E=e, BM=cfg.bm, BN=cfg.down_bn, BK=cfg.down_bk,
         EVEN_K=inter % cfg.down_bk == 0, COLS_FIRST=cols_first, SPLIT=cfg.split, TMA=tma, SWAP=cfg.swap, **fp8,
         PRE=pre_wait and not tma and int(pdl) != EARLY, num_warps=cfg.down_warps, **launch_options(pdl),
         num_stages=fit_stages(cfg.down_stages, (cfg.bm + cfg.down_bn) * cfg.down_bk * h.element_size()))
-    return y
+    return y if summed is None else sums[2]
 
 
 def _weight_arg(w: torch.Tensor, tma: bool, out_rows: int, bn: int, bk: int):
