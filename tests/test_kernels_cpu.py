@@ -966,6 +966,30 @@ def test_the_packed_top_k_picks_what_the_two_reductions_pick(dtype, normalize):
     assert all(torch.equal(a, b) for a, b in zip(got[:4], want[:4]))
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b", [1, 3])
+def test_the_router_in_one_launch_routes_as_in_two(dtype, b):
+    """norm_route(one_launch=True): the GEMV's last program to finish sums the partials and routes (kernels.arrivals):
+    h, x, the weights, the ids and (one token) the experts' block layout equal the two launches' bit for bit; the
+    counter is back at 0."""
+    from qwen_vl_distributed.kernels.arrivals import counters
+    from qwen_vl_distributed.kernels.router import norm_route
+
+    torch.manual_seed(b)
+    o, res = torch.randn(b, 100).to(dtype), torch.randn(b, 100).to(dtype)
+    nw, router = (torch.randn(100) * 0.1 + 1).to(dtype), torch.randn(20, 100).to(dtype)
+    for packed in (False, True):
+        want = norm_route(o, res, nw, 1e-6, router, 4, True, align_bm=16, slice_width=32)
+        got = norm_route(o, res, nw, 1e-6, router, 4, True, align_bm=16, slice_width=32, packed=packed,
+                         one_launch=True)
+        assert all(torch.equal(a, c) for a, c in zip(got[:4], want[:4]))
+        assert (got[4] is None) == (want[4] is None) == (b > 1)
+        if b == 1:
+            assert all(torch.equal(a, c) for a, c in zip(got[4], want[4]))
+    assert not counters(o.device, 1).any()
+
+
 def test_pre_wait_is_zero_one_or_two_tiles_and_pdl_a_mode():
     from qwen_vl_distributed.kernels.pdl import launch_options
 

@@ -423,7 +423,8 @@ class Bench:
         dependent launch with the wait first (1) or the successor let go first (2, ``kernels.pdl.EARLY``), each with
         0, 1 or 2 weight tiles loaded before the wait (``KernelChoices.pre_wait``); the top-k by packed keys
         (``packed_topk``) turned over, and its kernel with one warp (``route_warps``); the K-sum in the down
-        kernel's launch (``sum_in_down_rows``) turned over. Each computes the same sums, so the outputs should be identical. The launch
+        kernel's launch (``sum_in_down_rows``) turned over; the router in one launch (``router_one_launch``, with
+        ``norm_router_rows``); and all of them together. Each computes the same sums, so the outputs should be identical. The launch
         variants need PDL (without it there is no wait to load before)."""
         from ..kernels.pdl import pdl_runs_on
 
@@ -436,6 +437,12 @@ class Bench:
         fold = 0 if self.choices.sum_in_down_rows else min(max(self.batches), GEMV_MAX_ROWS)
         variants[f"K-sum {'apart' if fold == 0 else 'in the down launch'}"] = dataclasses.replace(
             self.choices, sum_in_down_rows=fold)
+        rows = min(max(self.batches), GEMV_MAX_ROWS)
+        variants["residual + norm + router + top-k in one launch"] = dataclasses.replace(
+            self.choices, norm_router_rows=rows, router_one_launch=True)
+        variants["every launch variant on (pdl 1)"] = dataclasses.replace(
+            self.choices, norm_router_rows=rows, router_one_launch=True, sum_in_down_rows=rows, packed_topk=True,
+            pre_wait=2, pdl=1)
         for warps in (1, 4):
             if warps != self.choices.route_warps:
                 variants[f"top-k kernel with {warps} warps"] = dataclasses.replace(self.choices, route_warps=warps)

@@ -29,6 +29,7 @@ on any machine.
   the warps of the unfused top-k kernel's program.
 - ``sum_in_down_rows``: up to this many rows the experts' K-sum runs in the down kernel's launch
   (kernels.arrivals); 0: its own launch.
+- ``router_one_launch``: with ``norm_router_rows``, the router's top-k runs in its GEMV's launch (kernels.router).
 """
 
 from __future__ import annotations
@@ -177,6 +178,10 @@ ROUTE_WARPS = 4
 # launch. Off until bench decode (``decode_variants``) times it.
 SUM_IN_DOWN_ROWS = 0
 
+# Where the norms run inside the router (``norm_router_rows``): its top-k in the GEMV's launch, done by the program
+# that finishes last (kernels.arrivals), not a second launch. Off until bench decode (``decode_variants``) times it.
+ROUTER_ONE_LAUNCH = False
+
 
 @dataclass(frozen=True)
 class SplitKV:
@@ -220,6 +225,7 @@ class KernelChoices:
     packed_topk: bool = PACKED_TOPK
     route_warps: int = ROUTE_WARPS
     sum_in_down_rows: int = SUM_IN_DOWN_ROWS
+    router_one_launch: bool = ROUTER_ONE_LAUNCH
 
     def __post_init__(self):
         if self.prompt_attention not in ("triton", "sdpa"):

@@ -262,7 +262,7 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
         bm = choices.moe_config(t * mlp.top_k, scales).bm if direct else None
         h, x, w, ids, aligned = norm_route(o, h, post.weight, post.eps, mlp.gate.weight, mlp.top_k, mlp.normalize,
                                            align_bm=bm, pdl=pdl, early=bool(pdl) and choices.pre_wait > 0,
-                                           packed=choices.packed_topk)
+                                           packed=choices.packed_topk, one_launch=choices.router_one_launch)
     else:
         h, x = rmsnorm(o, post.weight, post.eps, residual=h, pdl=pdl)
         w, ids = route(project("router", x, mlp.gate.weight, choices=choices)[0], mlp.top_k, mlp.normalize, pdl,

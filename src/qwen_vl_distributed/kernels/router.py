@@ -1,5 +1,6 @@
 """The MoE router of a decode step in two launches: residual add + RMSNorm + router GEMV split over the hidden
-dimension, then the top-k choice with, for one token, the experts' block layout written beside it.
+dimension, then the top-k choice with, for one token, the experts' block layout written beside it. Or in one
+(``one_launch``): the GEMV's last program to finish does the second launch's work (kernels.arrivals).
 
 Shapes: B rows (decode tokens), H hidden, E experts, K experts per token; S = cdiv(H, SW) slices of SW hidden
 columns.
@@ -27,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .arrivals import counters, last_arrival
 from .pdl import grid_dependency, launch_options
 from .tiles import row_rstd
 
@@ -67,8 +69,12 @@ def topk_softmax(logits, e, kk, K: tl.constexpr, EB: tl.constexpr, NORMALIZE: tl
 
 @triton.jit(do_not_specialize=["B"])
 def _norm_router_kernel(o_ptr, res_ptr, nw_ptr, w_ptr, h_ptr, x_ptr, part_ptr, B, H, E, eps,
+                        w_out, ids_out, rows_ptr, block_expert_ptr, count_ptr, S,
                         BM: tl.constexpr, SW: tl.constexpr, EB: tl.constexpr, HP: tl.constexpr,
-                        EARLY: tl.constexpr, PDL: tl.constexpr):
+                        EARLY: tl.constexpr, LAST: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
+                        SB: tl.constexpr, ABM: tl.constexpr, NORMALIZE: tl.constexpr, ALIGN: tl.constexpr,
+                        PACKED: tl.constexpr, PDL: tl.constexpr):
+    # LAST: the program that finishes last (kernels.arrivals) also routes every row, as _route_partials_kernel
     s = tl.program_id(0)
     col = s * SW + tl.arange(0, SW)
     cm = col < H
@@ -98,21 +104,29 @@ def _norm_router_kernel(o_ptr, res_ptr, nw_ptr, w_ptr, h_ptr, x_ptr, part_ptr, B
     else:
         part = tl.dot(xv, tl.trans(wt))
     tl.store(part_ptr + (s * B + b[:, None]) * E + e[None, :], part, mask=bm[:, None] & (e < E)[None, :])
+    if LAST:
+        if last_arrival(count_ptr, S):
+            for row in range(B):
+                _route_row(part_ptr, w_out, ids_out, rows_ptr, block_expert_ptr, row, S, B, E, K, EB, KB, SB, ABM,
+                           NORMALIZE, ALIGN, PACKED, True)
 
 
-@triton.jit(do_not_specialize=["B"])
-def _route_partials_kernel(part_ptr, w_out, ids_out, rows_ptr, block_expert_ptr, S, B, E,
-                           K: tl.constexpr, EB: tl.constexpr, KB: tl.constexpr, SB: tl.constexpr,
-                           BM: tl.constexpr, NORMALIZE: tl.constexpr, ALIGN: tl.constexpr, PACKED: tl.constexpr,
-                           PDL: tl.constexpr):
-    grid_dependency(PDL)
-    row = tl.program_id(0)
+@triton.jit
+def _route_row(part_ptr, w_out, ids_out, rows_ptr, block_expert_ptr, row, S, B, E, K: tl.constexpr,
+               EB: tl.constexpr, KB: tl.constexpr, SB: tl.constexpr, BM: tl.constexpr, NORMALIZE: tl.constexpr,
+               ALIGN: tl.constexpr, PACKED: tl.constexpr, CG: tl.constexpr):
+    """Row ``row``'s S partial logits summed in a fixed order, rounded, then softmax + top-K (and, ALIGN, the
+    experts' block layout). CG: the partials are read past L1 (other programs of this launch wrote them)."""
     e = tl.arange(0, EB)
     sb = tl.arange(0, SB)
     acc = tl.zeros((EB,), tl.float32)
     for s0 in range(0, S, SB):
         m = ((s0 + sb) < S)[:, None] & (e < E)[None, :]
-        acc += tl.sum(tl.load(part_ptr + ((s0 + sb[:, None]) * B + row) * E + e[None, :], mask=m, other=0.0), 0)
+        ptrs = part_ptr + ((s0 + sb[:, None]) * B + row) * E + e[None, :]
+        if CG:
+            acc += tl.sum(tl.load(ptrs, mask=m, other=0.0, cache_modifier=".cg"), 0)
+        else:
+            acc += tl.sum(tl.load(ptrs, mask=m, other=0.0), 0)
     dt = w_out.dtype.element_ty
     logits = tl.where(e < E, acc.to(dt).to(tl.float32), float("-inf"))  # the router's output, rounded
     kk = tl.arange(0, KB)
@@ -126,15 +140,26 @@ def _route_partials_kernel(part_ptr, w_out, ids_out, rows_ptr, block_expert_ptr,
         tl.store(block_expert_ptr + kk, top_i, mask=kk < K)
 
 
+@triton.jit(do_not_specialize=["B"])
+def _route_partials_kernel(part_ptr, w_out, ids_out, rows_ptr, block_expert_ptr, S, B, E,
+                           K: tl.constexpr, EB: tl.constexpr, KB: tl.constexpr, SB: tl.constexpr,
+                           BM: tl.constexpr, NORMALIZE: tl.constexpr, ALIGN: tl.constexpr, PACKED: tl.constexpr,
+                           PDL: tl.constexpr):
+    grid_dependency(PDL)
+    _route_row(part_ptr, w_out, ids_out, rows_ptr, block_expert_ptr, tl.program_id(0), S, B, E, K, EB, KB, SB, BM,
+               NORMALIZE, ALIGN, PACKED, False)
+
+
 def norm_route(o: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                router: torch.Tensor, k: int, normalize: bool, align_bm: int | None = None, pdl: bool = False,
-               slice_width: int = SLICE, early: bool = False, packed: bool = False):
-    """The decode chain from the attention output to the experts' routing, in two launches: o, residual [B, H]
+               slice_width: int = SLICE, early: bool = False, packed: bool = False, one_launch: bool = False):
+    """The decode chain from the attention output to the experts' routing, in two launches (or one): o, residual [B, H]
     -> (h = o + residual, x = rmsnorm(h), routed weights [B, K] in o's dtype, expert ids [B, K] int32, aligned):
     aligned = (rows [K * bm], block_expert [K]) as ``moe_triton.align`` lays them out for one token when
     ``align_bm`` is given and B = 1, else None. router [E, H] is the gate's bias-free weight. ``early``: each program
     loads its slice of the router's weight before it waits for the grid before it (kernels.pdl); ``packed``: the
-    top-k picks by one reduction each (``topk_softmax``)."""
+    top-k picks by one reduction each (``topk_softmax``); ``one_launch``: the GEMV's last program to finish routes
+    (kernels.arrivals) instead of a second launch."""
     b, hidden = o.shape
     e = router.shape[0]
     o, residual = o.contiguous(), residual.contiguous()
@@ -143,9 +168,6 @@ def norm_route(o: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
     part = torch.empty(s, b, e, dtype=torch.float32, device=o.device)
     bm = max(16, triton.next_power_of_2(b))
     eb = max(16, triton.next_power_of_2(e))
-    _norm_router_kernel[(s,)](o, residual, norm_weight, router, h, x, part, b, hidden, e, eps, BM=bm,
-                              SW=slice_width, EB=eb, HP=triton.next_power_of_2(hidden), EARLY=early, num_warps=4,
-                              **launch_options(pdl))
     w = torch.empty(b, k, dtype=o.dtype, device=o.device)
     ids = torch.empty(b, k, dtype=torch.int32, device=o.device)
     aligned = None
@@ -153,9 +175,13 @@ def norm_route(o: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
         aligned = (torch.empty(k * align_bm, dtype=torch.int32, device=o.device),
                    torch.empty(k, dtype=torch.int32, device=o.device))
     rows, block_expert = aligned if aligned is not None else (ids, ids)
-    _route_partials_kernel[(b,)](part, w, ids, rows, block_expert, s, b, e, K=k, EB=eb,
-                                 KB=max(2, triton.next_power_of_2(k)), SB=min(128, triton.next_power_of_2(s)),
-                                 BM=align_bm or 16, NORMALIZE=normalize, ALIGN=aligned is not None, PACKED=packed,
-                                 num_warps=8,
-                                 **launch_options(pdl))
+    route = dict(K=k, KB=max(2, triton.next_power_of_2(k)), SB=min(128, triton.next_power_of_2(s)),
+                 NORMALIZE=normalize, ALIGN=aligned is not None, PACKED=packed)
+    _norm_router_kernel[(s,)](o, residual, norm_weight, router, h, x, part, b, hidden, e, eps, w, ids, rows,
+                              block_expert, counters(o.device, 1) if one_launch else ids, s, BM=bm,
+                              SW=slice_width, EB=eb, HP=triton.next_power_of_2(hidden), EARLY=early, LAST=one_launch,
+                              ABM=align_bm or 16, **route, num_warps=4, **launch_options(pdl))
+    if not one_launch:
+        _route_partials_kernel[(b,)](part, w, ids, rows, block_expert, s, b, e, EB=eb, BM=align_bm or 16, **route,
+                                     num_warps=8, **launch_options(pdl))
     return h, x, w, ids, aligned
