@@ -812,6 +812,42 @@ def test_decode_layer_matches_module(tiny, dtype, fp8, norms, rows):
 
 
 @needs_triton
+@pytest.mark.parametrize("rows", [3, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_qkv_post_inside_the_attention_kernel_changes_no_bit(tiny, dtype, rows):
+    """``qkv_post_in_attention``: the q/k norm + rotary in the split-KV kernel's loads, the new token's k standing in
+    for its key, and its k/v written by the program whose range holds it: the layer's output and both caches equal
+    the separate launch's bit for bit (3 sequences, one at position 0, paged in shuffled blocks of 4)."""
+    from qwen_vl_distributed.kernels.decode_attention import post_fits
+    from qwen_vl_distributed.kernels.decode_layer import decode_layer
+
+    m, cache, layout, _, rope = _decode_case(tiny[1], dtype)
+    if rows == 1:
+        layout = SeqLayout(layout.block_tables[1:2], starts=layout.starts[1:2], lens=[1])
+        rope = tuple(r[1:2] for r in rope)
+    layer = m.model.language_model.layers["1"]
+    assert post_fits(layer.self_attn.head_dim)
+    h = torch.randn(rows, m.cfg.text.hidden_size).to(dtype)
+    outs, caches = [], []
+    for post in (False, True):
+        c = copy.deepcopy(cache)
+        with torch.no_grad():
+            outs.append(decode_layer(layer, h, *rope, c.layer(1), layout.block_table("cpu"),
+                                     layout.tensor("starts", "cpu"), layout.row_tables("cpu", cache.block_size),
+                                     choices=dataclasses.replace(DEFAULT, qkv_post_in_attention=post)))
+        caches.append(c)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(caches[0].k[1], caches[1].k[1]) and torch.equal(caches[0].v[1], caches[1].v[1])
+    assert not torch.equal(caches[1].k[1], cache.k[1])  # the new tokens' k were written
+
+
+def test_the_qkv_post_fits_heads_whose_half_is_a_power_of_two():
+    from qwen_vl_distributed.kernels.decode_attention import post_fits
+
+    assert [d for d in range(2, 300, 2) if post_fits(d)] == [16, 32, 64, 128, 256]
+
+
+@needs_triton
 def test_route_kernel_matches_reference():
     from qwen_vl_distributed.kernels.decode_layer import route as fused_route
     from qwen_vl_distributed.model.moe import route

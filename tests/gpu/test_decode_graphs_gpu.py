@@ -117,8 +117,9 @@ def test_programmatic_dependent_launch_changes_no_bit(base, norm_router):
     with weight tiles loaded before that wait (``pre_wait`` 1 and 2: the GEMVs, the experts' first down tile, and
     the fused router's slice with ``norm_router``), with each program letting the next grid launch before its
     wait (pdl 2), with the top-k by packed keys in one warp, with the K-sum in the down kernel's launch (its last
-    program per column tile sums: kernels.arrivals), and with the fused router's top-k in its GEMV's launch, gives
-    the very bits of plain launches, step after step, under graph replay."""
+    program per column tile sums: kernels.arrivals), with the fused router's top-k in its GEMV's launch, and with
+    the q/k norm + rotary + cache write inside the attention kernel, gives the very bits of plain launches, step
+    after step, under graph replay."""
     import dataclasses
 
     from qwen_vl_distributed.kernels.choices import DEFAULT
@@ -128,7 +129,9 @@ def test_programmatic_dependent_launch_changes_no_bit(base, norm_router):
     variants = [dict(pdl=pdl, pre_wait=pre) for pdl, pre in ((True, 0), (True, 1), (True, 2), (2, 0), (2, 2))]
     variants.append(dict(pdl=True, packed_topk=True, route_warps=1))  # the top-k's own variants
     variants += [dict(pdl=False, sum_in_down_rows=4), dict(pdl=True, pre_wait=2, sum_in_down_rows=4)]  # K-sum folded
-    variants.append(dict(pdl=True, pre_wait=2, sum_in_down_rows=4, packed_topk=True, router_one_launch=True))
+    variants.append(dict(pdl=True, qkv_post_in_attention=True))
+    variants.append(dict(pdl=True, pre_wait=2, sum_in_down_rows=4, packed_topk=True, router_one_launch=True,
+                         qkv_post_in_attention=True))
     for variant in variants:
         got = _graph_steps(base, dataclasses.replace(plain, **variant))
         assert all(torch.equal(a, b) for a, b in zip(got, want)), variant

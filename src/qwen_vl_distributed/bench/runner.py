@@ -424,7 +424,8 @@ class Bench:
         0, 1 or 2 weight tiles loaded before the wait (``KernelChoices.pre_wait``); the top-k by packed keys
         (``packed_topk``) turned over, and its kernel with one warp (``route_warps``); the K-sum in the down
         kernel's launch (``sum_in_down_rows``) turned over; the router in one launch (``router_one_launch``, with
-        ``norm_router_rows``); and all of them together. Each computes the same sums, so the outputs should be identical. The launch
+        ``norm_router_rows``); the q/k post in the attention kernel (``qkv_post_in_attention``); and all of them
+        together. Each computes the same sums, so the outputs should be identical. The launch
         variants need PDL (without it there is no wait to load before)."""
         from ..kernels.pdl import pdl_runs_on
 
@@ -440,9 +441,11 @@ class Bench:
         rows = min(max(self.batches), GEMV_MAX_ROWS)
         variants["residual + norm + router + top-k in one launch"] = dataclasses.replace(
             self.choices, norm_router_rows=rows, router_one_launch=True)
+        variants["q/k norm + rotary + cache write in the attention kernel"] = dataclasses.replace(
+            self.choices, qkv_post_in_attention=True)
         variants["every launch variant on (pdl 1)"] = dataclasses.replace(
             self.choices, norm_router_rows=rows, router_one_launch=True, sum_in_down_rows=rows, packed_topk=True,
-            pre_wait=2, pdl=1)
+            pre_wait=2, pdl=1, qkv_post_in_attention=True)
         for warps in (1, 4):
             if warps != self.choices.route_warps:
                 variants[f"top-k kernel with {warps} warps"] = dataclasses.replace(self.choices, route_warps=warps)

@@ -30,6 +30,7 @@ on any machine.
 - ``sum_in_down_rows``: up to this many rows the experts' K-sum runs in the down kernel's launch
   (kernels.arrivals); 0: its own launch.
 - ``router_one_launch``: with ``norm_router_rows``, the router's top-k runs in its GEMV's launch (kernels.router).
+- ``qkv_post_in_attention``: a decode step's q/k norm + rotary + cache write run in the attention kernel.
 """
 
 from __future__ import annotations
@@ -182,6 +183,11 @@ SUM_IN_DOWN_ROWS = 0
 # that finishes last (kernels.arrivals), not a second launch. Off until bench decode (``decode_variants``) times it.
 ROUTER_ONE_LAUNCH = False
 
+# A decode step's q/k norm + rotary + k/v cache write inside the split-KV attention kernel (kernels.decode_attention:
+# each program normalises its query heads as it loads them and stands the new token's k in for the key not yet
+# cached), not a launch of its own. Off until bench decode (``decode_variants``) times it.
+QKV_POST_IN_ATTENTION = False
+
 
 @dataclass(frozen=True)
 class SplitKV:
@@ -226,6 +232,7 @@ class KernelChoices:
     route_warps: int = ROUTE_WARPS
     sum_in_down_rows: int = SUM_IN_DOWN_ROWS
     router_one_launch: bool = ROUTER_ONE_LAUNCH
+    qkv_post_in_attention: bool = QKV_POST_IN_ATTENTION
 
     def __post_init__(self):
         if self.prompt_attention not in ("triton", "sdpa"):

@@ -8,7 +8,8 @@ CUDA-graph replay each costs ~2 us of launch latency and tail -- more than the a
 Shapes: B sequences (rows), H hidden, NH/KVH query/kv heads, D head_dim, E experts, K per token, P = B*K pairs.
 Launches: rmsnorm | q, k, v GEMV (cuBLAS) | q/k norm + rotary + cache write | split-KV attention (2) | o GEMV |
 residual + rmsnorm | router GEMV | softmax + top-k | align + gate/up + down (3) | K-sum + residual; up to
-``KernelChoices.sum_in_down_rows`` rows the K-sum runs in the down kernel's launch (kernels.arrivals).
+``KernelChoices.sum_in_down_rows`` rows the K-sum runs in the down kernel's launch (kernels.arrivals); with
+``qkv_post_in_attention`` the q/k norm + rotary + cache write run in the attention kernel (kernels.decode_attention).
 Up to ``KernelChoices.norm_qkv_rows`` rows, 1 fewer: the input norm runs inside the q/k/v GEMV (kernels.gemv); up
 to ``norm_router_rows``, 1 fewer (2 for one token): residual + norm + router GEMV + top-k are two launches that, for
 one token, also lay out the experts' blocks (kernels.router).
@@ -28,12 +29,13 @@ import triton.language as tl
 
 from . import grouped
 from .choices import DEFAULT, KernelChoices
-from .decode_attention import decode_attention
+from .decode_attention import decode_attention, post_fits
 from .gemv import linear_small
 from .moe_triton import expert_pairs, sum_pairs
 from .packing import packed_qkv
 from .pdl import grid_dependency, launch_options, pdl_runs_on
 from .router import norm_route, topk_softmax
+from .tiles import norm_rope
 
 
 def project(use: str, x: torch.Tensor, *weights: torch.Tensor, choices: KernelChoices = DEFAULT,
@@ -95,28 +97,6 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
 
 
 @triton.jit
-def _norm_rope(a, b, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, HALF: tl.constexpr, HP: tl.constexpr,
-               dt: tl.constexpr):
-    """Per-head RMSNorm then rotary on the two halves (a, b) [HB, HP] of HB heads of one row (fp32 values of
-    bf16 numbers; columns past HALF are padding, 0 in a and b)."""
-    i = tl.arange(0, HP)[None, :]
-    im = i < HALF
-    rstd = 1.0 / tl.sqrt((tl.sum(a * a, 1) + tl.sum(b * b, 1)) / D + eps)[:, None]
-    wa = tl.load(w_ptr + i, mask=im).to(tl.float32)
-    wb = tl.load(w_ptr + HALF + i, mask=im).to(tl.float32)
-    a = (wa * (a * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-    b = (wb * (b * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-    c1 = tl.load(cos_ptr + i, mask=im).to(tl.float32)
-    c2 = tl.load(cos_ptr + HALF + i, mask=im).to(tl.float32)
-    s1 = tl.load(sin_ptr + i, mask=im).to(tl.float32)
-    s2 = tl.load(sin_ptr + HALF + i, mask=im).to(tl.float32)
-    # x * cos + rotate_half(x) * sin, rotate_half(a, b) = (-b, a); each product and the sum rounded
-    oa = ((a * c1).to(dt).to(tl.float32) + (-b * s1).to(dt).to(tl.float32)).to(dt)
-    ob = ((b * c2).to(dt).to(tl.float32) + (a * s2).to(dt).to(tl.float32)).to(dt)
-    return oa, ob
-
-
-@triton.jit
 def _qkv_post_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, blocks_ptr, offs_ptr,
                      qo_ptr, kc_ptr, vc_ptr, eps, sq, skv, sc_b, sc_h, sc_l,
                      NH: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, HB: tl.constexpr,
@@ -140,7 +120,7 @@ def _qkv_post_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, bloc
         src = q_ptr + b * sq + hd * D + i
         a = tl.load(src, mask=m, other=0.0).to(tl.float32)
         bb = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
-        oa, ob = _norm_rope(a, bb, qw_ptr, cos_row, sin_row, eps, D, HALF, HP, dt)
+        oa, ob = norm_rope(a, bb, qw_ptr, cos_row, sin_row, eps, D, HALF, HP, dt)
         dst = qo_ptr + b * NH * D + hd * D + i
         tl.store(dst, oa, mask=m)
         tl.store(dst + HALF, ob, mask=m)
@@ -152,7 +132,7 @@ def _qkv_post_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, bloc
         src = k_ptr + b * skv + hd * D + i
         a = tl.load(src, mask=m, other=0.0).to(tl.float32)
         bb = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
-        oa, ob = _norm_rope(a, bb, kw_ptr, cos_row, sin_row, eps, D, HALF, HP, dt)
+        oa, ob = norm_rope(a, bb, kw_ptr, cos_row, sin_row, eps, D, HALF, HP, dt)
         off = blk * sc_b + hd * sc_h + pos * sc_l + i
         tl.store(kc_ptr + off, oa, mask=m)
         tl.store(kc_ptr + off + HALF, ob, mask=m)
@@ -219,17 +199,26 @@ def decode_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k
     """``layer`` (a DecoderLayer) on h [B, H] for one token per sequence; cos/sin [B, D] in h's dtype; device
     tensors: tables [B, W] block tables, starts [B] (tokens cached before this one), rows: the (block, offset)
     [B] each where each sequence's new k/v go."""
-    scale = layer.self_attn.scale
+    attn = layer.self_attn
+    scale = attn.scale
     pdl = uses_pdl(choices, h.device)
+    raw = None
+    if choices.qkv_post_in_attention and post_fits(attn.head_dim):
+        def attend_raw(q, k, v):  # the q/k norm + rotary and the cache write inside the attention kernel
+            return decode_attention(q, kv[0], kv[1], tables, starts, scale, pdl=pdl,
+                                    post=(k, v, attn.q_norm, attn.k_norm, cos, sin, *rows))
+        raw = attend_raw
     return fused_layer(layer, h, cos, sin, kv, *rows,
-                       lambda q: decode_attention(q, kv[0], kv[1], tables, starts, scale, pdl=pdl), choices)
+                       lambda q: decode_attention(q, kv[0], kv[1], tables, starts, scale, pdl=pdl), choices,
+                       attend_raw=raw)
 
 
 def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                row_blocks: torch.Tensor, row_offsets: torch.Tensor, attend, choices: KernelChoices = DEFAULT
-                ) -> torch.Tensor:
+                row_blocks: torch.Tensor, row_offsets: torch.Tensor, attend, choices: KernelChoices = DEFAULT,
+                attend_raw=None) -> torch.Tensor:
     """``layer`` on T rows h [T, H]: row t's k/v go to cache block row_blocks[t], offset row_offsets[t] (device
-    tensors [T]); ``attend(q [T, NH, D]) -> [T, NH, D]`` reads the cache after that write."""
+    tensors [T]); ``attend(q [T, NH, D]) -> [T, NH, D]`` reads the cache after that write. ``attend_raw(q, k, v)``
+    (the raw projections) -> [T, NH, D], where given, does ``qkv_post``'s work itself and replaces both."""
     attn, mlp = layer.self_attn, layer.mlp
     t = h.shape[0]
     pdl = uses_pdl(choices, h.device)
@@ -249,7 +238,10 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
                           norm=(norm_in.weight, norm_in.eps) if fuse_in else None)
     else:
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    o = attend(qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets, pdl)).reshape(t, -1)
+    if attend_raw is not None:
+        o = attend_raw(q, k, v).reshape(t, -1)
+    else:
+        o = attend(qkv_post(q, k, v, attn, cos, sin, kv, row_blocks, row_offsets, pdl)).reshape(t, -1)
     o = project("o", o, attn.o_proj.weight, choices=choices)[0] if attn.o_proj.bias is None else attn.o_proj(o)
     if attn.reduce is not None:  # tensor parallel: this rank's heads' share of o_proj, summed over the ranks
         o = attn.reduce(o)

@@ -1,5 +1,6 @@
-"""Triton pieces the matmul kernels share (inlined into each kernel that calls them), and the host-side rules for
-how many pipeline stages of operand tiles fit in shared memory and how wide a head's tile is."""
+"""Triton pieces the kernels share (inlined into each kernel that calls them): operand tiles, norms, the products;
+and the host-side rules for how many pipeline stages of operand tiles fit in shared memory and how wide a head's
+tile is."""
 
 from __future__ import annotations
 
@@ -43,6 +44,28 @@ def norm_tile(a, rstd, w_ptr, k0, kk, KD, dt):
     w = tl.load(w_ptr + k0 + kk, mask=(k0 + kk) < KD, other=0.0).to(tl.float32)
     n = (a.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32)
     return (w[None, :] * n).to(dt)
+
+
+@triton.jit
+def norm_rope(a, b, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, HALF: tl.constexpr, HP: tl.constexpr,
+               dt: tl.constexpr):
+    """Per-head RMSNorm then rotary on the two halves (a, b) [HB, HP] of HB heads of one row (fp32 values of
+    bf16 numbers; columns past HALF are padding, 0 in a and b)."""
+    i = tl.arange(0, HP)[None, :]
+    im = i < HALF
+    rstd = 1.0 / tl.sqrt((tl.sum(a * a, 1) + tl.sum(b * b, 1)) / D + eps)[:, None]
+    wa = tl.load(w_ptr + i, mask=im).to(tl.float32)
+    wb = tl.load(w_ptr + HALF + i, mask=im).to(tl.float32)
+    a = (wa * (a * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    b = (wb * (b * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    c1 = tl.load(cos_ptr + i, mask=im).to(tl.float32)
+    c2 = tl.load(cos_ptr + HALF + i, mask=im).to(tl.float32)
+    s1 = tl.load(sin_ptr + i, mask=im).to(tl.float32)
+    s2 = tl.load(sin_ptr + HALF + i, mask=im).to(tl.float32)
+    # x * cos + rotate_half(x) * sin, rotate_half(a, b) = (-b, a); each product and the sum rounded
+    oa = ((a * c1).to(dt).to(tl.float32) + (-b * s1).to(dt).to(tl.float32)).to(dt)
+    ob = ((b * c2).to(dt).to(tl.float32) + (a * s2).to(dt).to(tl.float32)).to(dt)
+    return oa, ob
 
 
 @triton.jit
