@@ -167,3 +167,41 @@ def test_mixed_step_split_kv_at_the_released_shapes(dtype):
     assert rel(out, ref) < bound, f"split: rel {rel(out, ref):.2e}"
     whole = ea.extend_attention(q, kc, vc, layout, d ** -0.5, SplitKV(programs=0))
     assert rel(out, whole) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_qkv_post_inside_decode_attention_at_the_released_shapes(dtype):
+    """decode_attention(post=...) against decode_layer.qkv_post then decode_attention: 64 query heads over 4 kv heads
+    of 128, blocks of 16 in shuffled tables, new tokens at a block's first slot, its last, and position 0. The q/k
+    norms' sums of squares run over other tiles there, so a bf16 value may round the other way: the outputs and
+    the written k/v within bf16 rounding, every other cache entry untouched."""
+    from types import SimpleNamespace
+
+    from qwen_vl_distributed.kernels.decode_attention import decode_attention
+    from qwen_vl_distributed.kernels.decode_layer import qkv_post
+
+    torch.manual_seed(1)
+    dev, nh, kvh, d, bs = "cuda", 64, 4, 128, 16
+    starts = [16, 31, 0]  # the new token's position: a block's first slot, its last, the first of a sequence
+    tables = shuffled_tables([64, 64, 64], bs, seed=4)
+    kc, vc = (torch.randn(pool_blocks(tables), kvh, bs, d, device=dev).to(dtype) for _ in range(2))
+    q, k, v = (torch.randn(3, n * d, device=dev).to(dtype) for n in (nh, kvh, kvh))
+    norm = lambda: SimpleNamespace(weight=(torch.randn(d, device=dev) * 0.1 + 1).to(dtype), eps=1e-6)  # noqa: E731
+    attn = SimpleNamespace(num_heads=nh, num_kv_heads=kvh, head_dim=d, q_norm=norm(), k_norm=norm())
+    cos, sin = (torch.randn(3, d, device=dev).to(dtype) for _ in range(2))
+    tab = torch.tensor([t[:4] for t in tables], dtype=torch.int32, device=dev)
+    st = torch.tensor(starts, dtype=torch.int32, device=dev)
+    blocks = torch.tensor([t[s // bs] for t, s in zip(tables, starts)], dtype=torch.int32, device=dev)
+    offs = torch.tensor([s % bs for s in starts], dtype=torch.int32, device=dev)
+    want_k, want_v = kc.clone(), vc.clone()
+    qo = qkv_post(q, k, v, attn, cos, sin, (want_k, want_v), blocks, offs)
+    want = decode_attention(qo, want_k, want_v, tab, st, d ** -0.5)
+    got_k, got_v = kc.clone(), vc.clone()
+    got = decode_attention(q, got_k, got_v, tab, st, d ** -0.5,
+                           post=(k, v, attn.q_norm, attn.k_norm, cos, sin, blocks, offs))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(got, want) < tol
+    assert rel(got_k, want_k) < tol and torch.equal(got_v, want_v)
+    written = torch.zeros_like(kc, dtype=torch.bool)
+    written[blocks.long(), :, offs.long()] = True
+    assert torch.equal(got_k[~written], kc[~written])

@@ -438,22 +438,22 @@ def _down_kernel(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, block
     # PRE (pointer loads): the block's expert and the first weight tile are read before the grid wait. The layout
     # was written before the gate/up kernel, at least two grids back: every chain kernel waits for its predecessor
     # before it lets its successor launch, so when this grid starts the grid before the one it waits on is complete
-    # and its writes are in L2 (read past L1 all the same). Without SUM a program of an unused block leaves without
-    # waiting; every other program waits.
+    # and its writes are in L2 (read past L1 all the same). Every program waits, those of unused blocks too (were
+    # every block unused, a grid that never waited could complete before its predecessor).
     # SUM: the K-sum too (``_sum_last``): out [T, H] from ids [T, K] (and the residual res [T, H] with HAS_RES);
     # every program of a column tile arrives at its counter, those of unused blocks too.
     blk, col = _block_and_column(COLS_FIRST)
     w_first = blk
     if PRE:
         e = tl.load(block_expert_ptr + blk, cache_modifier=".cg").to(tl.int64)
-        if not SUM:
-            if e >= E:
-                return
         cols = col * BN + tl.arange(0, BN)
         kk = tl.arange(0, BK)
         w_first = load_k_tile(w_ptr + e * H * I + cols[:, None].to(tl.int64) * I + kk[None, :], (cols < H) & (e < E),
                               0, kk, I, EVEN_K)
-        grid_dependency(PDL)
+        grid_dependency(PDL)  # every program waits, an unused block's too: the grid completes after its predecessor
+        if not SUM:
+            if e >= E:
+                return
     else:
         grid_dependency(PDL)
         e = tl.load(block_expert_ptr + blk).to(tl.int64)

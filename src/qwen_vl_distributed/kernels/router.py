@@ -182,6 +182,7 @@ def norm_route(o: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tenso
                               SW=slice_width, EB=eb, HP=triton.next_power_of_2(hidden), EARLY=early, LAST=one_launch,
                               ABM=align_bm or 16, **route, num_warps=4, **launch_options(pdl))
     if not one_launch:
+        # 4 warps, as the GEMV's (one_launch) last program: the partials' and the softmax's sums run in one order
         _route_partials_kernel[(b,)](part, w, ids, rows, block_expert, s, b, e, EB=eb, BM=align_bm or 16, **route,
-                                     num_warps=8, **launch_options(pdl))
+                                     num_warps=4, **launch_options(pdl))
     return h, x, w, ids, aligned

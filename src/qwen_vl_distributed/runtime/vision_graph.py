@@ -121,7 +121,8 @@ class GraphedVision:
             graph, out, first = self._capture(lambda: self.tower.run_layers(static_in, grid_thw, self.block_fn),
                                               pixels)
             self.policy.keep(key, (graph, static_in, out))
-            return first
+            merged, taps = first  # copies made here, as a replay's are: the warm-up's are inference tensors
+            return merged.clone(), [t.clone() for t in taps]
         graph, static_in, (merged, taps) = self.policy.exact[key]
         static_in.copy_(pixels)
         graph.replay()
