@@ -107,8 +107,9 @@ def render(res: dict) -> str:
     for name, per_b in var.items():
         for b, r in (per_b.items() if isinstance(per_b, dict) else ()):
             lines.append(f"  B={b}: {name} {_f(r['other_ms_layer'], '.4f')} ms/L against this run's "
-                         f"({var['default']}) {_f(r['default_ms_layer'], '.4f')} ms/L: {_f(r['other_over_default'], '.4f')}"
-                         ", outputs " + ("identical" if r["equal"] else "rel " + _f(r["rel"], ".2e")))
+                         f"({var['default']}) {_f(r['default_ms_layer'], '.4f')} ms/L: "
+                         f"{_f(r['other_over_default'], '.4f')}, outputs "
+                         + ("identical" if r["equal"] else "rel " + _f(r["rel"], ".2e")))
     for b, parts in res.get("decode_breakdown", {}).items():
         lines.append(f"  B={b} us/layer by launch group: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     if "prefill" in res:

@@ -425,27 +425,28 @@ class Bench:
         (``packed_topk``) turned over, and its kernel with one warp (``route_warps``); the K-sum in the down
         kernel's launch (``sum_in_down_rows``) turned over; the router in one launch (``router_one_launch``, with
         ``norm_router_rows``); the q/k post in the attention kernel (``qkv_post_in_attention``); and all of them
-        together. Each computes the same sums, so the outputs should be identical. The launch
-        variants need PDL (without it there is no wait to load before)."""
+        together. The one-warp top-k, the one-launch router and the q/k post sum in fp32 over other tiles or warps,
+        so their outputs may differ in the last bits (``rel``); the others should be identical. The launch variants
+        need PDL (without it there is no wait to load before)."""
+        from ..kernels.choices import GEMV_MAX_ROWS
         from ..kernels.pdl import pdl_runs_on
 
         here = (int(self.choices.pdl), self.choices.pre_wait)
         res = {"default": f"pdl {here[0]}, {here[1]} tiles, packed top-k {'on' if self.choices.packed_topk else 'off'}"}
-        variants = {f"packed top-k {'off' if self.choices.packed_topk else 'on'}":
-                    dataclasses.replace(self.choices, packed_topk=not self.choices.packed_topk)}
-        from ..kernels.choices import GEMV_MAX_ROWS
-
-        fold = 0 if self.choices.sum_in_down_rows else min(max(self.batches), GEMV_MAX_ROWS)
-        variants[f"K-sum {'apart' if fold == 0 else 'in the down launch'}"] = dataclasses.replace(
-            self.choices, sum_in_down_rows=fold)
         rows = min(max(self.batches), GEMV_MAX_ROWS)
-        variants["residual + norm + router + top-k in one launch"] = dataclasses.replace(
-            self.choices, norm_router_rows=rows, router_one_launch=True)
-        variants["q/k norm + rotary + cache write in the attention kernel"] = dataclasses.replace(
-            self.choices, qkv_post_in_attention=True)
-        variants["every launch variant on (pdl 1)"] = dataclasses.replace(
-            self.choices, norm_router_rows=rows, router_one_launch=True, sum_in_down_rows=rows, packed_topk=True,
-            pre_wait=2, pdl=1, qkv_post_in_attention=True)
+        fold = 0 if self.choices.sum_in_down_rows else rows
+        variants = {
+            f"packed top-k {'off' if self.choices.packed_topk else 'on'}":
+                dataclasses.replace(self.choices, packed_topk=not self.choices.packed_topk),
+            f"K-sum {'apart' if fold == 0 else 'in the down launch'}":
+                dataclasses.replace(self.choices, sum_in_down_rows=fold),
+            "residual + norm + router + top-k in one launch":
+                dataclasses.replace(self.choices, norm_router_rows=rows, router_one_launch=True),
+            "q/k norm + rotary + cache write in the attention kernel":
+                dataclasses.replace(self.choices, qkv_post_in_attention=True),
+            "every launch variant on (pdl 1)":
+                dataclasses.replace(self.choices, norm_router_rows=rows, router_one_launch=True, sum_in_down_rows=rows,
+                                    packed_topk=True, pre_wait=2, pdl=1, qkv_post_in_attention=True)}
         for warps in (1, 4):
             if warps != self.choices.route_warps:
                 variants[f"top-k kernel with {warps} warps"] = dataclasses.replace(self.choices, route_warps=warps)

@@ -164,12 +164,13 @@ NORM_QKV_ROWS = 0
 
 # Weights read before the wait (with PDL): each program of the q/k/v and o GEMV loads its first PRE_WAIT weight tiles
 # (0, 1 or 2), and (PRE_WAIT > 0) each program of the fused router its weight slice and each program of the experts'
-# down kernel its first tile, before it waits for the grid before it, so those loads overlap the predecessor's tail. Off (0) until bench decode (``decode_pre_wait``) times it.
+# down kernel its first tile, before it waits for the grid before it, so those loads overlap the predecessor's tail.
+# Off (0) until bench decode (``decode_variants``) times it.
 PRE_WAIT = 0
 
 # The decode top-k (kernels.router.topk_softmax) picks each expert by one reduction over 64-bit (weight, index) keys
 # instead of a max and then a min: the same picks and weights in half the cross-warp reductions, on the batch-1 chain
-# between the router and the experts. Off until bench decode (``decode_packed_topk``) times it.
+# between the router and the experts. Off until bench decode (``decode_variants``) times it.
 PACKED_TOPK = False
 # Warps of the unfused top-k kernel's program (one per row): with one, its reductions are all within a warp.
 ROUTE_WARPS = 4

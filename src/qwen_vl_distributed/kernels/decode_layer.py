@@ -264,7 +264,7 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
         y = grouped.grouped_experts(x, ids.long(), w, gate_up, down)
         return h + (y if mlp.reduce is None else mlp.reduce(y))
     cfg = choices.moe_config(ids.numel(), scales)
-    pre = pdl == 1 and choices.pre_wait > 0  # reads the layout before the wait: not with EARLY
+    pre = bool(pdl) and choices.pre_wait > 0  # (down_pairs refuses it with EARLY: it reads the layout early)
     if t <= choices.sum_in_down_rows:  # the K-sum (and the residual) in the down kernel's launch
         out = expert_pairs(x, ids, w, gate_up, down, scales, cfg, pdl, aligned, pre_wait=pre,
                            summed=(h if mlp.reduce is None else None,))

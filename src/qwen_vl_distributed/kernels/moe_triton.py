@@ -450,16 +450,12 @@ def _down_kernel(h_ptr, w_ptr, s_ptr, as_ptr, y_ptr, topk_w_ptr, rows_ptr, block
         kk = tl.arange(0, BK)
         w_first = load_k_tile(w_ptr + e * H * I + cols[:, None].to(tl.int64) * I + kk[None, :], (cols < H) & (e < E),
                               0, kk, I, EVEN_K)
-        grid_dependency(PDL)  # every program waits, an unused block's too: the grid completes after its predecessor
-        if not SUM:
-            if e >= E:
-                return
-    else:
-        grid_dependency(PDL)
+    grid_dependency(PDL)  # every program waits, an unused block's too: the grid completes after its predecessor
+    if not PRE:
         e = tl.load(block_expert_ptr + blk).to(tl.int64)
-        if not SUM:
-            if e >= E:
-                return
+    if not SUM:
+        if e >= E:
+            return
     if e < E:
         if SPLIT:  # as in _gate_up_kernel
             if tl.load(rows_ptr + blk * BM + BM // 4) >= P:
@@ -635,10 +631,10 @@ def down_pairs(h: torch.Tensor, topk_w: torch.Tensor, rows: torch.Tensor, block_
     p, nb = h.shape[0], block_expert.numel()
     dtype = out_dtype or h.dtype
     y = torch.empty(p, h_dim, dtype=dtype, device=h.device)
-    grid, cols_first = _grid(nb, triton.cdiv(h_dim, cfg.down_bn), cfg)
+    col_tiles = triton.cdiv(h_dim, cfg.down_bn)
+    grid, cols_first = _grid(nb, col_tiles, cfg)
     arg, tma = _weight_arg(down, cfg.tma, h_dim, cfg.down_bn, cfg.down_bk)
     s_ptr, as_ptr, sr, sc, ag, fp8 = _scale_args(scales, scales.down if scales else None, down, h_scales)
-    col_tiles = triton.cdiv(h_dim, cfg.down_bn)
     if summed is not None:
         ids, residual = summed
         t, k = ids.shape
