@@ -126,7 +126,10 @@ def test_programmatic_dependent_launch_changes_no_bit(base, norm_router):
 
     from qwen_vl_distributed.kernels.choices import DEFAULT
 
-    plain = dataclasses.replace(DEFAULT, pdl=False, norm_router_rows=norm_router, pre_wait=0)
+    # every switch named below off in the base, whatever the defaults, so that each variant is held to plain launches
+    plain = dataclasses.replace(DEFAULT, pdl=False, norm_router_rows=norm_router, pre_wait=0, packed_topk=False,
+                                route_warps=4, sum_in_down_rows=0, router_one_launch=False,
+                                qkv_post_in_attention=False)
     want = _graph_steps(base, plain)
     exact = [dict(pdl=pdl, pre_wait=pre) for pdl, pre in ((True, 0), (True, 1), (True, 2), (2, 0), (2, 2))]
     exact += [dict(pdl=True, packed_topk=True), dict(pdl=False, sum_in_down_rows=4),

@@ -156,37 +156,47 @@ PDL = True
 # The fused layer's norms inside the next kernels up to this many rows (each program re-reads its rows whole to sum
 # their squares, so they are meant for decode-sized batches only). Residual + norm + router + top-k in two launches
 # (kernels.router; for one token the top-k kernel also lays out the experts' blocks): 2 launches fewer at batch 1.
-# The input norm inside the q/k/v GEMV (kernels.gemv): 1 fewer. Off (0) until bench decode (``decode_norm_fusion``)
-# times each: on an H100 and an H200 (2026-12-07) both together were 6.7-8.5% slower at batch 1, the q/k/v GEMV with
-# the norm 36.6 against 22.4 + 2.0 us apart (H200), residual + norm + router 8.1 against 2.0 + 9.2.
-NORM_ROUTER_ROWS = 0
+# The input norm inside the q/k/v GEMV (kernels.gemv): 1 fewer. On an H100 and an H200 (2026-12-07) both together
+# were 6.7-8.5% slower at batch 1: the q/k/v GEMV with the norm 36.6 against 22.4 + 2.0 us apart (H200), residual +
+# norm + router 8.1 against 2.0 + 9.2. Timed apart (bench decode ``decode_norm_fusion``, H100, 2026-12-08): the
+# router's half 0.983 of the launches at batch 1 and 0.972 at batch 8, identical bits, so it is on up to 8 rows; the
+# q/k/v half 1.038 at batch 1, so it stays off.
+NORM_ROUTER_ROWS = 8
 NORM_QKV_ROWS = 0
 
 # Weights read before the wait (with PDL): each program of the q/k/v and o GEMV loads its first PRE_WAIT weight tiles
 # (0, 1 or 2), and (PRE_WAIT > 0) each program of the fused router its weight slice and each program of the experts'
 # down kernel its first tile, before it waits for the grid before it, so those loads overlap the predecessor's tail.
-# Off (0) until bench decode (``decode_variants``) times it.
-PRE_WAIT = 0
+# 1 since bench decode (``decode_variants``, H100, 2026-12-08) timed it: one tile 0.989 of none at batch 1 and 0.977
+# at batch 8, two tiles 0.996 / 0.979, identical bits. (Letting the next grid launch before the wait, PDL = 2, was
+# 1.029 at batch 1: PDL stays 1.)
+PRE_WAIT = 1
 
 # The decode top-k (kernels.router.topk_softmax) picks each expert by one reduction over 64-bit (weight, index) keys
 # instead of a max and then a min: the same picks and weights in half the cross-warp reductions, on the batch-1 chain
-# between the router and the experts. Off until bench decode (``decode_variants``) times it.
-PACKED_TOPK = False
-# Warps of the unfused top-k kernel's program (one per row): with one, its reductions are all within a warp.
+# between the router and the experts. On since bench decode (``decode_variants``, H100, 2026-12-08): 0.999 of the
+# two reductions at batch 1, 0.985 at batch 8, identical bits.
+PACKED_TOPK = True
+# Warps of the unfused top-k kernel's program (one per row): with one, its reductions are all within a warp. One warp
+# timed 0.992 at batch 1 and 1.061 at batch 8 on an H100 (2026-12-08), and at batch 1 the fused router runs the
+# top-k anyway (NORM_ROUTER_ROWS): 4 stays.
 ROUTE_WARPS = 4
 
 # Up to this many rows the experts' K-sum (and the residual add) runs in the down kernel's launch: the last program of
 # each column tile to finish sums the tokens' pairs there (kernels.arrivals), one launch fewer a layer. 0: its own
-# launch. Off until bench decode (``decode_variants``) times it.
+# launch. Off: bench decode (``decode_variants``, H100, 2026-12-08) timed it at 0.999 at batch 1, 0.975 at batch 8
+# (inside that run's noise), not worth a per-device counter that two streams could not share.
 SUM_IN_DOWN_ROWS = 0
 
 # Where the norms run inside the router (``norm_router_rows``): its top-k in the GEMV's launch, done by the program
-# that finishes last (kernels.arrivals), not a second launch. Off until bench decode (``decode_variants``) times it.
+# that finishes last (kernels.arrivals), not a second launch. Off: 1.017 at batch 1 and 1.074 at batch 8 on an H100
+# (2026-12-08): the last program's serial top-k costs more than the launch it saves.
 ROUTER_ONE_LAUNCH = False
 
 # A decode step's q/k norm + rotary + k/v cache write inside the split-KV attention kernel (kernels.decode_attention:
 # each program normalises its query heads as it loads them and stands the new token's k in for the key not yet
-# cached), not a launch of its own. Off until bench decode (``decode_variants``) times it.
+# cached), not a launch of its own. Off: 0.999 at batch 1 on an H100 (2026-12-08), nothing gained for sums in another
+# order.
 QKV_POST_IN_ATTENTION = False
 
 
