@@ -73,7 +73,7 @@ class MoeConfig:
     # W8A8: quantise the experts' inputs inside the gate/up kernel (x in its prologue where bk is the scale block's
     # width, h in its epilogue where bn is a multiple of it: kernels.moe_triton.fused_act_quant), the same bits as
     # the separate act_quant launches in the CPU interpreter; False keeps those launches (the benchmark's A/B).
-    # Off by default until tests/gpu has held the fused kernels to the separate launches on a GPU.
+    # On (h only) in the W8A8 prompt tile since tests/gpu held it to the separate launches on an H100 (CONFIGS_W8A8).
     fuse_act_quant: bool = False
     # With fuse_act_quant: x's quantisation in the prologue too; False: x by its act_quant launch and only h in the
     # gate/up epilogue (the benchmark's third W8A8 path: the fused prologue measured slower on the H100).
@@ -119,8 +119,11 @@ _W8A8_DECODE = MoeConfig(bn=64, bk=128, warps=4, stages=3, down_bn=64, down_bk=1
 CONFIGS_W8A8: dict[int, MoeConfig] = {
     64: _W8A8_DECODE,
     256: _W8A8_DECODE,
+    # h quantised in the gate/up kernel's epilogue, x by its own launch: 1.07x bf16 against 1.05x for both launches
+    # apart on the H200 (2026-12-07), and tests/gpu/test_kernels_gpu.py (fused_quant) gave the separate launches'
+    # bits on an H100 (2026-12-08). x in the prologue too was slower (0.56x).
     1 << 30: MoeConfig(bm=64, bn=128, bk=128, warps=4, stages=4, down_bn=128, down_bk=128, down_warps=4,
-                       down_stages=4, cols_first=True, tma=True),
+                       down_stages=4, cols_first=True, tma=True, fuse_act_quant=True, fuse_x_quant=False),
 }
 
 
@@ -168,15 +171,16 @@ NORM_QKV_ROWS = 0
 # (0, 1 or 2), and (PRE_WAIT > 0) each program of the fused router its weight slice and each program of the experts'
 # down kernel its first tile, before it waits for the grid before it, so those loads overlap the predecessor's tail.
 # 1 since bench decode (``decode_variants``, H100, 2026-12-08) timed it: one tile 0.989 of none at batch 1 and 0.977
-# at batch 8, two tiles 0.996 / 0.979, identical bits. (Letting the next grid launch before the wait, PDL = 2, was
-# 1.029 at batch 1: PDL stays 1.)
+# at batch 8, two tiles 0.996 / 0.979, identical bits; with the fused router on too, 179.0 against 184.7 us per layer
+# at batch 1. (Letting the next grid launch before the wait, PDL = 2, was 1.029-1.139 at batch 1: PDL stays 1.)
 PRE_WAIT = 1
 
 # The decode top-k (kernels.router.topk_softmax) picks each expert by one reduction over 64-bit (weight, index) keys
 # instead of a max and then a min: the same picks and weights in half the cross-warp reductions, on the batch-1 chain
-# between the router and the experts. On since bench decode (``decode_variants``, H100, 2026-12-08): 0.999 of the
-# two reductions at batch 1, 0.985 at batch 8, identical bits.
-PACKED_TOPK = True
+# between the router and the experts. Off: with the router apart it timed 0.999 of the two reductions at batch 1 on
+# an H100 (2026-12-08), but inside the fused router (NORM_ROUTER_ROWS) it is slower: 181.3 against 179.0-179.2 us
+# per layer at batch 1 (two rounds of bench decode's A/B, and 0.991 for packed off in the decode section's own line).
+PACKED_TOPK = False
 # Warps of the unfused top-k kernel's program (one per row): with one, its reductions are all within a warp. One warp
 # timed 0.992 at batch 1 and 1.061 at batch 8 on an H100 (2026-12-08), and at batch 1 the fused router runs the
 # top-k anyway (NORM_ROUTER_ROWS): 4 stays.

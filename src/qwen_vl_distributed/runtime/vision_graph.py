@@ -77,10 +77,13 @@ def unpad(out: tuple[torch.Tensor, list[torch.Tensor]], n: int) -> tuple[torch.T
     return merged[: n // 4].clone(), [t[: n // 4].clone() for t in taps]
 
 
-# Bucket graphs are off by default until tests/gpu/test_vision_buckets_gpu.py has passed on a GPU (their capture
-# runs only there); then the runner takes buckets=True, exact_after=4. Off, every grid list gets its own graph at
-# its first sight.
-BUCKETS, EXACT_AFTER = False, 1
+# Bucket graphs are off: once captured they replay 5-30% slower than exact graphs (H200 and H100, docs/benchmarks.md).
+# A grid list's first sight runs eagerly (the graph-safe kernels its graph will hold: the same bits) and its own graph
+# is captured at its second sight. On an H100 (scripts/vision_first_call.py, 2026-12-08) a new size cost 72-83 ms at
+# its first sight this way against 116-131 ms when its graph was captured there, and the first two or three sights
+# together cost less too (71.8 + 28.5 + 4.4 against 116.1 + 3.8 + 3.7 ms at 1024 patches); later sights replay the
+# same graph either way.
+BUCKETS, EXACT_AFTER = False, 2
 
 
 class GraphedVision:
