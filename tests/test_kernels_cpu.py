@@ -1035,8 +1035,27 @@ def test_pre_wait_is_zero_one_or_two_tiles_and_pdl_a_mode():
         dataclasses.replace(DEFAULT, pdl=3)
     with pytest.raises(ValueError, match="route_warps 3"):
         dataclasses.replace(DEFAULT, route_warps=3)
+    with pytest.raises(ValueError, match="gemv_stages 9"):
+        dataclasses.replace(DEFAULT, gemv_stages=9)
     assert launch_options(False) == {"PDL": 0} and launch_options(True) == {"PDL": 1, "launch_pdl": True}
     assert launch_options(2) == {"PDL": 2, "launch_pdl": True}
+
+
+@needs_triton
+def test_the_gemv_pipeline_depth_reaches_the_kernel_launch(monkeypatch):
+    """``KernelChoices.gemv_stages`` is what project() hands the GEMV (the interpreter ignores the depth, so the
+    wiring is what can be checked here; bench decode times the depths on a GPU)."""
+    from qwen_vl_distributed.kernels import decode_layer
+
+    seen = []
+    real = decode_layer.linear_small
+    monkeypatch.setattr(decode_layer, "linear_small", lambda *a, **kw: seen.append(kw["stages"]) or real(*a, **kw))
+    x, w = torch.randn(2, 64), torch.randn(48, 64)
+    for stages in (4, 8):
+        (y,) = decode_layer.project("o", x, w, choices=dataclasses.replace(DEFAULT, gemv={"o": (16, 32)},
+                                                                           gemv_stages=stages))
+        assert rel(y, x.double() @ w.double().T) < 1e-6
+    assert seen == [4, 8]
 
 
 def test_the_norm_fusion_ab_is_reported_per_batch():

@@ -132,7 +132,7 @@ def test_programmatic_dependent_launch_changes_no_bit(base, norm_router):
                                 qkv_post_in_attention=False)
     want = _graph_steps(base, plain)
     exact = [dict(pdl=pdl, pre_wait=pre) for pdl, pre in ((True, 0), (True, 1), (True, 2), (2, 0), (2, 2))]
-    exact += [dict(pdl=True, packed_topk=True), dict(pdl=False, sum_in_down_rows=4),
+    exact += [dict(pdl=True, gemv_stages=8), dict(pdl=True, packed_topk=True), dict(pdl=False, sum_in_down_rows=4),
               dict(pdl=True, pre_wait=2, sum_in_down_rows=4)]
     for variant in exact:
         got = _graph_steps(base, dataclasses.replace(plain, **variant))

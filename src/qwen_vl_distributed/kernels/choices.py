@@ -6,7 +6,8 @@ The product runs the defaults here (the fastest measured on an H200 at the 235B 
 on any machine.
 
 - ``gemv``: which decode projections use the one-launch Triton GEMV (kernels.gemv) and its (BN, BK) tile; None:
-  cuBLAS per weight.
+  cuBLAS per weight. ``gemv_stages``: the depth of that kernel's software pipeline (weight tiles in flight per
+  program), the same products in the same order at any depth.
 - ``moe``: the expert kernels' tile tables (``MoeConfig`` per pair-count bucket) for bf16 / fp32 experts, fp8 experts
   and W8A8 experts (kernels.moe_triton).
 - ``fused_max_pairs``: up to this many (token, expert) pairs the fused Triton experts run on CUDA, grouped GEMM above
@@ -130,6 +131,11 @@ CONFIGS_W8A8: dict[int, MoeConfig] = {
 # Defaults: the faster on an H200 at the 235B shapes, batch 1 (docs/benchmarks.md).
 GEMV_TILES: dict[str, tuple[int, int] | None] = {"qkv": (64, 128), "o": (32, 256), "router": None}
 GEMV_MAX_ROWS = 64  # the GEMV kernel is for decode-sized row counts; cuBLAS above
+# Pipeline stages of the GEMV kernel (lowered where the tiles would not fit shared memory: tiles.fit_stages). ncu on
+# an H100 (2026-12-08, docs/benchmarks.md): at 4 the q/k/v and o GEMVs reach 72-74% of the DRAM peak with one program
+# of 4 warps per SM, waiting on global loads; a deeper pipeline keeps more weight tiles in flight per program.
+# bench decode (``decode_variants``) times 6 and 8 against this.
+GEMV_STAGES = 4
 
 # On an H200 at the 235B shapes the Triton kernel (prefill tiles) beat grouped_mm at 2048 and 8192 tokens
 # (P = 16384, 65536: docs/benchmarks.md).
@@ -232,6 +238,7 @@ def moe_kind(scales) -> str:
 @dataclass(frozen=True)
 class KernelChoices:
     gemv: Mapping[str, tuple[int, int] | None] = field(default_factory=lambda: dict(GEMV_TILES))
+    gemv_stages: int = GEMV_STAGES
     moe: Mapping[str, Mapping[int, MoeConfig]] = field(
         default_factory=lambda: {"bf16": dict(CONFIGS), "fp8": dict(CONFIGS_FP8), "w8a8": dict(CONFIGS_W8A8)})
     fused_max_pairs: int = FUSED_MAX_PAIRS
@@ -260,6 +267,8 @@ class KernelChoices:
                              f"launch, then wait: kernels.pdl)")
         if self.route_warps not in (1, 2, 4, 8):
             raise ValueError(f"route_warps {self.route_warps}: 1, 2, 4 or 8")
+        if not 1 <= self.gemv_stages <= 8:
+            raise ValueError(f"gemv_stages {self.gemv_stages}: 1 to 8 pipeline stages")
         if self.pre_wait not in (0, 1, 2):
             raise ValueError(f"pre_wait {self.pre_wait}: 0 (off), 1 or 2 weight tiles")
 
