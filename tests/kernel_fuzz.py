@@ -309,12 +309,13 @@ def check_gemv(rng: random.Random, dtype, device, size: Size) -> None:
         norm = RMSNorm(kd, 1e-6).to(dtype).to(device)
         with torch.no_grad():
             norm.weight.copy_(1 + 0.1 * torch.randn(kd, generator=gen))
+    split = rng.choice([1, 1, 2, 3, 4])  # split-K: programs per row block
     with torch.no_grad():
-        outs = linear_small(x, *ws, bn=bn, bk=bk, norm=None if norm is None else (norm.weight, norm.eps))
+        outs = linear_small(x, *ws, bn=bn, bk=bk, norm=None if norm is None else (norm.weight, norm.eps), split=split)
         xn = x if norm is None else norm(x)
     for out, w in zip(outs, ws):
         assert_close(out, xn.double() @ w.double().T, dtype, "linear_small", b=b, k=kd, n=w.shape[0], bn=bn, bk=bk,
-                     norm=norm is not None)
+                     norm=norm is not None, split=split)
 
 
 def check_rmsnorm(rng: random.Random, dtype, device, size: Size) -> None:

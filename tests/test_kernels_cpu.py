@@ -933,6 +933,39 @@ def test_norm_route_equals_the_norm_the_router_and_route(dtype, b, normalize):
 
 
 @needs_triton
+@needs_triton
+@pytest.mark.parametrize("k", [200, 512, 40])
+def test_split_k_gemv_covers_each_reduction_range_once(k):
+    """kernels.gemv's ``split``: a row block's K cut into ranges of whole tiles, one program each, the last to
+    arrive adding the partials. On small integers every partial sum is exact, so any range read twice, skipped or
+    summed by the wrong program gives another integer; K = 200 (a partial last tile), 512 (8 tiles, 3 splits of
+    3 + 3 + 2) and 40 (one tile: no split). With the weights' first tiles before the wait, the norm inside, and
+    1 or 5 rows; the counters are back to 0 after each launch."""
+    from qwen_vl_distributed.kernels.arrivals import counters
+    from qwen_vl_distributed.kernels.gemv import linear_small
+
+    gen = torch.Generator().manual_seed(k)
+    ints = lambda *shape: torch.randint(-3, 4, shape, generator=gen).float()  # noqa: E731
+    weights = [ints(n, k) for n in (80, 16, 40)]
+    for b in (1, 5):
+        x = ints(b, k)
+        want = [x.double() @ w.double().T for w in weights]
+        unsplit = linear_small(x, *weights, bn=16, bk=64)
+        for split in (2, 3, 8):
+            for pre in (0, 1, 2):
+                got = linear_small(x, *weights, bn=16, bk=64, split=split, pre_wait=pre)
+                assert all(torch.equal(g.double(), w_) for g, w_ in zip(got, want)), (b, split, pre)
+                assert all(torch.equal(g, u) for g, u in zip(got, unsplit)), (b, split, pre)
+                assert not counters(x.device, 1).any()
+        nw = torch.full((k,), 0.5)
+        normed = linear_small(x, *weights, bn=16, bk=64, norm=(nw, 1e-6))
+        for split in (2, 3):
+            got = linear_small(x, *weights, bn=16, bk=64, norm=(nw, 1e-6), split=split)
+            assert all(rel(g, n_) < 1e-6 for g, n_ in zip(got, normed)), split
+    with pytest.raises(ValueError, match="split 0"):
+        linear_small(x, *weights, split=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("k", [200, 64, 40])
 def test_weights_loaded_before_the_wait_give_the_same_bits(dtype, k):
@@ -1037,25 +1070,28 @@ def test_pre_wait_is_zero_one_or_two_tiles_and_pdl_a_mode():
         dataclasses.replace(DEFAULT, route_warps=3)
     with pytest.raises(ValueError, match="gemv_stages 9"):
         dataclasses.replace(DEFAULT, gemv_stages=9)
+    with pytest.raises(ValueError, match="gemv_split 0"):
+        dataclasses.replace(DEFAULT, gemv_split=0)
     assert launch_options(False) == {"PDL": 0} and launch_options(True) == {"PDL": 1, "launch_pdl": True}
     assert launch_options(2) == {"PDL": 2, "launch_pdl": True}
 
 
 @needs_triton
-def test_the_gemv_pipeline_depth_reaches_the_kernel_launch(monkeypatch):
-    """``KernelChoices.gemv_stages`` is what project() hands the GEMV (the interpreter ignores the depth, so the
-    wiring is what can be checked here; bench decode times the depths on a GPU)."""
+def test_the_gemv_pipeline_depth_and_split_reach_the_kernel_launch(monkeypatch):
+    """``KernelChoices.gemv_stages`` and ``gemv_split`` are what project() hands the GEMV (the interpreter ignores
+    the depth, so the wiring is what can be checked here; bench decode times them on a GPU)."""
     from qwen_vl_distributed.kernels import decode_layer
 
     seen = []
     real = decode_layer.linear_small
-    monkeypatch.setattr(decode_layer, "linear_small", lambda *a, **kw: seen.append(kw["stages"]) or real(*a, **kw))
+    monkeypatch.setattr(decode_layer, "linear_small",
+                        lambda *a, **kw: seen.append((kw["stages"], kw["split"])) or real(*a, **kw))
     x, w = torch.randn(2, 64), torch.randn(48, 64)
-    for stages in (4, 8):
+    for stages, split in ((4, 1), (8, 2)):
         (y,) = decode_layer.project("o", x, w, choices=dataclasses.replace(DEFAULT, gemv={"o": (16, 32)},
-                                                                           gemv_stages=stages))
+                                                                           gemv_stages=stages, gemv_split=split))
         assert rel(y, x.double() @ w.double().T) < 1e-6
-    assert seen == [4, 8]
+    assert seen == [(4, 1), (8, 2)]
 
 
 def test_the_norm_fusion_ab_is_reported_per_batch():

@@ -119,7 +119,8 @@ def test_programmatic_dependent_launch_changes_no_bit(base, norm_router):
     (pdl 2), with the top-k by packed keys, and with the K-sum in the down kernel's launch (its last program per
     column tile sums in the K-sum kernel's order: kernels.arrivals) gives the very bits of plain launches, step after
     step, under graph replay. The variants whose fp32 reductions run over other tiles or warps -- the top-k kernel
-    in one warp (its softmax sum), the router's top-k in its GEMV's launch, the q/k post inside attention (head_dim
+    in one warp (its softmax sum), the router's top-k in its GEMV's launch, split-K in the GEMVs (their partials),
+    the q/k post inside attention (head_dim
     8 here: it falls back; test_kernels_gpu.py runs it at the released shapes) -- are held to the first step's
     hidden states within float32 rounding."""
     import dataclasses
@@ -129,7 +130,7 @@ def test_programmatic_dependent_launch_changes_no_bit(base, norm_router):
     # every switch named below off in the base, whatever the defaults, so that each variant is held to plain launches
     plain = dataclasses.replace(DEFAULT, pdl=False, norm_router_rows=norm_router, pre_wait=0, packed_topk=False,
                                 route_warps=4, sum_in_down_rows=0, router_one_launch=False,
-                                qkv_post_in_attention=False)
+                                qkv_post_in_attention=False, gemv_stages=4, gemv_split=1)
     want = _graph_steps(base, plain)
     exact = [dict(pdl=pdl, pre_wait=pre) for pdl, pre in ((True, 0), (True, 1), (True, 2), (2, 0), (2, 2))]
     exact += [dict(pdl=True, gemv_stages=8), dict(pdl=True, packed_topk=True), dict(pdl=False, sum_in_down_rows=4),
@@ -138,6 +139,7 @@ def test_programmatic_dependent_launch_changes_no_bit(base, norm_router):
         got = _graph_steps(base, dataclasses.replace(plain, **variant))
         assert all(torch.equal(a, b) for a, b in zip(got, want)), variant
     close = [dict(pdl=True, packed_topk=True, route_warps=1), dict(pdl=True, router_one_launch=True),
+             dict(pdl=True, pre_wait=1, gemv_split=3),
              dict(pdl=True, qkv_post_in_attention=True),
              dict(pdl=True, pre_wait=2, sum_in_down_rows=4, packed_topk=True, router_one_launch=True,
                   qkv_post_in_attention=True)]

@@ -425,9 +425,9 @@ class Bench:
         (``packed_topk``) turned over, and its kernel with one warp (``route_warps``); the K-sum in the down
         kernel's launch (``sum_in_down_rows``) turned over; the router in one launch (``router_one_launch``, with
         ``norm_router_rows``); the q/k post in the attention kernel (``qkv_post_in_attention``); and all of them
-        together; and the GEMV kernel's pipeline at other depths (``gemv_stages``). The one-warp top-k, the one-launch
-        router and the q/k post sum in fp32 over other tiles or warps, so their outputs may differ in the last bits
-        (``rel``); the others should be identical. The launch variants need PDL (without it there is no wait to load
+        together; and the GEMV kernel's pipeline at other depths (``gemv_stages``) and split-K (``gemv_split``). The
+        one-warp top-k, the one-launch router, the q/k post and the split GEMV sum in fp32 over other tiles or
+        warps, so their outputs may differ in the last bits (``rel``); the others should be identical. The launch variants need PDL (without it there is no wait to load
         before)."""
         from ..kernels.choices import GEMV_MAX_ROWS
         from ..kernels.pdl import pdl_runs_on
@@ -451,6 +451,9 @@ class Bench:
         for stages in (4, 6, 8):
             if stages != self.choices.gemv_stages:
                 variants[f"GEMV pipeline of {stages} stages"] = dataclasses.replace(self.choices, gemv_stages=stages)
+        for split in (1, 2, 4):
+            if split != self.choices.gemv_split:
+                variants[f"GEMV split-K over {split} programs"] = dataclasses.replace(self.choices, gemv_split=split)
         for warps in (1, 4):
             if warps != self.choices.route_warps:
                 variants[f"top-k kernel with {warps} warps"] = dataclasses.replace(self.choices, route_warps=warps)

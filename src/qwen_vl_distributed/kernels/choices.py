@@ -7,7 +7,8 @@ on any machine.
 
 - ``gemv``: which decode projections use the one-launch Triton GEMV (kernels.gemv) and its (BN, BK) tile; None:
   cuBLAS per weight. ``gemv_stages``: the depth of that kernel's software pipeline (weight tiles in flight per
-  program), the same products in the same order at any depth.
+  program), the same products in the same order at any depth. ``gemv_split``: programs per row block, each over a
+  range of the reduction (split-K; fp32 partials summed in range order by the last to finish).
 - ``moe``: the expert kernels' tile tables (``MoeConfig`` per pair-count bucket) for bf16 / fp32 experts, fp8 experts
   and W8A8 experts (kernels.moe_triton).
 - ``fused_max_pairs``: up to this many (token, expert) pairs the fused Triton experts run on CUDA, grouped GEMM above
@@ -136,6 +137,10 @@ GEMV_MAX_ROWS = 64  # the GEMV kernel is for decode-sized row counts; cuBLAS abo
 # of 4 warps per SM, waiting on global loads; a deeper pipeline keeps more weight tiles in flight per program.
 # bench decode (``decode_variants``) times 6 and 8 against this.
 GEMV_STAGES = 4
+# Split-K of the GEMV kernel: programs per row block (1: none). With 2-4 the q/k/v and o GEMVs run 2-4 programs per
+# SM instead of one, each streaming its share of K; the partial sums add in another order than one program's, so
+# the outputs may differ in the last bit. bench decode (``decode_variants``) times 2 and 4 against this.
+GEMV_SPLIT = 1
 
 # On an H200 at the 235B shapes the Triton kernel (prefill tiles) beat grouped_mm at 2048 and 8192 tokens
 # (P = 16384, 65536: docs/benchmarks.md).
@@ -239,6 +244,7 @@ def moe_kind(scales) -> str:
 class KernelChoices:
     gemv: Mapping[str, tuple[int, int] | None] = field(default_factory=lambda: dict(GEMV_TILES))
     gemv_stages: int = GEMV_STAGES
+    gemv_split: int = GEMV_SPLIT
     moe: Mapping[str, Mapping[int, MoeConfig]] = field(
         default_factory=lambda: {"bf16": dict(CONFIGS), "fp8": dict(CONFIGS_FP8), "w8a8": dict(CONFIGS_W8A8)})
     fused_max_pairs: int = FUSED_MAX_PAIRS
@@ -269,6 +275,8 @@ class KernelChoices:
             raise ValueError(f"route_warps {self.route_warps}: 1, 2, 4 or 8")
         if not 1 <= self.gemv_stages <= 8:
             raise ValueError(f"gemv_stages {self.gemv_stages}: 1 to 8 pipeline stages")
+        if not 1 <= self.gemv_split <= 8:
+            raise ValueError(f"gemv_split {self.gemv_split}: 1 (no split) to 8 programs per row block")
         if self.pre_wait not in (0, 1, 2):
             raise ValueError(f"pre_wait {self.pre_wait}: 0 (off), 1 or 2 weight tiles")
 
