@@ -205,3 +205,39 @@ def test_qkv_post_inside_decode_attention_at_the_released_shapes(dtype):
     written = torch.zeros_like(kc, dtype=torch.bool)
     written[blocks.long(), :, offs.long()] = True
     assert torch.equal(got_k[~written], kc[~written])
+
+
+@pytest.mark.parametrize("pdl", [0, 1, 2], ids=["plain", "pdl", "pdl-early"])
+def test_split_k_gemv_at_the_released_shapes_under_graph_replay(pdl):
+    """kernels.gemv's split-K at the 235B's decode GEMVs (q/k/v: K 4096 into 8192 + 512 + 512 rows; o: K 8192 into
+    4096), 2-8 programs per row block, 0-2 weight tiles before the wait, captured in a CUDA graph: each replay gives
+    the eager call's bits (the last program to arrive sums the partials in range order, whichever it is; a program
+    summing before the others stored would read stale partials), the outputs are within bf16 rounding of float32
+    products and of the unsplit kernel, and the arrival counters are back to 0."""
+    from qwen_vl_distributed.kernels.arrivals import counters
+    from qwen_vl_distributed.kernels.gemv import linear_small
+    from qwen_vl_distributed.kernels.pdl import pdl_runs_on
+
+    if pdl and not pdl_runs_on("cuda"):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    torch.manual_seed(3)
+    for k, rows, (bn, bk) in ((4096, (8192, 512, 512), (64, 128)), (8192, (4096,), (32, 256))):
+        x = torch.randn(3, k, device="cuda").to(torch.bfloat16)
+        ws = [(torch.randn(n, k, device="cuda") * k ** -0.5).to(torch.bfloat16) for n in rows]
+        want = [x.float() @ w.float().T for w in ws]
+        unsplit = linear_small(x, *ws, bn=bn, bk=bk)
+        for split in (2, 3, 4, 8):
+            for pre in (0, 1, 2) if pdl else (0,):
+                def run():
+                    return linear_small(x, *ws, bn=bn, bk=bk, split=split, pre_wait=pre, pdl=pdl)
+
+                eager = run()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    outs = run()
+                for _ in range(3):
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    assert all(torch.equal(o, e) for o, e in zip(outs, eager)), (k, split, pre)
+                assert all(rel(e, w_) < 1e-2 and rel(e, u) < 1e-2 for e, w_, u in zip(eager, want, unsplit))
+                assert not counters(x.device, 1).any()

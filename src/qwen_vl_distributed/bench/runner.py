@@ -427,8 +427,8 @@ class Bench:
         ``norm_router_rows``); the q/k post in the attention kernel (``qkv_post_in_attention``); and all of them
         together; and the GEMV kernel's pipeline at other depths (``gemv_stages``) and split-K (``gemv_split``). The
         one-warp top-k, the one-launch router, the q/k post and the split GEMV sum in fp32 over other tiles or
-        warps, so their outputs may differ in the last bits (``rel``); the others should be identical. The launch variants need PDL (without it there is no wait to load
-        before)."""
+        warps, so their outputs may differ in the last bits (``rel``); the others should be identical. The launch
+        variants need PDL (without it there is no wait to load before)."""
         from ..kernels.choices import GEMV_MAX_ROWS
         from ..kernels.pdl import pdl_runs_on
 

@@ -113,7 +113,8 @@ def linear_small(x: torch.Tensor, *weights: torch.Tensor, bn: int = BN, bk: int 
     ``norm`` = (weight [K], eps): the products of rmsnorm(x) instead (``decode_layer.rmsnorm``'s rounding).
     ``pdl``: launch with programmatic dependent launch (kernels.pdl); ``pre_wait`` (0, 1 or 2): weight tiles each
     program loads before its wait for the grid before it. ``split``: programs per row block, each over its own
-    range of K (fewer where K has fewer BK tiles); their fp32 partials are summed in range order."""
+    range of K of cdiv(tiles, split) BK tiles (so fewer programs than asked where that leaves the last ones none:
+    4 tiles over 3 run as 2 + 2); their fp32 partials are summed in range order."""
     if not 1 <= len(weights) <= 3:
         raise ValueError("linear_small takes one to three weights")
     if pre_wait not in (0, 1, 2):
@@ -129,9 +130,9 @@ def linear_small(x: torch.Tensor, *weights: torch.Tensor, bn: int = BN, bk: int 
     blocks = sum(triton.cdiv(n, bn) for n in ns)
     bm = max(16, triton.next_power_of_2(b))
     nw, eps = norm if norm is not None else (x, 0.0)
-    tiles = triton.cdiv(k, bk)
+    tiles = max(1, triton.cdiv(k, bk))
     per = triton.cdiv(tiles, min(split, tiles))  # BK tiles per split: every split gets at least one
-    split = triton.cdiv(tiles, per)
+    split = triton.cdiv(tiles, per)  # so fewer splits than asked where they would not divide the tiles evenly
     fewest = tiles - (split - 1) * per  # the last split's tiles
     part, count = x, x  # placeholders the unsplit kernel never touches
     if split > 1:
