@@ -120,9 +120,9 @@ def test_programmatic_dependent_launch_changes_no_bit(base, norm_router):
     column tile sums in the K-sum kernel's order: kernels.arrivals) gives the very bits of plain launches, step after
     step, under graph replay. The variants whose fp32 reductions run over other tiles or warps -- the top-k kernel
     in one warp (its softmax sum), the router's top-k in its GEMV's launch, split-K in the GEMVs (their partials),
-    the q/k post inside attention (head_dim
-    8 here: it falls back; test_kernels_gpu.py runs it at the released shapes) -- are held to the first step's
-    hidden states within float32 rounding."""
+    the q/k post inside attention (head_dim 8 here: it falls back; test_kernels_gpu.py runs it at the released
+    shapes) -- are held to the first step's hidden states within float32 rounding. The GEMV's pipeline depth and
+    split-K run with 16-wide tiles, so that this model's K spans several."""
     import dataclasses
 
     from qwen_vl_distributed.kernels.choices import DEFAULT

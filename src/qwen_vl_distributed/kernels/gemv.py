@@ -28,10 +28,11 @@ import triton
 import triton.language as tl
 
 from .arrivals import counters, last_arrival
+from .choices import GEMV_STAGES
 from .pdl import grid_dependency, launch_options
 from .tiles import fit_stages, load_k_tile, mma, norm_tile, row_rstd
 
-BN, BK, WARPS, STAGES = 32, 256, 4, 4
+BN, BK, WARPS, STAGES = 32, 256, 4, GEMV_STAGES  # the pipeline depth the product runs (KernelChoices)
 
 
 @triton.jit(do_not_specialize=["B"])  # one compile per row bucket BM, whatever the row count (runtime.warmup)
