@@ -43,6 +43,17 @@ def _prefill(rows: dict, attention: dict) -> list[str]:
             out.append(f"  T={n}: floor {_f(f['floor_ms'])} ms/L (experts {_f(f['experts_ms'])}, {f['experts_bound']}-"
                        f"bound; rest {_f(f['rest_ms'])}): MFU at the floor {_f(100 * f['mfu_at_floor'], '.1f')}%, "
                        f"ours at {_f(100 * r['ours_frac_of_floor'], '.1f')}% of the floor's speed")
+    for n, r in rows.items():
+        q = r.get("quack")
+        if isinstance(q, str):
+            out.append(f"  T={n}: quack experts not run: {q}")
+        elif q:
+            names = ("dispatched", "quack", "quack_tuned")
+            out.append(f"  T={n}: experts call ms, as dispatched / quack / quack tuned: "
+                       + " / ".join(_f(q[f"experts_{k}_ms"]) for k in names) + " (rel vs reference "
+                       + " / ".join(f"{q[f'experts_{k}_rel_vs_reference']:.1e}" for k in names)
+                       + f"); layers with quack {_f(q['quack_ms_layer'])} ms/L = "
+                       f"{_f(q['quack_layer_vs_dispatched'], '.3f')} of as dispatched")
     for n, a in attention.items():
         if "prompt_triton_extend_ms" in a:
             out.append(f"  attention over the cache, T={n}, ms per call, Triton / SDPA: whole prompt "
@@ -157,6 +168,13 @@ def render(res: dict) -> str:
                      f"reference attention {_f(vis.get('ours_reference_ms'))} ms, "
                      f"{_f(vis.get('ours_tflops'), '.0f')} TFLOP/s), HF {_f(vis.get('hf_ms'))} ms, "
                      f"rel vs HF {_f(vis.get('rel_fast_vs_hf'), '.2e')}")
+        alone = vis.get("attention_only_ms", {})
+        lines.append("  one image's attention alone, ms per call: " + ", ".join(
+            f"{k} {_f(t)}" for k, t in alone.items() if isinstance(t, float) and not k.endswith("fp32"))
+            + (f" (FA4 rel vs fp32 {alone['FA4_rel_vs_fp32']:.1e}, two segments "
+               f"{alone['two_segments_FA4_rel_vs_fp32']:.1e})" if "FA4_rel_vs_fp32" in alone else "")
+            + f"; FA4: {vis.get('fa4', '-')}; backend orders ms: "
+            + ", ".join(f"{k} {_f(t)}" for k, t in vis.get("backend_orders_ms", {}).items()))
     par = res.get("parity", {})
     if "kernels" in par:
         k = par["kernels"]

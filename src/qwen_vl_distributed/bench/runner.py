@@ -705,6 +705,7 @@ class Bench:
                  "ours_module_path_ms_layer": module_ms / self.n, "ours_sdpa_attention_ms_layer": sdpa_ms / self.n,
                  "floor": prefill_layer_floor(self.cfg, n, self._ceilings()["copy_gbs"], peak)}
             r["ours_frac_of_floor"] = r["floor"]["floor_ms"] / r["ours_ms_layer"]
+            r.update(self._quack_prefill(n, run, ms))
             if n == 2048:  # the fused path and the module path with fast impls against the reference impls
                 fast = run()
                 use_reference(self.mid)
@@ -718,6 +719,39 @@ class Bench:
                 r.update(hf_ms_layer=hf_ms / self.n, hf_tflops=hf_tf, hf_mfu=hf_tf / peak, speedup=hf_ms / ms)
             rows[n] = r
         self.results["prefill"] = rows
+
+    def _quack_prefill(self, n: int, run, ms: float) -> dict:
+        """quack's grouped GEMMs for the experts (kernels.cute, optional): one layer's experts call alone, the path
+        the choices dispatch against quack with its default tile and with its own tuning, and the layers with quack
+        on (``KernelChoices.quack_min_pairs``) against ``ms``, the same layers as dispatched; or why it cannot run."""
+        from ..kernels.cute import quack_experts, unavailable
+        from ..kernels.grouped import fast_experts
+
+        why = unavailable("quack", self.dev)
+        if why is not None:
+            return {"quack": why}
+        t = self.cfg.text
+        layer = self.mid.model.language_model.layers["0"]
+        gu, dn = layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj
+        x = 0.02 * torch.randn(n, t.hidden_size, device=self.dev, dtype=BF16)
+        w, ids = route(layer.mlp.gate(x), t.num_experts_per_tok, t.norm_topk_prob)
+        ref = reference_experts(x, ids, w, gu, dn)
+        call = {"dispatched": lambda: fast_experts(x, ids, w, gu, dn, choices=self.choices),
+                "quack": lambda: quack_experts(x, ids, w, gu, dn),
+                "quack_tuned": lambda: quack_experts(x, ids, w, gu, dn, tuned=True)}
+        res = {}
+        for name, fn in call.items():
+            fn()  # compiles (and with tuned, times quack's configs) outside the timing
+            res[f"experts_{name}_ms"] = cuda_time(fn, iters=2, reps=7, warmup=2)
+            res[f"experts_{name}_rel_vs_reference"] = rel(fn(), ref)
+        chosen = self.choices
+        register(dataclasses.replace(chosen, quack_min_pairs=1))
+        try:
+            res["quack_ms_layer"] = cuda_time(run, iters=2, reps=7, warmup=2) / self.n
+        finally:
+            register(chosen)
+        res["quack_layer_vs_dispatched"] = res["quack_ms_layer"] / (ms / self.n)
+        return {"quack": res}
 
     def _with_prompt_attention(self, path: str, fn):
         """fn() with the fast paths' prompt attention (``KernelChoices.prompt_attention``) set to ``path``."""
@@ -803,6 +837,11 @@ class Bench:
         vis.runner = None  # eager first: the backend orders, then the reference
         names = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
         orders = {"default": None, **{f: (f, *(b for b in names if b != f)) for f in names[:2]}}
+        from ..kernels.cute import unavailable
+
+        res["fa4"] = unavailable("fa4", self.dev) or "runs"
+        if res["fa4"] == "runs":  # FlashAttention 4 (kernels.cute): head_dim 72 in an 80-wide tile
+            orders["FA4"] = ("FA4", *names)
         for label, order in orders.items():
             register(dataclasses.replace(self.choices, vision_backends=order))
             res["backend_orders_ms"][label] = cuda_time(lambda: vis(pixels, [grid]), iters=3, reps=5)
@@ -848,6 +887,20 @@ class Bench:
                     res[name] = cuda_time(lambda: F.scaled_dot_product_attention(q, k, w), iters=3, reps=3)
             except RuntimeError as e:
                 res[name] = f"unsupported: {str(e)[:120]}"
+        from ..kernels.cute import fa4_segment_attention, unavailable
+
+        if unavailable("fa4", self.dev) is None:  # the same call through FlashAttention 4, [N, heads, d] views
+            qs, ks, ws = (t[0].transpose(0, 1) for t in (q, k, w))
+            fa4 = lambda: fa4_segment_attention(qs, ks, ws, [0, side * side], v.head_dim**-0.5)  # noqa: E731
+            fa4()  # (compiles on first use)
+            res["FA4"] = cuda_time(fa4, iters=3, reps=3)
+            with sdpa_kernel([SDPBackend.MATH]):
+                exact = F.scaled_dot_product_attention(q.float(), k.float(), w.float())[0].transpose(0, 1)
+            res["FA4_rel_vs_fp32"] = rel(fa4(), exact)
+            res["two_segments_FA4_rel_vs_fp32"] = rel(
+                fa4_segment_attention(qs, ks, ws, [0, 1000, side * side], v.head_dim**-0.5),
+                torch.cat([F.scaled_dot_product_attention(*(t.float().transpose(0, 1)[:, a:b] for t in (qs, ks, ws)))
+                           .transpose(0, 1) for a, b in ((0, 1000), (1000, side * side))]))
         return res
 
     # -- fp8-resident experts --------------------------------------------------------------------------------------

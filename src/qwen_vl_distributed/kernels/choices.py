@@ -17,7 +17,10 @@ on any machine.
   (kernels.attention).
 - ``extend_split``: split-KV of that Triton path (``SplitKV``): how finely a row block's key range is cut over
   programs, so the decode rows of a long sequence in a mixed step do not leave the GPU idle (kernels.extend_attention).
-- ``vision_backends``: the SDPA backend priority of vision attention, None for torch's own (kernels.vision_attention).
+- ``quack_min_pairs``: from this many pairs on, bf16 experts run as quack's grouped GEMMs where that optional
+  package runs (kernels.cute); 0: never.
+- ``vision_backends``: the SDPA backend priority of vision attention, None for torch's own (kernels.vision_attention);
+  "FA4" first: FlashAttention 4 (kernels.cute) where that optional package runs, the rest as SDPA's order otherwise.
 - ``pdl``: launch the fused layer's kernels with programmatic dependent launch where the GPU can (kernels.pdl); 2:
   each program lets the next grid launch before it waits rather than after.
 - ``norm_router_rows``: up to this many rows the fused layer runs residual + RMSNorm + router GEMV + top-k as two
@@ -146,6 +149,15 @@ GEMV_SPLIT = 1
 # (P = 16384, 65536: docs/benchmarks.md).
 FUSED_MAX_PAIRS = 65536
 
+# quack's variable-length grouped GEMMs for bf16 experts from this many (token, expert) pairs on (kernels.cute, the
+# optional ``hopper`` extra): 0 (off) until a GPU has timed them against the Triton prompt tile (bench prefill's
+# ``prefill_moe_quack`` lines, and the layer with them in ``prefill``) and tests/gpu/test_cute_gpu.py has held
+# them to the reference.
+QUACK_MIN_PAIRS = 0
+
+# Vision attention backends (KernelChoices.vision_backends) a tuple may name: SDPA's, and "FA4" (kernels.cute).
+VISION_BACKENDS = ("FA4", "FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
 # Steps that are not all decode rows (prompts, chunks, mixed steps): "triton" runs kernels.extend_attention, one
 # launch for the step and no per-shape set-up; "sdpa" runs kernels.attention.prefill_attention, one cuDNN-first SDPA
 # call per sequence, which cuDNN plans anew for every new shape (kernels/extend_attention.py says what that costs)
@@ -248,6 +260,7 @@ class KernelChoices:
     moe: Mapping[str, Mapping[int, MoeConfig]] = field(
         default_factory=lambda: {"bf16": dict(CONFIGS), "fp8": dict(CONFIGS_FP8), "w8a8": dict(CONFIGS_W8A8)})
     fused_max_pairs: int = FUSED_MAX_PAIRS
+    quack_min_pairs: int = QUACK_MIN_PAIRS
     prompt_attention: str = PROMPT_ATTENTION
     prompt_sdpa_min_tokens: int = PROMPT_SDPA_MIN_TOKENS
     extend_split: SplitKV = SplitKV(programs=EXTEND_SPLIT_PROGRAMS)
@@ -277,6 +290,11 @@ class KernelChoices:
             raise ValueError(f"gemv_stages {self.gemv_stages}: 1 to 8 pipeline stages")
         if not 1 <= self.gemv_split <= 8:
             raise ValueError(f"gemv_split {self.gemv_split}: 1 (no split) to 8 programs per row block")
+        if self.quack_min_pairs < 0:
+            raise ValueError(f"quack_min_pairs {self.quack_min_pairs}: 0 (off) or a pair count")
+        unknown = [b for b in self.vision_backends or () if b not in VISION_BACKENDS]
+        if unknown:
+            raise ValueError(f"vision_backends {unknown}: choose from {', '.join(VISION_BACKENDS)}")
         if self.pre_wait not in (0, 1, 2):
             raise ValueError(f"pre_wait {self.pre_wait}: 0 (off), 1 or 2 weight tiles")
 

@@ -7,13 +7,15 @@ On CUDA the rotary is one Triton kernel (``kernels.vision_rotary``) writing q an
 a copy; v is read in place from the qkv projection's output. Then one image is a single SDPA call with the fastest
 Hopper backend first, and several segments go through varlen flash attention
 (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.10) over the packed patches when it exists and runs here,
-else one SDPA per segment. On CPU it is the reference.
+else one SDPA per segment. With "FA4" first in the backend order, FlashAttention 4 (kernels.cute, optional) runs
+instead where it is installed: head_dim 72 in an 80-wide tile. On CPU it is the reference.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,8 @@ from ..model.vision import reference_vision_attention, vision_rotary
 def _backends(order: tuple[str, ...] | None):
     """SDPA backend priority for vision (non-causal, head_dim 72): ``KernelChoices.vision_backends``; None: torch's
     own choice, which measured fastest on the H200 (docs/benchmarks.md)."""
-    if order is None:
+    order = [name for name in order or () if name != "FA4"]  # (FA4 is not an SDPA backend: segment_attention)
+    if not order:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -74,10 +77,30 @@ def graph_safe():
         _graph_safe.depth -= 1
 
 
+def fa4_runs(device) -> bool:
+    """Whether FlashAttention 4 runs vision attention on ``device`` (kernels.cute; warns once where it does not)."""
+    from .cute import unavailable
+
+    why = unavailable("fa4", device)
+    if why is not None and why not in _fa4_warned:
+        _fa4_warned.add(why)
+        warnings.warn(f"vision attention: FA4 was chosen but {why}; running SDPA", stacklevel=3)
+    return why is None
+
+
+_fa4_warned: set[str] = set()
+
+
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
                       scale: float, backends: tuple[str, ...] | None = None) -> torch.Tensor:
-    """q, k, v [N, heads, d] -> [N, heads, d], attention inside each segment."""
-    if not q.is_cuda or getattr(_graph_safe, "depth", 0) or torch.cuda.is_current_stream_capturing():
+    """q, k, v [N, heads, d] -> [N, heads, d], attention inside each segment. With "FA4" first in ``backends``,
+    FlashAttention 4 (kernels.cute) where it runs on this GPU, else the SDPA backends that follow it."""
+    capturable = getattr(_graph_safe, "depth", 0) or (q.is_cuda and torch.cuda.is_current_stream_capturing())
+    if backends and backends[0] == "FA4" and q.is_cuda and fa4_runs(q.device):
+        from .cute import fa4_segment_attention
+
+        return fa4_segment_attention(q, k, v, cu_seqlens, scale, per_segment=bool(capturable))
+    if not q.is_cuda or capturable:
         return per_segment_attention(q, k, v, cu_seqlens, scale, backends)
     with _backends(backends):
         if len(cu_seqlens) == 2:
