@@ -1073,26 +1073,28 @@ def test_pre_wait_is_zero_one_or_two_tiles_and_pdl_a_mode():
         dataclasses.replace(DEFAULT, gemv_stages=9)
     with pytest.raises(ValueError, match="gemv_split 0"):
         dataclasses.replace(DEFAULT, gemv_split=0)
+    with pytest.raises(ValueError, match="gemv_warps 3"):
+        dataclasses.replace(DEFAULT, gemv_warps=3)
     assert launch_options(False) == {"PDL": 0} and launch_options(True) == {"PDL": 1, "launch_pdl": True}
     assert launch_options(2) == {"PDL": 2, "launch_pdl": True}
 
 
 @needs_triton
 def test_the_gemv_pipeline_depth_and_split_reach_the_kernel_launch(monkeypatch):
-    """``KernelChoices.gemv_stages`` and ``gemv_split`` are what project() hands the GEMV (the interpreter ignores
+    """``KernelChoices.gemv_stages``, ``gemv_split`` and ``gemv_warps`` are what project() hands the GEMV (the interpreter ignores
     the depth, so the wiring is what can be checked here; bench decode times them on a GPU)."""
     from qwen_vl_distributed.kernels import decode_layer
 
     seen = []
     real = decode_layer.linear_small
     monkeypatch.setattr(decode_layer, "linear_small",
-                        lambda *a, **kw: seen.append((kw["stages"], kw["split"])) or real(*a, **kw))
+                        lambda *a, **kw: seen.append((kw["stages"], kw["split"], kw["warps"])) or real(*a, **kw))
     x, w = torch.randn(2, 64), torch.randn(48, 64)
-    for stages, split in ((4, 1), (8, 2)):
-        (y,) = decode_layer.project("o", x, w, choices=dataclasses.replace(DEFAULT, gemv={"o": (16, 32)},
-                                                                           gemv_stages=stages, gemv_split=split))
+    for stages, split, warps in ((4, 1, 4), (8, 2, 8)):
+        (y,) = decode_layer.project("o", x, w, choices=dataclasses.replace(
+            DEFAULT, gemv={"o": (16, 32)}, gemv_stages=stages, gemv_split=split, gemv_warps=warps))
         assert rel(y, x.double() @ w.double().T) < 1e-6
-    assert seen == [(4, 1), (8, 2)]
+    assert seen == [(4, 1, 4), (8, 2, 8)]
 
 
 def test_the_norm_fusion_ab_is_reported_per_batch():

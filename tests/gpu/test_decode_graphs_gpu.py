@@ -130,7 +130,7 @@ def test_programmatic_dependent_launch_changes_no_bit(base, norm_router):
     # every switch named below off in the base, whatever the defaults, so that each variant is held to plain launches
     plain = dataclasses.replace(DEFAULT, pdl=False, norm_router_rows=norm_router, pre_wait=0, packed_topk=False,
                                 route_warps=4, sum_in_down_rows=0, router_one_launch=False,
-                                qkv_post_in_attention=False, gemv_stages=4, gemv_split=1)
+                                qkv_post_in_attention=False, gemv_stages=4, gemv_split=1, gemv_warps=4)
     want = _graph_steps(base, plain)
     exact = [dict(pdl=pdl, pre_wait=pre) for pdl, pre in ((True, 0), (True, 1), (True, 2), (2, 0), (2, 2))]
     exact += [dict(pdl=True, packed_topk=True), dict(pdl=False, sum_in_down_rows=4),
@@ -150,6 +150,7 @@ def test_programmatic_dependent_launch_changes_no_bit(base, norm_router):
     want = _graph_steps(base, small)
     got = _graph_steps(base, dataclasses.replace(small, pdl=True, gemv_stages=8))
     assert all(torch.equal(a, b) for a, b in zip(got, want)), "gemv_stages"
-    for variant in (dict(pdl=True, pre_wait=1, gemv_split=3), dict(pdl=2, gemv_split=2)):
+    for variant in (dict(pdl=True, pre_wait=1, gemv_split=3), dict(pdl=2, gemv_split=2), dict(gemv_warps=8),
+                    dict(pdl=True, gemv_warps=8, gemv_stages=6)):
         got = _graph_steps(base, dataclasses.replace(small, **variant))
         assert rel(got[0], want[0]) < 1e-5, variant

@@ -173,7 +173,9 @@ def render(res: dict) -> str:
             f"{k} {_f(t)}" for k, t in alone.items() if isinstance(t, float) and not k.endswith("fp32"))
             + (f" (FA4 rel vs fp32 {alone['FA4_rel_vs_fp32']:.1e}, two segments "
                f"{alone['two_segments_FA4_rel_vs_fp32']:.1e})" if "FA4_rel_vs_fp32" in alone else "")
-            + f"; FA4: {vis.get('fa4', '-')}; backend orders ms: "
+            + f"; FA4: {vis.get('fa4', '-')}; fp8 linears (--vision-fp8): graph {_f(vis.get('fp8_linears_graph_ms'))}"
+            f" ms, eager {_f(vis.get('fp8_linears_eager_ms'))} ms, rel vs bf16 "
+            f"{_f(vis.get('rel_fp8_linears_vs_bf16'), '.1e')}; backend orders ms: "
             + ", ".join(f"{k} {_f(t)}" for k, t in vis.get("backend_orders_ms", {}).items()))
     par = res.get("parity", {})
     if "kernels" in par:

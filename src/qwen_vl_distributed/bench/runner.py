@@ -8,6 +8,7 @@ head) on both sides; the whole-model step (embedding + layers + lm_head) is time
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import statistics
@@ -425,7 +426,8 @@ class Bench:
         (``packed_topk``) turned over, and its kernel with one warp (``route_warps``); the K-sum in the down
         kernel's launch (``sum_in_down_rows``) turned over; the router in one launch (``router_one_launch``, with
         ``norm_router_rows``); the q/k post in the attention kernel (``qkv_post_in_attention``); and all of them
-        together; and the GEMV kernel's pipeline at other depths (``gemv_stages``) and split-K (``gemv_split``). The
+        together; and the GEMV kernel's pipeline at other depths (``gemv_stages``), its programs' warps
+        (``gemv_warps``) and split-K (``gemv_split``). The
         one-warp top-k, the one-launch router, the q/k post and the split GEMV sum in fp32 over other tiles or
         warps, so their outputs may differ in the last bits (``rel``); the others should be identical. The launch
         variants need PDL (without it there is no wait to load before)."""
@@ -451,6 +453,11 @@ class Bench:
         for stages in (4, 6, 8):
             if stages != self.choices.gemv_stages:
                 variants[f"GEMV pipeline of {stages} stages"] = dataclasses.replace(self.choices, gemv_stages=stages)
+        for warps in (4, 8):
+            if warps != self.choices.gemv_warps:
+                variants[f"GEMV programs of {warps} warps"] = dataclasses.replace(self.choices, gemv_warps=warps)
+                variants[f"GEMV programs of {warps} warps, 6 stages"] = dataclasses.replace(
+                    self.choices, gemv_warps=warps, gemv_stages=6)
         for split in (1, 2, 4):
             if split != self.choices.gemv_split:
                 variants[f"GEMV split-K over {split} programs"] = dataclasses.replace(self.choices, gemv_split=split)
@@ -863,6 +870,7 @@ class Bench:
         vis.runner = GraphedVision(vis)  # what serving uses by default: one unpadded graph per shape
         res["ours_graph_ms"] = cuda_time(lambda: vis(pixels, [grid]), iters=3, reps=5)
         res["rel_graph_vs_eager"] = rel(vis(pixels, [grid])[0], eager_out)
+        res.update(self._vision_fp8(vis, pixels, grid, eager_out))
         res["ours_fast_ms"] = min(res["ours_fast_ms"], res["ours_graph_ms"])
         res["ours_tflops"] = vision_flops(self.cfg, side * side) / (res["ours_fast_ms"] * 1e-3) / 1e12
         if self.hf is not None:
@@ -872,6 +880,28 @@ class Bench:
             res["rel_fast_vs_hf"] = rel(vis(pixels, [grid])[0], hf_out)
             res["speedup"] = res["hf_ms"] / res["ours_fast_ms"]
         self.results["vision"] = res
+
+    def _vision_fp8(self, vis, pixels: torch.Tensor, grid: tuple, bf16_out: torch.Tensor) -> dict:
+        """``--vision-fp8``: a copy of the tower with its block linears in fp8 (model.quant.Fp8Linear) on the fast
+        path, from its exact graph as serving runs it and eagerly, and how far its merged tokens are from the bf16
+        tower's."""
+        from ..model.quant import Fp8Linear
+        from ..runtime.vision_graph import GraphedVision
+
+        runner, vis.runner = vis.runner, None  # (the graphs are not copied)
+        try:
+            f8 = copy.deepcopy(vis)
+        finally:
+            vis.runner = runner
+        f8.quantize_linears_fp8()
+        for m in f8.modules():
+            if isinstance(m, Fp8Linear):
+                m.impl = "fast"
+        res = {"fp8_linears_eager_ms": cuda_time(lambda: f8(pixels, [grid]), iters=3, reps=5)}
+        f8.runner = GraphedVision(f8)
+        res["fp8_linears_graph_ms"] = cuda_time(lambda: f8(pixels, [grid]), iters=3, reps=5)
+        res["rel_fp8_linears_vs_bf16"] = rel(f8(pixels, [grid])[0], bf16_out)
+        return res  # (the copy and its graphs go with this frame)
 
     def _vision_attention_only(self, side: int) -> dict:
         """One image's attention (all heads, one segment) with each SDPA backend forced, ms per call."""

@@ -89,6 +89,10 @@ def add_plan_args(p: argparse.ArgumentParser, max_batch: int = DEFAULTS["max_bat
                         "kernels (compute capability 8.9+), else dequantize; w8a8: keep them and quantise their "
                         "inputs to fp8 as well, per token and 128 columns (the release's dynamic activation "
                         "scheme: faster prompts, fp8 rounding of the inputs)")
+    p.add_argument("--vision-fp8", dest="vision_fp8", action="store_true",
+                   help="run the vision tower's block linears in fp8 (weights per row, inputs per patch, quantised "
+                        "at load and run time): faster images on GPUs of compute capability 8.9+, at fp8 rounding "
+                        "of the tower (docs/parity.md gives its error against bf16)")
 
 
 def add_run_ahead_args(p: argparse.ArgumentParser) -> None:

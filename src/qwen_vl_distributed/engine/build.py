@@ -69,6 +69,9 @@ class RunOptions:
     # "auto": keep them where the fp8 kernels run (CUDA GPUs of compute capability 8.9 and up), or "w8a8": keep
     # them and quantise their inputs too (model.quant.w8a8_linear)
     fp8_experts: str = "auto"
+    # the vision tower's block linears in fp8 (model.quant.Fp8Linear): faster images for fp8 rounding of the tower's
+    # activations (docs/parity.md gives the error); GPUs of compute capability 8.9+ in bf16, or the CPU's reference
+    vision_fp8: bool = False
     # Benchmarks only: no checkpoint; a preset with this many layers and random weights made on each stage's device.
     random_preset: str | None = None
     random_layers: int | None = None
@@ -180,6 +183,19 @@ def fp8_block(cfg: ModelConfig, opts: RunOptions) -> tuple[int, int] | None:
     return tuple(q.weight_block_size)
 
 
+def check_vision_fp8(opts: RunOptions) -> None:
+    """--vision-fp8 where it cannot run fast is refused: it needs fp8 tensor cores (compute capability 8.9+) on every
+    GPU of this machine and bf16 / fp16 activations there (the fp8 GEMMs' output types)."""
+    if not opts.vision_fp8 or opts.device != "cuda":
+        return
+    if opts.dtype == "float32":
+        raise UserError("--vision-fp8 on cuda runs with --dtype bfloat16 (the fp8 GEMMs write bf16), not float32")
+    if torch.cuda.is_available() and not fp8_kernels_run_here(opts.device):
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        raise UserError(f"--vision-fp8 needs GPUs with fp8 tensor cores (compute capability 8.9+); this machine's "
+                        f"are {', '.join(f'{a}.{b}' for a, b in caps)}")
+
+
 def make_plan(cfg: ModelConfig, opts: RunOptions, grid: Grid | None = None, require_fit: bool = True) -> StagePlan:
     """The stage plan every rank computes alike (and ``qwen-vl plan`` shows), for ``grid`` (default: the options').
     On CUDA it must fit the GPUs (``--gpu-mem``, else the memory of this machine's smallest GPU, divided among the
@@ -187,6 +203,7 @@ def make_plan(cfg: ModelConfig, opts: RunOptions, grid: Grid | None = None, requ
     is read, unless ``require_fit`` is off (the plan then says which stage does not
     fit)."""
     grid = grid or opts.grid(cfg)
+    check_vision_fp8(opts)
     dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}[opts.dtype]
     if dtype == "bf16" and fp8_block(cfg, opts) is not None:
         dtype = "fp8"  # the experts at one byte (plus scales), the rest in bf16
@@ -256,6 +273,7 @@ def fingerprint(ckpt, plan: StagePlan, grid: Grid, opts: RunOptions) -> dict[str
 
     return {"checkpoint": checkpoint_digest(ckpt), "revision": opts.revision or "-", "plan": plan.fingerprint(),
             "grid": grid.key(), "dtype": opts.dtype, "fp8_experts": opts.fp8_experts,
+            "vision_fp8": str(opts.vision_fp8),
             "kv_blocks": f"{plan.kv_blocks}x{plan.kv_block_size}", "max_len": str(opts.max_len),
             "max_batch": str(opts.max_batch), "version": __version__, "code": code_digest()}
 
@@ -282,6 +300,8 @@ def load_rank(ckpt, plan: StagePlan, grid: Grid, rank: int, device: torch.device
             model.keep_experts_fp8(block, act_quant=opts.fp8_experts == "w8a8")
         load_stage(model, ckpt, device, TORCH_DTYPES[opts.dtype], stage_name=name, progress=not opts.quiet,
                    progress_line=rank, shards=shards)
+    if opts.vision_fp8 and model.has_vision:
+        model.model.visual.quantize_linears_fp8()
     return model.eval()
 
 

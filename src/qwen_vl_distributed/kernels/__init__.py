@@ -9,6 +9,8 @@
   (kernels.attention.fast_cache_attention);
 - vision attention (model.vision.VISION_ATTENTION_IMPLS): the 2-D rotary as one Triton kernel, then one SDPA /
   varlen flash per image (kernels.vision_attention.fast_vision_attention);
+- the vision tower's fp8 linears where ``--vision-fp8`` made them (model.quant.FP8_LINEAR_IMPLS): a Triton row
+  quantisation, then torch._scaled_mm (kernels.fp8_linear);
 and the name 'fused' to the decoder-layer registry (model.decoder.DECODER_LAYER_IMPLS): the whole layer step through
 the fused layer kernels (kernels.fast_forward), for every step the decode graphs do not replay.
 ``enable_fast_paths(model)`` registers them, selects them on a model and packs each layer's q/k/v weights into one
@@ -28,6 +30,7 @@ import torch
 from ..model.attention import TextAttention, register_cache_attention
 from ..model.decoder import DecoderLayer, register_decoder_layer_impl
 from ..model.moe import Experts, register_experts_impl
+from ..model.quant import FP8_LINEAR_IMPLS
 from ..model.vision import VISION_ATTENTION_IMPLS
 from .choices import DEFAULT, KernelChoices
 
@@ -36,6 +39,16 @@ def _triton_experts(x, topk_ids, topk_w, gate_up, down, scales=None, choices: Ke
     from .moe_triton import fused_experts
 
     return fused_experts(x, topk_ids, topk_w, gate_up, down, scales, choices.moe_config(topk_ids.numel(), scales))
+
+
+def _fp8_linear(x, weight, scale, bias, act=None):
+    from ..model.quant import rowwise_fp8_linear
+
+    if not x.is_cuda:
+        return rowwise_fp8_linear(x, weight, scale, bias, act)
+    from .fp8_linear import fp8_linear  # Triton only where a GPU runs it
+
+    return fp8_linear(x, weight, scale, bias, act)
 
 
 def _fused_layer(layer, h, rope, kv, layout, choices: KernelChoices = DEFAULT):
@@ -105,6 +118,7 @@ def register(choices: KernelChoices = DEFAULT) -> None:
     register_experts_impl("triton", bind(_triton_experts, choices=choices))
     register_cache_attention("fast", bind(fast_cache_attention, choices=choices))
     VISION_ATTENTION_IMPLS["fast"] = bind(fast_vision_attention, backends=choices.vision_backends)
+    FP8_LINEAR_IMPLS["fast"] = _fp8_linear
     register_decoder_layer_impl("fused", bind(_fused_layer, choices=choices))
 
 
@@ -121,7 +135,8 @@ def enable_fast_paths(model, experts: str = "fast", attention: str = "fast", vis
     if layer is None:
         fast = experts == "fast" and attention == "fast"
         layer = "fused" if fast and fused_layers_fit(model) else "reference"
-    model.set_impl(experts=experts, attention=attention, vision_attention=vision_attention, layer=layer)
+    model.set_impl(experts=experts, attention=attention, vision_attention=vision_attention, layer=layer,
+                   vision_linear="fast")
     pack_qkv(model)  # one q/k/v GEMM for prompts (the parameters become views of one buffer)
     if vision_graphs and next(model.parameters()).is_cuda:
         from ..runtime.vision_graph import enable_vision_graphs
@@ -147,7 +162,8 @@ def module_layers(model):
 
 def use_reference(model):
     """Select the plain PyTorch references again (what the parity tests hold the fast paths against)."""
-    model.set_impl(experts="reference", attention="reference", vision_attention="reference", layer="reference")
+    model.set_impl(experts="reference", attention="reference", vision_attention="reference", layer="reference",
+                   vision_linear="reference")
     if model.has_vision:
         model.model.visual.runner = None
     return model

@@ -7,7 +7,8 @@ on any machine.
 
 - ``gemv``: which decode projections use the one-launch Triton GEMV (kernels.gemv) and its (BN, BK) tile; None:
   cuBLAS per weight. ``gemv_stages``: the depth of that kernel's software pipeline (weight tiles in flight per
-  program), the same products in the same order at any depth. ``gemv_split``: programs per row block, each over a
+  program), the same products in the same order at any depth; ``gemv_warps``: the warps of each of its programs.
+  ``gemv_split``: programs per row block, each over a
   range of the reduction (split-K; fp32 partials summed in range order by the last to finish).
 - ``moe``: the expert kernels' tile tables (``MoeConfig`` per pair-count bucket) for bf16 / fp32 experts, fp8 experts
   and W8A8 experts (kernels.moe_triton).
@@ -140,6 +141,9 @@ GEMV_MAX_ROWS = 64  # the GEMV kernel is for decode-sized row counts; cuBLAS abo
 # of 4 warps per SM, waiting on global loads; a deeper pipeline keeps more weight tiles in flight per program.
 # bench decode (``decode_variants``) times 6 and 8 against this.
 GEMV_STAGES = 4
+# Warps of each GEMV program: ncu (above) sees one 4-warp program per SM waiting on its loads; 8 warps issue twice the
+# loads at a time from the same tile. Timed by bench decode (``decode_variants``) against this.
+GEMV_WARPS = 4
 # Split-K of the GEMV kernel: programs per row block (1: none). With 2-4 the q/k/v and o GEMVs run 2-4 programs per
 # SM instead of one, each streaming its share of K; the partial sums add in another order than one program's, so
 # the outputs may differ in the last bit. bench decode (``decode_variants``) times 2 and 4 against this.
@@ -257,6 +261,7 @@ class KernelChoices:
     gemv: Mapping[str, tuple[int, int] | None] = field(default_factory=lambda: dict(GEMV_TILES))
     gemv_stages: int = GEMV_STAGES
     gemv_split: int = GEMV_SPLIT
+    gemv_warps: int = GEMV_WARPS
     moe: Mapping[str, Mapping[int, MoeConfig]] = field(
         default_factory=lambda: {"bf16": dict(CONFIGS), "fp8": dict(CONFIGS_FP8), "w8a8": dict(CONFIGS_W8A8)})
     fused_max_pairs: int = FUSED_MAX_PAIRS
@@ -288,6 +293,8 @@ class KernelChoices:
             raise ValueError(f"route_warps {self.route_warps}: 1, 2, 4 or 8")
         if not 1 <= self.gemv_stages <= 8:
             raise ValueError(f"gemv_stages {self.gemv_stages}: 1 to 8 pipeline stages")
+        if self.gemv_warps not in (2, 4, 8):
+            raise ValueError(f"gemv_warps {self.gemv_warps}: 2, 4 or 8 warps per GEMV program")
         if not 1 <= self.gemv_split <= 8:
             raise ValueError(f"gemv_split {self.gemv_split}: 1 (no split) to 8 programs per row block")
         if self.quack_min_pairs < 0:

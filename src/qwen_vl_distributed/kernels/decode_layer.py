@@ -50,7 +50,7 @@ def project(use: str, x: torch.Tensor, *weights: torch.Tensor, choices: KernelCh
         return tuple(F.linear(x, w) for w in weights)
     pdl = uses_pdl(choices, x.device)
     return linear_small(x, *weights, bn=tile[0], bk=tile[1], stages=choices.gemv_stages, pdl=pdl, norm=norm,
-                        pre_wait=choices.pre_wait if pdl else 0, split=choices.gemv_split)
+                        pre_wait=choices.pre_wait if pdl else 0, split=choices.gemv_split, warps=choices.gemv_warps)
 
 
 def uses_pdl(choices: KernelChoices, device: torch.device) -> int:

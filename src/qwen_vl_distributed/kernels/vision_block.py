@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..model.quant import Fp8Linear
 from ..model.vision import VISION_ATTENTION_IMPLS, VisionAttentionFn, VisionBlock
 
 
@@ -79,6 +80,8 @@ def fused_block_forward(block: VisionBlock, x: torch.Tensor, rope: tuple[torch.T
     a = attn.proj(core(attn.qkv(h), rope, cu_seqlens, attn.num_heads, attn.head_dim**-0.5))
     x, h = layer_norm(a, block.norm2, residual=x)  # (a + x: the same sum as x + a)
     fc1 = mlp.linear_fc1
+    if isinstance(mlp.linear_fc2, Fp8Linear):  # --vision-fp8: the GELU inside fc2's input quantisation
+        return x + mlp.linear_fc2(fc1(h), act=mlp.approximate)
     if mlp.approximate == "tanh" and h.is_cuda:  # cuBLASLt's GELU epilogue is the tanh form (CPU's op is erf)
         m = torch._addmm_activation(fc1.bias, h, fc1.weight.t(), use_gelu=True)
     else:

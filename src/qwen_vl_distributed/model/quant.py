@@ -135,3 +135,59 @@ def expert_scale_shapes(experts: int, inter: int, hidden: int, block: tuple[int,
                         ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of ExpertScales.gate_up and .down."""
     return ((experts, 2, *scale_shape((inter, hidden), block)), (experts, *scale_shape((hidden, inter), block)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fp8 linears of the vision tower (``--vision-fp8``): an opt-in speed-for-accuracy trade, not a checkpoint format.
+# Each weight row gets one scale (amax / 448) when the tower is quantised after loading; each input row gets one at
+# run time (``quantize_activations`` with the row as its group); the product of the fp8 values (exact in fp32) is
+# summed in fp32, scaled by both, the bias added, and rounded once: what torch._scaled_mm's row-wise mode computes.
+# Each input is rounded to e4m3's 4 significant bits, so the tower moves by far more than bf16 rounding: the error
+# measured is in docs/parity.md.
+
+
+def rowwise_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                       act: str | None = None) -> torch.Tensor:
+    """x [.., K] -> [.., N] through a row-quantised weight [N, K] (fp8) with its scales [N] (fp32): the reference.
+    ``act``: GELU first (F.gelu's ``approximate``: "tanh" or "none"), in x's dtype, as an MLP's second linear gets
+    its input."""
+    if act is not None:
+        x = torch.nn.functional.gelu(x, approximate=act)
+    lead, k = x.shape[:-1], x.shape[-1]
+    xq, xs = quantize_activations(x.reshape(-1, k), k)  # [n, K] fp8, [n, 1]
+    out = (xq.to(torch.float32) @ weight.to(torch.float32).t()) * xs * scale.to(torch.float32)[None, :]
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(x.dtype).reshape(*lead, weight.shape[0])
+
+
+# impl name -> fn(x, weight, scale, bias, act) with the reference's meaning; kernels/ registers "fast"
+FP8_LINEAR_IMPLS: dict = {"reference": rowwise_fp8_linear}
+
+
+class Fp8Linear(torch.nn.Module):
+    """An ``nn.Linear`` whose weight is held in fp8 with one scale per output row (``from_linear``); its forward is
+    ``rowwise_fp8_linear`` (or the impl ``impl`` names). Its dims must be multiples of 16 (the fp8 GEMMs' rule)."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", bias)
+        self.impl = "reference"
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, name: str = "linear") -> "Fp8Linear":
+        n, k = linear.weight.shape
+        if n % 16 or k % 16:
+            raise ValueError(f"{name}: fp8 needs both dims a multiple of 16, its weight is [{n}, {k}]")
+        w, s = quantize_blockwise(linear.weight.detach(), (1, k))
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(w, s.reshape(n), bias)
+
+    def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+        return FP8_LINEAR_IMPLS[self.impl](x, self.weight, self.weight_scale, self.bias, act)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 rows, impl={self.impl}"

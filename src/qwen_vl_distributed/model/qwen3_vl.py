@@ -24,6 +24,7 @@ from .decoder import DecoderLayer
 from .kv_cache import KVCache
 from .layers import RMSNorm
 from .moe import Experts
+from .quant import Fp8Linear
 from .rope import text_rope_tables
 from .vision import VisionAttention, VisionTower
 
@@ -110,11 +111,11 @@ class Qwen3VLMoe(nn.Module):
                        dtype or p.dtype, device or p.device)
 
     def set_impl(self, experts: str | None = None, attention: str | None = None, vision_attention: str | None = None,
-                 layer: str | None = None):
+                 layer: str | None = None, vision_linear: str | None = None):
         """Choose the implementation behind each kernel interface (see model.moe / model.attention / model.vision /
-        model.decoder)."""
+        model.decoder; ``vision_linear``: the vision tower's fp8 linears, model.quant.Fp8Linear)."""
         choices = ((DecoderLayer, layer), (Experts, experts), (TextAttention, attention),
-                   (VisionAttention, vision_attention))
+                   (VisionAttention, vision_attention), (Fp8Linear, vision_linear))
         for m in self.modules():
             for kind, impl in choices:
                 if impl and isinstance(m, kind):

@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import VisionConfig
 from .layers import rotate_half
+from .quant import Fp8Linear
 from .rope import vision_rope_tables
 
 # The attention core of a vision block, between the qkv and output projections: 2-D rotary on q and k, then
@@ -133,6 +134,8 @@ class VisionMLP(nn.Module):
         self.approximate = "tanh" if cfg.hidden_act == "gelu_pytorch_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.linear_fc2, Fp8Linear):  # the GELU where fc2 quantises its input
+            return self.linear_fc2(self.linear_fc1(x), act=self.approximate)
         return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate=self.approximate))
 
 
@@ -181,6 +184,21 @@ class VisionTower(nn.Module):
                                                    for _ in cfg.deepstack_visual_indexes)
         # Optional replacement of forward (kernels/: CUDA-graph replay per image shape); it calls run_layers.
         self.runner = None
+
+    def quantize_linears_fp8(self) -> None:
+        """``--vision-fp8``: every block's four linears (qkv, proj, fc1, fc2: ~98% of the tower's FLOPs) held in fp8
+        with one scale per weight row and their inputs quantised per row at run time (model.quant.Fp8Linear).
+        The patch embedding and the mergers stay in the model's dtype. Call it after loading."""
+        for i, block in enumerate(self.blocks):
+            for owner, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "linear_fc1"),
+                                (block.mlp, "linear_fc2")):
+                lin = getattr(owner, name)
+                if not isinstance(lin, Fp8Linear):
+                    setattr(owner, name, Fp8Linear.from_linear(lin, f"visual.blocks.{i}.{name}"))
+
+    @property
+    def fp8_linears(self) -> bool:
+        return any(isinstance(m, Fp8Linear) for m in self.modules())
 
     def position_tables(self, grid_thw: list[tuple[int, int, int]], device):
         """Bilinear taps/weights into pos_embed and rotary (row, col) per patch, all items packed."""
