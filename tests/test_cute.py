@@ -37,6 +37,16 @@ def test_choices_check_the_names_they_are_given():
         KernelChoices(vision_backends=("FA5",))
     with pytest.raises(ValueError, match="quack_min_pairs"):
         KernelChoices(quack_min_pairs=-1)
+    with pytest.raises(ValueError, match="FA4 runs only first"):
+        KernelChoices(vision_backends=("CUDNN_ATTENTION", "FA4"))
+
+
+def test_quack_is_never_chosen_off_a_gpu_or_when_off():
+    from qwen_vl_distributed.kernels.grouped import quack_runs
+
+    x = torch.zeros(4, 8, dtype=torch.bfloat16)
+    assert not quack_runs(x, 4096, KernelChoices(quack_min_pairs=1))  # a CPU tensor
+    assert not quack_runs(x, 4096, KernelChoices())  # off by default
 
 
 def test_quack_chosen_on_cpu_runs_the_reference():

@@ -116,3 +116,35 @@ def test_quack_experts_match_float32(t, k, e, h, i, held):
     assert rel(got, exact) < max(2 * base_err, 4e-3), (rel(got, exact), base_err)
     chosen = fast_experts(x, ids, w, gu, dn, choices=KernelChoices(quack_min_pairs=1))
     assert torch.equal(chosen, got)  # the dispatcher runs it where chosen
+
+
+@torch.inference_mode()
+def test_quack_runs_inside_the_fused_layers_when_chosen(monkeypatch):
+    """The default prompt path is the fused decoder layer (kernels/decode_layer.py), not the 'fast' experts impl: with
+    ``quack_min_pairs`` it must dispatch quack too, and the prompt's output stay the Triton path's within bf16."""
+    needs("quack")
+    import qwen_vl_distributed.kernels.cute as cute
+    from gpu_models import text_config
+    from paged import prompt_cache
+    from qwen_vl_distributed.checkpoint.synth_weights import randomize_module
+    from qwen_vl_distributed.kernels import enable_fast_paths
+    from qwen_vl_distributed.model.qwen3_vl import Qwen3VLMoe
+
+    cfg = text_config(hidden_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
+                      moe_intermediate_size=128, num_experts=16, num_experts_per_tok=4, num_hidden_layers=2)
+    with torch.device("meta"):
+        model = Qwen3VLMoe(cfg, vision=False)
+    randomize_module(model, 3, torch.device("cuda"), BF16)
+    calls = []
+    real = cute.quack_experts
+    monkeypatch.setattr(cute, "quack_experts", lambda *a, **kw: calls.append(a[1].numel()) or real(*a, **kw))
+    ids = torch.randint(0, 1000, (300,), device="cuda")
+    pos = torch.arange(300, device="cuda").expand(3, -1)
+    outs = []
+    for choices in (KernelChoices(), KernelChoices(quack_min_pairs=512)):
+        enable_fast_paths(model, choices=choices)
+        cache, layout = prompt_cache(model, 300)
+        outs.append(model(positions=pos, layout=layout, cache=cache, input_ids=ids))
+    register(DEFAULT)
+    assert calls == [1200, 1200]  # both layers, 300 tokens x top-4, only with quack chosen
+    assert rel(outs[1], outs[0]) < 2e-2

@@ -870,7 +870,8 @@ class Bench:
         vis.runner = GraphedVision(vis)  # what serving uses by default: one unpadded graph per shape
         res["ours_graph_ms"] = cuda_time(lambda: vis(pixels, [grid]), iters=3, reps=5)
         res["rel_graph_vs_eager"] = rel(vis(pixels, [grid])[0], eager_out)
-        res.update(self._vision_fp8(vis, pixels, grid, eager_out))
+        if torch.cuda.get_device_capability(self.dev) >= (8, 9):  # (fp8 tensor cores)
+            res.update(self._vision_fp8(vis, pixels, grid, eager_out))
         res["ours_fast_ms"] = min(res["ours_fast_ms"], res["ours_graph_ms"])
         res["ours_tflops"] = vision_flops(self.cfg, side * side) / (res["ours_fast_ms"] * 1e-3) / 1e12
         if self.hf is not None:

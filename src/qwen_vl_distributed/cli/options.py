@@ -91,8 +91,9 @@ def add_plan_args(p: argparse.ArgumentParser, max_batch: int = DEFAULTS["max_bat
                         "scheme: faster prompts, fp8 rounding of the inputs)")
     p.add_argument("--vision-fp8", dest="vision_fp8", action="store_true",
                    help="run the vision tower's block linears in fp8 (weights per row, inputs per patch, quantised "
-                        "at load and run time): faster images on GPUs of compute capability 8.9+, at fp8 rounding "
-                        "of the tower (docs/parity.md gives its error against bf16)")
+                        "at load and run time) on GPUs of compute capability 8.9+, for faster images at fp8 "
+                        "rounding of the tower (docs/parity.md gives its error against bf16; on the CPU a slower "
+                        "reference runs)")
 
 
 def add_run_ahead_args(p: argparse.ArgumentParser) -> None:

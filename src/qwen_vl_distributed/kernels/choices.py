@@ -302,6 +302,9 @@ class KernelChoices:
         unknown = [b for b in self.vision_backends or () if b not in VISION_BACKENDS]
         if unknown:
             raise ValueError(f"vision_backends {unknown}: choose from {', '.join(VISION_BACKENDS)}")
+        if "FA4" in (self.vision_backends or ())[1:]:
+            raise ValueError(f"vision_backends {list(self.vision_backends)}: FA4 runs only first (it is not an SDPA "
+                             f"backend to fall back to)")
         if self.pre_wait not in (0, 1, 2):
             raise ValueError(f"pre_wait {self.pre_wait}: 0 (off), 1 or 2 weight tiles")
 

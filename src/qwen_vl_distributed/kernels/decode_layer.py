@@ -260,6 +260,11 @@ def fused_layer(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
         w, ids = route(project("router", x, mlp.gate.weight, choices=choices)[0], mlp.top_k, mlp.normalize, pdl,
                        choices.packed_topk, choices.route_warps)
     ids, w = mlp.experts.local_routing(ids, w)  # expert parallel: ids of experts held elsewhere become E
+    if scales is None and grouped.quack_runs(x, ids.numel(), choices):  # prompts: quack's grouped GEMMs (kernels.cute)
+        from .cute import quack_experts
+
+        y = quack_experts(x, ids.long(), w, gate_up, down)
+        return h + (y if mlp.reduce is None else mlp.reduce(y))
     if ids.numel() > choices.fused_max_pairs and scales is None:  # large chunks: grouped GEMM (returns the K-sum)
         y = grouped.grouped_experts(x, ids.long(), w, gate_up, down)
         return h + (y if mlp.reduce is None else mlp.reduce(y))

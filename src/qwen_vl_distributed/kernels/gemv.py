@@ -28,11 +28,11 @@ import triton
 import triton.language as tl
 
 from .arrivals import counters, last_arrival
-from .choices import GEMV_STAGES
+from .choices import GEMV_STAGES, GEMV_WARPS
 from .pdl import grid_dependency, launch_options
 from .tiles import fit_stages, load_k_tile, mma, norm_tile, row_rstd
 
-BN, BK, WARPS, STAGES = 32, 256, 4, GEMV_STAGES  # the pipeline depth the product runs (KernelChoices)
+BN, BK, WARPS, STAGES = 32, 256, GEMV_WARPS, GEMV_STAGES  # the pipeline depth the product runs (KernelChoices)
 
 
 @triton.jit(do_not_specialize=["B"])  # one compile per row bucket BM, whatever the row count (runtime.warmup)

@@ -69,17 +69,29 @@ def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tenso
     return unsort_sum(y, order, topk_ids, topk_w, e, x.dtype)
 
 
+def quack_runs(x: torch.Tensor, pairs: int, choices: KernelChoices) -> bool:
+    """Whether ``pairs`` (token, expert) pairs of bf16 experts on x's device go to quack's grouped GEMMs: chosen from
+    ``choices.quack_min_pairs`` pairs on, on a GPU where that package runs, and never inside a CUDA-graph capture
+    (its first call on a shape compiles)."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and 0 < choices.quack_min_pairs <= pairs):
+        return False
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    from .cute import unavailable
+
+    return unavailable("quack", x.device) is None
+
+
 def fast_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,
                  down: torch.Tensor, scales=None, choices: KernelChoices = DEFAULT) -> torch.Tensor:
     """On CUDA, by size: quack's grouped GEMMs (kernels.cute) from ``choices.quack_min_pairs`` (token, expert)
     pairs on where that package runs (bf16 weights); else the fused Triton kernel up to
     ``choices.fused_max_pairs`` (and for every P with fp8 experts), grouped GEMM above; the reference elsewhere."""
     pairs = topk_ids.numel()
-    if x.is_cuda and scales is None and 0 < choices.quack_min_pairs <= pairs and x.dtype == torch.bfloat16:
-        from .cute import quack_experts, unavailable
+    if scales is None and quack_runs(x, pairs, choices):
+        from .cute import quack_experts
 
-        if unavailable("quack", x.device) is None:
-            return quack_experts(x, topk_ids, topk_w, gate_up, down)
+        return quack_experts(x, topk_ids, topk_w, gate_up, down)
     if x.is_cuda and (pairs <= choices.fused_max_pairs or scales is not None):
         from . import fp8_fits
         from .moe_triton import fused_experts  # Triton only where a GPU runs it

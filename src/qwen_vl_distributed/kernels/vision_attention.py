@@ -94,9 +94,11 @@ _fa4_warned: set[str] = set()
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
                       scale: float, backends: tuple[str, ...] | None = None) -> torch.Tensor:
     """q, k, v [N, heads, d] -> [N, heads, d], attention inside each segment. With "FA4" first in ``backends``,
-    FlashAttention 4 (kernels.cute) where it runs on this GPU, else the SDPA backends that follow it."""
+    FlashAttention 4 (kernels.cute) where it runs on this GPU and q is bf16 / fp16, else the SDPA backends that
+    follow it."""
     capturable = getattr(_graph_safe, "depth", 0) or (q.is_cuda and torch.cuda.is_current_stream_capturing())
-    if backends and backends[0] == "FA4" and q.is_cuda and fa4_runs(q.device):
+    if backends and backends[0] == "FA4" and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) \
+            and fa4_runs(q.device):
         from .cute import fa4_segment_attention
 
         return fa4_segment_attention(q, k, v, cu_seqlens, scale, per_segment=bool(capturable))

@@ -194,7 +194,8 @@ class VisionTower(nn.Module):
                                 (block.mlp, "linear_fc2")):
                 lin = getattr(owner, name)
                 if not isinstance(lin, Fp8Linear):
-                    setattr(owner, name, Fp8Linear.from_linear(lin, f"visual.blocks.{i}.{name}"))
+                    part = "attn" if owner is block.attn else "mlp"
+                    setattr(owner, name, Fp8Linear.from_linear(lin, f"visual.blocks.{i}.{part}.{name}"))
 
     @property
     def fp8_linears(self) -> bool:
