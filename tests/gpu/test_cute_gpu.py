@@ -148,3 +148,27 @@ def test_quack_runs_inside_the_fused_layers_when_chosen(monkeypatch):
     register(DEFAULT)
     assert calls == [1200, 1200]  # both layers, 300 tokens x top-4, only with quack chosen
     assert rel(outs[1], outs[0]) < 2e-2
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("starts,lens", [([0], [700]), ([300], [200]), ([0, 128], [64, 333])])
+def test_fa4_prompt_attention_over_the_cache_matches_sdpa(starts, lens):
+    """``prompt_fa4``: whole prompts, a chunk continuing a cached prefix (FA4's causal mask aligned to the last key
+    must give query r the keys [0, start + r]) and two sequences at once, GQA 8 / 2 heads of 128, keys read from
+    shuffled blocks of the cache."""
+    needs("fa4")
+    from paged import pool_blocks, shuffled_tables
+    from qwen_vl_distributed.kernels.attention import prefill_attention
+    from qwen_vl_distributed.model.batch import SeqLayout
+
+    g = torch.Generator(device="cuda").manual_seed(sum(lens))
+    tables = shuffled_tables([a + n for a, n in zip(starts, lens)], 16, seed=1)
+    k_cache, v_cache = (torch.randn(pool_blocks(tables), 2, 16, 128, device="cuda", dtype=BF16, generator=g)
+                        for _ in range(2))
+    q = torch.randn(sum(lens), 8, 128, device="cuda", dtype=BF16, generator=g)
+    layout = SeqLayout(tables, starts, lens)
+    want = prefill_attention(q.float(), k_cache.float(), v_cache.float(), layout, 128**-0.5)
+    sdpa = prefill_attention(q, k_cache, v_cache, layout, 128**-0.5)
+    got = prefill_attention(q, k_cache, v_cache, layout, 128**-0.5, fa4=True)
+    assert got.shape == q.shape
+    assert rel(got, want) < max(2 * rel(sdpa, want), 4e-3), (rel(got, want), rel(sdpa, want))

@@ -60,6 +60,11 @@ def _prefill(rows: dict, attention: dict) -> list[str]:
                        f"{_f(a['prompt_triton_extend_ms'])} / {_f(a['prompt_sdpa_ms'])} (rel "
                        f"{a['prompt_rel_triton_vs_sdpa']:.1e}); chunk after T cached {_f(a['chunk_triton_extend_ms'])}"
                        f" / {_f(a['chunk_sdpa_ms'])} (rel {a['chunk_rel_triton_vs_sdpa']:.1e})")
+        if "prompt_fa4_ms" in a:
+            out.append(f"  the same through FA4 (prompt_fa4), T={n}: whole prompt {_f(a['prompt_fa4_ms'])} ms (rel "
+                       f"{a['prompt_rel_fa4_vs_sdpa']:.1e}), chunk {_f(a['chunk_fa4_ms'])} ms (rel "
+                       f"{a['chunk_rel_fa4_vs_sdpa']:.1e}); causal GQA alone: FA4 {_f(a.get('FA4'))} ms, cuDNN "
+                       f"{_f(a.get('CUDNN_ATTENTION'))} ms")
     return out
 
 

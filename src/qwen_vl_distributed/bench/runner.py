@@ -810,12 +810,25 @@ class Bench:
                                                                                  enable_gqa=True), iters=3, reps=3)
             except RuntimeError as e:  # this backend cannot run these inputs
                 res[name] = f"unsupported: {str(e)[:120]}"
+        from ..kernels.cute import unavailable
+
+        res["FA4"] = unavailable("fa4", self.dev)
+        if res["FA4"] is None:  # the same call through FlashAttention 4 (its [1, n, heads, D] layout)
+            from flash_attn.cute import flash_attn_func
+
+            qs, ks, vs = (x.transpose(1, 2) for x in (q, k, v))
+            fa4 = lambda: flash_attn_func(qs, ks, vs, causal=True)  # noqa: E731
+            fa4()  # (compiles on first use)
+            res["FA4"] = cuda_time(fa4, iters=3, reps=3)
+            ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            res["FA4_rel_vs_sdpa"] = rel(fa4()[0].transpose(1, 2), ref)
         res.update(self._cache_attention_paths(n))
         return res
 
     def _cache_attention_paths(self, n: int) -> dict:
-        """The two prompt paths over the KV cache (KernelChoices.prompt_attention), ms per call: a whole n-token
-        prompt, and an n-row chunk continuing n cached tokens; and how far the Triton kernel is from SDPA."""
+        """The two prompt paths over the KV cache (KernelChoices.prompt_attention), and the SDPA one through
+        FlashAttention 4 where it runs (``prompt_fa4``), ms per call: a whole n-token prompt, and an n-row chunk
+        continuing n cached tokens; and how far the Triton kernel and FA4 are from SDPA."""
         from ..kernels.attention import prefill_attention
         from ..kernels.extend_attention import extend_attention
 
@@ -825,11 +838,19 @@ class Bench:
         q = torch.randn(n, t.num_attention_heads, t.head_dim, device=self.dev, dtype=BF16)
         scale = t.head_dim ** -0.5
         res = {}
+        from ..kernels.cute import unavailable
+
+        paths = [("triton_extend", extend_attention), ("sdpa", prefill_attention)]
+        if unavailable("fa4", self.dev) is None:
+            paths.append(("fa4", functools.partial(prefill_attention, fa4=True)))
         for case, layout in (("prompt", SeqLayout(tables, [0], [n])), ("chunk", SeqLayout(tables, [n], [n]))):
-            for name, fn in (("triton_extend", extend_attention), ("sdpa", prefill_attention)):
+            for name, fn in paths:
                 res[f"{case}_{name}_ms"] = cuda_time(lambda: fn(q, k_cache, v_cache, layout, scale), iters=3, reps=3)
             res[f"{case}_rel_triton_vs_sdpa"] = rel(extend_attention(q, k_cache, v_cache, layout, scale),
                                                     prefill_attention(q, k_cache, v_cache, layout, scale))
+            if len(paths) == 3:
+                res[f"{case}_rel_fa4_vs_sdpa"] = rel(paths[2][1](q, k_cache, v_cache, layout, scale),
+                                                     prefill_attention(q, k_cache, v_cache, layout, scale))
         return res
 
     # -- vision ---------------------------------------------------------------------------------------------------

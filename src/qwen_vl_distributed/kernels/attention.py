@@ -33,16 +33,26 @@ def _backends_for(q: torch.Tensor):
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: SeqLayout,
-                      scale: float) -> torch.Tensor:
+                      scale: float, fa4: bool = False) -> torch.Tensor:
     """One SDPA per sequence with GQA left to the kernel (no repeat of k/v); a mask only for continued chunks.
     A sequence's keys are gathered from its blocks first (SDPA takes them contiguous; ~16 MB per layer for an
     8k-token prompt of the 235B, against a ~2 ms kernel). Returns [T, NH, D], possibly strided (a single
-    sequence's output is SDPA's own, not copied)."""
+    sequence's output is SDPA's own, not copied). ``fa4``: FlashAttention 4 (kernels.cute) instead of SDPA where it
+    runs, its causal mask aligned to the last key as a continued chunk's is (``KernelChoices.prompt_fa4``)."""
     offsets = layout.offsets()
     outs = []
+    fa4 = fa4 and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _fa4_runs(q.device)
     with _backends_for(q):
         for i, (table, start, n) in enumerate(zip(layout.block_tables, layout.starts, layout.lens)):
             total = start + n
+            if fa4 and n > 1:
+                from flash_attn.cute import flash_attn_func
+
+                qi = q[offsets[i]:offsets[i + 1]].unsqueeze(0)  # [1, n, NH, D]
+                ki, vi = (gather_kv(c, table, total).transpose(0, 1).unsqueeze(0) for c in (k_cache, v_cache))
+                o = flash_attn_func(qi, ki, vi, softmax_scale=scale, causal=True)
+                outs.append((o[0] if isinstance(o, tuple) else o)[0])
+                continue
             qi = q[offsets[i]:offsets[i + 1]].transpose(0, 1).unsqueeze(0)  # [1, NH, n, D]
             ki = gather_kv(k_cache, table, total).unsqueeze(0)  # [1, KVH, total, D]
             vi = gather_kv(v_cache, table, total).unsqueeze(0)
@@ -56,6 +66,12 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                                                enable_gqa=True)
             outs.append(o[0].transpose(0, 1))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _fa4_runs(device) -> bool:
+    from .cute import unavailable
+
+    return unavailable("fa4", device) is None
 
 
 def _triton_decode_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -83,4 +99,4 @@ def fast_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
         if ea.supported(q, k_cache, v_cache):
             return ea.extend_attention(q, k_cache, v_cache, layout, scale, choices.extend_split)
-    return prefill_attention(q, k_cache, v_cache, layout, scale)
+    return prefill_attention(q, k_cache, v_cache, layout, scale, fa4=choices.prompt_fa4)

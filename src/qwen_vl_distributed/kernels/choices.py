@@ -15,7 +15,7 @@ on any machine.
 - ``fused_max_pairs``: up to this many (token, expert) pairs the fused Triton experts run on CUDA, grouped GEMM above
   (kernels.grouped).
 - ``prompt_attention`` / ``prompt_sdpa_min_tokens``: the path of steps that are not all decode rows
-  (kernels.attention).
+  (kernels.attention); ``prompt_fa4``: that path's SDPA calls through FlashAttention 4 where it runs (kernels.cute).
 - ``extend_split``: split-KV of that Triton path (``SplitKV``): how finely a row block's key range is cut over
   programs, so the decode rows of a long sequence in a mixed step do not leave the GPU idle (kernels.extend_attention).
 - ``quack_min_pairs``: from this many pairs on, bf16 experts run as quack's grouped GEMMs where that optional
@@ -170,6 +170,10 @@ VISION_BACKENDS = ("FA4", "FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTEN
 # 8192 the first chunk of every longer prompt has exactly that shape, planned once.
 PROMPT_ATTENTION = "triton"
 PROMPT_SDPA_MIN_TOKENS = 8192
+# The SDPA path's calls (a lone long prompt, or every prompt with prompt_attention "sdpa") through FlashAttention 4
+# (kernels.cute, optional) instead: no per-shape plan. Off until a GPU has timed it against cuDNN (bench prefill's
+# attention lines, "FA4").
+PROMPT_FA4 = False
 
 # Split-KV of the Triton attention over the cache (``SplitKV``): on since tests/gpu held it to the reference on an
 # H100 and scripts/extend_attention_probe.py --split timed it there (2026-12-07): 8 decode rows at 32k + a 512-row
@@ -268,6 +272,7 @@ class KernelChoices:
     quack_min_pairs: int = QUACK_MIN_PAIRS
     prompt_attention: str = PROMPT_ATTENTION
     prompt_sdpa_min_tokens: int = PROMPT_SDPA_MIN_TOKENS
+    prompt_fa4: bool = PROMPT_FA4
     extend_split: SplitKV = SplitKV(programs=EXTEND_SPLIT_PROGRAMS)
     vision_backends: tuple[str, ...] | None = None
     pdl: bool | int = PDL
