@@ -164,3 +164,26 @@ def test_run_option_quantises_the_stage_holding_the_tower(tmp_path_factory):
         check_vision_fp8(RunOptions(model=d, device="cuda", dtype="float32", vision_fp8=True))
     gen = build_parser().parse_args(["generate", "--model", d, "--prompt", "hi", "--vision-fp8"])
     assert gen.vision_fp8
+
+
+@needs_triton
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_writes_the_fp8_linears_input(residual):
+    """kernels/vision_block.py's LayerNorm with ``quant``: the normalised rows in the input dtype, quantised per row
+    (what an fp8 linear would do with them), and the residual sum as without it."""
+    from qwen_vl_distributed.kernels.vision_block import layer_norm
+
+    g = torch.Generator().manual_seed(7)
+    d = 48  # (not a power of two: the masked columns must not move the rows' amax)
+    norm = torch.nn.LayerNorm(d, eps=1e-6).to(BF16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, generator=g))
+        norm.bias.copy_(torch.randn(d, generator=g))
+    x = torch.randn(9, d, generator=g).to(BF16)
+    r = torch.randn(9, d, generator=g).to(BF16) if residual else None
+    s, (q, sc) = layer_norm(x, norm, residual=r, quant=True)
+    s_plain, _ = layer_norm(x, norm, residual=r)
+    assert torch.equal(s, s_plain) and q.dtype == FP8_DTYPE and sc.shape == (9, 1)
+    wq, ws = quantize_activations(F.layer_norm(s.float(), (d,), norm.weight.float(), norm.bias.float(), 1e-6)
+                                  .to(BF16), d)
+    assert (q.float() == wq.float()).float().mean() > 0.97 and rel(q.float() * sc, wq.float() * ws) < 2e-2
