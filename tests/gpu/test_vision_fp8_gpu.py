@@ -46,6 +46,27 @@ def test_fast_fp8_linear_matches_the_reference(n, k, m, act):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_quantises_its_own_bf16_output(residual):
+    """The LayerNorm kernel with ``quant`` gives the bits of its plain output quantised by quantize_activations."""
+    needs_fp8()
+    from qwen_vl_distributed.kernels.vision_block import layer_norm
+    from qwen_vl_distributed.model.quant import quantize_activations
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    norm = torch.nn.LayerNorm(1152, eps=1e-6, device="cuda", dtype=BF16)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g)
+        norm.bias.normal_(generator=g)
+    x = torch.randn(4099, 1152, device="cuda", dtype=BF16, generator=g)
+    r = torch.randn_like(x) if residual else None
+    s, (q, sc) = layer_norm(x, norm, residual=r, quant=True)
+    s_plain, y = layer_norm(x, norm, residual=r)
+    wq, ws = quantize_activations(y, 1152)
+    assert torch.equal(s, s_plain) and torch.equal(q.float(), wq.float()) and torch.equal(sc, ws)
+
+
+@torch.inference_mode()
 def test_fp8_tower_graph_equals_its_eager_run_and_stays_near_bf16():
     needs_fp8()
     from qwen_vl_distributed.bench.models import random_vision_tower
