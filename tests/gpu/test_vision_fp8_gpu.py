@@ -89,3 +89,29 @@ def test_fp8_tower_graph_equals_its_eager_run_and_stays_near_bf16():
     assert all(torch.equal(s, sights[0]) for s in sights[1:])
     err = rel(sights[0], bf16)
     assert 1e-3 < err < 0.15, err  # 8.9e-2 on the CPU at 576 patches (docs/parity.md)
+
+
+@torch.inference_mode()
+def test_fused_fp8_block_equals_the_module_fp8_block():
+    """kernels/vision_block.py with fp8 linears (the LayerNorms writing fp8, the GELU in fc2's quantisation) against
+    the block's own forward with the same fp8 linears (torch LayerNorm, then the fast fp8 linear), 235B shapes."""
+    needs_fp8()
+    from qwen_vl_distributed.bench.models import random_vision_tower
+    from qwen_vl_distributed.kernels.vision_block import fused_block_forward
+    from qwen_vl_distributed.model.config import preset
+    from qwen_vl_distributed.model.rope import vision_rope_tables
+
+    tower = random_vision_tower(preset("235b-a22b"), "cuda")
+    block = copy.deepcopy(tower.blocks[3])
+    for owner, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "linear_fc1"),
+                        (block.mlp, "linear_fc2")):
+        f8 = Fp8Linear.from_linear(getattr(owner, name))
+        f8.impl = "fast"
+        setattr(owner, name, f8)
+    cfg, n = tower.cfg, 2048
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(n, cfg.hidden_size, device="cuda", dtype=BF16, generator=g)
+    idx = torch.arange(n, device="cuda")
+    rope = vision_rope_tables(idx // 32, idx % 32, cfg.head_dim, cfg.rope_theta)
+    cu = [0, 1024, n]
+    assert rel(fused_block_forward(block, x, rope, cu), block(x, rope, cu)) < 1e-2

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 def _f(x, fmt: str = ".3f") -> str:
-    return "-" if x is None else format(x, fmt)
+    """A number as ``fmt``; None as "-"; anything else (a path that did not run says why) cut to 60 characters."""
+    if x is None:
+        return "-"
+    return format(x, fmt) if isinstance(x, (int, float)) else str(x)[:60]
 
 
 def _decode(rows: dict, n_layers: int) -> list[str]:
