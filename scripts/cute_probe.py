@@ -6,7 +6,9 @@ its error.
   dense call; two segments as one varlen call), and the whole tower as serving runs it (exact CUDA graph, fused
   blocks) with the default backends against "FA4" first;
 - experts: one layer's experts call at each --tokens (128 experts, top-8, 4096 -> 1536) through the path the default
-  choices dispatch (the Triton prompt tile) and quack's grouped GEMMs, with its default tile and tuned.
+  choices dispatch (the Triton prompt tile) and quack's grouped GEMMs, with its default tile and tuned;
+- prompt: causal GQA attention (64 query / 4 kv heads of 128) at each --tokens, cuDNN SDPA against FlashAttention 4.
+A part that fails prints its error and the next one runs.
 
 Usage on a GPU machine with the `hopper` extra installed (scripts/cute_wheels.sh carries it to one without network):
 
@@ -125,18 +127,49 @@ def experts(out: dict, tokens: list[int]) -> None:
         print(f"experts T={n}:", json.dumps(row), flush=True)
 
 
+def prompt(out: dict, tokens: list[int]) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    t = preset("235b-a22b").text
+    why = unavailable("fa4", "cuda")
+    r = out.setdefault("prompt_attention", {"fa4": why or "runs"})
+    for n in tokens:
+        q = torch.randn(1, t.num_attention_heads, n, t.head_dim, device="cuda", dtype=BF16)
+        k, v = (torch.randn(1, t.num_key_value_heads, n, t.head_dim, device="cuda", dtype=BF16) for _ in range(2))
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            cudnn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+            row = {"cudnn_first_call_s": first_call_s(cudnn), "cudnn_ms": cuda_time(cudnn, iters=3, reps=5)}
+            ref = cudnn()
+        if why is None:
+            from flash_attn.cute import flash_attn_func
+
+            qs, ks, vs = (x.transpose(1, 2) for x in (q, k, v))
+            fa4 = lambda: flash_attn_func(qs, ks, vs, causal=True)  # noqa: E731
+            row["fa4_first_call_s"] = first_call_s(fa4)
+            row["fa4_ms"] = cuda_time(fa4, iters=3, reps=5)
+            row["fa4_rel_vs_cudnn"] = rel(fa4()[0].transpose(1, 2), ref)
+        r[n] = row
+        print(f"prompt attention T={n}:", json.dumps(row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default="2048,8192", help="prompt lengths of the experts calls")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: vision, experts")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: vision, experts, prompt")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     register()
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for part, fn in (("vision", lambda: vision(out)),
-                     ("experts", lambda: experts(out, [int(s) for s in args.tokens.split(",")]))):
-        if part not in args.skip.split(","):
+    tokens = [int(s) for s in args.tokens.split(",")]
+    for part, fn in (("vision", lambda: vision(out)), ("experts", lambda: experts(out, tokens)),
+                     ("prompt", lambda: prompt(out, tokens))):
+        if part in args.skip.split(","):
+            continue
+        try:
             fn()
+        except Exception as e:  # (a package that installed but does not run here: the other parts still do)
+            out[f"{part}_failed"] = f"{type(e).__name__}: {e}"
+            print(f"{part} failed: {type(e).__name__}: {e}", flush=True)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "cute_probe.json"), "w") as f:
             json.dump(out, f, indent=1)
