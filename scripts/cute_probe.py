@@ -4,7 +4,8 @@ its error.
 
 - vision: one 1024x1024 image's attention (16 heads of 72, 4096 patches) through cuDNN SDPA, FlashAttention 4 (one
   dense call; two segments as one varlen call), and the whole tower as serving runs it (exact CUDA graph, fused
-  blocks) with the default backends against "FA4" first;
+  blocks) with the default backends against "FA4" first; and the first sight of three new image sizes (eager, as
+  serving runs it: cuDNN builds a plan for every new shape, FA4 compiles once);
 - experts: one layer's experts call at each --tokens (128 experts, top-8, 4096 -> 1536) through the path the default
   choices dispatch (the Triton prompt tile) and quack's grouped GEMMs, with its default tile and tuned;
 - prompt: causal GQA attention (64 query / 4 kv heads of 128) at each --tokens, cuDNN SDPA against FlashAttention 4.
@@ -91,6 +92,12 @@ def vision(out: dict) -> None:
             r[f"tower_{name}_first_call_s"] = first_call_s(lambda: runner(px, grid))
             r[f"tower_{name}_graph_ms"] = cuda_time(lambda: runner(px, grid), iters=3, reps=5)
             outs[name] = runner(px, grid)[0]
+            # a new image size's first sight as serving runs it (eager; cuDNN plans each new shape, FA4 does not)
+            sights = GraphedVision(tower)
+            for h, w in ((48, 64), (40, 56), (64, 40)):
+                new = torch.randn(h * w, v.patch_dim, device="cuda", dtype=BF16)
+                r.setdefault(f"tower_{name}_new_size_first_sight_s", []).append(
+                    first_call_s(lambda: sights(new, [(1, h, w)])))
     finally:
         register(DEFAULT)
     if "FA4" in outs:
