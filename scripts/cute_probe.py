@@ -5,7 +5,7 @@ its error.
 - vision: one 1024x1024 image's attention (16 heads of 72, 4096 patches) through cuDNN SDPA, FlashAttention 4 (one
   dense call; two segments as one varlen call), and the whole tower as serving runs it (exact CUDA graph, fused
   blocks) with the default backends against "FA4" first; and the first sight of three new image sizes (eager, as
-  serving runs it: cuDNN builds a plan for every new shape, FA4 compiles once);
+  serving runs it: cuDNN plans each new shape, as for prompts; FA4 compiles once per process);
 - experts: one layer's experts call at each --tokens (128 experts, top-8, 4096 -> 1536) through the path the default
   choices dispatch (the Triton prompt tile) and quack's grouped GEMMs, with its default tile and tuned;
 - prompt: causal GQA attention (64 query / 4 kv heads of 128) at each --tokens, cuDNN SDPA against FlashAttention 4.
