@@ -139,3 +139,27 @@ def test_fa4_segment_attention_glue_matches_the_reference(fake_packages, cu, per
     q, k, v = qkv.unbind(1)
     got = cute.fa4_segment_attention(q, k, v, cu, d**-0.5, per_segment=per_segment)
     assert rel(got, reference_segment_attention(q, k, v, cu, d**-0.5)) < 1e-5
+
+
+def test_the_report_shows_the_cute_paths_or_why_they_did_not_run():
+    from qwen_vl_distributed.bench.report import render
+
+    q = {"experts_dispatched_ms": 1.6, "experts_quack_ms": 1.2, "experts_quack_tuned_ms": 1.1,
+         "experts_dispatched_rel_vs_reference": 4e-3, "experts_quack_rel_vs_reference": 5e-3,
+         "experts_quack_tuned_rel_vs_reference": 5e-3, "quack_ms_layer": 2.2, "quack_layer_vs_dispatched": 0.9}
+    attention = {"CUDNN_ATTENTION": "unsupported: no plan", "FA4": 0.12, "prompt_triton_extend_ms": 0.2,
+                 "prompt_sdpa_ms": 0.15, "prompt_rel_triton_vs_sdpa": 1e-3, "chunk_triton_extend_ms": 0.3,
+                 "chunk_sdpa_ms": 0.25, "chunk_rel_triton_vs_sdpa": 1e-3, "prompt_fa4_ms": 0.11,
+                 "prompt_rel_fa4_vs_sdpa": 2e-3, "chunk_fa4_ms": 0.2, "chunk_rel_fa4_vs_sdpa": 2e-3}
+    missing = "quack-kernels is not usable"
+    text = render({"prefill": {2048: {"ours_ms_layer": 2.5, "quack": q}, 8192: {"ours_ms_layer": 9.0, "quack": missing}},
+                   "prefill_attention": {2048: attention},
+                   "vision": {"grid": [1, 64, 64], "fa4": "failed: AssertionError: x", "fp8_linears_graph_ms": 9.5,
+                              "rel_fp8_linears_vs_bf16": 0.09, "attention_only_ms": {"CUDNN_ATTENTION": 0.22,
+                                                                                       "FA4": "failed: x"},
+                              "backend_orders_ms": {"default": 14.0}}})
+    assert "as dispatched / quack / quack tuned: 1.600 / 1.200 / 1.100" in text
+    assert "layers with quack 2.200 ms/L = 0.900 of as dispatched" in text
+    assert "T=8192: quack experts not run: quack-kernels is not usable" in text
+    assert "whole prompt 0.110 ms" in text and "cuDNN unsupported: no plan" in text
+    assert "FA4: failed: AssertionError: x" in text and "graph 9.500 ms" in text and "rel vs bf16 9.0e-02" in text

@@ -100,7 +100,7 @@ def fused_block_forward(block: VisionBlock, x: torch.Tensor, rope: tuple[torch.T
     x = x.contiguous()
     core = core or VISION_ATTENTION_IMPLS[attn.impl]
     fc1 = mlp.linear_fc1
-    if _fp8_inputs(x, attn.qkv, fc1, mlp.linear_fc2):  # --vision-fp8: the LayerNorms write the fp8 linears' quantised inputs
+    if _fp8_inputs(x, attn.qkv, fc1, mlp.linear_fc2):  # --vision-fp8: the LayerNorms write fp8 linears' inputs
         _, (hq, hs) = layer_norm(x, block.norm1, quant=True)
         qkv = scaled_mm(hq, hs, attn.qkv.weight, attn.qkv.weight_scale, attn.qkv.bias, x.dtype)
         a = attn.proj(core(qkv, rope, cu_seqlens, attn.num_heads, attn.head_dim**-0.5))
