@@ -152,7 +152,8 @@ def test_the_report_shows_the_cute_paths_or_why_they_did_not_run():
                  "chunk_sdpa_ms": 0.25, "chunk_rel_triton_vs_sdpa": 1e-3, "prompt_fa4_ms": 0.11,
                  "prompt_rel_fa4_vs_sdpa": 2e-3, "chunk_fa4_ms": 0.2, "chunk_rel_fa4_vs_sdpa": 2e-3}
     missing = "quack-kernels is not usable"
-    text = render({"prefill": {2048: {"ours_ms_layer": 2.5, "quack": q}, 8192: {"ours_ms_layer": 9.0, "quack": missing}},
+    rows = {2048: {"ours_ms_layer": 2.5, "quack": q}, 8192: {"ours_ms_layer": 9.0, "quack": missing}}
+    text = render({"prefill": rows,
                    "prefill_attention": {2048: attention},
                    "vision": {"grid": [1, 64, 64], "fa4": "failed: AssertionError: x", "fp8_linears_graph_ms": 9.5,
                               "rel_fp8_linears_vs_bf16": 0.09, "attention_only_ms": {"CUDNN_ATTENTION": 0.22,
