@@ -41,7 +41,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     runs, its causal mask aligned to the last key as a continued chunk's is (``KernelChoices.prompt_fa4``)."""
     offsets = layout.offsets()
     outs = []
-    fa4 = fa4 and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _fa4_runs(q.device)
+    if fa4:
+        from .cute import chosen_runs, first_output
+
+        fa4 = chosen_runs("fa4", q, "prompt attention")
     with _backends_for(q):
         for i, (table, start, n) in enumerate(zip(layout.block_tables, layout.starts, layout.lens)):
             total = start + n
@@ -50,8 +53,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
                 qi = q[offsets[i]:offsets[i + 1]].unsqueeze(0)  # [1, n, NH, D]
                 ki, vi = (gather_kv(c, table, total).transpose(0, 1).unsqueeze(0) for c in (k_cache, v_cache))
-                o = flash_attn_func(qi, ki, vi, softmax_scale=scale, causal=True)
-                outs.append((o[0] if isinstance(o, tuple) else o)[0])
+                outs.append(first_output(flash_attn_func(qi, ki, vi, softmax_scale=scale, causal=True))[0])
                 continue
             qi = q[offsets[i]:offsets[i + 1]].transpose(0, 1).unsqueeze(0)  # [1, NH, n, D]
             ki = gather_kv(k_cache, table, total).unsqueeze(0)  # [1, KVH, total, D]
@@ -66,12 +68,6 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                                                enable_gqa=True)
             outs.append(o[0].transpose(0, 1))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-
-def _fa4_runs(device) -> bool:
-    from .cute import unavailable
-
-    return unavailable("fa4", device) is None
 
 
 def _triton_decode_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:

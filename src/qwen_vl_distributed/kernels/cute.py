@@ -19,6 +19,7 @@ routed weight after the down product); the sums inside a product run in the kern
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 PACKAGES = {"fa4": ("flash_attn.cute", "flash-attn-4"), "quack": ("quack.gemm_interface", "quack-kernels")}
 # compute capabilities both packages build Hopper / Blackwell kernels for
 MAJORS = (9, 10)
+# the activation dtypes each path takes (others run the usual path without a word)
+DTYPES = {"fa4": (torch.bfloat16, torch.float16), "quack": (torch.bfloat16,)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,12 +56,29 @@ def unavailable(what: str, device) -> str | None:
     return _import_error(what)
 
 
+_warned: set[str] = set()
+
+
+def chosen_runs(what: str, x: torch.Tensor, purpose: str) -> bool:
+    """Whether path ``what``, chosen for ``purpose``, runs on x: a CUDA tensor of a dtype it takes, on a GPU where
+    ``unavailable`` finds nothing in the way. Where the GPU or the package is the reason it does not, one warning per
+    reason says so, and the caller runs its usual path (CPU tensors and other dtypes take that path silently)."""
+    if not x.is_cuda or x.dtype not in DTYPES[what]:
+        return False
+    why = unavailable(what, x.device)
+    if why is not None and why not in _warned:
+        _warned.add(why)
+        warnings.warn(f"{purpose}: {PACKAGES[what][1]} was chosen but {why}; running the usual path", stacklevel=3)
+    return why is None
+
+
+def first_output(out):
+    """The output tensor of a FlashAttention 4 call (which returns it with its log-sum-exp, or alone)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Vision attention
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 def fa4_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], scale: float,
@@ -70,15 +90,15 @@ def fa4_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
 
     if per_segment or len(cu_seqlens) == 2:
         if len(cu_seqlens) == 2:
-            return _first(flash_attn_func(q[None], k[None], v[None], softmax_scale=scale))[0]
+            return first_output(flash_attn_func(q[None], k[None], v[None], softmax_scale=scale))[0]
         out = torch.empty_like(q)
         for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
             if b > a:
-                out[a:b] = _first(flash_attn_func(q[None, a:b], k[None, a:b], v[None, a:b], softmax_scale=scale))[0]
+                out[a:b] = first_output(flash_attn_func(q[None, a:b], k[None, a:b], v[None, a:b], softmax_scale=scale))[0]
         return out
     cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
     longest = max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
-    return _first(flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
+    return first_output(flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
                                          max_seqlen_k=longest, softmax_scale=scale))
 
 

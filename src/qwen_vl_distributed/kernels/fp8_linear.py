@@ -29,6 +29,15 @@ def round_like(v, dt: tl.constexpr):
     return v.to(dt).to(tl.float32)
 
 
+@triton.jit
+def store_quantised_row(v, q_ptr, s_ptr, row, off, mask, BK: tl.constexpr):
+    """One row v [BK] (fp32; columns past the row's end 0) quantised as quant_rows does: its fp8 values stored at
+    q_ptr + off (where ``mask``), its scale at s_ptr + row."""
+    q, s = quant_rows(tl.reshape(v, (1, BK)))
+    tl.store(q_ptr + off, tl.reshape(q, (BK,)).to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row + tl.arange(0, 1), s)
+
+
 @triton.jit(do_not_specialize=["N"])  # one compile for every row count
 def _row_quant_kernel(x_ptr, q_ptr, s_ptr, N, K, ROWS: tl.constexpr, BK: tl.constexpr, GELU_TANH: tl.constexpr):
     # rows [pid * ROWS, +ROWS) of x [N, K] -> q [N, K] fp8 and s [N] fp32 (each row one group)
@@ -43,9 +52,7 @@ def _row_quant_kernel(x_ptr, q_ptr, s_ptr, N, K, ROWS: tl.constexpr, BK: tl.cons
             if GELU_TANH:  # 0.5 x (1 + tanh(u)) = x sigmoid(2u), rounded to x's dtype as F.gelu's output is
                 u = 0.7978845608028654 * (xf + 0.044715 * xf * xf * xf)
                 xf = round_like(xf * tl.sigmoid(2.0 * u), x.dtype)
-            q, s = quant_rows(tl.reshape(xf, (1, BK)))
-            tl.store(q_ptr + off, tl.reshape(q, (BK,)).to(q_ptr.dtype.element_ty), mask=cm)
-            tl.store(s_ptr + row + tl.arange(0, 1), s)
+            store_quantised_row(xf, q_ptr, s_ptr, row, off, cm, BK)
 
 
 def row_quant(x: torch.Tensor, gelu_tanh: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

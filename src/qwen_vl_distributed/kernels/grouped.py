@@ -73,13 +73,11 @@ def quack_runs(x: torch.Tensor, pairs: int, choices: KernelChoices) -> bool:
     """Whether ``pairs`` (token, expert) pairs of bf16 experts on x's device go to quack's grouped GEMMs: chosen from
     ``choices.quack_min_pairs`` pairs on, on a GPU where that package runs, and never inside a CUDA-graph capture
     (its first call on a shape compiles)."""
-    if not (x.is_cuda and x.dtype == torch.bfloat16 and 0 < choices.quack_min_pairs <= pairs):
+    if not (x.is_cuda and 0 < choices.quack_min_pairs <= pairs) or torch.cuda.is_current_stream_capturing():
         return False
-    if torch.cuda.is_current_stream_capturing():
-        return False
-    from .cute import unavailable
+    from .cute import chosen_runs
 
-    return unavailable("quack", x.device) is None
+    return chosen_runs("quack", x, "experts")
 
 
 def fast_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, gate_up: torch.Tensor,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -77,31 +76,17 @@ def graph_safe():
         _graph_safe.depth -= 1
 
 
-def fa4_runs(device) -> bool:
-    """Whether FlashAttention 4 runs vision attention on ``device`` (kernels.cute; warns once where it does not)."""
-    from .cute import unavailable
-
-    why = unavailable("fa4", device)
-    if why is not None and why not in _fa4_warned:
-        _fa4_warned.add(why)
-        warnings.warn(f"vision attention: FA4 was chosen but {why}; running SDPA", stacklevel=3)
-    return why is None
-
-
-_fa4_warned: set[str] = set()
-
-
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
                       scale: float, backends: tuple[str, ...] | None = None) -> torch.Tensor:
     """q, k, v [N, heads, d] -> [N, heads, d], attention inside each segment. With "FA4" first in ``backends``,
     FlashAttention 4 (kernels.cute) where it runs on this GPU and q is bf16 / fp16, else the SDPA backends that
     follow it."""
     capturable = getattr(_graph_safe, "depth", 0) or (q.is_cuda and torch.cuda.is_current_stream_capturing())
-    if backends and backends[0] == "FA4" and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) \
-            and fa4_runs(q.device):
-        from .cute import fa4_segment_attention
+    if backends and backends[0] == "FA4":
+        from .cute import chosen_runs, fa4_segment_attention
 
-        return fa4_segment_attention(q, k, v, cu_seqlens, scale, per_segment=bool(capturable))
+        if chosen_runs("fa4", q, "vision attention"):
+            return fa4_segment_attention(q, k, v, cu_seqlens, scale, per_segment=bool(capturable))
     if not q.is_cuda or capturable:
         return per_segment_attention(q, k, v, cu_seqlens, scale, backends)
     with _backends(backends):

@@ -25,8 +25,7 @@ import triton
 import triton.language as tl
 
 from ..model.quant import FP8_DTYPE, Fp8Linear
-from .fp8_linear import round_like, scaled_mm
-from .fp8_quant import quant_rows
+from .fp8_linear import round_like, scaled_mm, store_quantised_row
 from ..model.vision import VISION_ATTENTION_IMPLS, VisionAttentionFn, VisionBlock
 
 
@@ -53,9 +52,7 @@ def _layer_norm_kernel(x_ptr, r_ptr, s_ptr, w_ptr, b_ptr, y_ptr, ys_ptr, N, D, e
             var = tl.sum(diff * diff, 0) / D
             y = diff * tl.rsqrt(var + eps) * w + b
             if QUANT:  # (columns past D are 0: w and b load as 0 there)
-                q, sc = quant_rows(tl.reshape(round_like(y, x.dtype), (1, BD)))
-                tl.store(y_ptr + off, tl.reshape(q, (BD,)).to(y_ptr.dtype.element_ty), mask=cm)
-                tl.store(ys_ptr + row + tl.arange(0, 1), sc)
+                store_quantised_row(round_like(y, x.dtype), y_ptr, ys_ptr, row, off, cm, BD)
             else:
                 tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=cm)
 
